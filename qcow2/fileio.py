@@ -1,0 +1,128 @@
+"""Host file access: the only place the qcow2 package touches the image file's bytes.
+
+Every read, write, flush and truncate of an image goes through a :class:`HostFile`.  That
+gives tests two hooks without mocking anything:
+
+* ``HostFile.observers``: callables told about every write/flush/truncate, in order.  The
+  crash tests record the write log with one and replay every prefix onto a copy.
+* ``fault_point(name)``: named points before each metadata commit step (QEMU's
+  ``BLKDBG_EVENT``).  A test arms one with :func:`inject_fault` to make it raise, then
+  checks the image with ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import Qcow2IOError
+
+
+@dataclass(frozen=True)
+class WriteEvent:
+    """One mutation of the host file: ``kind`` is "write", "flush" or "truncate"."""
+
+    kind: str
+    offset: int = 0
+    data: bytes = b""
+
+
+Observer = Callable[[WriteEvent], None]
+
+_armed_faults: dict[str, int] = {}
+
+
+@contextmanager
+def inject_fault(name: str, err: int = errno.EIO) -> Iterator[None]:
+    """Make :func:`fault_point` ``name`` raise ``OSError(err)`` inside the ``with`` block."""
+    _armed_faults[name] = err
+    try:
+        yield
+    finally:
+        _armed_faults.pop(name, None)
+
+
+def fault_point(name: str) -> None:
+    """A named step of a metadata update; raises if a test armed it with inject_fault."""
+    err = _armed_faults.get(name)
+    if err is not None:
+        raise OSError(err, f"injected fault at {name}")
+
+
+class HostFile:
+    """An image file opened for positioned I/O.
+
+    Reads past the end of the file return zeros (qcow2 files need not end on a cluster
+    boundary).  OSErrors become :class:`Qcow2IOError` naming the file.
+    """
+
+    def __init__(self, path: str, *, writable: bool) -> None:
+        self.path = path
+        self.writable = writable
+        self.observers: list[Observer] = []
+        try:
+            self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as err:
+            raise Qcow2IOError(
+                f"Could not open '{path}': {err.strerror}", path=path, errno=err.errno or errno.EIO
+            ) from err
+
+    def _fail(self, what: str, err: OSError) -> Qcow2IOError:
+        return Qcow2IOError(f"{what} failed: {err.strerror}", path=self.path, errno=err.errno or 5)
+
+    def size(self) -> int:
+        """Current length of the file in bytes."""
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as err:
+            raise self._fail("fstat", err) from err
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; the part past end of file reads as zeros."""
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as err:
+            raise self._fail(f"read of {length} bytes at {offset:#x}", err) from err
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        """Write all of ``data`` at ``offset``."""
+        for observer in self.observers:
+            observer(WriteEvent("write", offset, bytes(data)))
+        view = memoryview(data)
+        try:
+            while view:
+                done = os.pwrite(self.fd, view, offset)
+                view = view[done:]
+                offset += done
+        except OSError as err:
+            raise self._fail(f"write of {len(data)} bytes at {offset:#x}", err) from err
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync)."""
+        for observer in self.observers:
+            observer(WriteEvent("flush"))
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            raise self._fail("flush", err) from err
+
+    def truncate(self, length: int) -> None:
+        """Set the file's length."""
+        for observer in self.observers:
+            observer(WriteEvent("truncate", length))
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as err:
+            raise self._fail(f"truncate to {length}", err) from err
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
