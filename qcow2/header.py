@@ -1,0 +1,504 @@
+"""The qcow2 header (cluster 0): parse and validate like QEMU 7.2, serialize, commit fields.
+
+Reading mirrors ``qcow2_do_open`` / ``qcow2_read_extensions`` in QEMU's ``block/qcow2.c``
+(same checks, same messages).  Writing has two forms:
+
+* :meth:`Header.pack_cluster0` builds the whole header area (fixed header, extensions in
+  QEMU's order, unknown extensions preserved byte for byte, backing file name) for create
+  and full rewrites;
+* :func:`write_header_fields` writes a few adjacent fields in one small write: the commit
+  point of every metadata switch (L1 at bytes 36-47, reftable at 48-59, snapshot table at
+  60-71).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from . import layout
+from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
+from .fileio import HostFile
+
+#: Size of a snapshot table entry header; qemu bounds nb_snapshots with it.
+_SNAPSHOT_HEADER_SIZE = layout.SNAPSHOT_HEADER_STRUCT.size
+#: qemu's ``sizeof(bs->backing_format)``: a backing format name must be shorter.
+_BACKING_FORMAT_MAX = 16
+
+
+@dataclass
+class HeaderExtension:
+    """One header extension, kept byte for byte (``data`` excludes the padding)."""
+
+    type: int
+    data: bytes
+
+
+@dataclass
+class Header:
+    """The parsed header of a qcow2 image.
+
+    Field names are those of :data:`qcow2.layout.HEADER_FIELDS`.  ``extensions`` lists every
+    extension found (known and unknown) in file order; the convenience attributes
+    ``backing_format``, ``feature_table``... are derived from it when reading and written
+    back by :meth:`pack_cluster0`.
+    """
+
+    magic: int = layout.MAGIC
+    version: int = 3
+    backing_file_offset: int = 0
+    backing_file_size: int = 0
+    cluster_bits: int = 16
+    size: int = 0
+    crypt_method: int = layout.CRYPT_NONE
+    l1_size: int = 0
+    l1_table_offset: int = 0
+    refcount_table_offset: int = 0
+    refcount_table_clusters: int = 0
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = layout.DEFAULT_REFCOUNT_ORDER
+    header_length: int = layout.HEADER_V3_LENGTH
+    compression_type: int = layout.COMPRESSION_ZLIB
+    padding: bytes = bytes(7)
+    #: Bytes between the known fields (112) and ``header_length`` (preserved on rewrite).
+    unknown_header_fields: bytes = b""
+    backing_file: str | None = None
+    backing_format: str | None = None
+    #: Feature name table entries ``(type, bit, name)`` as found in the image.
+    feature_table: list[tuple[int, int, str]] = field(default_factory=list)
+    #: Every extension in file order (the end marker excluded).
+    extensions: list[HeaderExtension] = field(default_factory=list)
+
+    # Section: derived values
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        """Width of one refcount entry in bits."""
+        return 1 << self.refcount_order
+
+    @property
+    def refblock_entries(self) -> int:
+        """Refcount entries per refcount block (one cluster)."""
+        return self.cluster_size * 8 // self.refcount_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        """True if L2 entries are 128 bits with 32 subclusters."""
+        return bool(self.incompatible_features & layout.INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        """Bytes per L2 entry (8, or 16 with extended L2)."""
+        return layout.L2_ENTRY_SIZE_EXTENDED if self.extended_l2 else layout.L2_ENTRY_SIZE
+
+    @property
+    def l2_entries(self) -> int:
+        """Entries per L2 table (one cluster)."""
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def subclusters_per_cluster(self) -> int:
+        """32 with extended L2, else 1."""
+        return layout.SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+
+    @property
+    def subcluster_size(self) -> int:
+        """Bytes per subcluster (the cluster size without extended L2)."""
+        return self.cluster_size // self.subclusters_per_cluster
+
+    @property
+    def l1_vm_state_index(self) -> int:
+        """Number of L1 entries the virtual disk needs (qemu's ``size_to_l1``)."""
+        return layout.size_to_clusters(self.cluster_size * self.l2_entries, self.size)
+
+    @property
+    def refcount_table_entries(self) -> int:
+        """Entries of the refcount table."""
+        return self.refcount_table_clusters * self.cluster_size // 8
+
+    @property
+    def dirty(self) -> bool:
+        """Incompatible bit 0: refcounts may be stale."""
+        return bool(self.incompatible_features & layout.INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        """Incompatible bit 1: the image must not be written."""
+        return bool(self.incompatible_features & layout.INCOMPAT_CORRUPT)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        """Compatible bit 0."""
+        return bool(self.compatible_features & layout.COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def data_file(self) -> str | None:
+        """External data file name from extension 0x44415441, if any."""
+        ext = self.find_extension(layout.EXT_DATA_FILE)
+        return ext.data.decode("utf-8", "replace") if ext else None
+
+    @property
+    def has_data_file(self) -> bool:
+        """Incompatible bit 2: guest data lives in an external file."""
+        return bool(self.incompatible_features & layout.INCOMPAT_DATA_FILE)
+
+    @property
+    def crypto_header(self) -> tuple[int, int] | None:
+        """``(offset, length)`` of the LUKS area from extension 0x0537be77, if any."""
+        ext = self.find_extension(layout.EXT_CRYPTO_HEADER)
+        if ext is None or len(ext.data) != layout.EXT_CRYPTO_STRUCT.size:
+            return None
+        offset, length = layout.EXT_CRYPTO_STRUCT.unpack(ext.data)
+        return offset, length
+
+    @property
+    def bitmaps_extension(self) -> tuple[int, int, int] | None:
+        """``(nb_bitmaps, directory_size, directory_offset)`` from extension 0x23852875."""
+        ext = self.find_extension(layout.EXT_BITMAPS)
+        if ext is None or len(ext.data) < layout.EXT_BITMAPS_STRUCT.size:
+            return None
+        nb, _reserved, dir_size, dir_offset = layout.EXT_BITMAPS_STRUCT.unpack_from(ext.data)
+        return nb, dir_size, dir_offset
+
+    def find_extension(self, ext_type: int) -> HeaderExtension | None:
+        """The extension of ``ext_type``, or None."""
+        for ext in self.extensions:
+            if ext.type == ext_type:
+                return ext
+        return None
+
+    def copy(self) -> Header:
+        """A deep enough copy to modify and pack without touching this one."""
+        return dataclasses.replace(
+            self,
+            feature_table=list(self.feature_table),
+            extensions=[HeaderExtension(e.type, e.data) for e in self.extensions],
+        )
+
+    # Section: serialization
+
+    def pack_fixed(self) -> bytes:
+        """The fixed header (72 bytes for v2, ``header_length`` bytes for v3)."""
+        values = [getattr(self, name) for name, _ in layout.HEADER_FIELDS]
+        if self.version == 2:
+            return layout.HEADER_V2_STRUCT.pack(*values[:13])
+        full = layout.HEADER_V3_FULL_STRUCT.pack(*values)
+        data = (full + self.unknown_header_fields)[: self.header_length]
+        return data + bytes(self.header_length - len(data))
+
+    def _ordered_extensions(self) -> list[HeaderExtension]:
+        """Extensions in QEMU's order: backing format, data file, crypto, feature table,
+        bitmaps, then unknown ones (preserved, in their original order)."""
+        exts: list[HeaderExtension] = []
+        if self.backing_format:
+            exts.append(HeaderExtension(layout.EXT_BACKING_FORMAT, self.backing_format.encode()))
+        for ext_type in (layout.EXT_DATA_FILE, layout.EXT_CRYPTO_HEADER):
+            ext = self.find_extension(ext_type)
+            if ext is not None:
+                exts.append(ext)
+        if self.version >= 3 and self.cluster_size >= layout.FEATURE_TABLE_MIN_CLUSTER_SIZE:
+            table = b"".join(
+                layout.FEATURE_NAME_STRUCT.pack(t, bit, name.encode())
+                for t, bit, name in layout.FEATURE_NAMES
+            )
+            exts.append(HeaderExtension(layout.EXT_FEATURE_TABLE, table))
+        ext = self.find_extension(layout.EXT_BITMAPS)
+        if ext is not None:
+            exts.append(ext)
+        known = {
+            layout.EXT_BACKING_FORMAT,
+            layout.EXT_DATA_FILE,
+            layout.EXT_CRYPTO_HEADER,
+            layout.EXT_FEATURE_TABLE,
+            layout.EXT_BITMAPS,
+        }
+        exts.extend(e for e in self.extensions if e.type not in known)
+        return exts
+
+    def pack_cluster0(self) -> bytes:
+        """Header, extensions and backing file name, as QEMU's ``qcow2_update_header`` lays
+        them out.  Updates ``backing_file_offset``/``backing_file_size``/``feature_table``
+        /``extensions`` to what was packed.  Raises ``InvalidImageError`` if it does not fit
+        in cluster 0."""
+        exts = self._ordered_extensions()
+        ext_bytes = bytearray()
+        for ext in exts:
+            ext_bytes += layout.EXT_HEADER_STRUCT.pack(ext.type, len(ext.data))
+            ext_bytes += ext.data + bytes(layout.align_up(len(ext.data), 8) - len(ext.data))
+        ext_bytes += layout.EXT_HEADER_STRUCT.pack(layout.EXT_END, 0)
+        header_len = layout.HEADER_V2_LENGTH if self.version == 2 else self.header_length
+        name = self.backing_file.encode() if self.backing_file else b""
+        if len(name) > layout.MAX_BACKING_FILE_NAME:
+            raise InvalidImageError(f"Backing file name too long ({len(name)} bytes)")
+        if self.backing_file:
+            self.backing_file_offset = header_len + len(ext_bytes)
+            self.backing_file_size = len(name)
+        else:
+            self.backing_file_offset = 0
+            self.backing_file_size = 0
+        self.extensions = exts
+        self.feature_table = (
+            [(t, bit, n) for t, bit, n in layout.FEATURE_NAMES]
+            if self.find_extension(layout.EXT_FEATURE_TABLE)
+            else []
+        )
+        data = self.pack_fixed() + bytes(ext_bytes) + name
+        if len(data) > self.cluster_size:
+            raise InvalidImageError(
+                f"header area of {len(data)} bytes does not fit in a {self.cluster_size}-byte "
+                "cluster"
+            )
+        return data
+
+
+# Section: validation helpers
+
+
+def validate_table(
+    name: str,
+    offset: int,
+    entries: int,
+    entry_size: int,
+    max_bytes: int,
+    cluster_size: int,
+    *,
+    path: str | None = None,
+    file_size: int | None = None,
+) -> None:
+    """QEMU's ``qcow2_validate_table``: bound a table before anything is read from it.
+
+    Raises ``CorruptImageError`` "<name> too large" if ``entries * entry_size`` exceeds
+    ``max_bytes``, "<name> offset invalid" if the offset is unaligned or overflows, and (when
+    ``file_size`` is given) "<name> offset 0x... past the end of the file" if not one byte
+    of a non-empty table lies inside the file.
+    """
+    if entries > max_bytes // entry_size:
+        raise CorruptImageError(f"{name} too large", path=path, offset=offset)
+    if (1 << 63) - 1 - entries * entry_size < offset or offset % cluster_size:
+        raise CorruptImageError(f"{name} offset invalid", path=path, offset=offset)
+    if file_size is not None and entries and offset >= file_size:
+        raise CorruptImageError(
+            f"{name} offset {offset:#x} past the end of the file ({file_size:#x})",
+            path=path,
+            offset=offset,
+            size=entries * entry_size,
+        )
+
+
+def _feature_report(header: Header, unknown: int) -> str:
+    """QEMU's ``report_unsupported_feature`` text for incompatible bits ``unknown``."""
+    names = []
+    remaining = unknown
+    for ftype, bit, fname in header.feature_table:
+        if ftype == layout.FEATURE_TYPE_INCOMPAT and remaining & (1 << bit):
+            names.append(fname)
+            remaining &= ~(1 << bit)
+    if remaining:
+        names.append(f"Unknown incompatible feature: {remaining:x}")
+    return "Unsupported qcow2 feature(s): " + ", ".join(names)
+
+
+def _read_extensions(header: Header, cluster0: bytes, end: int, path: str | None) -> None:
+    """Parse the extension area ``[header_length, end)`` of ``cluster0`` into ``header``."""
+    offset = header.header_length
+    seen: set[int] = set()
+    while offset < end:
+        if offset + layout.EXT_HEADER_STRUCT.size > end:
+            raise InvalidImageError("Header extension too large", path=path)
+        ext_type, length = layout.EXT_HEADER_STRUCT.unpack_from(cluster0, offset)
+        offset += layout.EXT_HEADER_STRUCT.size
+        if length > end - offset:
+            raise InvalidImageError("Header extension too large", path=path)
+        if ext_type == layout.EXT_END:
+            return
+        data = bytes(cluster0[offset : offset + length])
+        if ext_type in seen and ext_type != 0:
+            raise InvalidImageError(f"duplicate header extension {ext_type:#010x}", path=path)
+        seen.add(ext_type)
+        if ext_type == layout.EXT_BACKING_FORMAT:
+            if length >= _BACKING_FORMAT_MAX:
+                raise InvalidImageError(
+                    f"ERROR: ext_backing_format: len={length} too large (>={_BACKING_FORMAT_MAX})",
+                    path=path,
+                )
+            header.backing_format = data.decode("utf-8", "replace")
+        elif ext_type == layout.EXT_FEATURE_TABLE:
+            entry = layout.FEATURE_NAME_STRUCT
+            for pos in range(0, length - entry.size + 1, entry.size):
+                ftype, bit, raw = entry.unpack_from(data, pos)
+                header.feature_table.append(
+                    (ftype, bit, raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+                )
+        elif ext_type == layout.EXT_CRYPTO_HEADER:
+            if header.crypt_method != layout.CRYPT_LUKS:
+                raise InvalidImageError(
+                    "CRYPTO header extension only expected with LUKS encryption method",
+                    path=path,
+                )
+            if length != layout.EXT_CRYPTO_STRUCT.size:
+                raise InvalidImageError(
+                    f"CRYPTO header extension size {length}, but expected size "
+                    f"{layout.EXT_CRYPTO_STRUCT.size}",
+                    path=path,
+                )
+        elif ext_type == layout.EXT_BITMAPS and length != layout.EXT_BITMAPS_STRUCT.size:
+            raise InvalidImageError(f"bitmaps_ext: Invalid extension length {length}", path=path)
+        header.extensions.append(HeaderExtension(ext_type, data))
+        offset += layout.align_up(length, 8)
+
+
+def read_header(f: HostFile, *, writable: bool = False) -> Header:
+    """Read and validate cluster 0 of ``f`` with QEMU 7.2's checks and messages.
+
+    ``writable`` adds QEMU's read-write refusal of images with the corrupt bit.  Raises
+    ``InvalidImageError``/``CorruptImageError``/``UnsupportedFeatureError``; never writes.
+    """
+    path = f.path
+    file_size = f.size()
+    fixed = f.pread(0, layout.HEADER_V3_LENGTH)
+    if file_size < layout.HEADER_V2_LENGTH or fixed[:4] != layout.MAGIC_BYTES:
+        if fixed[:4] == layout.MAGIC_BYTES:
+            raise InvalidImageError(
+                f"Could not read qcow2 header: file is only {file_size} bytes", path=path
+            )
+        raise InvalidImageError("Image is not in qcow2 format", path=path)
+    values = layout.HEADER_V3_FULL_STRUCT.unpack(fixed)
+    h = Header(**{name: v for (name, _), v in zip(layout.HEADER_FIELDS, values, strict=True)})
+    if h.version not in layout.SUPPORTED_VERSIONS:
+        raise UnsupportedFeatureError(f"Unsupported qcow2 version {h.version}", path=path)
+    if not layout.MIN_CLUSTER_BITS <= h.cluster_bits <= layout.MAX_CLUSTER_BITS:
+        raise InvalidImageError(f"Unsupported cluster size: 2^{h.cluster_bits}", path=path)
+    cluster_size = h.cluster_size
+    if h.version == 2:
+        h.incompatible_features = h.compatible_features = h.autoclear_features = 0
+        h.refcount_order = layout.DEFAULT_REFCOUNT_ORDER
+        h.header_length = layout.HEADER_V2_LENGTH
+        h.compression_type = layout.COMPRESSION_ZLIB
+        h.padding = bytes(7)
+    else:
+        if h.header_length < layout.HEADER_V3_MIN_LENGTH:
+            raise InvalidImageError("qcow2 header too short", path=path)
+        if h.header_length > cluster_size:
+            raise InvalidImageError("qcow2 header exceeds cluster size", path=path)
+        if h.header_length % 8:
+            raise InvalidImageError(
+                f"header_length {h.header_length} is not a multiple of 8", path=path
+            )
+        if h.header_length <= layout.field_offset("compression_type"):
+            h.compression_type = layout.COMPRESSION_ZLIB
+            h.padding = bytes(7)
+    if h.backing_file_offset > cluster_size:
+        raise InvalidImageError("Invalid backing file offset", path=path)
+    ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
+    if file_size < h.header_length:
+        raise InvalidImageError(
+            f"Could not read qcow2 header: file is only {file_size} bytes", path=path
+        )
+    cluster0 = f.pread(0, cluster_size)
+    if h.version >= 3 and h.header_length > layout.HEADER_V3_LENGTH:
+        h.unknown_header_fields = bytes(cluster0[layout.HEADER_V3_LENGTH : h.header_length])
+
+    unknown = h.incompatible_features & ~layout.INCOMPAT_MASK
+    if unknown:
+        probe = Header(**{n: getattr(h, n) for n, _ in layout.HEADER_FIELDS})
+        try:
+            _read_extensions(probe, cluster0, ext_end, path)
+        except InvalidImageError:
+            pass
+        raise UnsupportedFeatureError(_feature_report(probe, unknown), path=path, bits=unknown)
+    if writable and h.corrupt:
+        raise ReadOnlyError("qcow2: Image is corrupt; cannot be opened read/write", path=path)
+    _validate_compression(h, path)
+    if h.refcount_order > layout.MAX_REFCOUNT_ORDER:
+        raise InvalidImageError(
+            "Reference count entry width too large; may not exceed 64 bits", path=path
+        )
+    if h.crypt_method > layout.CRYPT_LUKS:
+        raise UnsupportedFeatureError(f"Unsupported encryption method: {h.crypt_method}", path=path)
+    if h.extended_l2 and h.subcluster_size < (1 << layout.MIN_CLUSTER_BITS):
+        raise UnsupportedFeatureError(
+            f"Unsupported subcluster size: {h.subcluster_size}", path=path
+        )
+    if h.refcount_table_clusters == 0:
+        raise CorruptImageError("Image does not contain a reference count table", path=path)
+    validate_table(
+        "Reference count table",
+        h.refcount_table_offset,
+        h.refcount_table_entries,
+        8,
+        layout.MAX_REFTABLE_BYTES,
+        cluster_size,
+        path=path,
+        file_size=file_size,
+    )
+    validate_table(
+        "Snapshot table",
+        h.snapshots_offset,
+        h.nb_snapshots,
+        _SNAPSHOT_HEADER_SIZE,
+        _SNAPSHOT_HEADER_SIZE * layout.MAX_SNAPSHOTS,
+        cluster_size,
+        path=path,
+    )
+    if h.l1_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
+        raise CorruptImageError("Active L1 table too large", path=path)
+    if h.l1_vm_state_index > 0x7FFFFFFF:
+        raise InvalidImageError("Image is too big", path=path)
+    if h.l1_size < h.l1_vm_state_index:
+        raise CorruptImageError("L1 table is too small", path=path)
+    if h.l1_size:
+        validate_table(
+            "Active L1 table",
+            h.l1_table_offset,
+            h.l1_size,
+            layout.L1_ENTRY_SIZE,
+            layout.MAX_L1_BYTES,
+            cluster_size,
+            path=path,
+            file_size=file_size,
+        )
+    _read_extensions(h, cluster0, ext_end, path)
+    if h.backing_file_offset:
+        length = h.backing_file_size
+        if length > min(layout.MAX_BACKING_FILE_NAME, cluster_size - h.backing_file_offset):
+            raise InvalidImageError("Backing file name too long", path=path)
+        raw = cluster0[h.backing_file_offset : h.backing_file_offset + length]
+        h.backing_file = bytes(raw).decode("utf-8", "surrogateescape")
+    return h
+
+
+def _validate_compression(h: Header, path: str | None) -> None:
+    """QEMU's ``validate_compression_type``."""
+    if h.compression_type not in layout.COMPRESSION_NAMES:
+        raise UnsupportedFeatureError(
+            f"qcow2: unknown compression type: {h.compression_type}", path=path
+        )
+    has_bit = bool(h.incompatible_features & layout.INCOMPAT_COMPRESSION)
+    if h.compression_type != layout.COMPRESSION_ZLIB and not has_bit:
+        raise InvalidImageError(
+            "qcow2: Compression type incompatible feature bit must be set", path=path
+        )
+    if h.compression_type == layout.COMPRESSION_ZLIB and has_bit:
+        raise InvalidImageError(
+            "qcow2: Compression type incompatible feature bit must not be set", path=path
+        )
+
+
+def write_header_fields(f: HostFile, **fields: int) -> None:
+    """Write adjacent header fields in one small write (a commit point).
+
+    Example: ``write_header_fields(f, l1_size=n, l1_table_offset=off)``.  The caller
+    flushes before (the new structure is durable) and after (the switch is durable), and
+    updates its in-memory :class:`Header`.
+    """
+    offset, data = layout.pack_fields(**fields)
+    f.pwrite(offset, data)
