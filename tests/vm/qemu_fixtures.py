@@ -1,0 +1,147 @@
+"""Shared fixtures and helpers: real swtpm and QEMU processes that are always cleaned up.
+
+Other test modules import these helpers directly (``from tests.vm.qemu_fixtures import
+...``).  Every process started here is killed in a ``finally`` block, so a failing test never
+leaves swtpm or QEMU behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helpers import need
+
+#: How long a started process may take to open its sockets.
+STARTUP_TIMEOUT = 20.0
+
+
+def wait_for_path(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``path`` exists; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before creating {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not create {path} within {STARTUP_TIMEOUT}s")
+        time.sleep(0.02)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections (probe by connecting the ctrl port)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port} within {STARTUP_TIMEOUT}s")
+        time.sleep(0.02)
+
+
+def free_port_pair() -> int:
+    """A TCP port N with N and N+1 free on 127.0.0.1 (swtpm TCTI uses N+1 for control)."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free pair of TCP ports")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Terminate ``proc`` (SIGTERM, then SIGKILL after ``grace`` seconds) and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class SwtpmProcess:
+    """A running ``swtpm socket``: its process and how to reach it."""
+
+    proc: subprocess.Popen[bytes]
+    #: TCP port or unix socket path of the data channel (None when only --ctrl is given).
+    server: int | str | None
+    #: TCP port or unix socket path of the control channel.
+    ctrl: int | str
+    log: Path
+
+
+@contextlib.contextmanager
+def swtpm_process(
+    tpmstate: str,
+    workdir: Path,
+    *,
+    tcp: bool = False,
+    data_channel: bool = True,
+    flags: str | None = "not-need-init",
+) -> Iterator[SwtpmProcess]:
+    """Run ``swtpm socket --tpm2`` on ``tpmstate`` (``dir=...`` or ``backend-uri=...``).
+
+    ``tcp``: data channel on port N and control on N+1 (the layout tpm2-tools' swtpm TCTI
+    expects); otherwise unix sockets in ``workdir``.  ``data_channel=False`` gives only a
+    control socket (what QEMU's ``-tpmdev emulator`` connects to).  Killed on exit.
+    """
+    swtpm = need("swtpm")
+    log = workdir / "swtpm.log"
+    cmd = [swtpm, "socket", "--tpm2", "--tpmstate", tpmstate, "--log", f"file={log},level=1"]
+    server: int | str | None
+    if tcp:
+        port = free_port_pair()
+        server, ctrl = port, port + 1
+        cmd += ["--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}"]
+    else:
+        ctrl = str(workdir / "swtpm-ctrl.sock")
+        cmd += ["--ctrl", f"type=unixio,path={ctrl}"]
+        server = None
+        if data_channel:
+            server = str(workdir / "swtpm-data.sock")
+            cmd += ["--server", f"type=unixio,path={server}"]
+    if flags:
+        cmd += ["--flags", flags]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        if isinstance(ctrl, int):
+            wait_for_port(ctrl, proc, "swtpm")
+        else:
+            wait_for_path(Path(ctrl), proc, "swtpm")
+        if isinstance(server, str):
+            wait_for_path(Path(server), proc, "swtpm")
+        yield SwtpmProcess(proc, server, ctrl, log)
+    finally:
+        stop_process(proc)
+
+
+def swtpm_tcti(process: SwtpmProcess) -> str:
+    """The tpm2-tools ``-T`` argument for a TCP ``swtpm_process``."""
+    assert isinstance(process.server, int)
+    return f"swtpm:host=127.0.0.1,port={process.server}"
+
+
+def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture text output, fail with its stderr if it exits non-zero."""
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
