@@ -145,3 +145,81 @@ def run_tool(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
     return done
+
+
+@dataclass
+class QemuProcess:
+    """A running ``qemu-system-x86_64`` with a TPM, its monitors and its disks."""
+
+    proc: subprocess.Popen[bytes]
+    qmp: Path
+    #: A second QMP monitor (for the passive watcher beside an orchestrating client).
+    qmp2: Path
+    qtest: Path
+    disks: list[Path]
+    log: Path
+
+
+def create_disk(path: Path, size: str = "16M") -> Path:
+    """A fresh qcow2 disk made by qemu-img."""
+    run_tool(need("qemu-img"), "create", "-q", "-f", "qcow2", str(path), size)
+    return path
+
+
+@contextlib.contextmanager
+def qemu_vm(
+    workdir: Path,
+    swtpm_ctrl: str,
+    disks: list[Path],
+    *,
+    extra: list[str] | None = None,
+    running: bool = False,
+) -> Iterator[QemuProcess]:
+    """QEMU (q35, tcg, stopped with -S) with a tpm-tis on ``swtpm_ctrl`` and ``disks``.
+
+    Disk ``i`` gets node name ``disk{i}``.  Two QMP monitors and a qtest socket live in
+    ``workdir``.  With ``running=True`` the VM is continued (``cont``) before yielding.
+    QEMU is killed on exit.
+    """
+    qemu = need("qemu-system-x86_64")
+    qmp, qmp2, qtest = workdir / "qmp.sock", workdir / "qmp2.sock", workdir / "qtest.sock"
+    log = workdir / "qemu.log"
+    cmd = [
+        qemu, "-machine", "q35", "-accel", "tcg", "-S", "-display", "none", "-nodefaults",
+        "-m", "64",
+        "-chardev", f"socket,id=chrtpm,path={swtpm_ctrl}",
+        "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+        "-device", "tpm-tis,tpmdev=tpm0",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-qmp", f"unix:{qmp2},server=on,wait=off",
+        "-qtest", f"unix:{qtest},server=on,wait=off", "-qtest-log", "/dev/null",
+    ]  # fmt: skip
+    for i, disk in enumerate(disks):
+        cmd += ["-drive", f"if=none,id=drive{i},file={disk},format=qcow2,node-name=disk{i}"]
+    cmd += extra or []
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+    try:
+        for path in (qmp, qmp2, qtest):
+            wait_for_path(path, proc, "qemu")
+        vm = QemuProcess(proc, qmp, qmp2, qtest, disks, log)
+        if running:
+            hmp_over_qmp(qmp, "cont")
+        yield vm
+    finally:
+        stop_process(proc)
+
+
+def hmp_over_qmp(qmp: Path, command: str) -> str:
+    """Run one HMP command over a QMP socket with the synchronous legacy client."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        reply = monitor.cmd_obj(
+            {"execute": "human-monitor-command", "arguments": {"command-line": command}}
+        )
+    finally:
+        monitor.close()
+    return str(reply.get("return", reply))
