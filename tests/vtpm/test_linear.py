@@ -1,0 +1,198 @@
+"""vtpm_qcow.linear against files the real swtpm writes, and swtpm against files it builds."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
+from vtpm_qcow import linear
+from vtpm_qcow.blob import TAG_DATA, parse_blob
+from vtpm_qcow.errors import StateFormatError
+
+
+def sections_of(data: bytes) -> dict[str, bytes | None]:
+    return {name: linear.read_section(data, name) for name in linear.SECTION_NAMES}
+
+
+def test_parses_what_swtpm_setup_writes(tmp_path: Path) -> None:
+    path = tmp_path / "state.lin"
+    setup_state(f"file://{path}")
+    data = path.read_bytes()
+    header = linear.parse_header(data)
+    permall = header.slot("permall")
+    assert permall.offset == header.hdrsize == linear.HEADER_SIZE
+    assert permall.data_length <= permall.section_length < 2 * permall.data_length
+    assert len(data) == header.end == permall.end  # swtpm ftruncates to the last section
+    assert not header.slot("volatilestate").allocated and not header.slot("savestate").allocated
+    blob = parse_blob(linear.read_section(data, "permall") or b"")
+    assert blob.header is not None and blob.header.totlen == permall.data_length
+    assert [t.tag for t in blob.tlvs] == [TAG_DATA] and not blob.encrypted
+
+
+def test_store_and_delete_match_swtpm_byte_for_byte(tmp_path: Path) -> None:
+    """Replay every state write swtpm makes on our model of the previous file."""
+    path = tmp_path / "state.lin"
+    setup_state(f"file://{path}")
+    files = [path.read_bytes()]
+    with running_swtpm(f"backend-uri=file://{path}", tmp_path / "run") as swtpm:
+        files.append(path.read_bytes())
+        swtpm.store_volatile()  # new section after permall
+        files.append(path.read_bytes())
+        with tpm_client(swtpm) as tpm:
+            tpm.nv_define_space(NV_INDEX, 2048)  # permall outgrows its section: moves last
+            files.append(path.read_bytes())
+            tpm.nv_write(NV_INDEX, bytes(range(256)) * 4)
+            files.append(path.read_bytes())
+            tpm.nv_undefine_space(NV_INDEX)  # permall shrinks inside its section
+            files.append(path.read_bytes())
+        swtpm.store_volatile()
+        files.append(path.read_bytes())
+        swtpm.init(delete_volatile=True)  # volatilestate removed, permall moves down
+        files.append(path.read_bytes())
+    operations = []
+    for before, after in itertools.pairwise(files):
+        if before == after:
+            continue
+        changed = [
+            n for n in linear.SECTION_NAMES if sections_of(before)[n] != sections_of(after)[n]
+        ]
+        assert len(changed) == 1, f"one section per state write, got {changed}"
+        (name,) = changed
+        blob = linear.read_section(after, name)
+        if blob is None:
+            update = linear.delete_section(before, name)
+            operations.append(f"delete {name}")
+        else:
+            update = linear.store_section(before, name, blob)
+            operations.append(f"store {name}")
+        assert update.size == len(after)
+        assert linear.apply_update(before, update) == after, operations
+        assert update.header == linear.parse_header(after)
+    # The scenario must really have exercised allocation, moving and deletion.
+    assert "store volatilestate" in operations and "delete volatilestate" in operations
+    moved = [linear.parse_header(f).slot("permall").offset for f in files]
+    assert len(set(moved)) >= 2, "permall never moved"
+
+
+def test_swtpm_runs_on_a_file_built_here(tmp_path: Path) -> None:
+    """State from the dir backend, packed with store_section, is what swtpm then serves."""
+    state = tmp_path / "dir"
+    state.mkdir()
+    setup_state(str(state))
+    payload = b"written through the dir backend"
+    with running_swtpm(f"dir={state}", tmp_path / "run1") as swtpm:
+        with tpm_client(swtpm) as tpm:
+            tpm.nv_define_space(NV_INDEX, len(payload))
+            tpm.nv_write(NV_INDEX, payload)
+        swtpm.store_volatile()
+    data = b""
+    for name in ("volatilestate", "permall"):  # volatile first: permall lands after it
+        blob = (state / linear.dir_file_name(name)).read_bytes()
+        data = linear.apply_update(data, linear.store_section(data, name, blob))
+    header = linear.parse_header(data)
+    assert header.slot("permall").offset > header.slot("volatilestate").offset
+    path = tmp_path / "built.lin"
+    path.write_bytes(data)
+    with (
+        running_swtpm(f"backend-uri=file://{path}", tmp_path / "run2") as swtpm,
+        tpm_client(swtpm) as tpm,
+    ):
+        assert tpm.nv_read(NV_INDEX, len(payload)) == payload
+        tpm.nv_write(NV_INDEX, payload.upper())
+    after = path.read_bytes()
+    linear.parse_header(after)
+    permall = linear.read_section(after, "permall")
+    assert permall is not None and permall != linear.read_section(data, "permall")
+
+
+def _corrupt(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, offset, value)
+    return bytes(out)
+
+
+def _valid_file() -> bytes:
+    data = linear.empty_layout()
+    data = linear.apply_update(data, linear.store_section(data, "permall", b"p" * 100))
+    return linear.apply_update(data, linear.store_section(data, "volatilestate", b"v" * 300))
+
+
+SLOT1 = 12 + 12  # slot 1 starts after the 12-byte prefix and slot 0
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda d: d[:100], "shorter than the linear header"),
+        (lambda d: _corrupt(d, 0, "<Q", 0x1234), "bad magic"),
+        (lambda d: _corrupt(d, 8, "<B", 2), "version 2"),
+        (lambda d: _corrupt(d, 10, "<H", 100), "hdrsize 100"),
+        (lambda d: _corrupt(d, SLOT1, "<I", 64), "slot 1 offset 64 inside the header"),
+        (lambda d: _corrupt(d, SLOT1 + 4, "<I", 1000), "slot 1 data_length 1000 >"),
+        (lambda d: _corrupt(d, SLOT1 + 8, "<I", 384), "slot 1 section_length 384"),
+        (lambda d: _corrupt(d, SLOT1 + 8, "<I", 1 << 20), "beyond file size"),
+        (lambda d: _corrupt(d, SLOT1, "<I", 200), "overlap"),
+    ],
+)
+def test_malformed_headers_raise_naming_the_field(mangle, message) -> None:  # type: ignore[no-untyped-def]
+    data = mangle(_valid_file())
+    with pytest.raises(StateFormatError, match=message) as info:
+        linear.parse_header(data, source="x.lin")
+    assert str(info.value).startswith("x.lin: ") and "\n" not in str(info.value)
+
+
+def test_unformatted_file_holds_nothing_and_is_formatted_on_store() -> None:
+    assert linear.read_section(bytes(4096), "permall") is None
+    update = linear.store_section(bytes(4096), "savestate", b"s" * 10)
+    data = linear.apply_update(bytes(4096), update)
+    assert linear.read_section(data, "savestate") == b"s" * 10
+    assert len(data) == linear.HEADER_SIZE + 16
+
+
+def test_dir_file_names() -> None:
+    assert linear.dir_file_name("permall") == "tpm2-00.permall"
+    assert linear.dir_file_name("savestate", tpm2=False) == "tpm-00.savestate"
+    assert linear.section_of_file_name("tpm-00.volatilestate") == ("volatilestate", False)
+    assert linear.section_of_file_name("TMP2-00.permall") is None
+    with pytest.raises(ValueError, match="unknown"):
+        linear.slot_number("nvram")
+
+
+operation = st.tuples(
+    st.sampled_from(linear.SECTION_NAMES),
+    st.one_of(st.none(), st.binary(min_size=1, max_size=3000)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(operation, max_size=12))
+def test_random_store_delete_sequences_keep_a_packed_valid_layout(ops) -> None:  # type: ignore[no-untyped-def]
+    model: dict[str, bytes] = {}
+    data = linear.empty_layout()
+    for name, blob in ops:
+        if blob is None:
+            update = linear.delete_section(data, name)
+            model.pop(name, None)
+        else:
+            update = linear.store_section(data, name, blob)
+            model[name] = blob
+        new = linear.apply_update(data, update)
+        for offset, chunk in update.writes:  # every extent changes something
+            assert chunk != data[offset : offset + len(chunk)].ljust(len(chunk), b"\0")
+        data = new
+        header = linear.parse_header(data)
+        assert header == update.header and len(data) == header.end
+        assert {n: linear.read_section(data, n) for n in linear.SECTION_NAMES} == {
+            n: model.get(n) for n in linear.SECTION_NAMES
+        }
+        used = sorted((s for s in header.slots if s.allocated), key=lambda s: s.offset)
+        pos = linear.HEADER_SIZE
+        for slot in used:  # packed: no holes between sections (swtpm compacts on removal)
+            assert slot.offset == pos
+            pos = slot.end

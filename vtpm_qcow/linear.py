@@ -1,0 +1,332 @@
+"""swtpm's linear state layout (``--tpmstate backend-uri=file://``), as pure functions.
+
+Mirrors swtpm 0.7.1 ``src/swtpm/swtpm_nvstore_linear.{c,h}``.  The layout (little endian)::
+
+    0    u64 magic "swtpmlin" (0x737774706d6c696e)
+    8    u8  version (1), u8 padding, u16 hdrsize (192)
+    12   15 slots of {u32 offset, u32 data_length, u32 section_length}; offset 0 = unused
+    192  sections, each a power of two long, packed one after the other
+
+Slot 0 holds ``permall``, 1 ``volatilestate``, 2 ``savestate``; TPM 1.2 and TPM 2.0 use the
+same slots (only the dir backend's file names differ: ``tpm-00.*`` vs ``tpm2-00.*``).
+
+Allocation follows swtpm byte for byte: a new section goes after the end of the last one
+(``SWTPM_NVRAM_Linear_AllocFile``); a blob that outgrows its section is removed, the
+following sections move down (``SWTPM_NVRAM_Linear_RemoveFile`` with its memmove) and it is
+allocated again at the end; only ``data_length`` bytes are copied, so the rest of a section
+keeps whatever it held before.  The logical file size is the end of the last section, as
+swtpm ftruncates a regular file to exactly that.
+
+:func:`store_section` and :func:`delete_section` take the current bytes of the linear file
+and return a :class:`LinearUpdate`: the new header, the changed extents and the new size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from .errors import StateFormatError
+
+MAGIC: Final = 0x737774706D6C696E
+MAGIC_BYTES: Final = struct.pack("<Q", MAGIC)
+VERSION: Final = 1
+HEADER_PREFIX_STRUCT: Final = struct.Struct("<QBBH")  # magic, version, padding, hdrsize
+SLOT_STRUCT: Final = struct.Struct("<III")  # offset, data_length, section_length
+MAX_SLOTS: Final = 15
+HEADER_SIZE: Final = HEADER_PREFIX_STRUCT.size + MAX_SLOTS * SLOT_STRUCT.size
+assert HEADER_SIZE == 192
+
+#: Section names (libtpms' TPM_PERMANENT_ALL_NAME, ...) and their slot numbers.
+SECTION_SLOTS: Final[dict[str, int]] = {"permall": 0, "volatilestate": 1, "savestate": 2}
+SECTION_NAMES: Final = tuple(SECTION_SLOTS)
+
+#: Largest blob a slot can describe: its section (next power of two) must fit in a u32.
+MAX_BLOB_SIZE: Final = 1 << 31
+#: Diff runs closer than this are merged into one extent.
+_MERGE_GAP: Final = 64
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One slot of the header: where a section lives and how much of it is valid."""
+
+    offset: int = 0
+    data_length: int = 0
+    section_length: int = 0
+
+    @property
+    def allocated(self) -> bool:
+        """True if the slot points at a section (swtpm: offset 0 means unallocated)."""
+        return self.offset != 0
+
+    @property
+    def end(self) -> int:
+        """First byte after the section."""
+        return self.offset + self.section_length
+
+
+EMPTY_SLOT: Final = Slot()
+
+
+@dataclass(frozen=True)
+class LinearHeader:
+    """The parsed header of a linear state file."""
+
+    version: int = VERSION
+    hdrsize: int = HEADER_SIZE
+    slots: tuple[Slot, ...] = (EMPTY_SLOT,) * MAX_SLOTS
+
+    @property
+    def end(self) -> int:
+        """Logical size of the linear file: end of the last section, at least hdrsize."""
+        return max([self.hdrsize, *(s.end for s in self.slots if s.allocated)])
+
+    def slot(self, name: str) -> Slot:
+        """The slot of section ``name`` ("permall", "volatilestate", "savestate")."""
+        return self.slots[slot_number(name)]
+
+    def pack(self) -> bytes:
+        """The header's 192 bytes, as swtpm lays them out."""
+        out = bytearray(HEADER_PREFIX_STRUCT.pack(MAGIC, self.version, 0, self.hdrsize))
+        for s in self.slots:
+            out += SLOT_STRUCT.pack(s.offset, s.data_length, s.section_length)
+        return bytes(out)
+
+    def with_slot(self, number: int, slot: Slot) -> LinearHeader:
+        """A copy with slot ``number`` replaced."""
+        slots = list(self.slots)
+        slots[number] = slot
+        return LinearHeader(self.version, self.hdrsize, tuple(slots))
+
+
+@dataclass(frozen=True)
+class LinearUpdate:
+    """The result of a section store/delete.
+
+    ``writes`` are non-overlapping ``(offset, data)`` extents, in offset order, that turn the
+    old bytes into the new ones; ``size`` is the new logical file size (header.end).
+    """
+
+    header: LinearHeader
+    writes: tuple[tuple[int, bytes], ...]
+    size: int
+
+
+def slot_number(name: str) -> int:
+    """Slot number of a section name; ValueError for names swtpm does not know."""
+    try:
+        return SECTION_SLOTS[name]
+    except KeyError:
+        raise ValueError(f"unknown TPM state section {name!r}") from None
+
+
+def dir_file_name(name: str, *, tpm2: bool = True) -> str:
+    """The dir backend's file name of section ``name`` (``tpm2-00.permall``)."""
+    slot_number(name)
+    return f"{'tpm2' if tpm2 else 'tpm'}-00.{name}"
+
+
+def section_of_file_name(file_name: str) -> tuple[str, bool] | None:
+    """``(section, is_tpm2)`` for a dir backend state file name, None for other names."""
+    for prefix, tpm2 in (("tpm2-00.", True), ("tpm-00.", False)):
+        if file_name.startswith(prefix) and file_name[len(prefix) :] in SECTION_SLOTS:
+            return file_name[len(prefix) :], tpm2
+    return None
+
+
+def is_formatted(data: bytes) -> bool:
+    """True if ``data`` starts with the linear magic (swtpm formats anything else afresh)."""
+    return data[:8] == MAGIC_BYTES
+
+
+def _is_power_of_two_or_zero(value: int) -> bool:
+    return value & (value - 1) == 0
+
+
+def parse_header(
+    data: bytes, *, size: int | None = None, source: str = "linear file"
+) -> LinearHeader:
+    """Parse and validate the header at the start of ``data``.
+
+    ``size`` is the file's size (default ``len(data)``); every section must lie inside it.
+    Raises :class:`StateFormatError` naming ``source`` and the offending field.
+    """
+    size = len(data) if size is None else size
+    if len(data) < HEADER_SIZE:
+        raise StateFormatError(f"{source}: {len(data)} bytes, shorter than the linear header")
+    magic, version, _pad, hdrsize = HEADER_PREFIX_STRUCT.unpack_from(data)
+    if magic != MAGIC:
+        raise StateFormatError(f"{source}: bad magic 0x{magic:016x} (not a swtpm linear file)")
+    if version > VERSION or version == 0:
+        raise StateFormatError(f"{source}: unsupported linear format version {version}")
+    if not HEADER_SIZE <= hdrsize <= size:
+        raise StateFormatError(f"{source}: hdrsize {hdrsize} out of range")
+    slots = []
+    for number in range(MAX_SLOTS):
+        offset, data_length, section_length = SLOT_STRUCT.unpack_from(
+            data, HEADER_PREFIX_STRUCT.size + number * SLOT_STRUCT.size
+        )
+        slot = Slot(offset, data_length, section_length) if offset else EMPTY_SLOT
+        where = f"{source}: slot {number}"
+        if slot.allocated:
+            if offset < hdrsize:
+                raise StateFormatError(f"{where} offset {offset} inside the header")
+            if data_length > section_length:
+                raise StateFormatError(
+                    f"{where} data_length {data_length} > section_length {section_length}"
+                )
+            if not _is_power_of_two_or_zero(section_length):
+                raise StateFormatError(f"{where} section_length {section_length} not a power of 2")
+            if slot.end > size:
+                raise StateFormatError(f"{where} section end {slot.end} beyond file size {size}")
+        slots.append(slot)
+    used = sorted((s for s in slots if s.allocated and s.section_length), key=lambda s: s.offset)
+    for before, after in itertools.pairwise(used):
+        if before.end > after.offset:
+            raise StateFormatError(
+                f"{source}: sections at {before.offset} and {after.offset} overlap"
+            )
+    return LinearHeader(version, hdrsize, tuple(slots))
+
+
+def read_section(data: bytes, name: str, *, source: str = "linear file") -> bytes | None:
+    """The blob stored in section ``name`` of linear file ``data``, None if absent.
+
+    An unformatted file (no magic, e.g. all zeros) holds no sections.
+    """
+    if not is_formatted(data):
+        return None
+    slot = parse_header(data, source=source).slot(name)
+    if not slot.allocated:
+        return None
+    return bytes(data[slot.offset : slot.offset + slot.data_length])
+
+
+def _round_to_power_of_two(value: int) -> int:
+    """swtpm's ROUND_TO_NEXT_POWER_OF_2_32 (0 stays 0, powers of two stay)."""
+    return 0 if value == 0 else 1 << (value - 1).bit_length()
+
+
+class _Buffer:
+    """The linear file being edited: a growable copy with swtpm's memory operations."""
+
+    def __init__(self, data: bytes, header: LinearHeader, *, old: bytes | None = None) -> None:
+        self.old = bytes(data if old is None else old)
+        self.buf = bytearray(data)
+        self.header = header
+
+    def resize(self, size: int) -> None:
+        """ftruncate: shrinking drops bytes, growing adds zeros."""
+        if size < len(self.buf):
+            del self.buf[size:]
+        else:
+            self.buf.extend(bytes(size - len(self.buf)))
+
+    def alloc(self, number: int, length: int) -> None:
+        """SWTPM_NVRAM_Linear_AllocFile: place a section after the last one."""
+        section_length = _round_to_power_of_two(length)
+        new_offset = self.header.end
+        self.resize(new_offset + section_length)
+        self.header = self.header.with_slot(number, Slot(new_offset, length, section_length))
+
+    def remove(self, number: int) -> None:
+        """SWTPM_NVRAM_Linear_RemoveFile: drop a section, move the following ones down."""
+        old = self.header.slots[number]
+        if not old.allocated:
+            return
+        header = self.header.with_slot(number, EMPTY_SLOT)
+        next_offset, state_end = None, 0
+        slots = list(header.slots)
+        for i, s in enumerate(slots):
+            if s.allocated and s.offset > old.offset:
+                next_offset = s.offset if next_offset is None else min(next_offset, s.offset)
+                state_end = max(state_end, s.end)
+                slots[i] = Slot(s.offset - old.section_length, s.data_length, s.section_length)
+        if next_offset is not None:
+            moved = bytes(self.buf[next_offset:state_end])
+            self.buf[old.offset : old.offset + len(moved)] = moved
+        self.header = LinearHeader(header.version, header.hdrsize, tuple(slots))
+        self.resize(self.header.end)
+
+    def update(self) -> LinearUpdate:
+        """The changed extents between the original and the edited bytes."""
+        new = bytearray(self.buf)
+        new[:HEADER_SIZE] = self.header.pack()
+        # Bytes cut off by a shrink read as zeros afterwards, as after ftruncate.
+        length = max(len(new), len(self.old))
+        writes = _diff(self.old.ljust(length, b"\0"), bytes(new).ljust(length, b"\0"))
+        return LinearUpdate(self.header, tuple(writes), self.header.end)
+
+
+def _diff(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
+    """Runs where ``new`` differs from ``old`` (same length), merging runs close together."""
+    runs: list[tuple[int, bytes]] = []
+    start = end = -1
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
+        if a == b:
+            continue
+        if start >= 0 and i - end <= _MERGE_GAP:
+            end = i + 1
+            continue
+        if start >= 0:
+            runs.append((start, new[start:end]))
+        start, end = i, i + 1
+    if start >= 0:
+        runs.append((start, new[start:end]))
+    return runs
+
+
+def _editable(data: bytes, source: str) -> _Buffer:
+    """A buffer over ``data``; an unformatted file is formatted as swtpm's Prepare does."""
+    if is_formatted(data):
+        header = parse_header(data, source=source)
+        return _Buffer(data[: header.end], header)
+    # SWTPM_NVRAM_Prepare_Linear: new magic/version/hdrsize, all slots zeroed.
+    return _Buffer(data.ljust(HEADER_SIZE, b"\0"), LinearHeader(), old=data)
+
+
+def empty_layout() -> bytes:
+    """A freshly formatted linear file: the header with no sections."""
+    return LinearHeader().pack()
+
+
+def store_section(
+    data: bytes, name: str, blob: bytes, *, source: str = "linear file"
+) -> LinearUpdate:
+    """Store ``blob`` as section ``name`` (SWTPM_NVRAM_StoreData_Linear)."""
+    number = slot_number(name)
+    if not 0 < len(blob) <= MAX_BLOB_SIZE:
+        raise StateFormatError(f"{source}: {name} blob of {len(blob)} bytes cannot be stored")
+    buf = _editable(data, source)
+    slot = buf.header.slots[number]
+    if not slot.allocated:
+        buf.alloc(number, len(blob))
+    elif len(blob) > slot.section_length:
+        buf.remove(number)
+        buf.alloc(number, len(blob))
+    slot = buf.header.slots[number]
+    if slot.data_length != len(blob):
+        buf.header = buf.header.with_slot(number, Slot(slot.offset, len(blob), slot.section_length))
+    buf.buf[slot.offset : slot.offset + len(blob)] = blob
+    return buf.update()
+
+
+def delete_section(data: bytes, name: str, *, source: str = "linear file") -> LinearUpdate:
+    """Remove section ``name`` and shrink the file (SWTPM_NVRAM_DeleteName_Linear)."""
+    number = slot_number(name)
+    buf = _editable(data, source)
+    buf.remove(number)
+    return buf.update()
+
+
+def apply_update(data: bytes, update: LinearUpdate) -> bytes:
+    """``data`` with ``update``'s extents written and truncated to its size (for tests/export)."""
+    out = bytearray(data)
+    for offset, chunk in update.writes:
+        if len(out) < offset + len(chunk):
+            out.extend(bytes(offset + len(chunk) - len(out)))
+        out[offset : offset + len(chunk)] = chunk
+    return bytes(out[: update.size]) + bytes(max(0, update.size - len(out)))

@@ -1,0 +1,297 @@
+"""Locating and running swtpm / swtpm_setup, and shutting swtpm down cleanly.
+
+* :func:`find_tool` finds ``swtpm``/``swtpm_setup`` on PATH (or ``$SWTPM``/``$SWTPM_SETUP``).
+* :func:`run_setup` manufactures a TPM (``swtpm_setup``) into a dir or a linear file.
+* :class:`Swtpm` runs ``swtpm socket`` with a control channel (unix socket or TCP port),
+  an optional data channel, a pid file and a log.  :meth:`Swtpm.start` returns once the
+  control channel accepts connections (polling it, failing at once if swtpm exits);
+  :meth:`Swtpm.stop` sends CMD_SHUTDOWN, then SIGTERM, then SIGKILL, and always reaps.
+
+Errors are :class:`~vtpm_qcow.errors.SwtpmError` with one line naming the tool and, when swtpm
+said why it failed, the last line of its output or log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from .errors import SwtpmError
+
+#: swtpm control channel commands (swtpm's ``tpm_ioctl.h``).
+CMD_INIT: Final = 0x02
+CMD_SHUTDOWN: Final = 0x03
+CMD_STORE_VOLATILE: Final = 0x0A
+#: CMD_INIT flag PTM_INIT_FLAG_DELETE_VOLATILE.
+INIT_FLAG_DELETE_VOLATILE: Final = 1
+
+#: Environment variables that override the tool paths.
+TOOL_ENV: Final = {"swtpm": "SWTPM", "swtpm_setup": "SWTPM_SETUP"}
+
+STARTUP_TIMEOUT: Final = 20.0
+SETUP_TIMEOUT: Final = 300.0
+
+
+def find_tool(name: str) -> str:
+    """Absolute path of ``swtpm`` or ``swtpm_setup``; SwtpmError if it is not installed."""
+    override = os.environ.get(TOOL_ENV.get(name, ""), "")
+    path = shutil.which(override or name)
+    if path is None:
+        raise SwtpmError(f"{override or name}: not found on PATH (install swtpm / swtpm-tools)")
+    return path
+
+
+def _last_line(*texts: str) -> str:
+    """The last non-empty line of the given outputs (swtpm's reason for failing)."""
+    for text in reversed(texts):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
+def run_setup(
+    tpmstate: str,
+    *,
+    tpm2: bool = True,
+    options: Sequence[str] = (),
+    overwrite: bool = True,
+    timeout: float = SETUP_TIMEOUT,
+) -> str:
+    """Run ``swtpm_setup`` on ``tpmstate`` (a directory or ``file://PATH``), return its output.
+
+    ``options`` pass through (``--create-ek-cert``, ``--create-platform-cert``, ...).
+    """
+    setup = find_tool("swtpm_setup")
+    cmd = [setup, "--tpmstate", tpmstate, *(["--tpm2"] if tpm2 else []), *options]
+    if overwrite and "--overwrite" not in options and "--not-overwrite" not in options:
+        cmd.append("--overwrite")
+    env = dict(os.environ)
+    if "SWTPM" in os.environ and "--tpm" not in options:
+        cmd += ["--tpm", find_tool("swtpm")]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise SwtpmError(f"swtpm_setup on {tpmstate}: no result after {timeout:g}s") from err
+    except OSError as err:
+        raise SwtpmError(f"swtpm_setup: cannot run {setup}: {err.strerror}") from err
+    if done.returncode != 0:
+        reason = _last_line(done.stdout, done.stderr) or f"exit status {done.returncode}"
+        raise SwtpmError(f"swtpm_setup on {tpmstate} failed: {reason}")
+    return done.stdout + done.stderr
+
+
+def _connect(address: str | int, timeout: float) -> socket.socket:
+    """A connected socket to a unix path or a 127.0.0.1 TCP port (OSError if refused)."""
+    if isinstance(address, int):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        target: str | tuple[str, int] = ("127.0.0.1", address)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = address
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def control_command(
+    ctrl: str | int, command: int, payload: bytes = b"", timeout: float = 10.0
+) -> int:
+    """Send one control channel command, return swtpm's result code (0 = success)."""
+    try:
+        with _connect(ctrl, timeout) as sock:
+            sock.sendall(struct.pack(">I", command) + payload)
+            reply = b""
+            while len(reply) < 4:
+                chunk = sock.recv(4 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as err:
+        raise SwtpmError(f"swtpm control channel {ctrl}: {err.strerror or err}") from err
+    if len(reply) < 4:
+        raise SwtpmError(f"swtpm control channel {ctrl}: connection closed without a reply")
+    return int(struct.unpack(">I", reply)[0])
+
+
+@dataclass
+class Swtpm:
+    """A running ``swtpm socket`` process.  Use :meth:`start`; stop with :meth:`stop`."""
+
+    proc: subprocess.Popen[bytes]
+    #: Control channel: unix socket path or TCP port on 127.0.0.1.
+    ctrl: str | int
+    #: Data channel: unix socket path, TCP port, or None (QEMU talks over ctrl only).
+    server: str | int | None
+    pid_file: Path
+    log: Path
+    tpmstate: str
+    _stopped: bool = field(default=False, repr=False)
+
+    @classmethod
+    def start(
+        cls,
+        tpmstate: str,
+        workdir: Path,
+        *,
+        ctrl: str | int | None = None,
+        server: str | int | None = None,
+        tpm2: bool = True,
+        flags: Sequence[str] = ("not-need-init", "startup-clear"),
+        options: Sequence[str] = (),
+        timeout: float = STARTUP_TIMEOUT,
+    ) -> Swtpm:
+        """Start swtpm on ``tpmstate`` (``dir=DIR`` or ``backend-uri=file://PATH``).
+
+        ``ctrl`` defaults to a unix socket in ``workdir``; ``server`` (data channel) is
+        optional.  Returns once the control channel accepts connections.
+        """
+        binary = find_tool("swtpm")
+        workdir.mkdir(parents=True, exist_ok=True)
+        ctrl = str(workdir / "swtpm-ctrl.sock") if ctrl is None else ctrl
+        pid_file, log = workdir / "swtpm.pid", workdir / "swtpm.log"
+        for stale in (pid_file, *(Path(p) for p in (ctrl, server) if isinstance(p, str))):
+            stale.unlink(missing_ok=True)
+        cmd = [binary, "socket", *(["--tpm2"] if tpm2 else []), "--tpmstate", tpmstate]
+        cmd += ["--ctrl", _channel_spec(ctrl), "--pid", f"file={pid_file}"]
+        cmd += ["--log", f"file={log},level=1"]
+        if server is not None:
+            cmd += ["--server", _channel_spec(server)]
+        if flags:
+            cmd += ["--flags", ",".join(flags)]
+        cmd += list(options)
+        try:
+            with open(workdir / "swtpm.stderr", "wb") as stderr:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                )
+        except OSError as err:
+            raise SwtpmError(f"swtpm: cannot run {binary}: {err.strerror}") from err
+        instance = cls(proc, ctrl, server, pid_file, log, tpmstate)
+        try:
+            instance._wait_ready(timeout)
+        except BaseException:
+            instance.stop()
+            raise
+        return instance
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Poll the control (and data) channel until it accepts a connection."""
+        deadline = time.monotonic() + timeout
+        for address in (self.ctrl, self.server):
+            if address is None:
+                continue
+            while True:
+                if self.proc.poll() is not None:
+                    raise SwtpmError(f"swtpm on {self.tpmstate} exited early: {self._reason()}")
+                try:
+                    _connect(address, 1.0).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SwtpmError(
+                            f"swtpm on {self.tpmstate}: {address} not ready after {timeout:g}s"
+                        ) from None
+                    time.sleep(0.01)
+
+    def _reason(self) -> str:
+        """Why swtpm exited: the last line of its stderr or log."""
+        texts = []
+        for path in (self.log, self.log.with_suffix(".stderr")):
+            try:
+                texts.append(path.read_text(errors="replace"))
+            except OSError:
+                texts.append("")
+        return _last_line(*texts) or f"exit status {self.proc.returncode}"
+
+    @property
+    def pid(self) -> int:
+        """swtpm's process id."""
+        return self.proc.pid
+
+    def control(self, command: int, payload: bytes = b"") -> None:
+        """Send a control channel command; SwtpmError unless it succeeds."""
+        result = control_command(self.ctrl, command, payload)
+        if result != 0:
+            raise SwtpmError(f"swtpm control command 0x{command:02x} failed: 0x{result:x}")
+
+    def init(self, *, delete_volatile: bool = False) -> None:
+        """CMD_INIT: (re)start the TPM; ``delete_volatile`` drops the volatile state first."""
+        self.control(
+            CMD_INIT, struct.pack(">I", INIT_FLAG_DELETE_VOLATILE if delete_volatile else 0)
+        )
+
+    def store_volatile(self) -> None:
+        """CMD_STORE_VOLATILE: make swtpm write its volatile state section."""
+        self.control(CMD_STORE_VOLATILE)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Shut swtpm down (CMD_SHUTDOWN, then SIGTERM, then SIGKILL); return its exit code."""
+        if not self._stopped:
+            self._stopped = True
+            if self.proc.poll() is None:
+                try:
+                    control_command(self.ctrl, CMD_SHUTDOWN, timeout=timeout)
+                except SwtpmError:
+                    pass
+                for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                    if sig is not None and self.proc.poll() is None:
+                        self.proc.send_signal(sig)
+                    try:
+                        self.proc.wait(timeout)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+            self.proc.wait()
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> Swtpm:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _channel_spec(address: str | int) -> str:
+    """swtpm's ``--ctrl``/``--server`` argument for a unix path or a TCP port."""
+    if isinstance(address, int):
+        return f"type=tcp,port={address}"
+    return f"type=unixio,path={address}"
+
+
+def free_tcp_port_pair() -> int:
+    """A port N with N and N+1 free on 127.0.0.1 (tpm2-tools' swtpm TCTI uses N and N+1)."""
+    for _ in range(100):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise SwtpmError("no free pair of TCP ports on 127.0.0.1")
