@@ -21,7 +21,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -142,7 +142,8 @@ class Swtpm:
     pid_file: Path
     log: Path
     tpmstate: str
-    _stopped: bool = field(default=False, repr=False)
+    #: How :meth:`stop` ended swtpm: "CMD_SHUTDOWN", "SIGTERM", "SIGKILL" or "exited".
+    stopped_by: str | None = None
 
     @classmethod
     def start(
@@ -242,23 +243,32 @@ class Swtpm:
         self.control(CMD_STORE_VOLATILE)
 
     def stop(self, timeout: float = 10.0) -> int:
-        """Shut swtpm down (CMD_SHUTDOWN, then SIGTERM, then SIGKILL); return its exit code."""
-        if not self._stopped:
-            self._stopped = True
-            if self.proc.poll() is None:
+        """Shut swtpm down (CMD_SHUTDOWN, then SIGTERM, then SIGKILL); return its exit code.
+
+        Each step gets ``timeout`` seconds; :attr:`stopped_by` records which one worked.
+        """
+        if self.proc.poll() is None and self.stopped_by is None:
+            steps: list[tuple[str, signal.Signals | None]] = [
+                ("SIGTERM", signal.SIGTERM),
+                ("SIGKILL", signal.SIGKILL),
+            ]
+            try:
+                control_command(self.ctrl, CMD_SHUTDOWN, timeout=timeout)
+                steps.insert(0, ("CMD_SHUTDOWN", None))
+            except SwtpmError:
+                pass
+            for name, sig in steps:
+                if sig is not None and self.proc.poll() is None:
+                    self.proc.send_signal(sig)
                 try:
-                    control_command(self.ctrl, CMD_SHUTDOWN, timeout=timeout)
-                except SwtpmError:
-                    pass
-                for sig in (None, signal.SIGTERM, signal.SIGKILL):
-                    if sig is not None and self.proc.poll() is None:
-                        self.proc.send_signal(sig)
-                    try:
-                        self.proc.wait(timeout)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
-            self.proc.wait()
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    continue
+                self.stopped_by = name
+                break
+        elif self.stopped_by is None:
+            self.stopped_by = "exited"
+        self.proc.wait()
         return int(self.proc.returncode)
 
     def __enter__(self) -> Swtpm:
