@@ -1,0 +1,1211 @@
+"""``qemu-img check`` for qcow2: consistency check and repair, with QEMU 7.2's findings.
+
+A port of QEMU's ``qcow2_co_check_locked`` and its helpers in ``block/qcow2-refcount.c``
+(``qcow2_check_refcounts``, ``calculate_refcounts``, ``check_refcounts_l1/l2``,
+``check_refblocks``, ``compare_refcounts``, ``check_oflag_copied``,
+``rebuild_refcount_structure``) and ``block/qcow2-snapshot.c``
+(``qcow2_check_read_snapshot_table``, ``qcow2_check_fix_snapshot_table``).  The messages
+QEMU prints on stderr are collected, in order, in :attr:`CheckResult.messages`.
+
+Memory is bounded by the *file* size: the in-memory reference counter has one entry per
+host cluster of the file (QEMU's IMRT), whatever the header claims.  References may reach at
+most one cluster past the end of the file; anything further is a finding, not an allocation.
+
+An L2 table referenced from several L1 tables (the active one and its snapshots) is scanned
+once per check pass; its references are then counted once per referencing L1 entry, which
+keeps a check of an image with many snapshots linear in the number of distinct tables.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout
+from .errors import CorruptImageError, Qcow2Error, Qcow2IOError, ReadOnlyError
+from .fileio import HostFile
+from .header import Header, read_header, write_header_fields
+from .refcount import read_refcount, write_refcount
+from .snapshot_table import (
+    SnapshotEntry,
+    incomplete_entries,
+    read_snapshot_table,
+    serialize_snapshot_table,
+    table_length,
+)
+
+#: Repair modes of ``qemu-img check -r`` (BDRV_FIX_LEAKS, BDRV_FIX_ERRORS).
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
+
+_INT_MAX = (1 << 31) - 1
+_L2_BITMAP_ALL_ALLOC = layout.SUBCLUSTER_ALLOC_MASK
+_L2_BITMAP_ALL_ZEROES = layout.SUBCLUSTER_ALLOC_MASK << layout.SUBCLUSTER_ZERO_SHIFT
+_ARRAY_CODES = {1: "B", 2: "B", 4: "B", 8: "B", 16: "H", 32: "I", 64: "Q"}
+
+# Cluster types (QEMU's QCow2ClusterType).
+_UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
+
+
+@dataclass
+class CheckResult:
+    """What ``qemu-img check`` reports (its JSON fields) plus the stderr findings.
+
+    ``error`` is set when the check could not complete (qemu-img's "Check failed: ...",
+    exit code 1); ``repaired`` holds the counts of the repairing pass when a repair ran and
+    this result is the second, verifying pass ("Double checking the fixed image now...").
+    """
+
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    repaired: bool = False
+
+    def add(self, other: CheckResult, *, with_frag_info: bool) -> None:
+        """QEMU's ``qcow2_add_check_result``."""
+        self.corruptions += other.corruptions
+        self.leaks += other.leaks
+        self.check_errors += other.check_errors
+        self.corruptions_fixed += other.corruptions_fixed
+        self.leaks_fixed += other.leaks_fixed
+        if other.image_end_offset > self.image_end_offset:
+            self.image_end_offset = other.image_end_offset
+        if with_frag_info:
+            self.total_clusters = other.total_clusters
+            self.allocated_clusters = other.allocated_clusters
+            self.fragmented_clusters = other.fragmented_clusters
+            self.compressed_clusters = other.compressed_clusters
+        self.messages.extend(other.messages)
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's exit code: 0 clean, 1 failed, 2 corruptions, 3 leaks."""
+        if self.error is not None or self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        """qemu-img's ImageCheck object: same keys, same order, zero optional keys omitted."""
+        out: dict[str, Any] = {
+            "image-end-offset": self.image_end_offset,
+            "total-clusters": self.total_clusters,
+            "check-errors": self.check_errors,
+            "leaks": self.leaks,
+            "leaks-fixed": self.leaks_fixed,
+            "corruptions": self.corruptions,
+            "corruptions-fixed": self.corruptions_fixed,
+            "allocated-clusters": self.allocated_clusters,
+            "filename": self.filename,
+            "format": self.format,
+            "fragmented-clusters": self.fragmented_clusters,
+            "compressed-clusters": self.compressed_clusters,
+        }
+        always = ("check-errors", "filename", "format")
+        return {k: v for k, v in out.items() if k in always or v}
+
+
+def _alt_hex(value: int) -> str:
+    """C's ``%#x``: ``0x``-prefixed hex, except that zero prints as ``0``."""
+    return f"{value:#x}" if value else "0"
+
+
+@dataclass
+class _L2Summary:
+    """One scan of an L2 table: its findings and the clusters it references, per visit."""
+
+    messages: list[str]
+    corruptions: int
+    clusters: list[int]
+    allocated: int = 0
+    fragmented: int = 0
+    compressed: int = 0
+
+
+class _Checker:
+    """One check (possibly repairing) of an open image: QEMU's BDRVQcow2State + result."""
+
+    def __init__(self, f: HostFile, header: Header, fix: int) -> None:
+        self.f = f
+        self.h = header
+        self.path = f.path
+        self.fix = fix
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.refcount_bits = header.refcount_bits
+        self.refcount_max = (1 << self.refcount_bits) - 1
+        self.refblock_bits = header.cluster_bits + 3 - header.refcount_order
+        self.extended_l2 = header.extended_l2
+        self.l2_entry_size = header.l2_entry_size
+        self.has_data_file = header.has_data_file
+        self.csize_shift = layout.compressed_shift(self.cluster_bits)
+        self.coffset_mask = layout.compressed_offset_mask(self.cluster_bits)
+        self.csize_mask = layout.compressed_sectors_mask(self.cluster_bits)
+        self.file_len = f.size()
+        self.snapshots: list[SnapshotEntry] = []
+        self.snapshots_offset = 0
+        self.snapshots_size = 0
+        self.l1_table = self._read_u64_table(header.l1_table_offset, header.l1_size)
+        self.reftable = self._read_u64_table(
+            header.refcount_table_offset, header.refcount_table_entries
+        )
+        self.refblock_cache: dict[int, bytearray] = {}
+        self.signaled_corruption = False
+        #: set once a fatal corruption was signaled on a writable image (QEMU's drv = NULL)
+        self.dead = False
+
+    def signal_corruption(self, message: str, res: CheckResult) -> None:
+        """QEMU's ``qcow2_signal_corruption(fatal=true)``: on a writable image the corrupt
+        bit is set and every further write fails, as QEMU makes the node unusable."""
+        if self.dead or (self.signaled_corruption and not self.f.writable):
+            return
+        self.signaled_corruption = True
+        if not self.f.writable:
+            res.messages.append(
+                f"qcow2: Image is corrupt: {message}; further non-fatal corruption events "
+                "will be suppressed"
+            )
+            return
+        res.messages.append(
+            f"qcow2: Marking image as corrupt: {message}; further corruption events will be "
+            "suppressed"
+        )
+        features = self.h.incompatible_features | layout.INCOMPAT_CORRUPT
+        if self.h.version >= 3:
+            write_header_fields(self.f, incompatible_features=features)
+            self.f.flush()
+            self.h.incompatible_features = features
+        self.dead = True
+
+    def overlap(self, offset: int, size: int) -> str | None:
+        """QEMU's ``qcow2_check_metadata_overlap`` (default "cached" checks): the metadata
+        a write of ``[offset, offset+size)`` would hit, or None."""
+        if offset < self.cluster_size:
+            return "qcow2_header"
+        mask = self.cluster_size - 1
+        start = offset & ~mask
+        end = layout.align_up(offset + size, self.cluster_size)
+
+        def hits(other: int, length: int) -> bool:
+            return bool(length) and other < end and start < other + length
+
+        h = self.h
+        if h.l1_size and hits(h.l1_table_offset, h.l1_size * 8):
+            return "active L1 table"
+        if hits(h.refcount_table_offset, len(self.reftable) * 8):
+            return "refcount table"
+        if hits(self.snapshots_offset, self.snapshots_size):
+            return "snapshot table"
+        for sn in self.snapshots:
+            if sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8):
+                return "inactive L1 table"
+        for entry in self.l1_table:
+            if entry & layout.L1E_OFFSET_MASK and hits(
+                entry & layout.L1E_OFFSET_MASK, self.cluster_size
+            ):
+                return "active L2 table"
+        for entry in self.reftable:
+            if entry & layout.REFT_OFFSET_MASK and hits(
+                entry & layout.REFT_OFFSET_MASK, self.cluster_size
+            ):
+                return "refcount block"
+        return None
+
+    def checked_write(self, offset: int, data: bytes, res: CheckResult, what: str) -> None:
+        """Write metadata after the overlap check; failures raise _CheckFailed(EIO) with
+        QEMU's ``what: strerror`` report."""
+        hit = None if self.dead else self.overlap(offset, len(data))
+        if hit is not None:
+            self.signal_corruption(
+                f"Preventing invalid write on metadata (overlaps with {hit})", res
+            )
+        if self.dead:
+            res.messages.append(f"qemu-img: {what}: Input/output error")
+            res.check_errors += 1
+            raise _CheckFailed(errno.EIO)
+        self.f.pwrite(offset, data)
+
+    # Section: host I/O helpers
+
+    def _read_u64_table(self, offset: int, entries: int) -> list[int]:
+        """Read a big-endian u64 table; the part past the end of the file reads as zeros."""
+        if entries <= 0:
+            return []
+        present = max(0, min(entries, (self.file_len - offset) // 8)) if offset >= 0 else 0
+        data = self.f.pread(offset, present * 8) if present else b""
+        return list(struct.unpack(f">{present}Q", data)) + [0] * (entries - present)
+
+    def _refresh_file_len(self) -> None:
+        self.file_len = self.f.size()
+
+    # Section: on-disk refcounts (qcow2_get_refcount / update_refcount)
+
+    def _refblock(self, offset: int) -> bytearray:
+        block = self.refblock_cache.get(offset)
+        if block is None:
+            block = bytearray(self.f.pread(offset, self.cluster_size))
+            self.refblock_cache[offset] = block
+        return block
+
+    def get_refcount(self, cluster: int) -> int:
+        """The stored refcount of host cluster ``cluster``; raises CorruptImageError if the
+        refcount block covering it is misaligned (QEMU's ``Refblock offset ... unaligned``)."""
+        index = cluster >> self.refblock_bits
+        if index >= len(self.reftable):
+            return 0
+        block_offset = self.reftable[index] & layout.REFT_OFFSET_MASK
+        if not block_offset:
+            return 0
+        if block_offset & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"Refblock offset {_alt_hex(block_offset)} unaligned "
+                f"(reftable index: {_alt_hex(index)})",
+                path=self.path,
+                offset=block_offset,
+            )
+        block = self._refblock(block_offset)
+        return read_refcount(block, cluster & ((1 << self.refblock_bits) - 1), self.refcount_bits)
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        """Store ``value`` as the refcount of ``cluster`` (its refcount block must exist)."""
+        index = cluster >> self.refblock_bits
+        block_offset = self.reftable[index] & layout.REFT_OFFSET_MASK
+        block = self._refblock(block_offset)
+        entry = cluster & ((1 << self.refblock_bits) - 1)
+        write_refcount(block, entry, self.refcount_bits, value)
+        # Write the whole sector holding the entry (QEMU flushes the cached block).
+        byte = entry * self.refcount_bits // 8
+        start = byte - byte % 512
+        self.f.pwrite(block_offset + start, bytes(block[start : start + 512]))
+
+    def stored_refcounts(self, nb_clusters: int) -> Callable[[int], int]:
+        """A fast reader of stored refcounts for clusters ``0 .. nb_clusters-1``."""
+        per_block = 1 << self.refblock_bits
+        decoded: dict[int, list[int]] = {}
+        bits = self.refcount_bits
+        fmt = {8: "B", 16: "H", 32: "I", 64: "Q"}.get(bits)
+
+        def lookup(cluster: int) -> int:
+            index = cluster >> self.refblock_bits
+            if index >= len(self.reftable):
+                return 0
+            block_offset = self.reftable[index] & layout.REFT_OFFSET_MASK
+            if not block_offset or block_offset & (self.cluster_size - 1) or fmt is None:
+                return self.get_refcount(cluster)
+            values = decoded.get(block_offset)
+            if values is None:
+                values = list(struct.unpack(f">{per_block}{fmt}", self._refblock(block_offset)))
+                decoded[block_offset] = values
+            return values[cluster & (per_block - 1)]
+
+        return lookup
+
+
+class _Pass:
+    """One ``qcow2_check_refcounts`` run: the in-memory refcount table (IMRT) and results."""
+
+    def __init__(self, c: _Checker, res: CheckResult, nb_clusters: int) -> None:
+        self.c = c
+        self.res = res
+        self.nb_clusters = nb_clusters
+        self.imrt = self._new_array(nb_clusters)
+
+    def _new_array(self, n: int) -> array[int]:
+        try:
+            return array(_ARRAY_CODES[self.c.refcount_bits], bytes(n * _itemsize(self.c)))
+        except MemoryError as err:
+            self.res.check_errors += 1
+            raise _CheckFailed(errno.ENOMEM) from err
+
+    def grow(self, n: int) -> None:
+        """Make the IMRT cover ``n`` clusters."""
+        if n > len(self.imrt):
+            self.imrt.extend(self._new_array(n - len(self.imrt)))
+        self.nb_clusters = max(self.nb_clusters, n)
+
+    def msg(self, text: str) -> None:
+        self.res.messages.append(text)
+
+    # Section: counting references (qcow2_inc_refcounts_imrt)
+
+    def _range_clusters(self, offset: int, size: int, out: list[str]) -> list[int] | None:
+        """Clusters touched by ``[offset, offset+size)``, or None (and a finding in ``out``)
+        if the range ends one cluster or more past the end of the file."""
+        if size <= 0:
+            return []
+        c = self.c
+        if offset + size - c.file_len >= c.cluster_size:
+            out.append(
+                "ERROR: counting reference for region exceeding the end of the file by one "
+                f"cluster or more: offset {offset:#x} size {size:#x}"
+            )
+            return None
+        first = offset >> c.cluster_bits
+        last = (offset + size - 1) >> c.cluster_bits
+        return list(range(first, last + 1))
+
+    def inc(self, offset: int, size: int) -> None:
+        """Count one reference to every cluster of ``[offset, offset+size)``."""
+        found: list[str] = []
+        clusters = self._range_clusters(offset, size, found)
+        if clusters is None:
+            self.res.messages.extend(found)
+            self.res.corruptions += 1
+            return
+        self.add_references(clusters, 1)
+
+    def add_references(self, clusters: list[int], times: int) -> None:
+        """Count ``times`` references to each cluster listed (with repeats)."""
+        if not clusters:
+            return
+        top = max(clusters)
+        if top >= len(self.imrt):
+            self.grow(top + 1)
+        imrt = self.imrt
+        limit = self.c.refcount_max
+        for k in clusters:
+            value = imrt[k] + times
+            if value > limit:
+                self._overflow(k, value - limit)
+                value = limit
+            imrt[k] = value
+
+    def _overflow(self, cluster: int, count: int) -> None:
+        offset = cluster << self.c.cluster_bits
+        for _ in range(count):
+            self.msg(f"ERROR: overflow cluster offset={offset:#x}")
+            self.msg(
+                "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
+                "to create a clean copy if the image cannot be opened for writing"
+            )
+            self.res.corruptions += 1
+
+    # Section: L1/L2 tables
+
+    def check_l1(self, l1_offset: int, l1_size: int, *, active: bool) -> None:
+        """QEMU's ``check_refcounts_l1``."""
+        c = self.c
+        if not l1_size:
+            return
+        self.inc(l1_offset, l1_size * layout.L1_ENTRY_SIZE)
+        table = c.l1_table if active else c._read_u64_table(l1_offset, l1_size)
+        cache = self.l2_cache
+        for l1_entry in table:
+            if not l1_entry:
+                continue
+            if l1_entry & layout.L1E_RESERVED_MASK:
+                self.msg(f"ERROR found L1 entry with reserved bits set: {l1_entry:x}")
+                self.res.corruptions += 1
+            l2_offset = l1_entry & layout.L1E_OFFSET_MASK
+            self.inc(l2_offset, c.cluster_size)
+            if l2_offset & (c.cluster_size - 1):
+                self.msg(
+                    f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
+                    "L1 entry corrupted"
+                )
+                self.res.corruptions += 1
+            key = (l2_offset, active)
+            summary = cache.get(key)
+            if summary is None:
+                summary, wrote = self._scan_l2(l2_offset, active=active)
+                if not wrote:
+                    cache[key] = summary
+            self.res.messages.extend(summary.messages)
+            self.res.corruptions += summary.corruptions
+            if active:
+                self.res.allocated_clusters += summary.allocated
+                self.res.fragmented_clusters += summary.fragmented
+                self.res.compressed_clusters += summary.compressed
+            self.pending[key] = self.pending.get(key, 0) + 1
+            self.summaries[key] = summary
+
+    def flush_pending(self) -> None:
+        """Count the data references of every L2 visit made so far."""
+        for key, times in self.pending.items():
+            self.add_references(self.summaries[key].clusters, times)
+        self.pending.clear()
+
+    def _scan_l2(self, l2_offset: int, *, active: bool) -> tuple[_L2Summary, bool]:
+        """QEMU's ``check_refcounts_l2`` for one visit; returns (summary, wrote_to_image)."""
+        c = self.c
+        s = _L2Summary([], 0, [])
+        wrote = False
+        data = c.f.pread(l2_offset, c.cluster_size) if l2_offset < c.file_len else b""
+        if not data.strip(b"\0"):
+            return s, wrote
+        n = c.cluster_size // 8
+        words = struct.unpack(f">{n}Q", data)
+        step = 2 if c.extended_l2 else 1
+        next_contiguous = 0
+        cs_mask = c.cluster_size - 1
+        for i in range(0, n, step):
+            entry = words[i]
+            bitmap = words[i + 1] if step == 2 else 0
+            if not entry and not bitmap:
+                continue
+            ctype = self._cluster_type(entry)
+            if ctype != _COMPRESSED and entry & layout.L2E_STD_RESERVED_MASK:
+                s.messages.append(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+                s.corruptions += 1
+            if ctype == _COMPRESSED:
+                if entry & layout.OFLAG_COPIED:
+                    s.messages.append(
+                        f"ERROR: coffset={entry & c.coffset_mask:#x}: copied flag must never "
+                        "be set for compressed clusters"
+                    )
+                    entry &= ~layout.OFLAG_COPIED
+                    s.corruptions += 1
+                if c.has_data_file:
+                    s.messages.append(
+                        f"ERROR compressed cluster {i // step} with data file, entry={entry:#x}"
+                    )
+                    s.corruptions += 1
+                    continue
+                if bitmap:
+                    s.messages.append(
+                        f"ERROR compressed cluster {i // step} with non-zero subcluster "
+                        f"allocation bitmap, entry={entry:#x}"
+                    )
+                    s.corruptions += 1
+                    continue
+                coffset = entry & c.coffset_mask
+                nb_sectors = ((entry >> c.csize_shift) & c.csize_mask) + 1
+                csize = nb_sectors * 512 - (coffset & 511)
+                self._count_range(s, coffset, csize)
+                if active:
+                    s.allocated += 1
+                    s.compressed += 1
+                    s.fragmented += 1
+            elif ctype in (_NORMAL, _ZERO_ALLOC):
+                offset = entry & layout.L2E_OFFSET_MASK
+                if (bitmap >> 32) & bitmap:
+                    s.corruptions += 1
+                    s.messages.append(
+                        f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
+                        "allocation bitmap"
+                    )
+                if offset & cs_mask:
+                    s.corruptions += 1
+                    if c.extended_l2:
+                        contains_data = bool(bitmap & _L2_BITMAP_ALL_ALLOC)
+                    else:
+                        contains_data = not entry & layout.OFLAG_ZERO
+                    if not contains_data:
+                        fixing = bool(self.c.fix & FIX_ERRORS)
+                        s.messages.append(
+                            f"{'Repairing' if fixing else 'ERROR'} offset={offset:x}: "
+                            "Preallocated cluster is not properly aligned; L2 entry corrupted."
+                        )
+                        if fixing:
+                            wrote = True
+                            if self._fix_l2_entry_by_zero(s, l2_offset, i // step, bitmap):
+                                continue
+                    else:
+                        s.messages.append(
+                            f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
+                            "L2 entry corrupted."
+                        )
+                if active:
+                    s.allocated += 1
+                    if next_contiguous and offset != next_contiguous:
+                        s.fragmented += 1
+                    next_contiguous = offset + c.cluster_size
+                if not c.has_data_file:
+                    self._count_range(s, offset, c.cluster_size)
+            elif ctype == _UNALLOCATED and bitmap & _L2_BITMAP_ALL_ALLOC:
+                s.corruptions += 1
+                s.messages.append(
+                    "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                )
+        return s, wrote
+
+    def _count_range(self, s: _L2Summary, offset: int, size: int) -> None:
+        clusters = self._range_clusters(offset, size, s.messages)
+        if clusters is None:
+            s.corruptions += 1
+        else:
+            s.clusters.extend(clusters)
+
+    def _cluster_type(self, entry: int) -> int:
+        """QEMU's ``qcow2_get_cluster_type``."""
+        if entry & layout.OFLAG_COMPRESSED:
+            return _COMPRESSED
+        if entry & layout.OFLAG_ZERO and not self.c.extended_l2:
+            return _ZERO_ALLOC if entry & layout.L2E_OFFSET_MASK else _ZERO_PLAIN
+        if not entry & layout.L2E_OFFSET_MASK:
+            if self.c.has_data_file and entry & layout.OFLAG_COPIED:
+                return _NORMAL
+            return _UNALLOCATED
+        return _NORMAL
+
+    def _fix_l2_entry_by_zero(self, s: _L2Summary, l2_offset: int, index: int, bitmap: int) -> bool:
+        """QEMU's ``fix_l2_entry_by_zero``: make the entry ZERO_PLAIN; True on success."""
+        c = self.c
+        if c.extended_l2:
+            bitmap |= bitmap << 32
+            bitmap &= _L2_BITMAP_ALL_ZEROES
+            raw = struct.pack(">QQ", 0, bitmap)
+        else:
+            raw = struct.pack(">Q", layout.OFLAG_ZERO)
+        try:
+            c.f.pwrite(l2_offset + index * c.l2_entry_size, raw)
+            c.f.flush()
+        except Qcow2IOError as err:
+            s.messages.append(f"ERROR: Failed to overwrite L2 table entry: {err.message}")
+            self.res.check_errors += 1
+            return False
+        s.corruptions -= 1
+        self.res.corruptions_fixed += 1
+        return True
+
+    # Section: the whole reference count (calculate_refcounts)
+
+    def calculate(self) -> bool:
+        """QEMU's ``calculate_refcounts``; returns whether a rebuild is needed."""
+        c = self.c
+        self.l2_cache: dict[tuple[int, bool], _L2Summary] = {}
+        self.summaries: dict[tuple[int, bool], _L2Summary] = {}
+        self.pending: dict[tuple[int, bool], int] = {}
+        self.inc(0, c.cluster_size)
+        self.check_l1(c.h.l1_table_offset, c.h.l1_size, active=True)
+        if c.has_data_file and c.snapshots:
+            self.msg(f"ERROR {len(c.snapshots)} snapshots in image with data file")
+            self.res.corruptions += 1
+        for sn in c.snapshots:
+            if sn.l1_table_offset & (c.cluster_size - 1):
+                self.msg(
+                    f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={_alt_hex(sn.l1_table_offset)}: "
+                    "L1 table is not cluster aligned; snapshot table entry corrupted"
+                )
+                self.res.corruptions += 1
+                continue
+            if sn.l1_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
+                self.msg(
+                    f"ERROR snapshot {sn.id} ({sn.name}) l1_size={_alt_hex(sn.l1_size)}: "
+                    "L1 table is too large; snapshot table entry corrupted"
+                )
+                self.res.corruptions += 1
+                continue
+            self.check_l1(sn.l1_table_offset, sn.l1_size, active=False)
+        self.flush_pending()
+        self.inc(c.snapshots_offset, c.snapshots_size)
+        self.inc(c.h.refcount_table_offset, len(c.reftable) * 8)
+        crypto = c.h.crypto_header
+        if crypto is not None and crypto[1]:
+            self.inc(crypto[0], crypto[1])
+        self._count_bitmaps()
+        return self._check_refblocks()
+
+    def _count_bitmaps(self) -> None:
+        """QEMU's ``qcow2_check_bitmaps_refcounts`` (directory, tables, data clusters)."""
+        c = self.c
+        ext = c.h.bitmaps_extension
+        if ext is None or not c.h.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+            return
+        nb, dir_size, dir_offset = ext
+        if not nb:
+            return
+        self.inc(dir_offset, dir_size)
+        if dir_size > 64 * 1024 * 1024:
+            self.res.corruptions += 1
+            return
+        directory = c.f.pread(dir_offset, dir_size)
+        pos = 0
+        entry_struct = layout.BITMAP_DIR_ENTRY_STRUCT
+        while pos + entry_struct.size <= len(directory) and nb:
+            table_offset, table_size, _flags, _type, _gran, name_size, extra = (
+                entry_struct.unpack_from(directory, pos)
+            )
+            pos += layout.align_up(entry_struct.size + extra + name_size, 8)
+            nb -= 1
+            self.inc(table_offset, table_size * 8)
+            for entry in c._read_u64_table(table_offset, min(table_size, 1 << 22)):
+                offset = entry & layout.BME_TABLE_ENTRY_OFFSET_MASK
+                if offset & (c.cluster_size - 1) or (
+                    not offset and entry & ~layout.BME_TABLE_ENTRY_FLAG_ALL_ONES
+                ):
+                    self.res.corruptions += 1
+                    continue
+                if offset:
+                    self.inc(offset, c.cluster_size)
+
+    def _check_refblocks(self) -> bool:
+        """QEMU's ``check_refblocks``; returns whether a rebuild is needed."""
+        c = self.c
+        rebuild = False
+        fixing = bool(c.fix & FIX_ERRORS)
+        for i, raw in enumerate(c.reftable):
+            offset = raw & layout.REFT_OFFSET_MASK
+            cluster = offset >> c.cluster_bits
+            if raw & layout.REFT_RESERVED_MASK:
+                self.msg(f"ERROR refcount table entry {i} has reserved bits set")
+                self.res.corruptions += 1
+                rebuild = True
+                continue
+            if offset & (c.cluster_size - 1):
+                self.msg(
+                    f"ERROR refcount block {i} is not cluster aligned; refcount table entry "
+                    "corrupted"
+                )
+                self.res.corruptions += 1
+                rebuild = True
+                continue
+            if cluster >= self.nb_clusters:
+                self.res.corruptions += 1
+                self.msg(
+                    f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is outside image"
+                )
+                if fixing:
+                    try:
+                        c.f.truncate(offset + c.cluster_size)
+                        c._refresh_file_len()
+                    except Qcow2IOError as err:
+                        rebuild = True
+                        self.msg(f"ERROR could not resize image: {err.message}")
+                        continue
+                    self.grow(layout.size_to_clusters(c.cluster_size, c.file_len))
+                    self.res.corruptions -= 1
+                    self.res.corruptions_fixed += 1
+                    self.inc(offset, c.cluster_size)
+                continue
+            if offset:
+                self.inc(offset, c.cluster_size)
+                if self.imrt[cluster] != 1:
+                    self.msg(f"ERROR refcount block {i} refcount={self.imrt[cluster]}")
+                    self.res.corruptions += 1
+                    rebuild = True
+        return rebuild
+
+    # Section: comparing with the stored refcounts (compare_refcounts)
+
+    def compare(self, fix: int) -> tuple[bool, int]:
+        """QEMU's ``compare_refcounts``; returns (rebuild needed, highest used cluster)."""
+        c = self.c
+        rebuild = False
+        highest = 0
+        stored = c.stored_refcounts(self.nb_clusters)
+        imrt = self.imrt
+        for i in range(self.nb_clusters):
+            try:
+                refcount1 = stored(i)
+            except CorruptImageError as err:
+                self._signal_corruption(err)
+                self.msg(f"Can't get refcount for cluster {i}: Input/output error")
+                self.res.check_errors += 1
+                continue
+            refcount2 = imrt[i]
+            if refcount1 or refcount2:
+                highest = i
+            if refcount1 == refcount2:
+                continue
+            fixed_kind = None
+            if refcount1 == 0:
+                rebuild = True
+            elif refcount1 > refcount2 and fix & FIX_LEAKS:
+                fixed_kind = "leaks"
+            elif refcount1 < refcount2 and fix & FIX_ERRORS:
+                fixed_kind = "corruptions"
+            label = "Repairing" if fixed_kind else "ERROR" if refcount1 < refcount2 else "Leaked"
+            self.msg(f"{label} cluster {i} refcount={refcount1} reference={refcount2}")
+            if fixed_kind:
+                try:
+                    c.set_refcount(i, refcount2)
+                except Qcow2Error:
+                    pass
+                else:
+                    if fixed_kind == "leaks":
+                        self.res.leaks_fixed += 1
+                    else:
+                        self.res.corruptions_fixed += 1
+                    continue
+            if refcount1 < refcount2:
+                self.res.corruptions += 1
+            else:
+                self.res.leaks += 1
+        return rebuild, highest
+
+    def _signal_corruption(self, err: CorruptImageError) -> None:
+        self.c.signal_corruption(err.message, self.res)
+
+    # Section: rebuilding the refcount structure
+
+    def alloc_imrt(self, count: int, first_free: list[int]) -> int:
+        """QEMU's ``alloc_clusters_imrt``: first fit of ``count`` free clusters in the IMRT."""
+        imrt = self.imrt
+        cluster = first_free[0]
+        first_gap = True
+        contiguous = 0
+        while cluster < self.nb_clusters and contiguous < count:
+            if not imrt[cluster]:
+                contiguous += 1
+                if first_gap:
+                    first_free[0] = cluster
+                    first_gap = False
+            elif contiguous:
+                contiguous = 0
+            cluster += 1
+        if contiguous < count:
+            self.grow(cluster + count - contiguous)
+            self.nb_clusters = cluster + count - contiguous
+        cluster -= contiguous
+        for k in range(cluster, cluster + count):
+            imrt[k] = 1
+        return cluster << self.c.cluster_bits
+
+    def _refblock_bytes(self, index: int) -> bytes:
+        """The IMRT slice that is refblock ``index``, in the on-disk encoding."""
+        c = self.c
+        per_block = 1 << c.refblock_bits
+        start = index * per_block
+        values = list(self.imrt[start : start + per_block])
+        values += [0] * (per_block - len(values))
+        bits = c.refcount_bits
+        if bits >= 8:
+            fmt = {8: "B", 16: "H", 32: "I", 64: "Q"}[bits]
+            return struct.pack(f">{per_block}{fmt}", *values)
+        block = bytearray(c.cluster_size)
+        for k, v in enumerate(values):
+            if v:
+                write_refcount(block, k, bits, v)
+        return bytes(block)
+
+    def _write_refblocks(self, first: int, end: int, reftable: list[int]) -> bool:
+        """QEMU's ``rebuild_refcounts_write_refblocks``; returns whether ``reftable`` grew."""
+        c = self.c
+        per_block = 1 << c.refblock_bits
+        first_free = [0]
+        grown = False
+        cluster = first
+        while cluster < end:
+            if cluster >= len(self.imrt) or not self.imrt[cluster]:
+                cluster += 1
+                continue
+            index = cluster >> c.refblock_bits
+            start = index * per_block
+            if index < len(reftable) and reftable[index]:
+                block_offset = reftable[index]
+            else:
+                first_free[0] = max(first_free[0], start)
+                block_offset = self.alloc_imrt(1, first_free)
+                if block_offset >> c.cluster_bits >= end:
+                    end = (block_offset >> c.cluster_bits) + 1
+                if len(reftable) <= index:
+                    entries = layout.align_up((index + 1) * 8, c.cluster_size) // 8
+                    reftable.extend([0] * (entries - len(reftable)))
+                    grown = True
+                reftable[index] = block_offset
+            c.checked_write(
+                block_offset, self._refblock_bytes(index), self.res, "ERROR writing refblock"
+            )
+            cluster = start + per_block
+        return grown
+
+    def rebuild(self) -> None:
+        """QEMU's ``rebuild_refcount_structure``: new refblocks and reftable from the IMRT,
+        at fresh locations; the old structure becomes leaks."""
+        c = self.c
+        reftable: list[int] = []
+        self._write_refblocks(0, self.nb_clusters, reftable)
+        while True:
+            length = len(reftable) * 8
+            clusters = layout.size_to_clusters(c.cluster_size, length)
+            reftable_offset = self.alloc_imrt(clusters, [0])
+            start = reftable_offset >> c.cluster_bits
+            if not self._write_refblocks(start, start + clusters, reftable):
+                break
+        data = struct.pack(f">{len(reftable)}Q", *reftable)
+        c.checked_write(reftable_offset, data, self.res, "ERROR writing reftable")
+        c.f.flush()
+        write_header_fields(
+            c.f, refcount_table_offset=reftable_offset, refcount_table_clusters=clusters
+        )
+        c.f.flush()
+        c.h.refcount_table_offset = reftable_offset
+        c.h.refcount_table_clusters = clusters
+        c.reftable = reftable
+        c.refblock_cache.clear()
+        c._refresh_file_len()
+
+
+class _CheckFailed(Exception):
+    """The check cannot complete; ``errno`` names why (qemu-img's "Check failed: ...")."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+def _itemsize(c: _Checker) -> int:
+    return array(_ARRAY_CODES[c.refcount_bits]).itemsize
+
+
+def _check_refcounts(c: _Checker, res: CheckResult) -> None:
+    """QEMU's ``qcow2_check_refcounts`` (refcounts, then COPIED flags)."""
+    nb_clusters = layout.size_to_clusters(c.cluster_size, c.file_len)
+    if nb_clusters > _INT_MAX:
+        res.check_errors += 1
+        raise _CheckFailed(errno.EFBIG)
+    res.total_clusters = layout.size_to_clusters(c.cluster_size, c.h.size // 512 * 512)
+    p = _Pass(c, res, nb_clusters)
+    rebuild = p.calculate()
+    pre_compare = _snapshot_counts(res)
+    rebuild2, highest = p.compare(0)
+    rebuild = rebuild or rebuild2
+    if rebuild and c.fix & FIX_ERRORS:
+        old = _snapshot_counts(res)
+        p.msg("Rebuilding refcount structure")
+        try:
+            p.rebuild()
+        except Qcow2IOError as err:
+            p.msg(f"qemu-img: ERROR writing refblock: {os.strerror(err.errno)}")
+            res.check_errors += 1
+            raise _CheckFailed(err.errno) from err
+        res.corruptions = 0
+        res.leaks = 0
+        res.allocated_clusters = res.fragmented_clusters = res.compressed_clusters = 0
+        nb = p.nb_clusters
+        saved_fix = c.fix
+        c.fix = 0
+        p2 = _Pass(c, res, nb)
+        p2.calculate()
+        c.fix = saved_fix
+        fresh_leaks = 0
+        if c.fix & FIX_LEAKS:
+            saved = _snapshot_counts(res)
+            _restore_counts(res, (0, 0, 0, 0, 0))
+            still_broken, highest = p2.compare(FIX_LEAKS)
+            if still_broken:
+                p2.msg("ERROR rebuilt refcount structure is still broken")
+            fresh_leaks = res.leaks
+            _restore_counts(res, saved)
+        if res.corruptions < old[1]:
+            res.corruptions_fixed += old[1] - res.corruptions
+        if res.leaks < old[2]:
+            res.leaks_fixed += old[2] - res.leaks
+        res.leaks += fresh_leaks
+    elif c.fix:
+        if rebuild:
+            p.msg("ERROR need to rebuild refcount structures")
+            res.check_errors += 1
+            raise _CheckFailed(errno.EIO)
+        if res.leaks or res.corruptions:
+            _restore_counts(res, pre_compare)
+            _, highest = p.compare(c.fix)
+    _check_oflag_copied(c, res)
+    res.image_end_offset = (highest + 1) * c.cluster_size
+
+
+def _snapshot_counts(res: CheckResult) -> tuple[int, int, int, int, int]:
+    return (
+        res.check_errors,
+        res.corruptions,
+        res.leaks,
+        res.corruptions_fixed,
+        res.leaks_fixed,
+    )
+
+
+def _restore_counts(res: CheckResult, counts: tuple[int, int, int, int, int]) -> None:
+    (
+        res.check_errors,
+        res.corruptions,
+        res.leaks,
+        res.corruptions_fixed,
+        res.leaks_fixed,
+    ) = counts
+
+
+def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
+    """QEMU's ``check_oflag_copied`` over the active L1 and its L2 tables."""
+    if c.fix & FIX_ERRORS:
+        repair = True
+    elif c.fix & FIX_LEAKS:
+        repair = not res.check_errors and not res.corruptions and not res.leaks
+    else:
+        repair = False
+    label = "Repairing" if repair else "ERROR"
+    step = 2 if c.extended_l2 else 1
+    n = c.cluster_size // 8
+    for i, l1_entry in enumerate(c.l1_table):
+        l2_offset = l1_entry & layout.L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        try:
+            refcount = c.get_refcount(l2_offset >> c.cluster_bits)
+        except CorruptImageError:
+            continue
+        if (refcount == 1) != bool(l1_entry & layout.OFLAG_COPIED):
+            res.corruptions += 1
+            res.messages.append(
+                f"{label} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1_entry:x} "
+                f"refcount={refcount}"
+            )
+            if repair:
+                new = (
+                    l1_entry | layout.OFLAG_COPIED
+                    if refcount == 1
+                    else l1_entry & ~layout.OFLAG_COPIED
+                )
+                c.l1_table[i] = new
+                c.f.pwrite(c.h.l1_table_offset + i * 8, struct.pack(">Q", new))
+                c.f.flush()
+                res.corruptions -= 1
+                res.corruptions_fixed += 1
+        words = list(struct.unpack(f">{n}Q", c.f.pread(l2_offset, c.cluster_size)))
+        dirty = 0
+        for j in range(0, n, step):
+            entry = words[j]
+            if not entry or entry & layout.OFLAG_COMPRESSED:
+                continue
+            if entry & layout.OFLAG_ZERO and not c.extended_l2:
+                if not entry & layout.L2E_OFFSET_MASK:
+                    continue
+            elif not entry & layout.L2E_OFFSET_MASK and not (
+                c.has_data_file and entry & layout.OFLAG_COPIED
+            ):
+                continue
+            if c.has_data_file:
+                refcount = 1
+            else:
+                try:
+                    refcount = c.get_refcount((entry & layout.L2E_OFFSET_MASK) >> c.cluster_bits)
+                except CorruptImageError:
+                    continue
+            if (refcount == 1) != bool(entry & layout.OFLAG_COPIED):
+                res.corruptions += 1
+                res.messages.append(
+                    f"{label} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
+                )
+                if repair:
+                    words[j] = (
+                        entry | layout.OFLAG_COPIED
+                        if refcount == 1
+                        else entry & ~layout.OFLAG_COPIED
+                    )
+                    dirty += 1
+        if dirty:
+            c.f.pwrite(l2_offset, struct.pack(f">{n}Q", *words))
+            res.corruptions -= dirty
+            res.corruptions_fixed += dirty
+
+
+def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
+    """QEMU's ``qcow2_check_read_snapshot_table`` (the open in check mode skips it)."""
+    h = c.h
+    nb = h.nb_snapshots
+    entry_size = layout.SNAPSHOT_HEADER_STRUCT.size
+    if nb > layout.MAX_SNAPSHOTS:
+        res.check_errors += 1
+        res.messages.append("ERROR snapshot table too large")
+        raise _CheckFailed(errno.EFBIG)
+    if (1 << 63) - 1 - nb * entry_size < h.snapshots_offset or h.snapshots_offset & (
+        c.cluster_size - 1
+    ):
+        res.check_errors += 1
+        res.messages.append("ERROR snapshot table offset invalid")
+        raise _CheckFailed(errno.EINVAL)
+    try:
+        c.snapshots = read_snapshot_table(
+            c.f,
+            h.snapshots_offset,
+            nb,
+            path=None,
+            version=h.version,
+            virtual_size=h.size // 512 * 512,
+        )
+    except CorruptImageError as err:
+        res.check_errors += 1
+        text = err.message.split(" (", 1)[0]
+        res.messages.append(f"ERROR failed to read the snapshot table: {text}")
+        if text.startswith("Too much extra metadata"):
+            res.messages.append(
+                "You can force-remove this extra metadata with qemu-img check -r all"
+            )
+        raise _CheckFailed(errno.EFBIG) from err
+    c.snapshots_offset = h.snapshots_offset
+    c.snapshots_size = _stored_table_length(c.snapshots)
+    for i in incomplete_entries(c.snapshots, h.version):
+        res.corruptions += 1
+        res.messages.append(
+            f"{'Repairing' if c.fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} "
+            "is incomplete"
+        )
+
+
+def _stored_table_length(entries: list[SnapshotEntry]) -> int:
+    """Exact byte length of a snapshot table as stored (entries with their own extra size)."""
+    length = 0
+    for e in entries:
+        length = layout.align_up(length, 8)
+        length += layout.SNAPSHOT_HEADER_STRUCT.size + e.extra_data_size
+        length += len(e.id.encode("utf-8", "surrogateescape"))
+        length += len(e.name.encode("utf-8", "surrogateescape"))
+    return length
+
+
+def _alloc_on_disk(c: _Checker, size: int) -> int:
+    """First-fit allocation of ``size`` bytes using the stored refcounts (refcount := 1).
+
+    Only clusters covered by existing refcount blocks are used; raises _CheckFailed(ENOSPC)
+    if none fit (the image is left as it was)."""
+    count = layout.size_to_clusters(c.cluster_size, size)
+    covered = len(c.reftable) << c.refblock_bits
+    run = 0
+    for cluster in range(1, covered):
+        index = cluster >> c.refblock_bits
+        if not c.reftable[index] & layout.REFT_OFFSET_MASK:
+            run = 0
+            continue
+        run = run + 1 if c.get_refcount(cluster) == 0 else 0
+        if run == count:
+            first = cluster - count + 1
+            for k in range(first, cluster + 1):
+                c.set_refcount(k, 1)
+            return first << c.cluster_bits
+    raise _CheckFailed(errno.ENOSPC)
+
+
+def _fix_snapshot_table(c: _Checker, res: CheckResult) -> None:
+    """QEMU's ``qcow2_check_fix_snapshot_table``: rewrite the table at a new location."""
+    if not (res.corruptions and c.fix & FIX_ERRORS):
+        return
+    data = serialize_snapshot_table(c.snapshots, c.h.version)
+    assert len(data) == table_length(c.snapshots)
+    try:
+        offset = _alloc_on_disk(c, len(data))
+        c.f.flush()
+        c.f.pwrite(offset, data)
+        c.f.flush()
+        write_header_fields(c.f, nb_snapshots=len(c.snapshots), snapshots_offset=offset)
+        c.f.flush()
+    except (_CheckFailed, Qcow2IOError) as err:
+        res.check_errors += 1
+        res.messages.append(f"ERROR failed to update snapshot table: {err}")
+        raise _CheckFailed(errno.EIO) from err
+    old_first = c.snapshots_offset >> c.cluster_bits
+    old_last = (c.snapshots_offset + c.snapshots_size - 1) >> c.cluster_bits
+    if c.snapshots_size:
+        for k in range(old_first, old_last + 1):
+            current = c.get_refcount(k)
+            if current:
+                c.set_refcount(k, current - 1)
+    c.snapshots_offset = offset
+    c.snapshots_size = len(data)
+    c.h.snapshots_offset = offset
+    res.corruptions_fixed += res.corruptions
+    res.corruptions = 0
+
+
+def _one_pass(f: HostFile, header: Header, fix: int, filename: str) -> CheckResult:
+    """QEMU's ``qcow2_co_check_locked``: one check (and repair) pass."""
+    c = _Checker(f, header, fix)
+    snapshot_res = CheckResult(filename)
+    refcount_res = CheckResult(filename)
+    result = CheckResult(filename)
+    try:
+        _check_read_snapshot_table(c, snapshot_res)
+    except _CheckFailed as err:
+        result.add(snapshot_res, with_frag_info=False)
+        result.error = str(err)
+        return result
+    try:
+        _check_refcounts(c, refcount_res)
+    except _CheckFailed as err:
+        result.add(refcount_res, with_frag_info=True)
+        result.add(snapshot_res, with_frag_info=False)
+        result.error = str(err)
+        return result
+    result.add(refcount_res, with_frag_info=True)
+    try:
+        _fix_snapshot_table(c, snapshot_res)
+    except _CheckFailed as err:
+        result.add(snapshot_res, with_frag_info=False)
+        result.error = str(err)
+        return result
+    result.add(snapshot_res, with_frag_info=False)
+    if fix and not result.check_errors and not result.corruptions:
+        features = header.incompatible_features & ~(layout.INCOMPAT_DIRTY | layout.INCOMPAT_CORRUPT)
+        if header.version >= 3 and features != header.incompatible_features:
+            f.flush()
+            write_header_fields(f, incompatible_features=features)
+            f.flush()
+            header.incompatible_features = features
+    return result
+
+
+def check_file(
+    f: HostFile, header: Header, repair: str | None = None, *, filename: str | None = None
+) -> CheckResult:
+    """Check (and with ``repair`` "leaks"/"all", repair) the image open as ``f``.
+
+    Returns what ``qemu-img check [-r ...]`` reports: after a repair that fixed something,
+    the image is checked again and the result of that second pass is returned with the
+    fixed counts of the first (``repaired`` is then True, ``messages`` holds both passes).
+    """
+    if repair not in REPAIR_MODES:
+        raise ValueError(f"invalid repair mode {repair!r} (expected 'leaks' or 'all')")
+    fix = REPAIR_MODES[repair]
+    if fix and not f.writable:
+        raise ReadOnlyError("repair needs an image opened for writing", path=f.path)
+    name = filename if filename is not None else f.path
+    first = _guarded_pass(f, header, fix, name)
+    if first.error is None and (first.corruptions_fixed or first.leaks_fixed):
+        f.flush()
+        fresh = read_header(f)
+        second = _guarded_pass(f, fresh, 0, name)
+        second.messages[:0] = first.messages
+        second.corruptions_fixed = first.corruptions_fixed
+        second.leaks_fixed = first.leaks_fixed
+        second.repaired = True
+        for attr in Header.__dataclass_fields__:
+            setattr(header, attr, getattr(fresh, attr))
+        return second
+    if fix:
+        f.flush()
+    return first
+
+
+def _guarded_pass(f: HostFile, header: Header, fix: int, filename: str) -> CheckResult:
+    """One pass; host I/O failures end it as "Check failed" instead of propagating."""
+    try:
+        return _one_pass(f, header, fix, filename)
+    except Qcow2IOError as err:
+        res = CheckResult(filename, check_errors=1, error=os.strerror(err.errno))
+        res.messages.append(f"ERROR: {err.message}")
+        return res
+
+
+def check_image(image: Any, repair: str | None = None) -> CheckResult:
+    """``Image.check()``: check the open ``image`` (its host file and parsed header)."""
+    f: HostFile = image.file
+    header: Header = image.header
+    return check_file(f, header, repair, filename=image.path)
+
+
+def repair_image_file(f: HostFile, header: Header) -> CheckResult:
+    """Repair everything fixable (``check -r all``), e.g. a dirty image on writable open.
+
+    This is what QEMU does when it opens an image with the dirty bit read-write; the dirty
+    bit is cleared on success.  ``header`` is updated to the repaired image's header.
+    """
+    return check_file(f, header, "all")
