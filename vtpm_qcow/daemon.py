@@ -1,0 +1,562 @@
+"""The mount daemon: ``vtpm-qcow mount``, ``serve`` and ``umount``.
+
+``mount IMAGE MOUNTPOINT`` opens the store (taking the image's QEMU-compatible lock), mounts
+its file view or dir view (:mod:`vtpm_qcow.fuse_export`) and serves the control socket
+(:mod:`vtpm_qcow.control`).  Without ``--foreground`` it detaches and the command returns
+only once the mount and the socket are usable (the daemon reports readiness, or its error,
+through a pipe).  SIGTERM/SIGINT, ``vtpm-qcow umount`` or ``fusermount3 -u`` commit buffered
+writes, unmount, close the image (releasing its lock) and remove the socket and pid file.
+A daemon killed with -9 leaves the image consistent (every commit is atomic) and the
+mount point needing ``fusermount3 -u``.
+
+``serve IMAGE --ctrl SOCKET`` does the same on a private mount point and runs
+``swtpm socket --ctrl type=unixio,path=SOCKET`` on it for QEMU's ``-chardev socket``.
+swtpm exits when QEMU quits; serve then unmounts and exits, or with ``--keep-serving``
+starts a fresh swtpm for the next QEMU run.
+
+Test hook: with ``$VTPM_QCOW_WRITE_LOG`` set, the daemon appends every write, flush and
+truncate of the image file and every commit point to that file (:func:`read_write_log`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyfuse3
+import trio
+
+from qcow2.errors import Qcow2Error
+from qcow2.fileio import HostFile, WriteEvent
+
+from .control import ControlServer, pid_path_for, runtime_dir, socket_path_for, store_handlers
+from .errors import StoreError, VtpmQcowError
+from .fuse_export import STATE_FILE_NAME, StoreFS, make_fs, mount_options
+
+if TYPE_CHECKING:
+    from .store import Store
+    from .swtpm import Swtpm
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("file", "dir")
+WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
+#: Seconds between checks that serve's swtpm still runs.
+SWTPM_POLL_INTERVAL = 0.2
+#: Seconds ``umount`` waits for the daemon to exit.
+UMOUNT_TIMEOUT = 30.0
+
+
+@dataclass
+class MountConfig:
+    """What one daemon serves and where."""
+
+    image: str
+    mountpoint: str
+    view: str = "file"
+    control: str | None = None
+    pid_file: str | None = None
+    #: run store calls in worker threads (see StoreFS)
+    threaded: bool = True
+
+    @property
+    def control_path(self) -> Path:
+        """The control socket (the image's default one unless given)."""
+        return Path(self.control) if self.control else socket_path_for(self.image)
+
+    @property
+    def pid_path(self) -> Path:
+        """The pid file (the image's default one unless given)."""
+        return Path(self.pid_file) if self.pid_file else pid_path_for(self.image)
+
+
+@dataclass
+class SwtpmConfig:
+    """The swtpm that ``serve`` runs on the mount."""
+
+    ctrl: str
+    flags: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    tpm2: bool = True
+    keep_serving: bool = False
+    #: filled in while running
+    instances: list[Swtpm] = field(default_factory=list)
+
+
+# Section: the write log (crash tests)
+
+_RECORD = struct.Struct(">cQI")  # kind, offset, length of the data that follows
+_KINDS = {"write": b"W", "flush": b"F", "truncate": b"T", "commit": b"C"}
+
+
+class WriteLog:
+    """Appends image mutations and commit points to a file (``$VTPM_QCOW_WRITE_LOG``)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def record(self, kind: str, offset: int = 0, data: bytes = b"") -> None:
+        """Append one record (written at once, so a killed daemon leaves whole records)."""
+        os.write(self.fd, _RECORD.pack(_KINDS[kind], offset, len(data)) + data)
+
+    def observe(self, event: WriteEvent) -> None:
+        """A :class:`HostFile` observer."""
+        self.record(event.kind, event.offset, event.data)
+
+
+def read_write_log(path: str | os.PathLike[str]) -> list[tuple[str, int, bytes]]:
+    """The records of a write log: ``(kind, offset, data)``, kind as in :class:`WriteEvent`
+    or ``"commit"`` (data: the view)."""
+    names = {v: k for k, v in _KINDS.items()}
+    raw = Path(path).read_bytes()
+    records, pos = [], 0
+    while pos + _RECORD.size <= len(raw):
+        kind, offset, length = _RECORD.unpack_from(raw, pos)
+        pos += _RECORD.size
+        records.append((names[kind], offset, raw[pos : pos + length]))
+        pos += length
+    return records
+
+
+def _host_files(obj: object, depth: int = 4, seen: set[int] | None = None) -> Iterator[HostFile]:
+    """Every HostFile reachable from ``obj``'s attributes (the store's image file)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, HostFile):
+        yield obj
+        return
+    for value in getattr(obj, "__dict__", {}).values():
+        if not isinstance(value, str | bytes | int | float | dict | list | tuple):
+            yield from _host_files(value, depth - 1, seen)
+
+
+def _attach_write_log(store: Store, fs: StoreFS, path: str) -> None:
+    write_log = WriteLog(path)
+    files = [f for f in _host_files(store) if f.writable]
+    if not files:
+        raise StoreError(f"{store.path}: no image file found to record the write log of")
+    for host_file in files:
+        host_file.observers.append(write_log.observe)
+    fs.commit_observers.append(lambda view: write_log.record("commit", 0, view.encode()))
+
+
+# Section: running a mount
+
+
+def _open_store(image: str) -> Store:
+    from .store import Store  # the store module is the layer this daemon serves
+
+    if not os.path.exists(image):
+        raise StoreError(f"{image}: no such image")
+    return Store.open(image, writable=True)
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    try:
+        st = os.stat(mountpoint)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            raise StoreError(
+                f"{mountpoint}: stale FUSE mount of a dead daemon (run fusermount3 -u)"
+            ) from err
+        raise StoreError(f"{mountpoint}: mount point unusable: {err.strerror}") from err
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{mountpoint}: mount point is not a directory")
+    if os.path.ismount(mountpoint):
+        raise StoreError(f"{mountpoint}: something is already mounted there")
+
+
+def _write_pid_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    tmp.replace(path)
+
+
+def run_mount(
+    config: MountConfig,
+    *,
+    on_ready: Callable[[], None] = lambda: None,
+    swtpm: SwtpmConfig | None = None,
+) -> None:
+    """Serve ``config`` until a signal or an unmount; ``on_ready`` once it is usable.
+
+    Raises :class:`VtpmQcowError`/:class:`Qcow2Error` for what prevents serving (image locked
+    or corrupt, bad mount point, swtpm failing).
+    """
+    if config.view not in VIEWS:
+        raise StoreError(f"{config.image}: unknown view {config.view!r} (file or dir)")
+    mountpoint = os.path.abspath(config.mountpoint)
+    _check_mountpoint(mountpoint)
+    store = _open_store(config.image)
+    try:
+        fs = make_fs(store, config.view, threaded=config.threaded)
+        write_log = os.environ.get(WRITE_LOG_ENV)
+        if write_log:
+            _attach_write_log(store, fs, write_log)
+        try:
+            pyfuse3.init(fs, mountpoint, mount_options(os.path.abspath(config.image)))
+        except RuntimeError as err:
+            raise StoreError(f"{mountpoint}: cannot mount: {err}") from err
+        try:
+            trio.run(_serve, fs, config, mountpoint, on_ready, swtpm)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        store.close()
+        with contextlib.suppress(OSError):
+            if config.pid_path.read_text().strip() == str(os.getpid()):
+                config.pid_path.unlink()
+
+
+async def _serve(
+    fs: StoreFS,
+    config: MountConfig,
+    mountpoint: str,
+    on_ready: Callable[[], None],
+    swtpm: SwtpmConfig | None,
+) -> None:
+    def describe() -> dict[str, Any]:
+        return {
+            "image": os.path.abspath(config.image),
+            "mountpoint": mountpoint,
+            "pid": os.getpid(),
+            "swtpm_pid": swtpm.instances[-1].pid if swtpm and swtpm.instances else None,
+        }
+
+    server = ControlServer(config.control_path, store_handlers(fs, describe))
+    await server.bind()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signals, swtpm)
+            nursery.start_soon(server.serve)
+            nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            if swtpm is not None:
+                await nursery.start(_run_swtpm, swtpm, fs.namespace.view, mountpoint)
+            _write_pid_file(config.pid_path)
+            on_ready()
+            log.info("serving %s on %s (%s view)", config.image, mountpoint, config.view)
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop_swtpm(swtpm)  # normally done already, while the mount still served
+            # Buffered writes were never committed by their writer; keep them anyway.
+            await fs.flush_all()
+            server.close()
+
+
+async def _run_fuse(scope: trio.CancelScope) -> None:
+    """pyfuse3's loop; it returns on terminate() or an external unmount: stop the rest."""
+    await pyfuse3.main()
+    scope.cancel()
+
+
+async def _stop_swtpm(swtpm: SwtpmConfig | None) -> None:
+    """Stop serve's swtpm (its last writes need the mount, so before unmounting)."""
+    if swtpm is not None and swtpm.instances:
+        swtpm.keep_serving = False
+        await trio.to_thread.run_sync(swtpm.instances[-1].stop)
+
+
+async def _stop_on_signals(swtpm: SwtpmConfig | None) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            await _stop_swtpm(swtpm)
+            pyfuse3.terminate()
+            return
+
+
+def swtpm_tpmstate(view: str, mountpoint: str) -> str:
+    """swtpm's ``--tpmstate`` argument for a mount of ``view`` at ``mountpoint``."""
+    if view == "dir":
+        return f"dir={mountpoint}"
+    return f"backend-uri=file://{mountpoint}/{STATE_FILE_NAME}"
+
+
+async def _run_swtpm(
+    config: SwtpmConfig,
+    view: str,
+    mountpoint: str,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run swtpm on the mount; when it exits stop serving, or restart it (keep_serving)."""
+    from .swtpm import Swtpm
+
+    workdir = runtime_dir() / f"swtpm-{os.getpid()}"
+    tpmstate = swtpm_tpmstate(view, mountpoint)
+    started = False
+    while True:
+        # Blocking start in a thread: swtpm reads its state through this very event loop.
+        instance = await trio.to_thread.run_sync(
+            lambda: Swtpm.start(
+                tpmstate,
+                workdir,
+                ctrl=config.ctrl,
+                tpm2=config.tpm2,
+                flags=config.flags,
+                options=config.options,
+            )
+        )
+        config.instances.append(instance)
+        if not started:
+            task_status.started()
+            started = True
+        while instance.proc.poll() is None:
+            await trio.sleep(SWTPM_POLL_INTERVAL)
+        log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
+        if not config.keep_serving:
+            pyfuse3.terminate()
+            return
+
+
+# Section: detaching
+
+
+def daemonize(run: Callable[[Callable[[], None]], None], log_file: str | None) -> int:
+    """Run ``run(on_ready)`` in a detached child; return once it is ready (0) or failed (1).
+
+    The child reports ``ok`` or its one-line error through a pipe; the parent prints the
+    error.  A child that dies without a word is reported too.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            message = reader.readline().decode(errors="replace").strip()
+        if message == "ok":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        if not message:
+            message = f"mount daemon exited before it was ready (status {status})"
+        print(f"vtpm-qcow: {message}", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    pipe = _ReadyPipe(write_end)
+    code = 0
+    try:
+        os.setsid()
+        _redirect_stdio(log_file)
+        run(pipe.ready)
+    except (VtpmQcowError, Qcow2Error) as err:
+        log.error("%s", err)
+        pipe.report(str(err))
+        code = 1
+    except BaseException as err:
+        log.exception("mount daemon failed")
+        pipe.report(f"mount daemon failed: {err!r}")
+        code = 1
+    finally:
+        pipe.report("mount daemon exited")
+        logging.shutdown()
+        os._exit(code)
+
+
+class _ReadyPipe:
+    """The child's end of the readiness pipe: one message ("ok" or an error), then closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def report(self, message: str) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, message.encode() + b"\n")
+            os.close(self.fd)
+            self.fd = None
+
+    def ready(self) -> None:
+        self.report("ok")
+
+
+def _redirect_stdio(log_file: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+
+
+# Section: commands
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s vtpm-qcow[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--view", choices=VIEWS, default="file", help="file (default) or dir")
+    parser.add_argument("--control", metavar="SOCKET", help="control socket path")
+    parser.add_argument("--pid-file", metavar="FILE", help="pid file path")
+    parser.add_argument("--foreground", "-f", action="store_true", help="do not detach")
+    parser.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _start(args: argparse.Namespace, config: MountConfig, swtpm: SwtpmConfig | None) -> int:
+    def run(on_ready: Callable[[], None]) -> None:
+        _setup_logging(args.verbose)
+        run_mount(config, on_ready=on_ready, swtpm=swtpm)
+
+    if args.foreground:
+        _setup_logging(args.verbose)
+        run_mount(config, swtpm=swtpm)
+        return 0
+    return daemonize(run, args.log)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """``vtpm-qcow mount IMAGE MOUNTPOINT``."""
+    config = MountConfig(args.image, args.mountpoint, args.view, args.control, args.pid_file)
+    return _start(args, config, None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``vtpm-qcow serve IMAGE --ctrl SOCKET``."""
+    mountpoint = args.mountpoint
+    made = False
+    if mountpoint is None:
+        mountpoint = os.fspath(runtime_dir() / f"mnt-{os.getpid()}")
+        os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+        made = True
+    config = MountConfig(args.image, mountpoint, args.view, args.control, args.pid_file)
+    swtpm = SwtpmConfig(
+        ctrl=os.path.abspath(args.ctrl),
+        flags=tuple(f for f in (args.swtpm_flags or "").split(",") if f),
+        options=tuple(args.swtpm_option or ()),
+        tpm2=not args.tpm12,
+        keep_serving=args.keep_serving,
+    )
+
+    def run(on_ready: Callable[[], None]) -> None:
+        _setup_logging(args.verbose)
+        try:
+            run_mount(config, on_ready=on_ready, swtpm=swtpm)
+        finally:
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(mountpoint)
+
+    if args.foreground:
+        run(lambda: None)
+        return 0
+    code = daemonize(run, args.log)
+    if code and made:
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
+    return code
+
+
+def _mount_source(mountpoint: str) -> str | None:
+    """The source (image path) of our FUSE mount at ``mountpoint``, None if not mounted."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            source, where, fstype = line.split()[:3]
+            where = where.encode().decode("unicode_escape")
+            if where == target and fstype.startswith("fuse"):
+                return source.encode().decode("unicode_escape")
+    return None
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """``vtpm-qcow umount MOUNTPOINT``: unmount and wait until the daemon has exited."""
+    source = _mount_source(args.mountpoint)
+    if source is None:
+        raise StoreError(f"{args.mountpoint}: not a FUSE mount point")
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_path_for(source).read_text().strip())
+    done = subprocess.run(
+        ["fusermount3", "-u", args.mountpoint], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1:] or [f"status {done.returncode}"]
+        raise StoreError(f"{args.mountpoint}: unmount failed: {reason[0]}")
+    if pid is not None and not _wait_exit(pid, UMOUNT_TIMEOUT):
+        raise StoreError(f"{args.mountpoint}: daemon {pid} still running after unmount")
+    return 0
+
+
+def add_mount_commands(subparsers: Any) -> None:
+    """Register ``mount``, ``serve`` and ``umount`` on the CLI's subparsers.
+
+    Each sets ``func``: called with the parsed arguments, returns the exit status and
+    raises :class:`VtpmQcowError`/:class:`Qcow2Error` with a one-line message on failure.
+    """
+    mount = subparsers.add_parser("mount", help="mount a vTPM image (file or dir view)")
+    mount.add_argument("image", help="the vTPM qcow2 image")
+    mount.add_argument("mountpoint", help="an existing directory")
+    _add_common(mount)
+    mount.set_defaults(func=cmd_mount)
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="mount a vTPM image and run swtpm on it for QEMU",
+        description="Runs swtpm socket --ctrl type=unixio,path=SOCKET on a private mount of "
+        "IMAGE; give QEMU -chardev socket,path=SOCKET.  Exits when swtpm exits (QEMU quit) "
+        "unless --keep-serving.",
+    )
+    serve.add_argument("image", help="the vTPM qcow2 image")
+    serve.add_argument("--ctrl", required=True, metavar="SOCKET", help="swtpm control socket")
+    serve.add_argument("--mountpoint", help="where to mount (default: a private directory)")
+    serve.add_argument("--keep-serving", action="store_true", help="restart swtpm when it exits")
+    serve.add_argument("--tpm12", action="store_true", help="run a TPM 1.2 (default TPM 2.0)")
+    serve.add_argument("--swtpm-flags", metavar="F,F", help="swtpm --flags (e.g. startup-clear)")
+    serve.add_argument(
+        "--swtpm-option", action="append", metavar="ARG", help="extra swtpm argument"
+    )
+    _add_common(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    umount = subparsers.add_parser("umount", help="unmount a vTPM image mount")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(func=cmd_umount)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vtpm_qcow.daemon mount|serve|umount ...`` (same as the CLI's commands)."""
+    parser = argparse.ArgumentParser(prog="vtpm-qcow")
+    add_mount_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (VtpmQcowError, Qcow2Error) as err:
+        print(f"vtpm-qcow: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
