@@ -1,0 +1,127 @@
+"""Import and export of plain swtpm state: a dir backend directory or a linear file.
+
+A directory holds ``tpm2-00.permall``, ``tpm2-00.volatilestate``, ``tpm2-00.savestate``
+(``tpm-00.*`` for a TPM 1.2); a linear file is what ``backend-uri=file://`` uses.  Both
+become the store's linear layout; an import replaces the whole state in one atomic commit.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Final
+
+from . import linear
+from .errors import StateFormatError, StoreError
+from .store import Store
+
+#: Largest plain state file read (swtpm's states are tens of KiB; this bounds memory).
+MAX_STATE_FILE: Final = 64 * 1024 * 1024
+
+
+def _read_bounded(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_STATE_FILE:
+            raise StateFormatError(f"{path}: {size} bytes, too large for TPM state")
+        return path.read_bytes()
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read: {err.strerror}") from err
+
+
+def layout_from_dir(directory: Path) -> tuple[bytes, bool]:
+    """The linear layout of a dir backend's state files, and whether they are TPM 2.0."""
+    found: dict[bool, dict[str, Path]] = {True: {}, False: {}}
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as err:
+        raise StoreError(f"{directory}: cannot list: {err.strerror}") from err
+    for name in names:
+        parsed = linear.section_of_file_name(name)
+        if parsed is not None:
+            section, tpm2 = parsed
+            found[tpm2][section] = directory / name
+    if found[True] and found[False]:
+        raise StateFormatError(f"{directory}: holds both TPM 1.2 and TPM 2.0 state files")
+    tpm2 = bool(found[True])
+    files = found[tpm2]
+    if "permall" not in files:
+        raise StateFormatError(f"{directory}: no tpm2-00.permall or tpm-00.permall")
+    data = linear.empty_layout()
+    for section in linear.SECTION_NAMES:  # slot order: permall first
+        if section in files:
+            blob = _read_bounded(files[section])
+            if not blob:
+                raise StateFormatError(f"{files[section]}: empty state file")
+            update = linear.store_section(data, section, blob, source=str(files[section]))
+            data = linear.apply_update(data, update)
+    return data, tpm2
+
+
+def layout_from_file(path: Path) -> bytes:
+    """A linear state file's bytes up to the end of its last section, validated."""
+    data = _read_bounded(path)
+    header = linear.parse_header(data, source=str(path))
+    if header.slot("permall").allocated is False:
+        raise StateFormatError(f"{path}: linear file holds no permall section")
+    return data[: header.end]
+
+
+def import_state(store: Store, source: str | os.PathLike[str]) -> dict[str, int]:
+    """Replace the store's state with a dir or linear file's; returns section sizes."""
+    path = Path(source)
+    if path.is_dir():
+        data, _tpm2 = layout_from_dir(path)
+    elif path.exists():
+        data = layout_from_file(path)
+    else:
+        raise StoreError(f"{path}: no such file or directory")
+    store.replace_layout(data, source=str(path))
+    return {name: info.size for name, info in store.sections().items()}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_state(
+    store: Store, target: str | os.PathLike[str], *, as_dir: bool | None = None, tpm2: bool = True
+) -> dict[str, int]:
+    """Write the store's state as a dir backend directory or a linear file.
+
+    ``as_dir=None`` decides by the target: an existing directory (or a path ending in
+    ``/``) gets state files, anything else a linear file.  Returns section sizes.
+    """
+    path = Path(target)
+    if as_dir is None:
+        as_dir = path.is_dir() or str(target).endswith("/")
+    layout = store.layout()
+    if not layout:
+        raise StoreError(f"{store.path}: holds no TPM state to export")
+    sections = {name: linear.read_section(layout, name) for name in linear.SECTION_NAMES}
+    try:
+        if as_dir:
+            path.mkdir(parents=True, exist_ok=True)
+            for name, blob in sections.items():
+                file = path / linear.dir_file_name(name, tpm2=tpm2)
+                if blob is None:
+                    file.unlink(missing_ok=True)
+                else:
+                    _write_atomically(file, blob)
+        else:
+            _write_atomically(path, layout)
+    except OSError as err:
+        raise StoreError(f"{path}: cannot write: {err.strerror}") from err
+    return {name: len(blob) for name, blob in sections.items() if blob is not None}

@@ -1,0 +1,439 @@
+"""The vTPM state store: a qcow2 image whose virtual disk is swtpm's linear state file.
+
+There is no private container: byte ``n`` of the virtual disk is byte ``n`` of the file
+swtpm's ``--tpmstate backend-uri=file://`` backend would use (see :mod:`vtpm_qcow.linear`).
+The same image therefore also works through qemu-storage-daemon's FUSE export + swtpm, and
+``qemu-img``/``qemu-io`` read it.  Internal qcow2 snapshots carry the TPM state; their names
+are the tags (the same tags as the VM disk's snapshots).
+
+The linear file has a fixed capacity, the virtual disk size (default 4 MiB, like Proxmox
+VE's ``tpmstate0`` volumes; swtpm 0.7.1 needs about 30 KiB even with EK certificates).  Like
+a block device, or qemu-storage-daemon's non-growable FUSE export, it does not change size:
+:meth:`Store.resize_linear` (the file view's ftruncate) zeroes what a shrink would cut and
+refuses to grow past the capacity, which swtpm tolerates (it only needs the mapped size).
+
+The default cluster size is 4 KiB: swtpm rewrites a whole ~6-9 KiB permall per state-changing
+command, so each atomic commit copies two or three data clusters plus one 4 KiB L2 table
+instead of 64 KiB ones, and a snapshot only un-shares the few clusters a later write touches.
+It is also the page size swtpm msyncs with, so file view writes map onto whole clusters.
+
+Every change goes through one ``Image.commit_atomically`` call: a section replace (the
+dir view's rename) or a file view write is all-or-nothing across a crash and durable on
+return.  The store holds the image's write lock (QEMU-compatible) while open.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+import xxhash
+
+import qcow2
+
+from . import linear
+from .errors import StateFormatError, StoreError
+
+DEFAULT_SIZE: Final = 4 * 1024 * 1024
+DEFAULT_CLUSTER_SIZE: Final = 4096
+#: The store must at least hold the linear header.
+MIN_SIZE: Final = linear.HEADER_SIZE
+
+
+def digest(data: bytes) -> str:
+    """The content digest used throughout: xxh3-128, hex."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    """One state section: where it lives in the linear file, its size and digest."""
+
+    name: str
+    offset: int
+    size: int
+    section_length: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot: its tag (qcow2 name), qcow2 id, date and the digests of its sections."""
+
+    tag: str
+    id: str
+    date: dt.datetime
+    vm_state_size: int
+    sections: dict[str, SectionInfo] = field(default_factory=dict)
+
+
+def _sections_of(read: Any, size: int, source: str) -> dict[str, SectionInfo]:
+    """Section infos of the linear file read through ``read(offset, length)``."""
+    head = read(0, min(linear.HEADER_SIZE, size))
+    if not linear.is_formatted(head):
+        return {}
+    header = linear.parse_header(head, size=size, source=source)
+    out = {}
+    for name in linear.SECTION_NAMES:
+        slot = header.slot(name)
+        if slot.allocated:
+            data = read(slot.offset, slot.data_length)
+            out[name] = SectionInfo(
+                name, slot.offset, slot.data_length, slot.section_length, digest(data)
+            )
+    return out
+
+
+class Store:
+    """A vTPM state image.  Use :meth:`create` or :meth:`open`; a context manager."""
+
+    def __init__(self, image: Any, path: str, *, writable: bool) -> None:
+        self._image = image
+        self.path = path
+        self.writable = writable
+        self._generation = 0
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # Section: life cycle
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        size: int = DEFAULT_SIZE,
+        cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    ) -> Store:
+        """Create a new image holding an empty linear layout (no sections); open for writing."""
+        path = os.fspath(path)
+        if size < MIN_SIZE or size % 512:
+            raise StoreError(
+                f"{path}: size {size} must be a multiple of 512 and at least {MIN_SIZE}"
+            )
+        if os.path.exists(path):
+            raise StoreError(f"{path}: already exists")
+        image = qcow2.create(path, size, cluster_size=cluster_size)
+        store = cls(image, path, writable=True)
+        try:
+            store.commit_linear([(0, linear.empty_layout())])
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], *, writable: bool = True, force_share: bool = False
+    ) -> Store:
+        """Open an existing image; writable opens take the image's write lock.
+
+        ``force_share`` (read-only only) reads an image another process holds, like
+        ``qemu-img -U``: what is read may be mid-update.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise StoreError(f"{path}: no such file")
+        image = qcow2.open(path, writable=writable, force_share=force_share)
+        if image.virtual_size < MIN_SIZE:
+            image.close()
+            raise StoreError(
+                f"{path}: virtual size {image.virtual_size} too small for a linear state file"
+            )
+        return cls(image, path, writable=writable)
+
+    def close(self) -> None:
+        """Release the image (and its lock).  Idempotent."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._image.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def image(self) -> Any:
+        """The underlying :class:`qcow2.Image` (for inspection)."""
+        return self._image
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every change of content or snapshots (cache invalidation)."""
+        return self._generation
+
+    @property
+    def linear_size(self) -> int:
+        """Size of the linear file (the file view): the virtual disk size."""
+        return int(self._image.virtual_size)
+
+    def _check_open(self, *, write: bool = False) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: store is closed")
+        if write and not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+
+    def _changed(self) -> None:
+        self._generation += 1
+
+    # Section: the linear file (file view)
+
+    def read_linear(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; short at the end of the file, like read()."""
+        with self._lock:
+            self._check_open()
+            if offset < 0 or length < 0:
+                raise StoreError(f"{self.path}: negative read offset {offset} or length {length}")
+            length = max(0, min(length, self.linear_size - offset))
+            return bytes(self._image.read(offset, length)) if length else b""
+
+    def commit_linear(self, writes: Iterable[tuple[int, bytes]]) -> None:
+        """Write all extents atomically and durably (all or nothing across a crash)."""
+        extents = [(int(offset), bytes(data)) for offset, data in writes if data]
+        with self._lock:
+            self._check_open(write=True)
+            for offset, data in extents:
+                if offset < 0 or offset + len(data) > self.linear_size:
+                    raise StoreError(
+                        f"{self.path}: write of {len(data)} bytes at {offset} beyond the "
+                        f"capacity of {self.linear_size} bytes"
+                    )
+            if not extents:
+                return
+            self._image.commit_atomically(extents)
+            self._changed()
+
+    def resize_linear(self, new_size: int) -> None:
+        """The file view's ftruncate: bytes from ``new_size`` on read as zeros afterwards.
+
+        The size stays the capacity (like a block device); growing past it is refused.
+        """
+        with self._lock:
+            self._check_open(write=True)
+            if new_size < 0 or new_size > self.linear_size:
+                raise StoreError(
+                    f"{self.path}: cannot resize the state file to {new_size} bytes "
+                    f"(capacity {self.linear_size})"
+                )
+            if new_size < self.linear_size:
+                self._image.write_zeroes(new_size, self.linear_size - new_size)
+                self._image.flush()
+                self._changed()
+
+    # Section: state sections (dir view)
+
+    def _current_layout(self) -> bytes:
+        """The linear file's bytes up to the end of its last section (or its first 192)."""
+        head = self.read_linear(0, linear.HEADER_SIZE)
+        if not linear.is_formatted(head):
+            return head
+        header = linear.parse_header(head, size=self.linear_size, source=self.path)
+        return head + self.read_linear(linear.HEADER_SIZE, header.end - linear.HEADER_SIZE)
+
+    def _header(self) -> linear.LinearHeader | None:
+        head = self.read_linear(0, linear.HEADER_SIZE)
+        if not linear.is_formatted(head):
+            return None
+        return linear.parse_header(head, size=self.linear_size, source=self.path)
+
+    def read_section(self, name: str) -> bytes | None:
+        """The blob of section ``name`` ("permall", "volatilestate", "savestate") or None."""
+        number = self._slot_number(name)
+        with self._lock:
+            header = self._header()
+            if header is None:
+                return None
+            slot = header.slots[number]
+            return self.read_linear(slot.offset, slot.data_length) if slot.allocated else None
+
+    def write_section(self, name: str, data: bytes) -> None:
+        """Replace section ``name`` with ``data`` atomically (swtpm's allocation rules)."""
+        self._slot_number(name)
+        with self._lock:
+            self._check_open(write=True)
+            update = linear.store_section(self._current_layout(), name, data, source=self.path)
+            self._apply(update, f"{name} of {len(data)} bytes")
+
+    def delete_section(self, name: str) -> None:
+        """Remove section ``name`` (later sections move down, as swtpm does); no-op if absent."""
+        self._slot_number(name)
+        with self._lock:
+            self._check_open(write=True)
+            header = self._header()
+            if header is None or not header.slot(name).allocated:
+                return
+            update = linear.delete_section(self._current_layout(), name, source=self.path)
+            self._apply(update, f"removal of {name}")
+
+    def _apply(self, update: linear.LinearUpdate, what: str) -> None:
+        if update.size > self.linear_size:
+            raise StoreError(
+                f"{self.path}: {what} needs {update.size} bytes, capacity is {self.linear_size}"
+            )
+        self.commit_linear(update.writes)
+
+    def clear(self) -> None:
+        """Forget all TPM state: the linear file reads as zeros (swtpm formats it afresh)."""
+        with self._lock:
+            self._check_open(write=True)
+            self.commit_linear([(0, bytes(self._used_end()))])
+
+    def replace_layout(self, data: bytes, *, source: str = "linear file") -> None:
+        """Atomically replace the whole state with linear file ``data`` (import).
+
+        ``data`` must be a valid linear file (or empty for no state); whatever the old layout
+        used beyond its end is zeroed in the same commit.
+        """
+        if data:
+            linear.parse_header(data, source=source)
+        with self._lock:
+            self._check_open(write=True)
+            if len(data) > self.linear_size:
+                raise StoreError(
+                    f"{self.path}: {source} needs {len(data)} bytes, capacity is {self.linear_size}"
+                )
+            used = self._used_end()
+            self.commit_linear([(0, data + bytes(max(0, used - len(data))))])
+
+    def layout(self) -> bytes:
+        """The linear file's meaningful bytes: up to the end of its last section (export).
+
+        Empty if the file is not formatted (no TPM state yet).
+        """
+        with self._lock:
+            self._check_open()
+            head = self.read_linear(0, linear.HEADER_SIZE)
+            if not linear.is_formatted(head):
+                return b""
+            return self._current_layout()
+
+    def _used_end(self) -> int:
+        """End of the part of the linear file that may hold data."""
+        try:
+            header = self._header()
+        except StateFormatError:
+            header = None
+        return min(self.linear_size, header.end if header else linear.HEADER_SIZE)
+
+    def sections(self) -> dict[str, SectionInfo]:
+        """Info (offset, size, digest) of the sections present, by name."""
+        with self._lock:
+            self._check_open()
+            return _sections_of(self.read_linear, self.linear_size, self.path)
+
+    def state_digest(self) -> str:
+        """One digest over all sections (name and content): equal iff the TPM state is."""
+        return _combined_digest(self.sections())
+
+    @staticmethod
+    def _slot_number(name: str) -> int:
+        try:
+            return linear.slot_number(name)
+        except ValueError as err:
+            raise StoreError(str(err)) from None
+
+    # Section: snapshots
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The image's internal snapshots, oldest first, with their sections' digests."""
+        with self._lock:
+            self._check_open()
+            out = []
+            for entry in self._image.snapshots:
+                view = self._image.snapshot(entry.name)
+                size = min(int(view.virtual_size), self.linear_size)
+                try:
+                    sections = _sections_of(view.read, size, f"{self.path}@{entry.name}")
+                except StateFormatError:
+                    sections = {}
+                date = dt.datetime.fromtimestamp(entry.date_sec, tz=dt.UTC)
+                out.append(SnapshotInfo(entry.name, entry.id, date, entry.vm_state_size, sections))
+            return out
+
+    def _snapshot_names(self) -> list[str]:
+        return [entry.name for entry in self._image.snapshots]
+
+    def create_snapshot(self, tag: str, *, overwrite: bool = False) -> None:
+        """Snapshot the current state as ``tag``; an existing tag needs ``overwrite=True``."""
+        _check_tag(tag, self.path)
+        with self._lock:
+            self._check_open(write=True)
+            if tag in self._snapshot_names():
+                if not overwrite:
+                    raise StoreError(f"{self.path}: snapshot '{tag}' already exists")
+                self._image.delete_snapshot(tag)
+            self._image.create_snapshot(tag)
+            self._changed()
+
+    def apply_snapshot(self, tag: str) -> None:
+        """Revert the TPM state to snapshot ``tag``."""
+        with self._lock:
+            self._check_open(write=True)
+            self._require(tag)
+            self._image.apply_snapshot(tag)
+            self._changed()
+
+    def delete_snapshot(self, tag: str) -> None:
+        """Delete snapshot ``tag`` and free the clusters only it used."""
+        with self._lock:
+            self._check_open(write=True)
+            self._require(tag)
+            self._image.delete_snapshot(tag)
+            self._changed()
+
+    def _require(self, tag: str) -> None:
+        if tag not in self._snapshot_names():
+            raise StoreError(f"{self.path}: no snapshot '{tag}'")
+
+    def snapshot_section(self, tag: str, name: str) -> bytes | None:
+        """Section ``name`` as snapshot ``tag`` holds it (None if absent)."""
+        number = self._slot_number(name)
+        with self._lock:
+            self._check_open()
+            self._require(tag)
+            view = self._image.snapshot(tag)
+            size = min(int(view.virtual_size), self.linear_size)
+            head = view.read(0, linear.HEADER_SIZE)
+            if not linear.is_formatted(head):
+                return None
+            slot = linear.parse_header(head, size=size, source=f"{self.path}@{tag}").slots[number]
+            return bytes(view.read(slot.offset, slot.data_length)) if slot.allocated else None
+
+
+def _combined_digest(sections: dict[str, SectionInfo]) -> str:
+    return digest("".join(f"{n}={s.digest};" for n, s in sorted(sections.items())).encode())
+
+
+def snapshot_digest(info: SnapshotInfo) -> str:
+    """The :meth:`Store.state_digest` the state of snapshot ``info`` had."""
+    return _combined_digest(info.sections)
+
+
+def _check_tag(tag: str, path: str) -> None:
+    """Tags are qcow2 snapshot names: non-empty, at most 65535 bytes of UTF-8."""
+    if not tag or len(tag.encode()) > 0xFFFF or "\n" in tag:
+        raise StoreError(f"{path}: invalid snapshot tag {tag!r}")
+
+
+__all__: Sequence[str] = (
+    "DEFAULT_CLUSTER_SIZE",
+    "DEFAULT_SIZE",
+    "SectionInfo",
+    "SnapshotInfo",
+    "Store",
+    "digest",
+    "snapshot_digest",
+)
