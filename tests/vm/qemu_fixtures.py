@@ -23,12 +23,17 @@ from tests.helpers import need
 STARTUP_TIMEOUT = 20.0
 
 
-def wait_for_path(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    """Wait until ``path`` exists; fail early if ``proc`` exits."""
+def wait_for_path(
+    path: Path, proc: subprocess.Popen[bytes], what: str, log: Path | None = None
+) -> None:
+    """Wait until ``path`` exists; fail early (with ``log``'s tail) if ``proc`` exits."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while not path.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before creating {path}")
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(
+                f"{what} exited with {proc.returncode} before creating {path}: {tail}"
+            )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not create {path} within {STARTUP_TIMEOUT}s")
         time.sleep(0.02)
@@ -123,7 +128,7 @@ def swtpm_process(
         if isinstance(ctrl, int):
             wait_for_port(ctrl, proc, "swtpm")
         else:
-            wait_for_path(Path(ctrl), proc, "swtpm")
+            wait_for_path(Path(ctrl), proc, "swtpm", log)
         if isinstance(server, str):
             wait_for_path(Path(server), proc, "swtpm")
         yield SwtpmProcess(proc, server, ctrl, log)
@@ -160,6 +165,17 @@ class QemuProcess:
     log: Path
 
 
+def halt_firmware(workdir: Path) -> Path:
+    """A 64 KiB firmware of HLT instructions: the CPU stops at the reset vector.
+
+    SeaBIOS would send its own TPM commands (Startup, PCR measurements) while a test drives
+    the TPM through qtest; with interrupts off after reset, HLT halts the vCPU for good.
+    """
+    path = workdir / "halt.bin"
+    path.write_bytes(b"\xf4" * 65536)
+    return path
+
+
 def create_disk(path: Path, size: str = "16M") -> Path:
     """A fresh qcow2 disk made by qemu-img."""
     run_tool(need("qemu-img"), "create", "-q", "-f", "qcow2", str(path), size)
@@ -178,15 +194,17 @@ def qemu_vm(
     """QEMU (q35, tcg, stopped with -S) with a tpm-tis on ``swtpm_ctrl`` and ``disks``.
 
     Disk ``i`` gets node name ``disk{i}``.  Two QMP monitors and a qtest socket live in
-    ``workdir``.  With ``running=True`` the VM is continued (``cont``) before yielding.
-    QEMU is killed on exit.
+    ``workdir``.  The firmware is :func:`halt_firmware`, so a running VM never touches the
+    TPM behind the test's back.  With ``running=True`` the VM is continued (``cont``) before
+    yielding.  QEMU is killed on exit.
     """
     qemu = need("qemu-system-x86_64")
+    bios = halt_firmware(workdir)
     qmp, qmp2, qtest = workdir / "qmp.sock", workdir / "qmp2.sock", workdir / "qtest.sock"
     log = workdir / "qemu.log"
     cmd = [
         qemu, "-machine", "q35", "-accel", "tcg", "-S", "-display", "none", "-nodefaults",
-        "-m", "64",
+        "-m", "64", "-bios", str(bios),
         "-chardev", f"socket,id=chrtpm,path={swtpm_ctrl}",
         "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
         "-device", "tpm-tis,tpmdev=tpm0",
@@ -201,7 +219,7 @@ def qemu_vm(
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
     try:
         for path in (qmp, qmp2, qtest):
-            wait_for_path(path, proc, "qemu")
+            wait_for_path(path, proc, "qemu", log)
         vm = QemuProcess(proc, qmp, qmp2, qtest, disks, log)
         if running:
             hmp_over_qmp(qmp, "cont")

@@ -1,0 +1,321 @@
+"""``vtpm-qcow vm ...``: keep a vTPM image's snapshots aligned with a QEMU VM's snapshots.
+
+Commands (registered on the main CLI by :func:`add_vm_commands`):
+
+* ``vm save|load|delete --qmp SOCKET --store IMAGE [--force] TAG``: orchestrated snapshot
+  of disks, VM state and vTPM image together (:mod:`vtpm_qcow.vm_orchestrate`).
+* ``vm list``: the disks' tags beside the vTPM image's tags.
+* ``vm status``: the VM's run state, its snapshot disks, the tag table and mismatches
+  (exit status 3 when not aligned).
+* ``vm watch``: follow HMP ``savevm``/``loadvm``/``delvm`` and snapshot jobs of others
+  (:mod:`vtpm_qcow.vm_watch`); give it its own ``-qmp`` monitor.
+
+The vTPM image is reached through its ``vtpm-qcow serve``/``mount`` daemon when one serves it
+(the normal case: swtpm runs on it), else opened directly.  :class:`WatcherThread` runs a
+watcher beside a non-asyncio program (the trio-based daemon's ``serve --qmp``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from qcow2.errors import Qcow2Error
+from vtpm_qcow.errors import QmpError, VtpmQcowError
+from vtpm_qcow.vm_orchestrate import (
+    DEFAULT_JOB_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Monitor,
+    VtpmSnapshots,
+    delete,
+    load,
+    open_vtpm,
+    save,
+    tag_table,
+)
+from vtpm_qcow.vm_watch import DEFAULT_GRACE, DEFAULT_POLL_INTERVAL, Watcher
+
+T = TypeVar("T")
+
+#: ``vm status`` exit status when disk and vTPM tags differ.
+EXIT_MISALIGNED = 3
+
+
+def _run(args: argparse.Namespace, body: Callable[[Monitor, VtpmSnapshots], Awaitable[T]]) -> T:
+    """Open the vTPM side and a QMP session, run ``body``, close both."""
+    vtpm = open_vtpm(args.store, args.control)
+    try:
+
+        async def session() -> T:
+            monitor = Monitor(args.qmp, timeout=args.timeout, job_timeout=args.job_timeout)
+            await monitor.connect()
+            try:
+                return await body(monitor, vtpm)
+            finally:
+                await monitor.close()
+
+        return asyncio.run(session())
+    finally:
+        vtpm.close()
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    """``vm save``."""
+    outcome = _run(args, lambda m, v: save(m, v, args.tag, force=args.force))
+    print(outcome.summary("saved"))
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    """``vm load``."""
+    outcome = _run(args, lambda m, v: load(m, v, args.tag))
+    print(outcome.summary("loaded"))
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``vm delete``."""
+    outcome = _run(args, lambda m, v: delete(m, v, args.tag))
+    print(outcome.summary("deleted"))
+    return 0
+
+
+async def _table(monitor: Monitor, vtpm: VtpmSnapshots) -> tuple[str, list[Any], list[Any]]:
+    state = await monitor.run_state()
+    nodes = await monitor.disk_nodes()
+    return state.status, nodes, tag_table(nodes, vtpm.tags())
+
+
+def _print_rows(rows: list[Any]) -> None:
+    width = max([len("TAG"), *(len(r.tag) for r in rows)])
+    print(f"{'TAG':<{width}}  {'DISKS':<24}  {'VTPM':<4}  STATE")
+    for row in rows:
+        state = "aligned" if row.aligned else "MISMATCH"
+        disks = ",".join(row.disks) or "-"
+        print(f"{row.tag:<{width}}  {disks:<24}  {'yes' if row.vtpm else 'no':<4}  {state}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``vm list``."""
+    _, _, rows = _run(args, _table)
+    _print_rows(rows)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``vm status``: exit 0 when aligned, 3 when not."""
+    status, nodes, rows = _run(args, _table)
+    print(f"vm: {status}")
+    for node in nodes:
+        print(f"disk: {node.node} ({node.device}, {node.driver})")
+    print(f"vtpm: {args.store}")
+    _print_rows(rows)
+    mismatched = [row for row in rows if not row.aligned]
+    for row in mismatched:
+        where = (
+            "vTPM image only"
+            if not row.disks
+            else (f"disks {','.join(row.disks)} only" if not row.vtpm else "not on every disk")
+        )
+        print(f"mismatch: '{row.tag}' is on the {where}")
+    return EXIT_MISALIGNED if mismatched else 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``vm watch``: runs until QEMU shuts down (or Ctrl-C)."""
+
+    def report(line: str) -> None:
+        print(line, flush=True)
+
+    async def body(monitor: Monitor, vtpm: VtpmSnapshots) -> None:
+        watcher = Watcher(monitor, vtpm, report=report, poll_interval=args.poll, grace=args.grace)
+        if args.once:
+            await watcher.reconcile()
+            return
+        report(f"watching {args.qmp} for {args.store}")
+        await watcher.run()
+
+    vtpm = open_vtpm(args.store, args.control)
+    try:
+
+        async def session() -> None:
+            monitor = Monitor(args.qmp, timeout=args.timeout, job_timeout=args.job_timeout)
+            try:
+                if args.once:
+                    await monitor.connect()
+                await body(monitor, vtpm)
+            finally:
+                await monitor.close()
+
+        asyncio.run(session())
+    finally:
+        vtpm.close()
+    return 0
+
+
+class WatcherThread:
+    """A :class:`Watcher` on its own asyncio loop in a thread (for trio or sync programs).
+
+    ``start()`` begins watching; ``stop()`` ends it and joins the thread; ``error`` holds
+    what ended it unexpectedly (a :class:`QmpError` when QEMU vanished).
+    """
+
+    def __init__(
+        self,
+        qmp: str,
+        image: str,
+        *,
+        control: str | None = None,
+        report: Callable[[str], None] = print,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        grace: float = DEFAULT_GRACE,
+    ) -> None:
+        self.qmp, self.image, self.control = qmp, image, control
+        self.report = report
+        self.poll_interval, self.grace = poll_interval, grace
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="vtpm-qcow-watch", daemon=True)
+
+    def start(self) -> None:
+        """Start watching in the background."""
+        self._thread.start()
+        self._started.wait()
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._watch())
+        except (VtpmQcowError, Qcow2Error) as err:
+            self.error = err
+            self.report(f"error: watcher stopped: {err}")
+        finally:
+            self._started.set()
+
+    async def _watch(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._started.set()
+        vtpm = open_vtpm(self.image, self.control)
+        monitor = Monitor(self.qmp)
+        try:
+            watcher = Watcher(
+                monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
+                grace=self.grace,
+            )  # fmt: skip
+            await watcher.run(self._stop)
+        finally:
+            await monitor.close()
+            vtpm.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop watching and wait for the thread."""
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP socket")
+    parser.add_argument("--store", required=True, metavar="IMAGE", help="the vTPM image")
+    parser.add_argument(
+        "--control",
+        metavar="SOCKET",
+        help="control socket of the daemon serving IMAGE (default: its standard socket; "
+        "without a daemon IMAGE is opened directly)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for QMP (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--job-timeout",
+        type=float,
+        default=DEFAULT_JOB_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for a snapshot job (default {DEFAULT_JOB_TIMEOUT:g})",
+    )
+
+
+def add_vm_commands(subparsers: Any) -> None:
+    """Register ``vm save|load|delete|list|status|watch`` on the CLI's subparsers.
+
+    Each sets ``func`` (parsed arguments -> exit status); failures raise
+    :class:`~vtpm_qcow.errors.QmpError` / :class:`~vtpm_qcow.errors.StoreError` with one line.
+    """
+    vm = subparsers.add_parser(
+        "vm",
+        help="snapshots of a running QEMU VM with its vTPM image (QMP)",
+        description="Keep the vTPM image's snapshots aligned with the VM's disk snapshots.",
+    )
+    sub = vm.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+    for name, func, text in (
+        ("save", cmd_save, "pause, snapshot the vTPM image and the disks + VM state as TAG"),
+        ("load", cmd_load, "revert disks, VM state and vTPM image to TAG"),
+        ("delete", cmd_delete, "delete TAG from the disks and the vTPM image"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        p.add_argument("tag", metavar="TAG")
+        if name == "save":
+            p.add_argument("--force", action="store_true", help="replace an existing TAG")
+        p.set_defaults(func=func)
+    p = sub.add_parser("list", help="disk snapshot tags beside vTPM snapshot tags")
+    _common(p)
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser(
+        "status", help="VM state, disks, tags and mismatches (exit 3 when misaligned)"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser(
+        "watch",
+        help="follow savevm/loadvm/delvm and snapshot jobs of others (own -qmp monitor)",
+        description="Reconcile at start, then react to QMP events and poll the disks' "
+        "snapshot lists; prints one line per action; ends when QEMU shuts down.",
+    )
+    _common(p)
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="S",
+        help=f"seconds between polls (default {DEFAULT_POLL_INTERVAL:g})",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="S",
+        help=f"seconds before a vTPM-only tag is deleted (default {DEFAULT_GRACE:g})",
+    )
+    p.add_argument("--once", action="store_true", help="reconcile once and exit")
+    p.set_defaults(func=cmd_watch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vtpm_qcow.vm save|load|...`` (same as ``vtpm-qcow vm ...``)."""
+    parser = argparse.ArgumentParser(prog="vtpm-qcow")
+    add_vm_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (VtpmQcowError, Qcow2Error) as err:
+        print(f"vtpm-qcow: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["QmpError", "WatcherThread", "add_vm_commands", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

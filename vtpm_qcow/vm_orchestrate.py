@@ -1,0 +1,581 @@
+"""Orchestrated VM snapshots: the VM's disks (QEMU, over QMP) and the vTPM image together.
+
+``save``, ``load`` and ``delete`` make one tag appear on, revert to, or vanish from both
+halves, as one step from the user's view:
+
+* **save**: pause the VM (if running); refuse an existing tag unless ``force``; snapshot the
+  vTPM image first (the VM is paused, so its active layer is exactly the TPM state QEMU is
+  about to put into the vmstate); then ``snapshot-save`` the disks.  If the disk half fails,
+  the fresh vTPM snapshot is deleted again.  Resume only if the VM was running.
+* **load**: pause; check the tag exists on every disk and on the vTPM image (refuse before
+  touching anything otherwise); ``snapshot-load`` the disks first, *then* apply the vTPM
+  snapshot.  Why this order: loadvm pushes the TPM blobs saved in the vmstate into swtpm,
+  which rewrites ``permall`` in the vTPM image's active layer.  So after a successful
+  ``snapshot-load`` the TPM inside the VM *and* the active layer already hold the snapshot's
+  TPM state; applying the vTPM snapshot afterwards makes the active layer identical to the
+  snapshot also for what swtpm did not rewrite (stale volatile/save state) and shares its
+  clusters.  Applying first would let loadvm overwrite it anyway, and a failed
+  ``snapshot-load`` would then need an undo of the apply; loading first needs none (a failed
+  load leaves the vTPM image untouched).  The VM is resumed only after both succeeded.
+* **delete**: ``snapshot-delete`` on the disks holding the tag, then delete the vTPM
+  snapshot.  Deletions cannot be undone; the operation is idempotent instead: running it
+  again finishes a half-done delete.
+
+Disks are the writable root nodes of QEMU's block backends (``query-block``), as QEMU's own
+``savevm`` picks them; the first one gets the vmstate.  A disk that cannot snapshot makes
+QEMU's job fail, and that failure is reported (never silently skipped).
+
+The QMP connection is modelled explicitly (:class:`Monitor`): every command has a timeout,
+QMP failures become :class:`~vtpm_qcow.errors.QmpError`, and after a lost connection the
+outcome of the command in flight is treated as unknown: the monitor reconnects and
+re-queries the job by its id instead of guessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient
+from qemu.qmp import QMPError as QmpLibError
+
+from qcow2.errors import Qcow2Error
+from vtpm_qcow.control import ControlClient
+from vtpm_qcow.errors import QmpError, StoreError, VtpmQcowError
+from vtpm_qcow.store import Store
+
+#: Seconds to wait for a QMP answer (connect, greeting, one command).
+DEFAULT_TIMEOUT = 10.0
+#: Seconds to wait for a snapshot job (large guests need longer to write their RAM).
+DEFAULT_JOB_TIMEOUT = 600.0
+
+_job_ids = itertools.count(1)
+
+
+# Section: errors
+
+
+class QmpDisconnectedError(QmpError):
+    """The QMP connection went away; the outcome of the command in flight is unknown."""
+
+
+class QmpJobError(QmpError):
+    """A snapshot job concluded with an error (``query-jobs[].error``)."""
+
+
+class AlignmentError(QmpError):
+    """An orchestrated operation failed; the message says which half and what was undone."""
+
+
+# Section: the QMP connection
+
+
+class EventQueue(EventListener):
+    """An :class:`EventListener` that keeps no history (watchers run for a long time)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__(tuple(names))
+        self.pending: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def put(self, event: Message) -> None:
+        """Queue ``event`` if accepted (reader task side)."""
+        if self.accept(event):
+            await self.pending.put(event)
+
+    async def get(self) -> Message:
+        """The next event."""
+        return await self.pending.get()
+
+
+@dataclass(frozen=True)
+class DiskNode:
+    """A writable block node that snapshot jobs act on."""
+
+    #: Node name as passed to ``snapshot-*`` (``devices``/``vmstate``).
+    node: str
+    #: The block backend (device) it is the root of, for messages.
+    device: str
+    #: Block driver (qcow2, raw...).
+    driver: str
+    #: Tags of the node's internal snapshots.
+    tags: frozenset[str]
+
+
+@dataclass(frozen=True)
+class RunState:
+    """``query-status``: whether vCPUs run and QEMU's run state name."""
+
+    running: bool
+    status: str
+
+
+class Monitor:
+    """One QMP connection with timeouts and typed errors.
+
+    States: *disconnected* (after construction or :meth:`close`) and *connected* (after
+    :meth:`connect`).  A lost connection surfaces as :class:`QmpDisconnectedError` from
+    whatever was running; :meth:`reconnect` opens a fresh session.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        job_timeout: float = DEFAULT_JOB_TIMEOUT,
+        name: str = "vtpm-qcow",
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.job_timeout = job_timeout
+        self.name = name
+        self.client = QMPClient(name)
+
+    # upper half: called by the orchestration code
+
+    async def connect(self) -> None:
+        """Open the session (greeting + capabilities negotiation) within the timeout."""
+        try:
+            mode = os.stat(self.address).st_mode
+        except OSError as err:
+            raise QmpError(f"{self.address}: QMP socket: {err.strerror}") from err
+        if not stat.S_ISSOCK(mode):
+            raise QmpError(f"{self.address}: not a socket")
+        try:
+            await asyncio.wait_for(self.client.connect(self.address), self.timeout)
+        except TimeoutError as err:
+            await self._drop()
+            raise QmpError(
+                f"{self.address}: no QMP greeting within {self.timeout:g}s "
+                "(QEMU hung, or another client holds this monitor)"
+            ) from err
+        except (QmpLibError, OSError, EOFError) as err:
+            await self._drop()
+            raise QmpError(f"{self.address}: cannot connect: {err}") from err
+
+    async def reconnect(self) -> None:
+        """Drop the current session and connect again."""
+        await self._drop()
+        self.client = QMPClient(self.name)
+        await self.connect()
+
+    async def close(self) -> None:
+        """Disconnect (idempotent; never raises)."""
+        await self._drop()
+
+    async def _drop(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.disconnect(), self.timeout)
+        except Exception:  # the connection is being thrown away; its error is not news
+            pass
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        """Run one QMP command; its ``return`` value."""
+        try:
+            return await asyncio.wait_for(self.client.execute(command, arguments), self.timeout)
+        except ExecuteError as err:
+            raise QmpError(f"{self.address}: {command}: {err}") from err
+        except TimeoutError as err:
+            raise QmpDisconnectedError(
+                f"{self.address}: {command}: no answer within {self.timeout:g}s; outcome unknown"
+            ) from err
+        except (ExecInterruptedError, QmpLibError, OSError, EOFError) as err:
+            raise QmpDisconnectedError(
+                f"{self.address}: {command}: connection lost ({err or type(err).__name__}); "
+                "outcome unknown"
+            ) from err
+
+    async def hmp(self, command_line: str) -> str:
+        """Run an HMP command; its text output (``Error: ...`` output raises QmpError)."""
+        output = str(await self.execute("human-monitor-command", {"command-line": command_line}))
+        if output.startswith("Error:"):
+            raise QmpError(f"{self.address}: {command_line}: {output.strip()}")
+        return output
+
+    async def run_state(self) -> RunState:
+        """``query-status``."""
+        reply = await self.execute("query-status")
+        return RunState(bool(reply["running"]), str(reply["status"]))
+
+    async def disk_nodes(self) -> list[DiskNode]:
+        """Writable root nodes of the block backends with a medium, in QEMU's order."""
+        nodes: list[DiskNode] = []
+        for backend in await self.execute("query-block"):
+            inserted = backend.get("inserted")
+            if not inserted or inserted.get("ro"):
+                continue
+            image = inserted.get("image", {})
+            tags = frozenset(str(s["name"]) for s in image.get("snapshots", []))
+            device = backend.get("qdev") or backend.get("device") or inserted["node-name"]
+            nodes.append(DiskNode(inserted["node-name"], device, inserted["drv"], tags))
+        return nodes
+
+    async def run_job(self, command: str, arguments: Mapping[str, object]) -> None:
+        """Run a ``snapshot-*`` job to its end, dismiss it; QmpJobError if it failed.
+
+        The job's id ties a reconnected session to it: if the connection drops while the
+        job runs, the monitor reconnects once and keeps waiting for the same job.
+        """
+        job_id = f"vtpm-qcow-{os.getpid()}-{next(_job_ids)}"
+        args = {"job-id": job_id, **arguments}
+        events = EventQueue(["JOB_STATUS_CHANGE"])
+        with self.client.listen(events):
+            await self.execute(command, args)
+            try:
+                await self._wait_concluded(events, job_id)
+            except QmpDisconnectedError:
+                await self.reconnect()
+                events = EventQueue(["JOB_STATUS_CHANGE"])
+                with self.client.listen(events):
+                    await self._wait_concluded(events, job_id)
+        job = await self._query_job(job_id)
+        await self.execute("job-dismiss", {"id": job_id})
+        if job is not None and job.get("error"):
+            raise QmpJobError(f"{self.address}: {command}: {job['error']}")
+
+    async def _query_job(self, job_id: str) -> dict[str, Any] | None:
+        for job in await self.execute("query-jobs"):
+            if job.get("id") == job_id:
+                return dict(job)
+        return None
+
+    async def _wait_concluded(self, events: EventQueue, job_id: str) -> None:
+        """Wait until ``job_id`` is concluded (events first, query-jobs as the truth)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.job_timeout
+        while True:
+            job = await self._query_job(job_id)
+            if job is None:
+                raise QmpDisconnectedError(
+                    f"{self.address}: job {job_id} vanished; its outcome is unknown"
+                )
+            if job.get("status") in ("concluded", "null"):
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise QmpError(
+                    f"{self.address}: job {job_id} still {job.get('status')} after "
+                    f"{self.job_timeout:g}s"
+                )
+            # Wake on the next status change of any job, or re-poll after a second.
+            try:
+                await asyncio.wait_for(events.get(), min(remaining, 1.0))
+            except TimeoutError:
+                if self.client.runstate.name != "RUNNING":
+                    raise QmpDisconnectedError(
+                        f"{self.address}: connection lost while job {job_id} ran"
+                    ) from None
+
+
+# Section: the vTPM half
+
+
+class VtpmSnapshots(Protocol):
+    """Snapshot operations on the vTPM image (mounted by a daemon, or opened directly)."""
+
+    #: For messages: the image (and how it is reached).
+    description: str
+
+    def tags(self) -> list[str]:
+        """Tags of the image's snapshots."""
+        ...
+
+    def create(self, tag: str, *, overwrite: bool = False) -> None:
+        """Snapshot the active layer as ``tag``."""
+        ...
+
+    def apply(self, tag: str) -> None:
+        """Revert the active layer to ``tag``."""
+        ...
+
+    def delete(self, tag: str) -> None:
+        """Delete snapshot ``tag``."""
+        ...
+
+    def section_digests(self) -> dict[str, str]:
+        """Digest of each state section of the active layer, by section name."""
+        ...
+
+    def snapshot_digests(self) -> dict[str, dict[str, str]]:
+        """Section digests of every snapshot, by tag."""
+        ...
+
+    def close(self) -> None:
+        """Release the image or connection."""
+        ...
+
+
+class DaemonVtpm:
+    """The vTPM image served by a ``vtpm-qcow serve`` daemon, through its control socket."""
+
+    def __init__(self, client: ControlClient, image: str) -> None:
+        self.client = client
+        self.description = f"{image} (via {client.path})"
+
+    def tags(self) -> list[str]:
+        return [str(s["tag"]) for s in self.client.snapshot_list()]
+
+    def create(self, tag: str, *, overwrite: bool = False) -> None:
+        self.client.snapshot_create(tag, overwrite=overwrite)
+
+    def apply(self, tag: str) -> None:
+        self.client.snapshot_apply(tag)
+
+    def delete(self, tag: str) -> None:
+        self.client.snapshot_delete(tag)
+
+    def section_digests(self) -> dict[str, str]:
+        sections = self.client.info()["sections"]
+        return {str(name): str(info["digest"]) for name, info in sections.items()}
+
+    def snapshot_digests(self) -> dict[str, dict[str, str]]:
+        return {
+            str(snap["tag"]): {str(n): str(i["digest"]) for n, i in snap["sections"].items()}
+            for snap in self.client.snapshot_list()
+        }
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class StoreVtpm:
+    """A vTPM image nobody has mounted, opened directly (holds its qcow2 lock)."""
+
+    def __init__(self, image: str) -> None:
+        self.store = Store.open(image)
+        self.description = image
+
+    def tags(self) -> list[str]:
+        return [s.tag for s in self.store.snapshots()]
+
+    def create(self, tag: str, *, overwrite: bool = False) -> None:
+        self.store.create_snapshot(tag, overwrite=overwrite)
+
+    def apply(self, tag: str) -> None:
+        self.store.apply_snapshot(tag)
+
+    def delete(self, tag: str) -> None:
+        self.store.delete_snapshot(tag)
+
+    def section_digests(self) -> dict[str, str]:
+        return {name: info.digest for name, info in self.store.sections().items()}
+
+    def snapshot_digests(self) -> dict[str, dict[str, str]]:
+        return {
+            snap.tag: {name: info.digest for name, info in snap.sections.items()}
+            for snap in self.store.snapshots()
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def open_vtpm(image: str, control: str | None = None) -> VtpmSnapshots:
+    """The vTPM side of ``image``: its daemon if one serves it, else the image itself.
+
+    ``control`` names the daemon's control socket; by default the daemon's standard socket
+    for ``image`` is tried (``ControlClient.for_image``).
+    """
+    client = ControlClient(control) if control else ControlClient.for_image(image)
+    try:
+        client.ping()
+    except StoreError:
+        client.close()
+        if control:
+            raise
+        if not os.path.exists(image):
+            raise StoreError(f"{image}: no such vTPM image") from None
+        return StoreVtpm(image)
+    return DaemonVtpm(client, image)
+
+
+# Section: orchestrated operations
+
+
+@dataclass
+class Outcome:
+    """What an orchestrated operation did, for the CLI's report."""
+
+    tag: str
+    disks: list[str] = field(default_factory=list)
+    vtpm: str = ""
+    paused: bool = False
+    resumed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, verb: str) -> str:
+        """One line for the user."""
+        text = f"{verb} '{self.tag}': disks {', '.join(self.disks) or '-'} + vTPM {self.vtpm}"
+        if self.paused:
+            text += "; VM resumed" if self.resumed else "; VM left paused"
+        return text + "".join(f"; {note}" for note in self.notes)
+
+
+class PausedVm:
+    """Pause the VM if it runs; :meth:`resume` continues it only if it was running."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.was_running = False
+
+    async def pause(self) -> None:
+        state = await self.monitor.run_state()
+        self.was_running = state.running
+        if state.running:
+            await self.monitor.execute("stop")
+
+    async def resume(self) -> bool:
+        if self.was_running:
+            await self.monitor.execute("cont")
+        return self.was_running
+
+
+async def save(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool = False) -> Outcome:
+    """Snapshot disks, VM state and vTPM image as ``tag`` (see the module docstring)."""
+    vm = PausedVm(monitor)
+    await vm.pause()
+    try:
+        outcome = await _save_paused(monitor, vtpm, tag, force=force)
+    except QmpDisconnectedError:
+        raise  # nothing to resume through
+    except BaseException:
+        try:
+            await vm.resume()  # the VM's state did not change: let it go on
+        except QmpError:
+            pass
+        raise
+    outcome.paused = vm.was_running
+    outcome.resumed = await vm.resume()
+    return outcome
+
+
+async def _save_paused(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool) -> Outcome:
+    nodes = await _snapshot_nodes(monitor)
+    outcome = Outcome(tag, [n.node for n in nodes], vtpm.description)
+    on_disks = [n.node for n in nodes if tag in n.tags]
+    on_vtpm = tag in vtpm.tags()
+    if (on_disks or on_vtpm) and not force:
+        where = ", ".join([*on_disks, *(["the vTPM image"] if on_vtpm else [])])
+        raise AlignmentError(f"save '{tag}': tag exists on {where}; use --force to replace it")
+    if on_disks:
+        await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
+        outcome.notes.append("replaced the old snapshot")
+    # vTPM half first: the VM is paused, so the active layer is the TPM state QEMU saves.
+    _vtpm_half(lambda: vtpm.create(tag, overwrite=on_vtpm), "save", tag)
+    try:
+        await monitor.run_job(
+            "snapshot-save", {"tag": tag, "vmstate": nodes[0].node, "devices": outcome.disks}
+        )
+    except QmpDisconnectedError as err:
+        raise AlignmentError(
+            f"save '{tag}': disk half outcome unknown ({err}); vTPM snapshot kept, "
+            "check with 'vtpm-qcow vm status'"
+        ) from err
+    except QmpError as err:
+        undo = _undo(lambda: vtpm.delete(tag), "the vTPM snapshot was deleted again")
+        raise AlignmentError(f"save '{tag}': disk half failed: {err}; {undo}") from err
+    return outcome
+
+
+async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
+    """Revert disks, VM state and vTPM image to ``tag`` (see the module docstring)."""
+    vm = PausedVm(monitor)
+    nodes = await _snapshot_nodes(monitor)
+    missing = [n.node for n in nodes if tag not in n.tags]
+    if tag not in vtpm.tags():
+        missing.append("the vTPM image")
+    if missing:
+        raise AlignmentError(f"load '{tag}': no such snapshot on {', '.join(missing)}")
+    await vm.pause()
+    outcome = Outcome(tag, [n.node for n in nodes], vtpm.description, vm.was_running)
+    try:
+        await monitor.run_job(
+            "snapshot-load", {"tag": tag, "vmstate": nodes[0].node, "devices": outcome.disks}
+        )
+    except QmpError as err:
+        raise AlignmentError(
+            f"load '{tag}': disk half failed: {err}; vTPM image untouched, VM left paused"
+        ) from err
+    _vtpm_half(lambda: vtpm.apply(tag), "load", tag, after="the disks were loaded")
+    outcome.resumed = await vm.resume()
+    return outcome
+
+
+async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
+    """Delete ``tag`` from the disks and the vTPM image (idempotent when half done)."""
+    nodes = await monitor.disk_nodes()
+    on_disks = [n.node for n in nodes if tag in n.tags]
+    on_vtpm = tag in vtpm.tags()
+    if not on_disks and not on_vtpm:
+        raise AlignmentError(f"delete '{tag}': no such snapshot on the disks or the vTPM image")
+    outcome = Outcome(tag, on_disks, vtpm.description if on_vtpm else "-")
+    if on_disks:
+        await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
+    if on_vtpm:
+        after = "the disks' snapshot was deleted (run delete again)" if on_disks else ""
+        _vtpm_half(lambda: vtpm.delete(tag), "delete", tag, after=after)
+    return outcome
+
+
+async def _snapshot_nodes(monitor: Monitor) -> list[DiskNode]:
+    nodes = await monitor.disk_nodes()
+    if not nodes:
+        raise AlignmentError(f"{monitor.address}: the VM has no writable disk for the vmstate")
+    return nodes
+
+
+async def _disk_half(
+    monitor: Monitor, command: str, arguments: Mapping[str, object], tag: str
+) -> None:
+    try:
+        await monitor.run_job(command, arguments)
+    except QmpError as err:
+        raise AlignmentError(f"'{tag}': disk half failed: {err}; vTPM image untouched") from err
+
+
+def _vtpm_half(action: Callable[[], None], verb: str, tag: str, *, after: str = "") -> None:
+    """Run the vTPM half; its failure becomes an AlignmentError naming the half."""
+    try:
+        action()
+    except (VtpmQcowError, Qcow2Error) as err:
+        context = f" after {after}" if after else "; disks untouched"
+        raise AlignmentError(f"{verb} '{tag}': vTPM half failed{context}: {err}") from err
+
+
+def _undo(action: Callable[[], None], done: str) -> str:
+    """Run a rollback step; describe what happened for the error message."""
+    try:
+        action()
+    except (VtpmQcowError, Qcow2Error) as err:
+        return f"rollback failed too ({err})"
+    return done
+
+
+# Section: listing
+
+
+@dataclass(frozen=True)
+class TagRow:
+    """One tag: which disks hold it and whether the vTPM image does."""
+
+    tag: str
+    disks: tuple[str, ...]
+    vtpm: bool
+    aligned: bool
+
+
+def tag_table(nodes: list[DiskNode], vtpm_tags: Iterable[str]) -> list[TagRow]:
+    """Every tag of the disks or the vTPM image; aligned = on every disk and the vTPM."""
+    vtpm_set = set(vtpm_tags)
+    all_tags = set(vtpm_set).union(*(n.tags for n in nodes))
+    rows = []
+    for tag in sorted(all_tags):
+        holders = tuple(n.node for n in nodes if tag in n.tags)
+        aligned = len(holders) == len(nodes) and tag in vtpm_set
+        rows.append(TagRow(tag, holders, tag in vtpm_set, aligned))
+    return rows

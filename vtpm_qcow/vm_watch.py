@@ -1,0 +1,216 @@
+"""Passive alignment: follow snapshots others take (HMP savevm/loadvm/delvm, snapshot-* jobs).
+
+The watcher holds its own QMP monitor (QEMU accepts several ``-qmp`` options; one monitor
+serves one client at a time).  It does not drive QEMU; it reacts:
+
+* ``STOP``: record the vTPM image's section digests -- the TPM state at the pause.  HMP
+  ``savevm``/``loadvm`` and ``snapshot-save`` on a running VM all pause it first.
+* ``RESUME``, a snapshot job ``concluded``, and a periodic poll (HMP ``delvm`` emits no event
+  at all, HMP ``savevm`` on a paused VM neither): *reconcile* -- compare the disks' snapshot
+  tags with the vTPM image's:
+
+  - a tag that appeared on the disks while watching gets a vTPM snapshot of the active layer.
+    QEMU resumes the VM only after its savevm finished, and reconciling starts right at
+    ``RESUME``, so the active layer still holds the state of the pause; the digests
+    recorded at ``STOP`` confirm it, and a mismatch (the guest changed the TPM in between)
+    is reported.
+  - a tag that vanished from the disks while watching (delvm) is deleted from the vTPM image.
+  - at (re)connect, disk tags without a vTPM snapshot are *reported*, not invented (their
+    TPM state is known only to the vmstate), and vTPM-only tags are deleted once they have
+    been vTPM-only for ``grace`` seconds (an orchestrated ``vm save`` creates its vTPM
+    snapshot just before the disks').
+  - a ``loadvm`` needs no action: QEMU pushes the snapshot's TPM blobs into swtpm, which
+    rewrites ``permall`` in the active layer.  The watcher reports it when the active
+    layer's ``permall`` changed during a pause and now equals a snapshot's.
+
+Every action is reported as one line through the ``report`` callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from qcow2.errors import Qcow2Error
+from vtpm_qcow.errors import QmpError, VtpmQcowError
+from vtpm_qcow.vm_orchestrate import EventQueue, Monitor, QmpDisconnectedError, VtpmSnapshots
+
+#: Seconds between polls of the disks' snapshot lists.
+DEFAULT_POLL_INTERVAL = 1.0
+#: Seconds a vTPM-only tag is left alone before it counts as an orphan.
+DEFAULT_GRACE = 5.0
+#: Seconds to keep trying to reconnect after the monitor went away.
+DEFAULT_RECONNECT_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+WATCHED_EVENTS = ("STOP", "RESUME", "JOB_STATUS_CHANGE", "SHUTDOWN")
+
+
+class Watcher:
+    """Keeps a vTPM image's snapshot tags equal to a running VM's disk snapshot tags."""
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        vtpm: VtpmSnapshots,
+        *,
+        report: Callable[[str], None] = print,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        grace: float = DEFAULT_GRACE,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+    ) -> None:
+        self.monitor = monitor
+        self.vtpm = vtpm
+        self.report = report
+        self.poll_interval = poll_interval
+        self.grace = grace
+        self.reconnect_timeout = reconnect_timeout
+        #: Disk tags seen at the last reconcile (None before the first one of a session).
+        self.disk_tags: set[str] | None = None
+        #: Section digests of the active layer at the last STOP (None: none pending).
+        self.pause_digests: dict[str, str] | None = None
+        #: Monotonic time each vTPM-only tag was first seen vTPM-only.
+        self.orphans_since: dict[str, float] = {}
+        #: Disk tags already reported as lacking a vTPM snapshot.
+        self.reported_missing: set[str] = set()
+        self.shutdown_seen = False
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Watch until ``stop`` is set or QEMU shuts down; QmpError if QEMU vanished."""
+        stop = stop or asyncio.Event()
+        await self.monitor.connect()
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+            except QmpDisconnectedError as err:
+                if stop.is_set() or self.shutdown_seen:
+                    return
+                self.report(f"monitor connection lost ({err}); reconnecting")
+                await self._reconnect(err)
+            if self.shutdown_seen:
+                return
+
+    async def _reconnect(self, cause: QmpError) -> None:
+        deadline = time.monotonic() + self.reconnect_timeout
+        while True:
+            try:
+                await self.monitor.reconnect()
+                self.disk_tags = None  # outcome of what happened meanwhile is unknown
+                return
+            except QmpError as err:
+                if time.monotonic() > deadline:
+                    raise QmpError(
+                        f"{self.monitor.address}: monitor gone and not back within "
+                        f"{self.reconnect_timeout:g}s: {err}"
+                    ) from cause
+                await asyncio.sleep(0.5)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        events = EventQueue(WATCHED_EVENTS)
+        with self.monitor.client.listen(events):
+            await self.reconcile()
+            while not stop.is_set():
+                try:
+                    event = await asyncio.wait_for(events.get(), self.poll_interval)
+                except TimeoutError:
+                    if self.monitor.client.runstate.name != "RUNNING":
+                        raise QmpDisconnectedError(
+                            f"{self.monitor.address}: connection lost"
+                        ) from None
+                    await self.reconcile()
+                    continue
+                data = event.get("data")
+                await self.on_event(str(event["event"]), data if isinstance(data, dict) else {})
+
+    async def on_event(self, name: str, data: dict[str, object]) -> None:
+        """React to one QMP event."""
+        if name == "STOP":
+            self.pause_digests = self._vtpm(self.vtpm.section_digests, "read section digests")
+        elif name == "RESUME":
+            await self.reconcile()
+            self.pause_digests = None
+        elif name == "JOB_STATUS_CHANGE" and data.get("status") == "concluded":
+            await self.reconcile()
+        elif name == "SHUTDOWN":
+            self.shutdown_seen = True
+
+    async def reconcile(self) -> list[str]:
+        """Align the vTPM tags with the disks' now; return the report lines."""
+        lines: list[str] = []
+        nodes = await self.monitor.disk_nodes()
+        disk_tags: set[str] = set().union(*(n.tags for n in nodes))
+        vtpm_tags = set(self._vtpm(self.vtpm.tags, "list snapshots") or [])
+        first = self.disk_tags is None
+        known = self.disk_tags or set()
+        current: dict[str, str] | None = None
+
+        for tag in sorted(disk_tags - vtpm_tags):
+            if first or tag in known:
+                if tag not in self.reported_missing:
+                    self.reported_missing.add(tag)
+                    lines.append(f"missing: disk snapshot '{tag}' has no vTPM snapshot")
+                continue
+            if current is None:
+                current = self._vtpm(self.vtpm.section_digests, "read section digests") or {}
+            note = ""
+            if self.pause_digests is not None and current != self.pause_digests:
+                note = " (warning: the TPM state changed since the VM was paused)"
+            if self._vtpm_ok(functools.partial(self.vtpm.create, tag), f"create {tag}"):
+                lines.append(f"created: vTPM snapshot '{tag}' (disk snapshot appeared){note}")
+
+        now = time.monotonic()
+        for tag in sorted(vtpm_tags - disk_tags):
+            vanished = tag in known
+            since = self.orphans_since.setdefault(tag, now)
+            if not vanished and now - since < self.grace:
+                continue
+            if self._vtpm_ok(functools.partial(self.vtpm.delete, tag), f"delete {tag}"):
+                why = "disk snapshot deleted" if vanished else "no disk snapshot"
+                lines.append(f"deleted: vTPM snapshot '{tag}' ({why})")
+            self.orphans_since.pop(tag, None)
+        for tag in list(self.orphans_since):
+            if tag in disk_tags or tag not in vtpm_tags:
+                self.orphans_since.pop(tag)
+        self.reported_missing &= disk_tags
+
+        if self.pause_digests is not None:
+            lines += self._detect_load(current)
+        self.disk_tags = disk_tags
+        for line in lines:
+            self.report(line)
+        return lines
+
+    def _detect_load(self, current: dict[str, str] | None) -> list[str]:
+        """Report a loadvm: permall changed during the pause and now equals a snapshot's."""
+        if current is None:
+            current = self._vtpm(self.vtpm.section_digests, "read section digests") or {}
+        assert self.pause_digests is not None
+        permall = current.get("permall")
+        if permall is None or permall == self.pause_digests.get("permall"):
+            return []
+        snapshots = self._vtpm(self.vtpm.snapshot_digests, "list snapshots") or {}
+        tags = sorted(t for t, d in snapshots.items() if d.get("permall") == permall)
+        if tags:
+            return [f"loaded: TPM state of '{'/'.join(tags)}' (pushed by QEMU's loadvm)"]
+        return ["changed: permall changed during the pause and matches no snapshot"]
+
+    def _vtpm(self, action: Callable[[], T], what: str) -> T | None:
+        """Run a vTPM-side action; report a failure (None) instead of stopping the watcher."""
+        try:
+            return action()
+        except (VtpmQcowError, Qcow2Error, OSError) as err:
+            self.report(f"error: vTPM {what}: {err}")
+            return None
+
+    def _vtpm_ok(self, action: Callable[[], None], what: str) -> bool:
+        """Run a vTPM-side action with no result; whether it succeeded."""
+
+        def run() -> bool:
+            action()
+            return True
+
+        return self._vtpm(run, what) is True
