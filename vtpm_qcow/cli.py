@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from qcow2.errors import ImageLockedError, Qcow2Error
 
@@ -293,9 +293,16 @@ def _add_hooks(subparsers: Any) -> None:
             register(subparsers)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``vtpm-qcow create: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vtpm-qcow`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Keep a virtual TPM's state (swtpm) in a qcow2 image whose internal "
         "snapshots follow the VM's snapshots.",
