@@ -1,0 +1,734 @@
+"""The ``qcow2`` command: a drop-in for the qemu-img 7.2 subcommands scripts rely on.
+
+``qcow2 info|check|snapshot|map|create|resize|compare|convert`` take qemu-img's options and
+print qemu-img's output (same text, same JSON, same exit codes), without QEMU installed.
+Error lines keep qemu-img's wording and its ``qemu-img:`` prefix so that scripts parsing
+them keep working.  Every failure is one line on stderr and a non-zero exit; no traceback.
+
+Start-up is kept short: each subcommand imports only the modules it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+PROG = "qemu-img"
+
+
+def _api() -> Any:
+    """The :mod:`qcow2` package's read/write API (imported only by the commands using it)."""
+    import importlib
+
+    return importlib.import_module("qcow2")
+
+
+class CliError(Exception):
+    """A failure reported as ``qemu-img: <message>`` with exit ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+
+
+def _open_error(path: str, err: BaseException) -> CliError:
+    """qemu-img's "Could not open 'PATH': REASON" for an open failure."""
+    from .errors import ImageLockedError, Qcow2Error
+
+    if isinstance(err, ImageLockedError):
+        return CliError(
+            f"Could not open '{path}': {err.message}\nIs another process using the image [{path}]?"
+        )
+    reason = err.message if isinstance(err, Qcow2Error) else str(err)
+    return CliError(f"Could not open '{path}': {reason}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with qemu-img style one-line errors (exit 1)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+# Section: info
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .errors import Qcow2Error
+    from .info import format_info_human, layer_info, open_chain, open_layer, qemu_json
+
+    try:
+        layers = (
+            open_chain(args.image, args.f)
+            if args.backing_chain
+            else [open_layer(args.image, args.f)]
+        )
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(args.image, err) from err
+    try:
+        infos = [layer_info(layer) for layer in layers]
+    finally:
+        for layer in layers:
+            layer.close()
+    if args.output == "json":
+        sys.stdout.write(qemu_json(infos if args.backing_chain else infos[0]) + "\n")
+    else:
+        sys.stdout.write("\n".join(format_info_human(info) for info in infos))
+    return 0
+
+
+# Section: check
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_file
+    from .errors import Qcow2Error
+    from .fileio import HostFile
+    from .header import read_header
+    from .info import qemu_json
+
+    try:
+        f = HostFile(args.image, writable=bool(args.r))
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(args.image, err) from err
+    try:
+        if args.f == "raw" or (args.f is None and f.pread(0, 4) != b"QFI\xfb"):
+            raise CliError("This image format does not support checks", 63)
+        try:
+            header = read_header(f)
+        except Qcow2Error as err:
+            raise _open_error(args.image, err) from err
+        result = check_file(f, header, args.r, filename=args.image)
+    finally:
+        f.close()
+    for line in result.messages:
+        sys.stderr.write(line + "\n")
+    if result.error is not None:
+        raise CliError(f"Check failed: {result.error}")
+    if args.output == "json":
+        sys.stdout.write(qemu_json(result.to_json()) + "\n")
+    else:
+        sys.stdout.write(_check_human(result))
+    if result.check_errors:
+        raise CliError("Check failed")
+    return result.exit_code
+
+
+def _check_human(r: object) -> str:
+    from .check import CheckResult
+
+    assert isinstance(r, CheckResult)
+    out = []
+    if r.repaired:
+        out.append(
+            "The following inconsistencies were found and repaired:\n\n"
+            f"    {r.leaks_fixed} leaked clusters\n"
+            f"    {r.corruptions_fixed} corruptions\n\n"
+            "Double checking the fixed image now...\n"
+        )
+    if not (r.corruptions or r.leaks or r.check_errors):
+        out.append("No errors were found on the image.\n")
+    else:
+        if r.corruptions:
+            out.append(
+                f"\n{r.corruptions} errors were found on the image.\n"
+                "Data may be corrupted, or further writes to the image may corrupt it.\n"
+            )
+        if r.leaks:
+            out.append(
+                f"\n{r.leaks} leaked clusters were found on the image.\n"
+                "This means waste of disk space, but no harm to data.\n"
+            )
+        if r.check_errors:
+            out.append(f"\n{r.check_errors} internal errors have occurred during the check.\n")
+    if r.total_clusters and r.allocated_clusters:
+        out.append(
+            f"{r.allocated_clusters}/{r.total_clusters} = "
+            f"{r.allocated_clusters * 100.0 / r.total_clusters:0.2f}% allocated, "
+            f"{r.fragmented_clusters * 100.0 / r.allocated_clusters:0.2f}% fragmented, "
+            f"{r.compressed_clusters * 100.0 / r.allocated_clusters:0.2f}% compressed clusters\n"
+        )
+    if r.image_end_offset:
+        out.append(f"Image end offset: {r.image_end_offset}\n")
+    return "".join(out)
+
+
+# Section: map
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    from .errors import Qcow2Error
+    from .info import format_map_human, format_map_json, map_entries, open_chain
+
+    try:
+        layers = open_chain(args.image, args.f)
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(args.image, err) from err
+    try:
+        entries = map_entries(layers)
+    except Qcow2Error as err:
+        raise CliError(f"Could not read file metadata: {os.strerror(err.errno)}") from err
+    finally:
+        for layer in layers:
+            layer.close()
+    if args.output == "json":
+        sys.stdout.write(format_map_json(entries))
+        return 0
+    text, error = format_map_human(entries)
+    sys.stdout.write(text)
+    if error is not None:
+        raise CliError(error)
+    return 0
+
+
+# Section: snapshot
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    actions = [a for a in ("l", "c", "a", "d") if getattr(args, a)]
+    if len(actions) > 1:
+        raise CliError("Cannot mix snapshot actions")
+    action = actions[0] if actions else "l"
+    if action == "l":
+        from .errors import Qcow2Error
+        from .info import format_snapshot_table, open_layer
+
+        try:
+            layer = open_layer(args.image, args.f)
+        except (Qcow2Error, OSError) as err:
+            raise _open_error(args.image, err) from err
+        layer.close()
+        if layer.snapshots:
+            sys.stdout.write("Snapshot list:\n" + format_snapshot_table(layer.snapshots))
+        return 0
+    qcow2 = _api()
+    from .errors import Qcow2Error
+
+    tag = getattr(args, action)
+    try:
+        image = qcow2.open(args.image, writable=True, force_share=args.U)
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(args.image, err) from err
+    verb = {"c": "create", "a": "apply", "d": "delete"}[action]
+    try:
+        with image:
+            if action == "c":
+                image.create_snapshot(tag)
+            elif action == "a":
+                image.apply_snapshot(tag)
+            else:
+                image.delete_snapshot(tag)
+    except Qcow2Error as err:
+        raise CliError(f"Could not {verb} snapshot '{tag}': {_snapshot_reason(verb, err)}") from err
+    return 0
+
+
+def _snapshot_reason(verb: str, err: BaseException) -> str:
+    from .errors import SnapshotNotFoundError
+
+    if isinstance(err, SnapshotNotFoundError):
+        return {
+            "apply": "Failed to load snapshot: No such file or directory",
+            "delete": "snapshot not found",
+        }.get(verb, str(err))
+    message = getattr(err, "message", str(err))
+    return str(message)
+
+
+# Section: create / resize
+
+
+_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_SUFFIXES.update({"p": 1 << 50, "e": 1 << 60})
+
+
+def parse_size(text: str) -> int:
+    """qemu's ``qemu_strtosz``: ``64M``, ``1.5G``, ``100k``, plain bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([bBkKmMgGtTpPeE]?)", text)
+    if not match:
+        raise CliError(
+            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+            f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        )
+    number, suffix = match.groups()
+    scale = _SIZE_SUFFIXES[suffix.lower()]
+    if "." in number:
+        if scale == 1:
+            raise CliError(
+                "Invalid image size specified. Must be between 0 and 9223372036854775807."
+            )
+        value = int(float(number) * scale)
+    else:
+        value = int(number) * scale
+    if value >= 1 << 63:
+        raise CliError("Image size must be less than 8 EiB!")
+    return value
+
+
+def _parse_options(text: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for group in text:
+        for item in group.split(","):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            opts[key] = value if sep else "on"
+    return opts
+
+
+def _onoff(opts: dict[str, str], key: str) -> bool:
+    value = opts.get(key, "off")
+    if value not in ("on", "off", "true", "false", "yes", "no"):
+        raise CliError(f"Parameter '{key}' expects 'on' or 'off'")
+    return value in ("on", "true", "yes")
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    qcow2 = _api()
+    from .errors import Qcow2Error
+
+    if args.f not in (None, "qcow2"):
+        raise CliError(f"Unknown file format '{args.f}'")
+    opts = _parse_options(args.o or [])
+    backing = args.b or opts.pop("backing_file", None)
+    backing_fmt = args.F or opts.pop("backing_fmt", None)
+    cluster_size = parse_size(opts.pop("cluster_size", "65536"))
+    refcount_bits = int(opts.pop("refcount_bits", "16"))
+    compat = opts.pop("compat", "1.1")
+    if compat not in ("0.10", "1.1", "v2", "v3"):
+        raise CliError(f"Invalid parameter '{compat}'")
+    version = 2 if compat in ("0.10", "v2") else 3
+    lazy = _onoff(opts, "lazy_refcounts")
+    opts.pop("lazy_refcounts", None)
+    extended_l2 = _onoff(opts, "extended_l2")
+    opts.pop("extended_l2", None)
+    compression = opts.pop("compression_type", "zlib")
+    if opts:
+        raise CliError(f"Invalid parameter '{next(iter(opts))}'")
+    if args.size is not None:
+        size = parse_size(args.size)
+    elif backing:
+        from .info import full_backing_filename, open_layer
+
+        try:
+            layer = open_layer(full_backing_filename(args.image, backing), backing_fmt)
+        except (Qcow2Error, OSError) as err:
+            raise CliError(f"Could not open backing image: {err}") from err
+        size = layer.virtual_size
+        layer.close()
+    else:
+        raise CliError("Image creation needs a size parameter")
+    size = (size + 511) // 512 * 512
+    if not args.q:
+        parts = [
+            f"Formatting '{args.image}', fmt=qcow2 cluster_size={cluster_size}",
+            f"extended_l2={'on' if extended_l2 else 'off'}",
+            f"compression_type={compression}",
+            f"size={size}",
+        ]
+        if "compat" in _parse_options(args.o or []):
+            parts.append(f"compat={compat}")
+        if backing:
+            parts.append(f"backing_file={backing}")
+        if backing_fmt:
+            parts.append(f"backing_fmt={backing_fmt}")
+        parts += [f"lazy_refcounts={'on' if lazy else 'off'}", f"refcount_bits={refcount_bits}"]
+        sys.stdout.write(" ".join(parts) + "\n")
+    kwargs: dict[str, object] = {
+        "cluster_size": cluster_size,
+        "refcount_bits": refcount_bits,
+        "version": version,
+        "backing_file": backing,
+        "backing_format": backing_fmt,
+        "extended_l2": extended_l2,
+        "lazy_refcounts": lazy,
+    }
+    if compression != "zlib":
+        kwargs["compression_type"] = compression
+    try:
+        image = qcow2.create(args.image, size, **kwargs)
+        image.close()
+    except (Qcow2Error, OSError, TypeError, ValueError) as err:
+        raise CliError(f"{args.image}: {getattr(err, 'message', err)}") from err
+    return 0
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    qcow2 = _api()
+    from .errors import Qcow2Error
+
+    text = args.size
+    try:
+        image = qcow2.open(args.image, writable=True, force_share=False)
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(args.image, err) from err
+    with image:
+        current = image.virtual_size
+        if text[:1] in "+-":
+            delta = parse_size(text[1:])
+            new = current + delta if text[0] == "+" else current - delta
+        else:
+            new = parse_size(text)
+        if new < 0:
+            raise CliError("New image size must be positive")
+        new = (new + 511) // 512 * 512
+        if new < current and not args.shrink:
+            raise CliError("Use the --shrink option to perform a shrink operation.")
+        if new < current:
+            _err(
+                "warning: Shrinking an image will delete all data beyond the shrunken image's "
+                "end. Before performing such an operation, make sure there is no important "
+                "data there."
+            )
+        try:
+            image.resize(new)
+        except Qcow2Error as err:
+            raise CliError(f"Error resizing image: {err.message}") from err
+    sys.stdout.write("Image resized.\n")
+    return 0
+
+
+# Section: compare / convert (guest content)
+
+
+class _Source:
+    """Guest content of an image for compare/convert: qcow2 (active or a snapshot) or raw."""
+
+    def __init__(self, path: str, fmt: str | None, snapshot: tuple[str, str] | None = None):
+        qcow2 = _api()
+        from .errors import Qcow2Error
+
+        self.path = path
+        self.image: object | None = None
+        self.raw: int | None = None
+        try:
+            with open(path, "rb") as probe:
+                magic = probe.read(4)
+        except OSError as err:
+            raise CliError(
+                f"Could not open '{path}': Could not open '{path}': {err.strerror}"
+            ) from err
+        if fmt == "raw" or (fmt is None and magic != b"QFI\xfb"):
+            if snapshot is not None:
+                raise CliError(
+                    "Failed to load snapshot: Block format 'raw' used by device '' does not "
+                    + "support feature 'internal snapshots'"
+                )
+            self.raw = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.size = (os.fstat(self.raw).st_size + 511) // 512 * 512
+            self._read: Callable[[int, int], bytes] = self._read_raw
+            return
+        try:
+            image = qcow2.open(path, writable=False, force_share=True)
+        except (Qcow2Error, OSError) as err:
+            raise _open_error(path, err) from err
+        self.image = image
+        self.size = image.virtual_size
+        reader: object = image
+        if snapshot is not None:
+            _kind, key = snapshot
+            try:
+                view = image.snapshot(key)
+            except Qcow2Error as err:
+                raise CliError(f"Failed to load snapshot: {err.message}") from err
+            reader = view
+        self._read = reader.read  # type: ignore[attr-defined]
+
+    def _read_raw(self, offset: int, length: int) -> bytes:
+        assert self.raw is not None
+        data = os.pread(self.raw, length, offset)
+        return data + bytes(length - len(data))
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes; reads past the virtual size are zeros."""
+        length = max(0, min(length, self.size - offset))
+        return self._read(offset, length) if length else b""
+
+    def close(self) -> None:
+        if self.raw is not None:
+            os.close(self.raw)
+        if self.image is not None:
+            self.image.close()  # type: ignore[attr-defined]
+
+
+_CHUNK = 1 << 20
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        a = _Source(args.image1, args.f)
+        b = _Source(args.image2, args.F)
+    except CliError as err:
+        err.code = 2
+        raise
+    try:
+        common = min(a.size, b.size)
+        for pos in range(0, common, _CHUNK):
+            n = min(_CHUNK, common - pos)
+            da, db = a.read(pos, n), b.read(pos, n)
+            if da != db:
+                diff = next(i for i in range(n) if da[i] != db[i])
+                sys.stdout.write(f"Content mismatch at offset {(pos + diff) // 512 * 512}!\n")
+                return 1
+        if a.size != b.size:
+            if args.s:
+                sys.stdout.write("Strict mode: Image size mismatch!\n")
+                return 1
+            sys.stdout.write("Warning: Image size mismatch!\n")
+            longer = a if a.size > b.size else b
+            for pos in range(common, longer.size, _CHUNK):
+                n = min(_CHUNK, longer.size - pos)
+                data = longer.read(pos, n)
+                if data.count(0) != len(data):
+                    first = next(i for i in range(n) if data[i])
+                    sys.stdout.write(f"Content mismatch at offset {(pos + first) // 512 * 512}!\n")
+                    return 1
+        sys.stdout.write("Images are identical.\n")
+        return 0
+    except CliError as err:
+        err.code = 2
+        raise
+    finally:
+        a.close()
+        b.close()
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    qcow2 = _api()
+    from .errors import Qcow2Error
+
+    snapshot: tuple[str, str] | None = None
+    if args.l:
+        if args.l.startswith("snapshot."):
+            opts = _parse_options([args.l])
+            if "snapshot.id" in opts:
+                snapshot = ("id", opts["snapshot.id"])
+            elif "snapshot.name" in opts:
+                snapshot = ("name", opts["snapshot.name"])
+            else:
+                raise CliError(f"Invalid parameter '{args.l}'")
+        else:
+            snapshot = ("any", args.l)
+    out_fmt = args.O or "raw"
+    if out_fmt not in ("raw", "qcow2"):
+        raise CliError(f"Unknown file format '{out_fmt}'")
+    if args.c and out_fmt != "qcow2":
+        raise CliError("Compression not supported for this file format")
+    src = _Source(args.src, args.f, snapshot)
+    try:
+        size = src.size
+        writer: Callable[[int, bytes], None]
+        out_image = None
+        if out_fmt == "raw":
+            fd = os.open(args.dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, size)
+
+            def writer(offset: int, data: bytes) -> None:
+                os.pwrite(fd, data, offset)
+
+        else:
+            opts = _parse_options(args.o or [])
+            try:
+                out_image = qcow2.create(
+                    args.dst,
+                    size,
+                    cluster_size=parse_size(opts.get("cluster_size", "65536")),
+                    refcount_bits=int(opts.get("refcount_bits", "16")),
+                    version=2 if opts.get("compat") in ("0.10", "v2") else 3,
+                )
+            except (Qcow2Error, OSError) as err:
+                raise CliError(f"{args.dst}: error while converting qcow2: {err}") from err
+            if args.c:
+                compressed = getattr(out_image, "write_compressed", None)
+                if compressed is None:
+                    raise CliError("Compression not supported by this qcow2 implementation")
+                writer = compressed
+            else:
+                writer = out_image.write
+        try:
+            total = max(size, 1)
+            if args.p:
+                sys.stdout.write(f"    ({0:.2f}/100%)\r")
+                sys.stdout.flush()
+            for pos in range(0, size, _CHUNK):
+                n = min(_CHUNK, size - pos)
+                data = src.read(pos, n)
+                if args.c:
+                    step = getattr(out_image, "cluster_size", 65536)
+                    for sub in range(0, n, step):
+                        chunk = data[sub : sub + step]
+                        if chunk.count(0) != len(chunk):
+                            writer(pos + sub, chunk)
+                else:
+                    _write_nonzero(writer, pos, data)
+                if args.p:
+                    sys.stdout.write(f"    ({(pos + n) * 100.0 / total:.2f}/100%)\r")
+                    sys.stdout.flush()
+            if args.p:
+                sys.stdout.write("\n")
+        except Qcow2Error as err:
+            raise CliError(f"error while writing at byte {pos}: {err.message}") from err
+        finally:
+            if out_image is not None:
+                out_image.close()
+            else:
+                os.close(fd)
+    finally:
+        src.close()
+    return 0
+
+
+def _write_nonzero(writer: Callable[[int, bytes], None], pos: int, data: bytes) -> None:
+    """Write the 4 KiB blocks of ``data`` that are not all zero (qemu-img keeps holes)."""
+    block = 4096
+    start = None
+    for off in range(0, len(data), block):
+        zero = data.count(0, off, off + block) == min(block, len(data) - off)
+        if zero and start is not None:
+            writer(pos + start, data[start:off])
+            start = None
+        elif not zero and start is None:
+            start = off
+    if start is not None:
+        writer(pos + start, data[start:])
+
+
+# Section: argument parsing
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", choices=("human", "json"), default="human")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qcow2`` argument parser (qemu-img's options for each subcommand)."""
+    parser = _Parser(
+        prog="qcow2",
+        description="qemu-img compatible qcow2 tool (pure Python, no QEMU needed).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="show image information (qemu-img info)")
+    p.add_argument("-f", choices=("qcow2", "raw"))
+    p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    p.add_argument("--backing-chain", action="store_true", help="also show the backing files")
+    _add_output(p)
+    p.add_argument("image")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "check",
+        help="check (and repair) the image (exit 0 clean, 1 failed, 2 corrupt, 3 leaks)",
+    )
+    p.add_argument("-f", choices=("qcow2", "raw"))
+    p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    p.add_argument("-r", choices=("leaks", "all"), help="repair leaks, or everything")
+    p.add_argument("-q", action="store_true")
+    _add_output(p)
+    p.add_argument("image")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("snapshot", help="list (-l), create (-c), apply (-a), delete (-d)")
+    p.add_argument("-f", choices=("qcow2",))
+    p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("-l", action="store_true", help="list snapshots")
+    p.add_argument("-c", metavar="TAG", help="create snapshot TAG")
+    p.add_argument("-a", metavar="TAG", help="apply (revert to) snapshot TAG")
+    p.add_argument("-d", metavar="TAG", help="delete snapshot TAG")
+    p.add_argument("image")
+    p.set_defaults(func=_cmd_snapshot)
+
+    p = sub.add_parser("map", help="show guest-to-host mapping (qemu-img map)")
+    p.add_argument("-f", choices=("qcow2", "raw"))
+    p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    _add_output(p)
+    p.add_argument("image")
+    p.set_defaults(func=_cmd_map)
+
+    p = sub.add_parser("create", help="create a qcow2 image")
+    p.add_argument("-f", default="qcow2")
+    p.add_argument("-o", action="append", help="cluster_size, refcount_bits, compat, ...")
+    p.add_argument("-b", help="backing file")
+    p.add_argument("-F", help="backing file format")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("image")
+    p.add_argument("size", nargs="?")
+    p.set_defaults(func=_cmd_create)
+
+    p = sub.add_parser("resize", help="change the virtual size ([+|-]SIZE)")
+    p.add_argument("-f", choices=("qcow2",))
+    p.add_argument("-q", action="store_true")
+    p.add_argument("--shrink", action="store_true", help="allow shrinking")
+    p.add_argument("image")
+    p.add_argument("size")
+    p.set_defaults(func=_cmd_resize)
+
+    p = sub.add_parser("compare", help="compare guest content (exit 0 same, 1 different, 2 error)")
+    p.add_argument("-f", choices=("qcow2", "raw"))
+    p.add_argument("-F", choices=("qcow2", "raw"))
+    p.add_argument("-s", action="store_true", help="strict: sizes must match")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    p.add_argument("image1")
+    p.add_argument("image2")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("convert", help="copy guest content to a raw or qcow2 image")
+    p.add_argument("-f", choices=("qcow2", "raw"))
+    p.add_argument("-O", choices=("qcow2", "raw"))
+    p.add_argument("-o", action="append")
+    p.add_argument("-c", action="store_true", help="compress (qcow2 output)")
+    p.add_argument("-p", action="store_true", help="show progress")
+    p.add_argument("-q", action="store_true")
+    p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    p.add_argument("-l", metavar="SNAPSHOT", help="snapshot.name=TAG, snapshot.id=ID or TAG")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qcow2`` console script; returns the exit code."""
+    from .errors import Qcow2Error
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            raise CliError("Not enough arguments\nTry 'qcow2 --help' for more information")
+        code: int = args.func(args)
+    except CliError as err:
+        for line in str(err).splitlines():
+            if line.startswith(f"{PROG}: "):
+                sys.stderr.write(line + "\n")
+            else:
+                _err(line)
+        return err.code
+    except Qcow2Error as err:
+        _err(str(err))
+        return 1
+    except OSError as err:
+        _err(f"{err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

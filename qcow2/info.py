@@ -1,0 +1,666 @@
+"""``qemu-img info`` and ``qemu-img map`` for qcow2 images, with QEMU 7.2's output.
+
+* :func:`image_info` returns the ``qemu-img info --output=json`` object; :func:`qemu_json`
+  prints it (or any such object) exactly as qemu-img does, keys in QEMU's ``QDict`` order
+  (its hash-bucket order, not insertion order), and :func:`format_info_human` gives the
+  human layout (``bdrv_image_info_dump``).
+* :func:`map_entries` computes ``qemu-img map``'s records (``start, length, depth, present,
+  zero, data, offset``) over the backing chain, merged as qemu-img merges them;
+  :func:`format_map_json` / :func:`format_map_human` print them.
+* :func:`format_snapshot_table` is the ``qemu-img snapshot -l`` table.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import layout
+from .errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
+from .fileio import HostFile
+from .header import Header, read_header
+from .snapshot_table import SnapshotEntry, read_snapshot_table
+
+# Section: QEMU's JSON and QDict order
+
+
+def _tdb_hash(key: str) -> int:
+    """QEMU's ``tdb_hash`` (qobject/qdict.c) of a QDict key."""
+    raw = key.encode()
+    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
+    for i, ch in enumerate(raw):
+        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
+    return (1103515243 * value + 12345) & 0xFFFFFFFF
+
+
+_QDICT_BUCKETS = 512
+
+
+def qdict_order(obj: Any) -> Any:
+    """``obj`` with every dict re-ordered as QEMU iterates a QDict built in insertion order.
+
+    Keys iterate by hash bucket; a later insertion into the same bucket comes first.
+    """
+    if isinstance(obj, dict):
+        items = list(obj.items())
+        keyed = sorted(enumerate(items), key=lambda p: (_tdb_hash(p[1][0]) % _QDICT_BUCKETS, -p[0]))
+        return {k: qdict_order(v) for _, (k, v) in keyed}
+    if isinstance(obj, list):
+        return [qdict_order(v) for v in obj]
+    return obj
+
+
+def _json_str(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch in "\b\f\n\r\t":
+            out.append({"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif code < 0x20 or code >= 0x7F:
+            if code > 0xFFFF:
+                code -= 0x10000
+                out.append(f"\\u{0xD800 | (code >> 10):04X}\\u{0xDC00 | (code & 0x3FF):04X}")
+            else:
+                out.append(f"\\u{code:04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _json(obj: Any, indent: int) -> str:
+    pad = "    " * (indent + 1)
+    end = "    " * indent
+    if isinstance(obj, bool):
+        return "true" if obj else "false"
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, str):
+        return _json_str(obj)
+    if obj is None:
+        return "null"
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        body = ",\n".join(f"{pad}{_json_str(k)}: {_json(v, indent + 1)}" for k, v in obj.items())
+        return "{\n" + body + "\n" + end + "}"
+    if isinstance(obj, list):
+        if not obj:
+            return "[]"
+        body = ",\n".join(pad + _json(v, indent + 1) for v in obj)
+        return "[\n" + body + "\n" + end + "]"
+    raise TypeError(f"cannot encode {type(obj).__name__} as QEMU JSON")
+
+
+def qemu_json(obj: Any) -> str:
+    """``obj`` as qemu-img's pretty JSON (4-space indent, QDict key order), no newline."""
+    return _json(qdict_order(obj), 0)
+
+
+# Section: sizes and the snapshot table
+
+
+def size_to_str(value: int) -> str:
+    """QEMU's ``size_to_str``: ``"1 GiB"``, ``"332 KiB"``, ``"1.25 MiB"``, ``"0 B"``."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exp = _frexp(value / (1000.0 / 1024.0))
+    i = (exp - 1) // 10 if exp > 0 else 0
+    i = max(0, min(i, len(suffixes) - 1))
+    return f"{'%0.3g' % (value / (1 << (i * 10)))} {suffixes[i]}B"
+
+
+def _frexp(x: float) -> tuple[float, int]:
+    import math
+
+    return math.frexp(x)
+
+
+_SNAPSHOT_HEADER = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+
+
+def _snapshot_line(sn: SnapshotEntry) -> str:
+    """One row of QEMU's ``bdrv_snapshot_dump`` (dates in local time, like qemu-img)."""
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
+    secs = sn.vm_clock_nsec // 1_000_000_000
+    millis = (sn.vm_clock_nsec // 1_000_000) % 1000
+    clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{millis:03d}"
+    icount = "" if sn.icount is None else str(_signed64(sn.icount))
+    size = size_to_str(sn.vm_state_size)
+    return f"{sn.id:<9} {sn.name:<16} {size:>8}{date:>20}{clock:>13}{icount:>11}"
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def format_snapshot_table(snapshots: Sequence[SnapshotEntry]) -> str:
+    """The table ``qemu-img snapshot -l`` and ``info`` print (header line + one per
+    snapshot, each line ending in a newline)."""
+    return "".join(line + "\n" for line in [_SNAPSHOT_HEADER, *map(_snapshot_line, snapshots)])
+
+
+# Section: opening images and backing chains (read-only)
+
+
+@dataclass
+class Layer:
+    """One image of a backing chain, open read-only.
+
+    ``name`` is the file name as QEMU shows it (the command-line path for the top image,
+    the full backing file name below); ``header`` is None for a raw image.
+    """
+
+    name: str
+    file: HostFile
+    header: Header | None
+    virtual_size: int
+    snapshots: list[SnapshotEntry]
+
+    @property
+    def format(self) -> str:
+        """ "qcow2" or "raw"."""
+        return "raw" if self.header is None else "qcow2"
+
+    def close(self) -> None:
+        """Close the host file."""
+        self.file.close()
+
+
+def full_backing_filename(image_name: str, backing: str) -> str:
+    """QEMU's ``path_combine``: a relative backing name is relative to the image's dir."""
+    if backing.startswith("/") or "/" not in image_name:
+        return backing
+    return image_name[: image_name.rindex("/") + 1] + backing
+
+
+def open_layer(name: str, fmt: str | None = None) -> Layer:
+    """Open ``name`` read-only as qcow2 (or raw if ``fmt`` is "raw" or it is not qcow2
+    and no format was requested)."""
+    f = HostFile(name, writable=False)
+    try:
+        if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):
+            return Layer(name, f, None, layout.align_up(f.size(), 512), [])
+        h = read_header(f)
+        snaps = read_snapshot_table(
+            f,
+            h.snapshots_offset,
+            h.nb_snapshots,
+            path=name,
+            version=h.version,
+            virtual_size=h.size // 512 * 512,
+            cluster_size=h.cluster_size,
+        )
+        return Layer(name, f, h, h.size // 512 * 512, snaps)
+    except BaseException:
+        f.close()
+        raise
+
+
+def open_chain(name: str, fmt: str | None = None) -> list[Layer]:
+    """The image ``name`` and its backing files, top first (at most 64 deep, no loops)."""
+    layers: list[Layer] = []
+    seen: set[tuple[int, int]] = set()
+    try:
+        layer = open_layer(name, fmt)
+        while True:
+            st = os.fstat(layer.file.fd)
+            if (st.st_dev, st.st_ino) in seen:
+                raise BackingChainError("Backing file chain loops", path=layer.name)
+            seen.add((st.st_dev, st.st_ino))
+            layers.append(layer)
+            h = layer.header
+            if h is None or not h.backing_file:
+                return layers
+            if len(layers) > layout.MAX_BACKING_CHAIN_DEPTH:
+                raise BackingChainError("Backing file chain too deep", path=name)
+            backing = full_backing_filename(layer.name, h.backing_file)
+            try:
+                layer = open_layer(backing, h.backing_format)
+            except Qcow2Error as err:
+                raise BackingChainError(
+                    f"Could not open backing file: {err}", path=layer.name
+                ) from err
+    except BaseException:
+        for opened in layers:
+            opened.close()
+        raise
+
+
+# Section: qemu-img info
+
+
+def _format_specific(h: Header) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    compression = layout.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))
+    if h.version == 2:
+        data = {"compat": "0.10", "compression-type": compression, "refcount-bits": 16}
+    else:
+        data = {
+            "compat": "1.1",
+            "lazy-refcounts": h.lazy_refcounts,
+            "corrupt": h.corrupt,
+            "extended-l2": h.extended_l2,
+            "refcount-bits": h.refcount_bits,
+            "compression-type": compression,
+        }
+        if h.data_file is not None:
+            data["data-file"] = h.data_file
+        if h.has_data_file:
+            data["data-file-raw"] = bool(h.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW)
+    return {"type": "qcow2", "data": data}
+
+
+def _snapshot_info(sn: SnapshotEntry) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "id": sn.id,
+        "name": sn.name,
+        "vm-state-size": sn.vm_state_size,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+    }
+    if sn.icount is not None:
+        info["icount"] = _signed64(sn.icount)
+    return info
+
+
+def layer_info(layer: Layer) -> dict[str, Any]:
+    """The ``qemu-img info --output=json`` object of one open image (insertion order;
+    :func:`qemu_json` applies QEMU's key order)."""
+    st = os.fstat(layer.file.fd)
+    info: dict[str, Any] = {
+        "filename": layer.name,
+        "format": layer.format,
+        "dirty-flag": False,
+        "actual-size": st.st_blocks * 512,
+        "virtual-size": layer.virtual_size,
+    }
+    h = layer.header
+    if h is None:
+        return info
+    info["dirty-flag"] = h.dirty
+    info["cluster-size"] = h.cluster_size
+    if h.crypt_method:
+        info["encrypted"] = True
+    if h.backing_file:
+        info["backing-filename"] = h.backing_file
+        info["full-backing-filename"] = full_backing_filename(layer.name, h.backing_file)
+        if h.backing_format:
+            info["backing-filename-format"] = h.backing_format
+    if layer.snapshots:
+        info["snapshots"] = [_snapshot_info(sn) for sn in layer.snapshots]
+    info["format-specific"] = _format_specific(h)
+    return info
+
+
+def image_info(image: Any) -> dict[str, Any]:
+    """``Image.info()``: the ``qemu-img info --output=json`` object of an open image."""
+    layer = Layer(
+        image.path,
+        image.file,
+        image.header,
+        image.header.size // 512 * 512,
+        list(image.snapshots),
+    )
+    return layer_info(layer)
+
+
+def _dump_qobject(obj: Any, indentation: int, out: list[str]) -> None:
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            composite = isinstance(value, dict | list)
+            out.append(" " * (indentation * 4) + key.replace("-", " ") + ":")
+            if composite:
+                out.append("\n")
+            _dump_qobject(value, indentation + 1, out)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            composite = isinstance(value, dict | list)
+            out.append(" " * (indentation * 4) + f"[{i}]:" + ("\n" if composite else " "))
+            _dump_qobject(value, indentation + 1, out)
+    elif isinstance(obj, bool):
+        out.append(" true\n" if obj else " false\n")
+    else:
+        out.append(f" {obj}\n")
+
+
+def format_info_human(info: dict[str, Any]) -> str:
+    """QEMU's ``bdrv_image_info_dump`` of one :func:`layer_info` object."""
+    lines = [
+        f"image: {info['filename']}\n",
+        f"file format: {info['format']}\n",
+        f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)\n",
+        f"disk size: {size_to_str(info['actual-size'])}\n",
+    ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes\n")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}\n")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no\n")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line + "\n")
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}\n")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:\n")
+        entries = [
+            SnapshotEntry(
+                id=s["id"],
+                name=s["name"],
+                l1_table_offset=0,
+                l1_size=0,
+                date_sec=s["date-sec"],
+                date_nsec=s["date-nsec"],
+                vm_clock_nsec=s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"],
+                vm_state_size=s["vm-state-size"],
+                icount=s.get("icount"),
+            )
+            for s in info["snapshots"]
+        ]
+        lines.append(format_snapshot_table(entries))
+    if "format-specific" in info:
+        lines.append("Format specific information:\n")
+        out: list[str] = []
+        _dump_qobject(qdict_order(info["format-specific"])["data"], 1, out)
+        lines.append("".join(out))
+    return "".join(lines)
+
+
+# Section: qemu-img map
+
+_DATA, _ZERO, _UNALLOCATED, _INVALID = 1, 2, 0, 3
+
+
+@dataclass
+class _Run:
+    """A guest range of one layer with one status: kind, host offset (None if unknown)."""
+
+    start: int
+    end: int
+    kind: int
+    offset: int | None
+
+
+@dataclass
+class MapEntry:
+    """One record of ``qemu-img map`` (``offset``/``filename`` None if not reported)."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+    filename: str | None
+
+
+def _qcow2_runs(layer: Layer) -> list[_Run]:
+    """The block status of every guest range of a qcow2 layer (QEMU's
+    ``qcow2_co_block_status``), adjacent equal statuses merged."""
+    h = layer.header
+    assert h is not None
+    f = layer.file
+    cs = h.cluster_size
+    per_l2 = h.l2_entries
+    l2_span = cs * per_l2
+    size = layer.virtual_size
+    nb_l1 = min(h.l1_size, layout.size_to_clusters(l2_span, size))
+    file_len = f.size()
+    l1_raw = f.pread(h.l1_table_offset, nb_l1 * 8) if nb_l1 else b""
+    l1 = struct.unpack(f">{nb_l1}Q", l1_raw)
+    runs: list[_Run] = []
+    ext = h.extended_l2
+    sc_size = h.subcluster_size
+    encrypted = bool(h.crypt_method)
+
+    def add(start: int, end: int, kind: int, offset: int | None) -> None:
+        end = min(end, size)
+        if start >= end:
+            return
+        if runs:
+            last = runs[-1]
+            if (
+                last.end == start
+                and last.kind == kind
+                and (last.offset is None) == (offset is None)
+                and (offset is None or last.offset == offset - (start - last.start))
+            ):
+                last.end = end
+                return
+        runs.append(_Run(start, end, kind, offset))
+
+    for i, l1_entry in enumerate(l1):
+        base = i * l2_span
+        l2_offset = l1_entry & layout.L1E_OFFSET_MASK
+        if not l2_offset:
+            add(base, base + l2_span, _UNALLOCATED, None)
+            continue
+        if l2_offset % cs:
+            raise CorruptImageError(
+                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {i:#x})",
+                path=layer.name,
+                offset=l2_offset,
+            )
+        raw = f.pread(l2_offset, cs) if l2_offset < file_len else bytes(cs)
+        words = struct.unpack(f">{cs // 8}Q", raw)
+        step = 2 if ext else 1
+        for j in range(per_l2):
+            entry = words[j * step]
+            bitmap = words[j * step + 1] if ext else 0
+            start = base + j * cs
+            if start >= size:
+                break
+            for sc_start, sc_end, kind, offset in _entry_status(
+                entry, bitmap, h, start, cs, sc_size
+            ):
+                if kind == _INVALID:
+                    raise CorruptImageError(
+                        f"Invalid cluster entry found (L2 offset: {l2_offset:#x}, "
+                        f"L2 index: {j:#x})",
+                        path=layer.name,
+                    )
+                add(sc_start, sc_end, kind, None if encrypted else offset)
+    add(nb_l1 * l2_span, size, _UNALLOCATED, None)
+    return runs
+
+
+def _entry_status(
+    entry: int, bitmap: int, h: Header, start: int, cs: int, sc_size: int
+) -> Iterator[tuple[int, int, int, int | None]]:
+    """(start, end, kind, host offset) of the (sub)clusters of one L2 entry."""
+    host = entry & layout.L2E_OFFSET_MASK
+    if entry & layout.OFLAG_COMPRESSED:
+        yield start, start + cs, _DATA, None
+        return
+    if not h.extended_l2:
+        if entry & layout.OFLAG_ZERO:
+            yield start, start + cs, _ZERO, host or None
+        elif host:
+            yield start, start + cs, _DATA, host
+        else:
+            yield start, start + cs, _UNALLOCATED, None
+        return
+    if host:
+        if (bitmap >> 32) & bitmap:
+            yield start, start + cs, _INVALID, None
+            return
+    elif bitmap & layout.SUBCLUSTER_ALLOC_MASK:
+        yield start, start + cs, _INVALID, None
+        return
+    for sc in range(layout.SUBCLUSTERS_PER_CLUSTER):
+        s = start + sc * sc_size
+        if bitmap & (1 << (sc + 32)):
+            yield s, s + sc_size, _ZERO, (host + sc * sc_size) if host else None
+        elif host and bitmap & (1 << sc):
+            yield s, s + sc_size, _DATA, host + sc * sc_size
+        else:
+            yield s, s + sc_size, _UNALLOCATED, None
+
+
+def _raw_runs(layer: Layer) -> list[_Run]:
+    """Data and holes of a raw layer (file-posix's SEEK_DATA/SEEK_HOLE status)."""
+    size = layer.virtual_size
+    runs: list[_Run] = []
+    pos = 0
+    fd = layer.file.fd
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            data = size
+        if data > pos:
+            runs.append(_Run(pos, min(data, size), _ZERO, pos))
+            pos = min(data, size)
+            continue
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        runs.append(_Run(pos, min(hole, size), _DATA, pos))
+        pos = min(hole, size)
+    return runs
+
+
+def _status(runs: list[_Run], starts: list[int], pos: int) -> _Run:
+    return runs[bisect.bisect_right(starts, pos) - 1]
+
+
+def map_entries(layers: Sequence[Layer]) -> list[MapEntry]:
+    """qemu-img map's records for the chain ``layers`` (top first), merged like qemu-img
+    (same depth/present/zero/data/file and contiguous offsets)."""
+    statuses = [(_qcow2_runs(x) if x.header is not None else _raw_runs(x)) for x in layers]
+    starts = [[r.start for r in runs] for runs in statuses]
+    length = layers[0].virtual_size
+    entries: list[MapEntry] = []
+    pos = 0
+    while pos < length:
+        entry = _block_status(layers, statuses, starts, pos, length - pos)
+        if entries and _mergeable(entries[-1], entry):
+            entries[-1].length += entry.length
+        else:
+            entries.append(entry)
+        pos += entry.length
+    return entries
+
+
+def _block_status(
+    layers: Sequence[Layer],
+    statuses: list[list[_Run]],
+    starts: list[list[int]],
+    pos: int,
+    nbytes: int,
+) -> MapEntry:
+    """qemu-img's ``get_block_status``: descend the chain until a layer has the range."""
+    for depth, layer in enumerate(layers):
+        nbytes = min(nbytes, layer.virtual_size - pos)
+        run = _status(statuses[depth], starts[depth], pos)
+        nbytes = min(nbytes, run.end - pos)
+        offset = None if run.offset is None else run.offset + (pos - run.start)
+        if run.kind in (_DATA, _ZERO):
+            data = run.kind == _DATA
+            name = layer.name if offset is not None else None
+            return MapEntry(pos, nbytes, depth, True, not data, data, offset, name)
+        below = layers[depth + 1] if depth + 1 < len(layers) else None
+        if below is None or pos >= below.virtual_size:
+            return MapEntry(pos, nbytes, depth, False, True, False, None, None)
+    raise AssertionError("unreachable")
+
+
+def _mergeable(curr: MapEntry, nxt: MapEntry) -> bool:
+    """qemu-img's ``entry_mergeable``."""
+    if curr.length == 0:
+        return False
+    if (curr.zero, curr.data, curr.depth, curr.present) != (
+        nxt.zero,
+        nxt.data,
+        nxt.depth,
+        nxt.present,
+    ):
+        return False
+    if (curr.filename is None) != (nxt.filename is None) or curr.filename != nxt.filename:
+        return False
+    if (curr.offset is None) != (nxt.offset is None):
+        return False
+    return curr.offset is None or nxt.offset == curr.offset + curr.length
+
+
+def format_map_json(entries: Sequence[MapEntry]) -> str:
+    """``qemu-img map --output=json`` text (ends with a newline)."""
+    parts = []
+    for e in entries:
+        text = (
+            f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
+            f'"present": {_b(e.present)}, "zero": {_b(e.zero)}, "data": {_b(e.data)}'
+        )
+        if e.offset is not None:
+            text += f', "offset": {e.offset}'
+        parts.append(text + "}")
+    return "[" + ",\n".join(parts) + "]\n"
+
+
+def _b(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _c_hex(value: int) -> str:
+    return f"{value:#x}" if value else "0"
+
+
+def format_map_human(entries: Sequence[MapEntry]) -> tuple[str, str | None]:
+    """``qemu-img map`` human text, and the error qemu-img stops with (None if none).
+
+    Like qemu-img, entries are re-merged after zero/data distinctions are dropped, and a
+    data range without a host offset (compressed, encrypted) ends the listing with an error.
+    """
+    out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"]
+    if not entries:
+        return "".join(out), None
+    work = [MapEntry(**vars(e)) for e in entries]
+    curr = work[0]
+    for nxt in [*work[1:], None]:
+        if nxt is not None and _mergeable(curr, nxt):
+            curr.length += nxt.length
+            continue
+        if curr.data and curr.offset is None:
+            return "".join(out), "File contains external, encrypted or compressed clusters."
+        if curr.data and not curr.zero:
+            out.append(
+                f"{_c_hex(curr.start):<16}{_c_hex(curr.length):<16}"
+                f"{_c_hex(curr.offset or 0):<16}{curr.filename}\n"
+            )
+        if nxt is None:
+            break
+        if not nxt.data or nxt.zero:
+            nxt.data = False
+            nxt.zero = True
+        curr = nxt
+    return "".join(out), None
+
+
+def layers_for(image_name: str) -> list[Layer]:
+    """Open ``image_name`` and its backing chain for :func:`map_entries`; raises
+    InvalidImageError for unknown formats."""
+    layers = open_chain(image_name)
+    if layers[0].header is None:
+        for layer in layers:
+            layer.close()
+        raise InvalidImageError("Image is not in qcow2 format", path=image_name)
+    return layers
