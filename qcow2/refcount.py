@@ -7,6 +7,16 @@ each byte for widths 1, 2 and 4.
 
 from __future__ import annotations
 
+import errno as _errno
+import struct
+from collections.abc import Callable
+
+from . import layout
+from .cache import TableCache
+from .errors import CorruptImageError, Qcow2Error
+from .fileio import HostFile, fault_point
+from .header import Header, write_header_fields
+
 
 def read_refcount(block: bytes | bytearray | memoryview, index: int, bits: int) -> int:
     """Entry ``index`` of a refcount block whose entries are ``bits`` wide (1..64)."""
@@ -31,3 +41,280 @@ def write_refcount(block: bytearray, index: int, bits: int, value: int) -> None:
     shift = bit % 8
     mask = ((1 << bits) - 1) << shift
     block[bit // 8] = (block[bit // 8] & ~mask) | (value << shift)
+
+
+class RefcountRangeError(Qcow2Error):
+    """A refcount update would overflow 2**refcount_bits-1 or drop below 0.
+
+    Raised before anything is changed, so a failed multi-cluster update leaves at most
+    leaks (refcounts raised earlier by the caller), never too-low refcounts.
+    """
+
+    errno = _errno.ERANGE
+
+
+class RefcountTable:
+    """The refcount table of an open image: lookup, update, allocation, growth.
+
+    Refcount blocks go through ``cache`` (write-back); the reftable itself is kept in
+    memory and written through (its entries change only when refblocks are allocated).
+    ``freed_hook(offset)`` is told about every cluster whose refcount drops to 0, so cached
+    tables living there can be forgotten.
+    """
+
+    def __init__(self, f: HostFile, header: Header, cache: TableCache) -> None:
+        self.file = f
+        self.header = header
+        self.cache = cache
+        self.cluster_size = header.cluster_size
+        self.bits = header.refcount_bits
+        self.max_refcount = (1 << self.bits) - 1
+        self.entries_per_block = header.refblock_entries
+        self.freed_hook: Callable[[int], None] | None = None
+        #: The cache holding the references (L2 tables): written before decrements.
+        self.decrement_dependency: TableCache | None = None
+        #: While set, the allocator treats these clusters as used (refcount repair).
+        self.reserved: set[int] | None = None
+        #: Lowest cluster index that may be free (QEMU's ``free_cluster_index``).
+        self.free_cluster_index = 0
+        raw = f.pread(
+            header.refcount_table_offset, header.refcount_table_clusters * self.cluster_size
+        )
+        self.table: list[int] = list(struct.unpack(f">{len(raw) // 8}Q", raw))
+
+    # Section: lookup
+
+    def _block_offset(self, index: int) -> int:
+        """Host offset of refcount block ``index`` (0 if not allocated)."""
+        if index >= len(self.table):
+            return 0
+        offset = self.table[index] & layout.REFT_OFFSET_MASK
+        if offset % self.cluster_size:
+            raise CorruptImageError(
+                f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})",
+                path=self.file.path,
+                offset=offset,
+            )
+        return offset
+
+    def get(self, cluster_index: int) -> int:
+        """Refcount of host cluster ``cluster_index`` (0 where no refblock covers it)."""
+        block_offset = self._block_offset(cluster_index // self.entries_per_block)
+        if not block_offset:
+            return 0
+        block = self.cache.get(block_offset)
+        return read_refcount(block, cluster_index % self.entries_per_block, self.bits)
+
+    # Section: update
+
+    def update(self, offset: int, length: int, addend: int) -> None:
+        """Add ``addend`` to the refcount of every cluster touched by ``[offset, +length)``.
+
+        Checks the whole range first: on overflow or underflow nothing changes and
+        :class:`RefcountRangeError` is raised.  Missing refblocks are allocated first.
+        """
+        if length <= 0 or addend == 0:
+            return
+        if addend < 0 and self.decrement_dependency is not None:
+            # The reference being dropped must be gone on disk before its refcount drops.
+            self.cache.set_dependency(self.decrement_dependency)
+        first = offset // self.cluster_size
+        last = (offset + length - 1) // self.cluster_size
+        if addend > 0:
+            self._ensure_blocks(first, last, exclude=(first, last))
+        for cluster in range(first, last + 1):
+            value = self.get(cluster) + addend
+            if value < 0:
+                raise RefcountRangeError(
+                    f"refcount of cluster {cluster} would drop below 0 (offset {offset:#x})",
+                    path=self.file.path,
+                )
+            if value > self.max_refcount:
+                raise RefcountRangeError(
+                    f"refcount of cluster {cluster} would exceed {self.max_refcount} "
+                    f"(refcount_bits={self.bits})",
+                    path=self.file.path,
+                )
+        for cluster in range(first, last + 1):
+            self._set(cluster, self.get(cluster) + addend)
+
+    def set_refcount(self, cluster_index: int, value: int) -> None:
+        """Store an absolute refcount (repair); allocates the refblock if needed."""
+        if value:
+            self._ensure_blocks(
+                cluster_index, cluster_index, exclude=(cluster_index, cluster_index)
+            )
+        elif not self._block_offset(cluster_index // self.entries_per_block):
+            return
+        self._set(cluster_index, value)
+
+    def _set(self, cluster: int, value: int) -> None:
+        block_offset = self._block_offset(cluster // self.entries_per_block)
+        block = self.cache.get(block_offset)
+        write_refcount(block, cluster % self.entries_per_block, self.bits, value)
+        self.cache.mark_dirty(block_offset)
+        if value == 0:
+            self.free_cluster_index = min(self.free_cluster_index, cluster)
+            if self.freed_hook is not None:
+                self.freed_hook(cluster * self.cluster_size)
+
+    # Section: allocation
+
+    def _is_free(self, cluster: int) -> bool:
+        if self.reserved is not None and cluster in self.reserved:
+            return False
+        return self.get(cluster) == 0
+
+    def find_free(self, nclusters: int, exclude: tuple[int, int] | None = None) -> int:
+        """First cluster index of the lowest run of ``nclusters`` free clusters."""
+        cluster = self.free_cluster_index
+        run_start, run = cluster, 0
+        per_block = self.entries_per_block
+        while run < nclusters:
+            index = cluster // per_block
+            excluded = exclude is not None and exclude[0] <= cluster <= exclude[1]
+            if (
+                not excluded
+                and self.reserved is None
+                and not self._block_offset(index)
+                and cluster % per_block == 0
+                and (exclude is None or exclude[0] >= cluster + per_block or exclude[1] < cluster)
+            ):
+                # A whole uncovered refblock range is free.
+                if run == 0:
+                    run_start = cluster
+                run += per_block
+                cluster += per_block
+                continue
+            if not excluded and self._is_free(cluster):
+                if run == 0:
+                    run_start = cluster
+                run += 1
+            else:
+                run = 0
+            cluster += 1
+        return run_start
+
+    def alloc(self, nbytes: int) -> int:
+        """Allocate contiguous clusters for ``nbytes`` (first fit, lowest free clusters
+        first, like QEMU) with refcount 1; returns the host offset."""
+        nclusters = max(1, layout.size_to_clusters(self.cluster_size, nbytes))
+        while True:
+            first = self.find_free(nclusters)
+            last = first + nclusters - 1
+            if self._ensure_blocks(first, last, exclude=None):
+                continue  # new refblocks may have taken the range: search again (-EAGAIN)
+            self.update(first * self.cluster_size, nclusters * self.cluster_size, 1)
+            if first == self.free_cluster_index:
+                self.free_cluster_index = last + 1
+            return first * self.cluster_size
+
+    def free(self, offset: int, length: int) -> None:
+        """Drop one reference from every cluster touched by ``[offset, +length)``."""
+        self.update(offset, length, -1)
+
+    # Section: refcount blocks and reftable growth
+
+    def _ensure_blocks(self, first: int, last: int, exclude: tuple[int, int] | None) -> bool:
+        """Allocate the refblocks covering clusters ``first..last``; True if any was."""
+        per_block = self.entries_per_block
+        missing = [
+            index
+            for index in range(first // per_block, last // per_block + 1)
+            if not self._block_offset(index)
+        ]
+        if not missing:
+            return False
+        if missing[-1] >= len(self.table):
+            self._grow_table(set(missing), exclude_end=(exclude[1] + 1) if exclude else 0)
+            missing = [i for i in missing if not self._block_offset(i)]
+        for index in missing:
+            self._alloc_refblock(index, exclude)
+        return True
+
+    def _alloc_refblock(self, index: int, exclude: tuple[int, int] | None) -> None:
+        """QEMU's ``alloc_refcount_block``: one new block, describing itself if it lies in
+        the range it covers, hooked into the reftable after it is durable."""
+        if self._block_offset(index):
+            return
+        cluster = self.find_free(1, exclude)
+        home = cluster // self.entries_per_block
+        if home >= len(self.table):
+            self._grow_table({index, home}, exclude_end=(exclude[1] + 1) if exclude else 0)
+            return
+        if home != index and not self._block_offset(home):
+            self._alloc_refblock(home, exclude)
+            self._alloc_refblock(index, exclude)
+            return
+        block = bytearray(self.cluster_size)
+        if home == index:
+            write_refcount(block, cluster % self.entries_per_block, self.bits, 1)
+        offset = cluster * self.cluster_size
+        fault_point("refblock_alloc.write")
+        self.file.pwrite(offset, bytes(block))
+        self.cache.put(offset, block, dirty=False)
+        if home != index:
+            self._set(cluster, self.get(cluster) + 1)
+        # The block and its own refcount must be durable before the table points at it.
+        self.cache.flush()
+        self.file.flush()
+        fault_point("refblock_alloc.hookup")
+        self.file.pwrite(self.header.refcount_table_offset + index * 8, struct.pack(">Q", offset))
+        self.file.flush()
+        self.table[index] = offset
+
+    def _grow_table(self, indices: set[int], exclude_end: int) -> None:
+        """Move the reftable to a bigger one placed, with the new refblocks, in the first
+        area no current refblock can describe; the new blocks describe that area itself."""
+        cs = self.cluster_size
+        per_block = self.entries_per_block
+        old_entries = len(self.table)
+        area = max(old_entries * per_block, exclude_end)
+        nblocks, nclusters = 0, 1
+        while True:
+            area_end = area + nblocks + nclusters
+            wanted = set(indices) | set(range(area // per_block, (area_end - 1) // per_block + 1))
+            needed = sorted(i for i in wanted if not self._block_offset(i))
+            entries = max(old_entries, needed[-1] + 1) * 3 // 2 + 1
+            new_clusters = layout.size_to_clusters(cs, entries * 8)
+            if (len(needed), new_clusters) == (nblocks, nclusters):
+                break
+            nblocks, nclusters = len(needed), new_clusters
+        if nclusters * cs > layout.MAX_REFTABLE_BYTES:
+            raise RefcountRangeError(
+                f"refcount table would need {nclusters * cs} bytes (limit "
+                f"{layout.MAX_REFTABLE_BYTES})",
+                path=self.file.path,
+            )
+        blocks = {index: bytearray(cs) for index in needed}
+        for cluster in range(area, area + nblocks + nclusters):
+            write_refcount(blocks[cluster // per_block], cluster % per_block, self.bits, 1)
+        new_table = self.table + [0] * (nclusters * cs // 8 - old_entries)
+        for k, index in enumerate(needed):
+            new_table[index] = (area + k) * cs
+        table_offset = (area + nblocks) * cs
+        fault_point("refblock_alloc.write_blocks")
+        self.file.pwrite(area * cs, b"".join(bytes(blocks[i]) for i in needed))
+        fault_point("refblock_alloc.write_table")
+        self.file.pwrite(table_offset, struct.pack(f">{len(new_table)}Q", *new_table))
+        self.cache.flush()
+        self.file.flush()
+        # The new table and blocks are durable and describe themselves: switch.
+        fault_point("refblock_alloc.switch_table")
+        write_header_fields(
+            self.file, refcount_table_offset=table_offset, refcount_table_clusters=nclusters
+        )
+        self.file.flush()
+        old_offset = self.header.refcount_table_offset
+        old_clusters = self.header.refcount_table_clusters
+        self.header.refcount_table_offset = table_offset
+        self.header.refcount_table_clusters = nclusters
+        self.table = new_table
+        for k, index in enumerate(needed):
+            self.cache.put((area + k) * cs, blocks[index], dirty=False)
+        # Only now that nothing points at the old table can it be freed.
+        self.free(old_offset, old_clusters * cs)
+
+    def flush(self) -> None:
+        """Write dirty refcount blocks (the caller flushes the host file)."""
+        self.cache.flush()

@@ -1,0 +1,646 @@
+"""L1/L2 mapping: guest offset -> host offset, cluster allocation, COW, zero and discard.
+
+A port of the parts of QEMU's ``block/qcow2-cluster.c`` a synchronous writer needs:
+
+* :func:`classify_l2_entry` is ``qcow2_get_cluster_type``; :meth:`ClusterMap.map_range`
+  turns a guest range into extents (host data, zeros, backing file, compressed), extended
+  L2 subclusters included;
+* :meth:`ClusterMap.write` writes in place where the active entry has COPIED, else
+  allocates new clusters (copy on write of shared, compressed and zero clusters, of the
+  touched subclusters with extended L2) and COWs shared L2 tables;
+* :meth:`ClusterMap.zeroize` / :meth:`ClusterMap.discard` follow QEMU 7.2's
+  ``zero_in_l2_slice`` / ``discard_in_l2_slice`` for v2 and v3.
+
+Order of every allocation: refcounts raised (refblock cache) -> data written -> L2 entry
+(the L2 cache depends on the refblock cache, so the entry reaches the disk only after the
+refcount) -> old cluster freed (the refblock cache then depends on the L2 cache, so the
+refcount drops only after the reference is gone).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from typing import NamedTuple, cast
+
+from . import layout
+from .cache import TableCache
+from .compress import parse_compressed_entry
+from .errors import CorruptImageError, Qcow2Error
+from .fileio import HostFile, fault_point
+from .header import Header, write_header_fields
+from .refcount import RefcountTable
+
+#: Extended L2 bitmap with every subcluster reading as zeros / allocated.
+BITMAP_ALL_ZEROES = 0xFFFFFFFF << layout.SUBCLUSTER_ZERO_SHIFT
+BITMAP_ALL_ALLOC = layout.SUBCLUSTER_ALLOC_MASK
+
+_U64 = struct.Struct(">Q")
+
+
+def as_buffer(data: bytes | bytearray | memoryview) -> bytes:
+    """Pass a bytes-like object to ``HostFile.pwrite`` without copying it (it only
+    needs the buffer protocol)."""
+    return cast(bytes, data)
+
+
+class ClusterType(enum.IntEnum):
+    """QEMU's ``QCow2ClusterType``."""
+
+    UNALLOCATED = 0
+    ZERO_PLAIN = 1
+    ZERO_ALLOC = 2
+    NORMAL = 3
+    COMPRESSED = 4
+
+
+class ExtentKind(enum.Enum):
+    """Where the bytes of a guest range come from."""
+
+    DATA = "data"  # host file at ``host``
+    ZERO = "zero"  # reads as zeros
+    BACKING = "backing"  # backing file (zeros without one)
+    COMPRESSED = "compressed"  # ``host`` holds the compressed L2 entry
+
+
+class Extent(NamedTuple):
+    """A guest byte range with one source; ``host`` as described by :class:`ExtentKind`."""
+
+    kind: ExtentKind
+    guest: int
+    length: int
+    host: int = 0
+
+
+def classify_l2_entry(entry: int, extended_l2: bool = False) -> ClusterType:
+    """Cluster type of an L2 entry (QEMU's ``qcow2_get_cluster_type``).
+
+    With extended L2 the zero flag (bit 0) is unused: zeros live in the bitmap.
+    """
+    if entry & layout.OFLAG_COMPRESSED:
+        return ClusterType.COMPRESSED
+    if entry & layout.OFLAG_ZERO and not extended_l2:
+        if entry & layout.L2E_OFFSET_MASK:
+            return ClusterType.ZERO_ALLOC
+        return ClusterType.ZERO_PLAIN
+    if not entry & layout.L2E_OFFSET_MASK:
+        return ClusterType.UNALLOCATED
+    return ClusterType.NORMAL
+
+
+def owns_host_cluster(cluster_type: ClusterType) -> bool:
+    """True for types holding a refcounted host cluster (``qcow2_cluster_is_allocated``)."""
+    return cluster_type in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.COMPRESSED)
+
+
+def _sc_range_bits(first: int, last: int) -> int:
+    """Allocation bits of subclusters ``first..last``."""
+    return ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+
+
+class ClusterMap:
+    """The active L1 table in memory and the L2 tables behind it (through ``l2_cache``).
+
+    ``l1`` is the active L1 table (entries with flags); other modules (snapshots, commit)
+    read and replace it in place.  ``mark_dirty`` is called before the first metadata
+    change (lazy refcounts set the dirty bit there); ``accurate_refcounts`` False drops
+    the L2-after-refblock ordering (lazy refcounts with the dirty bit set).
+    """
+
+    def __init__(
+        self, f: HostFile, header: Header, refcounts: RefcountTable, l2_cache: TableCache
+    ) -> None:
+        self.file = f
+        self.header = header
+        self.refcounts = refcounts
+        self.l2_cache = l2_cache
+        self.cluster_size = header.cluster_size
+        self.cluster_bits = header.cluster_bits
+        self.l2_entries = header.l2_entries
+        self.entry_size = header.l2_entry_size
+        self.extended = header.extended_l2
+        self.subcluster_size = header.subcluster_size
+        self.before_metadata_change: Callable[[], None] | None = None
+        self.accurate_refcounts = True
+        raw = f.pread(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
+        self.l1: list[int] = list(struct.unpack(f">{header.l1_size}Q", raw))
+
+    # Section: tables
+
+    def _path(self) -> str:
+        return self.file.path
+
+    def l2_offset(self, l1_index: int, l1: list[int] | None = None) -> int:
+        """Host offset of the L2 table of ``l1_index`` (0: none), validated."""
+        table = self.l1 if l1 is None else l1
+        if l1_index >= len(table):
+            return 0
+        offset = table[l1_index] & layout.L1E_OFFSET_MASK
+        if offset % self.cluster_size:
+            raise CorruptImageError(
+                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})",
+                path=self._path(),
+                offset=offset,
+            )
+        return offset
+
+    def l2_table(self, l2_offset: int) -> bytearray:
+        """The L2 table at host ``l2_offset`` through the cache (modify, then
+        :meth:`mark_l2_dirty`)."""
+        return self.l2_cache.get(l2_offset)
+
+    def mark_l2_dirty(self, l2_offset: int) -> None:
+        """Record a change of the cached L2 table at ``l2_offset``."""
+        self.l2_cache.mark_dirty(l2_offset)
+
+    def get_entry(self, table: bytearray, index: int) -> tuple[int, int]:
+        """``(entry, bitmap)`` of L2 slot ``index`` (bitmap 0 without extended L2)."""
+        pos = index * self.entry_size
+        entry = int.from_bytes(table[pos : pos + 8], "big")
+        if self.extended:
+            return entry, int.from_bytes(table[pos + 8 : pos + 16], "big")
+        return entry, 0
+
+    def set_entry(self, table: bytearray, index: int, entry: int, bitmap: int = 0) -> None:
+        """Store an L2 entry (and bitmap with extended L2) into a cached table."""
+        pos = index * self.entry_size
+        table[pos : pos + 8] = _U64.pack(entry)
+        if self.extended:
+            table[pos + 8 : pos + 16] = _U64.pack(bitmap)
+
+    def write_l1_entry(self, index: int) -> None:
+        """Write one active L1 entry to disk (the caller flushes)."""
+        self.file.pwrite(
+            self.header.l1_table_offset + index * layout.L1_ENTRY_SIZE, _U64.pack(self.l1[index])
+        )
+
+    def write_l1_table(self) -> None:
+        """Write the whole active L1 table in place (the caller flushes)."""
+        self.file.pwrite(self.header.l1_table_offset, struct.pack(f">{len(self.l1)}Q", *self.l1))
+
+    def _notify_change(self) -> None:
+        if self.before_metadata_change is not None:
+            self.before_metadata_change()
+
+    # Section: lookup
+
+    def lookup(self, guest_offset: int) -> tuple[ClusterType, int]:
+        """``(type, host offset of that byte)`` for a guest offset (host 0 if none;
+        compressed: the compressed data's host byte offset)."""
+        cluster = guest_offset // self.cluster_size
+        l1_index, l2_index = divmod(cluster, self.l2_entries)
+        l2_offset = self.l2_offset(l1_index)
+        if not l2_offset:
+            return ClusterType.UNALLOCATED, 0
+        entry, _ = self.get_entry(self.l2_table(l2_offset), l2_index)
+        ctype = classify_l2_entry(entry, self.extended)
+        if ctype == ClusterType.COMPRESSED:
+            return ctype, parse_compressed_entry(entry, self.cluster_bits)[0]
+        host = entry & layout.L2E_OFFSET_MASK
+        return ctype, host + guest_offset % self.cluster_size if host else 0
+
+    def map_range(self, offset: int, length: int, l1: list[int] | None = None) -> list[Extent]:
+        """Extents covering guest ``[offset, offset+length)`` through ``l1`` (default: the
+        active L1), adjacent extents of one kind merged."""
+        out: list[Extent] = []
+        cs = self.cluster_size
+        span = self.l2_entries * cs
+        cur, end = offset, offset + length
+
+        def add(kind: ExtentKind, start: int, n: int, host: int = 0) -> None:
+            if out:
+                last = out[-1]
+                if (
+                    last.kind == kind
+                    and last.guest + last.length == start
+                    and kind != ExtentKind.COMPRESSED
+                    and (kind != ExtentKind.DATA or last.host + last.length == host)
+                ):
+                    out[-1] = Extent(kind, last.guest, last.length + n, last.host)
+                    return
+            out.append(Extent(kind, start, n, host))
+
+        while cur < end:
+            l1_index = cur // span
+            table_end = min(end, (l1_index + 1) * span)
+            l2_offset = self.l2_offset(l1_index, l1)
+            if not l2_offset:
+                add(ExtentKind.BACKING, cur, table_end - cur)
+                cur = table_end
+                continue
+            table = self.l2_table(l2_offset)
+            while cur < table_end:
+                cluster = cur // cs
+                index = cluster % self.l2_entries
+                start = cluster * cs
+                seg_end = min(table_end, start + cs)
+                entry, bitmap = self.get_entry(table, index)
+                if entry & layout.OFLAG_COMPRESSED:
+                    add(ExtentKind.COMPRESSED, cur, seg_end - cur, entry)
+                elif self.extended:
+                    self._map_subclusters(entry, bitmap, l2_offset, index, cur, seg_end, add)
+                else:
+                    host = self._data_offset(entry, l2_offset, index)
+                    if entry & layout.OFLAG_ZERO:
+                        if self.header.version < 3:
+                            raise CorruptImageError(
+                                f"Zero cluster entry found in pre-v3 image (L2 offset: "
+                                f"{l2_offset:#x}, L2 index: {index:#x})",
+                                path=self._path(),
+                                offset=l2_offset,
+                            )
+                        add(ExtentKind.ZERO, cur, seg_end - cur)
+                    elif host:
+                        add(ExtentKind.DATA, cur, seg_end - cur, host + cur - start)
+                    else:
+                        add(ExtentKind.BACKING, cur, seg_end - cur)
+                cur = seg_end
+        return out
+
+    def _data_offset(self, entry: int, l2_offset: int, index: int) -> int:
+        host = entry & layout.L2E_OFFSET_MASK
+        if host % self.cluster_size:
+            raise CorruptImageError(
+                f"Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_offset:#x}, "
+                f"L2 index: {index:#x})",
+                path=self._path(),
+                offset=host,
+            )
+        return host
+
+    def _map_subclusters(
+        self,
+        entry: int,
+        bitmap: int,
+        l2_offset: int,
+        index: int,
+        cur: int,
+        seg_end: int,
+        add: Callable[[ExtentKind, int, int, int], None],
+    ) -> None:
+        host = self._data_offset(entry, l2_offset, index)
+        alloc = bitmap & BITMAP_ALL_ALLOC
+        zero = bitmap >> layout.SUBCLUSTER_ZERO_SHIFT
+        if alloc & zero or (alloc and not host):
+            raise CorruptImageError(
+                f"Invalid cluster entry found  (L2 offset: {l2_offset:#x}, L2 index: {index:#x})",
+                path=self._path(),
+                offset=l2_offset,
+            )
+        scs = self.subcluster_size
+        start = cur - cur % self.cluster_size
+        while cur < seg_end:
+            sc = (cur - start) // scs
+            sc_end = min(seg_end, start + (sc + 1) * scs)
+            if alloc >> sc & 1:
+                add(ExtentKind.DATA, cur, sc_end - cur, host + cur - start)
+            elif zero >> sc & 1:
+                add(ExtentKind.ZERO, cur, sc_end - cur, 0)
+            else:
+                add(ExtentKind.BACKING, cur, sc_end - cur, 0)
+            cur = sc_end
+
+    # Section: L1 growth and L2 allocation
+
+    def grow_l1(self, min_size: int, *, exact: bool = False) -> None:
+        """QEMU's ``qcow2_grow_l1_table``: a bigger L1 in new clusters, switched in with
+        one header write (bytes 36-47), the old one freed afterwards."""
+        old_size = len(self.l1)
+        if min_size <= old_size:
+            return
+        if exact:
+            new_size = min_size
+        else:
+            new_size = max(old_size, 1)
+            while new_size < min_size:
+                new_size = (new_size * 3 + 1) // 2
+        if new_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
+            raise Qcow2Error(
+                f"L1 table of {new_size} entries exceeds qemu's limit", path=self._path()
+            )
+        self._notify_change()
+        new_l1 = self.l1 + [0] * (new_size - old_size)
+        fault_point("l1_grow.alloc_table")
+        new_offset = self.refcounts.alloc(new_size * layout.L1_ENTRY_SIZE)
+        try:
+            # Refcounts of the new table durable before anything points at it.
+            self.refcounts.flush()
+            self.file.flush()
+            fault_point("l1_grow.write_table")
+            self.file.pwrite(new_offset, struct.pack(f">{new_size}Q", *new_l1))
+            self.file.flush()
+            fault_point("l1_grow.activate_table")
+            write_header_fields(self.file, l1_size=new_size, l1_table_offset=new_offset)
+            self.file.flush()
+        except BaseException:
+            # The header still points at the old table: the new clusters are unused.
+            try:
+                self.refcounts.free(new_offset, new_size * layout.L1_ENTRY_SIZE)
+            except Qcow2Error:
+                pass
+            raise
+        old_offset = self.header.l1_table_offset
+        self.header.l1_size = new_size
+        self.header.l1_table_offset = new_offset
+        self.l1[:] = new_l1
+        if old_size:
+            self.refcounts.free(old_offset, old_size * layout.L1_ENTRY_SIZE)
+
+    def l2_for_write(self, l1_index: int) -> tuple[int, bytearray]:
+        """The L2 table of ``l1_index`` ready to be modified: allocated if missing, copied
+        if shared (no COPIED in the L1 entry).  QEMU's ``get_cluster_table``/``l2_allocate``."""
+        if l1_index >= len(self.l1):
+            self.grow_l1(l1_index + 1)
+        old = self.l2_offset(l1_index)
+        if old and self.l1[l1_index] & layout.OFLAG_COPIED:
+            return old, self.l2_table(old)
+        self._notify_change()
+        fault_point("l2_alloc.cow_read")
+        table = bytearray(self.l2_table(old)) if old else bytearray(self.cluster_size)
+        new = self.refcounts.alloc(self.cluster_size)
+        # The new table's refcount is durable before the table is written and hooked up.
+        self.refcounts.flush()
+        self.file.flush()
+        self.l2_cache.put(new, table, dirty=True)
+        fault_point("l2_alloc.write")
+        self.l2_cache.flush()
+        self.file.flush()
+        fault_point("l1_update")
+        self.l1[l1_index] = new | layout.OFLAG_COPIED
+        self.write_l1_entry(l1_index)
+        self.file.flush()
+        if old:
+            # The active L1 no longer points at the shared table: drop our reference.
+            self.refcounts.free(old, self.cluster_size)
+        return new, table
+
+    # Section: freeing
+
+    def free_any_cluster(self, entry: int) -> None:
+        """Drop the reference an L2 entry held (QEMU's ``qcow2_free_any_cluster``)."""
+        ctype = classify_l2_entry(entry, self.extended)
+        if ctype == ClusterType.COMPRESSED:
+            coffset, csize = parse_compressed_entry(entry, self.cluster_bits)
+            self.refcounts.free(coffset, csize)
+        elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            self.refcounts.free(entry & layout.L2E_OFFSET_MASK, self.cluster_size)
+
+    # Section: writes
+
+    def _in_place(self, entry: int) -> bool:
+        """QEMU's ``cluster_needs_new_alloc`` negated: standard cluster with COPIED."""
+        return (
+            bool(entry & layout.OFLAG_COPIED)
+            and not entry & layout.OFLAG_COMPRESSED
+            and bool(entry & layout.L2E_OFFSET_MASK)
+        )
+
+    def write(self, offset: int, data: bytes, guest_read: Callable[[int, int], bytes]) -> None:
+        """Write guest bytes.  ``guest_read(offset, length)`` returns what the guest sees
+        now (backing file included): the source of copy-on-write."""
+        cs = self.cluster_size
+        view = memoryview(data)
+        end = offset + len(data)
+        cur = offset
+        while cur < end:
+            l1_index = cur // cs // self.l2_entries
+            l2_offset, table = self.l2_for_write(l1_index)
+            first = cur // cs
+            last = min((end - 1) // cs, (l1_index + 1) * self.l2_entries - 1)
+            cluster = first
+            while cluster <= last:
+                entry, bitmap = self.get_entry(table, cluster % self.l2_entries)
+                if self._in_place(entry):
+                    self._write_in_place(
+                        cluster, entry, bitmap, l2_offset, table, offset, view, guest_read
+                    )
+                    cluster += 1
+                    continue
+                run_end = cluster
+                while run_end < last and not self._in_place(
+                    self.get_entry(table, (run_end + 1) % self.l2_entries)[0]
+                ):
+                    run_end += 1
+                self._write_new(cluster, run_end, l2_offset, table, offset, view, guest_read)
+                cluster = run_end + 1
+            cur = (last + 1) * cs
+
+    def _write_in_place(
+        self,
+        cluster: int,
+        entry: int,
+        bitmap: int,
+        l2_offset: int,
+        table: bytearray,
+        offset: int,
+        view: memoryview,
+        guest_read: Callable[[int, int], bytes],
+    ) -> None:
+        cs = self.cluster_size
+        index = cluster % self.l2_entries
+        host = self._data_offset(entry, l2_offset, index)
+        start = cluster * cs
+        seg_start = max(offset, start)
+        seg_end = min(offset + len(view), start + cs)
+        seg = view[seg_start - offset : seg_end - offset]
+        ctype = classify_l2_entry(entry, self.extended)
+        if not self.extended and ctype == ClusterType.NORMAL:
+            self.file.pwrite(host + seg_start - start, as_buffer(seg))
+            return
+        self._notify_change()
+        if not self.extended:
+            # ZERO_ALLOC kept: the rest of the cluster must read as zeros.
+            content = bytearray(cs)
+            content[seg_start - start : seg_end - start] = seg
+            self.file.pwrite(host, as_buffer(content))
+            new_entry, new_bitmap = host | layout.OFLAG_COPIED, 0
+        else:
+            scs = self.subcluster_size
+            alloc = bitmap & BITMAP_ALL_ALLOC
+            first_sc = (seg_start - start) // scs
+            last_sc = (seg_end - 1 - start) // scs
+            fill_start, fill_end = seg_start, seg_end
+            if not alloc >> first_sc & 1:
+                fill_start = start + first_sc * scs
+            if not alloc >> last_sc & 1:
+                fill_end = start + (last_sc + 1) * scs
+            if (fill_start, fill_end) != (seg_start, seg_end):
+                content = bytearray(guest_read(fill_start, fill_end - fill_start))
+                content[seg_start - fill_start : seg_end - fill_start] = seg
+                self.file.pwrite(host + fill_start - start, as_buffer(content))
+            else:
+                self.file.pwrite(host + seg_start - start, as_buffer(seg))
+            bits = _sc_range_bits(first_sc, last_sc)
+            zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) & ~bits
+            new_entry, new_bitmap = entry, (alloc | bits) | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
+            if new_bitmap == bitmap:
+                return
+        self.l2_cache.flush_before_write = True
+        fault_point("cluster_alloc.write_l2")
+        self.set_entry(table, index, new_entry, new_bitmap)
+        self.mark_l2_dirty(l2_offset)
+
+    def _write_new(
+        self,
+        first: int,
+        last: int,
+        l2_offset: int,
+        table: bytearray,
+        offset: int,
+        view: memoryview,
+        guest_read: Callable[[int, int], bytes],
+    ) -> None:
+        """Allocate clusters ``first..last`` (contiguous on the host), fill them with the
+        new data merged into the old content, point the L2 entries at them, free the old."""
+        self._notify_change()
+        cs = self.cluster_size
+        count = last - first + 1
+        end = offset + len(view)
+        fault_point("cluster_alloc")
+        host = self.refcounts.alloc(count * cs)
+        if first * cs >= offset and (last + 1) * cs <= end:
+            content: bytes | bytearray | memoryview = view[
+                first * cs - offset : (last + 1) * cs - offset
+            ]
+        else:
+            buf = bytearray(count * cs)
+            for k in range(count):
+                start = (first + k) * cs
+                if start < offset or start + cs > end:
+                    old = guest_read(start, cs)
+                    buf[k * cs : k * cs + len(old)] = old
+            seg_start = max(offset, first * cs)
+            seg_end = min(end, (last + 1) * cs)
+            buf[seg_start - first * cs : seg_end - first * cs] = view[
+                seg_start - offset : seg_end - offset
+            ]
+            content = buf
+        fault_point("cluster_alloc.write_data")
+        self.file.pwrite(host, as_buffer(content))
+        if self.accurate_refcounts:
+            self.l2_cache.set_dependency(self.refcounts.cache)
+        self.l2_cache.flush_before_write = True
+        fault_point("cluster_alloc.write_l2")
+        old_entries = []
+        for k in range(count):
+            cluster = first + k
+            index = cluster % self.l2_entries
+            entry, bitmap = self.get_entry(table, index)
+            old_entries.append(entry)
+            new_bitmap = 0
+            if self.extended:
+                if entry & layout.OFLAG_COMPRESSED:
+                    new_bitmap = BITMAP_ALL_ALLOC
+                else:
+                    start = cluster * cs
+                    first_sc = (max(offset, start) - start) // self.subcluster_size
+                    last_sc = (min(end, start + cs) - 1 - start) // self.subcluster_size
+                    bits = _sc_range_bits(first_sc, last_sc)
+                    alloc = bitmap & BITMAP_ALL_ALLOC if entry & layout.L2E_OFFSET_MASK else 0
+                    zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) & ~bits
+                    new_bitmap = alloc | bits | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
+            self.set_entry(table, index, (host + k * cs) | layout.OFLAG_COPIED, new_bitmap)
+        self.mark_l2_dirty(l2_offset)
+        # The old clusters lose this reference only now (after the L2 update).
+        for entry in old_entries:
+            self.free_any_cluster(entry)
+
+    # Section: zeroes and discard
+
+    def _update_entries(
+        self, offset: int, length: int, decide: Callable[[int, int, int, int], tuple[int, int]]
+    ) -> None:
+        """For every cluster of a cluster-aligned guest range, replace ``(entry, bitmap)``
+        by ``decide(entry, bitmap, first_byte, end_byte)`` (bytes within the cluster) and
+        free what the old entry held if the new one no longer holds it."""
+        cs = self.cluster_size
+        cur, end = offset, offset + length
+        while cur < end:
+            cluster = cur // cs
+            l1_index, index = divmod(cluster, self.l2_entries)
+            seg_end = min(end, (cluster + 1) * cs)
+            l2_offset = self.l2_offset(l1_index)
+            entry, bitmap = self.get_entry(self.l2_table(l2_offset), index) if l2_offset else (0, 0)
+            new_entry, new_bitmap = decide(
+                entry, bitmap, cur - cluster * cs, seg_end - cluster * cs
+            )
+            if (new_entry, new_bitmap) != (entry, bitmap):
+                self._notify_change()
+                l2_offset, table = self.l2_for_write(l1_index)
+                fault_point("cluster_zero.write_l2")
+                self.set_entry(table, index, new_entry, new_bitmap)
+                self.mark_l2_dirty(l2_offset)
+                old_host = entry & layout.L2E_OFFSET_MASK
+                if owns_host_cluster(classify_l2_entry(entry, self.extended)) and (
+                    entry & layout.OFLAG_COMPRESSED
+                    or new_entry & layout.L2E_OFFSET_MASK != old_host
+                ):
+                    self.free_any_cluster(entry)
+            cur = seg_end
+
+    def zeroize(self, offset: int, length: int, *, unmap: bool) -> bool:
+        """Make a cluster-aligned range (subcluster-aligned with extended L2) read as zeros
+        through metadata only (v3; QEMU's ``qcow2_subcluster_zeroize``).  Returns False,
+        changing nothing, if that is impossible (v2, partly written compressed cluster):
+        the caller then writes zeros."""
+        if self.header.version < 3:
+            return False
+        cs = self.cluster_size
+        if self.extended:
+            for cluster in range(offset // cs, (offset + length - 1) // cs + 1):
+                whole = offset <= cluster * cs and (cluster + 1) * cs <= offset + length
+                if not whole and self.lookup(cluster * cs)[0] == ClusterType.COMPRESSED:
+                    return False
+
+        def decide(entry: int, bitmap: int, lo: int, hi: int) -> tuple[int, int]:
+            ctype = classify_l2_entry(entry, self.extended)
+            drop = ctype == ClusterType.COMPRESSED or (unmap and owns_host_cluster(ctype))
+            new_entry = 0 if drop else entry
+            if not self.extended:
+                return new_entry | layout.OFLAG_ZERO, 0
+            if lo == 0 and hi == cs:
+                return new_entry, BITMAP_ALL_ZEROES
+            scs = self.subcluster_size
+            bits = _sc_range_bits(lo // scs, (hi - 1) // scs)
+            alloc = (bitmap & BITMAP_ALL_ALLOC) & ~bits
+            zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) | bits
+            return entry, alloc | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
+
+        self._update_entries(offset, length, decide)
+        return True
+
+    def discard(self, offset: int, length: int, *, full: bool, has_backing: bool) -> None:
+        """QEMU's ``discard_in_l2_slice`` over whole clusters.  ``full``: entries become 0
+        (the backing file shows through); else v3 makes them read zeros (0x1 / all-zero
+        bitmap) and v2 deallocates them."""
+
+        def decide(entry: int, bitmap: int, lo: int, hi: int) -> tuple[int, int]:
+            del lo, hi
+            if full:
+                return 0, 0
+            if has_backing or owns_host_cluster(classify_l2_entry(entry, self.extended)):
+                if self.extended:
+                    return 0, BITMAP_ALL_ZEROES
+                return (layout.OFLAG_ZERO if self.header.version >= 3 else 0), 0
+            return entry, bitmap
+
+        self._update_entries(offset, length, decide)
+
+    def shrink_l1(self, new_l1_size: int) -> None:
+        """Unhook and free the L2 tables of L1 entries ``>= new_l1_size`` (their entries
+        were discarded before); the L1 keeps its size (QEMU's ``qcow2_shrink_l1_table``)."""
+        freed = []
+        for index in range(new_l1_size, len(self.l1)):
+            l2_offset = self.l2_offset(index)
+            if self.l1[index]:
+                self._notify_change()
+                self.l1[index] = 0
+                self.write_l1_entry(index)
+                if l2_offset:
+                    freed.append(l2_offset)
+        if freed:
+            self.l2_cache.flush()
+            self.file.flush()
+            for l2_offset in freed:
+                self.refcounts.free(l2_offset, self.cluster_size)

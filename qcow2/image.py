@@ -1,0 +1,765 @@
+"""``Image``: an open qcow2 image, plus :func:`open` and :func:`create`.
+
+Ties the header, refcounts, metadata caches and cluster mapping together, handles the
+backing chain, locking, the dirty/corrupt/autoclear bits, and delegates snapshots, atomic
+commits, check and info to their modules (imported lazily).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import layout
+from .cache import TableCache
+from .clusters import ClusterMap, ExtentKind
+from .compress import decompress, parse_compressed_entry
+from .errors import (
+    BackingChainError,
+    Qcow2Error,
+    Qcow2IOError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
+from .fileio import HostFile
+from .header import Header, read_header, write_header_fields
+from .lock import lock_image
+from .refcount import RefcountTable, write_refcount
+
+if TYPE_CHECKING:
+    from .check import CheckResult
+    from .snapshot_table import SnapshotEntry
+    from .snapshots import SnapshotView
+
+#: Bytes of metadata tables each cache may hold.
+_CACHE_BYTES = 8 * 1024 * 1024
+#: Largest explicit zero buffer written at once.
+_ZERO_CHUNK = 1024 * 1024
+
+
+class OutOfRangeError(Qcow2Error, ValueError):
+    """A request outside the virtual disk, or an invalid argument."""
+
+    errno = _errno.EINVAL
+
+
+class _Backing(Protocol):
+    """What an image needs of its backing file."""
+
+    @property
+    def virtual_size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class RawBacking:
+    """A raw backing file: guest offset == file offset, zeros past its end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = HostFile(path, writable=False)
+        self._size = self.file.size()
+
+    @property
+    def virtual_size(self) -> int:
+        """Size of the raw file."""
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the raw file (zeros past its end)."""
+        return self.file.pread(offset, length)
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
+
+
+def _resolve_backing(image_path: str, name: str) -> str:
+    """QEMU's ``path_combine``: a relative backing name is relative to the image's dir."""
+    if os.path.isabs(name) or not name:
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+def _probe_format(path: str) -> str:
+    f = HostFile(path, writable=False)
+    try:
+        return "qcow2" if f.pread(0, 4) == layout.MAGIC_BYTES else "raw"
+    finally:
+        f.close()
+
+
+class Image:
+    """An open qcow2 image (see :func:`open` / :func:`create`).
+
+    Attributes used by the other qcow2 modules: ``file`` (HostFile), ``header``,
+    ``refcounts`` (RefcountTable), ``clusters`` (ClusterMap), ``l2_cache``, ``l1_table``
+    (the active L1 in memory), ``path``, ``read_only``/``writable``, ``backing``.
+    """
+
+    def __init__(
+        self,
+        f: HostFile,
+        header: Header,
+        *,
+        force_share: bool,
+        chain: tuple[str, ...] = (),
+    ) -> None:
+        self.file = f
+        self.path = f.path
+        self.header = header
+        self.writable = f.writable
+        self.read_only = not f.writable
+        self.force_share = force_share
+        self.backing: _Backing | None = None
+        self._set_lazy_dirty = False
+        self._closed = False
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self._load_metadata()
+        self._open_backing(chain)
+
+    # Section: metadata setup
+
+    def _load_metadata(self) -> None:
+        header = self.header
+        capacity = max(16, _CACHE_BYTES // header.cluster_size)
+        self.refblock_cache = TableCache(self.file, header.cluster_size, capacity, "refblock")
+        self.l2_cache = TableCache(self.file, header.cluster_size, capacity, "l2")
+        self.refcounts = RefcountTable(self.file, header, self.refblock_cache)
+        self.refcounts.decrement_dependency = self.l2_cache
+        self.refcounts.freed_hook = self._cluster_freed
+        self.clusters = ClusterMap(self.file, header, self.refcounts, self.l2_cache)
+        self.clusters.before_metadata_change = self._before_metadata_change
+        self.clusters.accurate_refcounts = not header.dirty
+        #: Parsed snapshot table; qcow2.snapshots replaces it when it rewrites the table.
+        self.snapshot_entries: list[SnapshotEntry] = self._read_snapshot_entries()
+
+    def _cluster_freed(self, offset: int) -> None:
+        self.l2_cache.forget(offset)
+
+    def _reload_metadata(self) -> None:
+        """Re-read everything after another module rewrote metadata behind the caches."""
+        self.header = read_header(self.file, writable=self.writable)
+        self._load_metadata()
+
+    def _open_backing(self, chain: tuple[str, ...]) -> None:
+        name = self.header.backing_file
+        if not name:
+            return
+        path = _resolve_backing(self.path, name)
+        real = os.path.realpath(path)
+        chain = (*chain, os.path.realpath(self.path))
+        if real in chain:
+            raise BackingChainError(f"Backing file '{name}' loops back to {real}", path=self.path)
+        if len(chain) >= layout.MAX_BACKING_CHAIN_DEPTH:
+            raise BackingChainError(
+                f"backing chain deeper than {layout.MAX_BACKING_CHAIN_DEPTH}", path=self.path
+            )
+        if not os.path.exists(path):
+            raise BackingChainError(
+                f"Could not open backing file '{path}': No such file or directory", path=self.path
+            )
+        fmt = self.header.backing_format or _probe_format(path)
+        try:
+            if fmt == "qcow2":
+                self.backing = _open(
+                    path, writable=False, force_share=self.force_share, chain=chain
+                )
+            elif fmt == "raw":
+                self.backing = RawBacking(path)
+            else:
+                raise BackingChainError(
+                    f"Unsupported backing file format '{fmt}' for '{name}'", path=self.path
+                )
+        except BackingChainError:
+            raise
+        except Qcow2Error as err:
+            raise BackingChainError(
+                f"Could not open backing file '{path}': {err}", path=self.path
+            ) from err
+
+    # Section: properties
+
+    @property
+    def l1_table(self) -> list[int]:
+        """The active L1 table in memory (modify in place)."""
+        return self.clusters.l1
+
+    @property
+    def virtual_size(self) -> int:
+        """Guest disk size in bytes."""
+        return self.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        """Cluster size in bytes."""
+        return self.header.cluster_size
+
+    @property
+    def version(self) -> int:
+        """qcow2 version (2 or 3)."""
+        return self.header.version
+
+    @property
+    def refcount_bits(self) -> int:
+        """Refcount width in bits."""
+        return self.header.refcount_bits
+
+    @property
+    def backing_file(self) -> str | None:
+        """Backing file name as stored in the header."""
+        return self.header.backing_file
+
+    @property
+    def snapshots(self) -> list[SnapshotEntry]:
+        """The internal snapshots (parsed snapshot table, in table order)."""
+        return list(self.snapshot_entries)
+
+    def _read_snapshot_entries(self) -> list[SnapshotEntry]:
+        from .snapshot_table import read_snapshot_table
+
+        h = self.header
+        return read_snapshot_table(
+            self.file,
+            h.snapshots_offset,
+            h.nb_snapshots,
+            path=self.path,
+            version=h.version,
+            virtual_size=h.size,
+            cluster_size=h.cluster_size,
+        )
+
+    # Section: guards
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Qcow2Error("image is closed", path=self.path)
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self.writable:
+            raise ReadOnlyError("image is opened read-only", path=self.path)
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.header.size:
+            raise OutOfRangeError(
+                f"request {offset:#x}+{length:#x} outside the virtual disk "
+                f"({self.header.size:#x} bytes)",
+                path=self.path,
+            )
+
+    def _before_metadata_change(self) -> None:
+        """Lazy refcounts: set and flush the dirty bit before refcounts may go stale."""
+        h = self.header
+        if h.lazy_refcounts and not h.dirty and h.version >= 3:
+            features = h.incompatible_features | layout.INCOMPAT_DIRTY
+            write_header_fields(self.file, incompatible_features=features)
+            self.file.flush()
+            h.incompatible_features = features
+            self._set_lazy_dirty = True
+            self.clusters.accurate_refcounts = False
+
+    # Section: reading
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` guest bytes at ``offset`` (backing file and zeros included)."""
+        self._check_open()
+        self._check_range(offset, length)
+        return bytes(self._read_guest(offset, length))
+
+    def read_with_l1(self, l1: list[int], offset: int, length: int) -> bytes:
+        """Guest bytes as seen through another L1 table (snapshot views)."""
+        self._check_open()
+        return bytes(self._read_guest(offset, length, l1))
+
+    def _read_guest(self, offset: int, length: int, l1: list[int] | None = None) -> bytearray:
+        out = bytearray(length)
+        for ext in self.clusters.map_range(offset, length, l1):
+            pos = ext.guest - offset
+            if ext.kind == ExtentKind.DATA:
+                out[pos : pos + ext.length] = self.file.pread(ext.host, ext.length)
+            elif ext.kind == ExtentKind.BACKING:
+                backing = self.backing
+                if backing is not None and ext.guest < backing.virtual_size:
+                    n = min(ext.length, backing.virtual_size - ext.guest)
+                    out[pos : pos + n] = backing.read(ext.guest, n)
+            elif ext.kind == ExtentKind.COMPRESSED:
+                cluster = self._decompress(ext.host)
+                start = ext.guest % self.header.cluster_size
+                out[pos : pos + ext.length] = cluster[start : start + ext.length]
+        return out
+
+    def _decompress(self, entry: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        h = self.header
+        coffset, csize = parse_compressed_entry(entry, h.cluster_bits)
+        if coffset + csize > self.file.size() + h.cluster_size:
+            raise Qcow2IOError(
+                f"compressed cluster at {coffset:#x} lies past the end of the file",
+                path=self.path,
+            )
+        data = decompress(
+            self.file.pread(coffset, csize),
+            h.cluster_size,
+            h.compression_type,
+            where=f"at {coffset:#x}",
+        )
+        self._compressed_cache = (entry, data)
+        return data
+
+    # Section: writing
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes (copy on write of shared, compressed and zero clusters)."""
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if not len(data):
+            return
+        self._compressed_cache = None
+        self.clusters.write(offset, bytes(data), self._cow_read)
+
+    def _cow_read(self, offset: int, length: int) -> bytes:
+        return bytes(self._read_guest(offset, length))
+
+    def _write_explicit_zeroes(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(_ZERO_CHUNK, end - offset)
+            self.clusters.write(offset, bytes(n), self._cow_read)
+            offset += n
+
+    def _reads_as_zero(self, offset: int, length: int) -> bool:
+        """True if metadata alone says ``[offset, +length)`` reads as zeros (QEMU's
+        ``is_zero`` via block status: zero clusters, or unallocated over no backing)."""
+        if length <= 0:
+            return True
+        for ext in self.clusters.map_range(offset, length):
+            if ext.kind == ExtentKind.ZERO:
+                continue
+            if ext.kind == ExtentKind.BACKING:
+                backing = self.backing
+                if backing is None or ext.guest >= backing.virtual_size:
+                    continue
+                n = min(ext.length, backing.virtual_size - ext.guest)
+                if backing.read(ext.guest, n).count(0) == n:
+                    continue
+            return False
+        return True
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make a range read as zeros, through metadata where QEMU 7.2 does so (v3 zero
+        flag / extended L2 zero bits; ``unmap`` also frees the clusters), else by
+        writing zeros (v2 deallocates whole clusters when there is no backing file)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if not length:
+            return
+        self._compressed_cache = None
+        h = self.header
+        end = offset + length
+        if h.version < 3:
+            if self.backing is not None:
+                self._write_explicit_zeroes(offset, length)
+                return
+            cs = h.cluster_size
+            start = layout.align_up(offset, cs)
+            stop = end if end == h.size else end // cs * cs
+            for lo, hi in ((offset, min(start, end)), (max(stop, start), end)):
+                if hi > lo and not self._reads_as_zero(lo, hi - lo):
+                    self._write_explicit_zeroes(lo, hi - lo)
+            if stop > start:
+                self.clusters.discard(start, stop - start, full=False, has_backing=False)
+            return
+        gran = h.subcluster_size
+        start = layout.align_up(offset, gran)
+        stop = end if end == h.size else end // gran * gran
+        if stop <= start:
+            start = stop = offset  # inside one granule: handled as a head below
+        for lo, hi in ((offset, min(start, end)), (max(stop, start), end)):
+            if hi <= lo:
+                continue
+            g_lo = lo // gran * gran
+            g_hi = min(g_lo + gran, h.size)
+            rest_zero = self._reads_as_zero(g_lo, lo - g_lo) and self._reads_as_zero(hi, g_hi - hi)
+            if (
+                rest_zero
+                and self._no_data(g_lo, g_hi - g_lo)
+                and self.clusters.zeroize(g_lo, g_hi - g_lo, unmap=unmap)
+            ):
+                continue
+            self._write_explicit_zeroes(lo, hi - lo)
+        if stop > start and not self.clusters.zeroize(start, stop - start, unmap=unmap):
+            self._write_explicit_zeroes(start, stop - start)
+
+    def _no_data(self, offset: int, length: int) -> bool:
+        """True if no byte of the range is host data or compressed (QEMU only zeroizes a
+        partial granule whose type is unallocated or zero)."""
+        return all(
+            ext.kind in (ExtentKind.ZERO, ExtentKind.BACKING)
+            for ext in self.clusters.map_range(offset, length)
+        )
+
+    def discard(self, offset: int, length: int) -> None:
+        """QEMU 7.2's discard: whole clusters only (and the final partial cluster); v3
+        makes them read zeros, v2 deallocates them (no-op over a backing file)."""
+        self._check_writable()
+        self._check_range(offset, length)
+        h = self.header
+        if h.version < 3 and self.backing is not None:
+            return
+        cs = h.cluster_size
+        start = layout.align_up(offset, cs)
+        end = offset + length
+        stop = end if end == h.size and offset % cs == 0 else end // cs * cs
+        if stop > start:
+            self._compressed_cache = None
+            self.clusters.discard(
+                start, stop - start, full=False, has_backing=self.backing is not None
+            )
+
+    def flush(self) -> None:
+        """Write every cached metadata change and make everything durable."""
+        self._check_open()
+        if not self.writable:
+            return
+        self.l2_cache.flush()
+        self.refblock_cache.flush()
+        self.l2_cache.flush()
+        self.file.flush()
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the virtual disk as ``qemu-img resize [--shrink]`` does."""
+        self._check_writable()
+        if new_size < 0:
+            raise OutOfRangeError(f"invalid size {new_size}", path=self.path)
+        new_size = layout.align_up(new_size, 512)
+        h = self.header
+        old_size = h.size
+        cs = h.cluster_size
+        if new_size == old_size:
+            return
+        if new_size > old_size:
+            self.clusters.grow_l1(layout.size_to_clusters(cs * h.l2_entries, new_size), exact=True)
+            self.flush()
+            write_header_fields(self.file, size=new_size)
+            self.file.flush()
+            h.size = new_size
+            backing = self.backing
+            if backing is not None and backing.virtual_size > old_size:
+                # The backing file must not show through the new area.
+                self.write_zeroes(old_size, min(new_size, backing.virtual_size) - old_size)
+            return
+        # Shrink: zero the tail of the last kept cluster so a later grow reads zeros, drop
+        # every cluster past the end, then switch the size.
+        tail_end = min(layout.align_up(new_size, cs), old_size)
+        if tail_end > new_size:
+            self._write_explicit_zeroes(new_size, tail_end - new_size)
+        first_dropped = layout.align_up(new_size, cs)
+        if layout.align_up(old_size, cs) > first_dropped:
+            self.clusters.discard(
+                first_dropped,
+                layout.align_up(old_size, cs) - first_dropped,
+                full=True,
+                has_backing=self.backing is not None,
+            )
+        self.clusters.shrink_l1(layout.size_to_clusters(cs * h.l2_entries, new_size))
+        self.flush()
+        write_header_fields(self.file, size=new_size)
+        self.file.flush()
+        h.size = new_size
+        self._compressed_cache = None
+
+    def grow_l1(self, min_size: int) -> None:
+        """Grow the active L1 to at least ``min_size`` entries (snapshot apply)."""
+        self._check_writable()
+        self.clusters.grow_l1(min_size)
+
+    # Section: delegation to the other modules
+
+    def _around_metadata_rewrite(self) -> None:
+        """Other modules read and write tables directly: start them from a clean state."""
+        self.flush()
+        self._compressed_cache = None
+
+    def _after_metadata_rewrite(self) -> None:
+        self.flush()
+        self.l2_cache.clear()
+        self._compressed_cache = None
+
+    def create_snapshot(self, name: str) -> SnapshotEntry:
+        """Create internal snapshot ``name`` (``qemu-img snapshot -c``)."""
+        from .snapshots import create_snapshot
+
+        self._check_writable()
+        self._around_metadata_rewrite()
+        try:
+            return create_snapshot(self, name)
+        finally:
+            self._after_metadata_rewrite()
+
+    def apply_snapshot(self, name: str) -> SnapshotEntry:
+        """Revert the disk to snapshot ``name`` (``qemu-img snapshot -a``)."""
+        from .snapshots import apply_snapshot
+
+        self._check_writable()
+        self._around_metadata_rewrite()
+        try:
+            return apply_snapshot(self, name)
+        finally:
+            self._after_metadata_rewrite()
+
+    def delete_snapshot(self, name: str) -> SnapshotEntry:
+        """Delete snapshot ``name`` (``qemu-img snapshot -d``)."""
+        from .snapshots import delete_snapshot
+
+        self._check_writable()
+        self._around_metadata_rewrite()
+        try:
+            return delete_snapshot(self, name)
+        finally:
+            self._after_metadata_rewrite()
+
+    def snapshot(self, name: str) -> SnapshotView:
+        """A read-only view of snapshot ``name`` (ID first, then name)."""
+        from .snapshot_table import find_snapshot
+        from .snapshots import SnapshotView
+
+        self._check_open()
+        self.flush()
+        entries = self.snapshots
+        return SnapshotView(self, entries[find_snapshot(entries, name, id_first=True)])
+
+    def commit_atomically(self, writes: Sequence[tuple[int, bytes]]) -> None:
+        """All of ``writes`` or none across a crash; durable on return."""
+        from .commit import commit_atomically
+
+        self._check_writable()
+        for offset, data in writes:
+            self._check_range(offset, len(data))
+        self._compressed_cache = None
+        commit_atomically(self, writes)
+
+    def check(self, repair: str | None = None) -> CheckResult:
+        """``qemu-img check [-r leaks|all]``."""
+        from .check import check_image
+
+        self._check_open()
+        self.flush()
+        try:
+            return check_image(self, repair)
+        finally:
+            if repair and self.writable:
+                self._reload_metadata()
+
+    def info(self) -> dict[str, Any]:
+        """``qemu-img info --output=json`` fields."""
+        from .info import image_info
+
+        self._check_open()
+        self.flush()
+        result: dict[str, Any] = image_info(self)
+        return result
+
+    # Section: closing
+
+    def close(self) -> None:
+        """Flush, clear the dirty bit lazy refcounts set, release the lock (idempotent)."""
+        if self._closed:
+            return
+        try:
+            if self.writable:
+                self.flush()
+                h = self.header
+                if self._set_lazy_dirty and h.dirty:
+                    features = h.incompatible_features & ~layout.INCOMPAT_DIRTY
+                    write_header_fields(self.file, incompatible_features=features)
+                    self.file.flush()
+                    h.incompatible_features = features
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            self.file.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# Section: open and create
+
+
+def _open(path: str, *, writable: bool, force_share: bool, chain: tuple[str, ...]) -> Image:
+    f = HostFile(path, writable=writable)
+    try:
+        if not force_share:
+            lock_image(f.fd, path, writable=writable)
+        header = read_header(f, writable=writable)
+        if header.crypt_method != layout.CRYPT_NONE:
+            raise UnsupportedFeatureError(
+                f"encrypted images (crypt_method {header.crypt_method}) are not supported",
+                path=path,
+            )
+        if header.has_data_file:
+            raise UnsupportedFeatureError(
+                "images with an external data file are not supported", path=path
+            )
+        if writable and header.version >= 3 and header.autoclear_features:
+            # We maintain no autoclear feature (bitmaps included): clear them all before
+            # the first write, as QEMU does for the bits it does not know.
+            write_header_fields(f, autoclear_features=0)
+            f.flush()
+            header.autoclear_features = 0
+        if writable and header.dirty:
+            from .check import repair_image_file
+
+            result = repair_image_file(f, header)
+            if result.error is not None or header.dirty:
+                raise Qcow2Error(
+                    f"could not repair the dirty image: {result.error or 'dirty bit still set'}",
+                    path=path,
+                )
+            header = read_header(f, writable=True)
+        return Image(f, header, force_share=force_share, chain=chain)
+    except BaseException:
+        f.close()
+        raise
+
+
+def open(path: str, *, writable: bool = False, force_share: bool = False) -> Image:
+    """Open a qcow2 image; use as a context manager.
+
+    ``writable`` takes QEMU's writer locks (refused while QEMU holds the image); a
+    read-only open locks like ``qemu-img info``; ``force_share`` takes no lock (``-U``).
+    """
+    return _open(os.fspath(path), writable=writable, force_share=force_share, chain=())
+
+
+def create(
+    path: str,
+    size: int | None = None,
+    *,
+    cluster_size: int = layout.DEFAULT_CLUSTER_SIZE,
+    refcount_bits: int = 16,
+    version: int = 3,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+    extended_l2: bool = False,
+    lazy_refcounts: bool = False,
+) -> Image:
+    """Create an image with QEMU 7.2's fresh layout (header, reftable, refblock, L1 in
+    clusters 0..3) and return it open for writing."""
+    path = os.fspath(path)
+    cluster_bits = cluster_size.bit_length() - 1
+    if cluster_size != 1 << cluster_bits or not (
+        layout.MIN_CLUSTER_BITS <= cluster_bits <= layout.MAX_CLUSTER_BITS
+    ):
+        raise UnsupportedFeatureError(
+            f"Cluster size must be a power of two between 512 and 2048k (got {cluster_size})"
+        )
+    refcount_order = refcount_bits.bit_length() - 1
+    if refcount_bits != 1 << refcount_order or refcount_order > layout.MAX_REFCOUNT_ORDER:
+        raise UnsupportedFeatureError(
+            f"Refcount width must be a power of two and may not exceed 64 bits "
+            f"(got {refcount_bits})"
+        )
+    if version not in layout.SUPPORTED_VERSIONS:
+        raise UnsupportedFeatureError(f"Unsupported qcow2 version {version}")
+    if version < 3:
+        if refcount_bits != 16:
+            raise UnsupportedFeatureError(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or "
+                "above (use version=3)"
+            )
+        if lazy_refcounts:
+            raise UnsupportedFeatureError(
+                "Lazy refcounts only supported with compatibility level 1.1 and above"
+            )
+        if extended_l2:
+            raise UnsupportedFeatureError(
+                "Extended L2 entries are only supported with compatibility level 1.1 and above"
+            )
+    if extended_l2 and cluster_size < layout.MIN_EXTL2_CLUSTER_SIZE:
+        raise UnsupportedFeatureError(
+            f"Extended L2 entries are only supported with cluster sizes of at least "
+            f"{layout.MIN_EXTL2_CLUSTER_SIZE} bytes"
+        )
+    if backing_format is not None and backing_format not in ("qcow2", "raw"):
+        raise UnsupportedFeatureError(f"Unsupported backing file format '{backing_format}'")
+    if backing_file:
+        backing_path = _resolve_backing(path, backing_file)
+        if not os.path.exists(backing_path):
+            raise BackingChainError(
+                f"Could not open backing file '{backing_path}': No such file or directory",
+                path=path,
+            )
+        backing_format = backing_format or _probe_format(backing_path)
+        if size is None:
+            if backing_format == "qcow2":
+                with _open(backing_path, writable=False, force_share=True, chain=()) as b:
+                    size = b.virtual_size
+            else:
+                size = os.path.getsize(backing_path)
+    if size is None or size < 0:
+        raise OutOfRangeError(f"invalid image size {size}", path=path)
+    size = layout.align_up(size, 512)
+
+    header = Header(
+        version=version,
+        cluster_bits=cluster_bits,
+        refcount_order=refcount_order,
+        header_length=layout.HEADER_V3_LENGTH if version >= 3 else layout.HEADER_V2_LENGTH,
+        refcount_table_offset=cluster_size,
+        refcount_table_clusters=1,
+        incompatible_features=layout.INCOMPAT_EXTL2 if extended_l2 else 0,
+        compatible_features=layout.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+        backing_file=backing_file or None,
+        backing_format=backing_format if backing_file else None,
+    )
+    cluster0 = header.pack_cluster0()
+    reftable = (2 * cluster_size).to_bytes(8, "big") + bytes(cluster_size - 8)
+    refblock = bytearray(cluster_size)
+    for cluster in range(3):
+        write_refcount(refblock, cluster, refcount_bits, 1)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+    except OSError as err:
+        raise Qcow2IOError(
+            f"Could not create '{path}': {err.strerror}", path=path, errno=err.errno or _errno.EIO
+        ) from err
+    f = HostFile(path, writable=True)
+    try:
+        lock_image(f.fd, path, writable=True)
+        f.pwrite(0, cluster0 + bytes(cluster_size - len(cluster0)) + reftable + bytes(refblock))
+        f.flush()
+        image = Image(f, read_header(f, writable=True), force_share=False)
+    except BaseException:
+        f.close()
+        raise
+    try:
+        l1_size = layout.size_to_clusters(cluster_size * image.header.l2_entries, size)
+        if l1_size:
+            image.clusters.grow_l1(l1_size, exact=True)
+        image.flush()
+        write_header_fields(f, size=size)
+        f.flush()
+        image.header.size = size
+    except BaseException:
+        image.close()
+        raise
+    return image
