@@ -6,9 +6,10 @@ points are:
 
 * :class:`FileNamespace` (``swtpm --tpmstate backend-uri=file://MOUNT/tpmstate``): one file
   whose bytes are the store's linear layout.  Writes (swtpm's mmap pages) are buffered;
-  **fsync is the commit point** (``store.commit_linear``, atomic and durable), as are close
-  and release for writers that never fsync.  ftruncate resizes, ``unlink`` (swtpm_setup's
-  way to start over) clears the store.
+  **fsync is the commit point** (``store.commit_linear``, atomic and durable), and release
+  (last close) for writers that never fsync; close itself is not (see
+  :meth:`StoreFS.flush`).  ftruncate zeroes the tail, ``unlink`` (swtpm_setup's way to
+  start over) clears the store.
 * :class:`DirNamespace` (``swtpm --tpmstate dir=MOUNT``): ``tpm2-00.<section>`` files are
   the store's sections; everything else (``.lock``, ``TMP2-00.*``) lives in memory.  **A
   rename onto a state file name is the commit point** (``store.write_section``); unlink of a
@@ -184,7 +185,7 @@ class SectionContent(Content):
     """A state section of the store (dir view ``tpm2-00.<name>``).
 
     Direct writes (not through a temp file and rename) copy the section into memory and are
-    committed as one ``write_section`` on fsync, flush or release.
+    committed as one ``write_section`` at fsync or release.
     """
 
     store_backed = True
@@ -623,6 +624,7 @@ class StoreFS(pyfuse3.Operations):
 
     def _commit(self, node: Node) -> None:
         if node.content.dirty:
+            log.debug("commit of inode %d (%s)", node.inode, node.name)
             node.content.commit()
             self._committed()
 
@@ -818,10 +820,13 @@ class StoreFS(pyfuse3.Operations):
         # The commit point of the file view: swtpm's msync(MS_SYNC).
         await self._locked(self._sync, fh)
 
-    @fuse_errors
     async def flush(self, fh: FileHandleT) -> None:
-        # close(): writers that never fsync still get their data committed.
-        await self._locked(self._sync, fh)
+        """close() of one descriptor: not a commit point.
+
+        Every process that forks and execs while holding the file sends one (close-on-exec),
+        so committing here would commit in the middle of a writer's update.  Writers that
+        never fsync are committed at release, when the last descriptor is gone.
+        """
 
     def _release(self, fh: FileHandleT) -> None:
         handle = self.handles.pop(fh, None)
