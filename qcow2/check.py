@@ -1016,13 +1016,13 @@ def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
     entry_size = layout.SNAPSHOT_HEADER_STRUCT.size
     if nb > layout.MAX_SNAPSHOTS:
         res.check_errors += 1
-        res.messages.append("ERROR snapshot table too large")
+        res.messages.append("qemu-img: ERROR snapshot table too large")
         raise _CheckFailed(errno.EFBIG)
     if (1 << 63) - 1 - nb * entry_size < h.snapshots_offset or h.snapshots_offset & (
         c.cluster_size - 1
     ):
         res.check_errors += 1
-        res.messages.append("ERROR snapshot table offset invalid")
+        res.messages.append("qemu-img: ERROR snapshot table offset invalid")
         raise _CheckFailed(errno.EINVAL)
     try:
         c.snapshots = read_snapshot_table(
@@ -1036,7 +1036,7 @@ def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
     except CorruptImageError as err:
         res.check_errors += 1
         text = err.message.split(" (", 1)[0]
-        res.messages.append(f"ERROR failed to read the snapshot table: {text}")
+        res.messages.append(f"qemu-img: ERROR failed to read the snapshot table: {text}")
         if text.startswith("Too much extra metadata"):
             res.messages.append(
                 "You can force-remove this extra metadata with qemu-img check -r all"
