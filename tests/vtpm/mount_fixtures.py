@@ -220,7 +220,11 @@ def raw_sections(image: Path) -> dict[str, bytes]:
 
 
 def qemu_img_check(image: Path, *, allow_leaks: bool = False) -> None:
-    """``qemu-img check -U``: clean (or only leaks if allowed), else AssertionError."""
+    """``qemu-img check -U``: clean, else AssertionError.
+
+    ``allow_leaks`` for a live image: the qcow2 layer frees replaced clusters lazily (their
+    refcounts reach the disk at its next flush), which qemu-img reports as leaks.
+    """
     done = subprocess.run(
         [need("qemu-img"), "check", "-U", str(image)],
         capture_output=True,
