@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tests.helpers import need
+from tests.helpers import need, need_fuse
 
 #: How long a started process may take to open its sockets.
 STARTUP_TIMEOUT = 20.0
@@ -241,3 +242,74 @@ def hmp_over_qmp(qmp: Path, command: str) -> str:
     finally:
         monitor.close()
     return str(reply.get("return", reply))
+
+
+@dataclass
+class ServedStore:
+    """A running ``vtpm-qcow serve --foreground``: mounted vTPM image + swtpm for QEMU."""
+
+    proc: subprocess.Popen[bytes]
+    image: Path
+    #: swtpm's control socket (QEMU's ``-chardev socket,path=...``).
+    swtpm_ctrl: Path
+    mountpoint: Path
+    log: Path
+
+
+def vtpm_qcow_command(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``vtpm-qcow``; AssertionError with stderr if it fails and ``check``."""
+    done = subprocess.run(
+        [need("vtpm-qcow"), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"vtpm-qcow {' '.join(args)} exited {done.returncode}: {done.stderr}")
+    return done
+
+
+@contextlib.contextmanager
+def served_store(image: Path, workdir: Path, *, view: str = "file") -> Iterator[ServedStore]:
+    """``vtpm-qcow serve IMAGE`` in the foreground; killed and unmounted on exit.
+
+    The daemon's control socket lands in ``$VTPM_QCOW_RUNTIME_DIR`` (set it to a short
+    directory: unix socket paths are limited to 108 bytes).
+    """
+    need_fuse()
+    swtpm_ctrl = workdir / "swtpm.sock"
+    mountpoint = workdir / "mnt"
+    mountpoint.mkdir(exist_ok=True)
+    log = workdir / "serve.log"
+    cmd = [
+        need("vtpm-qcow"), "serve", str(image), "--ctrl", str(swtpm_ctrl),
+        "--mountpoint", str(mountpoint), "--view", view, "--foreground",
+    ]  # fmt: skip
+    with log.open("ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+    try:
+        wait_for_path(swtpm_ctrl, proc, "vtpm-qcow serve", log)
+        yield ServedStore(proc, image, swtpm_ctrl, mountpoint, log)
+    finally:
+        stop_process(proc, grace=15)
+        if os.path.ismount(mountpoint) or _stale(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+def _stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return True
+    return False
+
+
+def qmp_query(qmp: Path, command: str) -> Any:
+    """The ``return`` of one argument-less QMP command (synchronous legacy client)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        return monitor.cmd_obj({"execute": command})["return"]
+    finally:
+        monitor.close()
