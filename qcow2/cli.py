@@ -43,9 +43,10 @@ def _open_error(path: str, err: BaseException) -> CliError:
     from .errors import ImageLockedError, Qcow2Error
 
     if isinstance(err, ImageLockedError):
-        return CliError(
-            f"Could not open '{path}': {err.message}\nIs another process using the image [{path}]?"
-        )
+        # QEMU prints the lock failure, then its hint on a line of its own.
+        first, sep, hint = err.message.partition(". Is another process")
+        if sep:
+            return CliError(f"Could not open '{path}': {first}\nIs another process{hint}")
     reason = err.message if isinstance(err, Qcow2Error) else str(err)
     return CliError(f"Could not open '{path}': {reason}")
 
@@ -66,9 +67,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     try:
         layers = (
-            open_chain(args.image, args.f)
+            open_chain(args.image, args.f, force_share=args.U)
             if args.backing_chain
-            else [open_layer(args.image, args.f)]
+            else [open_layer(args.image, args.f, force_share=args.U)]
         )
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
@@ -99,6 +100,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
     try:
+        if not args.U:
+            from .lock import lock_image
+
+            try:
+                lock_image(f.fd, args.image, writable=bool(args.r))
+            except Qcow2Error as err:
+                raise _open_error(args.image, err) from err
         if args.f == "raw" or (args.f is None and f.pread(0, 4) != b"QFI\xfb"):
             raise CliError("This image format does not support checks", 63)
         try:
@@ -168,7 +176,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
     from .info import format_map_human, format_map_json, map_entries, open_chain
 
     try:
-        layers = open_chain(args.image, args.f)
+        layers = open_chain(args.image, args.f, force_share=args.U)
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
     try:
@@ -201,7 +209,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         from .info import format_snapshot_table, open_layer
 
         try:
-            layer = open_layer(args.image, args.f)
+            layer = open_layer(args.image, args.f, force_share=args.U)
         except (Qcow2Error, OSError) as err:
             raise _open_error(args.image, err) from err
         layer.close()
@@ -312,6 +320,12 @@ def _cmd_create(args: argparse.Namespace) -> int:
     extended_l2 = _onoff(opts, "extended_l2")
     opts.pop("extended_l2", None)
     compression = opts.pop("compression_type", "zlib")
+    if compression not in ("zlib", "zstd"):
+        raise CliError(f"Parameter 'compression_type' does not accept value '{compression}'")
+    if compression == "zstd" and version < 3:
+        raise CliError(
+            "Compression type 'zstd' requires compatibility level 1.1 or above (use compat=1.1)"
+        )
     if opts:
         raise CliError(f"Invalid parameter '{next(iter(opts))}'")
     if args.size is not None:
@@ -327,7 +341,6 @@ def _cmd_create(args: argparse.Namespace) -> int:
         layer.close()
     else:
         raise CliError("Image creation needs a size parameter")
-    size = (size + 511) // 512 * 512
     if not args.q:
         parts = [
             f"Formatting '{args.image}', fmt=qcow2 cluster_size={cluster_size}",
@@ -352,14 +365,33 @@ def _cmd_create(args: argparse.Namespace) -> int:
         "extended_l2": extended_l2,
         "lazy_refcounts": lazy,
     }
-    if compression != "zlib":
-        kwargs["compression_type"] = compression
     try:
         image = qcow2.create(args.image, size, **kwargs)
         image.close()
+        if compression == "zstd":
+            _set_zstd(args.image)
     except (Qcow2Error, OSError, TypeError, ValueError) as err:
         raise CliError(f"{args.image}: {getattr(err, 'message', err)}") from err
     return 0
+
+
+def _set_zstd(path: str) -> None:
+    """Switch a freshly created, still empty v3 image to zstd compression (no cluster is
+    compressed yet, so only the header changes)."""
+    from . import layout
+    from .fileio import HostFile
+    from .header import read_header, write_header_fields
+
+    f = HostFile(path, writable=True)
+    try:
+        h = read_header(f, writable=True)
+        write_header_fields(f, compression_type=layout.COMPRESSION_ZSTD)
+        write_header_fields(
+            f, incompatible_features=h.incompatible_features | layout.INCOMPAT_COMPRESSION
+        )
+        f.flush()
+    finally:
+        f.close()
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
@@ -703,17 +735,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import Qcow2Error
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        argv[:1] == ["resize"]
+        and len(argv) >= 3
+        and argv[-1][:1] == "-"
+        and argv[-1][1:2].isdigit()
+    ):
+        argv[-1:-1] = ["--"]  # "-1M" is a size, not an option
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             raise CliError("Not enough arguments\nTry 'qcow2 --help' for more information")
         code: int = args.func(args)
     except CliError as err:
-        for line in str(err).splitlines():
-            if line.startswith(f"{PROG}: "):
-                sys.stderr.write(line + "\n")
-            else:
-                _err(line)
+        # First line carries the "qemu-img:" prefix; hint lines follow verbatim.
+        first, *hints = str(err).splitlines() or [""]
+        _err(first)
+        for line in hints:
+            sys.stderr.write(line + "\n")
         return err.code
     except Qcow2Error as err:
         _err(str(err))

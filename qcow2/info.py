@@ -182,11 +182,16 @@ def full_backing_filename(image_name: str, backing: str) -> str:
     return image_name[: image_name.rindex("/") + 1] + backing
 
 
-def open_layer(name: str, fmt: str | None = None) -> Layer:
+def open_layer(name: str, fmt: str | None = None, *, force_share: bool = True) -> Layer:
     """Open ``name`` read-only as qcow2 (or raw if ``fmt`` is "raw" or it is not qcow2
-    and no format was requested)."""
+    and no format was requested).  Without ``force_share`` the image is locked as
+    ``qemu-img info`` locks it (refused while a QEMU writer holds it)."""
     f = HostFile(name, writable=False)
     try:
+        if not force_share:
+            from .lock import lock_image
+
+            lock_image(f.fd, name, writable=False)
         if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):
             return Layer(name, f, None, layout.align_up(f.size(), 512), [])
         h = read_header(f)
@@ -205,12 +210,12 @@ def open_layer(name: str, fmt: str | None = None) -> Layer:
         raise
 
 
-def open_chain(name: str, fmt: str | None = None) -> list[Layer]:
+def open_chain(name: str, fmt: str | None = None, *, force_share: bool = True) -> list[Layer]:
     """The image ``name`` and its backing files, top first (at most 64 deep, no loops)."""
     layers: list[Layer] = []
     seen: set[tuple[int, int]] = set()
     try:
-        layer = open_layer(name, fmt)
+        layer = open_layer(name, fmt, force_share=force_share)
         while True:
             st = os.fstat(layer.file.fd)
             if (st.st_dev, st.st_ino) in seen:
@@ -224,7 +229,7 @@ def open_chain(name: str, fmt: str | None = None) -> list[Layer]:
                 raise BackingChainError("Backing file chain too deep", path=name)
             backing = full_backing_filename(layer.name, h.backing_file)
             try:
-                layer = open_layer(backing, h.backing_format)
+                layer = open_layer(backing, h.backing_format, force_share=force_share)
             except Qcow2Error as err:
                 raise BackingChainError(
                     f"Could not open backing file: {err}", path=layer.name
