@@ -31,7 +31,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -131,27 +131,12 @@ def read_write_log(path: str | os.PathLike[str]) -> list[tuple[str, int, bytes]]
     return records
 
 
-def _host_files(obj: object, depth: int = 4, seen: set[int] | None = None) -> Iterator[HostFile]:
-    """Every HostFile reachable from ``obj``'s attributes (the store's image file)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth < 0:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, HostFile):
-        yield obj
-        return
-    for value in getattr(obj, "__dict__", {}).values():
-        if not isinstance(value, str | bytes | int | float | dict | list | tuple):
-            yield from _host_files(value, depth - 1, seen)
-
-
 def _attach_write_log(store: Store, fs: StoreFS, path: str) -> None:
     write_log = WriteLog(path)
-    files = [f for f in _host_files(store) if f.writable]
-    if not files:
+    host_file = getattr(store.image, "file", None)
+    if not isinstance(host_file, HostFile):
         raise StoreError(f"{store.path}: no image file found to record the write log of")
-    for host_file in files:
-        host_file.observers.append(write_log.observe)
+    host_file.observers.append(write_log.observe)
     fs.commit_observers.append(lambda view: write_log.record("commit", 0, view.encode()))
 
 

@@ -518,9 +518,10 @@ class StoreFS(pyfuse3.Operations):
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._next_handle = 1
         self.root_ctime_ns = time.time_ns()
-        #: commits done (for the control socket's info and the benchmarks)
+        #: requests that changed the store (for the control socket's info and benchmarks)
         self.commits = 0
-        #: called with the view after each commit (test hook: crash-test write logs)
+        #: called with the view after each request that changed the store (test hook: the
+        #: crash tests' write logs mark committed states with it)
         self.commit_observers: list[Callable[[str], None]] = []
         for name, content in namespace.initial_names().items():
             self._link(name, content, 0o640)
@@ -529,11 +530,23 @@ class StoreFS(pyfuse3.Operations):
 
     async def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` under the file system lock (in a worker thread if ``threaded``)."""
+        call = functools.partial(self._observed, functools.partial(fn, *args, **kwargs))
         async with self.lock:
             if not self.threaded:
-                return fn(*args, **kwargs)
-            result: T = await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+                return call()
+            result: T = await trio.to_thread.run_sync(call)
             return result
+
+    def _observed(self, call: Callable[[], T]) -> T:
+        """``call()``; if it changed the store, count a commit and tell the observers."""
+        generation = self.store.generation
+        try:
+            return call()
+        finally:
+            if self.store.generation != generation:
+                self.commits += 1
+                for observer in self.commit_observers:
+                    observer(self.namespace.view)
 
     def _new_node(self, content: Content, mode: int) -> Node:
         inode = InodeT(self._next_inode)
@@ -626,12 +639,6 @@ class StoreFS(pyfuse3.Operations):
         if node.content.dirty:
             log.debug("commit of inode %d (%s)", node.inode, node.name)
             node.content.commit()
-            self._committed()
-
-    def _committed(self) -> None:
-        self.commits += 1
-        for observer in self.commit_observers:
-            observer(self.namespace.view)
 
     # -- lookups and attributes --------------------------------------------------------
 
@@ -883,8 +890,6 @@ class StoreFS(pyfuse3.Operations):
         data = node.content.snapshot()
         target_kept = self._keep(target) if target is not None else None
         content = self.namespace.bind(new, data)
-        if content.store_backed:
-            self._committed()
         if node.content.store_backed and not _same_section(node.content, content):
             self.namespace.unbind(old, node.content)
         if target is not None:

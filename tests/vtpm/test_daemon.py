@@ -1,0 +1,257 @@
+"""Life cycle of the mount daemon: signals, kill -9, image locks, bad input, serve, umount.
+
+Every process started here is stopped and reaped in ``finally`` blocks (mount_fixtures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import need
+from tests.vtpm.mount_fixtures import (
+    NV_INDEX,
+    create_image,
+    force_unmount,
+    is_mounted,
+    mounted,
+    qemu_img_check,
+    qemu_img_snapshots,
+    raw_content,
+    raw_sections,
+    runtime_dir,  # noqa: F401  (fixture)
+    socket_of,
+    stale_mount,
+    start_mount,
+    vtpm_qcow,
+    wait_gone,
+)
+from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
+from vtpm_qcow.control import pid_path_for
+from vtpm_qcow.swtpm import CMD_SHUTDOWN, control_command, free_tcp_port_pair
+from vtpm_qcow.tpm import SwtpmSocketTransport, Tpm
+
+pytestmark = pytest.mark.usefixtures("runtime_dir")
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A refusal: non-zero exit, one line on stderr naming ``words``, no traceback."""
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def opens_writable(image: Path) -> bool:
+    """True if qemu-io can open ``image`` read-write (takes QEMU's write lock)."""
+    done = subprocess.run(
+        [need("qemu-io"), "-f", "qcow2", "-c", "read 0 512", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode == 0 and "lock" not in done.stderr
+
+
+def test_sigterm_commits_unmounts_and_releases_the_lock(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    mount = start_mount(image, tmp_path / "mnt", view="file")
+    try:
+        assert not opens_writable(image)  # the daemon holds QEMU's write lock
+        fd = os.open(mount.state_path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"pending!", 4096)  # buffered: no fsync yet
+            assert raw_content(image)[4096:4104] == bytes(8)
+            mount.stop()
+        finally:
+            with contextlib.suppress(OSError):  # ENOTCONN: the mount is gone
+                os.close(fd)
+        assert not is_mounted(mount.mountpoint)
+        assert not socket_of(image).exists()
+        assert not pid_path_for(image).exists()
+        qemu_img_check(image)
+        assert raw_content(image)[4096:4104] == b"pending!"  # flushed on the way out
+        assert opens_writable(image)
+    finally:
+        force_unmount(mount.mountpoint)
+
+
+def test_kill_9_leaves_an_image_that_opens_clean(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    mountpoint = tmp_path / "mnt"
+    try:
+        mount = start_mount(image, mountpoint, view="dir")
+        setup_state(str(mountpoint))
+        committed = raw_sections(image)
+        os.kill(mount.pid, signal.SIGKILL)
+        assert wait_gone(mount.pid)
+        assert stale_mount(mountpoint)
+        # a new mount on the dead one is refused with a hint
+        refused = vtpm_qcow("mount", str(image), str(mountpoint), check=False)
+        assert_one_line_error(refused, "fusermount3 -u")
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+        assert not is_mounted(mountpoint)
+        qemu_img_check(image, allow_leaks=True)  # lazily freed clusters leak, nothing worse
+        assert raw_sections(image) == committed
+        assert opens_writable(image)
+        with mounted(image, mountpoint, view="dir"):
+            assert (mountpoint / "tpm2-00.permall").read_bytes() == committed["permall"]
+    finally:
+        force_unmount(mountpoint)
+
+
+@contextlib.contextmanager
+def held_by_qemu_io(image: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """An interactive qemu-io holding ``image`` open read-write (QEMU's locks)."""
+    proc = subprocess.Popen(
+        [need("qemu-io"), "-f", "qcow2", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while opens_writable(image):
+            assert time.monotonic() < deadline, "qemu-io did not lock the image"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_mount_of_a_locked_image_is_refused(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        with held_by_qemu_io(image):
+            done = vtpm_qcow("mount", str(image), str(mountpoint), check=False)
+            assert_one_line_error(done, str(image), "lock")
+            assert not is_mounted(mountpoint)
+        qemu_img_check(image)
+    finally:
+        force_unmount(mountpoint)
+
+
+def test_bad_arguments_give_one_line(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    missing = vtpm_qcow("mount", str(tmp_path / "nope.qcow2"), str(tmp_path), check=False)
+    assert_one_line_error(missing, "nope.qcow2")
+    not_dir = tmp_path / "file"
+    not_dir.write_text("x")
+    done = vtpm_qcow("mount", str(image), str(not_dir), check=False)
+    assert_one_line_error(done, "not a directory")
+    garbage = tmp_path / "garbage.qcow2"
+    garbage.write_bytes(b"not an image" * 100)
+    (tmp_path / "mnt").mkdir()
+    done = vtpm_qcow("mount", str(garbage), str(tmp_path / "mnt"), check=False)
+    assert_one_line_error(done, "garbage.qcow2")
+    assert not is_mounted(tmp_path / "mnt")
+    done = vtpm_qcow("umount", str(tmp_path / "mnt"), check=False)
+    assert_one_line_error(done, "not a FUSE mount point")
+    # the refused mounts left the image as it was
+    qemu_img_check(image)
+    assert opens_writable(image)
+
+
+def test_umount_command_waits_for_the_daemon(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    mount = start_mount(image, tmp_path / "mnt", view="dir")
+    try:
+        vtpm_qcow("umount", str(mount.mountpoint))
+        assert not is_mounted(mount.mountpoint)
+        assert wait_gone(mount.pid, 0.1)  # umount returned after the daemon exited
+        assert opens_writable(image)
+    finally:
+        force_unmount(mount.mountpoint)
+
+
+@pytest.mark.parametrize("view", ["file", "dir"])
+def test_serve_runs_swtpm_until_it_is_shut_down(view: str, tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    ctrl = tmp_path / "swtpm.ctrl"
+    port = free_tcp_port_pair()
+    done = vtpm_qcow(
+        "serve",
+        str(image),
+        "--ctrl",
+        str(ctrl),
+        "--view",
+        view,
+        "--swtpm-flags",
+        "not-need-init,startup-clear",
+        "--swtpm-option=--server",
+        f"--swtpm-option=type=tcp,port={port}",
+        "--log",
+        str(tmp_path / "serve.log"),
+    )
+    assert done.returncode == 0
+    pid = int(pid_path_for(image).read_text())
+    try:
+        with SwtpmSocketTransport(port) as transport:
+            tpm = Tpm(transport)
+            tpm.nv_define_space(NV_INDEX, 8)
+            tpm.nv_write(NV_INDEX, b"served!!")
+        assert "permall" in raw_sections(image)
+        # the CLI reaches the daemon holding the image through its control socket
+        vtpm_qcow("snapshot", "-c", "while-serving", str(image))
+        assert qemu_img_snapshots(image) == ["while-serving"]
+        # QEMU quitting = CMD_SHUTDOWN on the control socket: swtpm exits, serve follows
+        assert control_command(str(ctrl), CMD_SHUTDOWN) == 0
+        assert wait_gone(pid), "serve did not exit after swtpm"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
+    qemu_img_check(image)
+    mountpoint = tmp_path / "mnt"
+    with (
+        mounted(image, mountpoint, view=view) as mount,
+        running_swtpm(mount.tpmstate, tmp_path / "swtpm") as swtpm,
+        tpm_client(swtpm) as tpm,
+    ):
+        assert tpm.nv_read(NV_INDEX, 8) == b"served!!"
+
+
+def test_serve_failure_is_one_line(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    done = vtpm_qcow(
+        "serve",
+        str(image),
+        "--ctrl",
+        str(tmp_path / "ctrl"),
+        "--swtpm-option=--no-such-swtpm-option",
+        check=False,
+    )
+    assert_one_line_error(done, "swtpm")
+    qemu_img_check(image)
+    assert opens_writable(image)
+    assert not any(is_mounted(p) for p in tmp_path.iterdir())
+
+
+def test_setup_through_the_mount_then_state_survives_remount(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    mountpoint = tmp_path / "mnt"
+    with mounted(image, mountpoint, view="file") as mount:
+        setup_state(mount.setup_tpmstate)
+        first = raw_sections(image)
+    qemu_img_check(image)
+    with mounted(image, mountpoint, view="dir"):
+        # the same image, seen through the other view
+        assert (mountpoint / "tpm2-00.permall").read_bytes() == first["permall"]
