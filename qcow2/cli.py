@@ -63,7 +63,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .errors import Qcow2Error
-    from .info import format_info_human, layer_info, open_chain, open_layer, qemu_json
+    from .info import (
+        BackingOpenError,
+        format_info_human,
+        layer_info,
+        open_chain,
+        open_layer,
+        qemu_json,
+    )
 
     try:
         layers = (
@@ -71,6 +78,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             if args.backing_chain
             else [open_layer(args.image, args.f, force_share=args.U)]
         )
+    except BackingOpenError as err:
+        # --backing-chain opens every image on its own, so the failure names the backing.
+        raise _open_error(err.backing, err.cause) from err
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
     try:

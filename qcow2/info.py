@@ -210,6 +210,15 @@ def open_layer(name: str, fmt: str | None = None, *, force_share: bool = True) -
         raise
 
 
+class BackingOpenError(BackingChainError):
+    """A backing file of the chain could not be opened; ``cause`` says why."""
+
+    def __init__(self, image: str, backing: str, cause: Qcow2Error) -> None:
+        super().__init__(f"Could not open backing file: {cause.message}", path=image)
+        self.backing = backing
+        self.cause = cause
+
+
 def open_chain(name: str, fmt: str | None = None, *, force_share: bool = True) -> list[Layer]:
     """The image ``name`` and its backing files, top first (at most 64 deep, no loops)."""
     layers: list[Layer] = []
@@ -231,9 +240,7 @@ def open_chain(name: str, fmt: str | None = None, *, force_share: bool = True) -
             try:
                 layer = open_layer(backing, h.backing_format, force_share=force_share)
             except Qcow2Error as err:
-                raise BackingChainError(
-                    f"Could not open backing file: {err}", path=layer.name
-                ) from err
+                raise BackingOpenError(layer.name, backing, err) from err
     except BaseException:
         for opened in layers:
             opened.close()
@@ -517,7 +524,8 @@ def _entry_status(
         elif host and bitmap & (1 << sc):
             yield s, s + sc_size, _DATA, host + sc * sc_size
         else:
-            yield s, s + sc_size, _UNALLOCATED, None
+            # UNALLOCATED_ALLOC keeps a valid host offset although it reads from below.
+            yield s, s + sc_size, _UNALLOCATED, (host + sc * sc_size) if host else None
 
 
 def _raw_runs(layer: Layer) -> list[_Run]:
@@ -585,7 +593,8 @@ def _block_status(
             return MapEntry(pos, nbytes, depth, True, not data, data, offset, name)
         below = layers[depth + 1] if depth + 1 < len(layers) else None
         if below is None or pos >= below.virtual_size:
-            return MapEntry(pos, nbytes, depth, False, True, False, None, None)
+            name = layer.name if offset is not None else None
+            return MapEntry(pos, nbytes, depth, False, True, False, offset, name)
     raise AssertionError("unreachable")
 
 
