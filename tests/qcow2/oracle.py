@@ -133,14 +133,21 @@ def snapshot(path: PathLike, op: str, name: str) -> None:
 
 
 def convert(
-    path: PathLike, *, snapshot: str | None = None, snapshot_id: str | None = None
+    path: PathLike,
+    *,
+    snapshot: str | None = None,
+    snapshot_id: str | None = None,
+    force_share: bool = False,
 ) -> bytes:
     """The raw guest content (``qemu-img convert -O raw``), optionally of a snapshot.
 
-    ``snapshot`` selects by name (``-l snapshot.name=``), ``snapshot_id`` by ID.
+    ``snapshot`` selects by name (``-l snapshot.name=``), ``snapshot_id`` by ID;
+    ``force_share`` (``-U``) reads an image another process holds open.
     """
     out = Path(os.fspath(path) + ".oracle.raw")
     args = ["convert", "-f", "qcow2", "-O", "raw"]
+    if force_share:
+        args.append("-U")
     if snapshot is not None:
         args += ["-l", f"snapshot.name={snapshot}"]
     if snapshot_id is not None:

@@ -1,0 +1,264 @@
+"""Crash consistency: replay every prefix of the recorded write log onto the start image.
+
+An observer on ``image.file.observers`` records each write/flush/truncate of a sequence of
+operations.  For every prefix of that log (plus variants where writes since the last flush
+are reordered or torn, which a crash may also produce) the replayed image must be
+``qemu-img check`` clean or leaking only, and must read, through qemu-img and through us,
+as a state that existed before or after the interrupted operation: for
+``commit_atomically`` exactly the old or the new content.
+
+Fault injection: each named fault point, armed with ``inject_fault``, makes the operation
+fail with an error, and the image is then still clean or leaking only, with intact content.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import qcow2
+from qcow2.errors import Qcow2Error
+from qcow2.fileio import WriteEvent, inject_fault
+from tests.qcow2 import oracle
+
+KiB = 1024
+SIZE = 512 * KiB
+SECTOR = 512
+
+
+@dataclass
+class State:
+    """What the image holds between two operations: its content and its snapshots'."""
+
+    content: bytes
+    snapshots: dict[str, bytes] = field(default_factory=dict)
+
+
+def replay(base: bytes, events: list[WriteEvent], target: Path) -> None:
+    """Write ``base`` to ``target`` and apply ``events`` (flushes are no-ops here)."""
+    target.write_bytes(base)
+    fd = os.open(target, os.O_RDWR)
+    try:
+        for ev in events:
+            if ev.kind == "write":
+                os.pwrite(fd, ev.data, ev.offset)
+            elif ev.kind == "truncate":
+                os.ftruncate(fd, ev.offset)
+    finally:
+        os.close(fd)
+
+
+def crash_variants(events: list[WriteEvent], k: int) -> list[list[WriteEvent]]:
+    """Images a crash after event ``k`` may leave: the prefix itself; the prefix where only
+    the last write since the last flush reached the disk; the prefix with its last write
+    torn at a sector boundary."""
+    prefix = events[:k]
+    variants = [prefix]
+    last_flush = max((i for i, ev in enumerate(prefix) if ev.kind == "flush"), default=-1)
+    pending = [ev for ev in prefix[last_flush + 1 :] if ev.kind == "write"]
+    if len(pending) >= 2:
+        variants.append([*prefix[: last_flush + 1], pending[-1]])
+    if prefix and prefix[-1].kind == "write" and len(prefix[-1].data) > SECTOR:
+        last = prefix[-1]
+        cut = len(last.data) // 2 // SECTOR * SECTOR
+        variants.append([*prefix[:-1], WriteEvent("write", last.offset, last.data[:cut])])
+    return variants
+
+
+_COPIED_ONLY = re.compile(r"^(ERROR OFLAG_COPIED .*|Leaked cluster .*|)$")
+
+
+def assert_consistent(path: Path, *, strict: bool) -> None:
+    """Clean or leaks only.  Non-strict (snapshot operations, which follow qemu's order
+    exactly) also accepts stale OFLAG_COPIED flags that ``check -r leaks`` repairs, the
+    state qemu itself leaves in the same windows."""
+    result = oracle.check(path)
+    if result["exit-code"] in (oracle.CHECK_CLEAN, oracle.CHECK_LEAKS):
+        return
+    lines = [ln for ln in result["stderr"].splitlines() if ln.strip()]
+    relaxed_ok = not strict and all(_COPIED_ONLY.match(ln) for ln in lines)
+    assert relaxed_ok, f"{path}: check exit {result['exit-code']}: {result['stderr']}"
+    repaired = oracle.check(path, repair="leaks")
+    assert repaired["exit-code"] == 0, repaired["stderr"]
+
+
+def read_state(path: Path, names: list[str]) -> State:
+    content = oracle.convert(path)
+    with qcow2.open(str(path)) as image:
+        assert image.read(0, len(content)) == content, "qcow2 and qemu-img disagree"
+    return State(content, {n: oracle.convert(path, snapshot=n) for n in names})
+
+
+Operation = Callable[[qcow2.Image], object]
+
+
+def run_recorded(path: Path, ops: list[Operation]) -> tuple[list[WriteEvent], list[int]]:
+    """Run ``ops`` on one open image; return the write log and each op's end index."""
+    events: list[WriteEvent] = []
+    ends = []
+    with qcow2.open(str(path), writable=True) as image:
+        image.file.observers.append(events.append)
+        for op in ops:
+            op(image)
+            ends.append(len(events))
+    ends[-1] = len(events)  # close() may flush caches: part of the last operation
+    return events, ends
+
+
+def verify_all_prefixes(
+    tmp_path: Path, base: bytes, events: list[WriteEvent], ends: list[int], states: list[State],
+    strict: list[bool],
+) -> int:  # fmt: skip
+    target = tmp_path / "replay.qcow2"
+    checked = 0
+    start = 0
+    for op_index, end in enumerate(ends):
+        allowed = (states[op_index], states[op_index + 1])
+        for k in range(start, end + 1):
+            for variant in crash_variants(events, k):
+                replay(base, variant, target)
+                assert_consistent(target, strict=strict[op_index])
+                listed = [s["name"] for s in oracle.snapshot_list(target)]
+                got = read_state(target, listed)
+                assert got in allowed, (
+                    f"op {op_index}, event {k}/{len(events)}: state is neither before nor after"
+                )
+                checked += 1
+        start = end
+    return checked
+
+
+def write_state(image: qcow2.Image, names: list[str]) -> State:
+    return State(image.read(0, SIZE), {n: image.snapshot(n).read(0, SIZE) for n in names})
+
+
+def test_commit_crash_at_every_write(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 0x11 0 64k", "write -P 0x12 300k 8k")
+    oracle.snapshot(img, "create", "keep")
+    base = img.read_bytes()
+    keep = oracle.convert(img, snapshot="keep")
+    commits = [
+        [(0, b"\xa1" * 5000), (200 * KiB, b"\xa2" * 9000)],
+        [(4096 - 3, b"\xb1" * 6), (500 * KiB, b"\xb2" * 12 * KiB)],
+        [(1000, b"\xc1" * 100)],
+    ]
+
+    def committer(writes: list[tuple[int, bytes]]) -> Operation:
+        return lambda image: image.commit_atomically(writes)
+
+    ops = [committer(w) for w in commits]
+    states = [State(oracle.convert(img), {"keep": keep})]
+    content = bytearray(states[0].content)
+    for writes in commits:
+        for offset, data in writes:
+            content[offset : offset + len(data)] = data
+        states.append(State(bytes(content), {"keep": keep}))
+    events, ends = run_recorded(img, ops)
+    assert read_state(img, ["keep"]) == states[-1]
+    checked = verify_all_prefixes(tmp_path, base, events, ends, states, [True] * len(ops))
+    assert checked > len(events)
+
+
+def test_snapshot_ops_crash_at_every_write(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 0x21 0 40k", "write -P 0x22 256k 4k")
+    oracle.snapshot(img, "create", "old")
+    oracle.qemu_io(img, "write -P 0x23 8k 8k")
+    base = img.read_bytes()
+
+    ops: list[Operation] = [
+        lambda image: image.create_snapshot("new"),
+        lambda image: image.commit_atomically([(0, b"\xd1" * 10000)]),
+        lambda image: image.delete_snapshot("old"),
+        lambda image: image.apply_snapshot("new"),
+    ]
+    names_after = [["old", "new"], ["old", "new"], ["new"], ["new"]]
+    # The states, computed on a scratch copy with the same operations.
+    scratch = tmp_path / "scratch.qcow2"
+    scratch.write_bytes(base)
+    states = [read_state(scratch, ["old"])]
+    with qcow2.open(str(scratch), writable=True) as image:
+        for op, names in zip(ops, names_after, strict=True):
+            op(image)
+            states.append(write_state(image, names))
+    events, ends = run_recorded(img, ops)
+    assert read_state(img, ["new"]) == states[-1]
+    strict = [False, True, False, False]
+    verify_all_prefixes(tmp_path, base, events, ends, states, strict)
+
+
+COMMIT_POINTS = [
+    "commit.write_data", "commit.write_l2", "commit.write_l1", "commit.header_switch",
+    "commit.free_old",
+]  # fmt: skip
+SNAPSHOT_POINTS = {
+    "create": ["snapshot_create.write_l1", "snapshot_create.refcount",
+               "snapshot_create.write_table", "snapshot_create.header_switch",
+               "snapshot_create.free_old_table"],
+    "apply": ["snapshot_apply.refcount", "snapshot_apply.write_l1", "snapshot_apply.drop_old",
+              "snapshot_apply.copied"],
+    "delete": ["snapshot_delete.write_table", "snapshot_delete.header_switch",
+               "snapshot_delete.free_old_table", "snapshot_delete.refcount",
+               "snapshot_delete.free_l1", "snapshot_delete.copied"],
+}  # fmt: skip
+
+
+def prepared_image(tmp_path: Path) -> Path:
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 0x31 0 32k")
+    oracle.snapshot(img, "create", "s")
+    oracle.qemu_io(img, "write -P 0x32 4k 4k")
+    return img
+
+
+@pytest.mark.parametrize("point", COMMIT_POINTS)
+def test_commit_fault_points(tmp_path: Path, point: str) -> None:
+    img = prepared_image(tmp_path)
+    old = oracle.convert(img)
+    new = bytearray(old)
+    new[100:6000] = b"\xee" * 5900
+    with (
+        qcow2.open(str(img), writable=True) as image,
+        inject_fault(point),
+        pytest.raises((Qcow2Error, OSError)),
+    ):
+        image.commit_atomically([(100, b"\xee" * 5900)])
+    oracle.assert_clean(img, allow_leaks=True)
+    after_switch = point == "commit.free_old"
+    assert oracle.convert(img) == (bytes(new) if after_switch else old)
+    assert oracle.convert(img, snapshot="s")[: 32 * KiB] == b"\x31" * 32 * KiB
+
+
+@pytest.mark.parametrize(
+    ("op", "point"), [(op, p) for op, points in SNAPSHOT_POINTS.items() for p in points]
+)
+def test_snapshot_fault_points(tmp_path: Path, op: str, point: str) -> None:
+    img = prepared_image(tmp_path)
+    old = oracle.convert(img)
+    snap = oracle.convert(img, snapshot="s")
+    before = [s["name"] for s in oracle.snapshot_list(img)]
+    with qcow2.open(str(img), writable=True) as image:
+        action: dict[str, Callable[[], object]] = {
+            "create": lambda: image.create_snapshot("t"),
+            "apply": lambda: image.apply_snapshot("s"),
+            "delete": lambda: image.delete_snapshot("s"),
+        }
+        with inject_fault(point), pytest.raises(Qcow2Error):
+            action[op]()
+    assert_consistent(img, strict=False)
+    listed = [s["name"] for s in oracle.snapshot_list(img)]
+    content = oracle.convert(img)
+    if op == "create":
+        assert listed in (before, [*before, "t"]) and content == old
+    elif op == "apply":
+        assert listed == before and content in (old, snap)
+    else:
+        assert listed in (before, []) and content == old
+    if "s" in listed:
+        assert oracle.convert(img, snapshot="s") == snap

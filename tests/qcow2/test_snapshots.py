@@ -1,0 +1,179 @@
+"""Internal snapshots, differential against qemu-img in both directions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import qcow2
+from qcow2.errors import SnapshotError, SnapshotNotFoundError
+from tests.qcow2 import oracle
+
+MiB = 1024 * 1024
+
+
+def names(path: Path) -> list[tuple[str, str]]:
+    return [(s["id"], s["name"]) for s in oracle.snapshot_list(path)]
+
+
+@pytest.mark.parametrize(
+    ("compat", "cluster_size", "extended_l2"),
+    [("1.1", 65536, False), ("0.10", 4096, False), ("1.1", 512, False), ("1.1", 65536, True)],
+)
+def test_our_snapshots_as_qemu_sees_them(
+    tmp_path: Path, compat: str, cluster_size: int, extended_l2: bool
+) -> None:
+    opts: dict[str, object] = {"compat": compat, "cluster_size": cluster_size}
+    if extended_l2:
+        opts["extended_l2"] = True
+    img = oracle.create(tmp_path / "a.qcow2", 4 * MiB, **opts)
+    oracle.qemu_io(img, "write -P 0x11 0 200k")
+    expected: dict[str, bytes] = {}
+    with qcow2.open(str(img), writable=True) as image:
+        image.create_snapshot("one")
+        expected["one"] = oracle.convert(img, force_share=True)  # the state when taken
+    oracle.assert_clean(img)
+    oracle.qemu_io(img, "write -P 0x22 100k 300k", "write -z 0 4k")
+    with qcow2.open(str(img), writable=True) as image:
+        image.create_snapshot("two")
+        image.write(3 * MiB, b"\x33" * 5000)
+        image.create_snapshot("one")  # duplicate names are allowed, like qemu
+    oracle.assert_clean(img)
+    assert names(img) == [("1", "one"), ("2", "two"), ("3", "one")]
+    current = oracle.convert(img)
+    assert oracle.convert(img, snapshot_id="1") == expected["one"]
+    assert oracle.convert(img, snapshot="two") != current
+    with qcow2.open(str(img), writable=True) as image:
+        # Views read what qemu-img convert -l reads.
+        for sid in ("1", "2", "3"):
+            view = image.snapshot(sid).read(0, 4 * MiB)
+            assert view == oracle.convert(img, snapshot_id=sid, force_share=True)
+        image.apply_snapshot("1")  # ID first
+        assert image.read(0, 4 * MiB) == expected["one"]
+    oracle.assert_clean(img)
+    assert oracle.convert(img) == expected["one"]
+    # qemu-img can apply and delete what we made.
+    oracle.snapshot(img, "apply", "two")
+    oracle.assert_clean(img)
+    oracle.snapshot(img, "delete", "two")
+    oracle.assert_clean(img)
+
+
+def test_delete_frees_exactly(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", 4 * MiB, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 0x11 0 1M")
+    start = oracle.check(img)
+    with qcow2.open(str(img), writable=True) as image:
+        image.create_snapshot("s")
+        image.write(0, b"\x99" * 300 * 1024)  # COW: the snapshot keeps the old clusters
+    grown = oracle.assert_clean(img)
+    assert grown["image-end-offset"] > start["image-end-offset"]
+    with qcow2.open(str(img), writable=True) as image:
+        image.delete_snapshot("s")
+    after = oracle.assert_clean(img)  # no leaks: every snapshot-only cluster went back
+    assert after["allocated-clusters"] == start["allocated-clusters"]
+    # Same sequence through qemu-img: the same clusters are allocated afterwards.
+    twin = oracle.create(tmp_path / "b.qcow2", 4 * MiB, cluster_size=4096)
+    oracle.qemu_io(twin, "write -P 0x11 0 1M")
+    oracle.snapshot(twin, "create", "s")
+    oracle.qemu_io(twin, "write -P 0x99 0 300k")
+    oracle.snapshot(twin, "delete", "s")
+    assert oracle.check(twin)["allocated-clusters"] == after["allocated-clusters"]
+    assert oracle.convert(twin) == oracle.convert(img)
+
+
+def test_qemu_snapshots_applied_and_deleted_by_us(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", 4 * MiB)
+    contents = {}
+    for i, name in enumerate(["2", "a", "1"]):  # names that look like IDs
+        oracle.qemu_io(img, f"write -P {0x40 + i} {i * 64}k 100k")
+        oracle.snapshot(img, "create", name)
+        contents[name] = oracle.convert(img)
+    oracle.qemu_io(img, "write -c -P 0x77 1M 64k", "discard 0 64k")
+    twin = tmp_path / "twin.qcow2"
+    twin.write_bytes(img.read_bytes())
+    # apply "2": qemu matches the ID first (ID 2 is named "a")
+    oracle.snapshot(twin, "apply", "2")
+    with qcow2.open(str(img), writable=True) as image:
+        image.apply_snapshot("2")
+    oracle.assert_clean(img)
+    assert oracle.convert(img) == oracle.convert(twin) == contents["a"]
+    # delete "1": qemu-img matches the name (ID 3), not ID 1.
+    oracle.snapshot(twin, "delete", "1")
+    with qcow2.open(str(img), writable=True) as image:
+        image.delete_snapshot("1")
+        with pytest.raises(SnapshotNotFoundError):
+            image.delete_snapshot("no such")
+    oracle.assert_clean(img)
+    assert names(img) == names(twin) == [("1", "2"), ("2", "a")]
+    # New IDs are max + 1 over what is left (a gap stays a gap), like qemu's.
+    oracle.snapshot(twin, "delete", "2")
+    with qcow2.open(str(img), writable=True) as image:
+        image.delete_snapshot("2")
+        image.create_snapshot("again")
+        image.create_snapshot("more")
+    oracle.snapshot(twin, "create", "again")
+    oracle.snapshot(twin, "create", "more")
+    assert names(img) == names(twin)
+    with qcow2.open(str(img), writable=True) as image:
+        for name in ("a", "again", "more"):
+            image.delete_snapshot(name)
+        assert image.snapshots == []
+    oracle.assert_clean(img)
+    assert oracle.convert(img) == contents["a"]
+
+
+def test_apply_restores_disk_size(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", 2 * MiB)
+    oracle.qemu_io(img, "write -P 0x61 0 2M")
+    with qcow2.open(str(img), writable=True) as image:
+        image.create_snapshot("small")
+    oracle.qemu_img("resize", str(img), "6M")
+    oracle.qemu_io(img, "write -P 0x62 5M 1M")
+    small = oracle.convert(img, snapshot="small")  # qemu pads to the current size
+    with qcow2.open(str(img), writable=True) as image:
+        view = image.snapshot("small")
+        assert view.virtual_size == 2 * MiB
+        assert view.read(0, 6 * MiB) == small[: 2 * MiB]
+        image.apply_snapshot("small")
+        assert image.virtual_size == 2 * MiB
+    oracle.assert_clean(img)
+    assert oracle.info(img)["virtual-size"] == 2 * MiB
+    assert oracle.convert(img) == small[: 2 * MiB]
+
+
+def test_snapshot_view_falls_through_to_backing(tmp_path: Path) -> None:
+    base = oracle.create(tmp_path / "base.qcow2", 1 * MiB)
+    oracle.qemu_io(base, "write -P 0x10 0 1M")
+    top = tmp_path / "top.qcow2"
+    oracle.qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    oracle.qemu_io(top, "write -P 0x20 64k 64k")
+    with qcow2.open(str(top), writable=True) as image:
+        image.create_snapshot("s")
+        image.write(0, b"\x30" * 4096)
+        assert image.snapshot("s").read(0, MiB) == oracle.convert(
+            top, snapshot="s", force_share=True
+        )
+    oracle.assert_clean(top)
+
+
+@pytest.mark.parametrize(("bits", "allowed"), [(1, 0), (2, 2)])
+def test_refcount_overflow_fails_cleanly(tmp_path: Path, bits: int, allowed: int) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB, refcount_bits=bits)
+    oracle.qemu_io(img, "write -P 0x5 0 64k")
+    with qcow2.open(str(img), writable=True) as image:
+        for i in range(allowed):
+            image.create_snapshot(f"s{i}")
+        with pytest.raises(SnapshotError, match="refcount"):
+            image.create_snapshot("overflow")
+    # Like qemu: no snapshot, leaks at most, content intact.
+    assert len(names(img)) == allowed
+    oracle.assert_clean(img, allow_leaks=True)
+    assert oracle.convert(img)[:65536] == b"\x05" * 65536
+    twin = oracle.create(tmp_path / "b.qcow2", 1 * MiB, refcount_bits=bits)
+    oracle.qemu_io(twin, "write -P 0x5 0 64k")
+    for i in range(allowed):
+        oracle.snapshot(twin, "create", f"s{i}")
+    proc = oracle.qemu_img("snapshot", "-c", "overflow", str(twin), ok=(1,))
+    assert b"Could not create snapshot" in proc.stderr  # qemu refuses the same one

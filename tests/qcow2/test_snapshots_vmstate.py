@@ -1,0 +1,88 @@
+"""QEMU savevm snapshots (with VM state) survive our snapshot operations on the same image."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import qcow2
+from tests.helpers import need
+from tests.qcow2 import oracle
+from tests.vm.qemu_fixtures import stop_process, wait_for_path
+
+MiB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def qemu_with_disk(workdir: Path, disk: Path) -> Iterator[Path]:
+    """A stopped q35 QEMU with ``disk`` as node ``disk0``; yields its QMP socket path."""
+    qmp = workdir / "qmp.sock"
+    cmd = [
+        need("qemu-system-x86_64"), "-machine", "q35", "-accel", "tcg", "-S",
+        "-display", "none", "-nodefaults", "-m", "64",
+        "-drive", f"if=none,id=drive0,file={disk},format=qcow2,node-name=disk0",
+        "-qmp", f"unix:{qmp},server=on,wait=off",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_path(qmp, proc, "qemu-system-x86_64")
+        yield qmp
+    finally:
+        stop_process(proc)
+
+
+def hmp(qmp: Path, *commands: str) -> list[str]:
+    """Run HMP commands through QMP ``human-monitor-command``; return their outputs."""
+    from qemu.qmp import QMPClient
+
+    async def run() -> list[str]:
+        client = QMPClient("test")
+        await client.connect(str(qmp))
+        try:
+            out = []
+            for command in commands:
+                reply = await client.execute("human-monitor-command", {"command-line": command})
+                out.append(str(reply))
+            return out
+        finally:
+            await client.disconnect()
+
+    return asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_savevm_snapshot_survives_our_create_and_delete(tmp_path: Path) -> None:
+    disk = oracle.create(tmp_path / "disk.qcow2", 4 * MiB)
+    oracle.qemu_io(disk, "write -P 0x71 0 256k")
+    with qemu_with_disk(tmp_path, disk) as qmp:
+        assert hmp(qmp, "savevm vm1", "quit")[0] == ""
+    listed = oracle.snapshot_list(disk)
+    assert listed[0]["name"] == "vm1" and listed[0]["vm-state-size"] > 0
+    oracle.assert_clean(disk)
+    vm1_disk = oracle.convert(disk, snapshot="vm1")
+    with qcow2.open(str(disk), writable=True) as image:
+        (entry,) = image.snapshots
+        assert entry.vm_state_size == listed[0]["vm-state-size"] and entry.icount is None
+        image.create_snapshot("ours")
+        image.write(0, b"\x72" * 4096)
+        image.create_snapshot("ours2")
+        image.delete_snapshot("ours")
+        image.write(4096, b"\x73" * 4096)
+    oracle.assert_clean(disk)
+    # vmstate lives past the disk end in vm1's L1: QEMU must still be able to load it.
+    with qemu_with_disk(tmp_path, disk) as qmp:
+        replies = hmp(qmp, "loadvm vm1", "info snapshots", "quit")
+    assert not replies[0].startswith("Error"), replies[0]
+    assert "vm1" in replies[1] and "ours2" in replies[1]
+    oracle.assert_clean(disk)
+    assert oracle.convert(disk) == vm1_disk
+    assert oracle.snapshot_list(disk)[0]["vm-state-size"] == listed[0]["vm-state-size"]
+    # Deleting the savevm snapshot ourselves frees its VM state clusters too.
+    with qcow2.open(str(disk), writable=True) as image:
+        image.delete_snapshot("vm1")
+        image.delete_snapshot("ours2")
+    oracle.assert_clean(disk)  # no leaks: the VM state clusters were freed with vm1
+    with qcow2.open(str(disk)) as image:
+        assert image.read(0, 4 * MiB) == vm1_disk
