@@ -419,14 +419,12 @@ class Outcome:
 class PausedVm:
     """Pause the VM if it runs; :meth:`resume` continues it only if it was running."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitor, state: RunState) -> None:
         self.monitor = monitor
-        self.was_running = False
+        self.was_running = state.running
 
     async def pause(self) -> None:
-        state = await self.monitor.run_state()
-        self.was_running = state.running
-        if state.running:
+        if self.was_running:
             await self.monitor.execute("stop")
 
     async def resume(self) -> bool:
@@ -437,10 +435,16 @@ class PausedVm:
 
 async def save(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool = False) -> Outcome:
     """Snapshot disks, VM state and vTPM image as ``tag`` (see the module docstring)."""
-    vm = PausedVm(monitor)
+    state, nodes = await asyncio.gather(monitor.run_state(), _snapshot_nodes(monitor))
+    on_disks = [n.node for n in nodes if tag in n.tags]
+    if on_disks and not force:
+        raise AlignmentError(
+            f"save '{tag}': tag exists on {', '.join(on_disks)}; use --force to replace it"
+        )
+    vm = PausedVm(monitor, state)
     await vm.pause()
     try:
-        outcome = await _save_paused(monitor, vtpm, tag, force=force)
+        outcome = await _save_paused(monitor, vtpm, tag, nodes, on_disks, force=force)
     except QmpDisconnectedError:
         raise  # nothing to resume through
     except BaseException:
@@ -454,19 +458,29 @@ async def save(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool =
     return outcome
 
 
-async def _save_paused(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool) -> Outcome:
-    nodes = await _snapshot_nodes(monitor)
+async def _save_paused(
+    monitor: Monitor,
+    vtpm: VtpmSnapshots,
+    tag: str,
+    nodes: list[DiskNode],
+    on_disks: list[str],
+    *,
+    force: bool,
+) -> Outcome:
     outcome = Outcome(tag, [n.node for n in nodes], vtpm.description)
-    on_disks = [n.node for n in nodes if tag in n.tags]
-    on_vtpm = tag in vtpm.tags()
-    if (on_disks or on_vtpm) and not force:
-        where = ", ".join([*on_disks, *(["the vTPM image"] if on_vtpm else [])])
-        raise AlignmentError(f"save '{tag}': tag exists on {where}; use --force to replace it")
     if on_disks:
         await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
         outcome.notes.append("replaced the old snapshot")
     # vTPM half first: the VM is paused, so the active layer is the TPM state QEMU saves.
-    _vtpm_half(lambda: vtpm.create(tag, overwrite=on_vtpm), "save", tag)
+    # (No listing beforehand: it costs more than the snapshot; a refusal is checked after.)
+    try:
+        vtpm.create(tag, overwrite=force)
+    except (VtpmQcowError, Qcow2Error) as err:
+        if not force and tag in vtpm.tags():
+            raise AlignmentError(
+                f"save '{tag}': tag exists on the vTPM image; use --force to replace it"
+            ) from err
+        raise AlignmentError(f"save '{tag}': vTPM half failed; disks untouched: {err}") from err
     try:
         await monitor.run_job(
             "snapshot-save", {"tag": tag, "vmstate": nodes[0].node, "devices": outcome.disks}
@@ -484,13 +498,15 @@ async def _save_paused(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force
 
 async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
     """Revert disks, VM state and vTPM image to ``tag`` (see the module docstring)."""
-    vm = PausedVm(monitor)
-    nodes = await _snapshot_nodes(monitor)
+    state, nodes, vtpm_tags = await asyncio.gather(
+        monitor.run_state(), _snapshot_nodes(monitor), asyncio.to_thread(vtpm.tags)
+    )
     missing = [n.node for n in nodes if tag not in n.tags]
-    if tag not in vtpm.tags():
+    if tag not in vtpm_tags:
         missing.append("the vTPM image")
     if missing:
         raise AlignmentError(f"load '{tag}': no such snapshot on {', '.join(missing)}")
+    vm = PausedVm(monitor, state)
     await vm.pause()
     outcome = Outcome(tag, [n.node for n in nodes], vtpm.description, vm.was_running)
     try:
@@ -518,7 +534,7 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
     if on_vtpm:
         after = "the disks' snapshot was deleted (run delete again)" if on_disks else ""
-        _vtpm_half(lambda: vtpm.delete(tag), "delete", tag, after=after)
+        _vtpm_half(lambda: _delete_if_present(vtpm, tag), "delete", tag, after=after)
     return outcome
 
 
@@ -536,6 +552,15 @@ async def _disk_half(
         await monitor.run_job(command, arguments)
     except QmpError as err:
         raise AlignmentError(f"'{tag}': disk half failed: {err}; vTPM image untouched") from err
+
+
+def _delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
+    """Delete ``tag``; a tag already gone (a watcher saw the disks' delete first) is fine."""
+    try:
+        vtpm.delete(tag)
+    except (VtpmQcowError, Qcow2Error):
+        if tag in vtpm.tags():
+            raise
 
 
 def _vtpm_half(action: Callable[[], None], verb: str, tag: str, *, after: str = "") -> None:

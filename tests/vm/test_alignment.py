@@ -254,6 +254,11 @@ def test_load_of_unknown_tag_is_refused_before_touching_anything(
         assert permall(image) == before
         status = s.vm("status", check=False)
         assert status.returncode == 3 and "mismatch: 'T1'" in status.stdout
+        refused = s.vm("save", "T1", check=False)  # still on the vTPM image
+        assert refused.returncode == 1 and "exists on the vTPM image" in refused.stderr
+        assert snapshot_tags(disk) == [] and permall(image) == before
+        s.vm("delete", "T1")  # finishes a half-done delete
+        assert snapshot_tags(image) == []
 
 
 def test_hmp_savevm_loadvm_delvm_followed_by_the_watcher(
