@@ -424,12 +424,11 @@ def _cmd_resize(args: argparse.Namespace) -> int:
             raise CliError("New image size must be positive")
         new = (new + 511) // 512 * 512
         if new < current and not args.shrink:
-            raise CliError("Use the --shrink option to perform a shrink operation.")
-        if new < current:
-            _err(
-                "warning: Shrinking an image will delete all data beyond the shrunken image's "
-                "end. Before performing such an operation, make sure there is no important "
-                "data there."
+            raise CliError(
+                "Use the --shrink option to perform a shrink operation.\n"
+                f"{PROG}: warning: Shrinking an image will delete all data beyond the shrunken "
+                "image's end. Before performing such an operation, make sure there is no "
+                "important data there."
             )
         try:
             image.resize(new)
@@ -597,10 +596,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             else:
                 writer = out_image.write
         try:
-            total = max(size, 1)
-            if args.p:
-                sys.stdout.write(f"    ({0:.2f}/100%)\r")
-                sys.stdout.flush()
+            progress = _Progress(size) if args.p and not args.q else None
             for pos in range(0, size, _CHUNK):
                 n = min(_CHUNK, size - pos)
                 data = src.read(pos, n)
@@ -612,11 +608,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                             writer(pos + sub, chunk)
                 else:
                     _write_nonzero(writer, pos, data)
-                if args.p:
-                    sys.stdout.write(f"    ({(pos + n) * 100.0 / total:.2f}/100%)\r")
-                    sys.stdout.flush()
-            if args.p:
-                sys.stdout.write("\n")
+                if progress is not None:
+                    progress.update(pos + n)
+            if progress is not None:
+                progress.end()
         except Qcow2Error as err:
             raise CliError(f"error while writing at byte {pos}: {err.message}") from err
         finally:
@@ -627,6 +622,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     finally:
         src.close()
     return 0
+
+
+class _Progress:
+    """qemu-img's ``-p`` output: ``    (P/100%)\\r`` whenever P grew by 1%, then a final
+    100% line ending in a newline."""
+
+    def __init__(self, total: int) -> None:
+        self.total = max(total, 1)
+        self.shown = 0.0
+        self._print(0.0)
+
+    def _print(self, percent: float) -> None:
+        sys.stdout.write(f"    ({percent:.2f}/100%)\r")
+        sys.stdout.flush()
+
+    def update(self, done: int) -> None:
+        percent = done * 100.0 / self.total
+        if percent - self.shown >= 1.0:
+            self.shown = percent
+            self._print(percent)
+
+    def end(self) -> None:
+        self._print(100.0)
+        sys.stdout.write("    (100.00/100%)\r\n")
+        sys.stdout.flush()
 
 
 def _write_nonzero(writer: Callable[[int, bytes], None], pos: int, data: bytes) -> None:
