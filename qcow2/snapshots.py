@@ -277,7 +277,12 @@ def apply_snapshot(image: Image, key: str) -> SnapshotEntry:
         image.grow_l1(snap.l1_size)
         header = image.header
         cur_size = header.l1_size
-        new_l1 = _read_l1(image, snap.l1_table_offset, snap.l1_size)
+        # Snapshot L1 copies carry stale COPIED bits; written as they are, a crash before
+        # the final recomputation would leave COPIED on tables that are shared.  Without
+        # them the worst case is COPIED = 0 on a table with refcount 1 (harmless).
+        new_l1 = [
+            e & ~layout.OFLAG_COPIED for e in _read_l1(image, snap.l1_table_offset, snap.l1_size)
+        ]
         new_l1 += [0] * (cur_size - len(new_l1))
         fault_point("snapshot_apply.refcount")
         # The new state's refcounts go up before the active L1 points at it.
