@@ -15,7 +15,8 @@ points are:
   rename onto a state file name is the commit point** (``store.write_section``); unlink of a
   state file deletes the section.
 
-Every handler runs its whole body as one synchronous function under one lock (``_locked``),
+Every handler runs its whole body as one synchronous function under one lock (``_locked``,
+on the event loop or, with ``threaded``, in a worker thread),
 so the store sees one caller at a time and control-socket snapshots never interleave with a
 commit.  Failures become ``FUSEError(errno)`` in one place, :func:`fuse_errors`.
 
@@ -27,6 +28,7 @@ kernel's entries, attributes and pages explicitly.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -93,6 +95,7 @@ def fuse_errors(
 
     @functools.wraps(handler)
     async def wrapper(self: StoreFS, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        self.requests[handler.__name__] += 1
         try:
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -497,14 +500,16 @@ class StoreFS(pyfuse3.Operations):
     """pyfuse3 operations serving a :class:`Store` through a :class:`Namespace`.
 
     :param threaded: run store calls in a worker thread (keeps the event loop responsive
-        while a commit waits for the disk) instead of on the event loop itself.
+        while a commit waits for the disk) instead of on the event loop itself.  Off by
+        default: every request waits for the same lock anyway, and the thread hop costs
+        more than a typical store call.
     """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, store: Store, namespace: Namespace, *, threaded: bool = True) -> None:
+    def __init__(self, store: Store, namespace: Namespace, *, threaded: bool = False) -> None:
         super().__init__()
         self.store = store
         self.namespace = namespace
@@ -520,6 +525,8 @@ class StoreFS(pyfuse3.Operations):
         self.root_ctime_ns = time.time_ns()
         #: requests that changed the store (for the control socket's info and benchmarks)
         self.commits = 0
+        #: FUSE requests served, by handler name
+        self.requests: collections.Counter[str] = collections.Counter()
         #: called with the view after each request that changed the store (test hook: the
         #: crash tests' write logs mark committed states with it)
         self.commit_observers: list[Callable[[str], None]] = []
@@ -671,6 +678,7 @@ class StoreFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         # forget must not raise: it answers no request.
+        self.requests["forget"] += 1
         try:
             await self._locked(self._forget, list(inode_list))
         except Exception:
@@ -736,6 +744,7 @@ class StoreFS(pyfuse3.Operations):
 
     async def releasedir(self, fh: FileHandleT) -> None:
         """Nothing to release: directory handles carry no state."""
+        self.requests["releasedir"] += 1
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -834,6 +843,7 @@ class StoreFS(pyfuse3.Operations):
         so committing here would commit in the middle of a writer's update.  Writers that
         never fsync are committed at release, when the last descriptor is gone.
         """
+        self.requests["flush"] += 1
 
     def _release(self, fh: FileHandleT) -> None:
         handle = self.handles.pop(fh, None)
@@ -981,6 +991,7 @@ class StoreFS(pyfuse3.Operations):
             "files": sorted(self.names),
             "commits": self.commits,
             "open_files": len(self.handles),
+            "requests": dict(self.requests),
         }
 
 
@@ -996,7 +1007,7 @@ def _invalidate_entry(name: str) -> None:
     pyfuse3.invalidate_entry(pyfuse3.ROOT_INODE, FileNameT(os.fsencode(name)))
 
 
-def make_fs(store: Store, view: str, *, threaded: bool = True) -> StoreFS:
+def make_fs(store: Store, view: str, *, threaded: bool = False) -> StoreFS:
     """The :class:`StoreFS` for ``view`` ("file" or "dir")."""
     namespaces: dict[str, Callable[[Store], Namespace]] = {
         "file": FileNamespace,
