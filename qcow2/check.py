@@ -1024,11 +1024,26 @@ def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
         res.check_errors += 1
         res.messages.append("qemu-img: ERROR snapshot table offset invalid")
         raise _CheckFailed(errno.EINVAL)
+    if c.fix & FIX_ERRORS:
+        _read_snapshots_repairing(c, res)
+    else:
+        _read_snapshots(c, res)
+    for i in incomplete_entries(c.snapshots, h.version):
+        res.corruptions += 1
+        res.messages.append(
+            f"{'Repairing' if c.fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} "
+            "is incomplete"
+        )
+
+
+def _read_snapshots(c: _Checker, res: CheckResult) -> None:
+    """Read the snapshot table as QEMU's open does; a bad table ends the check."""
+    h = c.h
     try:
         c.snapshots = read_snapshot_table(
             c.f,
             h.snapshots_offset,
-            nb,
+            h.nb_snapshots,
             path=None,
             version=h.version,
             virtual_size=h.size // 512 * 512,
@@ -1044,12 +1059,70 @@ def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
         raise _CheckFailed(errno.EFBIG) from err
     c.snapshots_offset = h.snapshots_offset
     c.snapshots_size = _stored_table_length(c.snapshots)
-    for i in incomplete_entries(c.snapshots, h.version):
-        res.corruptions += 1
-        res.messages.append(
-            f"{'Repairing' if c.fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} "
-            "is incomplete"
-        )
+
+
+class _Blob:
+    """Bytes with a ``pread`` (so the snapshot table codec can parse a rebuilt entry)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def pread(self, offset: int, length: int) -> bytes:
+        chunk = self.data[offset : offset + length]
+        return chunk + bytes(length - len(chunk))
+
+
+def _read_snapshots_repairing(c: _Checker, res: CheckResult) -> None:
+    """QEMU's ``qcow2_do_read_snapshots(repair=true)``: extra data beyond 1024 bytes is
+    truncated, and entries that push the table past 64 MiB are dropped (the header's
+    snapshot count is lowered at once; their clusters become leaks that are then fixed)."""
+    h = c.h
+    header_struct = layout.SNAPSHOT_HEADER_STRUCT
+    start = h.snapshots_offset
+    offset = start
+    table_len = 0
+    dropped_extra = 0
+    entries: list[SnapshotEntry] = []
+    for i in range(h.nb_snapshots):
+        entry_start = offset = layout.align_up(offset, 8)
+        table_len = layout.align_up(table_len, 8)
+        raw = c.f.pread(entry_start, header_struct.size)
+        fields = header_struct.unpack(raw)
+        id_size, name_size, extra = fields[2], fields[3], fields[-1]
+        kept_extra = extra
+        if extra > layout.MAX_SNAPSHOT_EXTRA_DATA:
+            res.messages.append(
+                f"Discarding too much extra metadata in snapshot table entry {i} "
+                f"({extra} > {layout.MAX_SNAPSHOT_EXTRA_DATA})"
+            )
+            dropped_extra += 1
+            kept_extra = layout.MAX_SNAPSHOT_EXTRA_DATA
+        body = raw[:-4] + struct.pack(">I", kept_extra)
+        body += c.f.pread(entry_start + header_struct.size, kept_extra)
+        body += c.f.pread(entry_start + header_struct.size + extra, id_size + name_size)
+        entry = read_snapshot_table(
+            _Blob(body), 0, 1, path=None, version=h.version, virtual_size=h.size // 512 * 512
+        )[0]
+        offset = entry_start + header_struct.size + extra + id_size + name_size
+        table_len += header_struct.size + kept_extra + id_size + name_size
+        if table_len > layout.MAX_SNAPSHOT_TABLE_BYTES or offset - start > _INT_MAX:
+            overhang = h.nb_snapshots - i
+            res.messages.append(
+                f"Discarding {overhang} overhanging snapshots (snapshot table is too big)"
+            )
+            offset = entry_start
+            res.corruptions += overhang
+            write_header_fields(c.f, nb_snapshots=i)
+            c.f.flush()
+            h.nb_snapshots = i
+            res.corruptions -= overhang
+            res.corruptions_fixed += overhang
+            break
+        entries.append(entry)
+    res.corruptions += dropped_extra
+    c.snapshots = entries
+    c.snapshots_offset = start
+    c.snapshots_size = offset - start if entries else 0
 
 
 def _stored_table_length(entries: list[SnapshotEntry]) -> int:

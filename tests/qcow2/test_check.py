@@ -305,6 +305,8 @@ REPAIR_CASES = [
     "refblock_unaligned",
     "reftable_reserved_bits",
     "snapshot_l1_unaligned",
+    "snapshot_entry_incomplete",
+    "snapshot_extra_too_large",
     "compressed_leak",
     "dirty_lazy_refcounts",
     "refcount_bits_64_leak",
