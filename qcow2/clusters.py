@@ -162,6 +162,22 @@ class ClusterMap:
             return entry, int.from_bytes(table[pos + 8 : pos + 16], "big")
         return entry, 0
 
+    def checked_entry(self, table: bytearray, index: int, l2_offset: int) -> tuple[int, int]:
+        """:meth:`get_entry` refusing what QEMU treats as fatal corruption before a
+        change: the zero flag in a v2 image, unaligned data cluster offsets."""
+        entry, bitmap = self.get_entry(table, index)
+        if entry & layout.OFLAG_COMPRESSED:
+            return entry, bitmap
+        if entry & layout.OFLAG_ZERO and not self.extended and self.header.version < 3:
+            raise CorruptImageError(
+                f"Zero cluster entry found in pre-v3 image (L2 offset: {l2_offset:#x}, "
+                f"L2 index: {index:#x})",
+                path=self._path(),
+                offset=l2_offset,
+            )
+        self._data_offset(entry, l2_offset, index)
+        return entry, bitmap
+
     def set_entry(self, table: bytearray, index: int, entry: int, bitmap: int = 0) -> None:
         """Store an L2 entry (and bitmap with extended L2) into a cached table."""
         pos = index * self.entry_size
@@ -409,6 +425,8 @@ class ClusterMap:
             first = cur // cs
             last = min((end - 1) // cs, (l1_index + 1) * self.l2_entries - 1)
             cluster = first
+            for index in range(first % self.l2_entries, last % self.l2_entries + 1):
+                self.checked_entry(table, index, l2_offset)
             while cluster <= last:
                 entry, bitmap = self.get_entry(table, cluster % self.l2_entries)
                 if self._in_place(entry):
@@ -493,12 +511,11 @@ class ClusterMap:
     ) -> None:
         """Allocate clusters ``first..last`` (contiguous on the host), fill them with the
         new data merged into the old content, point the L2 entries at them, free the old."""
-        self._notify_change()
         cs = self.cluster_size
         count = last - first + 1
         end = offset + len(view)
-        fault_point("cluster_alloc")
-        host = self.refcounts.alloc(count * cs)
+        # Read the copy-on-write source first: a corrupt old cluster fails here, before
+        # anything was allocated.
         if first * cs >= offset and (last + 1) * cs <= end:
             content: bytes | bytearray | memoryview = view[
                 first * cs - offset : (last + 1) * cs - offset
@@ -516,6 +533,9 @@ class ClusterMap:
                 seg_start - offset : seg_end - offset
             ]
             content = buf
+        self._notify_change()
+        fault_point("cluster_alloc")
+        host = self.refcounts.alloc(count * cs)
         fault_point("cluster_alloc.write_data")
         self.file.pwrite(host, as_buffer(content))
         if self.accurate_refcounts:
@@ -561,7 +581,11 @@ class ClusterMap:
             l1_index, index = divmod(cluster, self.l2_entries)
             seg_end = min(end, (cluster + 1) * cs)
             l2_offset = self.l2_offset(l1_index)
-            entry, bitmap = self.get_entry(self.l2_table(l2_offset), index) if l2_offset else (0, 0)
+            entry, bitmap = (
+                self.checked_entry(self.l2_table(l2_offset), index, l2_offset)
+                if l2_offset
+                else (0, 0)
+            )
             new_entry, new_bitmap = decide(
                 entry, bitmap, cur - cluster * cs, seg_end - cluster * cs
             )

@@ -423,7 +423,7 @@ def read_header(f: HostFile, *, writable: bool = False) -> Header:
             "Reference count entry width too large; may not exceed 64 bits", path=path
         )
     if h.crypt_method > layout.CRYPT_LUKS:
-        raise UnsupportedFeatureError(f"Unsupported encryption method: {h.crypt_method}", path=path)
+        raise UnsupportedFeatureError(f"Unsupported encryption method {h.crypt_method}", path=path)
     if h.extended_l2 and h.subcluster_size < (1 << layout.MIN_CLUSTER_BITS):
         raise UnsupportedFeatureError(
             f"Unsupported subcluster size: {h.subcluster_size}", path=path
