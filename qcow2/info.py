@@ -90,12 +90,12 @@ def _json(obj: Any, indent: int) -> str:
         return "null"
     if isinstance(obj, dict):
         if not obj:
-            return "{}"
+            return "{\n" + end + "}"
         body = ",\n".join(f"{pad}{_json_str(k)}: {_json(v, indent + 1)}" for k, v in obj.items())
         return "{\n" + body + "\n" + end + "}"
     if isinstance(obj, list):
         if not obj:
-            return "[]"
+            return "[\n" + end + "]"
         body = ",\n".join(pad + _json(v, indent + 1) for v in obj)
         return "[\n" + body + "\n" + end + "]"
     raise TypeError(f"cannot encode {type(obj).__name__} as QEMU JSON")
@@ -250,7 +250,31 @@ def open_chain(name: str, fmt: str | None = None, *, force_share: bool = True) -
 # Section: qemu-img info
 
 
-def _format_specific(h: Header) -> dict[str, Any]:
+def _bitmaps(f: HostFile, h: Header) -> list[dict[str, Any]]:
+    """QEMU's ``qcow2_get_bitmap_info_list``: name, granularity and flags of each bitmap."""
+    ext = h.bitmaps_extension
+    if ext is None or not h.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+        return []
+    nb, dir_size, dir_offset = ext
+    if dir_size > 64 * 1024 * 1024:
+        raise CorruptImageError("Bitmap directory too large", path=f.path)
+    directory = f.pread(dir_offset, dir_size)
+    entry = layout.BITMAP_DIR_ENTRY_STRUCT
+    bitmaps = []
+    pos = 0
+    for _ in range(nb):
+        if pos + entry.size > len(directory):
+            raise CorruptImageError("Bitmap directory is truncated", path=f.path)
+        _, _, flags, _, gran_bits, name_size, extra = entry.unpack_from(directory, pos)
+        name_at = pos + entry.size + extra
+        name = directory[name_at : name_at + name_size].decode("utf-8", "surrogateescape")
+        names = [n for bit, n in ((1, "in-use"), (2, "auto")) if flags & bit]
+        bitmaps.append({"name": name, "granularity": 1 << gran_bits, "flags": names})
+        pos += layout.align_up(entry.size + extra + name_size, 8)
+    return bitmaps
+
+
+def _format_specific(h: Header, f: HostFile) -> dict[str, Any]:
     data: dict[str, Any] = {}
     compression = layout.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))
     if h.version == 2:
@@ -264,6 +288,9 @@ def _format_specific(h: Header) -> dict[str, Any]:
             "refcount-bits": h.refcount_bits,
             "compression-type": compression,
         }
+        bitmaps = _bitmaps(f, h)
+        if bitmaps:
+            data["bitmaps"] = bitmaps
         if h.data_file is not None:
             data["data-file"] = h.data_file
         if h.has_data_file:
@@ -311,7 +338,7 @@ def layer_info(layer: Layer) -> dict[str, Any]:
             info["backing-filename-format"] = h.backing_format
     if layer.snapshots:
         info["snapshots"] = [_snapshot_info(sn) for sn in layer.snapshots]
-    info["format-specific"] = _format_specific(h)
+    info["format-specific"] = _format_specific(h, layer.file)
     return info
 
 
@@ -332,8 +359,7 @@ def _dump_qobject(obj: Any, indentation: int, out: list[str]) -> None:
         for key, value in obj.items():
             composite = isinstance(value, dict | list)
             out.append(" " * (indentation * 4) + key.replace("-", " ") + ":")
-            if composite:
-                out.append("\n")
+            out.append("\n" if composite else " ")
             _dump_qobject(value, indentation + 1, out)
     elif isinstance(obj, list):
         for i, value in enumerate(obj):
@@ -341,9 +367,9 @@ def _dump_qobject(obj: Any, indentation: int, out: list[str]) -> None:
             out.append(" " * (indentation * 4) + f"[{i}]:" + ("\n" if composite else " "))
             _dump_qobject(value, indentation + 1, out)
     elif isinstance(obj, bool):
-        out.append(" true\n" if obj else " false\n")
+        out.append("true\n" if obj else "false\n")
     else:
-        out.append(f" {obj}\n")
+        out.append(f"{obj}\n")
 
 
 def format_info_human(info: dict[str, Any]) -> str:

@@ -100,6 +100,14 @@ def raw_backing(tmp: Path) -> Path:
     return top
 
 
+def with_bitmaps(tmp: Path) -> Path:
+    img = oracle.create(tmp / "img.qcow2", 64 * MiB)
+    oracle.qemu_io(img, "write 0 1M")
+    oracle.qemu_img("bitmap", "--add", str(img), "bm0")
+    oracle.qemu_img("bitmap", "--add", "-g", "128k", "--disable", str(img), "bm1")
+    return img
+
+
 IMAGES: dict[str, Callable[[Path], Path]] = {
     f.__name__: f
     for f in (
@@ -113,6 +121,7 @@ IMAGES: dict[str, Callable[[Path], Path]] = {
         refcount_bits_and_lazy,
         backing_chain,
         raw_backing,
+        with_bitmaps,
     )
 }
 
