@@ -76,10 +76,11 @@ def update_snapshot_refcount(
     L1 table is rewritten only when ``addend >= 0`` and it changed, as in qemu.
 
     Write order: with ``addend > 0`` the tables with cleared COPIED bits reach the disk
-    before the raised refcounts, with ``addend < 0`` the lowered refcounts before the tables
-    with COPIED set again, so that a crash in between can only leave COPIED = 0 on a
-    cluster with refcount 1 (an extra copy on write later, never a shared cluster written
-    in place).
+    before the raised refcounts (left in the refcount cache: the caller flushes before
+    anything points at the new references), with ``addend < 0`` the lowered refcounts
+    before the tables with COPIED set again.  A crash in between can only leave COPIED = 0
+    on a cluster with refcount 1 (an extra copy on write later, never a shared cluster
+    written in place).
     """
     if addend not in (-1, 0, 1):
         raise ValueError(f"addend must be -1, 0 or 1, not {addend}")
@@ -91,7 +92,9 @@ def update_snapshot_refcount(
         l1 = image.l1_table
     else:
         l1 = _read_l1(image, l1_offset, l1_size)
-    entry_size = header.l2_entry_size
+    cluster_bits = header.cluster_bits
+    extended = header.extended_l2
+    words_per_entry = header.l2_entry_size // 8
     refcounts = image.refcounts
     l1_modified = False
     changed_tables: dict[int, bytearray] = {}
@@ -107,57 +110,70 @@ def update_snapshot_refcount(
             )
         l2 = changed_tables.get(l2_offset) or bytearray(image.file.pread(l2_offset, cluster_size))
         modified = False
-        for pos in range(0, cluster_size, entry_size):
-            old = int.from_bytes(l2[pos : pos + 8], "big")
-            ctype = classify_l2_entry(old, header.extended_l2)
-            new = old
-            if ctype == ClusterType.COMPRESSED:
-                new = old & ~layout.OFLAG_COPIED
+        words = struct.unpack(f">{cluster_size // 8}Q", l2)
+        standard: list[tuple[int, int, int]] = []  # (word index, entry, data offset)
+        runs: list[list[int]] = []  # contiguous host ranges [start, length] to update
+        for index in range(0, len(words), words_per_entry):
+            old = words[index]
+            if not old & ~layout.OFLAG_COPIED:
+                continue  # UNALLOCATED: nothing to count (the common case, kept fast)
+            if old & layout.OFLAG_COMPRESSED:
                 if addend:
-                    coffset, csize = parse_compressed_entry(old, header.cluster_bits)
+                    coffset, csize = parse_compressed_entry(old, cluster_bits)
                     refcounts.update(coffset, csize, addend)
-            elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                if old & layout.OFLAG_COPIED:
+                    l2[index * 8 : index * 8 + 8] = (old & ~layout.OFLAG_COPIED).to_bytes(8, "big")
+                    modified = True
+            elif classify_l2_entry(old, extended) in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 data_offset = old & layout.L2E_OFFSET_MASK
                 if data_offset % cluster_size:
                     raise CorruptImageError(
                         f"Cluster allocation offset {data_offset:#x} unaligned "
-                        f"(L2 offset: {l2_offset:#x}, L2 index: {pos // entry_size:#x})",
+                        f"(L2 offset: {l2_offset:#x}, L2 index: {index // words_per_entry:#x})",
                         path=image.path,
                         offset=data_offset,
                     )
-                if addend:
-                    refcounts.update(data_offset, cluster_size, addend)
-                new = old & ~layout.OFLAG_COPIED
-                if refcounts.get(data_offset // cluster_size) == 1:
-                    new |= layout.OFLAG_COPIED
+                standard.append((index, old, data_offset))
+                if runs and runs[-1][0] + runs[-1][1] == data_offset:
+                    runs[-1][1] += cluster_size
+                else:
+                    runs.append([data_offset, cluster_size])
+        if addend:
+            # One update per contiguous run (each is checked for overflow before it applies).
+            for run_start, run_length in runs:
+                refcounts.update(run_start, run_length, addend)
+        for index, old, data_offset in standard:
+            new = old & ~layout.OFLAG_COPIED
+            # After +1 every cluster is shared (refcount >= 2): COPIED goes, no lookup needed.
+            if addend <= 0 and refcounts.get(data_offset >> cluster_bits) == 1:
+                new |= layout.OFLAG_COPIED
             if new != old:
-                l2[pos : pos + 8] = new.to_bytes(8, "big")
+                l2[index * 8 : index * 8 + 8] = new.to_bytes(8, "big")
                 modified = True
         if modified:
             changed_tables[l2_offset] = l2
         if addend:
             refcounts.update(l2_offset, cluster_size, addend)
         new_l1_entry = l2_offset
-        if refcounts.get(l2_offset // cluster_size) == 1:
+        if addend <= 0 and refcounts.get(l2_offset >> cluster_bits) == 1:
             new_l1_entry |= layout.OFLAG_COPIED
         if new_l1_entry != l1_entry:
             l1[i] = new_l1_entry
             l1_modified = True
 
-    def write_tables() -> None:
-        for offset, l2 in changed_tables.items():
-            image.l2_cache.forget(offset)
-            image.file.pwrite(offset, bytes(l2))
-        if addend >= 0 and l1_modified:
-            image.file.pwrite(l1_offset, _pack_l1(l1[:l1_size]))
-        image.file.flush()
-
-    if addend > 0:
-        write_tables()
+    if not changed_tables and not (addend >= 0 and l1_modified):
+        return  # the refcounts wait in the cache for the caller's next flush
+    if addend < 0:
+        # Lowered refcounts first: COPIED may only be set once they are durable.
         image.flush()
-    else:
-        image.flush()
-        write_tables()
+    for offset, l2 in changed_tables.items():
+        image.l2_cache.forget(offset)
+        image.file.pwrite(offset, bytes(l2))
+    if addend >= 0 and l1_modified:
+        image.file.pwrite(l1_offset, _pack_l1(l1[:l1_size]))
+    # With addend > 0 the cleared COPIED bits are durable before the raised refcounts,
+    # which reach the disk with the caller's next flush.
+    image.file.flush()
 
 
 # Section: the snapshot table on disk
@@ -166,9 +182,11 @@ def update_snapshot_refcount(
 def write_snapshot_table(image: Image, entries: Sequence[SnapshotEntry], op: str) -> None:
     """qemu's ``qcow2_write_snapshots``: the whole table moves to new clusters.
 
-    Allocate, flush, write the entries, flush, switch ``nb_snapshots`` +
-    ``snapshots_offset`` in one 12-byte header write (the commit point), free the old
-    table.  On failure before the switch the new clusters are freed again (or leak).
+    Allocate, write the entries, flush (the table and every refcount raised so far), switch
+    ``nb_snapshots`` + ``snapshots_offset`` in one 12-byte header write (the commit
+    point), free the old table.  qemu also flushes right after allocating; nothing points
+    at the new clusters before the switch, so one flush before it is enough.  On failure
+    before the switch the new clusters are freed again (or leak).
     """
     header = image.header
     data = serialize_snapshot_table(entries, header.version)
@@ -176,7 +194,6 @@ def write_snapshot_table(image: Image, entries: Sequence[SnapshotEntry], op: str
     if data:
         new_offset = image.refcounts.alloc(len(data))
     try:
-        image.flush()
         fault_point(f"{op}.write_table")
         if data:
             # The header does not point here yet, so these clusters are unused by anyone.
@@ -222,7 +239,6 @@ def create_snapshot(image: Image, name: str) -> SnapshotEntry:
         err = SnapshotError(f"Could not create snapshot '{name}': too many snapshots")
         err.errno = errno.EFBIG
         raise err
-    image.flush()
     now = time.time_ns()
     l1 = image.l1_table
     l1_size = header.l1_size
@@ -287,6 +303,7 @@ def apply_snapshot(image: Image, key: str) -> SnapshotEntry:
         fault_point("snapshot_apply.refcount")
         # The new state's refcounts go up before the active L1 points at it.
         update_snapshot_refcount(image, snap.l1_table_offset, snap.l1_size, 1)
+        image.flush()
         fault_point("snapshot_apply.write_l1")
         image.file.pwrite(header.l1_table_offset, _pack_l1(new_l1))
         image.file.flush()
