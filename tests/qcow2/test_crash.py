@@ -139,9 +139,15 @@ def write_state(image: qcow2.Image, names: list[str]) -> State:
     return State(image.read(0, SIZE), {n: image.snapshot(n).read(0, SIZE) for n in names})
 
 
-def test_commit_crash_at_every_write(tmp_path: Path) -> None:
-    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
-    oracle.qemu_io(img, "write -P 0x11 0 64k", "write -P 0x12 300k 8k")
+@pytest.mark.parametrize(
+    ("compat", "extended_l2"), [("1.1", False), ("0.10", False), ("1.1", True)]
+)
+def test_commit_crash_at_every_write(tmp_path: Path, compat: str, extended_l2: bool) -> None:
+    opts: dict[str, object] = {"compat": compat, "cluster_size": 16384 if extended_l2 else 4096}
+    if extended_l2:
+        opts["extended_l2"] = True
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, **opts)
+    oracle.qemu_io(img, "write -P 0x11 0 64k", "write -c -P 0x12 320k 16k")
     oracle.snapshot(img, "create", "keep")
     base = img.read_bytes()
     keep = oracle.convert(img, snapshot="keep")
