@@ -339,29 +339,33 @@ async def _run_swtpm(
 
 
 def daemonize(run: Callable[[Callable[[], None]], None], log_file: str | None) -> int:
-    """Run ``run(on_ready)`` in a detached child; return once it is ready (0) or failed (1).
+    """Run ``run(on_ready)`` in a detached daemon; return once it is ready (0) or failed (1).
 
-    The child reports ``ok`` or its one-line error through a pipe; the parent prints the
-    error.  A child that dies without a word is reported too.
+    Double fork: the daemon is a grandchild in its own session, so it never becomes a
+    zombie of a long-lived caller.  It reports ``ok`` or its one-line error through a pipe;
+    the caller prints the error.  A daemon that dies without a word is reported too.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
         os.close(write_end)
+        os.waitpid(pid, 0)  # the intermediate child exits as soon as it has forked
         with os.fdopen(read_end, "rb") as reader:
             message = reader.readline().decode(errors="replace").strip()
         if message == "ok":
             return 0
-        _, status = os.waitpid(pid, 0)
-        if not message:
-            message = f"mount daemon exited before it was ready (status {status})"
-        print(f"vtpm-qcow: {message}", file=sys.stderr)
+        print(f"vtpm-qcow: {message or 'mount daemon exited before it was ready'}", file=sys.stderr)
         return 1
     os.close(read_end)
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+    except BaseException:
+        os._exit(1)
     pipe = _ReadyPipe(write_end)
     code = 0
     try:
-        os.setsid()
         _redirect_stdio(log_file)
         run(pipe.ready)
     except (VtpmQcowError, Qcow2Error) as err:
