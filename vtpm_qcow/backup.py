@@ -108,7 +108,7 @@ def export_state(
     if as_dir is None:
         as_dir = path.is_dir() or str(target).endswith("/")
     layout = store.layout()
-    if not layout:
+    if not store.sections():
         raise StoreError(f"{store.path}: holds no TPM state to export")
     sections = {name: linear.read_section(layout, name) for name in linear.SECTION_NAMES}
     try:

@@ -24,7 +24,7 @@ from . import backup
 from .blob import parse_blob
 from .errors import StateFormatError, StoreError, VtpmQcowError
 from .store import DEFAULT_CLUSTER_SIZE, DEFAULT_SIZE, Store, snapshot_digest
-from .swtpm import run_setup
+from .swtpm import find_tool, run_setup
 
 PROG: Final = "vtpm-qcow"
 _SIZE_RE: Final = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
@@ -72,6 +72,8 @@ def cmd_setup(args: argparse.Namespace) -> int:
     exists = os.path.exists(args.image)
     if not exists and not args.create:
         raise StoreError(f"{args.image}: no such file (use --create, or 'vtpm-qcow create')")
+    find_tool("swtpm_setup")  # fail before any progress output
+    find_tool("swtpm")
     with tempfile.TemporaryDirectory(prefix="vtpm-qcow-setup-") as tmp:
         state = Path(tmp) / "state.lin"
         _say(args, f"Manufacturing a {'TPM 1.2' if args.tpm12 else 'TPM 2.0'} with swtpm_setup")

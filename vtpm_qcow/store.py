@@ -27,10 +27,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final
+from typing import Final
 
 import xxhash
 
@@ -72,7 +72,9 @@ class SnapshotInfo:
     sections: dict[str, SectionInfo] = field(default_factory=dict)
 
 
-def _sections_of(read: Any, size: int, source: str) -> dict[str, SectionInfo]:
+def _sections_of(
+    read: Callable[[int, int], bytes], size: int, source: str
+) -> dict[str, SectionInfo]:
     """Section infos of the linear file read through ``read(offset, length)``."""
     head = read(0, min(linear.HEADER_SIZE, size))
     if not linear.is_formatted(head):
@@ -92,7 +94,7 @@ def _sections_of(read: Any, size: int, source: str) -> dict[str, SectionInfo]:
 class Store:
     """A vTPM state image.  Use :meth:`create` or :meth:`open`; a context manager."""
 
-    def __init__(self, image: Any, path: str, *, writable: bool) -> None:
+    def __init__(self, image: qcow2.Image, path: str, *, writable: bool) -> None:
         self._image = image
         self.path = path
         self.writable = writable
@@ -166,7 +168,7 @@ class Store:
         self.close()
 
     @property
-    def image(self) -> Any:
+    def image(self) -> qcow2.Image:
         """The underlying :class:`qcow2.Image` (for inspection)."""
         return self._image
 
@@ -286,10 +288,23 @@ class Store:
         self.commit_linear(update.writes)
 
     def clear(self) -> None:
-        """Forget all TPM state: the linear file reads as zeros (swtpm formats it afresh)."""
+        """Forget all TPM state: the linear file reads as zeros (swtpm formats it afresh).
+
+        The used part is zeroed in one atomic commit.  If the layout was unreadable (so its
+        end is unknown), the rest of the file is zeroed afterwards: by then the state is
+        already gone (no magic), so a crash in between leaves no state either.
+        """
         with self._lock:
             self._check_open(write=True)
-            self.commit_linear([(0, bytes(self._used_end()))])
+            try:
+                header = self._header()
+                used, known = (header.end if header else linear.HEADER_SIZE), True
+            except StateFormatError:
+                used, known = linear.HEADER_SIZE, False
+            self.commit_linear([(0, bytes(min(used, self.linear_size)))])
+            if not known:
+                self._image.write_zeroes(used, self.linear_size - used)
+                self._image.flush()
 
     def replace_layout(self, data: bytes, *, source: str = "linear file") -> None:
         """Atomically replace the whole state with linear file ``data`` (import).

@@ -1,0 +1,198 @@
+"""The ``vtpm-qcow`` command, run as a subprocess against real swtpm, tpm2-tools and qemu-img."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.qcow2 import oracle
+from tests.vtpm.swtpm_fixtures import need_swtpm, running_swtpm, tpm2_tool, tpm_client
+from vtpm_qcow import linear
+from vtpm_qcow.store import Store
+
+NV = "0x1500030"
+EK_CERT_RSA_INDEX = 0x01C00002
+
+
+def vtpm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m vtpm_qcow ARGS``."""
+    return subprocess.run(
+        [sys.executable, "-m", "vtpm_qcow", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def ok(*args: str) -> str:
+    done = vtpm(*args)
+    assert done.returncode == 0, f"vtpm-qcow {' '.join(args)}: {done.stderr}"
+    assert "Traceback" not in done.stderr
+    return done.stdout
+
+
+def fails(*args: str, env: dict[str, str] | None = None, status: int | None = None) -> str:
+    """Run a failing command; it must print exactly one line and no traceback."""
+    done = vtpm(*args, env=env)
+    assert done.returncode != 0 and (status is None or done.returncode == status)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def nv_write(swtpm: object, data: bytes, tmp: Path) -> None:
+    source = tmp / "nv.bin"
+    source.write_bytes(data)
+    tpm2_tool(swtpm, "nvwrite", NV, "-C", NV, "-i", str(source))  # type: ignore[arg-type]
+
+
+def nv_read(swtpm: object, tmp: Path) -> bytes:
+    out = tmp / "nv-read.bin"
+    tpm2_tool(swtpm, "nvread", NV, "-C", NV, "-s", "16", "-o", str(out))  # type: ignore[arg-type]
+    return out.read_bytes()
+
+
+def owner_auth_works(swtpm: object, password: str) -> bool:
+    """tpm2_changeauth to the same password succeeds only with the right one."""
+    try:
+        tpm2_tool(swtpm, "changeauth", "-c", "o", "-p", password, password)  # type: ignore[arg-type]
+    except AssertionError:
+        return False
+    return True
+
+
+def test_setup_snapshot_apply_restores_nv_and_owner_auth(tmp_path: Path) -> None:
+    need_swtpm()
+    image = tmp_path / "vtpm.qcow2"
+    ok("setup", "--create", str(image), "--create-ek-cert", "--create-platform-cert")
+    oracle.assert_clean(image)
+    info = json.loads(ok("info", "--json", str(image)))
+    permall = info["sections"]["permall"]
+    assert permall["size"] > 4096 and permall["blob"]["header"]["version"] == 2
+    assert not permall["blob"]["encrypted"] and info["snapshots"] == []
+
+    state = tmp_path / "state"
+    ok("export", str(image), f"{state}/")
+    with running_swtpm(f"dir={state}", tmp_path / "run1") as swtpm:
+        with tpm_client(swtpm) as tpm:
+            assert EK_CERT_RSA_INDEX in tpm.nv_indices()  # --create-ek-cert went through
+        tpm2_tool(
+            swtpm,
+            "nvdefine",
+            NV,
+            "-C",
+            "o",
+            "-s",
+            "16",
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+        )
+        nv_write(swtpm, b"first contents!!", tmp_path)
+        tpm2_tool(swtpm, "changeauth", "-c", "o", "first-owner")
+    ok("import", str(image), str(state))
+    ok("snapshot", "-c", "S1", str(image))
+
+    ok("export", str(image), f"{state}/")
+    with running_swtpm(f"dir={state}", tmp_path / "run2") as swtpm:
+        assert nv_read(swtpm, tmp_path) == b"first contents!!"
+        nv_write(swtpm, b"second contents!", tmp_path)
+        tpm2_tool(swtpm, "changeauth", "-c", "o", "-p", "first-owner", "second-owner")
+    ok("import", str(image), str(state))
+    listed = ok("snapshot", "-l", str(image))
+    assert "S1" in listed
+    changed = json.loads(ok("info", "--json", str(image)))
+    assert changed["state_digest"] != changed["snapshots"][0]["state_digest"]
+
+    ok("snapshot", "-a", "S1", str(image))
+    applied = json.loads(ok("info", "--json", str(image)))
+    assert applied["state_digest"] == applied["snapshots"][0]["state_digest"]
+    restored = tmp_path / "restored.lin"
+    ok("export", str(image), str(restored))  # as a linear file this time
+    with running_swtpm(f"backend-uri=file://{restored}", tmp_path / "run3") as swtpm:
+        assert nv_read(swtpm, tmp_path) == b"first contents!!"
+        assert owner_auth_works(swtpm, "first-owner")
+        assert not owner_auth_works(swtpm, "second-owner")
+    oracle.assert_clean(image)
+    assert [s["name"] for s in oracle.snapshot_list(image)] == ["S1"]
+    ok("snapshot", "-d", "S1", str(image))
+    assert oracle.snapshot_list(image) == []
+    assert "No snapshots" in ok("snapshot", "-l", str(image))
+
+
+def test_import_export_round_trip_of_linear_files_and_dirs(tmp_path: Path) -> None:
+    need_swtpm()
+    source = tmp_path / "src.lin"
+    subprocess.run(
+        ["swtpm_setup", "--tpm2", "--tpmstate", f"file://{source}", "--overwrite"],
+        check=True,
+        capture_output=True,
+    )
+    image = tmp_path / "vtpm.qcow2"
+    ok("create", str(image), "--size", "1M")
+    assert oracle.info(image)["virtual-size"] == 1 << 20
+    ok("import", str(image), str(source))
+    out = tmp_path / "out.lin"
+    ok("export", str(image), str(out))
+    assert out.read_bytes() == source.read_bytes()
+    as_dir = tmp_path / "as-dir"
+    ok("export", "--dir", str(image), str(as_dir))
+    assert (as_dir / "tpm2-00.permall").read_bytes() == linear.read_section(
+        source.read_bytes(), "permall"
+    )
+    again = tmp_path / "again.qcow2"
+    ok("create", str(again))
+    ok("import", str(again), str(as_dir))
+    with Store.open(again, writable=False) as store:
+        assert store.read_section("permall") == linear.read_section(source.read_bytes(), "permall")
+    text = ok("info", str(again))
+    assert "permall" in text and "snapshots: 0" in text
+
+
+def test_errors_are_one_line_with_non_zero_status(tmp_path: Path) -> None:
+    image = tmp_path / "vtpm.qcow2"
+    assert "required" in fails("snapshot", str(image), status=2)
+    assert "invalid size" in fails("create", str(image), "--size", "lots", status=2)
+    assert "unrecognized arguments" in fails("info", str(image), "--bogus", status=2)
+    assert "no such file" in fails("info", str(tmp_path / "missing.qcow2"))
+    garbage = tmp_path / "garbage.qcow2"
+    garbage.write_bytes(os.urandom(4096))
+    assert str(garbage) in fails("info", str(garbage))
+    ok("create", str(image))
+    assert "already exists" in fails("create", str(image))
+    assert "no snapshot 'nope'" in fails("snapshot", "-a", "nope", str(image))
+    ok("snapshot", "-c", "T", str(image))
+    assert "already exists" in fails("snapshot", "-c", "T", str(image))
+    ok("snapshot", "-c", "T", "--overwrite", str(image))
+    not_state = tmp_path / "not-state.lin"
+    not_state.write_bytes(b"\x01" * 300)
+    assert "bad magic" in fails("import", str(image), str(not_state))
+    assert "no tpm2-00.permall" in fails("import", str(image), str(tmp_path))
+    assert "holds no TPM state" in fails("export", str(image), str(tmp_path / "x.lin"))
+    empty_path = tmp_path / "empty-path"
+    empty_path.mkdir()
+    line = fails("setup", "--create", str(tmp_path / "new.qcow2"), env={"PATH": str(empty_path)})
+    assert "swtpm_setup: not found on PATH" in line
+    assert not (tmp_path / "new.qcow2").exists()
+    oracle.assert_clean(image)
+
+
+def test_snapshot_of_an_image_held_elsewhere_says_so(tmp_path: Path) -> None:
+    image = tmp_path / "vtpm.qcow2"
+    ok("create", str(image))
+    with Store.open(image):  # this process holds the write lock; no daemon serves it
+        line = fails("snapshot", "-c", "T", str(image))
+        assert "in use by another process" in line and "no vtpm-qcow mount daemon" in line
+        assert "snapshots: 0" in ok("info", str(image))  # info still reads it (shared)
+
+
+@pytest.mark.parametrize("command", ["create", "setup", "snapshot", "info", "import", "export"])
+def test_every_command_has_help(command: str) -> None:
+    assert "usage: vtpm-qcow " + command in ok(command, "--help")

@@ -1,0 +1,322 @@
+"""vtpm_qcow.store.Store against qemu-img/qemu-io, real swtpm state and qemu-storage-daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qcow2.errors import ImageLockedError
+from tests.helpers import need, need_fuse
+from tests.qcow2 import oracle
+from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
+from vtpm_qcow import backup, linear
+from vtpm_qcow.errors import StateFormatError, StoreError
+from vtpm_qcow.store import DEFAULT_CLUSTER_SIZE, DEFAULT_SIZE, Store, digest
+
+MiB = 1024 * 1024
+
+
+def raw(path: Path, snapshot: str | None = None) -> bytes:
+    """The virtual disk as qemu-img reads it."""
+    return oracle.convert(path, snapshot=snapshot)
+
+
+def layout_end(data: bytes) -> int:
+    return linear.parse_header(data).end if linear.is_formatted(data) else 0
+
+
+def assert_disk_is(path: Path, layout: bytes, snapshot: str | None = None) -> None:
+    """qemu-img sees exactly ``layout`` followed by zeros."""
+    disk = raw(path, snapshot)
+    assert disk[: len(layout)] == layout
+    assert disk[len(layout) :].count(0) == len(disk) - len(layout)
+
+
+def host_clusters_in_use(path: Path) -> int:
+    """Host clusters with a non-zero refcount, read straight from the file.
+
+    With ``qemu-img check`` clean (refcounts equal references) this is the number of
+    clusters the image really uses.
+    """
+    data = path.read_bytes()
+    (cluster_bits,) = struct.unpack_from(">I", data, 20)
+    reftable_offset, reftable_clusters = struct.unpack_from(">QI", data, 48)
+    (refcount_order,) = struct.unpack_from(">I", data, 96)
+    cluster_size, bits = 1 << cluster_bits, 1 << refcount_order
+    assert bits == 16, "the store creates images with 16-bit refcounts"
+    in_use = 0
+    for i in range(reftable_clusters * cluster_size // 8):
+        (block,) = struct.unpack_from(">Q", data, reftable_offset + 8 * i)
+        block &= ~0x1FF
+        if block:
+            counts = struct.unpack_from(f">{cluster_size // 2}H", data, block)
+            in_use += sum(1 for count in counts if count)
+    return in_use
+
+
+@pytest.fixture(scope="module")
+def tpm_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """Two real swtpm linear files: A fresh from swtpm_setup, B after an NV define+write."""
+    tmp = tmp_path_factory.mktemp("states")
+    path = tmp / "a.lin"
+    setup_state(f"file://{path}")
+    state_a = backup.layout_from_file(path)
+    with running_swtpm(f"backend-uri=file://{path}", tmp / "run") as swtpm:
+        with tpm_client(swtpm) as tpm:
+            tpm.nv_define_space(NV_INDEX, 16)
+            tpm.nv_write(NV_INDEX, b"state B contents")
+        swtpm.store_volatile()
+    state_b = backup.layout_from_file(path)
+    assert state_a != state_b
+    return {"A": state_a, "B": state_b}
+
+
+def test_create_gives_a_clean_image_holding_an_empty_layout(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        assert store.linear_size == DEFAULT_SIZE and store.sections() == {}
+    info = oracle.info(path)
+    assert info["virtual-size"] == DEFAULT_SIZE and info["cluster-size"] == DEFAULT_CLUSTER_SIZE
+    oracle.assert_clean(path)
+    assert_disk_is(path, linear.empty_layout())
+    with pytest.raises(StoreError, match="already exists"):
+        Store.create(path)
+
+
+def test_sections_round_trip_and_disk_matches_the_linear_model(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    model = linear.empty_layout()
+    blobs = {"permall": b"P" * 1300, "volatilestate": b"V" * 9000, "savestate": b"S" * 100}
+    with Store.create(path) as store:
+        generation = store.generation
+        for name, blob in [*blobs.items(), ("permall", b"Q" * 5000), ("volatilestate", None)]:
+            if blob is None:
+                store.delete_section(name)
+                model = linear.apply_update(model, linear.delete_section(model, name))
+            else:
+                store.write_section(name, blob)
+                model = linear.apply_update(model, linear.store_section(model, name, blob))
+            assert store.generation > generation
+            generation = store.generation
+            assert store.layout() == model
+        assert store.read_section("permall") == b"Q" * 5000
+        assert store.read_section("volatilestate") is None
+        assert store.sections()["savestate"].digest == digest(b"S" * 100)
+        store.delete_section("volatilestate")  # absent: nothing to do
+        assert store.generation == generation
+    oracle.assert_clean(path)
+    assert_disk_is(path, model)
+    with Store.open(path, writable=False) as store:
+        assert store.read_section("savestate") == b"S" * 100
+        with pytest.raises(StoreError, match="read-only"):
+            store.write_section("savestate", b"x")
+
+
+def test_seed_scenario_snapshot_apply_delete(tmp_path: Path, tpm_states: dict[str, bytes]) -> None:
+    """State A, snapshot S, state B, apply S -> A; deleting S frees its clusters."""
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.replace_layout(tpm_states["A"])
+        digests_a = {n: s.digest for n, s in store.sections().items()}
+        store.create_snapshot("S")
+        store.replace_layout(tpm_states["B"])
+        assert store.layout() == tpm_states["B"]
+        held = oracle.info(path, force_share=True)  # qemu-img -U while the store holds it
+        assert [s["name"] for s in held["snapshots"]] == ["S"]
+        (snap,) = store.snapshots()
+        assert snap.tag == "S" and {n: s.digest for n, s in snap.sections.items()} == digests_a
+        assert store.snapshot_section("S", "permall") == linear.read_section(
+            tpm_states["A"], "permall"
+        )
+    oracle.assert_clean(path)
+    assert_disk_is(path, tpm_states["A"], snapshot="S")
+    assert_disk_is(path, tpm_states["B"])
+    with Store.open(path) as store:
+        store.apply_snapshot("S")
+        assert store.layout() == tpm_states["A"]
+        assert {n: s.digest for n, s in store.sections().items()} == digests_a
+    assert_disk_is(path, tpm_states["A"])
+    # Make S own clusters: change the state after applying, then delete S.
+    with Store.open(path) as store:
+        store.replace_layout(tpm_states["B"])
+    oracle.assert_clean(path)
+    before = host_clusters_in_use(path)
+    with Store.open(path) as store:
+        store.delete_snapshot("S")
+        assert store.snapshots() == []
+        with pytest.raises(StoreError, match="no snapshot 'S'"):
+            store.apply_snapshot("S")
+    assert oracle.assert_clean(path).get("leaks", 0) == 0
+    assert host_clusters_in_use(path) < before
+    assert oracle.snapshot_list(path) == []
+    assert_disk_is(path, tpm_states["B"])
+
+
+def test_snapshot_tags_agree_with_qemu_img(tmp_path: Path, tpm_states: dict[str, bytes]) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.replace_layout(tpm_states["A"])
+        store.create_snapshot("one")
+        store.create_snapshot("two")
+        with pytest.raises(StoreError, match="snapshot 'one' already exists"):
+            store.create_snapshot("one")
+        store.replace_layout(tpm_states["B"])
+        store.create_snapshot("one", overwrite=True)
+        tags = [s.tag for s in store.snapshots()]
+    listed = oracle.snapshot_list(path)
+    assert sorted(s["name"] for s in listed) == sorted(tags) == ["one", "two"]
+    assert_disk_is(path, tpm_states["B"], snapshot="one")
+    assert_disk_is(path, tpm_states["A"], snapshot="two")
+    oracle.assert_clean(path)
+    # a snapshot qemu-img makes is one the store sees, with the same state
+    oracle.snapshot(path, "create", "by-qemu-img")
+    with Store.open(path) as store:
+        by_qemu = {s.tag: s for s in store.snapshots()}["by-qemu-img"]
+        assert {n: s.digest for n, s in by_qemu.sections.items()} == {
+            n: s.digest for n, s in store.sections().items()
+        }
+
+
+def test_writable_store_holds_the_qemu_lock(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path):
+        done = subprocess.run(
+            [need("qemu-img"), "info", str(path)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode != 0 and "lock" in done.stderr
+        with pytest.raises(ImageLockedError):
+            Store.open(path)
+    Store.open(path).close()  # released on close
+
+
+def test_capacity_and_bad_input_leave_the_image_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path, size=64 * 1024) as store:
+        store.write_section("permall", b"p" * 1000)
+        before = store.layout()
+        with pytest.raises(StoreError, match="capacity"):
+            store.write_section("volatilestate", b"v" * 70000)
+        with pytest.raises(StoreError, match="capacity"):
+            store.commit_linear([(64 * 1024 - 10, b"x" * 11)])
+        with pytest.raises(StoreError, match="unknown TPM state section"):
+            store.write_section("nvram", b"x")
+        with pytest.raises(StoreError, match="capacity"):
+            store.resize_linear(64 * 1024 + 1)
+        assert store.layout() == before
+    oracle.assert_clean(path)
+    with pytest.raises(StoreError, match="no such file"):
+        Store.open(tmp_path / "missing.qcow2")
+    with pytest.raises(StoreError, match="size"):
+        Store.create(tmp_path / "tiny.qcow2", size=100)
+
+
+def test_resize_linear_zeroes_the_tail_and_keeps_the_capacity(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.commit_linear([(0, b"a" * 5000), (MiB, b"b" * 100)])
+        store.resize_linear(3000)
+        assert store.linear_size == DEFAULT_SIZE
+        assert store.read_linear(0, 5000) == b"a" * 3000 + bytes(2000)
+        assert store.read_linear(MiB, 100) == bytes(100)
+        assert store.read_linear(DEFAULT_SIZE - 10, 100) == bytes(10)  # short at the end
+    disk = raw(path)
+    assert disk[:3000] == b"a" * 3000 and disk[3000:].count(0) == len(disk) - 3000
+
+
+def test_corrupt_layout_is_a_typed_error_naming_the_image(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.write_section("permall", b"p" * 100)
+    bad = bytearray(linear.empty_layout())
+    bad[12:24] = struct.pack("<III", 192, 20, 16)  # slot 0: more data than section
+    header_file = tmp_path / "header.bin"
+    header_file.write_bytes(bytes(bad))
+    oracle.qemu_io(path, f"write -s {header_file} 0 192")  # the disk is the linear file
+    with Store.open(path) as store:
+        with pytest.raises(StateFormatError, match="slot 0 data_length 20 > section") as info:
+            store.read_section("permall")
+        assert str(info.value).startswith(f"{path}: ")
+        store.clear()
+        assert store.read_section("permall") is None and store.sections() == {}
+    oracle.assert_clean(path)
+    assert raw(path).count(0) == DEFAULT_SIZE
+
+
+# Section: interoperability with qemu-storage-daemon's FUSE export (the Proxmox VE stack)
+
+
+def _mounted(mountpoint: Path) -> bool:
+    with open("/proc/self/mountinfo") as mounts:
+        return any(line.split()[4] == str(mountpoint) for line in mounts)
+
+
+@contextlib.contextmanager
+def qsd_fuse_export(image: Path, mountpoint: Path) -> Iterator[Path]:
+    """Export ``image`` as a regular file at ``mountpoint`` via qemu-storage-daemon."""
+    qsd = need("qemu-storage-daemon")
+    need_fuse()
+    mountpoint.touch()
+    proc = subprocess.Popen(
+        [
+            qsd,
+            "--blockdev", f"driver=file,node-name=f,filename={image}",
+            "--blockdev", "driver=qcow2,node-name=q,file=f",
+            "--export", f"type=fuse,id=e,node-name=q,mountpoint={mountpoint},writable=on",
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not _mounted(mountpoint):
+            if proc.poll() is not None:
+                raise AssertionError(f"qemu-storage-daemon exited: {proc.stderr.read()!r}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not mount"
+            time.sleep(0.02)
+        yield mountpoint
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if _mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_store_image_works_under_qemu_storage_daemon_and_back(
+    tmp_path: Path, tpm_states: dict[str, bytes]
+) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.replace_layout(tpm_states["B"])  # B holds NV_INDEX = "state B contents"
+        store.create_snapshot("before-qsd")
+    payload = b"written via QSD!"
+    with qsd_fuse_export(path, tmp_path / "tpmstate.raw") as exported:
+        assert os.path.getsize(exported) == DEFAULT_SIZE
+        with (
+            running_swtpm(f"backend-uri=file://{exported}", tmp_path / "run") as swtpm,
+            tpm_client(swtpm) as tpm,
+        ):
+            assert tpm.nv_read(NV_INDEX, 16) == b"state B contents"
+            tpm.nv_write(NV_INDEX, payload)
+    oracle.assert_clean(path)
+    with Store.open(path) as store:
+        linear.parse_header(store.layout())
+        exported_dir = tmp_path / "exported"
+        backup.export_state(store, exported_dir, as_dir=True)
+        assert [s.tag for s in store.snapshots()] == ["before-qsd"]
+    with running_swtpm(f"dir={exported_dir}", tmp_path / "run2") as swtpm, tpm_client(swtpm) as tpm:
+        assert tpm.nv_read(NV_INDEX, 16) == payload
