@@ -790,7 +790,11 @@ class StoreFS(pyfuse3.Operations):
             if flags & os.O_EXCL:
                 raise _refuse(errno.EEXIST)
         else:
-            memory_files = sum(1 for n in self.nodes.values() if not n.content.store_backed)
+            memory_files = sum(
+                1
+                for n in self.nodes.values()
+                if not n.content.store_backed and (n.name is not None or n.opens)
+            )
             content = self.namespace.create(name, memory_files)
             node = self._link(name, content, mode & ~ctx.umask)
             node.uid, node.gid = ctx.uid, ctx.gid

@@ -22,6 +22,7 @@ from tests.vtpm.mount_fixtures import (
     force_unmount,
     is_mounted,
     mounted,
+    pid_alive,
     qemu_img_check,
     qemu_img_snapshots,
     raw_content,
@@ -34,7 +35,7 @@ from tests.vtpm.mount_fixtures import (
     wait_gone,
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
-from vtpm_qcow.control import pid_path_for
+from vtpm_qcow.control import ControlClient, pid_path_for
 from vtpm_qcow.swtpm import CMD_SHUTDOWN, control_command, free_tcp_port_pair
 from vtpm_qcow.tpm import SwtpmSocketTransport, Tpm
 
@@ -255,3 +256,29 @@ def test_setup_through_the_mount_then_state_survives_remount(tmp_path: Path) -> 
     with mounted(image, mountpoint, view="dir"):
         # the same image, seen through the other view
         assert (mountpoint / "tpm2-00.permall").read_bytes() == first["permall"]
+
+
+def test_serve_keep_serving_restarts_swtpm_and_sigterm_stops_both(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    ctrl = tmp_path / "swtpm.ctrl"
+    vtpm_qcow("serve", str(image), "--ctrl", str(ctrl), "--keep-serving", "--view", "dir")
+    pid = int(pid_path_for(image).read_text())
+    try:
+        with ControlClient.for_image(image) as client:
+            first = client.info()["swtpm_pid"]
+            assert first and pid_alive(first)
+            assert control_command(str(ctrl), CMD_SHUTDOWN) == 0
+            assert wait_gone(first)
+            deadline = time.monotonic() + 20
+            while client.info()["swtpm_pid"] in (first, None):
+                assert time.monotonic() < deadline, "swtpm was not restarted"
+                time.sleep(0.05)
+            second = client.info()["swtpm_pid"]
+        assert pid_alive(pid) and pid_alive(second)
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid) and wait_gone(second)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+    qemu_img_check(image)

@@ -31,6 +31,7 @@ from tests.vtpm.mount_fixtures import (
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
 from vtpm_qcow import linear
 from vtpm_qcow.errors import StoreError
+from vtpm_qcow.fuse_export import MAX_FILE_SIZE, MAX_MEMORY_FILES
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 
@@ -256,3 +257,30 @@ def test_control_socket_refusals_are_one_line(tmp_path: Path) -> None:
         assert info["view"] == "dir" and info["pid"] == mount.pid
         assert info["mountpoint"] == str(mount.mountpoint)
     assert qemu_img_snapshots(image) == ["t"]
+
+
+def test_dir_view_bounds_memory(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    with mounted(image, tmp_path / "mnt", view="dir") as mount:
+        mnt = mount.mountpoint
+        fd = os.open(mnt / "big", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, b"x" * 4096)
+            with pytest.raises(OSError) as too_big:
+                os.pwrite(fd, b"x", MAX_FILE_SIZE)
+        finally:
+            os.close(fd)
+        assert too_big.value.errno == errno.EFBIG
+        created = 1
+        with pytest.raises(OSError) as full:
+            for created in range(1, MAX_MEMORY_FILES + 2):
+                (mnt / f"TMP2-00.{created}").write_bytes(b"t")
+        assert full.value.errno == errno.ENOSPC
+        assert created == MAX_MEMORY_FILES
+        # unlinking frees the slots; the store was never touched
+        for name in os.listdir(mnt):
+            os.unlink(mnt / name)
+        assert os.listdir(mnt) == []
+        (mnt / "again").write_bytes(b"fine")
+        assert raw_sections(image) == {}
+    qemu_img_check(image)
