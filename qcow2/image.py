@@ -726,7 +726,6 @@ def create(
         refcount_table_offset=cluster_size,
         refcount_table_clusters=1,
         incompatible_features=layout.INCOMPAT_EXTL2 if extended_l2 else 0,
-        compatible_features=layout.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
         backing_file=backing_file or None,
         backing_format=backing_format if backing_file else None,
     )
@@ -759,6 +758,11 @@ def create(
         write_header_fields(f, size=size)
         f.flush()
         image.header.size = size
+        if lazy_refcounts:
+            # Only now: building the fresh layout must not mark the image dirty.
+            write_header_fields(f, compatible_features=layout.COMPAT_LAZY_REFCOUNTS)
+            f.flush()
+            image.header.compatible_features = layout.COMPAT_LAZY_REFCOUNTS
     except BaseException:
         image.close()
         raise

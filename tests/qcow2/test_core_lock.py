@@ -1,0 +1,90 @@
+"""Image locks interoperate with QEMU's (qemu-img info, a running qemu-io)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import qcow2
+from tests.helpers import need
+from tests.qcow2 import oracle
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "img.qcow2"
+    qcow2.create(str(path), MiB).close()
+    return path
+
+
+@pytest.fixture
+def qemu_io_holder(image: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A qemu-io process holding ``image`` open read-write until the test ends."""
+    proc = subprocess.Popen(
+        [need("qemu-io"), "-f", "qcow2", str(image)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        # Wait until qemu-io holds its locks (qemu-img info starts failing).
+        while oracle.qemu_img("info", str(image), ok=(0, 1)).returncode == 0:
+            assert proc.poll() is None, "qemu-io exited early"
+            assert time.monotonic() < deadline, "qemu-io never locked the image"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_qemu_img_info_fails_while_we_hold_the_image_writable(image: Path) -> None:
+    with qcow2.open(str(image), writable=True):
+        proc = oracle.qemu_img("info", str(image), ok=(1,))
+        assert b'Failed to get shared "write" lock' in proc.stderr
+        assert b"Is another process using the image" in proc.stderr
+        assert oracle.info(image, force_share=True)["virtual-size"] == MiB
+        with pytest.raises(qcow2.ImageLockedError, match='Failed to get shared "write" lock'):
+            qcow2.open(str(image))
+        with qcow2.open(str(image), force_share=True) as shared:
+            assert shared.read(0, 16) == bytes(16)
+    assert oracle.info(image)["virtual-size"] == MiB  # released on close
+
+
+def test_readers_share_and_block_qemu_writers(image: Path) -> None:
+    with qcow2.open(str(image)), qcow2.open(str(image)):
+        assert oracle.info(image)["virtual-size"] == MiB
+        proc = oracle.qemu_img("resize", str(image), "2M", ok=(1,))
+        assert b'Failed to get "write" lock' in proc.stderr
+        with pytest.raises(qcow2.ImageLockedError, match='Failed to get "write" lock'):
+            qcow2.open(str(image), writable=True)
+
+
+@pytest.mark.usefixtures("qemu_io_holder")
+def test_we_refuse_an_image_qemu_io_holds(image: Path) -> None:
+    with pytest.raises(qcow2.ImageLockedError, match='Failed to get "write" lock') as caught:
+        qcow2.open(str(image), writable=True)
+    assert str(image) in str(caught.value)
+    with pytest.raises(qcow2.ImageLockedError, match='Failed to get shared "write" lock'):
+        qcow2.open(str(image))
+    with qcow2.open(str(image), force_share=True) as shared:
+        assert shared.virtual_size == MiB
+
+
+def test_failed_lock_leaves_no_lock_behind(image: Path, tmp_path: Path) -> None:
+    with qcow2.open(str(image), writable=True), pytest.raises(qcow2.ImageLockedError):
+        qcow2.open(str(image), writable=True)
+    # Neither the holder nor the refused opener left a lock: qemu can write now.
+    oracle.qemu_io(image, "write -P 1 0 512")
