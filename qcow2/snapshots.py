@@ -233,6 +233,10 @@ def create_snapshot(image: Image, name: str) -> SnapshotEntry:
     1 or 2) raises :class:`SnapshotError` and leaves only leaked clusters behind.
     """
     _check_supported(image)
+    if not 0 < len(name.encode("utf-8", "surrogateescape")) <= 0xFFFF:
+        raise SnapshotError(
+            f"invalid snapshot name (must be 1 to 65535 bytes): {name[:40]!r}", path=image.path
+        )
     header = image.header
     entries = list(image.snapshot_entries)
     if len(entries) >= layout.MAX_SNAPSHOTS:

@@ -177,3 +177,51 @@ def test_refcount_overflow_fails_cleanly(tmp_path: Path, bits: int, allowed: int
         oracle.snapshot(twin, "create", f"s{i}")
     proc = oracle.qemu_img("snapshot", "-c", "overflow", str(twin), ok=(1,))
     assert b"Could not create snapshot" in proc.stderr  # qemu refuses the same one
+
+
+def test_bad_snapshot_requests_fail_cleanly(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB)
+    oracle.qemu_io(img, "write -P 0x8 0 64k")
+    before = img.read_bytes()
+    with qcow2.open(str(img), writable=True) as image:
+        for bad in ("", "x" * 65536):
+            with pytest.raises(SnapshotError, match="invalid snapshot name"):
+                image.create_snapshot(bad)
+        with pytest.raises(SnapshotNotFoundError):
+            image.apply_snapshot("missing")
+        with pytest.raises(SnapshotNotFoundError):
+            image.snapshot("missing")
+    assert img.read_bytes() == before  # nothing was allocated or written
+
+
+def test_delete_falls_back_to_id(tmp_path: Path) -> None:
+    """Name first, then ID (qemu's qcow2 driver rule; qemu-img 7.2's -d only matches names)."""
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB)
+    oracle.snapshot(img, "create", "first")
+    oracle.snapshot(img, "create", "second")
+    with qcow2.open(str(img), writable=True) as image:
+        image.delete_snapshot("1")
+    assert names(img) == [("2", "second")]
+    oracle.assert_clean(img)
+
+
+def test_corrupt_snapshot_l1_refused_like_qemu(tmp_path: Path) -> None:
+    from qcow2.errors import CorruptImageError
+    from qcow2.layout import field_offset, field_struct
+
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB)
+    oracle.qemu_io(img, "write -P 0x8 0 64k")
+    oracle.snapshot(img, "create", "s")
+    raw = img.read_bytes()
+    table = field_struct("snapshots_offset").unpack_from(raw, field_offset("snapshots_offset"))[0]
+    with img.open("r+b") as f:  # l1_table_offset of entry 0, off by 512 bytes
+        f.seek(table)
+        f.write((int.from_bytes(raw[table : table + 8], "big") + 512).to_bytes(8, "big"))
+    proc = oracle.qemu_img("snapshot", "-a", "s", str(img), ok=(1,))
+    assert b"Snapshot L1 table offset invalid" in proc.stderr
+    before = img.read_bytes()
+    with qcow2.open(str(img), writable=True) as image:
+        for action in (image.apply_snapshot, image.delete_snapshot, image.snapshot):
+            with pytest.raises(CorruptImageError, match="Snapshot L1 table offset invalid"):
+                action("s")
+    assert img.read_bytes() == before
