@@ -2,13 +2,12 @@
 
 Every failure is one line on stderr (``vtpm-qcow: IMAGE: what is wrong``) and a non-zero
 exit status; tracebacks are for bugs only.  ``mount``/``serve`` come from
-:mod:`vtpm_qcow.daemon` and ``vm ...`` from :mod:`vtpm_qcow.vm` when those are installed.
+:mod:`vtpm_qcow.daemon` and ``vm ...`` from :mod:`vtpm_qcow.vm`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -22,9 +21,19 @@ from qcow2.errors import ImageLockedError, Qcow2Error
 
 from . import backup
 from .blob import parse_blob
+from .control import ControlClient
+from .daemon import add_mount_commands
 from .errors import StateFormatError, StoreError, VtpmQcowError
-from .store import DEFAULT_CLUSTER_SIZE, DEFAULT_SIZE, Store, snapshot_digest
+from .store import (
+    DEFAULT_CLUSTER_SIZE,
+    DEFAULT_SIZE,
+    SnapshotInfo,
+    Store,
+    combined_digest,
+    snapshot_digest,
+)
 from .swtpm import find_tool, run_setup
+from .vm import add_vm_commands
 
 PROG: Final = "vtpm-qcow"
 _SIZE_RE: Final = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
@@ -133,17 +142,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         return _snapshot_via_daemon(args, err)
     with store:
         if args.list:
-            _print_snapshots(
-                [
-                    {
-                        "tag": s.tag,
-                        "id": s.id,
-                        "date": s.date.isoformat(),
-                        "state_digest": snapshot_digest(s),
-                    }
-                    for s in store.snapshots()
-                ]
-            )
+            _print_snapshots([_snapshot_dict(s) for s in store.snapshots()])
         elif args.create is not None:
             store.create_snapshot(args.create, overwrite=args.overwrite)
             _say(args, f"Created snapshot '{args.create}' of {args.image}")
@@ -159,11 +158,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def _snapshot_via_daemon(args: argparse.Namespace, locked: ImageLockedError) -> int:
     """The image is held: ask the mount daemon serving it, or explain who holds it."""
     try:
-        control = importlib.import_module("vtpm_qcow.control")
-    except ImportError:
-        raise locked from None
-    try:
-        client = control.ControlClient.for_image(args.image)
+        client = ControlClient.for_image(args.image)
         client.ping()
     except VtpmQcowError:
         raise StoreError(
@@ -185,16 +180,30 @@ def _snapshot_via_daemon(args: argparse.Namespace, locked: ImageLockedError) -> 
     return 0
 
 
+def _snapshot_dict(snap: SnapshotInfo) -> dict[str, Any]:
+    """A snapshot as JSON (the shape the mount daemon's snapshot-list uses, plus digest)."""
+    return {
+        "tag": snap.tag,
+        "id": snap.id,
+        "date": snap.date.isoformat(),
+        "vm_state_size": snap.vm_state_size,
+        "state_digest": snapshot_digest(snap),
+        "sections": {n: {"size": s.size, "digest": s.digest} for n, s in snap.sections.items()},
+    }
+
+
 def _print_snapshots(snapshots: list[dict[str, Any]]) -> None:
+    """qemu-img snapshot -l style table; the state digest identifies the TPM state."""
     if not snapshots:
         print("No snapshots.")
         return
     print(f"{'ID':<6} {'TAG':<24} {'DATE':<26} STATE DIGEST")
     for s in snapshots:
-        print(
-            f"{s.get('id', ''):<6} {s.get('tag', ''):<24} {s.get('date', ''):<26} "
-            f"{s.get('state_digest', '')}"
+        sections = s.get("sections") or {}
+        state = s.get("state_digest") or combined_digest(
+            {name: section["digest"] for name, section in sections.items()}
         )
+        print(f"{s.get('id', ''):<6} {s.get('tag', ''):<24} {s.get('date', ''):<26} {state}")
 
 
 # Section: info
@@ -222,20 +231,7 @@ def info_dict(store: Store) -> dict[str, Any]:
             "digest": section.digest,
             "blob": blob_info,
         }
-    snapshots = []
-    for snap in store.snapshots():
-        snapshots.append(
-            {
-                "tag": snap.tag,
-                "id": snap.id,
-                "date": snap.date.isoformat(),
-                "vm_state_size": snap.vm_state_size,
-                "state_digest": snapshot_digest(snap),
-                "sections": {
-                    n: {"size": s.size, "digest": s.digest} for n, s in snap.sections.items()
-                },
-            }
-        )
+    snapshots = [_snapshot_dict(snap) for snap in store.snapshots()]
     return {
         "image": store.path,
         "virtual_size": store.linear_size,
@@ -281,18 +277,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_hooks(subparsers: Any) -> None:
-    """Let the daemon (mount/serve) and the QMP alignment (vm) register their commands."""
-    for module, hook in (
-        ("vtpm_qcow.daemon", "add_mount_commands"),
-        ("vtpm_qcow.vm", "add_vm_commands"),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        register = getattr(mod, hook, None)
-        if register is not None:
-            register(subparsers)
+    """The daemon's ``mount``/``serve``/``umount`` and the QMP alignment's ``vm`` commands."""
+    add_mount_commands(subparsers)
+    add_vm_commands(subparsers)
 
 
 class _Parser(argparse.ArgumentParser):

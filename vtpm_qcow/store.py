@@ -351,7 +351,7 @@ class Store:
 
     def state_digest(self) -> str:
         """One digest over all sections (name and content): equal iff the TPM state is."""
-        return _combined_digest(self.sections())
+        return combined_digest({n: s.digest for n, s in self.sections().items()})
 
     @staticmethod
     def _slot_number(name: str) -> int:
@@ -428,13 +428,14 @@ class Store:
             return bytes(view.read(slot.offset, slot.data_length)) if slot.allocated else None
 
 
-def _combined_digest(sections: dict[str, SectionInfo]) -> str:
-    return digest("".join(f"{n}={s.digest};" for n, s in sorted(sections.items())).encode())
+def combined_digest(section_digests: dict[str, str]) -> str:
+    """One digest over the sections' names and digests: equal iff the TPM states are."""
+    return digest("".join(f"{n}={d};" for n, d in sorted(section_digests.items())).encode())
 
 
 def snapshot_digest(info: SnapshotInfo) -> str:
     """The :meth:`Store.state_digest` the state of snapshot ``info`` had."""
-    return _combined_digest(info.sections)
+    return combined_digest({n: s.digest for n, s in info.sections.items()})
 
 
 def _check_tag(tag: str, path: str) -> None:
@@ -449,6 +450,7 @@ __all__: Sequence[str] = (
     "SectionInfo",
     "SnapshotInfo",
     "Store",
+    "combined_digest",
     "digest",
     "snapshot_digest",
 )

@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import need_fuse
 from tests.qcow2 import oracle
-from tests.vtpm.swtpm_fixtures import need_swtpm, running_swtpm, tpm2_tool, tpm_client
+from tests.vtpm.swtpm_fixtures import (
+    NV_INDEX,
+    need_swtpm,
+    running_swtpm,
+    tpm2_tool,
+    tpm_client,
+)
 from vtpm_qcow import linear
 from vtpm_qcow.store import Store
 
@@ -196,3 +203,37 @@ def test_snapshot_of_an_image_held_elsewhere_says_so(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["create", "setup", "snapshot", "info", "import", "export"])
 def test_every_command_has_help(command: str) -> None:
     assert "usage: vtpm-qcow " + command in ok(command, "--help")
+
+
+def test_snapshots_of_a_mounted_image_go_through_the_daemon(tmp_path: Path) -> None:
+    """While `vtpm-qcow mount` holds the image, `snapshot` talks to its control socket."""
+    need_swtpm()
+    need_fuse()
+    image, mountpoint = tmp_path / "vtpm.qcow2", tmp_path / "mnt"
+    mountpoint.mkdir()
+    ok("setup", "--create", str(image))
+    ok("mount", str(image), str(mountpoint))
+    try:
+        state_file = mountpoint / "tpmstate"
+        created = vtpm("snapshot", "-c", "clean", str(image))
+        assert created.returncode == 0 and "through the mount daemon" in created.stderr
+        with (
+            running_swtpm(f"backend-uri=file://{state_file}", tmp_path / "run1") as swtpm,
+            tpm_client(swtpm) as tpm,
+        ):
+            tpm.nv_define_space(NV_INDEX, 8)
+            tpm.nv_write(NV_INDEX, b"mounted!")
+        applied = vtpm("snapshot", "-a", "clean", str(image))
+        assert applied.returncode == 0 and "through the mount daemon" in applied.stderr
+        with (
+            running_swtpm(f"backend-uri=file://{state_file}", tmp_path / "run2") as swtpm,
+            tpm_client(swtpm) as tpm,
+        ):
+            assert NV_INDEX not in tpm.nv_indices()
+        assert "clean" in ok("snapshot", "-l", str(image))
+    finally:
+        done = vtpm("umount", str(mountpoint))
+        if done.returncode != 0:
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
+    assert [s["name"] for s in oracle.snapshot_list(image)] == ["clean"]
+    oracle.assert_clean(image)
