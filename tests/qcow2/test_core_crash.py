@@ -55,6 +55,9 @@ def _small_cluster_fill(image: qcow2.Image) -> None:
     image.write(MiB, random.Random(1).randbytes(3 * MiB))
 
 
+#: 512-byte clusters with 64-bit refcounts: a refblock covers 32 KiB, a reftable 2 MiB.
+_SMALL = {"cluster_size": 512, "refcount_bits": 64}
+
 #: (fault point, setup kwargs, operation)
 CASES: list[tuple[str, dict[str, int], Callable[[qcow2.Image], None]]] = [
     ("cluster_alloc", {}, _new_data_write),
@@ -69,11 +72,11 @@ CASES: list[tuple[str, dict[str, int], Callable[[qcow2.Image], None]]] = [
     ("cluster_zero.write_l2", {}, _zero),
     ("l2_cache.write", {}, _flush),
     ("refblock_cache.write", {}, _flush),
-    ("refblock_alloc.write", {"cluster_size": 512, "refcount_bits": 64}, _small_cluster_fill),
-    ("refblock_alloc.hookup", {"cluster_size": 512, "refcount_bits": 64}, _small_cluster_fill),
-    ("refblock_alloc.write_blocks", {"cluster_size": 512, "refcount_bits": 64}, _small_cluster_fill),
-    ("refblock_alloc.write_table", {"cluster_size": 512, "refcount_bits": 64}, _small_cluster_fill),
-    ("refblock_alloc.switch_table", {"cluster_size": 512, "refcount_bits": 64}, _small_cluster_fill),
+    ("refblock_alloc.write", _SMALL, _small_cluster_fill),
+    ("refblock_alloc.hookup", _SMALL, _small_cluster_fill),
+    ("refblock_alloc.write_blocks", _SMALL, _small_cluster_fill),
+    ("refblock_alloc.write_table", _SMALL, _small_cluster_fill),
+    ("refblock_alloc.switch_table", _SMALL, _small_cluster_fill),
 ]
 
 
