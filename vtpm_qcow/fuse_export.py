@@ -722,7 +722,14 @@ class StoreFS(pyfuse3.Operations):
         fh: FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        return await self._locked(self._setattr, inode, attr, fields)
+        attrs = await self._locked(self._setattr, inode, attr, fields)
+        node = self.nodes.get(inode)
+        if fields.update_size and node is not None and isinstance(node.content, LinearContent):
+            # The linear file keeps its size, so the kernel keeps the cached pages past the
+            # new end; they must read as zeros now.  Not from inside this request (the
+            # kernel holds off writes until it completes): right after the reply.
+            trio.lowlevel.spawn_system_task(self.invalidate, [inode], False)
+        return attrs
 
     # -- directory -----------------------------------------------------------------------
 
@@ -965,12 +972,11 @@ class StoreFS(pyfuse3.Operations):
         changed = await self._locked(self._apply, tag)
         await self.invalidate(changed)
 
-    async def invalidate(self, inodes: Iterable[InodeT]) -> None:
-        """Drop the kernel's cached pages and attributes of ``inodes`` and the entries."""
+    async def invalidate(self, inodes: Iterable[InodeT], entries: bool = True) -> None:
+        """Drop the kernel's cached pages and attributes of ``inodes`` (and the entries)."""
         # Both calls wait for the kernel, which may need this event loop: run them off it.
-        calls = [
-            functools.partial(_invalidate_entry, n) for n in self.namespace.names_to_invalidate()
-        ]
+        names = self.namespace.names_to_invalidate() if entries else ()
+        calls = [functools.partial(_invalidate_entry, name) for name in names]
         calls += [functools.partial(_invalidate_inode, inode) for inode in inodes]
         for call in calls:
             try:
@@ -978,6 +984,8 @@ class StoreFS(pyfuse3.Operations):
             except OSError as err:
                 if err.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
                     log.warning("kernel cache invalidation %s failed: %s", call.args, err)
+            except Exception:  # never fatal: it may run as a trio system task
+                log.exception("kernel cache invalidation %s failed", call.args)
 
     def _flush_all(self) -> None:
         for node in list(self.nodes.values()):

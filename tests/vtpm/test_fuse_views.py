@@ -13,6 +13,7 @@ import mmap
 import os
 import socket
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -283,4 +284,28 @@ def test_dir_view_bounds_memory(tmp_path: Path) -> None:
         assert os.listdir(mnt) == []
         (mnt / "again").write_bytes(b"fine")
         assert raw_sections(image) == {}
+    qemu_img_check(image)
+
+
+def test_file_view_ftruncate_zeroes_the_tail_for_every_reader(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    with mounted(image, tmp_path / "mnt", view="file") as mount:
+        path = mount.state_path
+        size = path.stat().st_size
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"T" * 8192, 65536)
+            os.fsync(fd)
+            assert os.pread(fd, 8192, 65536) == b"T" * 8192  # now in the page cache
+            os.ftruncate(fd, 65536 + 4096)
+            assert raw_content(image)[65536:] == b"T" * 4096 + bytes(size - 65536 - 4096)
+            assert os.fstat(fd).st_size == size  # the capacity, like a block device
+            # the kernel's cached copy of the cut part is dropped right after the reply
+            deadline = time.monotonic() + 10
+            while os.pread(fd, 4096, 65536 + 4096) != bytes(4096):
+                assert time.monotonic() < deadline, "stale page cache after ftruncate"
+                time.sleep(0.01)
+            assert os.pread(fd, 4096, 65536) == b"T" * 4096
+        finally:
+            os.close(fd)
     qemu_img_check(image)
