@@ -1,7 +1,7 @@
 """Property test: random operation sequences against an in-memory model of the disk.
 
 Each example starts from a fresh image made by qemu-img, runs a random sequence of writes,
-zero writes, discards, atomic commits, grows and snapshot create/apply/delete through our
+zero writes, discards, atomic commits, grows, shrinks and snapshot create/apply/delete through our
 ``Image``, and then requires ``qemu-img check`` to call the image clean and every snapshot
 (read by qemu-img convert -l and by our views) and the active disk to equal the model.
 """
@@ -43,9 +43,17 @@ class QcowModel(RuleBasedStateMachine):
         self.disk = bytearray()
         self.snaps: list[ModelSnapshot] = []
 
-    @initialize(compat=st.sampled_from(["0.10", "1.1"]), refill=st.booleans())
-    def start(self, compat: str, refill: bool) -> None:
-        oracle.create(self.path, START_SIZE, compat=compat, cluster_size=CLUSTER)
+    @initialize(
+        compat=st.sampled_from(["0.10", "1.1"]),
+        refcount_bits=st.sampled_from([8, 16, 64]),
+        refill=st.booleans(),
+    )
+    def start(self, compat: str, refcount_bits: int, refill: bool) -> None:
+        if compat == "0.10":
+            refcount_bits = 16  # v2 has no refcount_order
+        oracle.create(
+            self.path, START_SIZE, compat=compat, cluster_size=CLUSTER, refcount_bits=refcount_bits
+        )
         if refill:
             oracle.qemu_io(self.path, "write -P 0x5a 0 20k", "write -P 0x5b 100k 12k")
         self.disk = bytearray(oracle.convert(self.path))
@@ -98,6 +106,13 @@ class QcowModel(RuleBasedStateMachine):
         new_size = min(MAX_SIZE, len(self.disk) + grow * CLUSTER)
         self._img().resize(new_size)
         self.disk += bytes(new_size - len(self.disk))
+
+    @rule(cut=st.integers(1, 32))
+    def shrink(self, cut: int) -> None:
+        # qemu 7.2 allows shrinking an image with snapshots; they keep their own size.
+        new_size = max(16 * CLUSTER, len(self.disk) - cut * CLUSTER)
+        self._img().resize(new_size)
+        del self.disk[new_size:]
 
     @rule(name=st.sampled_from(["a", "b", "c"]))
     def create_snapshot(self, name: str) -> None:
