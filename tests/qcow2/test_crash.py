@@ -270,3 +270,17 @@ def test_snapshot_fault_points(tmp_path: Path, op: str, point: str) -> None:
         assert listed in (before, []) and content == old
     if "s" in listed:
         assert oracle.convert(img, snapshot="s") == snap
+
+
+def test_apply_fault_before_resize(tmp_path: Path) -> None:
+    img = prepared_image(tmp_path)
+    oracle.qemu_img("resize", str(img), str(2 * SIZE))
+    old = oracle.convert(img)
+    with (
+        qcow2.open(str(img), writable=True) as image,
+        inject_fault("snapshot_apply.resize"),
+        pytest.raises(Qcow2Error),
+    ):
+        image.apply_snapshot("s")
+    oracle.assert_clean(img)
+    assert oracle.convert(img) == old and oracle.info(img)["virtual-size"] == 2 * SIZE
