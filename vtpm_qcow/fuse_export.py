@@ -290,9 +290,10 @@ class LinearContent(Content):
             take = min(PAGE_SIZE - within, len(view))
             page = self.pages.get(number)
             if page is None:
+                # a whole-page write (mmap writeback) needs no copy of the old bytes
                 base = number * PAGE_SIZE
-                page = bytearray(self._committed(base, PAGE_SIZE))
-                self.pages[number] = page
+                old = bytes(take) if take == PAGE_SIZE else self._committed(base, PAGE_SIZE)
+                page = self.pages[number] = bytearray(old)
             page[within : within + take] = view[:take]
             pos += take
             view = view[take:]
