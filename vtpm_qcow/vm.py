@@ -37,7 +37,12 @@ from vtpm_qcow.vm_orchestrate import (
     save,
     tag_table,
 )
-from vtpm_qcow.vm_watch import DEFAULT_GRACE, DEFAULT_POLL_INTERVAL, Watcher
+from vtpm_qcow.vm_watch import (
+    DEFAULT_GRACE,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_RECONNECT_TIMEOUT,
+    Watcher,
+)
 
 T = TypeVar("T")
 
@@ -132,11 +137,18 @@ def cmd_watch(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     async def body(monitor: Monitor, vtpm: VtpmSnapshots) -> None:
-        watcher = Watcher(monitor, vtpm, report=report, poll_interval=args.poll, grace=args.grace)
+        watcher = Watcher(
+            monitor,
+            vtpm,
+            report=report,
+            poll_interval=args.poll,
+            grace=args.grace,
+            reconnect_timeout=args.reconnect,
+            on_ready=lambda: report(f"watching {args.qmp} for {args.store}"),
+        )
         if args.once:
             await watcher.reconcile()
             return
-        report(f"watching {args.qmp} for {args.store}")
         await watcher.run()
 
     vtpm = open_vtpm(args.store, args.control)
@@ -180,13 +192,13 @@ class WatcherThread:
         self.error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
+        self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="vtpm-qcow-watch", daemon=True)
 
-    def start(self) -> None:
-        """Start watching in the background."""
+    def start(self, timeout: float = 30.0) -> None:
+        """Start watching; returns after the first reconcile (or when the watcher failed)."""
         self._thread.start()
-        self._started.wait()
+        self._ready.wait(timeout)
 
     def _main(self) -> None:
         try:
@@ -195,18 +207,17 @@ class WatcherThread:
             self.error = err
             self.report(f"error: watcher stopped: {err}")
         finally:
-            self._started.set()
+            self._ready.set()
 
     async def _watch(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self._started.set()
         vtpm = open_vtpm(self.image, self.control)
         monitor = Monitor(self.qmp)
         try:
             watcher = Watcher(
                 monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
-                grace=self.grace,
+                grace=self.grace, on_ready=self._ready.set,
             )  # fmt: skip
             await watcher.run(self._stop)
         finally:
@@ -296,6 +307,13 @@ def add_vm_commands(subparsers: Any) -> None:
         default=DEFAULT_GRACE,
         metavar="S",
         help=f"seconds before a vTPM-only tag is deleted (default {DEFAULT_GRACE:g})",
+    )
+    p.add_argument(
+        "--reconnect",
+        type=float,
+        default=DEFAULT_RECONNECT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to retry a lost monitor (default {DEFAULT_RECONNECT_TIMEOUT:g})",
     )
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.set_defaults(func=cmd_watch)

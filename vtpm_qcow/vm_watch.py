@@ -62,8 +62,11 @@ class Watcher:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         grace: float = DEFAULT_GRACE,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.monitor = monitor
+        #: Called once, after the first reconcile: from then on every change is followed.
+        self.on_ready = on_ready
         self.vtpm = vtpm
         self.report = report
         self.poll_interval = poll_interval
@@ -113,6 +116,9 @@ class Watcher:
         events = EventQueue(WATCHED_EVENTS)
         with self.monitor.client.listen(events):
             await self.reconcile()
+            if self.on_ready is not None:
+                self.on_ready()
+                self.on_ready = None
             while not stop.is_set():
                 try:
                     event = await asyncio.wait_for(events.get(), self.poll_interval)

@@ -313,3 +313,26 @@ def qmp_query(qmp: Path, command: str) -> Any:
         return monitor.cmd_obj({"execute": command})["return"]
     finally:
         monitor.close()
+
+
+def qmp_job(qmp: Path, command: str, arguments: dict[str, Any], timeout: float = 60) -> Any:
+    """Run a ``snapshot-*`` job like any other QMP client would; its error (None if none)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    job_id = f"test-{command}-{time.monotonic_ns()}"
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        reply = monitor.cmd_obj({"execute": command, "arguments": {"job-id": job_id, **arguments}})
+        assert "return" in reply, reply
+        deadline = time.monotonic() + timeout
+        while True:
+            jobs = {j["id"]: j for j in monitor.cmd_obj({"execute": "query-jobs"})["return"]}
+            if jobs[job_id]["status"] == "concluded":
+                break
+            assert time.monotonic() < deadline, f"{command} job did not conclude"
+            time.sleep(0.02)
+        monitor.cmd_obj({"execute": "job-dismiss", "arguments": {"id": job_id}})
+        return jobs[job_id].get("error")
+    finally:
+        monitor.close()

@@ -7,158 +7,26 @@ image's sections from ``qemu-img convert`` + the linear codec.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import need
-from tests.vm.qemu_fixtures import (
-    QemuProcess,
-    ServedStore,
-    create_disk,
-    hmp_over_qmp,
-    qemu_vm,
-    qmp_query,
-    run_tool,
-    served_store,
-    stop_process,
-    vtpm_qcow_command,
+from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_query, stop_process, vtpm_qcow_command
+from tests.vm.scenario import (
+    NV_INDEX,
+    NV_SIZE,
+    OWNER_B,
+    PCR,
+    assert_permanent_state_a,
+    assert_permanent_state_b,
+    cold_boot_state,
+    permall,
+    snapshot_tags,
+    stack,
+    state_a,
+    state_b,
+    wait_until,
 )
-from vtpm_qcow import linear
-from vtpm_qcow.control import RUNTIME_DIR_ENV
-from vtpm_qcow.qtest_tis import QtestTisTransport
-from vtpm_qcow.tpm import Tpm, TpmResponseError, sha256
-
-NV_INDEX = 0x01500040
-NV_EXTRA = 0x01500041
-NV_SIZE = 32
-PCR = 10
-OWNER_B = b"owner-of-branch-B"
-
-
-@pytest.fixture(autouse=True)
-def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vqvm-"))
-    monkeypatch.setenv(RUNTIME_DIR_ENV, str(path))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclass
-class Stack:
-    """A served vTPM image, a QEMU using it, and a TPM client through QEMU's TIS."""
-
-    workdir: Path
-    image: Path
-    disk: Path
-    served: ServedStore
-    qemu: QemuProcess
-    tis: QtestTisTransport
-    tpm: Tpm
-
-    def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``vtpm-qcow vm ACTION --qmp ... --store ... ARGS``."""
-        action, *rest = args
-        return vtpm_qcow_command(
-            "vm", action, "--qmp", str(self.qemu.qmp), "--store", str(self.image), *rest,
-            check=check,
-        )  # fmt: skip
-
-
-@contextlib.contextmanager
-def stack(
-    workdir: Path, image: Path, disk: Path, *, running: bool = True, extra: list[str] | None = None
-) -> Iterator[Stack]:
-    """Serve ``image``, start QEMU on it with ``disk``; everything stopped on exit."""
-    workdir.mkdir(exist_ok=True)
-    with (
-        served_store(image, workdir) as served,
-        qemu_vm(workdir, str(served.swtpm_ctrl), [disk], running=running, extra=extra) as qemu,
-        QtestTisTransport(str(qemu.qtest)) as tis,
-    ):
-        yield Stack(workdir, image, disk, served, qemu, tis, Tpm(tis))
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> tuple[Path, Path]:
-    image = tmp_path / "vtpm.qcow2"
-    vtpm_qcow_command("create", str(image))
-    return image, create_disk(tmp_path / "disk.qcow2")
-
-
-def snapshot_tags(image: Path) -> list[str]:
-    """Snapshot tags of a qcow2 file per qemu-img (-U: it may be in use)."""
-    out = run_tool(need("qemu-img"), "info", "-U", "--output=json", str(image)).stdout
-    return [s["name"] for s in json.loads(out).get("snapshots", [])]
-
-
-def permall(image: Path, tag: str | None = None) -> bytes | None:
-    """The permall section of ``image`` (active layer, or snapshot ``tag``) via qemu-img."""
-    raw = image.with_name(f"{image.name}.{tag or 'active'}.raw")
-    args = ["convert", "-U", "-f", "qcow2", "-O", "raw"]
-    if tag:
-        args += ["-l", f"snapshot.name={tag}"]
-    run_tool(need("qemu-img"), *args, str(image), str(raw))
-    try:
-        return linear.read_section(raw.read_bytes(), "permall", source=str(raw))
-    finally:
-        raw.unlink()
-
-
-def state_a(tpm: Tpm) -> bytes:
-    """Fresh TPM -> state A: one NV index holding A, PCR extended with A; PCR value."""
-    tpm.startup()
-    tpm.nv_define_space(NV_INDEX, NV_SIZE)
-    tpm.nv_write(NV_INDEX, b"A" * NV_SIZE)
-    tpm.pcr_extend(PCR, sha256(b"A"))
-    return tpm.pcr_read([PCR])[PCR]
-
-
-def state_b(tpm: Tpm) -> None:
-    """A -> B: owner password set, NV rewritten, a second index, PCR extended again."""
-    tpm.hierarchy_change_auth(OWNER_B)
-    tpm.nv_write(NV_INDEX, b"B" * NV_SIZE)
-    tpm.nv_define_space(NV_EXTRA, 8, owner_auth=OWNER_B)
-    tpm.pcr_extend(PCR, sha256(b"B"))
-
-
-def assert_permanent_state_a(tpm: Tpm) -> None:
-    """Owner password empty (it authorizes the read), NV holds A, no second index."""
-    assert tpm.nv_read(NV_INDEX, NV_SIZE, owner=True, auth=b"") == b"A" * NV_SIZE
-    assert tpm.nv_indices() == [NV_INDEX]
-    with pytest.raises(TpmResponseError):
-        tpm.nv_read(NV_INDEX, NV_SIZE, owner=True, auth=OWNER_B)
-
-
-def assert_permanent_state_b(tpm: Tpm) -> None:
-    assert tpm.nv_read(NV_INDEX, NV_SIZE, owner=True, auth=OWNER_B) == b"B" * NV_SIZE
-    assert tpm.nv_indices() == [NV_INDEX, NV_EXTRA]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    """Poll ``condition`` (a bounded wait for an asynchronous actor, not a timing check)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-def cold_boot_state(workdir: Path, image: Path, disk: Path) -> None:
-    """Start serve + QEMU again on the same files: the TPM must show state A."""
-    with stack(workdir, image, disk) as again:
-        again.tpm.startup()
-        assert_permanent_state_a(again.tpm)
 
 
 def test_orchestrated_save_change_load_cold_boot_delete(
@@ -329,7 +197,7 @@ def test_qemu_killed_during_watch_ends_watch_with_error(
         with out.open("w") as out_file, err.open("w") as err_file:
             watcher = subprocess.Popen(
                 [need("vtpm-qcow"), "vm", "watch", "--qmp", str(s.qemu.qmp2), "--store",
-                 str(image), "--timeout", "2"],
+                 str(image), "--timeout", "2", "--reconnect", "1"],
                 stdout=out_file, stderr=err_file,
             )  # fmt: skip
         try:
