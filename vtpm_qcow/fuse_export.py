@@ -864,8 +864,10 @@ class StoreFS(pyfuse3.Operations):
         node = handle.node
         node.opens -= 1
         try:
-            # mmap pages written back after close arrive before release
-            self._commit(node)
+            # Only the last close commits (mmap pages written back after close arrive
+            # before it): a reader closing must not commit a writer's unsynced pages.
+            if node.opens == 0:
+                self._commit(node)
         finally:
             self._maybe_forget(node)
 

@@ -309,3 +309,22 @@ def test_file_view_ftruncate_zeroes_the_tail_for_every_reader(tmp_path: Path) ->
         finally:
             os.close(fd)
     qemu_img_check(image)
+
+
+def test_a_reader_closing_does_not_commit_a_writers_pages(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    with mounted(image, tmp_path / "mnt", view="file") as mount:
+        writer = os.open(mount.state_path, os.O_RDWR)
+        try:
+            os.pwrite(writer, b"unsynced", 8192)
+            with open(mount.state_path, "rb") as reader:
+                assert reader.read(8200)[8192:] == b"unsynced"
+            # the reader's release has been handled once a later request is answered
+            os.pread(writer, 1, 0)
+            mount.control().ping()
+            assert raw_content(image)[8192:8200] == bytes(8)
+            os.fsync(writer)
+            assert raw_content(image)[8192:8200] == b"unsynced"
+        finally:
+            os.close(writer)
+    qemu_img_check(image)
