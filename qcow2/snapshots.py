@@ -12,8 +12,9 @@ referenced but free:
 * delete: write a new table without the entry and switch the header, -1 on the snapshot's
   tree, free its L1, recompute COPIED.
 
-The image object is the one :mod:`qcow2.image` builds; this module only uses the narrow
-set of its internals listed in :class:`_Image`.
+Works on :class:`qcow2.image.Image` internals: ``header``, ``file``, ``refcounts``,
+``l1_table``, ``l2_cache``, ``snapshot_entries`` and its ``flush``/``resize``/``grow_l1``/
+``read_with_l1`` methods.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import errno
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import layout
@@ -65,6 +66,62 @@ def entry_host_ranges(image: Image, entry: int) -> list[tuple[int, int]]:
 # Section: update_snapshot_refcount
 
 
+def _walk_l2(
+    image: Image,
+    l2_offset: int,
+    l2: bytearray,
+    addend: int,
+    update: Callable[[int, int, int], None],
+) -> bool:
+    """Apply ``addend`` to every cluster one L2 table references and recompute its COPIED
+    bits in ``l2`` (in memory).  Returns True if ``l2`` changed."""
+    header = image.header
+    cluster_size = header.cluster_size
+    cluster_bits = header.cluster_bits
+    words_per_entry = header.l2_entry_size // 8
+    words = struct.unpack(f">{cluster_size // 8}Q", l2)
+    standard: list[tuple[int, int, int]] = []  # (word index, entry, data offset)
+    runs: list[list[int]] = []  # contiguous host ranges [start, length]
+    modified = False
+    for index in range(0, len(words), words_per_entry):
+        old = words[index]
+        if not old & ~layout.OFLAG_COPIED:
+            continue  # UNALLOCATED: nothing to count (the common case, kept fast)
+        ctype = classify_l2_entry(old, header.extended_l2)
+        if ctype == ClusterType.COMPRESSED:
+            if addend:
+                update(*parse_compressed_entry(old, cluster_bits), addend)
+            if old & layout.OFLAG_COPIED:  # never valid on a compressed entry
+                _set_word(l2, index, old & ~layout.OFLAG_COPIED)
+                modified = True
+        elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            data_offset = old & layout.L2E_OFFSET_MASK
+            if data_offset % cluster_size:
+                raise CorruptImageError(
+                    f"Cluster allocation offset {data_offset:#x} unaligned "
+                    f"(L2 offset: {l2_offset:#x}, L2 index: {index // words_per_entry:#x})",
+                    path=image.path,
+                    offset=data_offset,
+                )
+            standard.append((index, old, data_offset))
+            if runs and runs[-1][0] + runs[-1][1] == data_offset:
+                runs[-1][1] += cluster_size
+            else:
+                runs.append([data_offset, cluster_size])
+    if addend:
+        for run_start, run_length in runs:  # one checked update per contiguous run
+            update(run_start, run_length, addend)
+    for index, old, data_offset in standard:
+        new = old & ~layout.OFLAG_COPIED
+        # After +1 every cluster is shared (refcount >= 2): COPIED goes, no lookup needed.
+        if addend <= 0 and image.refcounts.get(data_offset >> cluster_bits) == 1:
+            new |= layout.OFLAG_COPIED
+        if new != old:
+            _set_word(l2, index, new)
+            modified = True
+    return modified
+
+
 def update_snapshot_refcount(
     image: Image, l1_offset: int, l1_size: int, addend: int, *, table: list[int] | None = None
 ) -> None:
@@ -73,7 +130,9 @@ def update_snapshot_refcount(
 
     For the active L1 the in-memory table is used and updated; ``table`` overrides what
     is read (apply passes the old active table after the on-disk one was replaced).  The
-    L1 table is rewritten only when ``addend >= 0`` and it changed, as in qemu.
+    L1 table is rewritten only when ``addend >= 0`` and it changed, as in qemu.  A refcount
+    overflow (:class:`RefcountRangeError`) undoes the walk's updates before it propagates
+    (qemu leaves them as leaks).
 
     Write order: with ``addend > 0`` the tables with cleared COPIED bits reach the disk
     before the raised refcounts (left in the refcount cache: the caller flushes before
@@ -92,74 +151,47 @@ def update_snapshot_refcount(
         l1 = image.l1_table
     else:
         l1 = _read_l1(image, l1_offset, l1_size)
-    cluster_bits = header.cluster_bits
-    extended = header.extended_l2
-    words_per_entry = header.l2_entry_size // 8
     refcounts = image.refcounts
+    original_l1 = list(l1)
     l1_modified = False
     changed_tables: dict[int, bytearray] = {}
-    for i, l1_entry in enumerate(l1[:l1_size]):
-        l2_offset = l1_entry & layout.L1E_OFFSET_MASK
-        if not l2_offset:
-            continue
-        if l2_offset % cluster_size:
-            raise CorruptImageError(
-                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {i:#x})",
-                path=image.path,
-                offset=l2_offset,
-            )
-        l2 = changed_tables.get(l2_offset) or bytearray(image.file.pread(l2_offset, cluster_size))
-        modified = False
-        words = struct.unpack(f">{cluster_size // 8}Q", l2)
-        standard: list[tuple[int, int, int]] = []  # (word index, entry, data offset)
-        runs: list[list[int]] = []  # contiguous host ranges [start, length] to update
-        for index in range(0, len(words), words_per_entry):
-            old = words[index]
-            if not old & ~layout.OFLAG_COPIED:
-                continue  # UNALLOCATED: nothing to count (the common case, kept fast)
-            if old & layout.OFLAG_COMPRESSED:
-                if addend:
-                    coffset, csize = parse_compressed_entry(old, cluster_bits)
-                    refcounts.update(coffset, csize, addend)
-                if old & layout.OFLAG_COPIED:
-                    l2[index * 8 : index * 8 + 8] = (old & ~layout.OFLAG_COPIED).to_bytes(8, "big")
-                    modified = True
-            elif classify_l2_entry(old, extended) in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-                data_offset = old & layout.L2E_OFFSET_MASK
-                if data_offset % cluster_size:
-                    raise CorruptImageError(
-                        f"Cluster allocation offset {data_offset:#x} unaligned "
-                        f"(L2 offset: {l2_offset:#x}, L2 index: {index // words_per_entry:#x})",
-                        path=image.path,
-                        offset=data_offset,
-                    )
-                standard.append((index, old, data_offset))
-                if runs and runs[-1][0] + runs[-1][1] == data_offset:
-                    runs[-1][1] += cluster_size
-                else:
-                    runs.append([data_offset, cluster_size])
-        if addend:
-            # One update per contiguous run (each is checked for overflow before it applies).
-            for run_start, run_length in runs:
-                refcounts.update(run_start, run_length, addend)
-        for index, old, data_offset in standard:
-            new = old & ~layout.OFLAG_COPIED
-            # After +1 every cluster is shared (refcount >= 2): COPIED goes, no lookup needed.
-            if addend <= 0 and refcounts.get(data_offset >> cluster_bits) == 1:
-                new |= layout.OFLAG_COPIED
-            if new != old:
-                l2[index * 8 : index * 8 + 8] = new.to_bytes(8, "big")
-                modified = True
-        if modified:
-            changed_tables[l2_offset] = l2
-        if addend:
-            refcounts.update(l2_offset, cluster_size, addend)
-        new_l1_entry = l2_offset
-        if addend <= 0 and refcounts.get(l2_offset >> cluster_bits) == 1:
-            new_l1_entry |= layout.OFLAG_COPIED
-        if new_l1_entry != l1_entry:
-            l1[i] = new_l1_entry
-            l1_modified = True
+    applied: list[tuple[int, int]] = []
+
+    def update(offset: int, length: int, delta: int) -> None:
+        refcounts.update(offset, length, delta)
+        applied.append((offset, length))
+
+    try:
+        for i, l1_entry in enumerate(l1[:l1_size]):
+            l2_offset = l1_entry & layout.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            if l2_offset % cluster_size:
+                raise CorruptImageError(
+                    f"L2 table offset {l2_offset:#x} unaligned (L1 index: {i:#x})",
+                    path=image.path,
+                    offset=l2_offset,
+                )
+            l2 = changed_tables.get(l2_offset)
+            if l2 is None:
+                l2 = bytearray(image.file.pread(l2_offset, cluster_size))
+            if _walk_l2(image, l2_offset, l2, addend, update):
+                changed_tables[l2_offset] = l2
+            if addend:
+                update(l2_offset, cluster_size, addend)
+            new_l1_entry = l2_offset
+            if addend <= 0 and refcounts.get(l2_offset // cluster_size) == 1:
+                new_l1_entry |= layout.OFLAG_COPIED
+            if new_l1_entry != l1_entry:
+                l1[i] = new_l1_entry
+                l1_modified = True
+    except RefcountRangeError:
+        # Nothing was written yet: undo the refcount changes and the tables on disk
+        # still match the refcounts as they were.
+        for offset, length in reversed(applied):
+            refcounts.update(offset, length, -addend)
+        l1[:] = original_l1
+        raise
 
     if not changed_tables and not (addend >= 0 and l1_modified):
         return  # the refcounts wait in the cache for the caller's next flush
@@ -398,6 +430,10 @@ class SnapshotView:
 def _read_l1(image: Image, offset: int, size: int) -> list[int]:
     raw = image.file.pread(offset, size * layout.L1_ENTRY_SIZE)
     return list(struct.unpack(f">{size}Q", raw))
+
+
+def _set_word(table: bytearray, index: int, value: int) -> None:
+    table[index * 8 : index * 8 + 8] = value.to_bytes(8, "big")
 
 
 def _pack_l1(entries: list[int]) -> bytes:

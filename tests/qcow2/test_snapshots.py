@@ -225,3 +225,19 @@ def test_corrupt_snapshot_l1_refused_like_qemu(tmp_path: Path) -> None:
             with pytest.raises(CorruptImageError, match="Snapshot L1 table offset invalid"):
                 action("s")
     assert img.read_bytes() == before
+
+
+def test_overflow_midway_rolls_back(tmp_path: Path) -> None:
+    """A cluster raised before the overflowing one is lowered again: no stale COPIED."""
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB, refcount_bits=2)
+    oracle.qemu_io(img, "write -P 0xa 64k 64k")
+    with qcow2.open(str(img), writable=True) as image:
+        image.create_snapshot("s0")
+        image.create_snapshot("s1")  # the cluster at 64k now has refcount 3 = max
+        image.write(0, b"\x0c" * 65536)  # a fresh cluster before it, refcount 1
+        with pytest.raises(SnapshotError, match="refcount"):
+            image.create_snapshot("s2")
+        image.write(0, b"\x0d" * 10)  # still written in place: COPIED stayed right
+    oracle.assert_clean(img)
+    assert names(img) == [("1", "s0"), ("2", "s1")]
+    assert oracle.convert(img)[:10] == b"\x0d" * 10
