@@ -193,6 +193,9 @@ class RefcountTable:
             else:
                 run = 0
             cluster += 1
+        # Like QEMU's alloc_clusters_noref, the search hint moves past what it handed out
+        # (a free of a lower cluster moves it back).
+        self.free_cluster_index = run_start + nclusters
         return run_start
 
     def alloc(self, nbytes: int) -> int:
@@ -202,11 +205,15 @@ class RefcountTable:
         while True:
             first = self.find_free(nclusters)
             last = first + nclusters - 1
+            started_covered = bool(self._block_offset(first // self.entries_per_block))
             if self._ensure_blocks(first, last, exclude=None):
-                continue  # new refblocks may have taken the range: search again (-EAGAIN)
+                # New refblocks may have taken the range: search again (QEMU's -EAGAIN).
+                # QEMU had already counted the run's covered head and reverts it, which
+                # moves its search hint back to the run's start.
+                if started_covered:
+                    self.free_cluster_index = min(self.free_cluster_index, first)
+                continue
             self.update(first * self.cluster_size, nclusters * self.cluster_size, 1)
-            if first == self.free_cluster_index:
-                self.free_cluster_index = last + 1
             return first * self.cluster_size
 
     def free(self, offset: int, length: int) -> None:
