@@ -24,6 +24,7 @@ Snapshots sharing an old L2 table keep it: it only loses the active L1's referen
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -132,12 +133,10 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
         fault_point("commit.write_l1")
         l1_size = header.l1_size
         new_l1_offset = alloc(l1_size * layout.L1_ENTRY_SIZE)
-        image.file.pwrite(new_l1_offset, b"".join(e.to_bytes(8, "big") for e in new_l1))
+        image.file.pwrite(new_l1_offset, struct.pack(f">{len(new_l1)}Q", *new_l1))
         # The switch below requires the new tables, the data and their refcounts on disk.
         image.flush()
         fault_point("commit.header_switch")
-        write_header_fields(image.file, l1_size=l1_size, l1_table_offset=new_l1_offset)
-        image.file.flush()
     except BaseException:
         # Nothing reachable points at the new clusters: give them back (or they leak).
         for offset, length in reversed(allocated):
@@ -145,6 +144,21 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
                 image.refcounts.free(offset, length)
             except Qcow2Error:  # the original error wins; these clusters only leak
                 break
+        raise
+    try:
+        write_header_fields(image.file, l1_size=l1_size, l1_table_offset=new_l1_offset)
+        image.file.flush()
+    except BaseException:
+        # The switch may or may not have reached the file.  Follow what the header now
+        # says and free nothing: either state's clusters merely leak.
+        on_disk = layout.field_struct("l1_table_offset").unpack(
+            image.file.pread(layout.field_offset("l1_table_offset"), 8)
+        )[0]
+        if on_disk == new_l1_offset:
+            header.l1_table_offset = new_l1_offset
+            image.l1_table[:] = new_l1
+            for offset in old_l2_tables:
+                image.l2_cache.forget(offset)
         raise
 
     old_l1_offset = header.l1_table_offset

@@ -284,3 +284,34 @@ def test_apply_fault_before_resize(tmp_path: Path) -> None:
         image.apply_snapshot("s")
     oracle.assert_clean(img)
     assert oracle.convert(img) == old and oracle.info(img)["virtual-size"] == 2 * SIZE
+
+
+@pytest.mark.parametrize("fail_on", ["write", "flush"])
+def test_commit_switch_failure_follows_the_header(tmp_path: Path, fail_on: str) -> None:
+    """The header write (or the flush after it) fails: the image keeps working in whatever
+    state the header now describes, with leaks at most."""
+    img = prepared_image(tmp_path)
+    old = oracle.convert(img)
+    new = bytearray(old)
+    new[0:3] = b"new"
+    header_write = {"seen": False}
+
+    def fail(event: WriteEvent) -> None:
+        if event.kind == "write" and event.offset == 36 and len(event.data) == 12:
+            header_write["seen"] = True
+            if fail_on == "write":
+                raise OSError(5, "injected header write failure")
+        elif event.kind == "flush" and header_write["seen"] and fail_on == "flush":
+            header_write["seen"] = False
+            raise OSError(5, "injected flush failure")
+
+    with qcow2.open(str(img), writable=True) as image:
+        image.file.observers.append(fail)
+        with pytest.raises(OSError):
+            image.commit_atomically([(0, b"new")])
+        image.file.observers.remove(fail)
+        expected = bytes(new) if fail_on == "flush" else old
+        assert image.read(0, len(old)) == expected
+        image.commit_atomically([(SIZE - 1, b"z")])  # still usable
+    oracle.assert_clean(img, allow_leaks=True)
+    assert oracle.convert(img) == expected[:-1] + b"z"
