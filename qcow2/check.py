@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
-from .errors import CorruptImageError, Qcow2Error, Qcow2IOError, ReadOnlyError
+from .errors import (
+    CorruptImageError,
+    InvalidImageError,
+    Qcow2Error,
+    Qcow2IOError,
+    ReadOnlyError,
+)
 from .fileio import HostFile
 from .header import Header, read_header, write_header_fields
 from .refcount import read_refcount, write_refcount
@@ -92,7 +98,8 @@ class CheckResult:
             self.allocated_clusters = other.allocated_clusters
             self.fragmented_clusters = other.fragmented_clusters
             self.compressed_clusters = other.compressed_clusters
-        self.messages.extend(other.messages)
+        if other.messages is not self.messages:
+            self.messages.extend(other.messages)
 
     @property
     def exit_code(self) -> int:
@@ -123,6 +130,70 @@ class CheckResult:
         }
         always = ("check-errors", "filename", "format")
         return {k: v for k, v in out.items() if k in always or v}
+
+
+class _QemuOpenView:
+    """A read-only view of an image for :func:`read_header`, adjusted to what QEMU 7.2's
+    open validates: it never compares table offsets with the file size, and in check mode
+    (``BDRV_O_CHECK``) it accepts an empty refcount table and leaves the snapshot table to
+    the check.  The view reports no file size and hides those fields from the reader."""
+
+    #: Files shorter than a v3 header keep their real size ("file is only N bytes").
+    _TINY = layout.HEADER_V3_LENGTH
+
+    def __init__(self, f: HostFile, *, check_mode: bool) -> None:
+        self.path = f.path
+        self._f = f
+        self._check_mode = check_mode
+
+    def size(self) -> int:
+        real = self._f.size()
+        return real if real < self._TINY else 1 << 62
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = self._f.pread(offset, length)
+        if not self._check_mode or offset >= layout.HEADER_V3_LENGTH:
+            return data
+        raw = bytearray(data)
+        for name, value in _CHECK_MODE_FIELDS:
+            at = layout.field_offset(name) - offset
+            st = layout.field_struct(name)
+            if at >= 0 and at + st.size <= len(raw):
+                if name == "refcount_table_clusters" and st.unpack_from(raw, at)[0]:
+                    continue
+                st.pack_into(raw, at, value)
+        return bytes(raw)
+
+
+#: Header fields QEMU's open ignores in check mode, and the neutral value shown instead.
+_CHECK_MODE_FIELDS = (("nb_snapshots", 0), ("snapshots_offset", 0), ("refcount_table_clusters", 1))
+
+
+def read_header_as_qemu(f: HostFile, *, check_mode: bool = False, io: bool = True) -> Header:
+    """:func:`read_header` with QEMU 7.2's open-time validation (see :class:`_QemuOpenView`):
+    tables past the end of the file are accepted, and with ``check_mode`` so are an empty
+    refcount table and any snapshot table location (``qemu-img check`` reports those).
+    ``io=False`` is ``qemu-img info``'s open (BDRV_O_NO_IO), which skips the data file."""
+    view = _QemuOpenView(f, check_mode=check_mode)
+    header = read_header(view)  # type: ignore[arg-type]
+    raw_data = header.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW
+    if io and raw_data and not header.has_data_file:
+        raise InvalidImageError("data-file-raw requires a data file", path=f.path)
+    if check_mode:
+        real = read_header_fields(f, [name for name, _ in _CHECK_MODE_FIELDS])
+        for name, value in real.items():
+            setattr(header, name, value)
+    return header
+
+
+def read_header_fields(f: HostFile, names: list[str]) -> dict[str, int]:
+    """The raw values of header fields ``names``."""
+    return {
+        name: layout.field_struct(name).unpack(
+            f.pread(layout.field_offset(name), layout.field_struct(name).size)
+        )[0]
+        for name in names
+    }
 
 
 def _alt_hex(value: int) -> str:
@@ -681,7 +752,9 @@ class _Pass:
                         c._refresh_file_len()
                     except Qcow2IOError as err:
                         rebuild = True
-                        self.msg(f"ERROR could not resize image: {err.message}")
+                        reason = os.strerror(err.errno)
+                        self.msg(f"qemu-img: Could not resize file: {reason}")
+                        self.msg(f"ERROR could not resize image: {reason}")
                         continue
                     self.grow(layout.size_to_clusters(c.cluster_size, c.file_len))
                     self.res.corruptions -= 1
@@ -1014,9 +1087,18 @@ def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
     h = c.h
     nb = h.nb_snapshots
     entry_size = layout.SNAPSHOT_HEADER_STRUCT.size
+    reduced = 0
+    if nb > layout.MAX_SNAPSHOTS and c.fix & FIX_ERRORS:
+        reduced = nb - layout.MAX_SNAPSHOTS
+        res.messages.append(f"Discarding {reduced} overhanging snapshots")
+        nb = h.nb_snapshots = layout.MAX_SNAPSHOTS
     if nb > layout.MAX_SNAPSHOTS:
         res.check_errors += 1
         res.messages.append("qemu-img: ERROR snapshot table too large")
+        res.messages.append(
+            f"You can force-remove all {nb - layout.MAX_SNAPSHOTS} overhanging snapshots "
+            "with qemu-img check -r all"
+        )
         raise _CheckFailed(errno.EFBIG)
     if (1 << 63) - 1 - nb * entry_size < h.snapshots_offset or h.snapshots_offset & (
         c.cluster_size - 1
@@ -1025,7 +1107,7 @@ def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:
         res.messages.append("qemu-img: ERROR snapshot table offset invalid")
         raise _CheckFailed(errno.EINVAL)
     if c.fix & FIX_ERRORS:
-        _read_snapshots_repairing(c, res)
+        _read_snapshots_repairing(c, res, reduced)
     else:
         _read_snapshots(c, res)
     for i in incomplete_entries(c.snapshots, h.version):
@@ -1072,7 +1154,7 @@ class _Blob:
         return chunk + bytes(length - len(chunk))
 
 
-def _read_snapshots_repairing(c: _Checker, res: CheckResult) -> None:
+def _read_snapshots_repairing(c: _Checker, res: CheckResult, reduced: int) -> None:
     """QEMU's ``qcow2_do_read_snapshots(repair=true)``: extra data beyond 1024 bytes is
     truncated, and entries that push the table past 64 MiB are dropped (the header's
     snapshot count is lowered at once; their clusters become leaks that are then fixed)."""
@@ -1111,15 +1193,17 @@ def _read_snapshots_repairing(c: _Checker, res: CheckResult) -> None:
                 f"Discarding {overhang} overhanging snapshots (snapshot table is too big)"
             )
             offset = entry_start
-            res.corruptions += overhang
-            write_header_fields(c.f, nb_snapshots=i)
-            c.f.flush()
+            reduced += overhang
             h.nb_snapshots = i
-            res.corruptions -= overhang
-            res.corruptions_fixed += overhang
             break
         entries.append(entry)
     res.corruptions += dropped_extra
+    if reduced:
+        # The header must agree with the table before the refcounts are checked; the
+        # dropped entries' clusters become leaks, which the check then fixes.
+        write_header_fields(c.f, nb_snapshots=h.nb_snapshots)
+        c.f.flush()
+        res.corruptions_fixed += reduced
     c.snapshots = entries
     c.snapshots_offset = start
     c.snapshots_size = offset - start if entries else 0
@@ -1192,9 +1276,10 @@ def _fix_snapshot_table(c: _Checker, res: CheckResult) -> None:
 def _one_pass(f: HostFile, header: Header, fix: int, filename: str) -> CheckResult:
     """QEMU's ``qcow2_co_check_locked``: one check (and repair) pass."""
     c = _Checker(f, header, fix)
-    snapshot_res = CheckResult(filename)
-    refcount_res = CheckResult(filename)
+    # One message list: QEMU prints findings as it goes, so their order is chronological.
     result = CheckResult(filename)
+    snapshot_res = CheckResult(filename, messages=result.messages)
+    refcount_res = CheckResult(filename, messages=result.messages)
     try:
         _check_read_snapshot_table(c, snapshot_res)
     except _CheckFailed as err:
@@ -1244,7 +1329,7 @@ def check_file(
     first = _guarded_pass(f, header, fix, name)
     if first.error is None and (first.corruptions_fixed or first.leaks_fixed):
         f.flush()
-        fresh = read_header(f)
+        fresh = read_header_as_qemu(f, check_mode=True)
         second = _guarded_pass(f, fresh, 0, name)
         second.messages[:0] = first.messages
         second.corruptions_fixed = first.corruptions_fixed

@@ -48,6 +48,10 @@ def _open_error(path: str, err: BaseException) -> CliError:
         if sep:
             return CliError(f"Could not open '{path}': {first}\nIs another process{hint}")
     reason = err.message if isinstance(err, Qcow2Error) else str(err)
+    if reason.startswith("Too much extra metadata in snapshot table entry"):
+        # qemu-img's wording, then its hint line
+        reason = reason.split(" (", 1)[0]
+        reason += "\nYou can force-remove this extra metadata with qemu-img check -r all"
     return CliError(f"Could not open '{path}': {reason}")
 
 
@@ -74,9 +78,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     try:
         layers = (
-            open_chain(args.image, args.f, force_share=args.U)
+            open_chain(args.image, args.f, force_share=args.U, io=False)
             if args.backing_chain
-            else [open_layer(args.image, args.f, force_share=args.U)]
+            else [open_layer(args.image, args.f, force_share=args.U, io=False)]
         )
     except BackingOpenError as err:
         # --backing-chain opens every image on its own, so the failure names the backing.
@@ -99,10 +103,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_file
+    from .check import check_file, read_header_as_qemu
     from .errors import Qcow2Error
     from .fileio import HostFile
-    from .header import read_header
     from .info import qemu_json
 
     try:
@@ -118,9 +121,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
             except Qcow2Error as err:
                 raise _open_error(args.image, err) from err
         if args.f == "raw" or (args.f is None and f.pread(0, 4) != b"QFI\xfb"):
+            if args.f is None and args.r:
+                sys.stderr.write(_RAW_PROBE_WARNING.format(name=args.image))
             raise CliError("This image format does not support checks", 63)
         try:
-            header = read_header(f)
+            header = read_header_as_qemu(f, check_mode=True)
         except Qcow2Error as err:
             raise _open_error(args.image, err) from err
         result = check_file(f, header, args.r, filename=args.image)
@@ -137,6 +142,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if result.check_errors:
         raise CliError("Check failed")
     return result.exit_code
+
+
+#: What QEMU prints when it opens a probed raw image for writing.
+_RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+)
 
 
 def _check_human(r: object) -> str:
@@ -764,6 +778,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qcow2`` console script; returns the exit code."""
     from .errors import Qcow2Error
 
+    for stream in (sys.stdout, sys.stderr):
+        # Image names and snapshot tags are bytes on disk: write them back unchanged.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if (

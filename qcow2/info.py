@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import layout
+from .check import read_header_as_qemu
 from .errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
 from .fileio import HostFile
-from .header import Header, read_header
+from .header import Header
 from .snapshot_table import SnapshotEntry, read_snapshot_table
 
 # Section: QEMU's JSON and QDict order
@@ -66,7 +67,9 @@ def _json_str(text: str) -> str:
         elif ch in "\b\f\n\r\t":
             out.append({"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
         elif code < 0x20 or code >= 0x7F:
-            if code > 0xFFFF:
+            if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape)
+                out.append("\\uFFFD")
+            elif code > 0xFFFF:
                 code -= 0x10000
                 out.append(f"\\u{0xD800 | (code >> 10):04X}\\u{0xDC00 | (code & 0x3FF):04X}")
             else:
@@ -135,7 +138,13 @@ def _snapshot_line(sn: SnapshotEntry) -> str:
     clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{millis:03d}"
     icount = "" if sn.icount is None else str(_signed64(sn.icount))
     size = size_to_str(sn.vm_state_size)
-    return f"{sn.id:<9} {sn.name:<16} {size:>8}{date:>20}{clock:>13}{icount:>11}"
+    ident, name = _ljust(c_string(sn.id), 9), _ljust(c_string(sn.name), 16)
+    return f"{ident} {name} {size:>8}{date:>20}{clock:>13}{icount:>11}"
+
+
+def _ljust(text: str, width: int) -> str:
+    """printf's ``%-Ns``: pad to ``width`` *bytes* (UTF-8), as C counts them."""
+    return text + " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
 
 
 def _signed64(value: int) -> int:
@@ -182,10 +191,13 @@ def full_backing_filename(image_name: str, backing: str) -> str:
     return image_name[: image_name.rindex("/") + 1] + backing
 
 
-def open_layer(name: str, fmt: str | None = None, *, force_share: bool = True) -> Layer:
+def open_layer(
+    name: str, fmt: str | None = None, *, force_share: bool = True, io: bool = True
+) -> Layer:
     """Open ``name`` read-only as qcow2 (or raw if ``fmt`` is "raw" or it is not qcow2
     and no format was requested).  Without ``force_share`` the image is locked as
-    ``qemu-img info`` locks it (refused while a QEMU writer holds it)."""
+    ``qemu-img info`` locks it (refused while a QEMU writer holds it); ``io=False`` opens
+    it for metadata only, as ``qemu-img info`` does."""
     f = HostFile(name, writable=False)
     try:
         if not force_share:
@@ -194,7 +206,7 @@ def open_layer(name: str, fmt: str | None = None, *, force_share: bool = True) -
             lock_image(f.fd, name, writable=False)
         if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):
             return Layer(name, f, None, layout.align_up(f.size(), 512), [])
-        h = read_header(f)
+        h = read_header_as_qemu(f, io=io)
         snaps = read_snapshot_table(
             f,
             h.snapshots_offset,
@@ -219,12 +231,14 @@ class BackingOpenError(BackingChainError):
         self.cause = cause
 
 
-def open_chain(name: str, fmt: str | None = None, *, force_share: bool = True) -> list[Layer]:
+def open_chain(
+    name: str, fmt: str | None = None, *, force_share: bool = True, io: bool = True
+) -> list[Layer]:
     """The image ``name`` and its backing files, top first (at most 64 deep, no loops)."""
     layers: list[Layer] = []
     seen: set[tuple[int, int]] = set()
     try:
-        layer = open_layer(name, fmt, force_share=force_share)
+        layer = open_layer(name, fmt, force_share=force_share, io=io)
         while True:
             st = os.fstat(layer.file.fd)
             if (st.st_dev, st.st_ino) in seen:
@@ -238,7 +252,7 @@ def open_chain(name: str, fmt: str | None = None, *, force_share: bool = True) -
                 raise BackingChainError("Backing file chain too deep", path=name)
             backing = full_backing_filename(layer.name, h.backing_file)
             try:
-                layer = open_layer(backing, h.backing_format, force_share=force_share)
+                layer = open_layer(backing, h.backing_format, force_share=force_share, io=io)
             except Qcow2Error as err:
                 raise BackingOpenError(layer.name, backing, err) from err
     except BaseException:
@@ -298,11 +312,17 @@ def _format_specific(h: Header, f: HostFile) -> dict[str, Any]:
     return {"type": "qcow2", "data": data}
 
 
+def c_string(text: str) -> str:
+    """What QEMU keeps of an on-disk string: a C string, cut at the first NUL.  Invalid
+    UTF-8 stays surrogate-escaped; :func:`qemu_json` prints it as U+FFFD like QEMU."""
+    return text.split("\0", 1)[0]
+
+
 def _snapshot_info(sn: SnapshotEntry) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "id": sn.id,
-        "name": sn.name,
-        "vm-state-size": sn.vm_state_size,
+        "id": c_string(sn.id),
+        "name": c_string(sn.name),
+        "vm-state-size": _signed64(sn.vm_state_size),
         "date-sec": sn.date_sec,
         "date-nsec": sn.date_nsec,
         "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
@@ -407,7 +427,7 @@ def format_info_human(info: dict[str, Any]) -> str:
                 date_sec=s["date-sec"],
                 date_nsec=s["date-nsec"],
                 vm_clock_nsec=s["vm-clock-sec"] * 1_000_000_000 + s["vm-clock-nsec"],
-                vm_state_size=s["vm-state-size"],
+                vm_state_size=s["vm-state-size"] & 0xFFFFFFFFFFFFFFFF,
                 icount=s.get("icount"),
             )
             for s in info["snapshots"]

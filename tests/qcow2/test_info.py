@@ -225,3 +225,22 @@ def test_map_stops_at_compressed_cluster_like_qemu_img(tmp_path: Path) -> None:
     assert ours.code == theirs.code == 1
     assert ours.err == theirs.err
     assert "compressed clusters" in ours.err
+
+
+@pytest.mark.parametrize(
+    "name", [b"s\x00hidden", b"\xf3bad-utf8", "d\u00e9j\u00e0-vu".encode(), b"x" * 40]
+)
+def test_snapshot_names_are_shown_as_qemu_img_shows_them(tmp_path: Path, name: bytes) -> None:
+    """Tags are C strings of arbitrary bytes: cut at NUL, raw in text, U+FFFD in JSON."""
+    img = oracle.create(tmp_path / "img.qcow2", 4 * MiB)
+    oracle.snapshot(img, "create", "x" * len(name))
+    raw = bytearray(img.read_bytes())
+    table = int.from_bytes(raw[64:72], "big")
+    id_size = int.from_bytes(raw[table + 12 : table + 14], "big")
+    extra = int.from_bytes(raw[table + 36 : table + 40], "big")
+    name_at = table + 40 + extra + id_size
+    raw[name_at : name_at + len(name)] = name
+    img.write_bytes(bytes(raw))
+    for args in (("info", "--output=json"), ("info",), ("snapshot", "-l")):
+        theirs, ours, _, _ = run_both(img, *args)
+        assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err), args
