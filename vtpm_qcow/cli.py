@@ -83,23 +83,34 @@ def cmd_setup(args: argparse.Namespace) -> int:
         raise StoreError(f"{args.image}: no such file (use --create, or 'vtpm-qcow create')")
     find_tool("swtpm_setup")  # fail before any progress output
     find_tool("swtpm")
-    with tempfile.TemporaryDirectory(prefix="vtpm-qcow-setup-") as tmp:
-        state = Path(tmp) / "state.lin"
-        _say(args, f"Manufacturing a {'TPM 1.2' if args.tpm12 else 'TPM 2.0'} with swtpm_setup")
-        run_setup(f"file://{state}", tpm2=not args.tpm12, options=options)
-        data = backup.layout_from_file(state)
-    store = (
-        Store.open(args.image)
-        if exists
-        else Store.create(args.image, size=args.size, cluster_size=args.cluster_size)
-    )
-    with store:
-        if exists and store.sections() and not args.overwrite:
+    # An existing image is opened (and locked) first, so nothing is manufactured in vain.
+    store = Store.open(args.image) if exists else None
+    try:
+        if store is not None and not args.overwrite and _holds_state(store):
             raise StoreError(f"{args.image}: already holds TPM state (use --overwrite)")
+        with tempfile.TemporaryDirectory(prefix="vtpm-qcow-setup-") as tmp:
+            state = Path(tmp) / "state.lin"
+            kind = "TPM 1.2" if args.tpm12 else "TPM 2.0"
+            _say(args, f"Manufacturing a {kind} with swtpm_setup")
+            run_setup(f"file://{state}", tpm2=not args.tpm12, options=options)
+            data = backup.layout_from_file(state)
+        if store is None:
+            store = Store.create(args.image, size=args.size, cluster_size=args.cluster_size)
         store.replace_layout(data, source="swtpm_setup output")
         sizes = {name: info.size for name, info in store.sections().items()}
+    finally:
+        if store is not None:
+            store.close()
     _say(args, f"Stored the new TPM state in {args.image}: {_sections_text(sizes)}")
     return 0
+
+
+def _holds_state(store: Store) -> bool:
+    """True if the store has sections (or a layout too damaged to tell)."""
+    try:
+        return bool(store.sections())
+    except StateFormatError:
+        return True
 
 
 def _sections_text(sizes: dict[str, int]) -> str:

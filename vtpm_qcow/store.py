@@ -288,29 +288,17 @@ class Store:
         self.commit_linear(update.writes)
 
     def clear(self) -> None:
-        """Forget all TPM state: the linear file reads as zeros (swtpm formats it afresh).
-
-        The used part is zeroed in one atomic commit.  If the layout was unreadable (so its
-        end is unknown), the rest of the file is zeroed afterwards: by then the state is
-        already gone (no magic), so a crash in between leaves no state either.
-        """
-        with self._lock:
-            self._check_open(write=True)
-            try:
-                header = self._header()
-                used, known = (header.end if header else linear.HEADER_SIZE), True
-            except StateFormatError:
-                used, known = linear.HEADER_SIZE, False
-            self.commit_linear([(0, bytes(min(used, self.linear_size)))])
-            if not known:
-                self._image.write_zeroes(used, self.linear_size - used)
-                self._image.flush()
+        """Forget all TPM state: the linear file reads as zeros (swtpm formats it afresh)."""
+        self.replace_layout(b"")
 
     def replace_layout(self, data: bytes, *, source: str = "linear file") -> None:
-        """Atomically replace the whole state with linear file ``data`` (import).
+        """Atomically replace the whole state with linear file ``data`` (import; ``b""``
+        clears).
 
-        ``data`` must be a valid linear file (or empty for no state); whatever the old layout
-        used beyond its end is zeroed in the same commit.
+        Whatever the old layout used beyond the new end is zeroed in the same commit.  If
+        the old layout was unreadable (its end unknown), the rest of the file is zeroed
+        afterwards: the new state is already complete then, so a crash in between only
+        leaves stale bytes past its end, which nothing reads.
         """
         if data:
             linear.parse_header(data, source=source)
@@ -320,8 +308,17 @@ class Store:
                 raise StoreError(
                     f"{self.path}: {source} needs {len(data)} bytes, capacity is {self.linear_size}"
                 )
-            used = self._used_end()
+            try:
+                header = self._header()
+                used, known = (header.end if header else linear.HEADER_SIZE), True
+            except StateFormatError:
+                used, known = linear.HEADER_SIZE, False
+            used = min(used, self.linear_size)
             self.commit_linear([(0, data + bytes(max(0, used - len(data))))])
+            end = max(used, len(data))
+            if not known and end < self.linear_size:
+                self._image.write_zeroes(end, self.linear_size - end)
+                self._image.flush()
 
     def layout(self) -> bytes:
         """The linear file's meaningful bytes: up to the end of its last section (export).
@@ -334,14 +331,6 @@ class Store:
             if not linear.is_formatted(head):
                 return b""
             return self._current_layout()
-
-    def _used_end(self) -> int:
-        """End of the part of the linear file that may hold data."""
-        try:
-            header = self._header()
-        except StateFormatError:
-            header = None
-        return min(self.linear_size, header.end if header else linear.HEADER_SIZE)
 
     def sections(self) -> dict[str, SectionInfo]:
         """Info (offset, size, digest) of the sections present, by name."""

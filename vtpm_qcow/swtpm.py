@@ -3,8 +3,8 @@
 * :func:`find_tool` finds ``swtpm``/``swtpm_setup`` on PATH (or ``$SWTPM``/``$SWTPM_SETUP``).
 * :func:`run_setup` manufactures a TPM (``swtpm_setup``) into a dir or a linear file.
 * :class:`Swtpm` runs ``swtpm socket`` with a control channel (unix socket or TCP port),
-  an optional data channel, a pid file and a log.  :meth:`Swtpm.start` returns once the
-  control channel accepts connections (polling it, failing at once if swtpm exits);
+  an optional data channel, a pid file and a log.  :meth:`Swtpm.start` returns once swtpm
+  answers a control command (polling, failing at once if swtpm exits);
   :meth:`Swtpm.stop` sends CMD_SHUTDOWN, then SIGTERM, then SIGKILL, and always reaps.
 
 Errors are :class:`~vtpm_qcow.errors.SwtpmError` with one line naming the tool and, when swtpm
@@ -29,6 +29,7 @@ from typing import Final
 from .errors import SwtpmError
 
 #: swtpm control channel commands (swtpm's ``tpm_ioctl.h``).
+CMD_GET_CAPABILITY: Final = 0x01
 CMD_INIT: Final = 0x02
 CMD_SHUTDOWN: Final = 0x03
 CMD_STORE_VOLATILE: Final = 0x0A
@@ -161,7 +162,7 @@ class Swtpm:
         """Start swtpm on ``tpmstate`` (``dir=DIR`` or ``backend-uri=file://PATH``).
 
         ``ctrl`` defaults to a unix socket in ``workdir``; ``server`` (data channel) is
-        optional.  Returns once the control channel accepts connections.
+        optional.  Returns once swtpm answers on the control channel.
         """
         binary = find_tool("swtpm")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -193,23 +194,25 @@ class Swtpm:
         return instance
 
     def _wait_ready(self, timeout: float) -> None:
-        """Poll the control (and data) channel until it accepts a connection."""
+        """Wait until swtpm answers CMD_GET_CAPABILITY on its control channel.
+
+        swtpm creates its sockets before it initializes the TPM (and its state backend) and
+        serves control commands only from its main loop; so an answer means the TPM state
+        loaded, and a failing swtpm is seen exiting instead.
+        """
         deadline = time.monotonic() + timeout
-        for address in (self.ctrl, self.server):
-            if address is None:
-                continue
-            while True:
-                if self.proc.poll() is not None:
-                    raise SwtpmError(f"swtpm on {self.tpmstate} exited early: {self._reason()}")
-                try:
-                    _connect(address, 1.0).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise SwtpmError(
-                            f"swtpm on {self.tpmstate}: {address} not ready after {timeout:g}s"
-                        ) from None
-                    time.sleep(0.01)
+        while True:
+            if self.proc.poll() is not None:
+                raise SwtpmError(f"swtpm on {self.tpmstate} exited early: {self._reason()}")
+            try:
+                control_command(self.ctrl, CMD_GET_CAPABILITY, timeout=1.0)
+                return
+            except SwtpmError:
+                if time.monotonic() > deadline:
+                    raise SwtpmError(
+                        f"swtpm on {self.tpmstate}: {self.ctrl} not ready after {timeout:g}s"
+                    ) from None
+                time.sleep(0.01)
 
     def _reason(self) -> str:
         """Why swtpm exited: the last line of its stderr or log."""

@@ -237,3 +237,38 @@ def test_snapshots_of_a_mounted_image_go_through_the_daemon(tmp_path: Path) -> N
             subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
     assert [s["name"] for s in oracle.snapshot_list(image)] == ["clean"]
     oracle.assert_clean(image)
+
+
+def test_setup_passes_options_through_and_info_shows_encryption(tmp_path: Path) -> None:
+    need_swtpm()
+    image, pwdfile = tmp_path / "vtpm.qcow2", tmp_path / "pwd"
+    pwdfile.write_text("a passphrase")
+    ok("setup", "--create", str(image), "--pwdfile", str(pwdfile))
+    info = json.loads(ok("info", "--json", str(image)))
+    blob = info["sections"]["permall"]["blob"]
+    assert blob["encrypted"] and "encrypted" in blob["header"]["flag_names"]
+    assert "encrypted-data" in [t["name"] for t in blob["tlvs"]]
+    assert "encrypted" in ok("info", str(image))
+    assert "already holds TPM state" in fails("setup", str(image))
+    ok("setup", str(image), "--overwrite")  # a plain TPM this time
+    plain = json.loads(ok("info", "--json", str(image)))["sections"]["permall"]["blob"]
+    assert not plain["encrypted"]
+
+
+def test_info_reports_an_unreadable_layout_without_failing(tmp_path: Path) -> None:
+    image = tmp_path / "vtpm.qcow2"
+    ok("create", str(image))
+    oracle.qemu_io(image, "write -P 0x55 12 12")  # slot 0: garbage offsets and lengths
+    text = ok("info", str(image))
+    assert "state: unreadable" in text and "slot 0" in text
+    assert json.loads(ok("info", "--json", str(image)))["layout_error"].startswith(str(image))
+    assert "slot 0" in fails("export", str(image), str(tmp_path / "out.lin"))
+    need_swtpm()
+    assert "already holds TPM state" in fails("setup", str(image))
+    ok("setup", str(image), "--overwrite")  # replaces the damaged layout entirely
+    repaired = json.loads(ok("info", "--json", str(image)))
+    assert repaired["layout_error"] is None and list(repaired["sections"]) == ["permall"]
+    disk = oracle.convert(image)
+    end = linear.parse_header(disk).end
+    assert disk[end:].count(0) == len(disk) - end
+    oracle.assert_clean(image)
