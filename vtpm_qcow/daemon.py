@@ -12,7 +12,9 @@ mount point needing ``fusermount3 -u``.
 ``serve IMAGE --ctrl SOCKET`` does the same on a private mount point and runs
 ``swtpm socket --ctrl type=unixio,path=SOCKET`` on it for QEMU's ``-chardev socket``.
 swtpm exits when QEMU quits; serve then unmounts and exits, or with ``--keep-serving``
-starts a fresh swtpm for the next QEMU run.
+starts a fresh swtpm for the next QEMU run.  With ``--qmp SOCKET`` (a QMP monitor of its
+own) it also runs :mod:`vtpm_qcow.vm`'s snapshot watcher, so HMP ``savevm``/``delvm`` of
+the VM's disks are mirrored in the image.
 
 Test hook: with ``$VTPM_QCOW_WRITE_LOG`` set, the daemon appends every write, flush and
 truncate of the image file and every commit point to that file (:func:`read_write_log`).
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,8 +95,10 @@ class SwtpmConfig:
     options: tuple[str, ...] = ()
     tpm2: bool = True
     keep_serving: bool = False
-    #: filled in while running
-    instances: list[Swtpm] = field(default_factory=list)
+    #: QEMU's QMP socket to follow with a snapshot watcher (:class:`vtpm_qcow.vm.WatcherThread`)
+    qmp: str | None = None
+    #: the swtpm running now (filled in while serving)
+    current: Swtpm | None = None
 
 
 # Section: the write log (crash tests)
@@ -247,7 +251,7 @@ async def _serve(
             "image": os.path.abspath(config.image),
             "mountpoint": mountpoint,
             "pid": os.getpid(),
-            "swtpm_pid": swtpm.instances[-1].pid if swtpm and swtpm.instances else None,
+            "swtpm_pid": swtpm.current.pid if swtpm and swtpm.current else None,
         }
 
     server = ControlServer(config.control_path, store_handlers(fs, describe))
@@ -258,7 +262,7 @@ async def _serve(
             nursery.start_soon(server.serve)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             if swtpm is not None:
-                await nursery.start(_run_swtpm, swtpm, fs.namespace.view, mountpoint)
+                await nursery.start(_run_swtpm, swtpm, fs.namespace.view, mountpoint, config)
             _write_pid_file(config.pid_path)
             on_ready()
             log.info("serving %s on %s (%s view)", config.image, mountpoint, config.view)
@@ -278,9 +282,9 @@ async def _run_fuse(scope: trio.CancelScope) -> None:
 
 async def _stop_swtpm(swtpm: SwtpmConfig | None) -> None:
     """Stop serve's swtpm (its last writes need the mount, so before unmounting)."""
-    if swtpm is not None and swtpm.instances:
+    if swtpm is not None and swtpm.current is not None:
         swtpm.keep_serving = False
-        await trio.to_thread.run_sync(swtpm.instances[-1].stop)
+        await trio.to_thread.run_sync(swtpm.current.stop)
 
 
 async def _stop_on_signals(swtpm: SwtpmConfig | None) -> None:
@@ -303,6 +307,7 @@ async def _run_swtpm(
     config: SwtpmConfig,
     view: str,
     mountpoint: str,
+    mount: MountConfig,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run swtpm on the mount; when it exits stop serving, or restart it (keep_serving)."""
@@ -323,16 +328,51 @@ async def _run_swtpm(
                 options=config.options,
             )
         )
-        config.instances.append(instance)
+        config.current = instance
         if not started:
             task_status.started()
             started = True
-        while instance.proc.poll() is None:
-            await trio.sleep(SWTPM_POLL_INTERVAL)
+        async with trio.open_nursery() as run:
+            if config.qmp:
+                run.start_soon(_follow_qmp, config.qmp, mount)
+            while instance.proc.poll() is None:  # one swtpm per QEMU run
+                await trio.sleep(SWTPM_POLL_INTERVAL)
+            run.cancel_scope.cancel()
         log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
         if not config.keep_serving:
             pyfuse3.terminate()
             return
+
+
+async def _follow_qmp(qmp: str, mount: MountConfig) -> None:
+    """Keep the store's snapshots aligned with QEMU's while this swtpm runs.
+
+    QEMU starts after serve (it needs swtpm's socket), so wait for its QMP socket, then run
+    the snapshot watcher of :mod:`vtpm_qcow.vm` (its own asyncio loop, in a thread) against
+    this daemon's control socket.  A failed watcher is logged and retried.
+    """
+    from .vm import WatcherThread
+
+    while True:
+        while not os.path.exists(qmp):
+            await trio.sleep(SWTPM_POLL_INTERVAL)
+        watcher = WatcherThread(
+            qmp,
+            os.path.abspath(mount.image),
+            control=os.fspath(mount.control_path),
+            report=lambda line: log.info("qmp watcher: %s", line),
+        )
+        try:
+            await trio.to_thread.run_sync(watcher.start, cancellable=True)
+            if watcher.error is None:
+                log.info("qmp watcher following %s", qmp)
+            while watcher.error is None:
+                await trio.sleep(SWTPM_POLL_INTERVAL)
+            log.warning("qmp watcher on %s stopped: %s; retrying", qmp, watcher.error)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(watcher.stop)
+        await trio.sleep(1.0)
 
 
 # Section: detaching
@@ -465,6 +505,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=tuple(args.swtpm_option or ()),
         tpm2=not args.tpm12,
         keep_serving=args.keep_serving,
+        qmp=os.path.abspath(args.qmp) if args.qmp else None,
     )
 
     def run(on_ready: Callable[[], None]) -> None:
@@ -551,6 +592,12 @@ def add_mount_commands(subparsers: Any) -> None:
     serve.add_argument("--ctrl", required=True, metavar="SOCKET", help="swtpm control socket")
     serve.add_argument("--mountpoint", help="where to mount (default: a private directory)")
     serve.add_argument("--keep-serving", action="store_true", help="restart swtpm when it exits")
+    serve.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="follow QEMU's savevm/loadvm/delvm on this QMP socket (give QEMU a -qmp of its "
+        "own for it) and keep the image's snapshots aligned",
+    )
     serve.add_argument("--tpm12", action="store_true", help="run a TPM 1.2 (default TPM 2.0)")
     serve.add_argument("--swtpm-flags", metavar="F,F", help="swtpm --flags (e.g. startup-clear)")
     serve.add_argument(

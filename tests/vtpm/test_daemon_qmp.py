@@ -1,0 +1,73 @@
+"""``vtpm-qcow serve --qmp``: the daemon mirrors a real QEMU's HMP savevm/delvm in the image.
+
+QEMU runs with swtpm on the served mount (``-chardev socket`` on serve's ``--ctrl``); the
+watcher of :mod:`vtpm_qcow.vm` runs inside serve on QEMU's second QMP monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, qemu_vm
+from tests.vtpm.mount_fixtures import (
+    create_image,
+    qemu_img_check,
+    qemu_img_snapshots,
+    runtime_dir,  # noqa: F401  (fixture)
+    vtpm_qcow,
+    wait_gone,
+)
+from vtpm_qcow.control import ControlClient, pid_path_for
+
+pytestmark = pytest.mark.usefixtures("runtime_dir")
+
+
+def wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition()`` until true; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_serve_with_qmp_mirrors_savevm_and_delvm(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    disk = create_disk(tmp_path / "disk.qcow2")
+    qemu_dir = tmp_path / "qemu"
+    qemu_dir.mkdir()
+    ctrl = tmp_path / "swtpm.sock"
+    log = tmp_path / "serve.log"
+    vtpm_qcow(
+        "serve", str(image), "--ctrl", str(ctrl), "--qmp", str(qemu_dir / "qmp2.sock"),
+        "--log", str(log), "--view", "dir",
+    )  # fmt: skip
+    pid = int(pid_path_for(image).read_text())
+    try:
+        with (
+            qemu_vm(qemu_dir, str(ctrl), [disk], running=True) as qemu,
+            ControlClient.for_image(image) as client,
+        ):
+            wait_for(lambda: "qmp watcher following" in log.read_text(), "the watcher")
+
+            def tags() -> list[str]:
+                return [s["tag"] for s in client.snapshot_list()]
+
+            hmp_over_qmp(qemu.qmp, "savevm T1")
+            wait_for(lambda: tags() == ["T1"], "the vTPM snapshot of savevm T1")
+            assert qemu_img_snapshots(image) == ["T1"]
+            hmp_over_qmp(qemu.qmp, "delvm T1")
+            wait_for(lambda: tags() == [], "the vTPM snapshot to follow delvm T1")
+        # QEMU quit: swtpm got CMD_SHUTDOWN and exited, serve follows
+        assert wait_gone(pid), "serve outlived QEMU"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
+    qemu_img_check(image)
+    assert qemu_img_snapshots(image) == []
