@@ -233,16 +233,28 @@ def write_snapshot_table(image: Image, entries: Sequence[SnapshotEntry], op: str
         # The header switch requires the new table and its refcounts to be on disk.
         image.flush()
         fault_point(f"{op}.header_switch")
-        write_header_fields(image.file, nb_snapshots=len(entries), snapshots_offset=new_offset)
-        image.file.flush()
     except BaseException:
         if new_offset:
             _free_quietly(image, new_offset, len(data))
         raise
     old_offset, old_length = header.snapshots_offset, table_length(image.snapshot_entries)
-    header.nb_snapshots = len(entries)
-    header.snapshots_offset = new_offset
-    image.snapshot_entries = list(entries)
+
+    def adopt() -> None:
+        header.nb_snapshots = len(entries)
+        header.snapshots_offset = new_offset
+        image.snapshot_entries = list(entries)
+
+    try:
+        write_header_fields(image.file, nb_snapshots=len(entries), snapshots_offset=new_offset)
+        image.file.flush()
+    except BaseException:
+        # The switch may already be in the file: follow the header, free nothing (leaks).
+        pos = layout.field_offset("nb_snapshots")
+        nb, offset = struct.unpack(">IQ", image.file.pread(pos, 12))
+        if (nb, offset) == (len(entries), new_offset):
+            adopt()
+        raise
+    adopt()
     if old_offset and old_length:
         fault_point(f"{op}.free_old_table")
         image.refcounts.free(old_offset, old_length)

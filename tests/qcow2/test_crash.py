@@ -315,3 +315,29 @@ def test_commit_switch_failure_follows_the_header(tmp_path: Path, fail_on: str) 
         image.commit_atomically([(SIZE - 1, b"z")])  # still usable
     oracle.assert_clean(img, allow_leaks=True)
     assert oracle.convert(img) == expected[:-1] + b"z"
+
+
+@pytest.mark.parametrize("fail_on", ["write", "flush"])
+def test_snapshot_table_switch_failure_follows_the_header(tmp_path: Path, fail_on: str) -> None:
+    img = prepared_image(tmp_path)
+    seen = {"header": False}
+
+    def fail(event: WriteEvent) -> None:
+        if event.kind == "write" and event.offset == 60 and len(event.data) == 12:
+            seen["header"] = True
+            if fail_on == "write":
+                raise OSError(5, "injected header write failure")
+        elif event.kind == "flush" and seen["header"] and fail_on == "flush":
+            seen["header"] = False
+            raise OSError(5, "injected flush failure")
+
+    with qcow2.open(str(img), writable=True) as image:
+        image.file.observers.append(fail)
+        with pytest.raises(Qcow2Error):
+            image.create_snapshot("t")
+        image.file.observers.remove(fail)
+        expected = ["s", "t"] if fail_on == "flush" else ["s"]
+        assert [e.name for e in image.snapshots] == expected
+        image.create_snapshot("u")  # still usable
+    assert_consistent(img, strict=False)
+    assert [s["name"] for s in oracle.snapshot_list(img)] == [*expected, "u"]
