@@ -353,10 +353,16 @@ def apply_snapshot(image: Image, key: str) -> SnapshotEntry:
         update_snapshot_refcount(image, snap.l1_table_offset, snap.l1_size, 1)
         image.flush()
         fault_point("snapshot_apply.write_l1")
-        image.file.pwrite(header.l1_table_offset, _pack_l1(new_l1))
-        image.file.flush()
-        # Memory follows the disk at once; the old table's references are dropped next.
         old_l1 = list(image.l1_table)
+        try:
+            image.file.pwrite(header.l1_table_offset, _pack_l1(new_l1))
+            image.file.flush()
+        except BaseException:
+            # Both states' references are held now: whatever reached the file is leaks
+            # only.  Memory follows the file, as qemu's does after a failed goto.
+            image.l1_table[:] = _read_l1(image, header.l1_table_offset, cur_size)
+            raise
+        # Memory follows the disk at once; the old table's references are dropped next.
         image.l1_table[:] = new_l1
         fault_point("snapshot_apply.drop_old")
         update_snapshot_refcount(image, header.l1_table_offset, cur_size, -1, table=old_l1)
