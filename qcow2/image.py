@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import layout
 from .cache import TableCache
-from .clusters import ClusterMap, ExtentKind
+from .clusters import ClusterMap, Extent, ExtentKind
 from .compress import decompress, parse_compressed_entry
 from .errors import (
     BackingChainError,
@@ -270,7 +270,10 @@ class Image:
         """``length`` guest bytes at ``offset`` (backing file and zeros included)."""
         self._check_open()
         self._check_range(offset, length)
-        return bytes(self._read_guest(offset, length))
+        extents = self.clusters.map_range(offset, length)
+        if len(extents) == 1 and extents[0].kind == ExtentKind.DATA:
+            return self.file.pread(extents[0].host, length)  # one contiguous host read
+        return bytes(self._read_extents(offset, length, extents))
 
     def read_with_l1(self, l1: list[int], offset: int, length: int) -> bytes:
         """Guest bytes as seen through another L1 table (snapshot views)."""
@@ -278,8 +281,11 @@ class Image:
         return bytes(self._read_guest(offset, length, l1))
 
     def _read_guest(self, offset: int, length: int, l1: list[int] | None = None) -> bytearray:
+        return self._read_extents(offset, length, self.clusters.map_range(offset, length, l1))
+
+    def _read_extents(self, offset: int, length: int, extents: list[Extent]) -> bytearray:
         out = bytearray(length)
-        for ext in self.clusters.map_range(offset, length, l1):
+        for ext in extents:
             pos = ext.guest - offset
             if ext.kind == ExtentKind.DATA:
                 out[pos : pos + ext.length] = self.file.pread(ext.host, ext.length)
