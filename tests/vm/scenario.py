@@ -60,12 +60,18 @@ class Stack:
 
 @contextlib.contextmanager
 def stack(
-    workdir: Path, image: Path, disk: Path, *, running: bool = True, extra: list[str] | None = None
+    workdir: Path,
+    image: Path,
+    disk: Path,
+    *,
+    running: bool = True,
+    extra: list[str] | None = None,
+    view: str = "file",
 ) -> Iterator[Stack]:
-    """Serve ``image``, start QEMU on it with ``disk``; everything stopped on exit."""
+    """Serve ``image`` (file or dir view), start QEMU on it with ``disk``; all stopped on exit."""
     workdir.mkdir(exist_ok=True)
     with (
-        served_store(image, workdir) as served,
+        served_store(image, workdir, view=view) as served,
         qemu_vm(workdir, str(served.swtpm_ctrl), [disk], running=running, extra=extra) as qemu,
         QtestTisTransport(str(qemu.qtest)) as tis,
     ):
@@ -130,8 +136,8 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.1)
 
 
-def cold_boot_state(workdir: Path, image: Path, disk: Path) -> None:
+def cold_boot_state(workdir: Path, image: Path, disk: Path, *, view: str = "file") -> None:
     """Start serve + QEMU again on the same files: the TPM must show state A."""
-    with stack(workdir, image, disk) as again:
+    with stack(workdir, image, disk, view=view) as again:
         again.tpm.startup()
         assert_permanent_state_a(again.tpm)

@@ -10,8 +10,17 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import need
-from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_query, stop_process, vtpm_qcow_command
+from tests.vm.qemu_fixtures import (
+    hmp_over_qmp,
+    qemu_vm,
+    qmp_query,
+    stop_process,
+    swtpm_process,
+    vtpm_qcow_command,
+)
 from tests.vm.scenario import (
     NV_INDEX,
     NV_SIZE,
@@ -29,16 +38,19 @@ from tests.vm.scenario import (
 )
 
 
+@pytest.mark.parametrize("view", ["file", "dir"])
 def test_orchestrated_save_change_load_cold_boot_delete(
-    images: tuple[Path, Path], tmp_path: Path
+    images: tuple[Path, Path], tmp_path: Path, view: str
 ) -> None:
     image, disk = images
-    with stack(tmp_path / "run1", image, disk) as s:
+    with stack(tmp_path / "run1", image, disk, view=view) as s:
         pcr_a = state_a(s.tpm)
         saved = s.vm("save", "T1")
         assert "saved 'T1'" in saved.stdout and "VM resumed" in saved.stdout
         assert snapshot_tags(disk) == ["T1"] and snapshot_tags(image) == ["T1"]
         assert qmp_query(s.qemu.qmp, "query-status")["running"]
+        listing = s.vm("list").stdout.splitlines()
+        assert listing[1].split() == ["T1", "disk0", "yes", "aligned"]
         state_b(s.tpm)
         assert_permanent_state_b(s.tpm)
         assert permall(image) != permall(image, "T1")
@@ -51,18 +63,19 @@ def test_orchestrated_save_change_load_cold_boot_delete(
         assert s.tpm.pcr_read([PCR])[PCR] == pcr_a  # volatile state: from the vmstate
         assert_permanent_state_a(s.tpm)
         assert permall(image) == permall(image, "T1")
-    cold_boot_state(tmp_path / "run2", image, disk)
-    with stack(tmp_path / "run3", image, disk) as s:
+    cold_boot_state(tmp_path / "run2", image, disk, view=view)
+    with stack(tmp_path / "run3", image, disk, view=view) as s:
         s.vm("delete", "T1")
         assert snapshot_tags(disk) == [] and snapshot_tags(image) == []
 
 
+@pytest.mark.parametrize("view", ["file", "dir"])
 def test_loadvm_pushes_exactly_the_vtpm_snapshots_permall(
-    images: tuple[Path, Path], tmp_path: Path
+    images: tuple[Path, Path], tmp_path: Path, view: str
 ) -> None:
     """HMP loadvm alone (no vTPM apply): what swtpm rewrites is the vTPM snapshot's permall."""
     image, disk = images
-    with stack(tmp_path / "run", image, disk) as s:
+    with stack(tmp_path / "run", image, disk, view=view) as s:
         state_a(s.tpm)
         s.vm("save", "T1")
         state_b(s.tpm)
@@ -168,8 +181,9 @@ def test_hmp_savevm_loadvm_delvm_followed_by_the_watcher(
         try:
             wait_until(lambda: "watching" in watch_log.read_text(), "the watcher to start")
             hmp_over_qmp(s.qemu.qmp, "delvm T1")
-            wait_until(lambda: snapshot_tags(image) == [], "vTPM snapshot T1 to go")
-            assert "deleted: vTPM snapshot 'T1' (disk snapshot deleted)" in watch_log.read_text()
+            deleted = "deleted: vTPM snapshot 'T1' (disk snapshot deleted)"
+            wait_until(lambda: deleted in watch_log.read_text(), "the watcher's delete")
+            assert snapshot_tags(image) == []
             hmp_over_qmp(s.qemu.qmp, "quit")
             assert watcher.wait(30) == 0  # ends with QEMU
         finally:
@@ -209,3 +223,25 @@ def test_qemu_killed_during_watch_ends_watch_with_error(
             assert "Traceback" not in message and len(message.strip().splitlines()) == 1
         finally:
             stop_process(watcher)
+
+
+def test_unserved_image_is_opened_directly(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """No daemon serves the vTPM image: vm save/load/delete open it (and its lock) directly."""
+    image, disk = images
+    state = tmp_path / "plain-state"
+    state.mkdir()
+    with (
+        swtpm_process(f"dir={state}", tmp_path, data_channel=False, flags=None) as swtpm,
+        qemu_vm(tmp_path, str(swtpm.ctrl), [disk]) as qemu,
+    ):
+        common = ["--qmp", str(qemu.qmp), "--store", str(image)]
+        vtpm_qcow_command("vm", "save", *common, "T1")
+        assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
+        vtpm_qcow_command("vm", "load", *common, "T1")
+        vtpm_qcow_command("vm", "delete", *common, "T1")
+        assert snapshot_tags(image) == [] and snapshot_tags(disk) == []
+        gone = vtpm_qcow_command(
+            "vm", "list", *common, "--control", str(tmp_path / "no.sock"), check=False
+        )
+        assert gone.returncode == 1 and "no.sock" in gone.stderr
+        assert len(gone.stderr.strip().splitlines()) == 1
