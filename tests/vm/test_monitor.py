@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -155,3 +157,86 @@ def test_qemu_dying_mid_session_is_disconnected_error(vm: QemuProcess) -> None:
                 await asyncio.sleep(0.05)
 
     with_monitor(vm, body, timeout=2)
+
+
+class CuttingProxy:
+    """A unix-socket relay to QEMU's monitor that hangs up once ``trigger`` was answered.
+
+    The first connection is cut right after QEMU's reply to the first command containing
+    ``trigger`` (the command itself reached QEMU); later connections are relayed untouched.
+    """
+
+    def __init__(self, listen: Path, target: Path, trigger: bytes) -> None:
+        self.listen, self.target, self.trigger = listen, target, trigger
+        self.cut = threading.Event()
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(listen))
+        self.server.listen(4)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.target))
+            armed = threading.Event()
+            pair = (client, upstream)
+            for args in (
+                (client, upstream, armed, pair, True),
+                (upstream, client, armed, pair, False),
+            ):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        armed: threading.Event,
+        pair: tuple[socket.socket, socket.socket],
+        to_qemu: bool,
+    ) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if self.cut.is_set():
+                    continue
+                if to_qemu and self.trigger in data:
+                    armed.set()
+                elif not to_qemu and armed.is_set() and b'"return"' in data:
+                    self.cut.set()
+                    for sock in pair:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+        except OSError:
+            pass
+        for sock in pair:  # one side hung up: end the relay both ways
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_job_survives_a_lost_connection_by_its_id(vm: QemuProcess, tmp_path: Path) -> None:
+    """The connection drops after snapshot-save was accepted: reconnect, find the job, finish."""
+    proxy = CuttingProxy(tmp_path / "proxy.sock", vm.qmp, b"snapshot-save")
+    try:
+
+        async def body() -> None:
+            monitor = Monitor(str(tmp_path / "proxy.sock"), timeout=5)
+            await monitor.connect()
+            try:
+                job = {"tag": "cut", "vmstate": "disk0", "devices": ["disk0"]}
+                await monitor.run_job("snapshot-save", job)
+                assert proxy.cut.is_set()  # the connection really was lost meanwhile
+                assert await monitor.execute("query-jobs") == []  # found again and dismissed
+            finally:
+                await monitor.close()
+
+        asyncio.run(body())
+    finally:
+        proxy.close()
+    assert "cut" in qemu_img_tags(vm.disks[0])
