@@ -203,7 +203,10 @@ def _alt_hex(value: int) -> str:
 
 @dataclass
 class _L2Summary:
-    """One scan of an L2 table: its findings and the clusters it references, per visit."""
+    """One scan of an L2 table: its findings and the clusters it references, per visit.
+
+    ``events`` (kept only in exact mode) is the interleaved order of findings (text) and
+    references (cluster lists), which only matters when a refcount overflows."""
 
     messages: list[str]
     corruptions: int
@@ -211,6 +214,19 @@ class _L2Summary:
     allocated: int = 0
     fragmented: int = 0
     compressed: int = 0
+    events: list[tuple[str | None, list[int] | None]] | None = None
+
+    def say(self, text: str) -> None:
+        """Record a finding."""
+        self.messages.append(text)
+        if self.events is not None:
+            self.events.append((text, None))
+
+    def refs(self, clusters: list[int]) -> None:
+        """Record one reference to each of ``clusters``."""
+        self.clusters.extend(clusters)
+        if self.events is not None:
+            self.events.append((None, clusters))
 
 
 class _Checker:
@@ -326,6 +342,13 @@ class _Checker:
         data = self.f.pread(offset, present * 8) if present else b""
         return list(struct.unpack(f">{present}Q", data)) + [0] * (entries - present)
 
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; zeros past the end of the file (also for offsets
+        no file can reach)."""
+        if offset >= self.file_len:
+            return bytes(length)
+        return self.f.pread(offset, length)
+
     def _refresh_file_len(self) -> None:
         self.file_len = self.f.size()
 
@@ -334,7 +357,7 @@ class _Checker:
     def _refblock(self, offset: int) -> bytearray:
         block = self.refblock_cache.get(offset)
         if block is None:
-            block = bytearray(self.f.pread(offset, self.cluster_size))
+            block = bytearray(self.read(offset, self.cluster_size))
             self.refblock_cache[offset] = block
         return block
 
@@ -395,11 +418,14 @@ class _Checker:
 class _Pass:
     """One ``qcow2_check_refcounts`` run: the in-memory refcount table (IMRT) and results."""
 
-    def __init__(self, c: _Checker, res: CheckResult, nb_clusters: int) -> None:
+    def __init__(self, c: _Checker, res: CheckResult, nb_clusters: int, *, exact: bool) -> None:
         self.c = c
         self.res = res
         self.nb_clusters = nb_clusters
         self.imrt = self._new_array(nb_clusters)
+        #: count references in traversal order (QEMU's order of overflow findings)
+        self.exact = exact
+        self.overflowed = False
 
     def _new_array(self, n: int) -> array[int]:
         try:
@@ -462,6 +488,7 @@ class _Pass:
             imrt[k] = value
 
     def _overflow(self, cluster: int, count: int) -> None:
+        self.overflowed = True
         offset = cluster << self.c.cluster_bits
         for _ in range(count):
             self.msg(f"ERROR: overflow cluster offset={offset:#x}")
@@ -501,12 +528,19 @@ class _Pass:
                 summary, wrote = self._scan_l2(l2_offset, active=active)
                 if not wrote:
                     cache[key] = summary
-            self.res.messages.extend(summary.messages)
             self.res.corruptions += summary.corruptions
             if active:
                 self.res.allocated_clusters += summary.allocated
                 self.res.fragmented_clusters += summary.fragmented
                 self.res.compressed_clusters += summary.compressed
+            if summary.events is not None:
+                for text, clusters in summary.events:
+                    if text is not None:
+                        self.res.messages.append(text)
+                    elif clusters is not None:
+                        self.add_references(clusters, 1)
+                continue
+            self.res.messages.extend(summary.messages)
             self.pending[key] = self.pending.get(key, 0) + 1
             self.summaries[key] = summary
 
@@ -519,7 +553,7 @@ class _Pass:
     def _scan_l2(self, l2_offset: int, *, active: bool) -> tuple[_L2Summary, bool]:
         """QEMU's ``check_refcounts_l2`` for one visit; returns (summary, wrote_to_image)."""
         c = self.c
-        s = _L2Summary([], 0, [])
+        s = _L2Summary([], 0, [], events=[] if self.exact else None)
         wrote = False
         data = c.f.pread(l2_offset, c.cluster_size) if l2_offset < c.file_len else b""
         if not data.strip(b"\0"):
@@ -536,24 +570,22 @@ class _Pass:
                 continue
             ctype = self._cluster_type(entry)
             if ctype != _COMPRESSED and entry & layout.L2E_STD_RESERVED_MASK:
-                s.messages.append(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+                s.say(f"ERROR found l2 entry with reserved bits set: {entry:x}")
                 s.corruptions += 1
             if ctype == _COMPRESSED:
                 if entry & layout.OFLAG_COPIED:
-                    s.messages.append(
+                    s.say(
                         f"ERROR: coffset={entry & c.coffset_mask:#x}: copied flag must never "
                         "be set for compressed clusters"
                     )
                     entry &= ~layout.OFLAG_COPIED
                     s.corruptions += 1
                 if c.has_data_file:
-                    s.messages.append(
-                        f"ERROR compressed cluster {i // step} with data file, entry={entry:#x}"
-                    )
+                    s.say(f"ERROR compressed cluster {i // step} with data file, entry={entry:#x}")
                     s.corruptions += 1
                     continue
                 if bitmap:
-                    s.messages.append(
+                    s.say(
                         f"ERROR compressed cluster {i // step} with non-zero subcluster "
                         f"allocation bitmap, entry={entry:#x}"
                     )
@@ -571,7 +603,7 @@ class _Pass:
                 offset = entry & layout.L2E_OFFSET_MASK
                 if (bitmap >> 32) & bitmap:
                     s.corruptions += 1
-                    s.messages.append(
+                    s.say(
                         f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
                         "allocation bitmap"
                     )
@@ -583,7 +615,7 @@ class _Pass:
                         contains_data = not entry & layout.OFLAG_ZERO
                     if not contains_data:
                         fixing = bool(self.c.fix & FIX_ERRORS)
-                        s.messages.append(
+                        s.say(
                             f"{'Repairing' if fixing else 'ERROR'} offset={offset:x}: "
                             "Preallocated cluster is not properly aligned; L2 entry corrupted."
                         )
@@ -592,7 +624,7 @@ class _Pass:
                             if self._fix_l2_entry_by_zero(s, l2_offset, i // step, bitmap):
                                 continue
                     else:
-                        s.messages.append(
+                        s.say(
                             f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
                             "L2 entry corrupted."
                         )
@@ -605,17 +637,18 @@ class _Pass:
                     self._count_range(s, offset, c.cluster_size)
             elif ctype == _UNALLOCATED and bitmap & _L2_BITMAP_ALL_ALLOC:
                 s.corruptions += 1
-                s.messages.append(
-                    "ERROR: Unallocated cluster has non-zero subcluster allocation map"
-                )
+                s.say("ERROR: Unallocated cluster has non-zero subcluster allocation map")
         return s, wrote
 
     def _count_range(self, s: _L2Summary, offset: int, size: int) -> None:
-        clusters = self._range_clusters(offset, size, s.messages)
+        found: list[str] = []
+        clusters = self._range_clusters(offset, size, found)
+        for text in found:
+            s.say(text)
         if clusters is None:
             s.corruptions += 1
         else:
-            s.clusters.extend(clusters)
+            s.refs(clusters)
 
     def _cluster_type(self, entry: int) -> int:
         """QEMU's ``qcow2_get_cluster_type``."""
@@ -642,7 +675,7 @@ class _Pass:
             c.f.pwrite(l2_offset + index * c.l2_entry_size, raw)
             c.f.flush()
         except Qcow2IOError as err:
-            s.messages.append(f"ERROR: Failed to overwrite L2 table entry: {err.message}")
+            s.say(f"ERROR: Failed to overwrite L2 table entry: {err.message}")
             self.res.check_errors += 1
             return False
         s.corruptions -= 1
@@ -700,7 +733,7 @@ class _Pass:
         if dir_size > 64 * 1024 * 1024:
             self.res.corruptions += 1
             return
-        directory = c.f.pread(dir_offset, dir_size)
+        directory = c.read(dir_offset, dir_size)
         pos = 0
         entry_struct = layout.BITMAP_DIR_ENTRY_STRUCT
         while pos + entry_struct.size <= len(directory) and nb:
@@ -748,6 +781,8 @@ class _Pass:
                 )
                 if fixing:
                     try:
+                        if offset > (1 << 63) - 1 - c.cluster_size:
+                            raise Qcow2IOError("offset too large", errno=errno.EINVAL)
                         c.f.truncate(offset + c.cluster_size)
                         c._refresh_file_len()
                     except Qcow2IOError as err:
@@ -939,8 +974,7 @@ def _check_refcounts(c: _Checker, res: CheckResult) -> None:
         res.check_errors += 1
         raise _CheckFailed(errno.EFBIG)
     res.total_clusters = layout.size_to_clusters(c.cluster_size, c.h.size // 512 * 512)
-    p = _Pass(c, res, nb_clusters)
-    rebuild = p.calculate()
+    p, rebuild = _calculate(c, res, nb_clusters)
     pre_compare = _snapshot_counts(res)
     rebuild2, highest = p.compare(0)
     rebuild = rebuild or rebuild2
@@ -959,8 +993,7 @@ def _check_refcounts(c: _Checker, res: CheckResult) -> None:
         nb = p.nb_clusters
         saved_fix = c.fix
         c.fix = 0
-        p2 = _Pass(c, res, nb)
-        p2.calculate()
+        p2, _ = _calculate(c, res, nb)
         c.fix = saved_fix
         fresh_leaks = 0
         if c.fix & FIX_LEAKS:
@@ -986,6 +1019,25 @@ def _check_refcounts(c: _Checker, res: CheckResult) -> None:
             _, highest = p.compare(c.fix)
     _check_oflag_copied(c, res)
     res.image_end_offset = (highest + 1) * c.cluster_size
+
+
+def _calculate(c: _Checker, res: CheckResult, nb_clusters: int) -> tuple[_Pass, bool]:
+    """``calculate_refcounts``, fast (shared L2 tables counted in bulk) unless a refcount
+    overflows: then it is redone in traversal order so the findings come in QEMU's order."""
+    saved = (_snapshot_counts(res), len(res.messages), _frag(res))
+    p = _Pass(c, res, nb_clusters, exact=False)
+    rebuild = p.calculate()
+    if not p.overflowed:
+        return p, rebuild
+    _restore_counts(res, saved[0])
+    del res.messages[saved[1] :]
+    res.allocated_clusters, res.fragmented_clusters, res.compressed_clusters = saved[2]
+    p = _Pass(c, res, nb_clusters, exact=True)
+    return p, p.calculate()
+
+
+def _frag(res: CheckResult) -> tuple[int, int, int]:
+    return res.allocated_clusters, res.fragmented_clusters, res.compressed_clusters
 
 
 def _snapshot_counts(res: CheckResult) -> tuple[int, int, int, int, int]:
@@ -1044,7 +1096,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
                 c.f.flush()
                 res.corruptions -= 1
                 res.corruptions_fixed += 1
-        words = list(struct.unpack(f">{n}Q", c.f.pread(l2_offset, c.cluster_size)))
+        words = list(struct.unpack(f">{n}Q", c.read(l2_offset, c.cluster_size)))
         dirty = 0
         for j in range(0, n, step):
             entry = words[j]
@@ -1168,7 +1220,7 @@ def _read_snapshots_repairing(c: _Checker, res: CheckResult, reduced: int) -> No
     for i in range(h.nb_snapshots):
         entry_start = offset = layout.align_up(offset, 8)
         table_len = layout.align_up(table_len, 8)
-        raw = c.f.pread(entry_start, header_struct.size)
+        raw = c.read(entry_start, header_struct.size)
         fields = header_struct.unpack(raw)
         id_size, name_size, extra = fields[2], fields[3], fields[-1]
         kept_extra = extra
@@ -1180,8 +1232,8 @@ def _read_snapshots_repairing(c: _Checker, res: CheckResult, reduced: int) -> No
             dropped_extra += 1
             kept_extra = layout.MAX_SNAPSHOT_EXTRA_DATA
         body = raw[:-4] + struct.pack(">I", kept_extra)
-        body += c.f.pread(entry_start + header_struct.size, kept_extra)
-        body += c.f.pread(entry_start + header_struct.size + extra, id_size + name_size)
+        body += c.read(entry_start + header_struct.size, kept_extra)
+        body += c.read(entry_start + header_struct.size + extra, id_size + name_size)
         entry = read_snapshot_table(
             _Blob(body), 0, 1, path=None, version=h.version, virtual_size=h.size // 512 * 512
         )[0]

@@ -204,19 +204,26 @@ def _cmd_map(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
     try:
-        entries = map_entries(layers)
-    except Qcow2Error as err:
-        raise CliError(f"Could not read file metadata: {os.strerror(err.errno)}") from err
+        entries, error = map_entries(layers)
     finally:
         for layer in layers:
             layer.close()
-    if args.output == "json":
-        sys.stdout.write(format_map_json(entries))
-        return 0
-    text, error = format_map_human(entries)
-    sys.stdout.write(text)
     if error is not None:
-        raise CliError(error)
+        # read-only open: QEMU signals the corruption as non-fatal, then fails the query
+        sys.stderr.write(
+            f"qcow2: Image is corrupt: {error.message}; further non-fatal corruption events "
+            "will be suppressed\n"
+        )
+    complete = error is None
+    if args.output == "json":
+        sys.stdout.write(format_map_json(entries, complete=complete))
+    else:
+        text, dump_error = format_map_human(entries, complete=complete)
+        sys.stdout.write(text)
+        if dump_error is not None:
+            raise CliError(dump_error)
+    if error is not None:
+        raise CliError("Could not read file metadata: Input/output error")
     return 0
 
 
@@ -812,6 +819,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except (ValueError, OverflowError, MemoryError) as err:
+        # last resort: a value no check anticipated; still one line, never a traceback
+        _err(f"{type(err).__name__}: {err}")
+        return 1
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -448,12 +448,15 @@ _DATA, _ZERO, _UNALLOCATED, _INVALID = 1, 2, 0, 3
 
 @dataclass
 class _Run:
-    """A guest range of one layer with one status: kind, host offset (None if unknown)."""
+    """A guest range of one layer with one status: kind, host offset (None if unknown).
+
+    An ``_INVALID`` run carries the corruption QEMU reports when a query reaches it."""
 
     start: int
     end: int
     kind: int
     offset: int | None
+    error: CorruptImageError | None = None
 
 
 @dataclass
@@ -512,11 +515,10 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
             add(base, base + l2_span, _UNALLOCATED, None)
             continue
         if l2_offset % cs:
-            raise CorruptImageError(
-                f"L2 table offset {l2_offset:#x} unaligned (L1 index: {i:#x})",
-                path=layer.name,
-                offset=l2_offset,
-            )
+            message = f"L2 table offset {_c_hex(l2_offset)} unaligned (L1 index: {_c_hex(i)})"
+            err = CorruptImageError(message, path=layer.name, offset=l2_offset)
+            runs.append(_Run(base, max(size, base + 1), _INVALID, None, err))
+            return runs
         raw = f.pread(l2_offset, cs) if l2_offset < file_len else bytes(cs)
         words = struct.unpack(f">{cs // 8}Q", raw)
         step = 2 if ext else 1
@@ -530,11 +532,13 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
                 entry, bitmap, h, start, cs, sc_size
             ):
                 if kind == _INVALID:
-                    raise CorruptImageError(
-                        f"Invalid cluster entry found (L2 offset: {l2_offset:#x}, "
-                        f"L2 index: {j:#x})",
-                        path=layer.name,
+                    message = (
+                        f"Invalid cluster entry found  (L2 offset: {_c_hex(l2_offset)}, "
+                        f"L2 index: {_c_hex(j)})"
                     )
+                    err = CorruptImageError(message, path=layer.name)
+                    runs.append(_Run(start, max(size, start + 1), _INVALID, None, err))
+                    return runs
                 add(sc_start, sc_end, kind, None if encrypted else offset)
     add(nb_l1 * l2_span, size, _UNALLOCATED, None)
     return runs
@@ -602,22 +606,28 @@ def _status(runs: list[_Run], starts: list[int], pos: int) -> _Run:
     return runs[bisect.bisect_right(starts, pos) - 1]
 
 
-def map_entries(layers: Sequence[Layer]) -> list[MapEntry]:
+def map_entries(layers: Sequence[Layer]) -> tuple[list[MapEntry], CorruptImageError | None]:
     """qemu-img map's records for the chain ``layers`` (top first), merged like qemu-img
-    (same depth/present/zero/data/file and contiguous offsets)."""
+    (same depth/present/zero/data/file and contiguous offsets).
+
+    If the walk reaches corrupt metadata, the records found so far are returned with the
+    error (qemu-img prints all but the last, still open, record before failing)."""
     statuses = [(_qcow2_runs(x) if x.header is not None else _raw_runs(x)) for x in layers]
     starts = [[r.start for r in runs] for runs in statuses]
     length = layers[0].virtual_size
     entries: list[MapEntry] = []
     pos = 0
     while pos < length:
-        entry = _block_status(layers, statuses, starts, pos, length - pos)
+        try:
+            entry = _block_status(layers, statuses, starts, pos, length - pos)
+        except CorruptImageError as err:
+            return entries, err
         if entries and _mergeable(entries[-1], entry):
             entries[-1].length += entry.length
         else:
             entries.append(entry)
         pos += entry.length
-    return entries
+    return entries, None
 
 
 def _block_status(
@@ -631,6 +641,8 @@ def _block_status(
     for depth, layer in enumerate(layers):
         nbytes = min(nbytes, layer.virtual_size - pos)
         run = _status(statuses[depth], starts[depth], pos)
+        if run.error is not None:
+            raise run.error
         nbytes = min(nbytes, run.end - pos)
         offset = None if run.offset is None else run.offset + (pos - run.start)
         if run.kind in (_DATA, _ZERO):
@@ -662,8 +674,9 @@ def _mergeable(curr: MapEntry, nxt: MapEntry) -> bool:
     return curr.offset is None or nxt.offset == curr.offset + curr.length
 
 
-def format_map_json(entries: Sequence[MapEntry]) -> str:
-    """``qemu-img map --output=json`` text (ends with a newline)."""
+def format_map_json(entries: Sequence[MapEntry], *, complete: bool = True) -> str:
+    """``qemu-img map --output=json`` text (ends with a newline).  An incomplete map (the
+    walk failed) shows what qemu-img printed before failing: all but the open record."""
     parts = []
     for e in entries:
         text = (
@@ -673,6 +686,8 @@ def format_map_json(entries: Sequence[MapEntry]) -> str:
         if e.offset is not None:
             text += f', "offset": {e.offset}'
         parts.append(text + "}")
+    if not complete:
+        return "[" + "".join(part + ",\n" for part in parts[:-1])
     return "[" + ",\n".join(parts) + "]\n"
 
 
@@ -684,7 +699,9 @@ def _c_hex(value: int) -> str:
     return f"{value:#x}" if value else "0"
 
 
-def format_map_human(entries: Sequence[MapEntry]) -> tuple[str, str | None]:
+def format_map_human(
+    entries: Sequence[MapEntry], *, complete: bool = True
+) -> tuple[str, str | None]:
     """``qemu-img map`` human text, and the error qemu-img stops with (None if none).
 
     Like qemu-img, entries are re-merged after zero/data distinctions are dropped, and a
@@ -699,6 +716,8 @@ def format_map_human(entries: Sequence[MapEntry]) -> tuple[str, str | None]:
         if nxt is not None and _mergeable(curr, nxt):
             curr.length += nxt.length
             continue
+        if nxt is None and not complete:
+            break  # the walk failed while this record was still open
         if curr.data and curr.offset is None:
             return "".join(out), "File contains external, encrypted or compressed clusters."
         if curr.data and not curr.zero:
