@@ -84,11 +84,11 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
     if header.has_data_file:
         raise Qcow2Error("atomic commits need the data inside the image", path=image.path)
     writes = [(offset, bytes(data)) for offset, data in writes if data]
-    # Everything before this commit must be durable and the caches clean: the old state
-    # is what a crash before the switch falls back to.
-    image.flush()
     if not writes:
+        image.flush()  # "durable on return" holds for an empty commit too
         return
+    # No flush up front: nothing below modifies what the current header reaches, and the
+    # flush before the switch makes earlier writes durable together with the new state.
     new_content = _merge_writes(image, writes)
     cluster_size = header.cluster_size
     entry_size = header.l2_entry_size
