@@ -114,3 +114,18 @@ def test_commit_rejects_bad_extents_and_read_only(tmp_path: Path) -> None:
     assert oracle.convert(img) == bytes(MiB)  # the valid first extent was not applied
     with qcow2.open(str(img)) as image, pytest.raises(ReadOnlyError):
         image.commit_atomically([(0, b"x")])
+
+
+def test_commit_and_snapshots_with_lazy_refcounts(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB, lazy_refcounts=True, cluster_size=4096)
+    model = bytearray(MiB)
+    with qcow2.open(str(img), writable=True) as image:
+        image.write(0, b"w" * 10000)  # sets the dirty bit (lazy refcounts)
+        model[0:10000] = b"w" * 10000
+        image.create_snapshot("s")
+        writes = [(5000, b"c" * 9000), (700 * 1024, b"d" * 3)]
+        image.commit_atomically(writes)
+        apply_to_model(model, writes)
+    oracle.assert_clean(img)
+    assert oracle.convert(img) == bytes(model)
+    assert oracle.convert(img, snapshot="s")[:10000] == b"w" * 10000
