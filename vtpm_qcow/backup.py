@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 from . import linear
+from .blob import permall_tpm_version
 from .errors import StateFormatError, StoreError
 from .store import Store
 
@@ -97,12 +98,18 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def export_state(
-    store: Store, target: str | os.PathLike[str], *, as_dir: bool | None = None, tpm2: bool = True
+    store: Store,
+    target: str | os.PathLike[str],
+    *,
+    as_dir: bool | None = None,
+    tpm2: bool | None = None,
 ) -> dict[str, int]:
     """Write the store's state as a dir backend directory or a linear file.
 
     ``as_dir=None`` decides by the target: an existing directory (or a path ending in
-    ``/``) gets state files, anything else a linear file.  Returns section sizes.
+    ``/``) gets state files, anything else a linear file.  Dir file names follow the TPM
+    version (``tpm2-00.*`` or ``tpm-00.*``): ``tpm2=None`` reads it from the permall blob
+    (TPM 2.0 if it is encrypted).  Returns section sizes.
     """
     path = Path(target)
     if as_dir is None:
@@ -111,6 +118,8 @@ def export_state(
     if not store.sections():
         raise StoreError(f"{store.path}: holds no TPM state to export")
     sections = {name: linear.read_section(layout, name) for name in linear.SECTION_NAMES}
+    if tpm2 is None:
+        tpm2 = permall_tpm_version(sections["permall"] or b"") != "1.2"
     try:
         if as_dir:
             path.mkdir(parents=True, exist_ok=True)

@@ -143,3 +143,29 @@ def parse_blob(data: bytes, *, source: str = "state blob") -> BlobInfo:
         tlvs.append(Tlv(tag, start, length))
         pos = start + length
     return BlobInfo(size, header, tuple(tlvs))
+
+
+#: libtpms' PERSISTENT_ALL_MAGIC: a TPM 2.0 permall payload starts {u16 version, u32 magic}.
+TPM2_PERMALL_MAGIC: Final = b"\xab\x36\x47\x23"
+
+
+def plain_payload(data: bytes, info: BlobInfo | None = None) -> bytes | None:
+    """The unencrypted libtpms payload of a blob (its DATA TLV, or all of a headerless blob).
+
+    None when the payload is encrypted or absent.
+    """
+    info = parse_blob(data) if info is None else info
+    if info.header is None:
+        return data
+    for tlv in info.tlvs:
+        if tlv.tag == TAG_DATA:
+            return data[tlv.offset : tlv.offset + tlv.length]
+    return None
+
+
+def permall_tpm_version(data: bytes) -> str | None:
+    """ "2.0" or "1.2" for a permall blob (libtpms' magic tells), None if encrypted."""
+    payload = plain_payload(data)
+    if payload is None:
+        return None
+    return "2.0" if payload[2:6] == TPM2_PERMALL_MAGIC else "1.2"

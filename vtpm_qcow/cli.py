@@ -20,7 +20,7 @@ from typing import Any, Final, NoReturn
 from qcow2.errors import ImageLockedError, Qcow2Error
 
 from . import backup
-from .blob import parse_blob
+from .blob import parse_blob, permall_tpm_version
 from .control import ControlClient
 from .daemon import add_mount_commands
 from .errors import StateFormatError, StoreError, VtpmQcowError
@@ -130,7 +130,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     with _open_readonly(args.image) as store:
         as_dir = True if args.dir else None
-        sizes = backup.export_state(store, args.target, as_dir=as_dir, tpm2=not args.tpm12)
+        tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
+        sizes = backup.export_state(store, args.target, as_dir=as_dir, tpm2=tpm2)
     _say(args, f"Exported {args.image} to {args.target}: {_sections_text(sizes)}")
     return 0
 
@@ -243,9 +244,11 @@ def info_dict(store: Store) -> dict[str, Any]:
             "blob": blob_info,
         }
     snapshots = [_snapshot_dict(snap) for snap in store.snapshots()]
+    permall = store.read_section("permall") if layout_error is None else None
     return {
         "image": store.path,
         "virtual_size": store.linear_size,
+        "tpm_version": permall_tpm_version(permall) if permall else None,
         "cluster_size": int(image.cluster_size),
         "formatted": bool(found) or layout_error is not None or bool(store.layout()),
         "layout_error": layout_error,
@@ -269,6 +272,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("state: none (not set up yet)")
     else:
         print(f"state digest: {info['state_digest']}")
+        print(f"TPM version: {info['tpm_version'] or 'unknown (encrypted state)'}")
     for name, s in info["sections"].items():
         blob = s["blob"]
         header = blob.get("header")
@@ -381,14 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the image's state as plain swtpm state (a dir or a linear file)",
         description="An existing directory (or a path ending in /) receives dir backend "
         "files (tpm2-00.permall, ...); any other path receives a linear file for "
-        "swtpm --tpmstate backend-uri=file://PATH.",
+        "swtpm --tpmstate backend-uri=file://PATH. Dir file names follow the TPM version "
+        "read from the state (tpm2-00.* unless it is a TPM 1.2; encrypted: tpm2-00.*).",
     )
     image_arg(p)
     p.add_argument("target", metavar="DIR|FILE")
     p.add_argument(
         "--dir", action="store_true", help="write a directory even if TARGET does not exist"
     )
-    p.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
+    names.add_argument("--tpm2", action="store_true", help="name dir files tpm2-00.* (TPM 2.0)")
     p.set_defaults(func=cmd_export)
 
     _add_hooks(sub)

@@ -21,6 +21,7 @@ from tests.vtpm.swtpm_fixtures import (
 )
 from vtpm_qcow import linear
 from vtpm_qcow.store import Store
+from vtpm_qcow.swtpm import Swtpm
 
 NV = "0x1500030"
 EK_CERT_RSA_INDEX = 0x01C00002
@@ -85,6 +86,7 @@ def test_setup_snapshot_apply_restores_nv_and_owner_auth(tmp_path: Path) -> None
     permall = info["sections"]["permall"]
     assert permall["size"] > 4096 and permall["blob"]["header"]["version"] == 2
     assert not permall["blob"]["encrypted"] and info["snapshots"] == []
+    assert info["tpm_version"] == "2.0"
 
     state = tmp_path / "state"
     ok("export", str(image), f"{state}/")
@@ -248,6 +250,7 @@ def test_setup_passes_options_through_and_info_shows_encryption(tmp_path: Path) 
     blob = info["sections"]["permall"]["blob"]
     assert blob["encrypted"] and "encrypted" in blob["header"]["flag_names"]
     assert "encrypted-data" in [t["name"] for t in blob["tlvs"]]
+    assert info["tpm_version"] is None  # libtpms' magic is inside the ciphertext
     assert "encrypted" in ok("info", str(image))
     assert "already holds TPM state" in fails("setup", str(image))
     ok("setup", str(image), "--overwrite")  # a plain TPM this time
@@ -272,3 +275,21 @@ def test_info_reports_an_unreadable_layout_without_failing(tmp_path: Path) -> No
     end = linear.parse_header(disk).end
     assert disk[end:].count(0) == len(disk) - end
     oracle.assert_clean(image)
+
+
+def test_tpm12_state_round_trips_with_tpm_names(tmp_path: Path) -> None:
+    need_swtpm()
+    image = tmp_path / "tpm12.qcow2"
+    ok("setup", "--create", "--tpm12", str(image))
+    info = json.loads(ok("info", "--json", str(image)))
+    assert info["tpm_version"] == "1.2"
+    state = tmp_path / "state"
+    ok("export", str(image), f"{state}/")
+    assert sorted(os.listdir(state)) == ["tpm-00.permall"]  # named for a TPM 1.2
+    with Swtpm.start(f"dir={state}", tmp_path / "run", tpm2=False) as swtpm:
+        swtpm.store_volatile()  # a TPM 1.2 swtpm loads and extends this state
+    assert (state / "tpm-00.volatilestate").exists()
+    ok("import", str(image), str(state))
+    again = json.loads(ok("info", "--json", str(image)))
+    assert set(again["sections"]) == {"permall", "volatilestate"}
+    assert again["sections"]["permall"]["digest"] == info["sections"]["permall"]["digest"]
