@@ -59,11 +59,3 @@ def _zstd_decompress(data: bytes, cluster_size: int) -> bytes:
             break
         view = view[used:]
     return bytes(out[:cluster_size])
-
-
-def compress(data: bytes, compression_type: int) -> bytes:
-    """Compress one cluster as QEMU does (raw deflate wbits -12, or one zstd frame)."""
-    if compression_type == layout.COMPRESSION_ZSTD:
-        return zstandard.ZstdCompressor().compress(data)
-    obj = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-    return obj.compress(data) + obj.flush()

@@ -278,16 +278,19 @@ def validate_table(
 
     Raises ``CorruptImageError`` "<name> too large" if ``entries * entry_size`` exceeds
     ``max_bytes``, "<name> offset invalid" if the offset is unaligned or overflows, and (when
-    ``file_size`` is given) "<name> offset 0x... past the end of the file" if not one byte
-    of a non-empty table lies inside the file.
+    ``file_size`` is given) "... extends past the end of the file" unless the whole table
+    lies inside the file.
     """
     if entries > max_bytes // entry_size:
         raise CorruptImageError(f"{name} too large", path=path, offset=offset)
     if (1 << 63) - 1 - entries * entry_size < offset or offset % cluster_size:
         raise CorruptImageError(f"{name} offset invalid", path=path, offset=offset)
-    if file_size is not None and entries and offset >= file_size:
+    if file_size is not None and entries and offset + entries * entry_size > file_size:
+        # QEMU would read zeros there; we refuse, so that a lying size field never makes
+        # us allocate memory for bytes the file does not have.
         raise CorruptImageError(
-            f"{name} offset {offset:#x} past the end of the file ({file_size:#x})",
+            f"{name} at {offset:#x} ({entries * entry_size} bytes) extends past the end of "
+            f"the file ({file_size:#x})",
             path=path,
             offset=offset,
             size=entries * entry_size,

@@ -73,8 +73,6 @@ class RefcountTable:
         self.freed_hook: Callable[[int], None] | None = None
         #: The cache holding the references (L2 tables): written before decrements.
         self.decrement_dependency: TableCache | None = None
-        #: While set, the allocator treats these clusters as used (refcount repair).
-        self.reserved: set[int] | None = None
         #: Lowest cluster index that may be free (QEMU's ``free_cluster_index``).
         self.free_cluster_index = 0
         raw = f.pread(
@@ -138,16 +136,6 @@ class RefcountTable:
         for cluster in range(first, last + 1):
             self._set(cluster, self.get(cluster) + addend)
 
-    def set_refcount(self, cluster_index: int, value: int) -> None:
-        """Store an absolute refcount (repair); allocates the refblock if needed."""
-        if value:
-            self._ensure_blocks(
-                cluster_index, cluster_index, exclude=(cluster_index, cluster_index)
-            )
-        elif not self._block_offset(cluster_index // self.entries_per_block):
-            return
-        self._set(cluster_index, value)
-
     def _set(self, cluster: int, value: int) -> None:
         block_offset = self._block_offset(cluster // self.entries_per_block)
         block = self.cache.get(block_offset)
@@ -160,11 +148,6 @@ class RefcountTable:
 
     # Section: allocation
 
-    def _is_free(self, cluster: int) -> bool:
-        if self.reserved is not None and cluster in self.reserved:
-            return False
-        return self.get(cluster) == 0
-
     def find_free(self, nclusters: int, exclude: tuple[int, int] | None = None) -> int:
         """First cluster index of the lowest run of ``nclusters`` free clusters."""
         cluster = self.free_cluster_index
@@ -175,7 +158,6 @@ class RefcountTable:
             excluded = exclude is not None and exclude[0] <= cluster <= exclude[1]
             if (
                 not excluded
-                and self.reserved is None
                 and not self._block_offset(index)
                 and cluster % per_block == 0
                 and (exclude is None or exclude[0] >= cluster + per_block or exclude[1] < cluster)
@@ -186,7 +168,7 @@ class RefcountTable:
                 run += per_block
                 cluster += per_block
                 continue
-            if not excluded and self._is_free(cluster):
+            if not excluded and self.get(cluster) == 0:
                 if run == 0:
                     run_start = cluster
                 run += 1

@@ -205,7 +205,7 @@ HOSTILE = [
         "l1_past_eof",
         _field("l1_table_offset", 0x7FFF0000),
         qcow2.CorruptImageError,
-        "past the end of the file",
+        "extends past the end of the file",
         False,
     ),
     (
@@ -226,7 +226,7 @@ HOSTILE = [
         "reftable_past_eof",
         _field("refcount_table_offset", 0x100000000),
         qcow2.CorruptImageError,
-        "past the end of the file",
+        "extends past the end of the file",
         False,
     ),
     (
