@@ -111,10 +111,16 @@ def _walk_l2(
     if addend:
         for run_start, run_length in runs:  # one checked update per contiguous run
             update(run_start, run_length, addend)
+    if addend < 0:
+        # Every caller follows a -1 walk with a 0 walk over the active tables, which sets
+        # COPIED where it matters; tables only snapshots reach may keep stale bits (qemu's
+        # readers and check ignore them).  Skipping the lookups and writes here halves
+        # the work of apply and delete.
+        return modified
     for index, old, data_offset in standard:
         new = old & ~layout.OFLAG_COPIED
         # After +1 every cluster is shared (refcount >= 2): COPIED goes, no lookup needed.
-        if addend <= 0 and image.refcounts.get(data_offset >> cluster_bits) == 1:
+        if addend == 0 and image.refcounts.get(data_offset >> cluster_bits) == 1:
             new |= layout.OFLAG_COPIED
         if new != old:
             _set_word(l2, index, new)
@@ -130,16 +136,18 @@ def update_snapshot_refcount(
 
     For the active L1 the in-memory table is used and updated; ``table`` overrides what
     is read (apply passes the old active table after the on-disk one was replaced).  The
-    L1 table is rewritten only when ``addend >= 0`` and it changed, as in qemu.  A refcount
-    overflow (:class:`RefcountRangeError`) undoes the walk's updates before it propagates
-    (qemu leaves them as leaks).
+    L1 table is rewritten only when ``addend >= 0`` and it changed, as in qemu.  With
+    ``addend = -1`` only refcounts change: unlike qemu, COPIED is not recomputed there,
+    because every caller runs the ``0`` walk over the active L1 next.  A refcount overflow
+    (:class:`RefcountRangeError`) undoes the walk's updates before it propagates (qemu
+    leaves them as leaks).
 
     Write order: with ``addend > 0`` the tables with cleared COPIED bits reach the disk
     before the raised refcounts (left in the refcount cache: the caller flushes before
-    anything points at the new references), with ``addend < 0`` the lowered refcounts
-    before the tables with COPIED set again.  A crash in between can only leave COPIED = 0
-    on a cluster with refcount 1 (an extra copy on write later, never a shared cluster
-    written in place).
+    anything points at the new references); with ``addend = 0`` the refcounts lowered
+    before reach the disk before the tables with COPIED set again.  A crash in between can
+    only leave COPIED = 0 on a cluster with refcount 1 (an extra copy on write later, never
+    a shared cluster written in place).
     """
     if addend not in (-1, 0, 1):
         raise ValueError(f"addend must be -1, 0 or 1, not {addend}")
@@ -179,8 +187,10 @@ def update_snapshot_refcount(
                 changed_tables[l2_offset] = l2
             if addend:
                 update(l2_offset, cluster_size, addend)
+            if addend < 0:
+                continue  # COPIED is left to the caller's 0 walk (see _walk_l2)
             new_l1_entry = l2_offset
-            if addend <= 0 and refcounts.get(l2_offset // cluster_size) == 1:
+            if addend == 0 and refcounts.get(l2_offset // cluster_size) == 1:
                 new_l1_entry |= layout.OFLAG_COPIED
             if new_l1_entry != l1_entry:
                 l1[i] = new_l1_entry
@@ -195,8 +205,8 @@ def update_snapshot_refcount(
 
     if not changed_tables and not (addend >= 0 and l1_modified):
         return  # the refcounts wait in the cache for the caller's next flush
-    if addend < 0:
-        # Lowered refcounts first: COPIED may only be set once they are durable.
+    if addend == 0:
+        # Refcounts lowered earlier first: COPIED may only be set once they are durable.
         image.flush()
     for offset, l2 in changed_tables.items():
         image.l2_cache.forget(offset)
