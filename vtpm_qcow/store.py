@@ -43,6 +43,11 @@ DEFAULT_SIZE: Final = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE: Final = 4096
 #: The store must at least hold the linear header.
 MIN_SIZE: Final = linear.HEADER_SIZE
+#: swtpm's linear layout uses u32 offsets: a larger state file is pointless.
+MAX_SIZE: Final = 1 << 32
+#: Layouts ending beyond this are refused rather than read into memory (swtpm's state with
+#: EK certificates is about 30 KiB; libtpms caps its NV memory far below this).
+MAX_LAYOUT: Final = 64 * 1024 * 1024
 
 
 def digest(data: bytes) -> str:
@@ -72,6 +77,17 @@ class SnapshotInfo:
     sections: dict[str, SectionInfo] = field(default_factory=dict)
 
 
+def _parse_bounded(head: bytes, size: int, source: str) -> linear.LinearHeader:
+    """Parse a layout header, refusing layouts too large to be TPM state (bounded memory)."""
+    header = linear.parse_header(head, size=size, source=source)
+    if header.end > MAX_LAYOUT:
+        raise StateFormatError(
+            f"{source}: state sections end at {header.end} bytes, beyond the "
+            f"{MAX_LAYOUT >> 20} MiB any TPM state needs"
+        )
+    return header
+
+
 def _sections_of(
     read: Callable[[int, int], bytes], size: int, source: str
 ) -> dict[str, SectionInfo]:
@@ -79,7 +95,7 @@ def _sections_of(
     head = read(0, min(linear.HEADER_SIZE, size))
     if not linear.is_formatted(head):
         return {}
-    header = linear.parse_header(head, size=size, source=source)
+    header = _parse_bounded(head, size, source)
     out = {}
     for name in linear.SECTION_NAMES:
         slot = header.slot(name)
@@ -114,9 +130,9 @@ class Store:
     ) -> Store:
         """Create a new image holding an empty linear layout (no sections); open for writing."""
         path = os.fspath(path)
-        if size < MIN_SIZE or size % 512:
+        if not MIN_SIZE <= size <= MAX_SIZE or size % 512:
             raise StoreError(
-                f"{path}: size {size} must be a multiple of 512 and at least {MIN_SIZE}"
+                f"{path}: size {size} must be a multiple of 512 between {MIN_SIZE} and 4 GiB"
             )
         if os.path.exists(path):
             raise StoreError(f"{path}: already exists")
@@ -242,14 +258,14 @@ class Store:
         head = self.read_linear(0, linear.HEADER_SIZE)
         if not linear.is_formatted(head):
             return head
-        header = linear.parse_header(head, size=self.linear_size, source=self.path)
+        header = _parse_bounded(head, self.linear_size, self.path)
         return head + self.read_linear(linear.HEADER_SIZE, header.end - linear.HEADER_SIZE)
 
     def _header(self) -> linear.LinearHeader | None:
         head = self.read_linear(0, linear.HEADER_SIZE)
         if not linear.is_formatted(head):
             return None
-        return linear.parse_header(head, size=self.linear_size, source=self.path)
+        return _parse_bounded(head, self.linear_size, self.path)
 
     def read_section(self, name: str) -> bytes | None:
         """The blob of section ``name`` ("permall", "volatilestate", "savestate") or None."""
@@ -413,7 +429,7 @@ class Store:
             head = view.read(0, linear.HEADER_SIZE)
             if not linear.is_formatted(head):
                 return None
-            slot = linear.parse_header(head, size=size, source=f"{self.path}@{tag}").slots[number]
+            slot = _parse_bounded(head, size, f"{self.path}@{tag}").slots[number]
             return bytes(view.read(slot.offset, slot.data_length)) if slot.allocated else None
 
 

@@ -1,6 +1,6 @@
 """Locating and running swtpm / swtpm_setup, and shutting swtpm down cleanly.
 
-* :func:`find_tool` finds ``swtpm``/``swtpm_setup`` on PATH (or ``$SWTPM``/``$SWTPM_SETUP``).
+* :func:`find_tool` finds ``swtpm``/``swtpm_setup`` on PATH.
 * :func:`run_setup` manufactures a TPM (``swtpm_setup``) into a dir or a linear file.
 * :class:`Swtpm` runs ``swtpm socket`` with a control channel (unix socket or TCP port),
   an optional data channel, a pid file and a log.  :meth:`Swtpm.start` returns once swtpm
@@ -13,7 +13,6 @@ said why it failed, the last line of its output or log.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -36,19 +35,15 @@ CMD_STORE_VOLATILE: Final = 0x0A
 #: CMD_INIT flag PTM_INIT_FLAG_DELETE_VOLATILE.
 INIT_FLAG_DELETE_VOLATILE: Final = 1
 
-#: Environment variables that override the tool paths.
-TOOL_ENV: Final = {"swtpm": "SWTPM", "swtpm_setup": "SWTPM_SETUP"}
-
 STARTUP_TIMEOUT: Final = 20.0
 SETUP_TIMEOUT: Final = 300.0
 
 
 def find_tool(name: str) -> str:
-    """Absolute path of ``swtpm`` or ``swtpm_setup``; SwtpmError if it is not installed."""
-    override = os.environ.get(TOOL_ENV.get(name, ""), "")
-    path = shutil.which(override or name)
+    """Absolute path of ``swtpm`` or ``swtpm_setup``; SwtpmError if it is not on PATH."""
+    path = shutil.which(name)
     if path is None:
-        raise SwtpmError(f"{override or name}: not found on PATH (install swtpm / swtpm-tools)")
+        raise SwtpmError(f"{name}: not found on PATH (install swtpm / swtpm-tools)")
     return path
 
 
@@ -77,13 +72,8 @@ def run_setup(
     cmd = [setup, "--tpmstate", tpmstate, *(["--tpm2"] if tpm2 else []), *options]
     if overwrite and "--overwrite" not in options and "--not-overwrite" not in options:
         cmd.append("--overwrite")
-    env = dict(os.environ)
-    if "SWTPM" in os.environ and "--tpm" not in options:
-        cmd += ["--tpm", find_tool("swtpm")]
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
-        )
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as err:
         raise SwtpmError(f"swtpm_setup on {tpmstate}: no result after {timeout:g}s") from err
     except OSError as err:

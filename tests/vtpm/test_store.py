@@ -320,3 +320,21 @@ def test_store_image_works_under_qemu_storage_daemon_and_back(
         assert [s.tag for s in store.snapshots()] == ["before-qsd"]
     with running_swtpm(f"dir={exported_dir}", tmp_path / "run2") as swtpm, tpm_client(swtpm) as tpm:
         assert tpm.nv_read(NV_INDEX, 16) == payload
+
+
+def test_oversized_layouts_are_refused_not_read(tmp_path: Path) -> None:
+    """A header claiming a 64 MiB section is an error, not a 64 MiB read."""
+    path = tmp_path / "vtpm.qcow2"
+    with pytest.raises(StoreError, match="4 GiB"):
+        Store.create(tmp_path / "huge.qcow2", size=8 << 30)
+    with Store.create(path, size=128 * MiB) as store:
+        header = bytearray(linear.empty_layout())
+        header[12:24] = struct.pack("<III", 192, 1, 64 * MiB)
+        store.commit_linear([(0, bytes(header))])
+        with pytest.raises(StateFormatError, match="beyond the 64 MiB"):
+            store.read_section("permall")
+        with pytest.raises(StateFormatError, match="beyond the 64 MiB"):
+            store.layout()
+        store.clear()  # the unreadable layout is replaced by zeros
+        assert store.sections() == {}
+    oracle.assert_clean(path)
