@@ -173,9 +173,10 @@ def test_commit_crash_at_every_write(tmp_path: Path, compat: str, extended_l2: b
     assert checked > len(events)
 
 
-def test_snapshot_ops_crash_at_every_write(tmp_path: Path) -> None:
-    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
-    oracle.qemu_io(img, "write -P 0x21 0 40k", "write -P 0x22 256k 4k")
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_snapshot_ops_crash_at_every_write(tmp_path: Path, compat: str) -> None:
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096, compat=compat)
+    oracle.qemu_io(img, "write -P 0x21 0 40k", "write -c -P 0x22 256k 4k")
     oracle.snapshot(img, "create", "old")
     oracle.qemu_io(img, "write -P 0x23 8k 8k")
     base = img.read_bytes()
