@@ -262,6 +262,19 @@ BME_TABLE_ENTRY_OFFSET_MASK: Final = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_FLAG_ALL_ONES: Final = 1
 assert BITMAP_DIR_ENTRY_STRUCT.size == 24
 
+# Section: LUKS1 header of encrypted images (read only: qemu-img info shows it)
+
+LUKS_MAGIC: Final = b"LUKS\xba\xbe"
+#: magic, version, cipher_name, cipher_mode, hash_spec, payload_offset (sectors),
+#: key_bytes, mk_digest, mk_digest_salt, mk_digest_iter, uuid
+LUKS_HEADER_STRUCT: Final = struct.Struct(">6sH32s32s32sII20s32sI40s")
+#: active, iterations, salt, key_material_offset (sectors), stripes
+LUKS_KEY_SLOT_STRUCT: Final = struct.Struct(">II32sII")
+LUKS_NUM_KEY_SLOTS: Final = 8
+LUKS_KEY_SLOT_ENABLED: Final = 0x00AC71F3
+LUKS_SECTOR_SIZE: Final = 512
+assert LUKS_HEADER_STRUCT.size == 208 and LUKS_KEY_SLOT_STRUCT.size == 48
+
 
 def align_up(value: int, alignment: int) -> int:
     """Round ``value`` up to a multiple of ``alignment``."""
