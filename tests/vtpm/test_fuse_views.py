@@ -7,6 +7,7 @@ owner authorization) for the TPM state.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -31,6 +32,7 @@ from tests.vtpm.mount_fixtures import (
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
 from vtpm_qcow import linear
+from vtpm_qcow.control import MAX_LINE
 from vtpm_qcow.errors import StoreError
 from vtpm_qcow.fuse_export import MAX_FILE_SIZE, MAX_MEMORY_FILES
 
@@ -252,6 +254,13 @@ def test_control_socket_refusals_are_one_line(tmp_path: Path) -> None:
             replies = [json.loads(reader.readline()) for _ in range(2)]
         assert [r["ok"] for r in replies] == [False, False]
         assert "not JSON" in replies[0]["error"] and "object" in replies[1]["error"]
+        # an endless line is cut off with an answer, not buffered without bound
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(client.path))
+            with contextlib.suppress(OSError):  # the daemon may close while we still send
+                raw.sendall(b"x" * (MAX_LINE + 65536 * 4))
+            reply = json.loads(raw.makefile("rb").readline())
+        assert reply == {"ok": False, "error": "request line too long"}
         assert client.ping()
         assert [s["tag"] for s in client.snapshot_list()] == ["t"]
         info = client.info()
