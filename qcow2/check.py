@@ -176,6 +176,11 @@ def read_header_as_qemu(f: HostFile, *, check_mode: bool = False, io: bool = Tru
     ``io=False`` is ``qemu-img info``'s open (BDRV_O_NO_IO), which skips the data file."""
     view = _QemuOpenView(f, check_mode=check_mode)
     header = read_header(view)  # type: ignore[arg-type]
+    if io and header.crypt_method != layout.CRYPT_NONE:
+        # no key can be given to this tool: QEMU's refusal when the secret is missing
+        raise InvalidImageError(
+            "Parameter 'encrypt.key-secret' is required for cipher", path=f.path
+        )
     raw_data = header.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW
     if io and raw_data and not header.has_data_file:
         raise InvalidImageError("data-file-raw requires a data file", path=f.path)

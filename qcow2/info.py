@@ -288,6 +288,53 @@ def _bitmaps(f: HostFile, h: Header) -> list[dict[str, Any]]:
     return bitmaps
 
 
+def _luks_info(f: HostFile, h: Header) -> dict[str, Any]:
+    """QEMU's ``qcrypto_block_luks_get_info`` of the LUKS1 header (no key needed)."""
+    crypto = h.crypto_header
+    if crypto is None:
+        raise InvalidImageError("Missing CRYPTO header for crypt method 2", path=f.path)
+    raw = f.pread(crypto[0], layout.LUKS_HEADER_STRUCT.size)
+    if raw[:6] != layout.LUKS_MAGIC:
+        raise InvalidImageError("Volume is not in LUKS format", path=f.path)
+    (_, _, cipher, mode_spec, hash_spec, payload, key_bytes, _, _, mk_iters, uuid) = (
+        layout.LUKS_HEADER_STRUCT.unpack(raw)
+    )
+
+    def text(value: bytes) -> str:
+        return value.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    mode, _, ivgen = text(mode_spec).partition("-")
+    ivgen_alg, _, ivgen_hash = ivgen.partition(":")
+    key_bits = key_bytes * 8 // (2 if mode == "xts" else 1)
+    info: dict[str, Any] = {
+        "format": "luks",
+        "cipher-alg": f"{text(cipher)}-{key_bits}",
+        "cipher-mode": mode,
+        "ivgen-alg": ivgen_alg,
+        "hash-alg": text(hash_spec),
+        "payload-offset": payload * layout.LUKS_SECTOR_SIZE,
+        "master-key-iters": mk_iters,
+        "uuid": text(uuid),
+    }
+    if ivgen_alg == "essiv":
+        info["ivgen-hash-alg"] = ivgen_hash
+    slots = []
+    slot_struct = layout.LUKS_KEY_SLOT_STRUCT
+    table = f.pread(crypto[0] + layout.LUKS_HEADER_STRUCT.size, 8 * slot_struct.size)
+    for i in range(layout.LUKS_NUM_KEY_SLOTS):
+        active, iters, _, key_offset, stripes = slot_struct.unpack_from(table, i * 48)
+        slot: dict[str, Any] = {
+            "active": active == layout.LUKS_KEY_SLOT_ENABLED,
+            "key-offset": key_offset * layout.LUKS_SECTOR_SIZE,
+        }
+        if slot["active"]:
+            slot["iters"] = iters
+            slot["stripes"] = stripes
+        slots.append(slot)
+    info["slots"] = slots
+    return info
+
+
 def _format_specific(h: Header, f: HostFile) -> dict[str, Any]:
     data: dict[str, Any] = {}
     compression = layout.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type))
@@ -305,6 +352,11 @@ def _format_specific(h: Header, f: HostFile) -> dict[str, Any]:
         bitmaps = _bitmaps(f, h)
         if bitmaps:
             data["bitmaps"] = bitmaps
+    if h.crypt_method == layout.CRYPT_LUKS:
+        data["encrypt"] = _luks_info(f, h)
+    elif h.crypt_method == layout.CRYPT_AES:
+        data["encrypt"] = {"format": "aes"}
+    if h.version >= 3:
         if h.data_file is not None:
             data["data-file"] = h.data_file
         if h.has_data_file:
