@@ -218,25 +218,32 @@ class Monitor:
     async def run_job(self, command: str, arguments: Mapping[str, object]) -> None:
         """Run a ``snapshot-*`` job to its end, dismiss it; QmpJobError if it failed.
 
-        The job's id ties a reconnected session to it: if the connection drops while the
-        job runs, the monitor reconnects once and keeps waiting for the same job.
+        The job's id ties a reconnected session to it: if the connection drops after QEMU
+        accepted the job, the monitor reconnects once and waits for, reads and dismisses
+        the same job (jobs outlive monitor connections).
         """
         job_id = f"vtpm-qcow-{os.getpid()}-{next(_job_ids)}"
-        args = {"job-id": job_id, **arguments}
         events = EventQueue(["JOB_STATUS_CHANGE"])
         with self.client.listen(events):
-            await self.execute(command, args)
+            await self.execute(command, {"job-id": job_id, **arguments})
             try:
-                await self._wait_concluded(events, job_id)
+                job = await self._finish_job(events, job_id)
             except QmpDisconnectedError:
                 await self.reconnect()
                 events = EventQueue(["JOB_STATUS_CHANGE"])
                 with self.client.listen(events):
-                    await self._wait_concluded(events, job_id)
-        job = await self._query_job(job_id)
-        await self.execute("job-dismiss", {"id": job_id})
-        if job is not None and job.get("error"):
+                    job = await self._finish_job(events, job_id)
+        if job.get("error"):
             raise QmpJobError(f"{self.address}: {command}: {job['error']}")
+
+    async def _finish_job(self, events: EventQueue, job_id: str) -> dict[str, Any]:
+        """Wait for ``job_id`` to conclude, read its final state, dismiss it."""
+        await self._wait_concluded(events, job_id)
+        job = await self._query_job(job_id)
+        if job is None:
+            raise QmpDisconnectedError(f"{self.address}: job {job_id} vanished; outcome unknown")
+        await self.execute("job-dismiss", {"id": job_id})
+        return job
 
     async def _query_job(self, job_id: str) -> dict[str, Any] | None:
         for job in await self.execute("query-jobs"):

@@ -184,28 +184,25 @@ class CuttingProxy:
             upstream.connect(str(self.target))
             armed = threading.Event()
             pair = (client, upstream)
-            for args in (
-                (client, upstream, armed, pair, True),
-                (upstream, client, armed, pair, False),
-            ):
-                threading.Thread(target=self._pump, args=args, daemon=True).start()
+            for args in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(*args, armed, pair), daemon=True).start()
 
     def _pump(
         self,
         src: socket.socket,
         dst: socket.socket,
+        to_qemu: bool,
         armed: threading.Event,
         pair: tuple[socket.socket, socket.socket],
-        to_qemu: bool,
     ) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
-                if self.cut.is_set():
-                    continue
                 if to_qemu and self.trigger in data:
-                    armed.set()
-                elif not to_qemu and armed.is_set() and b'"return"' in data:
+                    armed.set()  # before QEMU can answer
+                dst.sendall(data)
+                answered = not to_qemu and armed.is_set() and b'"return"' in data
+                if answered and not self.cut.is_set():
+                    time.sleep(0.05)  # let the client take the reply in, then hang up
                     self.cut.set()
                     for sock in pair:
                         sock.shutdown(socket.SHUT_RDWR)
