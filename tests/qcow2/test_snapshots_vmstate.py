@@ -79,6 +79,12 @@ def test_savevm_snapshot_survives_our_create_and_delete(tmp_path: Path) -> None:
     oracle.assert_clean(disk)
     assert oracle.convert(disk) == vm1_disk
     assert oracle.snapshot_list(disk)[0]["vm-state-size"] == listed[0]["vm-state-size"]
+    # Applying it ourselves takes its L1 with the VM state area (refcounted, no leaks).
+    with qcow2.open(str(disk), writable=True) as image:
+        image.write(0, b"\x74" * 4096)
+        image.apply_snapshot("vm1")
+        assert image.read(0, 4 * MiB) == vm1_disk
+    oracle.assert_clean(disk)
     # Deleting the savevm snapshot ourselves frees its VM state clusters too.
     with qcow2.open(str(disk), writable=True) as image:
         image.delete_snapshot("vm1")
