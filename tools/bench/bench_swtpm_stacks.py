@@ -111,11 +111,16 @@ def create_image(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def qsd_export(image: Path, target: Path) -> Iterator[int]:
-    """qemu-storage-daemon exporting ``image`` over FUSE at file ``target``; yields its pid."""
+def qsd_export(image: Path, target: Path, strace_to: Path | None = None) -> Iterator[int]:
+    """qemu-storage-daemon exporting ``image`` over FUSE at file ``target``; yields its pid.
+
+    With ``strace_to``, it runs under ``strace -c`` counting its flush syscalls.
+    """
     target.touch()
+    tracer = ["strace", "-f", "-c", "-e", "trace=fdatasync,fsync", "-o", str(strace_to)]
     proc = subprocess.Popen(
         [
+            *(tracer if strace_to else []),
             "qemu-storage-daemon",
             "--blockdev",
             f"driver=file,node-name=f,filename={image}",
@@ -129,15 +134,31 @@ def qsd_export(image: Path, target: Path) -> Iterator[int]:
     )
     try:
         wait_mounted(target)
-        yield proc.pid
+        daemon = _traced_child(proc.pid) if strace_to else proc.pid
+        yield daemon
     finally:
-        proc.send_signal(signal.SIGTERM)
+        # SIGTERM to qemu-storage-daemon itself: a traced one then exits and strace
+        # writes its counts.
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(daemon, signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         subprocess.run(["fusermount3", "-u", "-z", str(target)], check=False, capture_output=True)
+
+
+def _traced_child(tracer: int, timeout: float = 10.0) -> int:
+    """The pid of the process ``strace`` (pid ``tracer``) started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{tracer}/task/{tracer}/children").read_text().split()
+            if children:
+                return int(children[0])
+        time.sleep(0.01)
+    raise RuntimeError("strace started no qemu-storage-daemon")
 
 
 @contextlib.contextmanager
@@ -215,7 +236,26 @@ def bench_qsd(work: Path, commands: int) -> Result:
     with qsd_export(image, target) as pid:
         run_workload(f"backend-uri=file://{target}", work / "qsd", commands, result)
         result.rss_kib = rss_kib(pid)
+    if shutil.which("strace"):
+        result.flushes_per_commit = qsd_flushes_per_commit(work, min(commands, 100))
     return result
+
+
+def qsd_flushes_per_commit(work: Path, commands: int) -> float:
+    """qemu-storage-daemon's fdatasync/fsync calls per command, from a separate run under
+    ``strace -c`` (the timed run is not traced).  Includes the handful at start and exit."""
+    image = work / "qsd-traced.qcow2"
+    create_image(image)
+    target = work / "qsd-traced-export"
+    counts = work / "qsd-strace.txt"
+    with qsd_export(image, target, strace_to=counts):
+        run_workload(f"backend-uri=file://{target}", work / "qsd-traced", commands, Result("x"))
+    calls = 0
+    for line in counts.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[-1] in ("fdatasync", "fsync"):
+            calls += int(fields[3])
+    return calls / commands
 
 
 def bench_plain(work: Path, commands: int) -> Result:
