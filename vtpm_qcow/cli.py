@@ -29,7 +29,6 @@ from .store import (
     DEFAULT_SIZE,
     SnapshotInfo,
     Store,
-    combined_digest,
     snapshot_digest,
 )
 from .swtpm import find_tool, run_setup
@@ -148,14 +147,16 @@ def _open_readonly(image: str) -> Store:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    if args.list:  # reading needs no daemon: a held image is read shared, like info
+        with _open_readonly(args.image) as store:
+            _print_snapshots([_snapshot_dict(s) for s in store.snapshots()])
+        return 0
     try:
-        store = Store.open(args.image, writable=args.list is False)
+        store = Store.open(args.image)
     except ImageLockedError as err:
         return _snapshot_via_daemon(args, err)
     with store:
-        if args.list:
-            _print_snapshots([_snapshot_dict(s) for s in store.snapshots()])
-        elif args.create is not None:
+        if args.create is not None:
             store.create_snapshot(args.create, overwrite=args.overwrite)
             _say(args, f"Created snapshot '{args.create}' of {args.image}")
         elif args.apply is not None:
@@ -170,7 +171,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def _snapshot_via_daemon(args: argparse.Namespace, locked: ImageLockedError) -> int:
     """The image is held: ask the mount daemon serving it, or explain who holds it."""
     try:
-        client = ControlClient.for_image(args.image)
+        client = (
+            ControlClient(args.control) if args.control else ControlClient.for_image(args.image)
+        )
         client.ping()
     except VtpmQcowError:
         raise StoreError(
@@ -178,9 +181,7 @@ def _snapshot_via_daemon(args: argparse.Namespace, locked: ImageLockedError) -> 
             "mount daemon answers for it; stop that process first"
         ) from locked
     with client:
-        if args.list:
-            _print_snapshots(client.snapshot_list())
-        elif args.create is not None:
+        if args.create is not None:
             client.snapshot_create(args.create, overwrite=args.overwrite)
             _say(args, f"Created snapshot '{args.create}' through the mount daemon")
         elif args.apply is not None:
@@ -193,7 +194,7 @@ def _snapshot_via_daemon(args: argparse.Namespace, locked: ImageLockedError) -> 
 
 
 def _snapshot_dict(snap: SnapshotInfo) -> dict[str, Any]:
-    """A snapshot as JSON (the shape the mount daemon's snapshot-list uses, plus digest)."""
+    """A snapshot as JSON, with the digest of its whole TPM state."""
     return {
         "tag": snap.tag,
         "id": snap.id,
@@ -211,11 +212,7 @@ def _print_snapshots(snapshots: list[dict[str, Any]]) -> None:
         return
     print(f"{'ID':<6} {'TAG':<24} {'DATE':<26} STATE DIGEST")
     for s in snapshots:
-        sections = s.get("sections") or {}
-        state = s.get("state_digest") or combined_digest(
-            {name: section["digest"] for name, section in sections.items()}
-        )
-        print(f"{s.get('id', ''):<6} {s.get('tag', ''):<24} {s.get('date', ''):<26} {state}")
+        print(f"{s['id']:<6} {s['tag']:<24} {s['date']:<26} {s['state_digest']}")
 
 
 # Section: info
@@ -363,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("-a", "--apply", metavar="TAG", help="revert the state to snapshot TAG")
     action.add_argument("-d", "--delete", metavar="TAG", help="delete snapshot TAG")
     p.add_argument("--overwrite", action="store_true", help="with -c: replace an existing TAG")
+    p.add_argument(
+        "--control",
+        metavar="SOCKET",
+        help="the mount daemon's control socket, if it was given one (vtpm-qcow mount "
+        "--control); by default the daemon serving IMAGE is found by the image's path",
+    )
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("info", help="show state sections, blob headers, digests and snapshots")

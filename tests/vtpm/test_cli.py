@@ -214,10 +214,11 @@ def test_snapshots_of_a_mounted_image_go_through_the_daemon(tmp_path: Path) -> N
     image, mountpoint = tmp_path / "vtpm.qcow2", tmp_path / "mnt"
     mountpoint.mkdir()
     ok("setup", "--create", str(image))
-    ok("mount", str(image), str(mountpoint))
+    control = tmp_path / "control.sock"
+    ok("mount", "--control", str(control), str(image), str(mountpoint))
     try:
         state_file = mountpoint / "tpmstate"
-        created = vtpm("snapshot", "-c", "clean", str(image))
+        created = vtpm("snapshot", "-c", "clean", "--control", str(control), str(image))
         assert created.returncode == 0 and "through the mount daemon" in created.stderr
         with (
             running_swtpm(f"backend-uri=file://{state_file}", tmp_path / "run1") as swtpm,
@@ -225,14 +226,16 @@ def test_snapshots_of_a_mounted_image_go_through_the_daemon(tmp_path: Path) -> N
         ):
             tpm.nv_define_space(NV_INDEX, 8)
             tpm.nv_write(NV_INDEX, b"mounted!")
-        applied = vtpm("snapshot", "-a", "clean", str(image))
+        applied = vtpm("snapshot", "-a", "clean", "--control", str(control), str(image))
         assert applied.returncode == 0 and "through the mount daemon" in applied.stderr
         with (
             running_swtpm(f"backend-uri=file://{state_file}", tmp_path / "run2") as swtpm,
             tpm_client(swtpm) as tpm,
         ):
             assert NV_INDEX not in tpm.nv_indices()
-        assert "clean" in ok("snapshot", "-l", str(image))
+        assert "clean" in ok("snapshot", "-l", str(image))  # read shared, no daemon needed
+        line = fails("snapshot", "-d", "clean", str(image))  # the daemon is not at the default
+        assert "no vtpm-qcow mount daemon answers" in line
     finally:
         done = vtpm("umount", str(mountpoint))
         if done.returncode != 0:
