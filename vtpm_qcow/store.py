@@ -16,6 +16,9 @@ The default cluster size is 4 KiB: swtpm rewrites a whole ~6-9 KiB permall per s
 command, so each atomic commit copies two or three data clusters plus one 4 KiB L2 table
 instead of 64 KiB ones, and a snapshot only un-shares the few clusters a later write touches.
 It is also the page size swtpm msyncs with, so file view writes map onto whole clusters.
+Measured with ``tools/bench/bench_store.py``: about 20 KiB written to the host per permall
+commit with 4 KiB clusters against about 190 KiB with 64 KiB ones, at the same commit rate,
+and a tenth of the file size after a few hundred commits.
 
 Every change goes through one ``Image.commit_atomically`` call: a section replace (the
 dir view's rename) or a file view write is all-or-nothing across a crash and durable on
