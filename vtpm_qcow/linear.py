@@ -262,20 +262,26 @@ class _Buffer:
 
 
 def _diff(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
-    """Runs where ``new`` differs from ``old`` (same length), merging runs close together."""
+    """Runs where ``new`` differs from ``old`` (same length), merging runs close together.
+
+    Compares ``_MERGE_GAP``-byte blocks (memcmp speed), merges adjacent changed blocks, then
+    trims each run to its first and last differing byte.
+    """
+    step = _MERGE_GAP
     runs: list[tuple[int, bytes]] = []
-    start = end = -1
-    for i, (a, b) in enumerate(zip(old, new, strict=True)):
-        if a == b:
-            continue
-        if start >= 0 and i - end <= _MERGE_GAP:
-            end = i + 1
-            continue
-        if start >= 0:
+    start = -1
+    for pos in range(0, len(new) + step, step):
+        changed = pos < len(new) and old[pos : pos + step] != new[pos : pos + step]
+        if changed and start < 0:
+            start = pos
+        elif not changed and start >= 0:
+            end = min(pos, len(new))
+            while old[start] == new[start]:
+                start += 1
+            while old[end - 1] == new[end - 1]:
+                end -= 1
             runs.append((start, new[start:end]))
-        start, end = i, i + 1
-    if start >= 0:
-        runs.append((start, new[start:end]))
+            start = -1
     return runs
 
 
