@@ -606,16 +606,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     cluster_size=parse_size(opts.get("cluster_size", "65536")),
                     refcount_bits=int(opts.get("refcount_bits", "16")),
                     version=2 if opts.get("compat") in ("0.10", "v2") else 3,
+                    extended_l2=_onoff(opts, "extended_l2"),
+                    lazy_refcounts=_onoff(opts, "lazy_refcounts"),
                 )
+                if opts.get("compression_type", "zlib") == "zstd":
+                    out_image.close()
+                    _set_zstd(args.dst)
+                    out_image = qcow2.open(args.dst, writable=True)
             except (Qcow2Error, OSError) as err:
                 raise CliError(f"{args.dst}: error while converting qcow2: {err}") from err
-            if args.c:
-                compressed = getattr(out_image, "write_compressed", None)
-                if compressed is None:
-                    raise CliError("Compression not supported by this qcow2 implementation")
-                writer = compressed
-            else:
-                writer = out_image.write
+            writer = _CompressedWriter(out_image).write if args.c else out_image.write
         try:
             progress = _Progress(size) if args.p and not args.q else None
             for pos in range(0, size, _CHUNK):
@@ -638,11 +638,92 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         finally:
             if out_image is not None:
                 out_image.close()
+                if args.c:
+                    _align_file_end(args.dst)
             else:
                 os.close(fd)
     finally:
         src.close()
     return 0
+
+
+def _align_file_end(path: str) -> None:
+    """qemu-img's final empty compressed write: the file is extended to a whole number of
+    512-byte sectors "to ease reading with sector based I/Os"."""
+    size = os.path.getsize(path)
+    if size % 512:
+        os.truncate(path, size + 512 - size % 512)
+
+
+def _deflate(data: bytes, compression_type: int, limit: int) -> bytes | None:
+    """QEMU's ``qcow2_co_compress``: raw deflate (wbits -12, memLevel 9) or one zstd frame;
+    None if the result does not fit in ``limit`` bytes (the cluster is then stored as is)."""
+    from . import layout
+
+    if compression_type == layout.COMPRESSION_ZSTD:
+        import zstandard
+
+        # one ZSTD_e_end call with the whole cluster: the frame records its content size
+        out = zstandard.ZstdCompressor().compress(data)
+    else:
+        import zlib
+
+        obj = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        out = obj.compress(data) + obj.flush()
+    return out if len(out) <= limit else None
+
+
+class _CompressedWriter:
+    """``convert -c`` output: one compressed cluster per write, packed into host clusters
+    as QEMU's ``qcow2_alloc_compressed_cluster_offset`` / ``qcow2_alloc_bytes`` pack them;
+    a cluster that does not shrink is written normally."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+        self.free_byte_offset = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        from . import layout
+
+        image = self.image
+        h = image.header
+        cs = h.cluster_size
+        raw = data + bytes(cs - len(data))  # the last cluster of an unaligned disk: padded
+        packed = _deflate(raw, h.compression_type, cs - 1)
+        if packed is None:
+            image.write(offset, data)
+            return
+        clusters = image.clusters
+        l1_index, index = divmod(offset // cs, h.l2_entries)
+        l2_offset, table = clusters.l2_for_write(l1_index)
+        entry, _ = clusters.get_entry(table, index)
+        if entry & layout.L2E_OFFSET_MASK:
+            raise CliError("Compressed writes need unallocated clusters: Input/output error")
+        coffset = self._alloc_bytes(len(packed))
+        sectors = ((coffset + len(packed) - 1) >> 9) - (coffset >> 9)
+        shift = layout.compressed_shift(h.cluster_bits)
+        image.file.pwrite(coffset, packed)
+        # compressed clusters never carry COPIED; their refcounts are durable first
+        clusters.l2_cache.set_dependency(image.refcounts.cache)
+        clusters.set_entry(table, index, layout.OFLAG_COMPRESSED | (sectors << shift) | coffset)
+        clusters.mark_l2_dirty(l2_offset, table)
+
+    def _alloc_bytes(self, size: int) -> int:
+        """QEMU's ``qcow2_alloc_bytes``: continue in the last partly used cluster, or take
+        the next free cluster (spanning into it when it directly follows)."""
+        refcounts = self.image.refcounts
+        cs = self.image.header.cluster_size
+        offset = self.free_byte_offset
+        if offset and refcounts.get(offset // cs) == refcounts.max_refcount:
+            offset = 0
+        free_in_cluster = cs - offset % cs
+        if not offset or free_in_cluster < size:
+            new_cluster = refcounts.find_free(1) * cs
+            if not offset or -(-offset // cs) * cs != new_cluster:
+                offset = new_cluster
+        refcounts.update(offset, size, 1)
+        self.free_byte_offset = offset + size if (offset + size) % cs else 0
+        return offset
 
 
 class _Progress:

@@ -383,3 +383,30 @@ def test_hostile_images_fail_like_qemu_img_without_traceback(
         assert ours.err.strip()
     if theirs.err.startswith("qemu-img: "):
         assert ours.err.startswith("qemu-img: ")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [(), ("-o", "compression_type=zstd"), ("-o", "cluster_size=4096"), ("-o", "extended_l2=on")],
+    ids=lambda o: o[1] if o else "default",
+)
+def test_convert_compressed_is_byte_identical_to_qemu_img(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
+    """-c packs compressed clusters as qemu does; incompressible ones are stored plainly."""
+    img = oracle.create(tmp_path / "img.qcow2", 8 * MiB + 4096)  # last cluster partial
+    random = tmp_path / "random.bin"
+    random.write_bytes(os.urandom(200 * 1024))
+    oracle.qemu_io(
+        img,
+        "write -P 0x11 0 300k",
+        f"write -s {random} 1M 200k",
+        "write -P 0x22 3M 64k",
+        "write -P 0x33 8M 4k",
+    )
+    os.chdir(tmp_path)
+    theirs = run_qemu_img("convert", "-c", *options, "-O", "qcow2", "img.qcow2", "q.qcow2")
+    ours = run_cli("convert", "-c", *options, "-O", "qcow2", "img.qcow2", "o.qcow2")
+    assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+    assert (tmp_path / "o.qcow2").read_bytes() == (tmp_path / "q.qcow2").read_bytes()
+    assert oracle.check(tmp_path / "o.qcow2")["compressed-clusters"] > 0
