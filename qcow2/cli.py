@@ -11,6 +11,7 @@ Start-up is kept short: each subcommand imports only the modules it needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -884,7 +885,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise CliError("Not enough arguments\nTry 'qcow2 --help' for more information")
-        code: int = args.func(args)
+        if getattr(args, "q", False) and args.command != "snapshot":
+            # -q: qemu-img's qprintf output is suppressed; findings and errors still show
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                code: int = args.func(args)
+        else:
+            code = args.func(args)
     except CliError as err:
         # First line carries the "qemu-img:" prefix; hint lines follow verbatim.
         first, *hints = str(err).splitlines() or [""]
