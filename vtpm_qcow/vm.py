@@ -34,6 +34,7 @@ from vtpm_qcow.vm_orchestrate import (
     delete,
     load,
     open_vtpm,
+    quoted,
     save,
     tag_table,
 )
@@ -96,12 +97,13 @@ async def _table(monitor: Monitor, vtpm: VtpmSnapshots) -> tuple[str, list[Any],
 
 
 def _print_rows(rows: list[Any]) -> None:
-    width = max([len("TAG"), *(len(r.tag) for r in rows)])
+    width = max([len("TAG"), *(len(quoted(r.tag)) - 2 for r in rows)])
     print(f"{'TAG':<{width}}  {'DISKS':<24}  {'VTPM':<4}  STATE")
     for row in rows:
         state = "aligned" if row.aligned else "MISMATCH"
         disks = ",".join(row.disks) or "-"
-        print(f"{row.tag:<{width}}  {disks:<24}  {'yes' if row.vtpm else 'no':<4}  {state}")
+        vtpm = "yes" if row.vtpm else "no"
+        print(f"{quoted(row.tag)[1:-1]:<{width}}  {disks:<24}  {vtpm:<4}  {state}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -126,7 +128,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             if not row.disks
             else (f"disks {','.join(row.disks)} only" if not row.vtpm else "not on every disk")
         )
-        print(f"mismatch: '{row.tag}' is on the {where}")
+        print(f"mismatch: {quoted(row.tag)} is on the {where}")
     return EXIT_MISALIGNED if mismatched else 0
 
 

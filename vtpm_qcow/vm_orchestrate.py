@@ -3,12 +3,15 @@
 ``save``, ``load`` and ``delete`` make one tag appear on, revert to, or vanish from both
 halves, as one step from the user's view:
 
-* **save**: pause the VM (if running); refuse an existing tag unless ``force``; snapshot the
-  vTPM image first (the VM is paused, so its active layer is exactly the TPM state QEMU is
-  about to put into the vmstate); then ``snapshot-save`` the disks.  If the disk half fails,
-  the fresh vTPM snapshot is deleted again.  Resume only if the VM was running.
-* **load**: pause; check the tag exists on every disk and on the vTPM image (refuse before
-  touching anything otherwise); ``snapshot-load`` the disks first, *then* apply the vTPM
+* **save**: refuse a tag that exists on a disk or the vTPM image unless ``force`` (before
+  touching anything); pause the VM (if running); ``snapshot-save`` the disks and VM state;
+  then snapshot the vTPM image while the VM is still paused.  QEMU's save waits for a TPM
+  command in flight before reading the TPM state, so at that point the active layer holds
+  exactly the TPM state in the vmstate (a vTPM snapshot taken *before* the job could miss
+  the write of such a command).  If the vTPM half fails, the disks' fresh snapshot is
+  deleted again.  Resume only if the VM was running.
+* **load**: check the tag exists on every disk and on the vTPM image (refuse before
+  touching anything otherwise); pause; ``snapshot-load`` the disks first, *then* apply the vTPM
   snapshot.  Why this order: loadvm pushes the TPM blobs saved in the vmstate into swtpm,
   which rewrites ``permall`` in the vTPM image's active layer.  So after a successful
   ``snapshot-load`` the TPM inside the VM *and* the active layer already hold the snapshot's
@@ -70,6 +73,11 @@ class QmpJobError(QmpError):
 
 class AlignmentError(QmpError):
     """An orchestrated operation failed; the message says which half and what was undone."""
+
+
+def quoted(tag: str) -> str:
+    """``tag`` in quotes for a one-line message (newlines and backslashes escaped)."""
+    return "'" + tag.replace("\\", "\\\\").replace("\n", "\\n") + "'"
 
 
 # Section: the QMP connection
@@ -417,7 +425,7 @@ class Outcome:
 
     def summary(self, verb: str) -> str:
         """One line for the user."""
-        text = f"{verb} '{self.tag}': disks {', '.join(self.disks) or '-'} + vTPM {self.vtpm}"
+        text = f"{verb} {quoted(self.tag)}: disks {', '.join(self.disks) or '-'} + vTPM {self.vtpm}"
         if self.paused:
             text += "; VM resumed" if self.resumed else "; VM left paused"
         return text + "".join(f"; {note}" for note in self.notes)
@@ -442,16 +450,19 @@ class PausedVm:
 
 async def save(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool = False) -> Outcome:
     """Snapshot disks, VM state and vTPM image as ``tag`` (see the module docstring)."""
-    state, nodes = await asyncio.gather(monitor.run_state(), _snapshot_nodes(monitor))
+    state, nodes, vtpm_tags = await asyncio.gather(
+        monitor.run_state(), _snapshot_nodes(monitor), asyncio.to_thread(vtpm.tags)
+    )
     on_disks = [n.node for n in nodes if tag in n.tags]
-    if on_disks and not force:
+    holders = [*on_disks, *(["the vTPM image"] if tag in vtpm_tags else [])]
+    if holders and not force:
         raise AlignmentError(
-            f"save '{tag}': tag exists on {', '.join(on_disks)}; use --force to replace it"
+            f"save {quoted(tag)}: tag exists on {', '.join(holders)}; use --force to replace it"
         )
     vm = PausedVm(monitor, state)
     await vm.pause()
     try:
-        outcome = await _save_paused(monitor, vtpm, tag, nodes, on_disks, force=force)
+        outcome = await _save_paused(monitor, vtpm, tag, nodes, on_disks)
     except QmpDisconnectedError:
         raise  # nothing to resume through
     except BaseException:
@@ -466,40 +477,31 @@ async def save(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool =
 
 
 async def _save_paused(
-    monitor: Monitor,
-    vtpm: VtpmSnapshots,
-    tag: str,
-    nodes: list[DiskNode],
-    on_disks: list[str],
-    *,
-    force: bool,
+    monitor: Monitor, vtpm: VtpmSnapshots, tag: str, nodes: list[DiskNode], on_disks: list[str]
 ) -> Outcome:
     outcome = Outcome(tag, [n.node for n in nodes], vtpm.description)
     if on_disks:
         await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
         outcome.notes.append("replaced the old snapshot")
-    # vTPM half first: the VM is paused, so the active layer is the TPM state QEMU saves.
-    # (No listing beforehand: it costs more than the snapshot; a refusal is checked after.)
+    save_job = {"tag": tag, "vmstate": nodes[0].node, "devices": outcome.disks}
     try:
-        vtpm.create(tag, overwrite=force)
-    except (VtpmQcowError, Qcow2Error) as err:
-        if not force and tag in vtpm.tags():
-            raise AlignmentError(
-                f"save '{tag}': tag exists on the vTPM image; use --force to replace it"
-            ) from err
-        raise AlignmentError(f"save '{tag}': vTPM half failed; disks untouched: {err}") from err
-    try:
-        await monitor.run_job(
-            "snapshot-save", {"tag": tag, "vmstate": nodes[0].node, "devices": outcome.disks}
-        )
-    except QmpDisconnectedError as err:
-        raise AlignmentError(
-            f"save '{tag}': disk half outcome unknown ({err}); vTPM snapshot kept, "
-            "check with 'vtpm-qcow vm status'"
-        ) from err
+        await monitor.run_job("snapshot-save", save_job)
     except QmpError as err:
-        undo = _undo(lambda: vtpm.delete(tag), "the vTPM snapshot was deleted again")
-        raise AlignmentError(f"save '{tag}': disk half failed: {err}; {undo}") from err
+        raise AlignmentError(
+            f"save {quoted(tag)}: disk half failed: {err}; vTPM image untouched"
+        ) from err
+    # vTPM half after the disks': the VM is still paused, and QEMU's save waited for any TPM
+    # command in flight before reading the TPM state, so the active layer now holds exactly
+    # the TPM state in the vmstate.  overwrite: a watcher may have followed the disks already.
+    try:
+        vtpm.create(tag, overwrite=True)
+    except (VtpmQcowError, Qcow2Error) as err:
+        try:
+            await monitor.run_job("snapshot-delete", {"tag": tag, "devices": outcome.disks})
+            undo = "the disks' snapshot was deleted again"
+        except QmpError as undo_err:
+            undo = f"rollback failed too ({undo_err})"
+        raise AlignmentError(f"save {quoted(tag)}: vTPM half failed: {err}; {undo}") from err
     return outcome
 
 
@@ -512,7 +514,7 @@ async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
     if tag not in vtpm_tags:
         missing.append("the vTPM image")
     if missing:
-        raise AlignmentError(f"load '{tag}': no such snapshot on {', '.join(missing)}")
+        raise AlignmentError(f"load {quoted(tag)}: no such snapshot on {', '.join(missing)}")
     vm = PausedVm(monitor, state)
     await vm.pause()
     outcome = Outcome(tag, [n.node for n in nodes], vtpm.description, vm.was_running)
@@ -522,7 +524,7 @@ async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         )
     except QmpError as err:
         raise AlignmentError(
-            f"load '{tag}': disk half failed: {err}; vTPM image untouched, VM left paused"
+            f"load {quoted(tag)}: disk half failed: {err}; vTPM image untouched, VM left paused"
         ) from err
     _vtpm_half(lambda: vtpm.apply(tag), "load", tag, after="the disks were loaded")
     outcome.resumed = await vm.resume()
@@ -535,7 +537,9 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
     on_disks = [n.node for n in nodes if tag in n.tags]
     on_vtpm = tag in vtpm.tags()
     if not on_disks and not on_vtpm:
-        raise AlignmentError(f"delete '{tag}': no such snapshot on the disks or the vTPM image")
+        raise AlignmentError(
+            f"delete {quoted(tag)}: no such snapshot on the disks or the vTPM image"
+        )
     outcome = Outcome(tag, on_disks, vtpm.description if on_vtpm else "-")
     if on_disks:
         await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
@@ -558,7 +562,9 @@ async def _disk_half(
     try:
         await monitor.run_job(command, arguments)
     except QmpError as err:
-        raise AlignmentError(f"'{tag}': disk half failed: {err}; vTPM image untouched") from err
+        raise AlignmentError(
+            f"{quoted(tag)}: disk half failed: {err}; vTPM image untouched"
+        ) from err
 
 
 def _delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
@@ -576,16 +582,7 @@ def _vtpm_half(action: Callable[[], None], verb: str, tag: str, *, after: str = 
         action()
     except (VtpmQcowError, Qcow2Error) as err:
         context = f" after {after}" if after else "; disks untouched"
-        raise AlignmentError(f"{verb} '{tag}': vTPM half failed{context}: {err}") from err
-
-
-def _undo(action: Callable[[], None], done: str) -> str:
-    """Run a rollback step; describe what happened for the error message."""
-    try:
-        action()
-    except (VtpmQcowError, Qcow2Error) as err:
-        return f"rollback failed too ({err})"
-    return done
+        raise AlignmentError(f"{verb} {quoted(tag)}: vTPM half failed{context}: {err}") from err
 
 
 # Section: listing

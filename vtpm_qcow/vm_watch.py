@@ -36,7 +36,13 @@ from typing import TypeVar
 
 from qcow2.errors import Qcow2Error
 from vtpm_qcow.errors import QmpError, VtpmQcowError
-from vtpm_qcow.vm_orchestrate import EventQueue, Monitor, QmpDisconnectedError, VtpmSnapshots
+from vtpm_qcow.vm_orchestrate import (
+    EventQueue,
+    Monitor,
+    QmpDisconnectedError,
+    VtpmSnapshots,
+    quoted,
+)
 
 #: Seconds between polls of the disks' snapshot lists.
 DEFAULT_POLL_INTERVAL = 1.0
@@ -158,7 +164,7 @@ class Watcher:
             if first or tag in known:
                 if tag not in self.reported_missing:
                     self.reported_missing.add(tag)
-                    lines.append(f"missing: disk snapshot '{tag}' has no vTPM snapshot")
+                    lines.append(f"missing: disk snapshot {quoted(tag)} has no vTPM snapshot")
                 continue
             if current is None:
                 current = self._vtpm(self.vtpm.section_digests, "read section digests") or {}
@@ -166,7 +172,7 @@ class Watcher:
             if self.pause_digests is not None and current != self.pause_digests:
                 note = " (warning: the TPM state changed since the VM was paused)"
             if self._vtpm_ok(functools.partial(self.vtpm.create, tag), f"create {tag}"):
-                lines.append(f"created: vTPM snapshot '{tag}' (disk snapshot appeared){note}")
+                lines.append(f"created: vTPM snapshot {quoted(tag)} (disk snapshot appeared){note}")
 
         now = time.monotonic()
         for tag in sorted(vtpm_tags - disk_tags):
@@ -176,7 +182,7 @@ class Watcher:
                 continue
             if self._vtpm_ok(functools.partial(self.vtpm.delete, tag), f"delete {tag}"):
                 why = "disk snapshot deleted" if vanished else "no disk snapshot"
-                lines.append(f"deleted: vTPM snapshot '{tag}' ({why})")
+                lines.append(f"deleted: vTPM snapshot {quoted(tag)} ({why})")
             self.orphans_since.pop(tag, None)
         for tag in list(self.orphans_since):
             if tag in disk_tags or tag not in vtpm_tags:
@@ -201,7 +207,8 @@ class Watcher:
         snapshots = self._vtpm(self.vtpm.snapshot_digests, "list snapshots") or {}
         tags = sorted(t for t, d in snapshots.items() if d.get("permall") == permall)
         if tags:
-            return [f"loaded: TPM state of '{'/'.join(tags)}' (pushed by QEMU's loadvm)"]
+            names = "/".join(quoted(t) for t in tags)
+            return [f"loaded: TPM state of {names} (pushed by QEMU's loadvm)"]
         return ["changed: permall changed during the pause and matches no snapshot"]
 
     def _vtpm(self, action: Callable[[], T], what: str) -> T | None:

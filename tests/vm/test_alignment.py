@@ -113,12 +113,28 @@ def test_failed_disk_half_leaves_no_orphan_vtpm_snapshot(
         state_a(s.tpm)
         failed = s.vm("save", "T1", check=False)
         assert failed.returncode == 1
-        assert "disk half failed" in failed.stderr and "deleted again" in failed.stderr
+        assert "disk half failed" in failed.stderr and "does not support snapshots" in failed.stderr
+        assert "vTPM image untouched" in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1
         assert snapshot_tags(image) == [] and snapshot_tags(disk) == []
         assert qmp_query(s.qemu.qmp, "query-status")["running"]
         status = s.vm("status", check=False)
         assert status.returncode == 0, status.stdout
+
+
+def test_failed_vtpm_half_deletes_the_disks_fresh_snapshot(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """QEMU accepts a tag with a newline, the vTPM store refuses it: the disks roll back."""
+    image, disk = images
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        failed = s.vm("save", "bad\ntag", check=False)
+        assert failed.returncode == 1
+        assert "vTPM half failed" in failed.stderr and "deleted again" in failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1 and "'bad\\ntag'" in failed.stderr
+        assert snapshot_tags(disk) == [] and snapshot_tags(image) == []
+        assert qmp_query(s.qemu.qmp, "query-status")["running"]
 
 
 def test_load_of_unknown_tag_is_refused_before_touching_anything(
