@@ -135,7 +135,7 @@ class Store:
         path = os.fspath(path)
         if not MIN_SIZE <= size <= MAX_SIZE or size % 512:
             raise StoreError(
-                f"{path}: size {size} must be a multiple of 512 between {MIN_SIZE} and 4 GiB"
+                f"{path}: size {size} must be a multiple of 512 from 512 bytes to 4 GiB"
             )
         if os.path.exists(path):
             raise StoreError(f"{path}: already exists")
