@@ -226,6 +226,11 @@ class WatcherThread:
             await monitor.close()
             vtpm.close()
 
+    @property
+    def finished(self) -> bool:
+        """Whether the watcher has ended (QEMU shut down, :attr:`error`, or :meth:`stop`)."""
+        return self._ready.is_set() and not self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop watching and wait for the thread."""
         if self._loop is not None and self._stop is not None and self._thread.is_alive():

@@ -16,9 +16,12 @@ serves one client at a time).  It does not drive QEMU; it reacts:
     is reported.
   - a tag that vanished from the disks while watching (delvm) is deleted from the vTPM image.
   - at (re)connect, disk tags without a vTPM snapshot are *reported*, not invented (their
-    TPM state is known only to the vmstate), and vTPM-only tags are deleted once they have
-    been vTPM-only for ``grace`` seconds (an orchestrated ``vm save`` creates its vTPM
-    snapshot just before the disks').
+    TPM state is known only to the vmstate), and vTPM-only tags (never seen on the disks,
+    e.g. made with ``vtpm-qcow snapshot -c``) are deleted once they have been vTPM-only for
+    ``grace`` seconds (room for another tool's operation in progress).
+  - an orchestrated ``vm save`` running beside the watcher is harmless: it snapshots the
+    vTPM image after the disks, with overwrite, while the VM is still paused, so whichever
+    of the two takes the vTPM snapshot, it holds the same state.
   - a ``loadvm`` needs no action: QEMU pushes the snapshot's TPM blobs into swtpm, which
     rewrites ``permall`` in the active layer.  The watcher reports it when the active
     layer's ``permall`` changed during a pause and now equals a snapshot's.

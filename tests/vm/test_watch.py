@@ -54,6 +54,8 @@ def test_watcher_thread_follows_snapshot_jobs_of_another_client(
                 qmp_job(s.qemu.qmp, "snapshot-delete", {"tag": "J1", "devices": ["disk0"]}) is None
             )
             wait_until(lambda: snapshot_tags(image) == [], "vTPM snapshot J1 to go")
+            hmp_over_qmp(s.qemu.qmp, "quit")
+            wait_until(lambda: watcher.finished, "the watcher to end with QEMU")
         finally:
             watcher.stop()
         assert watcher.error is None
