@@ -122,6 +122,8 @@ class StoreMachine(RuleBasedStateMachine):
             self.store.close()
             oracle.assert_clean(self.path)
             assert oracle.convert(self.path) == bytes(self.disk)
+            listed = sorted(s["name"] for s in oracle.snapshot_list(self.path))
+            assert listed == sorted(self.snapshots)
             for tag, content in self.snapshots.items():
                 assert oracle.convert(self.path, snapshot=tag) == content
         finally:
