@@ -390,7 +390,11 @@ class Store:
         return [entry.name for entry in self._image.snapshots]
 
     def create_snapshot(self, tag: str, *, overwrite: bool = False) -> None:
-        """Snapshot the current state as ``tag``; an existing tag needs ``overwrite=True``."""
+        """Snapshot the current state as ``tag``; an existing tag needs ``overwrite=True``.
+
+        Overwriting deletes the old snapshot, then creates the new one, as QEMU's savevm does
+        (qcow2 has no rename): a crash in between leaves no snapshot of that tag.
+        """
         _check_tag(tag, self.path)
         with self._lock:
             self._check_open(write=True)
