@@ -69,6 +69,8 @@ class TableCache:
 
     def mark_dirty(self, offset: int) -> None:
         """Record that the cached table at ``offset`` was modified."""
+        if offset not in self._tables:
+            raise KeyError(f"table at {offset:#x} is not cached (use put)")
         self._dirty.add(offset)
 
     def is_dirty(self) -> bool:

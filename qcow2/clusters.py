@@ -146,13 +146,14 @@ class ClusterMap:
         return offset
 
     def l2_table(self, l2_offset: int) -> bytearray:
-        """The L2 table at host ``l2_offset`` through the cache (modify, then
-        :meth:`mark_l2_dirty`)."""
+        """The L2 table at host ``l2_offset`` through the cache (modify it in place, then
+        call :meth:`mark_l2_dirty`)."""
         return self.l2_cache.get(l2_offset)
 
-    def mark_l2_dirty(self, l2_offset: int) -> None:
-        """Record a change of the cached L2 table at ``l2_offset``."""
-        self.l2_cache.mark_dirty(l2_offset)
+    def mark_l2_dirty(self, l2_offset: int, table: bytearray) -> None:
+        """Record a change of ``table``, the L2 table at ``l2_offset`` (re-inserted into
+        the cache in case it was evicted meanwhile)."""
+        self.l2_cache.put(l2_offset, table, dirty=True)
 
     def get_entry(self, table: bytearray, index: int) -> tuple[int, int]:
         """``(entry, bitmap)`` of L2 slot ``index`` (bitmap 0 without extended L2)."""
@@ -497,7 +498,7 @@ class ClusterMap:
         self.l2_cache.flush_before_write = True
         fault_point("cluster_alloc.write_l2")
         self.set_entry(table, index, new_entry, new_bitmap)
-        self.mark_l2_dirty(l2_offset)
+        self.mark_l2_dirty(l2_offset, table)
 
     def _write_new(
         self,
@@ -561,7 +562,7 @@ class ClusterMap:
                     zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) & ~bits
                     new_bitmap = alloc | bits | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
             self.set_entry(table, index, (host + k * cs) | layout.OFLAG_COPIED, new_bitmap)
-        self.mark_l2_dirty(l2_offset)
+        self.mark_l2_dirty(l2_offset, table)
         # The old clusters lose this reference only now (after the L2 update).
         for entry in old_entries:
             self.free_any_cluster(entry)
@@ -594,7 +595,7 @@ class ClusterMap:
                 l2_offset, table = self.l2_for_write(l1_index)
                 fault_point("cluster_zero.write_l2")
                 self.set_entry(table, index, new_entry, new_bitmap)
-                self.mark_l2_dirty(l2_offset)
+                self.mark_l2_dirty(l2_offset, table)
                 old_host = entry & layout.L2E_OFFSET_MASK
                 if owns_host_cluster(classify_l2_entry(entry, self.extended)) and (
                     entry & layout.OFLAG_COMPRESSED

@@ -24,7 +24,7 @@ from .errors import (
     ReadOnlyError,
     UnsupportedFeatureError,
 )
-from .fileio import HostFile
+from .fileio import HostFile, fault_point
 from .header import Header, read_header, write_header_fields
 from .lock import lock_image
 from .refcount import RefcountTable, write_refcount
@@ -481,6 +481,12 @@ class Image:
         self.file.flush()
         h.size = new_size
         self._compressed_cache = None
+        # Like QEMU, give the space after the last cluster still in use back to the host.
+        file_size = self.file.size()
+        end = (self.refcounts.last_used_cluster(file_size) + 1) * cs
+        if end < file_size:
+            fault_point("shrink.truncate")
+            self.file.truncate(end)
 
     def grow_l1(self, min_size: int) -> None:
         """Grow the active L1 to at least ``min_size`` entries (snapshot apply)."""

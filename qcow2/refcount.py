@@ -304,6 +304,14 @@ class RefcountTable:
         # Only now that nothing points at the old table can it be freed.
         self.free(old_offset, old_clusters * cs)
 
+    def last_used_cluster(self, file_size: int) -> int:
+        """Index of the highest cluster below ``file_size`` with a non-zero refcount
+        (QEMU's ``qcow2_get_last_cluster``), -1 if none."""
+        for cluster in range(layout.size_to_clusters(self.cluster_size, file_size) - 1, -1, -1):
+            if self.get(cluster):
+                return cluster
+        return -1
+
     def flush(self) -> None:
         """Write dirty refcount blocks (the caller flushes the host file)."""
         self.cache.flush()

@@ -404,3 +404,17 @@ def test_file_identical_to_qemu_io_for_the_same_writes(
         image.write(100 * 1024, b"\x03" * 4096)
         image.write(40 * MiB, b"\x04")
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_shrink_identical_to_qemu_img(tmp_path: Path) -> None:
+    """resize(smaller) drops the clusters past the end and truncates the host file after
+    the last used cluster exactly as ``qemu-img resize --shrink`` does."""
+    need("qemu-io")
+    theirs = oracle.create(tmp_path / "theirs.qcow2", 8 * MiB)
+    oracle.qemu_io(theirs, "write -P 1 0 8M")
+    ours = tmp_path / "ours.qcow2"
+    ours.write_bytes(theirs.read_bytes())
+    oracle.qemu_img("resize", "-q", "--shrink", str(theirs), "1M")
+    with qcow2.open(str(ours), writable=True) as image:
+        image.resize(MiB)
+    assert ours.read_bytes() == theirs.read_bytes()
