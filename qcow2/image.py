@@ -747,7 +747,9 @@ def create(
     for cluster in range(3):
         write_refcount(refblock, cluster, refcount_bits, 1)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # No O_TRUNC: like QEMU's raw_co_create, lock first, truncate only when nobody
+        # else uses the file.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         os.close(fd)
     except OSError as err:
         raise Qcow2IOError(
@@ -756,6 +758,7 @@ def create(
     f = HostFile(path, writable=True)
     try:
         lock_image(f.fd, path, writable=True)
+        f.truncate(0)
         f.pwrite(0, cluster0 + bytes(cluster_size - len(cluster0)) + reftable + bytes(refblock))
         f.flush()
         image = Image(f, read_header(f, writable=True), force_share=False)

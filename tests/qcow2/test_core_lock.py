@@ -88,3 +88,11 @@ def test_failed_lock_leaves_no_lock_behind(image: Path, tmp_path: Path) -> None:
         qcow2.open(str(image), writable=True)
     # Neither the holder nor the refused opener left a lock: qemu can write now.
     oracle.qemu_io(image, "write -P 1 0 512")
+
+
+@pytest.mark.usefixtures("qemu_io_holder")
+def test_create_refuses_to_overwrite_an_image_in_use(image: Path) -> None:
+    before = image.read_bytes()
+    with pytest.raises(qcow2.ImageLockedError):
+        qcow2.create(str(image), 2 * MiB)
+    assert image.read_bytes() == before
