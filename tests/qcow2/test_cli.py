@@ -93,7 +93,8 @@ def test_console_script_and_module_give_the_same_output(tmp_path: Path) -> None:
 def test_help_explains_every_subcommand() -> None:
     proc = subprocess.run([sys.executable, "-m", "qcow2", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for command in ("info", "check", "snapshot", "map", "create", "resize", "compare", "convert"):
+    commands = ("info", "check", "snapshot", "map", "create", "resize", "compare", "convert")
+    for command in (*commands, "amend"):
         assert command in proc.stdout
         sub = subprocess.run(
             [sys.executable, "-m", "qcow2", command, "--help"], capture_output=True, text=True
@@ -426,3 +427,54 @@ def test_quiet_flag_like_qemu_img(tmp_path: Path, args: tuple[str, ...]) -> None
         f.write(b"\x00\x05")
     theirs, ours, _, _ = run_both(img, *args)
     assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+
+
+def _amend_images(tmp: Path) -> dict[str, Path]:
+    images = {
+        "v2-snapshot": oracle.create(tmp / "v2-snapshot.qcow2", 64 * MiB, compat="0.10"),
+        "zero-clusters": oracle.create(tmp / "zero-clusters.qcow2", 64 * MiB),
+        "extended-l2": oracle.create(tmp / "extended-l2.qcow2", MiB, extended_l2=True),
+        "refcount-8": oracle.create(tmp / "refcount-8.qcow2", MiB, refcount_bits=8),
+        "zstd-compressed": oracle.create(
+            tmp / "zstd-compressed.qcow2", MiB, compression_type="zstd"
+        ),
+        "lazy": oracle.create(tmp / "lazy.qcow2", MiB, lazy_refcounts=True),
+    }
+    oracle.qemu_io(images["v2-snapshot"], "write 0 64k")
+    oracle.snapshot(images["v2-snapshot"], "create", "s")
+    oracle.qemu_io(
+        images["zero-clusters"],
+        "write 0 128k",
+        "write -z 0 64k",
+        "write -z 1M 64k",
+        "discard 64k 64k",
+    )
+    oracle.snapshot(images["zero-clusters"], "create", "s")
+    oracle.qemu_io(images["zero-clusters"], "write -z 2M 64k")
+    oracle.qemu_io(images["zstd-compressed"], "write -c 0 64k")
+    oracle.qemu_io(images["lazy"], "write 0 64k")
+    return images
+
+
+def test_amend_matches_qemu_img(tmp_path: Path) -> None:
+    """compat up/downgrades (zero clusters expanded) and lazy_refcounts, byte for byte."""
+    images = _amend_images(tmp_path)
+    options = [
+        "compat=1.1",
+        "compat=0.10",
+        "compat=0.9",
+        "lazy_refcounts=on",
+        "lazy_refcounts=off",
+        "compat=0.10,lazy_refcounts=on",
+    ]
+    mismatches = []
+    for name, img in images.items():
+        for opt in options:
+            theirs, ours, q, o = run_both(img, "amend", "-o", opt)
+            if (ours.code, ours.out, ours.err) != (theirs.code, theirs.out, theirs.err):
+                mismatches.append((name, opt, theirs.err, ours.err))
+            elif q.read_bytes() != o.read_bytes():
+                mismatches.append((name, opt, "image bytes differ", ""))
+    assert not mismatches, mismatches
+    theirs, ours, _, _ = run_both(images["lazy"], "amend")
+    assert (ours.code, ours.err) == (theirs.code, theirs.err) == (1, theirs.err)
