@@ -376,19 +376,19 @@ class ClusterMap:
         fault_point("l2_alloc.cow_read")
         table = bytearray(self.l2_table(old)) if old else bytearray(self.cluster_size)
         new = self.refcounts.alloc(self.cluster_size)
-        # The new table's refcount is durable before the table is written and hooked up.
-        self.refcounts.flush()
-        self.file.flush()
         self.l2_cache.put(new, table, dirty=True)
         fault_point("l2_alloc.write")
+        # The new table and its refcount must both be durable before the L1 entry points
+        # at it (one flush covers both: nothing references the table yet).
+        self.refcounts.flush()
         self.l2_cache.flush()
         self.file.flush()
         fault_point("l1_update")
         self.l1[l1_index] = new | layout.OFLAG_COPIED
         self.write_l1_entry(l1_index)
-        self.file.flush()
         if old:
-            # The active L1 no longer points at the shared table: drop our reference.
+            # The switch must be durable before the shared table loses our reference.
+            self.file.flush()
             self.refcounts.free(old, self.cluster_size)
         return new, table
 
