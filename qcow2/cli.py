@@ -452,10 +452,12 @@ def _cmd_resize(args: argparse.Namespace) -> int:
                 "image's end. Before performing such an operation, make sure there is no "
                 "important data there."
             )
+        if image.version < 3 and image.snapshots:
+            raise CliError("Can't resize a v2 image which has snapshots")
         try:
             image.resize(new)
         except Qcow2Error as err:
-            raise CliError(f"Error resizing image: {err.message}") from err
+            raise CliError(err.message) from err
     sys.stdout.write("Image resized.\n")
     return 0
 

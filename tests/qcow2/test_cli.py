@@ -478,3 +478,14 @@ def test_amend_matches_qemu_img(tmp_path: Path) -> None:
     assert not mismatches, mismatches
     theirs, ours, _, _ = run_both(images["lazy"], "amend")
     assert (ours.code, ours.err) == (theirs.code, theirs.err) == (1, theirs.err)
+
+
+def test_resize_of_v2_image_with_snapshots_is_refused_like_qemu_img(tmp_path: Path) -> None:
+    img = oracle.create(tmp_path / "img.qcow2", 64 * MiB, compat="0.10")
+    oracle.snapshot(img, "create", "s1")
+    for size in ("+1M", "64M"):
+        os.chdir(tmp_path)
+        theirs = run_qemu_img("resize", "img.qcow2", size)
+        ours = run_cli("resize", "img.qcow2", size)
+        assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+        assert ours.code == 1
