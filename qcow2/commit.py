@@ -32,7 +32,7 @@ from . import layout
 from .errors import Qcow2Error, ReadOnlyError
 from .fileio import fault_point
 from .header import write_header_fields
-from .snapshots import entry_host_ranges
+from .transaction import entry_host_ranges
 
 if TYPE_CHECKING:
     from .image import Image

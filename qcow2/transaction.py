@@ -1,0 +1,451 @@
+"""Metadata transactions: a complete new generation of metadata, switched in by ONE write.
+
+QEMU updates snapshot metadata in place, step by step; because a refcount and the COPIED
+flag that must agree with it live in different clusters, no order of in-place writes keeps
+``qemu-img check`` clean at every moment.  A :class:`MetadataTransaction` instead builds the
+next generation of everything that changes (active L1, L2 tables whose flags change, the
+snapshot table, refcount blocks and the refcount table) in clusters that are free in the
+*committed* refcount structure, and switches to it with one write of the adjacent header
+fields ``l1_size`` .. ``snapshots_offset`` (bytes 36-71; 24-71 when the disk size changes
+too), which lie in the first sector and therefore reach the disk whole or not at all.
+
+Crash guarantee: before the header write the old generation is untouched and the new
+clusters are unreferenced with refcount 0 (free space, not even a leak); after it the new
+generation is complete, including refcount 0 for every cluster of the old generation it
+no longer uses.  Either way ``qemu-img check`` finds nothing at all.
+
+Refcount semantics are qemu's ``calculate_refcounts``: a data cluster counts one reference
+per L1 -> L2 -> entry path (a table shared by two L1 tables counts its clusters twice), so
+copying a shared L2 table moves references between tables without changing data refcounts.
+
+Lazy refcounts: the transaction starts with :meth:`Image.flush`, which writes every cached
+refcount block, so the on-disk refcounts are exact even while the dirty bit is set; the
+new generation is exact as well.  The dirty bit is left as it is.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from . import layout
+from .clusters import ClusterType, classify_l2_entry
+from .compress import parse_compressed_entry
+from .errors import CorruptImageError
+from .fileio import fault_point
+from .header import write_header_fields
+from .refcount import RefcountRangeError, write_refcount
+from .snapshot_table import SnapshotEntry, serialize_snapshot_table, table_length
+
+if TYPE_CHECKING:
+    from .image import Image
+
+_COPIED = layout.OFLAG_COPIED
+
+
+def entry_host_ranges(image: Image, entry: int) -> list[tuple[int, int]]:
+    """Host byte ranges an L2 entry holds a reference on (what refcounts count for it).
+
+    NORMAL and ZERO_ALLOC: the one cluster; COMPRESSED: the byte range of its data (each
+    host cluster it touches counts once); ZERO_PLAIN and UNALLOCATED: nothing.
+    """
+    header = image.header
+    ctype = classify_l2_entry(entry, header.extended_l2)
+    if ctype == ClusterType.COMPRESSED:
+        return [parse_compressed_entry(entry, header.cluster_bits)]
+    if ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+        return [(entry & layout.L2E_OFFSET_MASK, header.cluster_size)]
+    return []
+
+
+class MetadataTransaction:
+    """One atomic metadata update of an open, writable image.
+
+    Usage: record changes (:meth:`alloc` + :meth:`stage` for new tables,
+    :meth:`reference_tree` / :meth:`release` for references gained and lost,
+    :meth:`set_active_l1`, :meth:`set_snapshots`, :meth:`set_virtual_size`), then
+    :meth:`commit`.  Nothing touches the file before :meth:`commit`; an exception from it
+    before the header switch leaves the image and the in-memory state as they were.
+    ``op`` prefixes the fault point names (``{op}.write_metadata``, ``{op}.header_switch``).
+    """
+
+    def __init__(self, image: Image, op: str) -> None:
+        image.flush()  # the on-disk metadata is now the committed generation
+        header = image.header
+        self.image = image
+        self.op = op
+        self.cluster_size = header.cluster_size
+        self.cluster_bits = header.cluster_bits
+        self.extended = header.extended_l2
+        self.words_per_entry = header.l2_entry_size // 8
+        self.refcounts = image.refcounts
+        #: Net refcount change per host cluster index.
+        self.delta: dict[int, int] = {}
+        #: Cluster indices taken by this transaction (free in the committed structure).
+        self.taken: set[int] = set()
+        self.staged: dict[int, bytes] = {}
+        self.active_l1: list[int] | None = None
+        self.snapshots: list[SnapshotEntry] | None = None
+        self.virtual_size: int | None = None
+        self._old_refcounts: dict[int, int] = {}
+        self._cursor = self.refcounts.free_cluster_index
+
+    # Section: recording
+
+    def old_refcount(self, cluster: int) -> int:
+        """Refcount of ``cluster`` in the committed structure."""
+        value = self._old_refcounts.get(cluster)
+        if value is None:
+            value = self.refcounts.get(cluster)
+            self._old_refcounts[cluster] = value
+        return value
+
+    def new_refcount(self, cluster: int) -> int:
+        """Refcount of ``cluster`` after the transaction (as recorded so far)."""
+        return self.old_refcount(cluster) + self.delta.get(cluster, 0)
+
+    def add(self, offset: int, length: int, addend: int) -> None:
+        """Add ``addend`` to the new refcount of every cluster ``[offset, +length)`` touches."""
+        if length <= 0:
+            return
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        delta = self.delta
+        for cluster in range(first, last + 1):
+            delta[cluster] = delta.get(cluster, 0) + addend
+
+    def release(self, offset: int, length: int) -> None:
+        """Drop one reference from every cluster of ``[offset, +length)`` (a table that the
+        new generation no longer reaches)."""
+        self.add(offset, length, -1)
+
+    def alloc(self, nbytes: int) -> int:
+        """Host offset of a run of clusters for ``nbytes``, free in the committed structure
+        and not yet taken; they get refcount 1 in the new structure."""
+        nclusters = max(1, layout.size_to_clusters(self.cluster_size, nbytes))
+        cluster = self._cursor
+        run_start, run = cluster, 0
+        while run < nclusters:
+            if cluster not in self.taken and self.old_refcount(cluster) == 0:
+                if run == 0:
+                    run_start = cluster
+                run += 1
+            else:
+                run = 0
+            cluster += 1
+        for c in range(run_start, run_start + nclusters):
+            self.taken.add(c)
+            self.delta[c] = self.delta.get(c, 0) + 1
+        while self._cursor in self.taken or self.old_refcount(self._cursor):
+            self._cursor += 1
+        return run_start << self.cluster_bits
+
+    def _untake(self, first: int, nclusters: int) -> None:
+        for c in range(first, first + nclusters):
+            self.taken.discard(c)
+            self.delta[c] -= 1
+            self._cursor = min(self._cursor, c)
+
+    def stage(self, offset: int, data: bytes) -> None:
+        """Content for clusters obtained from :meth:`alloc` (written by :meth:`commit`)."""
+        self.staged[offset] = data
+
+    def reference_tree(self, l1: Sequence[int], addend: int) -> None:
+        """``addend`` (+1: a new L1 table references the tree, -1: an L1 table that referenced
+        it goes away) on every L2 table of ``l1`` and every cluster those tables reference."""
+        for index, l1_entry in enumerate(l1):
+            l2_offset = self._l2_offset(l1_entry, index)
+            if not l2_offset:
+                continue
+            self.add(l2_offset, self.cluster_size, addend)
+            words = self._l2_words(l2_offset)
+            for pos in range(0, len(words), self.words_per_entry):
+                entry = words[pos]
+                if entry & ~_COPIED:
+                    for offset, length in entry_host_ranges(self.image, entry):
+                        self.add(offset, length, addend)
+
+    def set_active_l1(self, entries: Sequence[int]) -> None:
+        """The new active L1 table (COPIED flags are recomputed; it is always written to a
+        new location and the current one is released)."""
+        self.active_l1 = [e & ~_COPIED for e in entries]
+
+    def set_snapshots(self, entries: Sequence[SnapshotEntry]) -> None:
+        """The new snapshot table (written to a new location; the current one released)."""
+        self.snapshots = list(entries)
+
+    def set_virtual_size(self, size: int) -> None:
+        """Switch the disk size together with the rest (header bytes 24-71)."""
+        self.virtual_size = size
+
+    # Section: helpers
+
+    def _l2_offset(self, l1_entry: int, index: int) -> int:
+        offset = l1_entry & layout.L1E_OFFSET_MASK
+        if offset % self.cluster_size:
+            raise CorruptImageError(
+                f"L2 table offset {offset:#x} unaligned (L1 index: {index:#x})",
+                path=self.image.path,
+                offset=offset,
+            )
+        return offset
+
+    def _l2_words(self, l2_offset: int) -> tuple[int, ...]:
+        table = self.image.l2_cache.get(l2_offset)  # read only: never modified here
+        return struct.unpack(f">{self.cluster_size // 8}Q", table)
+
+    def _normalized_l2(self, l2_offset: int) -> bytes | None:
+        """The L2 table with every COPIED flag matching the new refcounts; None if the
+        table already matches."""
+        words = list(self._l2_words(l2_offset))
+        changed = False
+        for pos in range(0, len(words), self.words_per_entry):
+            entry = words[pos]
+            if not entry & ~_COPIED:
+                continue
+            ctype = classify_l2_entry(entry, self.extended)
+            if ctype == ClusterType.COMPRESSED:
+                want = entry & ~_COPIED
+            elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+                data = entry & layout.L2E_OFFSET_MASK
+                if data % self.cluster_size:
+                    raise CorruptImageError(
+                        f"Cluster allocation offset {data:#x} unaligned (L2 offset: "
+                        f"{l2_offset:#x}, L2 index: {pos // self.words_per_entry:#x})",
+                        path=self.image.path,
+                        offset=data,
+                    )
+                want = entry & ~_COPIED
+                if self.new_refcount(data >> self.cluster_bits) == 1:
+                    want |= _COPIED
+            else:
+                continue
+            if want != entry:
+                words[pos] = want
+                changed = True
+        if not changed:
+            return None
+        return struct.pack(f">{len(words)}Q", *words)
+
+    # Section: building the new generation
+
+    def _build_active_l1(self) -> tuple[list[int], int]:
+        """Copy on write every active L2 table whose flags must change, place the new L1;
+        returns (entries with COPIED, offset)."""
+        assert self.active_l1 is not None
+        header = self.image.header
+        l2_offsets = [self._l2_offset(e, i) for i, e in enumerate(self.active_l1)]
+        copies: dict[int, int] = {}
+        for i, l2_offset in enumerate(l2_offsets):
+            if not l2_offset:
+                continue
+            if l2_offset not in copies:
+                table = self._normalized_l2(l2_offset)
+                copies[l2_offset] = l2_offset
+                if table is not None:
+                    new_offset = self.alloc(self.cluster_size)
+                    self.stage(new_offset, table)
+                    self.release(l2_offset, self.cluster_size)
+                    copies[l2_offset] = new_offset
+            l2_offsets[i] = copies[l2_offset]
+        new_l1 = [
+            off | _COPIED if off and self.new_refcount(off >> self.cluster_bits) == 1 else off
+            for off in l2_offsets
+        ]
+        if header.l1_size:
+            self.release(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
+        offset = 0
+        if new_l1:
+            offset = self.alloc(len(new_l1) * layout.L1_ENTRY_SIZE)
+            self.stage(offset, struct.pack(f">{len(new_l1)}Q", *new_l1))
+        elif not header.l1_size:
+            offset = header.l1_table_offset  # nothing changes
+        return new_l1, offset
+
+    def _build_snapshot_table(self) -> int:
+        assert self.snapshots is not None
+        header = self.image.header
+        old_length = table_length(self.image.snapshot_entries)
+        if header.nb_snapshots and old_length:
+            self.release(header.snapshots_offset, old_length)
+        data = serialize_snapshot_table(self.snapshots, header.version)
+        if not data:
+            return 0
+        offset = self.alloc(len(data))
+        self.stage(offset, data)
+        return offset
+
+    def _build_refcounts(self) -> tuple[list[int], int, int]:
+        """Copy on write every refcount block whose entries change, and a new reftable
+        (grown if needed) pointing at them and at the untouched old blocks; iterated until
+        the new blocks and table describe themselves.  Returns (table, offset, clusters)."""
+        header = self.image.header
+        cs = self.cluster_size
+        per_block = self.refcounts.entries_per_block
+        old_table = list(self.refcounts.table)
+        old_clusters = header.refcount_table_clusters
+        self.release(header.refcount_table_offset, old_clusters * cs)
+        new_blocks: dict[int, int] = {}  # refblock index -> new host offset
+        table_run: tuple[int, int] | None = None  # (first cluster, clusters)
+        while True:
+            changed = False
+            touched = sorted({c // per_block for c, d in self.delta.items() if d})
+            for index in touched:
+                if index in new_blocks:
+                    continue
+                old_offset = self._old_block(old_table, index)
+                if old_offset:
+                    self.release(old_offset, cs)
+                new_blocks[index] = self.alloc(cs)
+                changed = True
+            entries = max(len(old_table), max(new_blocks, default=-1) + 1)
+            nclusters = max(old_clusters, layout.size_to_clusters(cs, entries * 8))
+            if table_run is None or table_run[1] < nclusters:
+                if table_run is not None:
+                    self._untake(*table_run)
+                if nclusters > old_clusters:  # room to grow, like qemu's 3/2 rule
+                    nclusters = layout.size_to_clusters(cs, (entries * 3 // 2 + 1) * 8)
+                if nclusters * cs > layout.MAX_REFTABLE_BYTES:
+                    raise RefcountRangeError(
+                        f"refcount table would need {nclusters * cs} bytes (limit "
+                        f"{layout.MAX_REFTABLE_BYTES})",
+                        path=self.image.path,
+                    )
+                table_run = (self.alloc(nclusters * cs) >> self.cluster_bits, nclusters)
+                changed = True
+            if not changed:
+                break
+        assert table_run is not None
+        self._check_ranges()
+        blocks: dict[int, bytearray] = {}
+        for index in new_blocks:
+            old_offset = self._old_block(old_table, index)
+            blocks[index] = (
+                bytearray(self.image.refblock_cache.get(old_offset))
+                if old_offset
+                else bytearray(cs)
+            )
+        bits = self.refcounts.bits
+        for cluster, d in self.delta.items():
+            if d:
+                block = blocks[cluster // per_block]
+                write_refcount(block, cluster % per_block, bits, self.new_refcount(cluster))
+        for index, offset in new_blocks.items():
+            self.stage(offset, bytes(blocks[index]))
+        first, nclusters = table_run
+        table = old_table + [0] * (nclusters * cs // 8 - len(old_table))
+        for index, offset in new_blocks.items():
+            table[index] = offset
+        table_offset = first * cs
+        self.stage(table_offset, struct.pack(f">{len(table)}Q", *table))
+        return table, table_offset, nclusters
+
+    def _old_block(self, old_table: list[int], index: int) -> int:
+        if index >= len(old_table):
+            return 0
+        offset = old_table[index] & layout.REFT_OFFSET_MASK
+        if offset % self.cluster_size:
+            raise CorruptImageError(
+                f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})",
+                path=self.image.path,
+                offset=offset,
+            )
+        return offset
+
+    def _check_ranges(self) -> None:
+        """Refuse before anything is written: no refcount may overflow or drop below 0."""
+        limit = self.refcounts.max_refcount
+        for cluster, d in self.delta.items():
+            if not d:
+                continue
+            value = self.old_refcount(cluster) + d
+            if value < 0:
+                raise RefcountRangeError(
+                    f"refcount of cluster {cluster} would drop below 0 "
+                    f"(offset {cluster << self.cluster_bits:#x})",
+                    path=self.image.path,
+                )
+            if value > limit:
+                raise RefcountRangeError(
+                    f"refcount of cluster {cluster} would exceed {limit} "
+                    f"(refcount_bits={self.refcounts.bits})",
+                    path=self.image.path,
+                )
+
+    # Section: commit
+
+    def commit(self) -> None:
+        """Build the new generation, write it, switch the header, adopt it in memory."""
+        image = self.image
+        header = image.header
+        if self.active_l1 is None:
+            self.set_active_l1(image.l1_table)
+        new_l1, l1_offset = self._build_active_l1()
+        snapshots = self.snapshots if self.snapshots is not None else image.snapshot_entries
+        snapshots_offset = header.snapshots_offset
+        if self.snapshots is not None:
+            snapshots_offset = self._build_snapshot_table()
+        table, table_offset, table_clusters = self._build_refcounts()
+        fields = {
+            "l1_size": len(new_l1),
+            "l1_table_offset": l1_offset,
+            "refcount_table_offset": table_offset,
+            "refcount_table_clusters": table_clusters,
+            "nb_snapshots": len(snapshots),
+            "snapshots_offset": snapshots_offset,
+        }
+        if self.virtual_size is not None and self.virtual_size != header.size:
+            fields.update(size=self.virtual_size, crypt_method=header.crypt_method)
+
+        fault_point(f"{self.op}.write_metadata")
+        for offset, data in _coalesce(self.staged):
+            image.file.pwrite(offset, data)
+        image.file.flush()  # the new generation is durable before anything points at it
+        fault_point(f"{self.op}.header_switch")
+        try:
+            write_header_fields(image.file, **fields)
+            image.file.flush()
+        except BaseException:
+            # The switch may or may not be in the file: follow what the header says.
+            start, data = layout.pack_fields(**fields)
+            if image.file.pread(start, len(data)) == data:
+                self._adopt(fields, new_l1, snapshots, table)
+            else:
+                image.refblock_cache.clear()
+                image.l2_cache.clear()
+            raise
+        self._adopt(fields, new_l1, snapshots, table)
+
+    def _adopt(
+        self,
+        fields: dict[str, int],
+        new_l1: list[int],
+        snapshots: Sequence[SnapshotEntry],
+        table: list[int],
+    ) -> None:
+        """Memory follows the new generation: header fields, active L1, snapshot list,
+        refcount table; the caches (holding old-generation tables) are dropped."""
+        image = self.image
+        header = image.header
+        for name, value in fields.items():
+            setattr(header, name, value)
+        image.l1_table[:] = new_l1
+        image.snapshot_entries = list(snapshots)
+        refcounts = image.refcounts
+        refcounts.table = table
+        refcounts.free_cluster_index = 0
+        image.refblock_cache.clear()
+        image.l2_cache.clear()
+
+
+def _coalesce(staged: dict[int, bytes]) -> list[tuple[int, bytes]]:
+    """Staged writes sorted by offset, adjacent ones joined (fewer, larger writes)."""
+    runs: list[tuple[int, bytearray]] = []
+    for offset in sorted(staged):
+        data = staged[offset]
+        if runs and runs[-1][0] + len(runs[-1][1]) == offset:
+            runs[-1][1].extend(data)
+        else:
+            runs.append((offset, bytearray(data)))
+    return [(offset, bytes(data)) for offset, data in runs]
