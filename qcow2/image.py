@@ -495,7 +495,7 @@ class Image:
 
     # Section: delegation to the other modules
 
-    def _around_metadata_rewrite(self) -> None:
+    def _before_metadata_rewrite(self) -> None:
         """Other modules read and write tables directly: start them from a clean state."""
         self.flush()
         self._compressed_cache = None
@@ -510,7 +510,7 @@ class Image:
         from .snapshots import create_snapshot
 
         self._check_writable()
-        self._around_metadata_rewrite()
+        self._before_metadata_rewrite()
         try:
             return create_snapshot(self, name)
         finally:
@@ -521,7 +521,7 @@ class Image:
         from .snapshots import apply_snapshot
 
         self._check_writable()
-        self._around_metadata_rewrite()
+        self._before_metadata_rewrite()
         try:
             return apply_snapshot(self, name)
         finally:
@@ -532,7 +532,7 @@ class Image:
         from .snapshots import delete_snapshot
 
         self._check_writable()
-        self._around_metadata_rewrite()
+        self._before_metadata_rewrite()
         try:
             return delete_snapshot(self, name)
         finally:
@@ -729,6 +729,16 @@ def create(
     if size is None or size < 0:
         raise OutOfRangeError(f"invalid image size {size}", path=path)
     size = layout.align_up(size, 512)
+    l2_entries = cluster_size // (
+        layout.L2_ENTRY_SIZE_EXTENDED if extended_l2 else layout.L2_ENTRY_SIZE
+    )
+    if layout.size_to_clusters(cluster_size * l2_entries, size) > (
+        layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE
+    ):
+        raise UnsupportedFeatureError(
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+            path=path,
+        )
 
     header = Header(
         version=version,

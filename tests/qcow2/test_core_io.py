@@ -377,6 +377,9 @@ def test_errors_are_typed_for_bad_requests(tmp_path: Path) -> None:
         qcow2.create(str(tmp_path / "y.qcow2"), MiB, refcount_bits=128)
     with pytest.raises(qcow2.UnsupportedFeatureError, match="16384"):
         qcow2.create(str(tmp_path / "y.qcow2"), MiB, extended_l2=True, cluster_size=4096)
+    with pytest.raises(qcow2.UnsupportedFeatureError, match="image size is too large"):
+        qcow2.create(str(tmp_path / "huge.qcow2"), 100 * 2**50)
+    assert not os.path.exists(tmp_path / "huge.qcow2")  # refused before creating anything
     with pytest.raises(qcow2.Qcow2IOError):
         qcow2.open(str(tmp_path / "does-not-exist.qcow2"))
     assert not os.path.exists(tmp_path / "does-not-exist.qcow2")
