@@ -111,6 +111,14 @@ def test_kill_9_leaves_an_image_that_opens_clean(tmp_path: Path) -> None:
         force_unmount(mountpoint)
 
 
+def has_ofd_locks(image: Path) -> bool:
+    """True if some process holds an OFD lock (QEMU's image locks) on ``image``."""
+    st = os.stat(image)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    with open("/proc/locks") as locks:
+        return any("OFDLCK" in line and key in line for line in locks)
+
+
 @contextlib.contextmanager
 def held_by_qemu_io(image: Path) -> Iterator[subprocess.Popen[bytes]]:
     """An interactive qemu-io holding ``image`` open read-write (QEMU's locks)."""
@@ -121,8 +129,11 @@ def held_by_qemu_io(image: Path) -> Iterator[subprocess.Popen[bytes]]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while opens_writable(image):
+        # Watch /proc/locks rather than probing with another qemu-io: a probe that wins
+        # the race for the lock makes the holder give up.
+        deadline = time.monotonic() + 30
+        while not has_ofd_locks(image):
+            assert proc.poll() is None, "qemu-io exited instead of holding the image"
             assert time.monotonic() < deadline, "qemu-io did not lock the image"
             time.sleep(0.05)
         yield proc
