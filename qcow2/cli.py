@@ -205,7 +205,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
     try:
-        entries, error = map_entries(layers)
+        start = parse_size(args.start_offset, "start offset") if args.start_offset else 0
+        max_length = parse_size(args.max_length, "max length") if args.max_length else None
+        entries, error = map_entries(layers, start, max_length)
     finally:
         for layer in layers:
             layer.close()
@@ -289,14 +291,14 @@ _SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 
 _SIZE_SUFFIXES.update({"p": 1 << 50, "e": 1 << 60})
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str = "image size") -> int:
     """qemu's ``qemu_strtosz``: ``64M``, ``1.5G``, ``100k``, plain bytes."""
     import re
 
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([bBkKmMgGtTpPeE]?)", text)
     if not match:
         raise CliError(
-            "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+            f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for\n"
             f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
         )
     number, suffix = match.groups()
@@ -1011,6 +1013,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("map", help="show guest-to-host mapping (qemu-img map)")
     p.add_argument("-f", choices=("qcow2", "raw"))
     p.add_argument("-U", "--force-share", dest="U", action="store_true")
+    p.add_argument("--start-offset", metavar="OFFSET", help="first guest byte to map")
+    p.add_argument("--max-length", metavar="LEN", help="guest bytes to map at most")
     _add_output(p)
     p.add_argument("image")
     p.set_defaults(func=_cmd_map)

@@ -658,17 +658,25 @@ def _status(runs: list[_Run], starts: list[int], pos: int) -> _Run:
     return runs[bisect.bisect_right(starts, pos) - 1]
 
 
-def map_entries(layers: Sequence[Layer]) -> tuple[list[MapEntry], CorruptImageError | None]:
+def map_entries(
+    layers: Sequence[Layer], start: int = 0, max_length: int | None = None
+) -> tuple[list[MapEntry], CorruptImageError | None]:
     """qemu-img map's records for the chain ``layers`` (top first), merged like qemu-img
-    (same depth/present/zero/data/file and contiguous offsets).
+    (same depth/present/zero/data/file and contiguous offsets), for the guest range
+    ``[start, start + max_length)`` (``--start-offset``/``--max-length``).
 
     If the walk reaches corrupt metadata, the records found so far are returned with the
-    error (qemu-img prints all but the last, still open, record before failing)."""
+    error (qemu-img prints all but the last, still open, record before failing).  An
+    empty range gives qemu-img's single empty record."""
     statuses = [(_qcow2_runs(x) if x.header is not None else _raw_runs(x)) for x in layers]
     starts = [[r.start for r in runs] for runs in statuses]
     length = layers[0].virtual_size
+    if max_length is not None:
+        length = min(start + max_length, length)
+    if start >= length:
+        return [MapEntry(start, 0, 0, False, False, False, None, None)], None
     entries: list[MapEntry] = []
-    pos = 0
+    pos = start
     while pos < length:
         try:
             entry = _block_status(layers, statuses, starts, pos, length - pos)

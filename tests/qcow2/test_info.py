@@ -284,3 +284,25 @@ def test_luks_image_like_qemu_img_without_a_key(luks_image: Path, args: tuple[st
     img.write_bytes(luks_image.read_bytes())
     theirs, ours, _, _ = run_both(img, *args)
     assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        ("--start-offset=1M", "--max-length=3M"),
+        ("--start-offset=100", "--max-length=1000"),
+        ("--start-offset=200M",),
+        ("--start-offset=1k", "--max-length=0"),
+        ("--start-offset=-1",),
+        ("--max-length=12x",),
+    ],
+    ids=lambda w: " ".join(w),
+)
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_map_window_matches_qemu_img(tmp_path: Path, window: tuple[str, ...], output: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    img = backing_chain(src)
+    _copy_chain(img)
+    theirs, ours, _, _ = run_both(img, "map", f"--output={output}", *window)
+    assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
