@@ -192,6 +192,8 @@ class WatcherThread:
         self.report = report
         self.poll_interval, self.grace = poll_interval, grace
         self.error: BaseException | None = None
+        #: The running :class:`Watcher` (None before :meth:`start`).
+        self.watcher: Watcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -217,11 +219,11 @@ class WatcherThread:
         vtpm = open_vtpm(self.image, self.control)
         monitor = Monitor(self.qmp)
         try:
-            watcher = Watcher(
+            self.watcher = Watcher(
                 monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
                 grace=self.grace, on_ready=self._ready.set,
             )  # fmt: skip
-            await watcher.run(self._stop)
+            await self.watcher.run(self._stop)
         finally:
             await monitor.close()
             vtpm.close()

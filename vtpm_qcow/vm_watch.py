@@ -90,6 +90,8 @@ class Watcher:
         #: Disk tags already reported as lacking a vTPM snapshot.
         self.reported_missing: set[str] = set()
         self.shutdown_seen = False
+        #: Number of reconciles done (observability: tests, status reports).
+        self.reconciles = 0
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Watch until ``stop`` is set or QEMU shuts down; QmpError if QEMU vanished."""
@@ -195,6 +197,7 @@ class Watcher:
         if self.pause_digests is not None:
             lines += self._detect_load(current)
         self.disk_tags = disk_tags
+        self.reconciles += 1
         for line in lines:
             self.report(line)
         return lines
@@ -207,6 +210,7 @@ class Watcher:
         permall = current.get("permall")
         if permall is None or permall == self.pause_digests.get("permall"):
             return []
+        self.pause_digests = current  # report this change once, not on every poll
         snapshots = self._vtpm(self.vtpm.snapshot_digests, "list snapshots") or {}
         tags = sorted(t for t, d in snapshots.items() if d.get("permall") == permall)
         if tags:

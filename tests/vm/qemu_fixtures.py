@@ -336,3 +336,17 @@ def qmp_job(qmp: Path, command: str, arguments: dict[str, Any], timeout: float =
         return jobs[job_id].get("error")
     finally:
         monitor.close()
+
+
+def quit_qemu(qemu: QemuProcess) -> None:
+    """Ask QEMU to quit over QMP (it may hang up before answering) and wait for it to exit."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    monitor = QEMUMonitorProtocol(str(qemu.qmp))
+    monitor.connect()
+    # QEMU may close the monitor on its way out before or after answering.
+    with contextlib.suppress(EOFError, OSError):
+        monitor.cmd_obj({"execute": "quit"})
+    with contextlib.suppress(EOFError, OSError):
+        monitor.close()
+    qemu.proc.wait(60)

@@ -17,6 +17,7 @@ from tests.vm.qemu_fixtures import (
     hmp_over_qmp,
     qemu_vm,
     qmp_query,
+    quit_qemu,
     stop_process,
     swtpm_process,
     vtpm_qcow_command,
@@ -200,7 +201,7 @@ def test_hmp_savevm_loadvm_delvm_followed_by_the_watcher(
             deleted = "deleted: vTPM snapshot 'T1' (disk snapshot deleted)"
             wait_until(lambda: deleted in watch_log.read_text(), "the watcher's delete")
             assert snapshot_tags(image) == []
-            hmp_over_qmp(s.qemu.qmp, "quit")
+            quit_qemu(s.qemu)
             assert watcher.wait(30) == 0  # ends with QEMU
         finally:
             stop_process(watcher)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_job
+from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_job, quit_qemu
 from tests.vm.scenario import permall, snapshot_tags, stack, state_a, state_b, wait_until
 from vtpm_qcow.vm import WatcherThread
 
@@ -54,7 +54,7 @@ def test_watcher_thread_follows_snapshot_jobs_of_another_client(
                 qmp_job(s.qemu.qmp, "snapshot-delete", {"tag": "J1", "devices": ["disk0"]}) is None
             )
             wait_until(lambda: snapshot_tags(image) == [], "vTPM snapshot J1 to go")
-            hmp_over_qmp(s.qemu.qmp, "quit")
+            quit_qemu(s.qemu)
             wait_until(lambda: watcher.finished, "the watcher to end with QEMU")
         finally:
             watcher.stop()
@@ -63,3 +63,27 @@ def test_watcher_thread_follows_snapshot_jobs_of_another_client(
             text = "\n".join(lines)
         assert "created: vTPM snapshot 'J1'" in text and "warning" not in text
         assert "deleted: vTPM snapshot 'J1' (disk snapshot deleted)" in text
+
+
+def test_loadvm_while_paused_is_reported_once(images: tuple[Path, Path], tmp_path: Path) -> None:
+    image, disk = images
+    lines: list[str] = []
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        s.vm("save", "T1")
+        state_b(s.tpm)
+        thread = WatcherThread(str(s.qemu.qmp2), str(image), report=lines.append, poll_interval=0.1)
+        thread.start()
+        watcher = thread.watcher
+        assert watcher is not None
+        try:
+            hmp_over_qmp(s.qemu.qmp, "stop")  # STOP: the watcher records the paused state
+            wait_until(lambda: watcher.pause_digests is not None, "the STOP to be seen")
+            hmp_over_qmp(s.qemu.qmp, "loadvm T1")  # stays paused: no STOP/RESUME events
+            wait_until(lambda: any(x.startswith("loaded:") for x in lines), "the load report")
+            polls = watcher.reconciles
+            wait_until(lambda: watcher.reconciles >= polls + 3, "three more polls")
+        finally:
+            thread.stop()
+        loads = [line for line in lines if line.startswith("loaded:")]
+        assert loads == ["loaded: TPM state of 'T1' (pushed by QEMU's loadvm)"]
