@@ -386,8 +386,7 @@ class Image:
         gran = h.subcluster_size
         start = layout.align_up(offset, gran)
         stop = end if end == h.size else end // gran * gran
-        if stop <= start:
-            start = stop = offset  # inside one granule: handled as a head below
+        # Head and tail partial granules (inside one granule: the head is the request).
         for lo, hi in ((offset, min(start, end)), (max(stop, start), end)):
             if hi <= lo:
                 continue
