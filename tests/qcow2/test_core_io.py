@@ -424,6 +424,7 @@ def test_shrink_identical_to_qemu_img(tmp_path: Path) -> None:
     assert ours.read_bytes() == theirs.read_bytes()
 
 
+@pytest.mark.parametrize("op", ["zero", "discard", "write"])
 @pytest.mark.parametrize(
     "options",
     [
@@ -432,28 +433,39 @@ def test_shrink_identical_to_qemu_img(tmp_path: Path) -> None:
         {"cluster_size": 16384, "extended_l2": True},
     ],
 )
-def test_write_zeroes_at_every_boundary(tmp_path: Path, options: dict[str, int]) -> None:
-    """write_zeroes over data, for offsets and lengths around cluster (and subcluster)
-    boundaries: every case reads back as the model says and the image stays clean."""
+def test_operations_at_every_boundary(tmp_path: Path, options: dict[str, int], op: str) -> None:
+    """write_zeroes / discard / write over dense or sparse data, for offsets and lengths
+    around cluster (and subcluster) boundaries: every case reads back as the model says
+    and the image stays clean."""
     need("qemu-img")
     path = tmp_path / "z.qcow2"
-    gran = options["cluster_size"] // (32 if options.get("extended_l2") else 1)
-    size = 128 * gran
+    cs = options["cluster_size"]
+    gran = cs // (32 if options.get("extended_l2") else 1)
+    span = 4 * max(gran, cs)
+    size = 32 * span
     model = Model(tmp_path / "model.raw", size)
     with qcow2.create(str(path), size, **options) as image:  # type: ignore[arg-type]
-        fill = bytes(range(1, 256)) * (size // 255 + 1)
+        fill = bytes(range(1, 256)) * (span // 255 + 1)
         base = 0
         for dense, start, length in itertools.product(
             (True, False), (0, 1, gran - 1), (1, gran - 1, gran, gran + 1, 2 * gran + 1)
         ):
             if dense:
-                image.write(base, fill[: 4 * gran])
-                model.write(base, fill[: 4 * gran])
+                image.write(base, fill[:span])
+                model.write(base, fill[:span])
             else:  # data only in the second granule: the first one stays unallocated
                 image.write(base + gran, b"\x01")
                 model.write(base + gran, b"\x01")
-            image.write_zeroes(base + start, length)
-            model.zero(base + start, length)
-            assert image.read(base, 4 * gran) == model.read(base, 4 * gran), (start, length)
-            base += 4 * gran
+            if op == "zero":
+                image.write_zeroes(base + start, length)
+                model.zero(base + start, length)
+            elif op == "write":
+                image.write(base + start, b"\xee" * length)
+                model.write(base + start, b"\xee" * length)
+            else:
+                image.discard(base + start, length)  # v2 and v3 alike without backing
+                lo, hi = discarded_range(base + start, length, cs, size)
+                model.zero(lo, hi - lo)
+            assert image.read(base, span) == model.read(base, span), (dense, start, length)
+            base += span
     assert_same_as_model(path, model)
