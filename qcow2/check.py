@@ -184,11 +184,28 @@ def read_header_as_qemu(f: HostFile, *, check_mode: bool = False, io: bool = Tru
     raw_data = header.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW
     if io and raw_data and not header.has_data_file:
         raise InvalidImageError("data-file-raw requires a data file", path=f.path)
+    if io and header.has_data_file:
+        _require_data_file(f.path, header)
     if check_mode:
         real = read_header_fields(f, [name for name, _ in _CHECK_MODE_FIELDS])
         for name, value in real.items():
             setattr(header, name, value)
     return header
+
+
+def _require_data_file(image: str, header: Header) -> None:
+    """QEMU opens an image's external data file (named relative to the image's directory);
+    a missing one fails the open."""
+    name = header.data_file
+    if not name:
+        raise InvalidImageError("'data-file' is required for this image", path=image)
+    if not name.startswith("/") and "/" in image:
+        name = image[: image.rindex("/") + 1] + name
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise InvalidImageError(f"Could not open '{name}': {err.strerror}", path=image) from err
+    os.close(fd)
 
 
 def read_header_fields(f: HostFile, names: list[str]) -> dict[str, int]:

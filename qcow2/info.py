@@ -175,6 +175,14 @@ class Layer:
     snapshots: list[SnapshotEntry]
 
     @property
+    def data_name(self) -> str:
+        """The file that holds guest data: the external data file if the image has one."""
+        h = self.header
+        if h is not None and h.has_data_file and h.data_file:
+            return full_backing_filename(self.name, h.data_file)
+        return self.name
+
+    @property
     def format(self) -> str:
         """ "qcow2" or "raw"."""
         return "raw" if self.header is None else "qcow2"
@@ -607,7 +615,8 @@ def _entry_status(
     if not h.extended_l2:
         if entry & layout.OFLAG_ZERO:
             yield start, start + cs, _ZERO, host or None
-        elif host:
+        elif host or (h.has_data_file and entry & layout.OFLAG_COPIED):
+            # with an external data file, offset 0 + COPIED is a real cluster at offset 0
             yield start, start + cs, _DATA, host
         else:
             yield start, start + cs, _UNALLOCATED, None
@@ -707,11 +716,11 @@ def _block_status(
         offset = None if run.offset is None else run.offset + (pos - run.start)
         if run.kind in (_DATA, _ZERO):
             data = run.kind == _DATA
-            name = layer.name if offset is not None else None
+            name = layer.data_name if offset is not None else None
             return MapEntry(pos, nbytes, depth, True, not data, data, offset, name)
         below = layers[depth + 1] if depth + 1 < len(layers) else None
         if below is None or pos >= below.virtual_size:
-            name = layer.name if offset is not None else None
+            name = layer.data_name if offset is not None else None
             return MapEntry(pos, nbytes, depth, False, True, False, offset, name)
     raise AssertionError("unreachable")
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,14 @@ from tests.helpers import need
 from tests.qcow2 import oracle
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _restore_cwd() -> Iterator[None]:
+    """Tests here chdir next to their images (paths in output are relative): undo it."""
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,14 @@ from tests.qcow2 import oracle
 from tests.qcow2.test_cli import Run, run_both, run_cli, run_qemu_img
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _restore_cwd() -> Iterator[None]:
+    """Tests here chdir next to their images (paths in output are relative): undo it."""
+    cwd = os.getcwd()
+    yield
+    os.chdir(cwd)
 
 
 def plain(tmp: Path) -> Path:
@@ -108,6 +116,21 @@ def with_bitmaps(tmp: Path) -> Path:
     return img
 
 
+def external_data_file(tmp: Path) -> Path:
+    # qemu-img create names the data file relative to its working directory
+    img = oracle.create(tmp / "img.qcow2", 8 * MiB, data_file=str(tmp / "img.data"))
+    oracle.qemu_io(img, "write -P 5 0 128k", "write -z 1M 64k", "write -P 6 4M 64k")
+    return img
+
+
+def external_raw_data_file(tmp: Path) -> Path:
+    img = oracle.create(
+        tmp / "img.qcow2", 8 * MiB, data_file=str(tmp / "img.data"), data_file_raw=True
+    )
+    oracle.qemu_io(img, "write -P 5 0 128k")
+    return img
+
+
 IMAGES: dict[str, Callable[[Path], Path]] = {
     f.__name__: f
     for f in (
@@ -122,6 +145,8 @@ IMAGES: dict[str, Callable[[Path], Path]] = {
         backing_chain,
         raw_backing,
         with_bitmaps,
+        external_data_file,
+        external_raw_data_file,
     )
 }
 
@@ -306,3 +331,14 @@ def test_map_window_matches_qemu_img(tmp_path: Path, window: tuple[str, ...], ou
     _copy_chain(img)
     theirs, ours, _, _ = run_both(img, "map", f"--output={output}", *window)
     assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+
+
+def test_missing_external_data_file_like_qemu_img(tmp_path: Path) -> None:
+    """qemu-img opens the data file for check/map (and fails without it), not for info."""
+    os.chdir(tmp_path)  # qemu-img create names the data file relative to the cwd
+    img = oracle.create(Path("img.qcow2"), 8 * MiB, data_file="img.data")
+    (tmp_path / "img.data").unlink()
+    for args in (("check",), ("map",), ("info",), ("snapshot", "-l")):
+        theirs = run_qemu_img(*args, img.name)
+        ours = run_cli(*args, img.name)
+        assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err), args
