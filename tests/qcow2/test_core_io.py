@@ -198,13 +198,17 @@ def _qemu_made(tmp_path: Path) -> dict[str, Path]:
             "write -P 0x44 3M 1M",
         )
         images[name] = path
-    for ctype in ("zlib", "zstd"):
-        path = tmp_path / f"compressed_{ctype}.qcow2"
+    for name, opts in {
+        "compressed_zlib": "compression_type=zlib",
+        "compressed_zstd": "compression_type=zstd",
+        "compressed_512": "cluster_size=512",  # one bit of sector count
+        "compressed_extl2": "extended_l2=on,compression_type=zstd",
+    }.items():
+        path = tmp_path / f"{name}.qcow2"
         oracle.qemu_img(
-            "convert", "-f", "raw", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
-            str(src), str(path),
-        )  # fmt: skip
-        images[f"compressed_{ctype}"] = path
+            "convert", "-f", "raw", "-c", "-O", "qcow2", "-o", opts, str(src), str(path)
+        )
+        images[name] = path
     base = oracle.create(tmp_path / "base.qcow2", 4 * MiB)
     oracle.qemu_io(base, "write -P 0x55 0 4M")
     mid = tmp_path / "mid.qcow2"
@@ -246,9 +250,9 @@ def test_reads_qemu_images_byte_identical(qemu_images: dict[str, Path]) -> None:
 
 def test_compressed_images_are_really_compressed(qemu_images: dict[str, Path]) -> None:
     """Guard: the compressed fixtures must contain compressed clusters to test anything."""
-    for ctype in ("zlib", "zstd"):
-        result = oracle.check(qemu_images[f"compressed_{ctype}"])
-        assert result.get("compressed-clusters", 0) > 0
+    for name in ("compressed_zlib", "compressed_zstd", "compressed_512", "compressed_extl2"):
+        result = oracle.check(qemu_images[name])
+        assert result.get("compressed-clusters", 0) > 0, name
 
 
 @pytest.mark.parametrize(
@@ -260,6 +264,8 @@ def test_compressed_images_are_really_compressed(qemu_images: dict[str, Path]) -
         "refcount1",
         "compressed_zlib",
         "compressed_zstd",
+        "compressed_512",
+        "compressed_extl2",
         "chain_top",
         "raw_backed_extl2",
         "snapshot",
