@@ -107,6 +107,30 @@ def swtpm_process(
     expects); otherwise unix sockets in ``workdir``.  ``data_channel=False`` gives only a
     control socket (what QEMU's ``-tpmdev emulator`` connects to).  Killed on exit.
     """
+    for attempt in range(3):  # a TCP port pair may be taken between probing and binding
+        stack = contextlib.ExitStack()
+        try:
+            process = stack.enter_context(
+                _swtpm_once(tpmstate, workdir, tcp=tcp, data_channel=data_channel, flags=flags)
+            )
+        except SwtpmStartError:
+            stack.close()
+            if attempt == 2 or not tcp:
+                raise
+            continue
+        with stack:
+            yield process
+        return
+
+
+class SwtpmStartError(RuntimeError):
+    """swtpm exited before opening its sockets."""
+
+
+@contextlib.contextmanager
+def _swtpm_once(
+    tpmstate: str, workdir: Path, *, tcp: bool, data_channel: bool, flags: str | None
+) -> Iterator[SwtpmProcess]:
     swtpm = need("swtpm")
     log = workdir / "swtpm.log"
     cmd = [swtpm, "socket", "--tpm2", "--tpmstate", tpmstate, "--log", f"file={log},level=1"]
@@ -126,12 +150,15 @@ def swtpm_process(
         cmd += ["--flags", flags]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     try:
-        if isinstance(ctrl, int):
-            wait_for_port(ctrl, proc, "swtpm")
-        else:
-            wait_for_path(Path(ctrl), proc, "swtpm", log)
-        if isinstance(server, str):
-            wait_for_path(Path(server), proc, "swtpm")
+        try:
+            if isinstance(ctrl, int):
+                wait_for_port(ctrl, proc, "swtpm")
+            else:
+                wait_for_path(Path(ctrl), proc, "swtpm", log)
+            if isinstance(server, str):
+                wait_for_path(Path(server), proc, "swtpm")
+        except RuntimeError as err:
+            raise SwtpmStartError(str(err)) from err
         yield SwtpmProcess(proc, server, ctrl, log)
     finally:
         stop_process(proc)

@@ -7,6 +7,7 @@ image's sections from ``qemu-img convert`` + the linear codec.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -217,6 +218,20 @@ def test_qmp_socket_gone_is_one_line_error(images: tuple[Path, Path], tmp_path: 
     assert done.stderr.count("\n") == 1 and "gone.sock" in done.stderr
     assert "Traceback" not in done.stderr
     assert snapshot_tags(image) == []
+    silent = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(silent))
+        server.listen(1)  # a monitor held by someone else: connects, never greets
+        done = vtpm_qcow_command(
+            "vm", "load", "--qmp", str(silent), "--store", str(image), "--timeout", "1", "T1",
+            check=False,
+        )  # fmt: skip
+    assert done.returncode == 1 and "no QMP greeting within 1s" in done.stderr
+    assert done.stderr.count("\n") == 1
+    missing = vtpm_qcow_command(
+        "vm", "list", "--qmp", str(silent), "--store", str(tmp_path / "nope.qcow2"), check=False
+    )
+    assert missing.returncode == 1 and "nope.qcow2: no such vTPM image" in missing.stderr
 
 
 def test_qemu_killed_during_watch_ends_watch_with_error(
