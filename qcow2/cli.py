@@ -104,10 +104,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_file, read_header_as_qemu
+    from .check import check_file
     from .errors import Qcow2Error
     from .fileio import HostFile
-    from .info import qemu_json
+    from .info import qemu_json, read_header_as_qemu
 
     try:
         f = HostFile(args.image, writable=bool(args.r))
