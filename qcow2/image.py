@@ -657,6 +657,10 @@ def open(path: str, *, writable: bool = False, force_share: bool = False) -> Ima
     ``writable`` takes QEMU's writer locks (refused while QEMU holds the image); a
     read-only open locks like ``qemu-img info``; ``force_share`` takes no lock (``-U``).
     """
+    if writable and force_share:
+        raise UnsupportedFeatureError(
+            "force-share=on can only be used with read-only images", path=os.fspath(path)
+        )
     return _open(os.fspath(path), writable=writable, force_share=force_share, chain=())
 
 

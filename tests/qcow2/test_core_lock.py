@@ -96,3 +96,8 @@ def test_create_refuses_to_overwrite_an_image_in_use(image: Path) -> None:
     with pytest.raises(qcow2.ImageLockedError):
         qcow2.create(str(image), 2 * MiB)
     assert image.read_bytes() == before
+
+
+def test_force_share_is_for_readers_only(image: Path) -> None:
+    with pytest.raises(qcow2.UnsupportedFeatureError, match="read-only"):
+        qcow2.open(str(image), writable=True, force_share=True)
