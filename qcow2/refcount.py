@@ -149,32 +149,33 @@ class RefcountTable:
     # Section: allocation
 
     def find_free(self, nclusters: int, exclude: tuple[int, int] | None = None) -> int:
-        """First cluster index of the lowest run of ``nclusters`` free clusters."""
+        """First cluster index of the lowest run of ``nclusters`` free clusters at or after
+        the search hint.  ``exclude`` (first, last) is never handed out: clusters whose
+        refcounts are being raised right now."""
+
+        def excluded(lo: int, hi: int) -> bool:
+            return exclude is not None and lo <= exclude[1] and exclude[0] < hi
+
+        per_block = self.entries_per_block
         cluster = self.free_cluster_index
         run_start, run = cluster, 0
-        per_block = self.entries_per_block
         while run < nclusters:
-            index = cluster // per_block
-            excluded = exclude is not None and exclude[0] <= cluster <= exclude[1]
             if (
-                not excluded
-                and not self._block_offset(index)
-                and cluster % per_block == 0
-                and (exclude is None or exclude[0] >= cluster + per_block or exclude[1] < cluster)
+                cluster % per_block == 0
+                and not self._block_offset(cluster // per_block)
+                and not excluded(cluster, cluster + per_block)
             ):
-                # A whole uncovered refblock range is free.
-                if run == 0:
-                    run_start = cluster
-                run += per_block
-                cluster += per_block
-                continue
-            if not excluded and self.get(cluster) == 0:
-                if run == 0:
-                    run_start = cluster
-                run += 1
+                free = per_block  # no refblock: the whole range it would cover is free
+            elif not excluded(cluster, cluster + 1) and self.get(cluster) == 0:
+                free = 1
             else:
                 run = 0
-            cluster += 1
+                cluster += 1
+                continue
+            if run == 0:
+                run_start = cluster
+            run += free
+            cluster += free
         # Like QEMU's alloc_clusters_noref, the search hint moves past what it handed out
         # (a free of a lower cluster moves it back).
         self.free_cluster_index = run_start + nclusters
