@@ -1007,6 +1007,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
     label = "Repairing" if repair else "ERROR"
     step = 2 if c.extended_l2 else 1
     n = c.cluster_size // 8
+    scanned: dict[int, tuple[list[str], int]] = {}
     for i, l1_entry in enumerate(c.l1_table):
         l2_offset = l1_entry & layout.L1E_OFFSET_MASK
         if not l2_offset:
@@ -1032,6 +1033,15 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
                 c.f.flush()
                 res.corruptions -= 1
                 res.corruptions_fixed += 1
+        # An L2 table referenced by several L1 entries gives the same findings each time
+        # (and none after its repair): scan it once.
+        known = scanned.get(l2_offset)
+        if known is not None:
+            res.messages.extend(known[0])
+            res.corruptions += known[1]
+            continue
+        first_message = len(res.messages)
+        corruptions_before = res.corruptions
         words = list(struct.unpack(f">{n}Q", c.read(l2_offset, c.cluster_size)))
         dirty = 0
         for j in range(0, n, step):
@@ -1068,6 +1078,12 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
             c.f.pwrite(l2_offset, struct.pack(f">{n}Q", *words))
             res.corruptions -= dirty
             res.corruptions_fixed += dirty
+            scanned[l2_offset] = ([], 0)
+        else:
+            scanned[l2_offset] = (
+                res.messages[first_message:],
+                res.corruptions - corruptions_before,
+            )
 
 
 def _check_read_snapshot_table(c: _Checker, res: CheckResult) -> None:

@@ -449,3 +449,19 @@ def test_fuzzed_metadata_gives_qemu_img_output(tmp_path: Path, seed: int) -> Non
             if (ours.code, ours.out, ours.err) != (theirs.code, theirs.out, theirs.err):
                 failures.append((i, command, theirs.code, ours.code, theirs.err, ours.err))
     assert not failures, failures
+
+
+def test_one_l2_table_behind_every_l1_entry(tmp_path: Path) -> None:
+    """A hostile L1 whose 512 entries all name the same L2 table: every reference is
+    counted and reported as qemu-img does (the table is scanned once, not 512 times)."""
+    img = make(tmp_path, "write 0 4k", size=1024 * MiB, cluster_size=4096)
+    l1_offset = u64(img, 40)
+    l1_size = int.from_bytes(img.read_bytes()[36:40], "big")
+    first = u64(img, l1_offset)
+    assert l1_size == 512 and first
+    patch(img, l1_offset, struct.pack(f">{l1_size}Q", *([first] * l1_size)))
+    for args in (("check", "--output=json"), ("check", "-r", "all", "--output=json")):
+        theirs, ours, q, o = run_both(img, *args)
+        assert (ours.code, ours.out) == (theirs.code, theirs.out)
+        assert _stderr_lines(ours.err) == _stderr_lines(theirs.err)
+    assert oracle.check(o)["exit-code"] == oracle.check(q)["exit-code"]
