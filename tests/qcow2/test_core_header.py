@@ -405,3 +405,24 @@ def test_unknown_autoclear_bits_cleared_on_writable_open(tmp_path: Path) -> None
     finally:
         f.close()
     oracle.assert_clean(path)
+
+
+def test_unknown_incompatible_bits_are_named_from_the_feature_table(tmp_path: Path) -> None:
+    """Bits the image's feature table names are listed by name, the rest as a hex mask,
+    exactly as qemu-img reports them."""
+    need("qemu-img")
+    path = oracle.create(tmp_path / "f.qcow2", MiB)
+    data = bytearray(path.read_bytes())
+    ext_type, _ = struct.unpack_from(">II", data, 112)
+    assert ext_type == layout.EXT_FEATURE_TABLE
+    # Rename the table's fifth entry (extended L2, bit 4) into an unknown bit 5 feature.
+    entry = 112 + 8 + 4 * layout.FEATURE_NAME_STRUCT.size
+    layout.FEATURE_NAME_STRUCT.pack_into(data, entry, 0, 5, b"future feature")
+    struct.pack_into(">Q", data, layout.field_offset("incompatible_features"), (1 << 5) | (1 << 6))
+    path.write_bytes(bytes(data))
+    expected = "Unsupported qcow2 feature(s): future feature, Unknown incompatible feature: 40"
+    with pytest.raises(qcow2.UnsupportedFeatureError) as caught:
+        qcow2.open(str(path))
+    assert expected in str(caught.value)
+    assert caught.value.bits == (1 << 5) | (1 << 6)
+    assert expected in oracle.qemu_img("info", str(path), ok=(1,)).stderr.decode()
