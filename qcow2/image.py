@@ -99,7 +99,12 @@ class Image:
 
     Attributes used by the other qcow2 modules: ``file`` (HostFile), ``header``,
     ``refcounts`` (RefcountTable), ``clusters`` (ClusterMap), ``l2_cache``, ``l1_table``
-    (the active L1 in memory), ``path``, ``read_only``/``writable``, ``backing``.
+    (the active L1 in memory), ``snapshot_entries``, ``path``, ``read_only``/``writable``,
+    ``backing``.
+
+    Not thread-safe: callers serialize access (one lock around every call).  Metadata
+    changes are cached (write-back) until :meth:`flush` or :meth:`close`; data writes go
+    straight to the file.
     """
 
     def __init__(
