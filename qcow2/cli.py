@@ -663,7 +663,14 @@ def _refcount_reader(f: Any, h: Any) -> Callable[[int], int]:
 class _Source:
     """Guest content of an image for compare/convert: qcow2 (active or a snapshot) or raw."""
 
-    def __init__(self, path: str, fmt: str | None, snapshot: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        path: str,
+        fmt: str | None,
+        snapshot: tuple[str, str] | None = None,
+        *,
+        force_share: bool = False,
+    ):
         qcow2 = _api()
         from .errors import Qcow2Error
 
@@ -688,7 +695,7 @@ class _Source:
             self._read: Callable[[int, int], bytes] = self._read_raw
             return
         try:
-            image = qcow2.open(path, writable=False, force_share=True)
+            image = qcow2.open(path, writable=False, force_share=force_share)
         except (Qcow2Error, OSError) as err:
             raise _open_error(path, err) from err
         self.image = image
@@ -725,8 +732,8 @@ _CHUNK = 1 << 20
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     try:
-        a = _Source(args.image1, args.f)
-        b = _Source(args.image2, args.F)
+        a = _Source(args.image1, args.f, force_share=args.U)
+        b = _Source(args.image2, args.F, force_share=args.U)
     except CliError as err:
         err.code = 2
         raise
@@ -783,7 +790,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CliError(f"Unknown file format '{out_fmt}'")
     if args.c and out_fmt != "qcow2":
         raise CliError("Compression not supported for this file format")
-    src = _Source(args.src, args.f, snapshot)
+    src = _Source(args.src, args.f, snapshot, force_share=args.U)
     try:
         size = src.size
         writer: Callable[[int, bytes], None]

@@ -312,6 +312,10 @@ def test_locked_image_gives_qemu_img_lock_error(tmp_path: Path) -> None:
             ("snapshot", "-l", "img.qcow2"),
             ("snapshot", "-c", "x", "img.qcow2"),
             ("info", "-U", "img.qcow2"),
+            ("compare", "img.qcow2", "img.qcow2"),
+            ("compare", "-U", "img.qcow2", "img.qcow2"),
+            ("convert", "-O", "raw", "img.qcow2", "out.raw"),
+            ("convert", "-U", "-O", "raw", "img.qcow2", "out.raw"),
         ):
             theirs = run_qemu_img(*args)
             ours = run_cli(*args)
