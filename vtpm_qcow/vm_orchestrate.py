@@ -481,7 +481,8 @@ async def _save_paused(
 ) -> Outcome:
     outcome = Outcome(tag, [n.node for n in nodes], vtpm.description)
     if on_disks:
-        await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
+        old = {"tag": tag, "devices": on_disks}
+        await _disk_half(monitor, "save", "snapshot-delete", old, tag)
         outcome.notes.append("replaced the old snapshot")
     save_job = {"tag": tag, "vmstate": nodes[0].node, "devices": outcome.disks}
     try:
@@ -526,7 +527,7 @@ async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         raise AlignmentError(
             f"load {quoted(tag)}: disk half failed: {err}; vTPM image untouched, VM left paused"
         ) from err
-    _vtpm_half(lambda: vtpm.apply(tag), "load", tag, after="the disks were loaded")
+    _vtpm_half(lambda: vtpm.apply(tag), "load", tag, after="the disks were loaded (VM paused)")
     outcome.resumed = await vm.resume()
     return outcome
 
@@ -542,7 +543,9 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         )
     outcome = Outcome(tag, on_disks, vtpm.description if on_vtpm else "-")
     if on_disks:
-        await _disk_half(monitor, "snapshot-delete", {"tag": tag, "devices": on_disks}, tag)
+        await _disk_half(
+            monitor, "delete", "snapshot-delete", {"tag": tag, "devices": on_disks}, tag
+        )
     if on_vtpm:
         after = "the disks' snapshot was deleted (run delete again)" if on_disks else ""
         _vtpm_half(lambda: _delete_if_present(vtpm, tag), "delete", tag, after=after)
@@ -557,13 +560,14 @@ async def _snapshot_nodes(monitor: Monitor) -> list[DiskNode]:
 
 
 async def _disk_half(
-    monitor: Monitor, command: str, arguments: Mapping[str, object], tag: str
+    monitor: Monitor, verb: str, command: str, arguments: Mapping[str, object], tag: str
 ) -> None:
+    """Run a disk job; its failure becomes an AlignmentError naming the half."""
     try:
         await monitor.run_job(command, arguments)
     except QmpError as err:
         raise AlignmentError(
-            f"{quoted(tag)}: disk half failed: {err}; vTPM image untouched"
+            f"{verb} {quoted(tag)}: disk half failed: {err}; vTPM image untouched"
         ) from err
 
 
