@@ -550,18 +550,6 @@ TPM_RC_BAD_AUTH = 0x0A2
 RC_FMT1_NUMBERLESS = 0x0BF
 
 
-def state_fingerprint(tpm: Tpm, nv_indices: Iterable[int] = ()) -> dict[str, str]:
-    """Hex sha256 PCR values plus the content of readable ``nv_indices``: a state summary."""
-    summary = {f"pcr{p}": v.hex() for p, v in tpm.pcr_read().items()}
-    for index in nv_indices:
-        try:
-            public = tpm.nv_read_public(index)
-            summary[f"nv{index:#x}"] = tpm.nv_read(index, public.data_size).hex()
-        except TpmResponseError as err:
-            summary[f"nv{index:#x}"] = f"rc 0x{err.rc:03x}"
-    return summary
-
-
 def sha256(data: bytes) -> bytes:
     """sha256 digest of ``data`` (for PCR_Extend)."""
     return hashlib.sha256(data).digest()

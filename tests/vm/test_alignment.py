@@ -61,7 +61,9 @@ def test_orchestrated_save_change_load_cold_boot_delete(
         assert refused.returncode != 0 and "--force" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
 
-        s.vm("load", "T1")
+        loaded = s.vm("load", "T1")
+        assert "VM resumed" in loaded.stdout
+        assert qmp_query(s.qemu.qmp, "query-status")["running"]
         assert s.tpm.pcr_read([PCR])[PCR] == pcr_a  # volatile state: from the vmstate
         assert_permanent_state_a(s.tpm)
         assert permall(image) == permall(image, "T1")

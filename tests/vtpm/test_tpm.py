@@ -192,3 +192,17 @@ def test_swtpm_dying_mid_session_raises_instead_of_hanging(swtpm_tcp: SwtpmProce
     swtpm_tcp.proc.wait()
     with transport, pytest.raises(TpmTransportError):
         tpm.get_random(8)
+
+
+def test_unix_socket_transport_without_init(tmp_path: Path) -> None:
+    """swtpm on unix sockets with --flags not-need-init: no control channel needed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with swtpm_process(f"dir={state}", tmp_path) as process:
+        assert isinstance(process.server, str)
+        with SwtpmSocketTransport(process.server) as transport:
+            tpm = Tpm(transport)
+            tpm.startup()
+            assert len(tpm.get_random(8)) == 8
+            with pytest.raises(TpmTransportError, match="no control channel"):
+                transport.control(2)
