@@ -18,9 +18,9 @@ Refcount semantics are qemu's ``calculate_refcounts``: a data cluster counts one
 per L1 -> L2 -> entry path (a table shared by two L1 tables counts its clusters twice), so
 copying a shared L2 table moves references between tables without changing data refcounts.
 
-Lazy refcounts: the transaction starts with :meth:`Image.flush`, which writes every cached
-refcount block, so the on-disk refcounts are exact even while the dirty bit is set; the
-new generation is exact as well.  The dirty bit is left as it is.
+Lazy refcounts: the transaction starts by writing every dirty cached table
+(:meth:`Image.flush`), so the on-disk refcounts are exact even while the dirty bit is set;
+the new generation is exact as well.  The dirty bit is left as it is.
 """
 
 from __future__ import annotations
@@ -71,7 +71,10 @@ class MetadataTransaction:
     """
 
     def __init__(self, image: Image, op: str) -> None:
-        image.flush()  # the on-disk metadata is now the committed generation
+        if image.l2_cache.is_dirty() or image.refblock_cache.is_dirty():
+            # The on-disk metadata becomes the committed generation.  (Without dirty
+            # tables it already is; the flush before the switch makes it durable.)
+            image.flush()
         header = image.header
         self.image = image
         self.op = op
@@ -86,6 +89,11 @@ class MetadataTransaction:
         self.taken: set[int] = set()
         self.staged: dict[int, bytes] = {}
         self.active_l1: list[int] | None = None
+        #: Check every L2 table of the new active L1 for stale COPIED flags (set by
+        #: set_active_l1); otherwise only the tables given to replace_l2 are rebuilt.
+        self.recheck_all = False
+        #: New content of the active L2 table of an L1 index (replace_l2).
+        self.replaced_l2: dict[int, bytearray] = {}
         self.snapshots: list[SnapshotEntry] | None = None
         self.virtual_size: int | None = None
         self._old_refcounts: dict[int, int] = {}
@@ -167,9 +175,19 @@ class MetadataTransaction:
                         self.add(offset, length, addend)
 
     def set_active_l1(self, entries: Sequence[int]) -> None:
-        """The new active L1 table (COPIED flags are recomputed; it is always written to a
-        new location and the current one is released)."""
+        """The new active L1 table.  COPIED flags are recomputed in it and in every L2 table
+        it reaches (tables whose flags change are copied); like every active L1 it is
+        written to a new location and the current one is released."""
         self.active_l1 = [e & ~_COPIED for e in entries]
+        self.recheck_all = True
+
+    def replace_l2(self, l1_index: int, table: bytearray) -> None:
+        """New content for the active L2 table of ``l1_index`` (written to a new cluster,
+        COPIED flags recomputed; the current table, if any, is released).  The caller
+        records the references the content gains and loses.  Without
+        :meth:`set_active_l1`, only replaced tables are rebuilt: valid when the recorded
+        changes touch no cluster the other active tables reference."""
+        self.replaced_l2[l1_index] = table
 
     def set_snapshots(self, entries: Sequence[SnapshotEntry]) -> None:
         """The new snapshot table (written to a new location; the current one released)."""
@@ -195,10 +213,9 @@ class MetadataTransaction:
         table = self.image.l2_cache.get(l2_offset)  # read only: never modified here
         return struct.unpack(f">{self.cluster_size // 8}Q", table)
 
-    def _normalized_l2(self, l2_offset: int) -> bytes | None:
-        """The L2 table with every COPIED flag matching the new refcounts; None if the
-        table already matches."""
-        words = list(self._l2_words(l2_offset))
+    def _normalize(self, words: list[int], l2_offset: int) -> bool:
+        """Set every COPIED flag of the L2 words to match the new refcounts (``l2_offset``
+        names the table in errors); True if a word changed."""
         changed = False
         for pos in range(0, len(words), self.words_per_entry):
             entry = words[pos]
@@ -224,9 +241,7 @@ class MetadataTransaction:
             if want != entry:
                 words[pos] = want
                 changed = True
-        if not changed:
-            return None
-        return struct.pack(f">{len(words)}Q", *words)
+        return changed
 
     # Section: building the new generation
 
@@ -236,19 +251,23 @@ class MetadataTransaction:
         assert self.active_l1 is not None
         header = self.image.header
         l2_offsets = [self._l2_offset(e, i) for i, e in enumerate(self.active_l1)]
-        copies: dict[int, int] = {}
         for i, l2_offset in enumerate(l2_offsets):
-            if not l2_offset:
+            table = self.replaced_l2.get(i)
+            if table is not None:
+                words = list(struct.unpack(f">{self.cluster_size // 8}Q", table))
+                self._normalize(words, l2_offset)
+            elif not l2_offset or not self.recheck_all:
                 continue
-            if l2_offset not in copies:
-                table = self._normalized_l2(l2_offset)
-                copies[l2_offset] = l2_offset
-                if table is not None:
-                    new_offset = self.alloc(self.cluster_size)
-                    self.stage(new_offset, table)
-                    self.release(l2_offset, self.cluster_size)
-                    copies[l2_offset] = new_offset
-            l2_offsets[i] = copies[l2_offset]
+            else:
+                words = list(self._l2_words(l2_offset))
+                if not self._normalize(words, l2_offset):
+                    continue
+            # Never modified in place: the committed generation must stay intact.
+            new_offset = self.alloc(self.cluster_size)
+            self.stage(new_offset, struct.pack(f">{len(words)}Q", *words))
+            if l2_offset:
+                self.release(l2_offset, self.cluster_size)
+            l2_offsets[i] = new_offset
         new_l1 = [
             off | _COPIED if off and self.new_refcount(off >> self.cluster_bits) == 1 else off
             for off in l2_offsets
@@ -380,7 +399,7 @@ class MetadataTransaction:
         image = self.image
         header = image.header
         if self.active_l1 is None:
-            self.set_active_l1(image.l1_table)
+            self.active_l1 = [e & ~_COPIED for e in image.l1_table]
         new_l1, l1_offset = self._build_active_l1()
         snapshots = self.snapshots if self.snapshots is not None else image.snapshot_entries
         snapshots_offset = header.snapshots_offset
@@ -434,7 +453,8 @@ class MetadataTransaction:
         image.snapshot_entries = list(snapshots)
         refcounts = image.refcounts
         refcounts.table = table
-        refcounts.free_cluster_index = 0
+        freed = [c for c, d in self.delta.items() if d < 0 and not self.new_refcount(c)]
+        refcounts.free_cluster_index = min([refcounts.free_cluster_index, *freed])
         image.refblock_cache.clear()
         image.l2_cache.clear()
 
