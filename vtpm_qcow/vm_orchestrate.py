@@ -112,6 +112,9 @@ class DiskNode:
     driver: str
     #: Tags of the node's internal snapshots.
     tags: frozenset[str]
+    #: Tag -> identity (id and date) of each snapshot: changes when a tag is saved anew
+    #: (HMP savevm silently replaces an existing tag).
+    identities: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -217,10 +220,15 @@ class Monitor:
             inserted = backend.get("inserted")
             if not inserted or inserted.get("ro"):
                 continue
-            image = inserted.get("image", {})
-            tags = frozenset(str(s["name"]) for s in image.get("snapshots", []))
+            snapshots = inserted.get("image", {}).get("snapshots", [])
+            identities = {
+                str(s["name"]): f"{s['id']}@{s['date-sec']}.{s['date-nsec']:09d}" for s in snapshots
+            }
             device = backend.get("qdev") or backend.get("device") or inserted["node-name"]
-            nodes.append(DiskNode(inserted["node-name"], device, inserted["drv"], tags))
+            node = DiskNode(
+                inserted["node-name"], device, inserted["drv"], frozenset(identities), identities
+            )
+            nodes.append(node)
         return nodes
 
     async def run_job(self, command: str, arguments: Mapping[str, object]) -> None:

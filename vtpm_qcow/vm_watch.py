@@ -14,6 +14,8 @@ serves one client at a time).  It does not drive QEMU; it reacts:
     ``RESUME``, so the active layer still holds the state of the pause; the digests
     recorded at ``STOP`` confirm it, and a mismatch (the guest changed the TPM in between)
     is reported.
+  - a tag saved again on the disks (HMP ``savevm`` silently replaces an existing tag: the
+    snapshot's id and date change) gets its vTPM snapshot replaced the same way.
   - a tag that vanished from the disks while watching (delvm) is deleted from the vTPM image.
   - at (re)connect, disk tags without a vTPM snapshot are *reported*, not invented (their
     TPM state is known only to the vmstate), and vTPM-only tags (never seen on the disks,
@@ -81,8 +83,8 @@ class Watcher:
         self.poll_interval = poll_interval
         self.grace = grace
         self.reconnect_timeout = reconnect_timeout
-        #: Disk tags seen at the last reconcile (None before the first one of a session).
-        self.disk_tags: set[str] | None = None
+        #: Disk snapshots (tag -> identity) at the last reconcile (None: none this session).
+        self.disk_snapshots: dict[str, str] | None = None
         #: Section digests of the active layer at the last STOP (None: none pending).
         self.pause_digests: dict[str, str] | None = None
         #: Monotonic time each vTPM-only tag was first seen vTPM-only.
@@ -113,7 +115,7 @@ class Watcher:
         while True:
             try:
                 await self.monitor.reconnect()
-                self.disk_tags = None  # outcome of what happened meanwhile is unknown
+                self.disk_snapshots = None  # what happened meanwhile is unknown
                 return
             except QmpError as err:
                 if time.monotonic() > deadline:
@@ -158,29 +160,40 @@ class Watcher:
     async def reconcile(self) -> list[str]:
         """Align the vTPM tags with the disks' now; return the report lines."""
         lines: list[str] = []
-        nodes = await self.monitor.disk_nodes()
-        disk_tags: set[str] = set().union(*(n.tags for n in nodes))
+        disk: dict[str, str] = {}
+        for node in await self.monitor.disk_nodes():
+            for tag, identity in node.identities.items():
+                disk.setdefault(tag, identity)
         vtpm_tags = set(self._vtpm(self.vtpm.tags, "list snapshots") or [])
-        first = self.disk_tags is None
-        known = self.disk_tags or set()
+        first = self.disk_snapshots is None
+        known = self.disk_snapshots or {}
         current: dict[str, str] | None = None
 
-        for tag in sorted(disk_tags - vtpm_tags):
-            if first or tag in known:
-                if tag not in self.reported_missing:
-                    self.reported_missing.add(tag)
-                    lines.append(f"missing: disk snapshot {quoted(tag)} has no vTPM snapshot")
-                continue
+        def take(tag: str, verb: str, why: str) -> None:
+            """Snapshot the active layer as ``tag`` (the state of the pause, if any)."""
+            nonlocal current
             if current is None:
                 current = self._vtpm(self.vtpm.section_digests, "read section digests") or {}
             note = ""
             if self.pause_digests is not None and current != self.pause_digests:
                 note = " (warning: the TPM state changed since the VM was paused)"
-            if self._vtpm_ok(functools.partial(self.vtpm.create, tag), f"create {tag}"):
-                lines.append(f"created: vTPM snapshot {quoted(tag)} (disk snapshot appeared){note}")
+            create = functools.partial(self.vtpm.create, tag, overwrite=True)
+            if self._vtpm_ok(create, f"snapshot {tag}"):
+                lines.append(f"{verb}: vTPM snapshot {quoted(tag)} ({why}){note}")
+
+        for tag in sorted(disk.keys() - vtpm_tags):
+            if first or tag in known:
+                if tag not in self.reported_missing:
+                    self.reported_missing.add(tag)
+                    lines.append(f"missing: disk snapshot {quoted(tag)} has no vTPM snapshot")
+                continue
+            take(tag, "created", "disk snapshot appeared")
+        for tag in sorted(disk.keys() & vtpm_tags):
+            if tag in known and known[tag] != disk[tag]:
+                take(tag, "replaced", "disk snapshot saved again")
 
         now = time.monotonic()
-        for tag in sorted(vtpm_tags - disk_tags):
+        for tag in sorted(vtpm_tags - disk.keys()):
             vanished = tag in known
             since = self.orphans_since.setdefault(tag, now)
             if not vanished and now - since < self.grace:
@@ -190,13 +203,13 @@ class Watcher:
                 lines.append(f"deleted: vTPM snapshot {quoted(tag)} ({why})")
             self.orphans_since.pop(tag, None)
         for tag in list(self.orphans_since):
-            if tag in disk_tags or tag not in vtpm_tags:
+            if tag in disk or tag not in vtpm_tags:
                 self.orphans_since.pop(tag)
-        self.reported_missing &= disk_tags
+        self.reported_missing &= disk.keys()
 
         if self.pause_digests is not None:
             lines += self._detect_load(current)
-        self.disk_tags = disk_tags
+        self.disk_snapshots = disk
         self.reconciles += 1
         for line in lines:
             self.report(line)

@@ -87,3 +87,27 @@ def test_loadvm_while_paused_is_reported_once(images: tuple[Path, Path], tmp_pat
             thread.stop()
         loads = [line for line in lines if line.startswith("loaded:")]
         assert loads == ["loaded: TPM state of 'T1' (pushed by QEMU's loadvm)"]
+
+
+def test_hmp_savevm_over_an_existing_tag_replaces_the_vtpm_snapshot(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """HMP savevm silently replaces a tag; the watcher sees the new id and follows."""
+    image, disk = images
+    lines: list[str] = []
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        thread = WatcherThread(str(s.qemu.qmp2), str(image), report=lines.append, poll_interval=0.2)
+        thread.start()
+        try:
+            hmp_over_qmp(s.qemu.qmp, "savevm T1")
+            wait_until(lambda: any(x.startswith("created:") for x in lines), "vTPM snapshot T1")
+            permall_a = permall(image, "T1")
+            state_b(s.tpm)
+            hmp_over_qmp(s.qemu.qmp, "savevm T1")  # same tag, new disk snapshot
+            wait_until(lambda: any(x.startswith("replaced:") for x in lines), "the replacement")
+        finally:
+            thread.stop()
+        assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
+        assert permall(image, "T1") == permall(image) != permall_a
+        assert "replaced: vTPM snapshot 'T1' (disk snapshot saved again)" in lines
