@@ -8,13 +8,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tests.qcow2 import oracle
 from vtpm_qcow import linear
-from vtpm_qcow.errors import StoreError
+from vtpm_qcow.errors import StateFormatError, StoreError
 from vtpm_qcow.store import Store
 
 SIZE = 128 * 1024
@@ -23,8 +24,15 @@ SECTIONS = st.sampled_from(linear.SECTION_NAMES)
 BLOBS = st.tuples(st.integers(1, 20000), st.integers(1, 255)).map(lambda t: bytes([t[1]]) * t[0])
 
 
-def layout_end(disk: bytes | bytearray) -> int:
-    return linear.parse_header(bytes(disk)).end if linear.is_formatted(bytes(disk)) else 0
+def current_layout(disk: bytes | bytearray) -> bytes | None:
+    """The layout part of the disk, b"" if unformatted, None if the header is damaged
+    (a truncate into the header keeps the magic but cuts the slots)."""
+    if not linear.is_formatted(bytes(disk)):
+        return b""
+    try:
+        return bytes(disk[: linear.parse_header(bytes(disk)).end])
+    except StateFormatError:
+        return None
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -44,7 +52,12 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(name=SECTIONS, blob=BLOBS)
     def write_section(self, name: str, blob: bytes) -> None:
-        update = linear.store_section(bytes(self.disk[: layout_end(self.disk)]), name, blob)
+        current = current_layout(self.disk)
+        if current is None:
+            with pytest.raises(StateFormatError):
+                self.store.write_section(name, blob)
+            return
+        update = linear.store_section(current, name, blob)
         if update.size > SIZE:
             try:
                 self.store.write_section(name, blob)
@@ -56,7 +69,11 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(name=SECTIONS)
     def delete_section(self, name: str) -> None:
-        current = bytes(self.disk[: layout_end(self.disk)])
+        current = current_layout(self.disk)
+        if current is None:
+            with pytest.raises(StateFormatError):
+                self.store.delete_section(name)
+            return
         self.store.delete_section(name)
         if linear.read_section(current, name) is not None:
             self._apply(linear.delete_section(current, name))
