@@ -296,3 +296,18 @@ def test_tpm12_state_round_trips_with_tpm_names(tmp_path: Path) -> None:
     again = json.loads(ok("info", "--json", str(image)))
     assert set(again["sections"]) == {"permall", "volatilestate"}
     assert again["sections"]["permall"]["digest"] == info["sections"]["permall"]["digest"]
+
+
+def test_setup_into_an_image_qemu_img_created(tmp_path: Path) -> None:
+    """Any qcow2 works as a store: qemu-img's (64 KiB clusters, zeros) is set up in place."""
+    need_swtpm()
+    image = tmp_path / "tpmstate0.qcow2"
+    oracle.create(image, 4 * 1024 * 1024)
+    ok("setup", str(image), "--create-ek-cert")
+    info = json.loads(ok("info", "--json", str(image)))
+    assert info["cluster_size"] == 65536 and info["tpm_version"] == "2.0"
+    oracle.assert_clean(image)
+    layout = oracle.convert(image)
+    header = linear.parse_header(layout)
+    assert linear.read_section(layout, "permall") is not None
+    assert layout[header.end :].count(0) == len(layout) - header.end
