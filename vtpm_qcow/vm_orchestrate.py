@@ -556,7 +556,7 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         )
     if on_vtpm:
         after = "the disks' snapshot was deleted (run delete again)" if on_disks else ""
-        _vtpm_half(lambda: _delete_if_present(vtpm, tag), "delete", tag, after=after)
+        _vtpm_half(lambda: delete_if_present(vtpm, tag), "delete", tag, after=after)
     return outcome
 
 
@@ -579,8 +579,8 @@ async def _disk_half(
         ) from err
 
 
-def _delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
-    """Delete ``tag``; a tag already gone (a watcher saw the disks' delete first) is fine."""
+def delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
+    """Delete ``tag``; a tag already gone (another party deleted it first) is fine."""
     try:
         vtpm.delete(tag)
     except (VtpmQcowError, Qcow2Error):

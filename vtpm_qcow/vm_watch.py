@@ -46,6 +46,7 @@ from vtpm_qcow.vm_orchestrate import (
     Monitor,
     QmpDisconnectedError,
     VtpmSnapshots,
+    delete_if_present,
     quoted,
 )
 
@@ -198,7 +199,8 @@ class Watcher:
             since = self.orphans_since.setdefault(tag, now)
             if not vanished and now - since < self.grace:
                 continue
-            if self._vtpm_ok(functools.partial(self.vtpm.delete, tag), f"delete {tag}"):
+            delete = functools.partial(delete_if_present, self.vtpm, tag)
+            if self._vtpm_ok(delete, f"delete {tag}"):
                 why = "disk snapshot deleted" if vanished else "no disk snapshot"
                 lines.append(f"deleted: vTPM snapshot {quoted(tag)} ({why})")
             self.orphans_since.pop(tag, None)

@@ -248,9 +248,10 @@ def qemu_vm(
     try:
         for path in (qmp, qmp2, qtest):
             wait_for_path(path, proc, "qemu", log)
+        # A socket file exists between bind() and listen(); a QMP answer means QEMU reached
+        # its main loop, long after every chardev listens.
+        hmp_over_qmp(qmp, "cont" if running else "info status")
         vm = QemuProcess(proc, qmp, qmp2, qtest, disks, log)
-        if running:
-            hmp_over_qmp(qmp, "cont")
         yield vm
     finally:
         stop_process(proc)

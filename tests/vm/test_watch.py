@@ -111,3 +111,30 @@ def test_hmp_savevm_over_an_existing_tag_replaces_the_vtpm_snapshot(
         assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
         assert permall(image, "T1") == permall(image) != permall_a
         assert "replaced: vTPM snapshot 'T1' (disk snapshot saved again)" in lines
+
+
+def test_orchestrated_commands_beside_a_watcher_do_not_fight(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """serve --qmp runs a watcher; vm save/load/delete on the other monitor must still work."""
+    image, disk = images
+    lines: list[str] = []
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        thread = WatcherThread(
+            str(s.qemu.qmp2), str(image), report=lines.append, poll_interval=0.05, grace=0.0
+        )
+        thread.start()
+        watcher = thread.watcher
+        assert watcher is not None
+        try:
+            for action in ("save", "load", "delete"):
+                s.vm(action, "T1")
+                polls = watcher.reconciles
+                wait_until(lambda p=polls: watcher.reconciles >= p + 3, "three more polls")
+                expected = [] if action == "delete" else ["T1"]
+                assert snapshot_tags(image) == snapshot_tags(disk) == expected
+        finally:
+            thread.stop()
+        assert thread.error is None
+        assert not [line for line in lines if line.startswith(("error:", "missing:"))], lines
