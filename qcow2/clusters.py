@@ -122,6 +122,9 @@ class ClusterMap:
         self.extended = header.extended_l2
         self.subcluster_size = header.subcluster_size
         self.before_metadata_change: Callable[[], None] | None = None
+        #: Called with (offset, length) before data or a new table is written to the
+        #: host file; raises CorruptImageError if that would hit live metadata.
+        self.overlap_check: Callable[[int, int], None] | None = None
         self.accurate_refcounts = True
         raw = f.pread(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
         self.l1: list[int] = list(struct.unpack(f">{header.l1_size}Q", raw))
@@ -195,6 +198,10 @@ class ClusterMap:
     def write_l1_table(self) -> None:
         """Write the whole active L1 table in place (the caller flushes)."""
         self.file.pwrite(self.header.l1_table_offset, struct.pack(f">{len(self.l1)}Q", *self.l1))
+
+    def _check_overlap(self, offset: int, length: int) -> None:
+        if self.overlap_check is not None:
+            self.overlap_check(offset, length)
 
     def _notify_change(self) -> None:
         if self.before_metadata_change is not None:
@@ -340,6 +347,7 @@ class ClusterMap:
         new_l1 = self.l1 + [0] * (new_size - old_size)
         fault_point("l1_grow.alloc_table")
         new_offset = self.refcounts.alloc(new_size * layout.L1_ENTRY_SIZE)
+        self._check_overlap(new_offset, new_size * layout.L1_ENTRY_SIZE)
         try:
             # Refcounts of the new table durable before anything points at it.
             self.refcounts.flush()
@@ -376,6 +384,7 @@ class ClusterMap:
         fault_point("l2_alloc.cow_read")
         table = bytearray(self.l2_table(old)) if old else bytearray(self.cluster_size)
         new = self.refcounts.alloc(self.cluster_size)
+        self._check_overlap(new, self.cluster_size)
         self.l2_cache.put(new, table, dirty=True)
         fault_point("l2_alloc.write")
         # The new table and its refcount must both be durable before the L1 entry points
@@ -464,6 +473,7 @@ class ClusterMap:
         seg_end = min(offset + len(view), start + cs)
         seg = view[seg_start - offset : seg_end - offset]
         ctype = classify_l2_entry(entry, self.extended)
+        self._check_overlap(host, cs)
         if not self.extended and ctype == ClusterType.NORMAL:
             self.file.pwrite(host + seg_start - start, as_buffer(seg))
             return
@@ -537,6 +547,7 @@ class ClusterMap:
         self._notify_change()
         fault_point("cluster_alloc")
         host = self.refcounts.alloc(count * cs)
+        self._check_overlap(host, count * cs)
         fault_point("cluster_alloc.write_data")
         self.file.pwrite(host, as_buffer(content))
         if self.accurate_refcounts:

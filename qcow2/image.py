@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +20,7 @@ from .clusters import ClusterMap, Extent, ExtentKind
 from .compress import decompress, parse_compressed_entry
 from .errors import (
     BackingChainError,
+    CorruptImageError,
     Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
@@ -124,6 +126,8 @@ class Image:
         self.backing: _Backing | None = None
         self._set_lazy_dirty = False
         self._closed = False
+        #: Why the image stopped accepting writes (a corruption was detected), if it did.
+        self._broken: str | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._load_metadata()
         self._open_backing(chain)
@@ -140,6 +144,7 @@ class Image:
         self.refcounts.freed_hook = self._cluster_freed
         self.clusters = ClusterMap(self.file, header, self.refcounts, self.l2_cache)
         self.clusters.before_metadata_change = self._before_metadata_change
+        self.clusters.overlap_check = self._overlap_check
         self.clusters.accurate_refcounts = not header.dirty
         #: Parsed snapshot table; qcow2.snapshots replaces it when it rewrites the table.
         self.snapshot_entries: list[SnapshotEntry] = self._read_snapshot_entries()
@@ -249,6 +254,63 @@ class Image:
         self._check_open()
         if not self.writable:
             raise ReadOnlyError("image is opened read-only", path=self.path)
+        if self._broken is not None:
+            raise CorruptImageError(
+                f"image unusable after a detected corruption: {self._broken}", path=self.path
+            )
+
+    @contextmanager
+    def _mutating(self) -> Iterator[None]:
+        """Guard a change: on a detected corruption, stop like QEMU does (drop the cached
+        metadata unwritten, refuse further writes) so nothing more reaches the file."""
+        self._check_writable()
+        try:
+            yield
+        except CorruptImageError as err:
+            self._broken = err.message
+            self.l2_cache.clear()
+            self.refblock_cache.clear()
+            raise
+
+    def _overlap_check(self, offset: int, length: int) -> None:
+        """QEMU's metadata overlap check ("cached" mode, plus snapshot L1 tables): data or
+        a new table must not land on live metadata (possible only in a corrupt image)."""
+        h = self.header
+        cs = h.cluster_size
+        first, last = offset // cs, (offset + length - 1) // cs
+
+        def hits(start: int, size: int) -> bool:
+            return size > 0 and start // cs <= last and first <= (start + size - 1) // cs
+
+        clusters = [c * cs for c in range(first, last + 1)]
+        what = None
+        if hits(0, cs):
+            what = "qcow2_header"
+        elif hits(h.l1_table_offset, h.l1_size * layout.L1_ENTRY_SIZE):
+            what = "active L1 table"
+        elif hits(h.refcount_table_offset, h.refcount_table_clusters * cs):
+            what = "refcount table"
+        elif any(c in self.refcounts.block_offsets for c in clusters):
+            what = "refcount block"
+        elif not {e & layout.L1E_OFFSET_MASK for e in self.l1_table}.isdisjoint(clusters):
+            what = "active L2 table"
+        elif self.snapshot_entries:
+            from .snapshot_table import table_length
+
+            if hits(h.snapshots_offset, table_length(self.snapshot_entries)):
+                what = "snapshot table"
+            elif any(
+                hits(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE)
+                for e in self.snapshot_entries
+            ):
+                what = "inactive L1 table"
+        if what is not None:
+            raise CorruptImageError(
+                f"Preventing invalid write on metadata (overlaps with {what}) at {offset:#x}",
+                path=self.path,
+                offset=offset,
+                size=length,
+            )
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.header.size:
@@ -334,7 +396,8 @@ class Image:
         if not len(data):
             return
         self._compressed_cache = None
-        self.clusters.write(offset, bytes(data), self._cow_read)
+        with self._mutating():
+            self.clusters.write(offset, bytes(data), self._cow_read)
 
     def _cow_read(self, offset: int, length: int) -> bytes:
         return bytes(self._read_guest(offset, length))
@@ -373,6 +436,10 @@ class Image:
         if not length:
             return
         self._compressed_cache = None
+        with self._mutating():
+            self._write_zeroes(offset, length, unmap)
+
+    def _write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         h = self.header
         end = offset + length
         if h.version < 3:
@@ -430,14 +497,15 @@ class Image:
         stop = end if end == h.size and offset % cs == 0 else end // cs * cs
         if stop > start:
             self._compressed_cache = None
-            self.clusters.discard(
-                start, stop - start, full=False, has_backing=self.backing is not None
-            )
+            with self._mutating():
+                self.clusters.discard(
+                    start, stop - start, full=False, has_backing=self.backing is not None
+                )
 
     def flush(self) -> None:
         """Write every cached metadata change and make everything durable."""
         self._check_open()
-        if not self.writable:
+        if not self.writable or self._broken is not None:
             return
         self.l2_cache.flush()
         self.refblock_cache.flush()
@@ -450,11 +518,15 @@ class Image:
         if new_size < 0:
             raise OutOfRangeError(f"invalid size {new_size}", path=self.path)
         new_size = layout.align_up(new_size, 512)
+        if new_size == self.header.size:
+            return
+        with self._mutating():
+            self._resize(new_size)
+
+    def _resize(self, new_size: int) -> None:
         h = self.header
         old_size = h.size
         cs = h.cluster_size
-        if new_size == old_size:
-            return
         if new_size > old_size:
             self.clusters.grow_l1(layout.size_to_clusters(cs * h.l2_entries, new_size), exact=True)
             self.flush()
@@ -494,8 +566,8 @@ class Image:
 
     def grow_l1(self, min_size: int) -> None:
         """Grow the active L1 to at least ``min_size`` entries (snapshot apply)."""
-        self._check_writable()
-        self.clusters.grow_l1(min_size)
+        with self._mutating():
+            self.clusters.grow_l1(min_size)
 
     # Section: delegation to the other modules
 
@@ -590,7 +662,7 @@ class Image:
         if self._closed:
             return
         try:
-            if self.writable:
+            if self.writable and self._broken is None:
                 self.flush()
                 h = self.header
                 if self._set_lazy_dirty and h.dirty:

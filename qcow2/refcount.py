@@ -78,7 +78,19 @@ class RefcountTable:
         raw = f.pread(
             header.refcount_table_offset, header.refcount_table_clusters * self.cluster_size
         )
-        self.table: list[int] = list(struct.unpack(f">{len(raw) // 8}Q", raw))
+        #: Host offsets of the refcount blocks (for overlap checks), kept with ``table``.
+        self.block_offsets: set[int] = set()
+        self.table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
+
+    @property
+    def table(self) -> list[int]:
+        """The refcount table entries in memory (assign a new list to replace it)."""
+        return self._table
+
+    @table.setter
+    def table(self, entries: list[int]) -> None:
+        self._table = entries
+        self.block_offsets = {e & layout.REFT_OFFSET_MASK for e in entries} - {0}
 
     # Section: lookup
 
@@ -252,6 +264,7 @@ class RefcountTable:
         self.file.pwrite(self.header.refcount_table_offset + index * 8, struct.pack(">Q", offset))
         self.file.flush()
         self.table[index] = offset
+        self.block_offsets.add(offset)
 
     def _grow_table(self, indices: set[int], exclude_end: int) -> None:
         """Move the reftable to a bigger one placed, with the new refblocks, in the first

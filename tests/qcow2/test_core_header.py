@@ -426,3 +426,41 @@ def test_unknown_incompatible_bits_are_named_from_the_feature_table(tmp_path: Pa
     assert expected in str(caught.value)
     assert caught.value.bits == (1 << 5) | (1 << 6)
     assert expected in oracle.qemu_img("info", str(path), ok=(1,)).stderr.decode()
+
+
+@pytest.mark.parametrize("target", ["reftable", "l1", "refblock", "freed_l1"])
+def test_writes_never_land_on_metadata(tmp_path: Path, target: str) -> None:
+    """A malicious image points a data cluster (COPIED: written in place) at metadata, or
+    claims the L1's cluster is free: QEMU's overlap check stops the write, and so do we,
+    without changing a byte of the file."""
+    need("qemu-io")
+    path = oracle.create(tmp_path / "m.qcow2", MiB)
+    oracle.qemu_io(path, "write -P 7 0 64k")
+    f = HostFile(str(path), writable=False)
+    try:
+        header = read_header(f)
+        reftable0 = struct.unpack(">Q", f.pread(header.refcount_table_offset, 8))[0]
+    finally:
+        f.close()
+    data = bytearray(path.read_bytes())
+    l2 = _l2_offset(path)
+    if target == "freed_l1":
+        # refcount 0 for the L1's cluster (16-bit refcounts): the allocator may hand it out
+        struct.pack_into(">H", data, reftable0 + 2 * (header.l1_table_offset // 65536), 0)
+    else:
+        # (offset 0 cannot be aimed at: an entry with offset 0 is unallocated)
+        host = {
+            "reftable": header.refcount_table_offset,
+            "l1": header.l1_table_offset,
+            "refblock": reftable0,
+        }[target]
+        struct.pack_into(">Q", data, l2, host | layout.OFLAG_COPIED)
+    path.write_bytes(bytes(data))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with qcow2.open(str(path), writable=True) as image:
+        offset = 0 if target != "freed_l1" else 4 * 65536  # an unallocated cluster
+        with pytest.raises(qcow2.CorruptImageError, match="Preventing invalid write on metadata"):
+            image.write(offset, b"evil" * 100)
+        with pytest.raises(qcow2.CorruptImageError, match="unusable"):
+            image.write(MiB - 512, b"more")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
