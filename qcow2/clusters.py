@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 from . import layout
 from .cache import TableCache
@@ -71,6 +71,18 @@ class Extent(NamedTuple):
     guest: int
     length: int
     host: int = 0
+
+
+class L1Table(list[int]):
+    """The active L1 table: a list that counts its changes, so views derived from it (the
+    set of L2 table offsets) can be cached.  Replace its content in place
+    (``l1[:] = entries``) rather than rebinding it."""
+
+    version = 0
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        super().__setitem__(index, value)
+        self.version += 1
 
 
 def classify_l2_entry(entry: int, extended_l2: bool = False) -> ClusterType:
@@ -127,7 +139,8 @@ class ClusterMap:
         self.overlap_check: Callable[[int, int], None] | None = None
         self.accurate_refcounts = True
         raw = f.pread(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
-        self.l1: list[int] = list(struct.unpack(f">{header.l1_size}Q", raw))
+        self.l1 = L1Table(struct.unpack(f">{header.l1_size}Q", raw))
+        self._l2_offsets: tuple[int, set[int]] = (-1, set())
 
     # Section: tables
 
@@ -147,6 +160,14 @@ class ClusterMap:
                 offset=offset,
             )
         return offset
+
+    def l2_offsets(self) -> set[int]:
+        """Host offsets of the L2 tables the active L1 points at (cached per L1 version)."""
+        version, offsets = self._l2_offsets
+        if version != self.l1.version:
+            offsets = {e & layout.L1E_OFFSET_MASK for e in self.l1} - {0}
+            self._l2_offsets = (self.l1.version, offsets)
+        return offsets
 
     def l2_table(self, l2_offset: int) -> bytearray:
         """The L2 table at host ``l2_offset`` through the cache (modify it in place, then

@@ -292,7 +292,7 @@ class Image:
             what = "refcount table"
         elif any(c in self.refcounts.block_offsets for c in clusters):
             what = "refcount block"
-        elif not {e & layout.L1E_OFFSET_MASK for e in self.l1_table}.isdisjoint(clusters):
+        elif not self.clusters.l2_offsets().isdisjoint(clusters):
             what = "active L2 table"
         elif self.snapshot_entries:
             from .snapshot_table import table_length
