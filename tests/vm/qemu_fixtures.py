@@ -54,6 +54,18 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
         time.sleep(0.02)
 
 
+def wait_for_listener(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until the unix socket ``path`` accepts connections (it exists before listen())."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(str(path)) == 0:
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} does not accept connections on {path}")
+        time.sleep(0.02)
+
+
 def free_port_pair() -> int:
     """A TCP port N with N and N+1 free on 127.0.0.1 (swtpm TCTI uses N+1 for control)."""
     for _ in range(100):
@@ -155,8 +167,10 @@ def _swtpm_once(
                 wait_for_port(ctrl, proc, "swtpm")
             else:
                 wait_for_path(Path(ctrl), proc, "swtpm", log)
+                wait_for_listener(Path(ctrl), proc, "swtpm")
             if isinstance(server, str):
                 wait_for_path(Path(server), proc, "swtpm")
+                wait_for_listener(Path(server), proc, "swtpm")
         except RuntimeError as err:
             raise SwtpmStartError(str(err)) from err
         yield SwtpmProcess(proc, server, ctrl, log)
@@ -316,6 +330,7 @@ def served_store(image: Path, workdir: Path, *, view: str = "file") -> Iterator[
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
     try:
         wait_for_path(swtpm_ctrl, proc, "vtpm-qcow serve", log)
+        wait_for_listener(swtpm_ctrl, proc, "swtpm (vtpm-qcow serve)")
         yield ServedStore(proc, image, swtpm_ctrl, mountpoint, log)
     finally:
         stop_process(proc, grace=15)
