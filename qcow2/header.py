@@ -313,7 +313,6 @@ def _feature_report(header: Header, unknown: int) -> str:
 def _read_extensions(header: Header, cluster0: bytes, end: int, path: str | None) -> None:
     """Parse the extension area ``[header_length, end)`` of ``cluster0`` into ``header``."""
     offset = header.header_length
-    seen: set[int] = set()
     while offset < end:
         if offset + layout.EXT_HEADER_STRUCT.size > end:
             raise InvalidImageError("Header extension too large", path=path)
@@ -324,9 +323,6 @@ def _read_extensions(header: Header, cluster0: bytes, end: int, path: str | None
         if ext_type == layout.EXT_END:
             return
         data = bytes(cluster0[offset : offset + length])
-        if ext_type in seen and ext_type != 0:
-            raise InvalidImageError(f"duplicate header extension {ext_type:#010x}", path=path)
-        seen.add(ext_type)
         if ext_type == layout.EXT_BACKING_FORMAT:
             if length >= _BACKING_FORMAT_MAX:
                 raise InvalidImageError(
