@@ -150,24 +150,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
         )
         if args.once:
             await watcher.reconcile()
-            return
-        await watcher.run()
+        else:
+            await watcher.run(connected=True)
 
-    vtpm = open_vtpm(args.store, args.control)
-    try:
-
-        async def session() -> None:
-            monitor = Monitor(args.qmp, timeout=args.timeout, job_timeout=args.job_timeout)
-            try:
-                if args.once:
-                    await monitor.connect()
-                await body(monitor, vtpm)
-            finally:
-                await monitor.close()
-
-        asyncio.run(session())
-    finally:
-        vtpm.close()
+    _run(args, body)
     return 0
 
 

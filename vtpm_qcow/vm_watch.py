@@ -96,10 +96,14 @@ class Watcher:
         #: Number of reconciles done (observability: tests, status reports).
         self.reconciles = 0
 
-    async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Watch until ``stop`` is set or QEMU shuts down; QmpError if QEMU vanished."""
+    async def run(self, stop: asyncio.Event | None = None, *, connected: bool = False) -> None:
+        """Watch until ``stop`` is set or QEMU shuts down; QmpError if QEMU vanished.
+
+        Connects the monitor first unless ``connected``.
+        """
         stop = stop or asyncio.Event()
-        await self.monitor.connect()
+        if not connected:
+            await self.monitor.connect()
         while not stop.is_set():
             try:
                 await self._session(stop)
