@@ -13,13 +13,18 @@ L2, and refcount widths 2, 4, 16 and 64.
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import qcow2
 from qcow2 import layout
-from qcow2.errors import SnapshotError
+from qcow2.errors import Qcow2Error, SnapshotError
+from qcow2.fileio import WriteEvent
 from tests.qcow2 import oracle
 from tests.qcow2.test_crash import (
     Operation,
@@ -209,3 +214,120 @@ def test_lazy_refcounts_dirty_image(tmp_path: Path) -> None:
     expected[:100] = b"\x09" * 100
     content = oracle.convert(img)
     assert content[: 64 * KiB] == expected and content[128 * KiB : 136 * KiB] == b"\x08" * 8192
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"compat": "1.1", "cluster_size": 512, "refcount_bits": 64},
+        {"compat": "0.10", "cluster_size": 512},
+    ],
+    ids=["v3-512-r64", "v2-512"],
+)
+def test_commit_clean_at_every_crash_point(tmp_path: Path, opts: dict[str, object]) -> None:
+    """commit_atomically over shared, compressed and zero clusters: also a transaction."""
+    img = scenario_image(tmp_path, **opts)
+
+    def committer(writes: list[tuple[int, bytes]]) -> Operation:
+        return lambda image: image.commit_atomically(writes)
+
+    ops = [
+        committer([(0, b"\xe1" * 5000), (66 * KiB, b"\xe2" * 9000), (97 * KiB, b"\xe3")]),
+        committer([(255 * KiB, b"\xe4" * 1024), (8 * KiB, b"\xe5" * 100)]),
+    ]
+    crash_check(tmp_path, img, ops)
+
+
+@pytest.mark.parametrize("op", ["create", "apply", "delete", "commit"])
+def test_failed_write_of_the_new_generation(tmp_path: Path, op: str) -> None:
+    """An I/O error while the new generation is written (before the switch): memory and
+    file keep the old generation, clean, and the image stays usable."""
+    img = scenario_image(tmp_path, cluster_size=4096)
+    before = read_state(img, snapshot_names(img))
+    writes = {"n": 0}
+
+    def fail(event: WriteEvent) -> None:
+        if event.kind == "write":
+            writes["n"] += 1
+            raise OSError(5, "injected write failure")
+
+    with qcow2.open(str(img), writable=True) as image:
+        action: dict[str, Callable[[], object]] = {
+            "create": lambda: image.create_snapshot("t"),
+            "apply": lambda: image.apply_snapshot("a"),
+            "delete": lambda: image.delete_snapshot("a"),
+            "commit": lambda: image.commit_atomically([(0, b"\xf0" * 10000)]),
+        }
+        image.file.observers.append(fail)
+        with pytest.raises((Qcow2Error, OSError)):
+            action[op]()
+        image.file.observers.remove(fail)
+        assert writes["n"] == 1
+        assert [e.name for e in image.snapshots] == list(before.snapshots)
+        assert image.read(0, len(before.content)) == before.content
+        action[op]()  # the same operation now succeeds
+    oracle.assert_clean(img)
+
+
+_op = st.tuples(
+    st.sampled_from(["write", "commit", "create", "apply", "delete"]),
+    st.integers(0, 255 * KiB),
+    st.integers(1, 20 * KiB),
+    st.integers(0, 255),
+)
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    opts=st.sampled_from(
+        [
+            {"compat": "1.1", "cluster_size": 4096},
+            {"compat": "0.10", "cluster_size": 512},
+            {"compat": "1.1", "cluster_size": 512, "refcount_bits": 64},
+        ]
+    ),
+    ops=st.lists(_op, min_size=1, max_size=8),
+)
+def test_random_snapshot_sequences_stay_clean(
+    opts: dict[str, object], ops: list[tuple[str, int, int, int]]
+) -> None:
+    """Random writes, commits and snapshot operations against a model of the content and
+    of every snapshot; ``qemu-img check`` exit 0 after every step."""
+    size = 256 * KiB
+    with tempfile.TemporaryDirectory() as tmp:
+        img = oracle.create(Path(tmp) / "p.qcow2", size, **opts)
+        model = bytearray(size)
+        snaps: dict[str, bytes] = {}
+        with qcow2.open(str(img), writable=True) as image:
+            for step, (kind, offset, length, byte) in enumerate(ops):
+                length = min(length, size - offset)
+                names = list(snaps)
+                if kind in ("write", "commit"):
+                    data = bytes([byte]) * length
+                    if kind == "write":
+                        image.write(offset, data)
+                    else:
+                        image.commit_atomically([(offset, data)])
+                    model[offset : offset + length] = data
+                elif kind == "create":
+                    image.create_snapshot(f"s{step}")
+                    snaps[f"s{step}"] = bytes(model)
+                elif names and kind == "apply":
+                    model[:] = snaps[names[byte % len(names)]]
+                    image.apply_snapshot(names[byte % len(names)])
+                elif names:
+                    image.delete_snapshot(names[byte % len(names)])
+                    del snaps[names[byte % len(names)]]
+                image.flush()
+                result = oracle.check(img, force_share=True)
+                assert result["exit-code"] == oracle.CHECK_CLEAN, result["stderr"]
+                assert image.read(0, size) == model
+                for name, content in snaps.items():
+                    assert image.snapshot(name).read(0, size) == content
+        assert oracle.convert(img) == model
+        for name, content in snaps.items():
+            assert oracle.convert(img, snapshot=name) == content
