@@ -1224,52 +1224,39 @@ def _stored_table_length(entries: list[SnapshotEntry]) -> int:
     return length
 
 
-def _alloc_on_disk(c: _Checker, size: int) -> int:
-    """First-fit allocation of ``size`` bytes using the stored refcounts (refcount := 1).
-
-    Only clusters covered by existing refcount blocks are used; raises _CheckFailed(ENOSPC)
-    if none fit (the image is left as it was)."""
-    count = layout.size_to_clusters(c.cluster_size, size)
-    covered = len(c.reftable) << c.refblock_bits
-    run = 0
-    for cluster in range(1, covered):
-        index = cluster >> c.refblock_bits
-        if not c.reftable[index] & layout.REFT_OFFSET_MASK:
-            run = 0
-            continue
-        run = run + 1 if c.get_refcount(cluster) == 0 else 0
-        if run == count:
-            first = cluster - count + 1
-            for k in range(first, cluster + 1):
-                c.set_refcount(k, 1)
-            return first << c.cluster_bits
-    raise _CheckFailed(errno.ENOSPC)
-
-
 def _fix_snapshot_table(c: _Checker, res: CheckResult) -> None:
     """QEMU's ``qcow2_check_fix_snapshot_table``: rewrite the table at a new location."""
     if not (res.corruptions and c.fix & FIX_ERRORS):
         return
+    from .cache import TableCache
+    from .refcount import RefcountRangeError, RefcountTable
+
     data = serialize_snapshot_table(c.snapshots, c.h.version)
     assert len(data) == table_length(c.snapshots)
+    # The refcounts are consistent by now: allocate with the library's allocator (first
+    # fit like qcow2_alloc_clusters), which also adds refblocks when it must.
+    refcounts = RefcountTable(c.f, c.h, TableCache(c.f, c.cluster_size, 16, "refblock"))
     try:
-        offset = _alloc_on_disk(c, len(data))
+        offset = refcounts.alloc(len(data))
+        refcounts.flush()
         c.f.flush()
         c.f.pwrite(offset, data)
         c.f.flush()
         write_header_fields(c.f, nb_snapshots=len(c.snapshots), snapshots_offset=offset)
         c.f.flush()
-    except (_CheckFailed, Qcow2IOError) as err:
+    except Qcow2Error as err:
         res.check_errors += 1
         res.messages.append(f"ERROR failed to update snapshot table: {err}")
         raise _CheckFailed(errno.EIO) from err
-    old_first = c.snapshots_offset >> c.cluster_bits
-    old_last = (c.snapshots_offset + c.snapshots_size - 1) >> c.cluster_bits
     if c.snapshots_size:
-        for k in range(old_first, old_last + 1):
-            current = c.get_refcount(k)
-            if current:
-                c.set_refcount(k, current - 1)
+        try:
+            refcounts.free(c.snapshots_offset, c.snapshots_size)
+            refcounts.flush()
+        except RefcountRangeError as err:
+            # QEMU's qcow2_free_clusters only reports the failure: the old table leaks.
+            res.messages.append(f"qcow2_free_clusters failed: {err.message}")
+    c.refblock_cache.clear()
+    c.reftable = list(refcounts.table)
     c.snapshots_offset = offset
     c.snapshots_size = len(data)
     c.h.snapshots_offset = offset
