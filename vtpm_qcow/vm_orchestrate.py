@@ -47,6 +47,7 @@ from typing import Any, Protocol
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient
 from qemu.qmp import QMPError as QmpLibError
 
+import qcow2
 from qcow2.errors import Qcow2Error
 from vtpm_qcow.control import ControlClient
 from vtpm_qcow.errors import QmpError, StoreError, VtpmQcowError
@@ -338,10 +339,21 @@ class DaemonVtpm:
 
     def __init__(self, client: ControlClient, image: str) -> None:
         self.client = client
+        self.image = image
         self.description = f"{image} (via {client.path})"
 
     def tags(self) -> list[str]:
-        return [str(s["tag"]) for s in self.client.snapshot_list()]
+        """Snapshot tags read from the image's snapshot table, like ``qemu-img -U``.
+
+        The daemon's ``snapshot-list`` digests every snapshot's sections (milliseconds);
+        the table itself is a fraction of that, and the daemon replaces it atomically (one
+        header pointer write), so a shared read sees the old or the new table, never a mix.
+        """
+        try:
+            with qcow2.open(self.image, force_share=True) as image:
+                return [snapshot.name for snapshot in image.snapshots]
+        except (Qcow2Error, OSError):
+            return [str(s["tag"]) for s in self.client.snapshot_list()]
 
     def create(self, tag: str, *, overwrite: bool = False) -> None:
         self.client.snapshot_create(tag, overwrite=overwrite)
