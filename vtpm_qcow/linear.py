@@ -19,6 +19,9 @@ swtpm ftruncates a regular file to exactly that.
 
 :func:`store_section` and :func:`delete_section` take the current bytes of the linear file
 and return a :class:`LinearUpdate`: the new header, the changed extents and the new size.
+The bytes given may extend past the layout's end (a fixed-size file such as the store's
+disk or a block device keeps stale bytes there): the extents then turn exactly that window
+into the new layout followed by zeros, so a new section never inherits stale bytes.
 """
 
 from __future__ import annotations
@@ -289,7 +292,10 @@ def _editable(data: bytes, source: str) -> _Buffer:
     """A buffer over ``data``; an unformatted file is formatted as swtpm's Prepare does."""
     if is_formatted(data):
         header = parse_header(data, source=source)
-        return _Buffer(data[: header.end], header)
+        # The logical file ends at header.end; what ``data`` holds beyond it is the disk's
+        # actual content there (a fixed-size file keeps stale bytes), which the extents
+        # must overwrite or zero rather than assume to be zero.
+        return _Buffer(data[: header.end], header, old=data)
     # SWTPM_NVRAM_Prepare_Linear: new magic/version/hdrsize, all slots zeroed.
     return _Buffer(data.ljust(HEADER_SIZE, b"\0"), LinearHeader(), old=data)
 
@@ -302,7 +308,11 @@ def empty_layout() -> bytes:
 def store_section(
     data: bytes, name: str, blob: bytes, *, source: str = "linear file"
 ) -> LinearUpdate:
-    """Store ``blob`` as section ``name`` (SWTPM_NVRAM_StoreData_Linear)."""
+    """Store ``blob`` as section ``name`` (SWTPM_NVRAM_StoreData_Linear).
+
+    ``data`` must cover at least the layout; to place a new section correctly over stale
+    bytes it should reach :func:`store_window` bytes.
+    """
     number = slot_number(name)
     if not 0 < len(blob) <= MAX_BLOB_SIZE:
         raise StateFormatError(f"{source}: {name} blob of {len(blob)} bytes cannot be stored")
@@ -318,6 +328,16 @@ def store_section(
         buf.header = buf.header.with_slot(number, Slot(slot.offset, len(blob), slot.section_length))
     buf.buf[slot.offset : slot.offset + len(blob)] = blob
     return buf.update()
+
+
+def store_window(data: bytes, blob_size: int) -> int:
+    """How many bytes of the file :func:`store_section` may touch for a blob of that size.
+
+    ``data`` needs only the first :data:`HEADER_SIZE` bytes.  A new or grown section goes
+    after the last one, so the layout end plus the blob's section size bounds the writes.
+    """
+    end = parse_header(data[:HEADER_SIZE], size=1 << 32).end if is_formatted(data) else HEADER_SIZE
+    return end + _round_to_power_of_two(blob_size)
 
 
 def delete_section(data: bytes, name: str, *, source: str = "linear file") -> LinearUpdate:

@@ -256,13 +256,19 @@ class Store:
 
     # Section: state sections (dir view)
 
-    def _current_layout(self) -> bytes:
-        """The linear file's bytes up to the end of its last section (or its first 192)."""
+    def _current_layout(self, blob_size: int = 0) -> bytes:
+        """The linear file's bytes up to the end of its last section (or its first 192).
+
+        With ``blob_size``, up to where storing such a blob may write (bytes past the
+        layout's end may be stale on this fixed-size disk: the update must see them).
+        """
         head = self.read_linear(0, linear.HEADER_SIZE)
-        if not linear.is_formatted(head):
-            return head
-        header = _parse_bounded(head, self.linear_size, self.path)
-        return head + self.read_linear(linear.HEADER_SIZE, header.end - linear.HEADER_SIZE)
+        end = linear.HEADER_SIZE
+        if linear.is_formatted(head):
+            end = _parse_bounded(head, self.linear_size, self.path).end
+        if blob_size:
+            end = min(self.linear_size, max(end, linear.store_window(head, blob_size)))
+        return head + self.read_linear(linear.HEADER_SIZE, end - linear.HEADER_SIZE)
 
     def _header(self) -> linear.LinearHeader | None:
         head = self.read_linear(0, linear.HEADER_SIZE)
@@ -285,7 +291,8 @@ class Store:
         self._slot_number(name)
         with self._lock:
             self._check_open(write=True)
-            update = linear.store_section(self._current_layout(), name, data, source=self.path)
+            current = self._current_layout(len(data))
+            update = linear.store_section(current, name, data, source=self.path)
             self._apply(update, f"{name} of {len(data)} bytes")
 
     def delete_section(self, name: str) -> None:

@@ -196,3 +196,33 @@ def test_random_store_delete_sequences_keep_a_packed_valid_layout(ops) -> None: 
         for slot in used:  # packed: no holes between sections (swtpm compacts on removal)
             assert slot.offset == pos
             pos = slot.end
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(operation, max_size=6),
+    st.sampled_from(linear.SECTION_NAMES),
+    st.binary(min_size=1, max_size=5000),
+    st.binary(min_size=1, max_size=20000),
+)
+def test_stale_bytes_past_the_end_never_leak_into_a_section(ops, name, blob, stale) -> None:  # type: ignore[no-untyped-def]
+    """On a fixed-size file the bytes past the layout are stale; a new section over them
+    must read back exactly, and the rest of the window must read as zeros afterwards."""
+    data = linear.empty_layout()
+    for section, content in ops:
+        update = (
+            linear.delete_section(data, section)
+            if content is None
+            else linear.store_section(data, section, content)
+        )
+        data = linear.apply_update(data, update)
+    window = linear.store_window(data, len(blob))
+    disk = (data + stale * (window // len(stale) + 1))[: max(window, len(data))]
+    update = linear.store_section(disk, name, blob)
+    after = linear.apply_update(disk, update)
+    assert linear.read_section(after, name) == blob
+    written = bytearray(disk)
+    for offset, chunk in update.writes:
+        written[offset : offset + len(chunk)] = chunk
+    assert written[update.size : len(disk)].count(0) == len(disk) - update.size
+    assert update.size <= window
