@@ -20,7 +20,7 @@ from __future__ import annotations
 import socket
 import time
 
-from vtpm_qcow.tpm import RESPONSE_HEADER, TpmTransportError
+from vtpm_qcow.tpm import MAX_RESPONSE_SIZE, RESPONSE_HEADER, TpmTransportError
 
 TIS_BASE = 0xFED40000
 TIS_REG_ACCESS = 0x00
@@ -38,6 +38,8 @@ TIS_STS_GO = 0x20
 TIS_STS_DATA_AVAILABLE = 0x10
 TIS_STS_EXPECT = 0x08
 
+#: Longest qtest reply line accepted (replies are short; bounds memory on garbage).
+MAX_LINE = 1 << 16
 #: Upper bound on waiting for the TPM (swtpm key generation may take seconds).
 DEFAULT_TIMEOUT = 30.0
 
@@ -68,6 +70,8 @@ class QtestConnection:
                     if text.startswith("IRQ"):
                         continue  # asynchronous interrupt notification, not our answer
                     break
+                if len(self.buffer) > MAX_LINE:
+                    raise TpmTransportError(f"{self.path}: qtest reply line too long")
                 chunk = self.sock.recv(4096)
                 if not chunk:
                     raise TpmTransportError(f"{self.path}: qtest connection closed by QEMU")
@@ -146,6 +150,10 @@ class QtestTisTransport:
             self.wait_for(TIS_REG_STS, TIS_STS_VALID | TIS_STS_DATA_AVAILABLE, "dataAvail")
             response = bytearray()
             while self.status() & TIS_STS_DATA_AVAILABLE:
+                if len(response) > MAX_RESPONSE_SIZE:
+                    raise TpmTransportError(
+                        f"{self.qtest.path}: TIS response exceeds {MAX_RESPONSE_SIZE} bytes"
+                    )
                 burst = self.status() >> 8 & 0xFFFF
                 response += bytes(self.qtest.read("b", fifo) for _ in range(max(burst, 1)))
             self.qtest.write("b", sts, TIS_STS_COMMAND_READY)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,3 +90,26 @@ def test_qemu_gone_is_a_transport_error(vm: QemuProcess) -> None:
 def test_missing_qtest_socket_is_a_transport_error(tmp_path: Path) -> None:
     with pytest.raises(TpmTransportError, match="cannot connect to qtest socket"):
         QtestTisTransport(str(tmp_path / "nope.sock"))
+
+
+def test_garbage_from_the_qtest_socket_is_bounded(tmp_path: Path) -> None:
+    """Bad input: a peer that streams bytes without a newline gets a typed error, not OOM."""
+    path = tmp_path / "garbage.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(1)
+
+        def serve() -> None:
+            peer, _ = server.accept()
+            with peer, contextlib.suppress(OSError):
+                for _ in range(64):
+                    peer.sendall(b"x" * 4096)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with (
+            QtestTisTransport(str(path), timeout=5) as tis,
+            pytest.raises(TpmTransportError, match="reply line too long"),
+        ):
+            tis.did_vid()
+        thread.join(10)
