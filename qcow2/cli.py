@@ -85,7 +85,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         )
     except BackingOpenError as err:
         # --backing-chain opens every image on its own, so the failure names the backing.
-        raise _open_error(err.backing, err.cause) from err
+        backing, cause = err.innermost()
+        raise _open_error(backing, cause) from err
     except (Qcow2Error, OSError) as err:
         raise _open_error(args.image, err) from err
     try:
@@ -107,7 +108,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .check import check_file
     from .errors import Qcow2Error
     from .fileio import HostFile
-    from .info import qemu_json, read_header_as_qemu
+    from .info import open_backing, qemu_json, read_header_as_qemu
 
     try:
         f = HostFile(args.image, writable=bool(args.r))
@@ -127,6 +128,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
             raise CliError("This image format does not support checks", 63)
         try:
             header = read_header_as_qemu(f, check_mode=True)
+            for layer in open_backing(args.image, header, force_share=args.U):
+                layer.close()  # qemu-img check opens the backing chain too
         except Qcow2Error as err:
             raise _open_error(args.image, err) from err
         result = check_file(f, header, args.r, filename=args.image)
@@ -240,13 +243,18 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     action = actions[0] if actions else "l"
     if action == "l":
         from .errors import Qcow2Error
-        from .info import format_snapshot_table, open_layer
+        from .info import format_snapshot_table, open_backing, open_layer
 
         try:
             layer = open_layer(args.image, args.f, force_share=args.U)
+            try:
+                if layer.header is not None:
+                    for below in open_backing(args.image, layer.header, force_share=args.U):
+                        below.close()  # qemu-img snapshot opens the backing chain too
+            finally:
+                layer.close()
         except (Qcow2Error, OSError) as err:
             raise _open_error(args.image, err) from err
-        layer.close()
         if layer.snapshots:
             sys.stdout.write("Snapshot list:\n" + format_snapshot_table(layer.snapshots))
         return 0
@@ -1119,9 +1127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OverflowError, MemoryError) as err:
-        # last resort: a value no check anticipated; still one line, never a traceback
-        _err(f"{type(err).__name__}: {err}")
+    except Exception as err:  # the last resort: one line, never a traceback
+        _err(f"internal error: {type(err).__name__}: {err}")
         return 1
     try:
         sys.stdout.flush()

@@ -319,42 +319,72 @@ def open_layer(
 
 
 class BackingOpenError(BackingChainError):
-    """A backing file of the chain could not be opened; ``cause`` says why."""
+    """A backing file of the chain could not be opened; ``cause`` says why (for a deeper
+    layer, ``cause`` is itself a BackingOpenError, and the message nests like QEMU's)."""
 
     def __init__(self, image: str, backing: str, cause: Qcow2Error) -> None:
         super().__init__(f"Could not open backing file: {cause.message}", path=image)
         self.backing = backing
         self.cause = cause
 
+    def innermost(self) -> tuple[str, Qcow2Error]:
+        """The backing file that failed to open and why."""
+        err = self
+        while isinstance(err.cause, BackingOpenError):
+            err = err.cause
+        return err.backing, err.cause
+
 
 def open_chain(
     name: str, fmt: str | None = None, *, force_share: bool = True, io: bool = True
 ) -> list[Layer]:
     """The image ``name`` and its backing files, top first (at most 64 deep, no loops)."""
-    layers: list[Layer] = []
-    seen: set[tuple[int, int]] = set()
+    return _open_chain(name, fmt, force_share=force_share, io=io, seen=set())
+
+
+def _open_chain(
+    name: str, fmt: str | None, *, force_share: bool, io: bool, seen: set[tuple[int, int]]
+) -> list[Layer]:
+    layer = open_layer(name, fmt, force_share=force_share, io=io)
     try:
-        layer = open_layer(name, fmt, force_share=force_share, io=io)
-        while True:
-            st = os.fstat(layer.file.fd)
-            if (st.st_dev, st.st_ino) in seen:
-                raise BackingChainError("Backing file chain loops", path=layer.name)
-            seen.add((st.st_dev, st.st_ino))
-            layers.append(layer)
-            h = layer.header
-            if h is None or not h.backing_file:
-                return layers
-            if len(layers) > layout.MAX_BACKING_CHAIN_DEPTH:
-                raise BackingChainError("Backing file chain too deep", path=name)
-            backing = full_backing_filename(layer.name, h.backing_file)
-            try:
-                layer = open_layer(backing, h.backing_format, force_share=force_share, io=io)
-            except Qcow2Error as err:
-                raise BackingOpenError(layer.name, backing, err) from err
+        st = os.fstat(layer.file.fd)
+        if (st.st_dev, st.st_ino) in seen:
+            raise BackingChainError("Backing file chain loops", path=layer.name)
+        seen.add((st.st_dev, st.st_ino))
+        h = layer.header
+        if h is None or not h.backing_file:
+            return [layer]
+        if len(seen) > layout.MAX_BACKING_CHAIN_DEPTH:
+            raise BackingChainError("Backing file chain too deep", path=name)
+        return [layer, *open_backing(layer.name, h, force_share=force_share, io=io, seen=seen)]
     except BaseException:
-        for opened in layers:
-            opened.close()
+        layer.close()
         raise
+
+
+def open_backing(
+    name: str,
+    header: Header,
+    *,
+    force_share: bool = True,
+    io: bool = True,
+    seen: set[tuple[int, int]] | None = None,
+) -> list[Layer]:
+    """The backing chain below image ``name`` (whose header is ``header``), opened as QEMU
+    opens it with the image; failures nest as "Could not open backing file: ..."."""
+    if not header.backing_file:
+        return []
+    backing = full_backing_filename(name, header.backing_file)
+    try:
+        return _open_chain(
+            backing,
+            header.backing_format,
+            force_share=force_share,
+            io=io,
+            seen=set() if seen is None else seen,
+        )
+    except Qcow2Error as err:
+        raise BackingOpenError(name, backing, err) from err
 
 
 # Section: qemu-img info

@@ -342,3 +342,23 @@ def test_missing_external_data_file_like_qemu_img(tmp_path: Path) -> None:
         theirs = run_qemu_img(*args, img.name)
         ours = run_cli(*args, img.name)
         assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err), args
+
+
+@pytest.mark.parametrize("missing", ["base.qcow2", "mid.qcow2"])
+@pytest.mark.parametrize(
+    "args",
+    [("check",), ("map",), ("snapshot", "-l"), ("info",), ("info", "--backing-chain")],
+    ids=lambda a: "-".join(a),
+)
+def test_missing_backing_file_like_qemu_img(
+    tmp_path: Path, missing: str, args: tuple[str, ...]
+) -> None:
+    """check, map and snapshot open the whole chain (messages nest per level); info does
+    not; info --backing-chain opens each image on its own."""
+    src = tmp_path / "src"
+    src.mkdir()
+    img = backing_chain(src)
+    (src / missing).unlink()
+    _copy_chain(img)
+    theirs, ours, _, _ = run_both(img, *args)
+    assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
