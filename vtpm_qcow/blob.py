@@ -138,7 +138,7 @@ def parse_blob(data: bytes, *, source: str = "state blob") -> BlobInfo:
         start = pos + TLV_HEADER_STRUCT.size
         if start + length > size:
             raise StateFormatError(
-                f"{source}: TLV tag {tag} length {length} at {pos} overruns blob"
+                f"{source}: TLV tag {tag} length {length} at offset {pos} overruns the blob"
             )
         tlvs.append(Tlv(tag, start, length))
         pos = start + length

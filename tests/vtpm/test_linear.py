@@ -226,3 +226,24 @@ def test_stale_bytes_past_the_end_never_leak_into_a_section(ops, name, blob, sta
         written[offset : offset + len(chunk)] = chunk
     assert written[update.size : len(disk)].count(0) == len(disk) - update.size
     assert update.size <= window
+
+
+def test_blob_headers_and_tlvs_are_validated() -> None:
+    """The state blob inside a section: swtpm's header check, then bounded TLVs."""
+    tlv = struct.pack(">HI", TAG_DATA, 4) + b"data"
+    good = struct.pack(">BBHHI", 2, 1, 10, 0, 10 + len(tlv)) + tlv
+    info = parse_blob(good)
+    assert info.header is not None and [(t.tag, t.length) for t in info.tlvs] == [(TAG_DATA, 4)]
+    # swtpm's CheckHeader failing (totlen mismatch, min_version > 2) means "headerless blob"
+    assert parse_blob(good + b"x").header is None
+    assert parse_blob(struct.pack(">BBHHI", 3, 3, 10, 0, 10)).header is None
+    overrun = struct.pack(">BBHHI", 2, 1, 10, 1, 16) + struct.pack(">HI", TAG_DATA, 99)
+    with pytest.raises(StateFormatError, match="TLV tag 1 length 99 at offset 10 overruns"):
+        parse_blob(overrun, source="x.permall")
+    truncated = struct.pack(">BBHHI", 2, 1, 10, 0, 13) + b"\x00\x01\x00"
+    with pytest.raises(StateFormatError, match="truncated TLV header at offset 10"):
+        parse_blob(truncated)
+    with pytest.raises(StateFormatError, match="hdrsize 4 out of range"):
+        parse_blob(struct.pack(">BBHHI", 2, 1, 4, 0, 10))
+    flags = parse_blob(struct.pack(">BBHHI", 2, 1, 10, 0x09 | 0x100, 10)).header
+    assert flags is not None and flags.flag_names == ["encrypted", "aes-256-key", "0x100"]
