@@ -28,11 +28,13 @@ def _api() -> Any:
 
 
 class CliError(Exception):
-    """A failure reported as ``qemu-img: <message>`` with exit ``code``."""
+    """A failure reported as ``qemu-img: <message>`` with exit ``code``; ``end`` follows
+    the last line (QEMU prints some hints without a final newline)."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = 1, *, end: str = "\n") -> None:
         super().__init__(message)
         self.code = code
+        self.end = end
 
 
 def _err(message: str) -> None:
@@ -342,62 +344,115 @@ def _onoff(opts: dict[str, str], key: str) -> bool:
     return value in ("on", "true", "yes")
 
 
+_CREATE_OPTIONS = {
+    "qcow2": (
+        "cluster_size",
+        "refcount_bits",
+        "compat",
+        "lazy_refcounts",
+        "extended_l2",
+        "compression_type",
+        "backing_file",
+        "backing_fmt",
+    ),
+    "raw": (),
+}
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
+    """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
+    "Formatting" line, then the format's own validation."""
     qcow2 = _api()
     from .errors import Qcow2Error
+    from .info import full_backing_filename, open_layer
 
-    if args.f not in (None, "qcow2"):
-        raise CliError(f"Unknown file format '{args.f}'")
-    opts = _parse_options(args.o or [])
+    fmt = args.f or "raw"  # qemu-img's default format
+    if fmt not in _CREATE_OPTIONS:
+        raise CliError(f"Unknown file format '{fmt}'")
+    image = args.image
+    given = _parse_options(args.o or [])
+    for key in given:
+        if key not in _CREATE_OPTIONS[fmt]:
+            raise CliError(f"{image}: Invalid parameter '{key}'")
+    opts = dict(given)
     backing = args.b or opts.pop("backing_file", None)
     backing_fmt = args.F or opts.pop("backing_fmt", None)
-    cluster_size = parse_size(opts.pop("cluster_size", "65536"))
-    refcount_bits = int(opts.pop("refcount_bits", "16"))
-    compat = opts.pop("compat", "1.1")
-    if compat not in ("0.10", "1.1", "v2", "v3"):
-        raise CliError(f"Invalid parameter '{compat}'")
-    version = 2 if compat in ("0.10", "v2") else 3
-    lazy = _onoff(opts, "lazy_refcounts")
-    opts.pop("lazy_refcounts", None)
-    extended_l2 = _onoff(opts, "extended_l2")
-    opts.pop("extended_l2", None)
-    compression = opts.pop("compression_type", "zlib")
-    if compression not in ("zlib", "zstd"):
-        raise CliError(f"Parameter 'compression_type' does not accept value '{compression}'")
-    if compression == "zstd" and version < 3:
-        raise CliError(
-            "Compression type 'zstd' requires compatibility level 1.1 or above (use compat=1.1)"
-        )
-    if opts:
-        raise CliError(f"Invalid parameter '{next(iter(opts))}'")
-    if args.size is not None:
-        size = parse_size(args.size)
-    elif backing:
-        from .info import full_backing_filename, open_layer
-
+    if fmt == "raw" and backing:
+        raise CliError(f"{image}: Backing file not supported for file format 'raw'")
+    size = parse_size(args.size) if args.size is not None else None
+    if backing:
+        if backing == image:
+            raise CliError(
+                f"{image}: Error: Trying to create an image with the same filename as the "
+                "backing file"
+            )
+        full = full_backing_filename(image, backing)
         try:
-            layer = open_layer(full_backing_filename(args.image, backing), backing_fmt)
+            layer = open_layer(full, backing_fmt)
         except (Qcow2Error, OSError) as err:
-            raise CliError(f"Could not open backing image: {err}") from err
-        size = layer.virtual_size
+            reason = getattr(err, "message", str(err))
+            raise CliError(f"{image}: {reason}\nCould not open backing image.") from err
         layer.close()
-    else:
-        raise CliError("Image creation needs a size parameter")
+        if backing_fmt is None:
+            raise CliError(
+                f"{image}: Backing file specified without backing format\n"
+                f"Detected format of {layer.format}.",
+                end="",
+            )
+        if size is None:
+            size = layer.virtual_size
+    if size is None:
+        raise CliError(f"{image}: Image creation needs a size parameter")
+    if fmt == "raw":
+        if not args.q:
+            sys.stdout.write(f"Formatting '{image}', fmt=raw size={size}\n")
+        try:
+            with open(image, "wb") as raw:
+                raw.truncate(-(-size // 512) * 512)
+        except OSError as err:
+            raise CliError(f"{image}: Could not create '{image}': {err.strerror}") from err
+        return 0
+    cluster_text = opts.pop("cluster_size", "65536")
+    refcount_text = opts.pop("refcount_bits", "16")
+    compat = opts.pop("compat", "1.1")
+    compression = opts.pop("compression_type", "zlib")
+    lazy = _onoff(opts, "lazy_refcounts")
+    extended_l2 = _onoff(opts, "extended_l2")
+    cluster_size = parse_size(cluster_text)
     if not args.q:
         parts = [
-            f"Formatting '{args.image}', fmt=qcow2 cluster_size={cluster_size}",
+            f"Formatting '{image}', fmt=qcow2 cluster_size={cluster_size}",
             f"extended_l2={'on' if extended_l2 else 'off'}",
             f"compression_type={compression}",
             f"size={size}",
         ]
-        if "compat" in _parse_options(args.o or []):
+        if "compat" in given:
             parts.append(f"compat={compat}")
         if backing:
             parts.append(f"backing_file={backing}")
         if backing_fmt:
             parts.append(f"backing_fmt={backing_fmt}")
-        parts += [f"lazy_refcounts={'on' if lazy else 'off'}", f"refcount_bits={refcount_bits}"]
+        parts += [f"lazy_refcounts={'on' if lazy else 'off'}", f"refcount_bits={refcount_text}"]
         sys.stdout.write(" ".join(parts) + "\n")
+    if compat not in ("0.10", "1.1", "v2", "v3"):
+        raise CliError(f"{image}: Parameter 'version' does not accept value '{compat}'")
+    if compression not in ("zlib", "zstd"):
+        raise CliError(
+            f"{image}: Parameter 'compression-type' does not accept value '{compression}'"
+        )
+    version = 2 if compat in ("0.10", "v2") else 3
+    try:
+        refcount_bits = int(refcount_text)
+    except ValueError as err:
+        raise CliError(
+            f"{image}: Parameter 'refcount_bits' expects a non-negative number below 2^64"
+        ) from err
+    _validate_qcow2_create(image, cluster_size, refcount_bits, version, lazy, extended_l2)
+    if compression == "zstd" and version < 3:
+        raise CliError(
+            f"{image}: Non-zlib compression type is only supported with compatibility level "
+            "1.1 and above (use version=v3 or greater)"
+        )
     kwargs: dict[str, object] = {
         "cluster_size": cluster_size,
         "refcount_bits": refcount_bits,
@@ -408,13 +463,33 @@ def _cmd_create(args: argparse.Namespace) -> int:
         "lazy_refcounts": lazy,
     }
     try:
-        image = qcow2.create(args.image, size, **kwargs)
-        image.close()
+        created = qcow2.create(image, size, **kwargs)
+        created.close()
         if compression == "zstd":
-            _set_zstd(args.image)
-    except (Qcow2Error, OSError, TypeError, ValueError) as err:
-        raise CliError(f"{args.image}: {getattr(err, 'message', err)}") from err
+            _set_zstd(image)
+    except (Qcow2Error, OSError) as err:
+        raise CliError(f"{image}: {getattr(err, 'message', err)}") from err
     return 0
+
+
+def _validate_qcow2_create(
+    image: str, cluster_size: int, refcount_bits: int, version: int, lazy: bool, extl2: bool
+) -> None:
+    """``qcow2_co_create``'s checks, in its order and with its messages."""
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
+        raise CliError(f"{image}: Cluster size must be a power of two between 512 and 2048k")
+    v3_hint = "compatibility level 1.1 and above (use version=v3 or greater)"
+    if version < 3 and lazy:
+        raise CliError(f"{image}: Lazy refcounts only supported with {v3_hint}")
+    if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
+        raise CliError(f"{image}: Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise CliError(
+            f"{image}: Different refcount widths than 16 bits require compatibility level "
+            "1.1 or above (use version=v3 or greater)"
+        )
+    if version < 3 and extl2:
+        raise CliError(f"{image}: Extended L2 entries are only supported with {v3_hint}")
 
 
 def _set_zstd(path: str) -> None:
@@ -1034,8 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.set_defaults(func=_cmd_map)
 
-    p = sub.add_parser("create", help="create a qcow2 image")
-    p.add_argument("-f", default="qcow2")
+    p = sub.add_parser("create", help="create a qcow2 (or raw) image")
+    p.add_argument("-f", help="qcow2 or raw (qemu-img's default: raw)")
     p.add_argument("-o", action="append", help="cluster_size, refcount_bits, compat, ...")
     p.add_argument("-b", help="backing file")
     p.add_argument("-F", help="backing file format")
@@ -1114,10 +1189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = args.func(args)
     except CliError as err:
         # First line carries the "qemu-img:" prefix; hint lines follow verbatim.
-        first, *hints = str(err).splitlines() or [""]
-        _err(first)
-        for line in hints:
-            sys.stderr.write(line + "\n")
+        lines = str(err).splitlines() or [""]
+        endings = ["\n"] * (len(lines) - 1) + [err.end]
+        sys.stderr.write(f"{PROG}: {lines[0]}{endings[0]}")
+        for line, ending in zip(lines[1:], endings[1:], strict=True):
+            sys.stderr.write(line + ending)
         return err.code
     except Qcow2Error as err:
         _err(str(err))
