@@ -783,15 +783,33 @@ class _Source:
             raise _open_error(path, err) from err
         self.image = image
         self.size = image.virtual_size
-        reader: object = image
+        self._read = image.read
         if snapshot is not None:
-            _kind, key = snapshot
-            try:
-                view = image.snapshot(key)
-            except Qcow2Error as err:
-                raise CliError(f"Failed to load snapshot: {err.message}") from err
-            reader = view
-        self._read = reader.read  # type: ignore[attr-defined]
+            self._read = self._snapshot_reader(image, *snapshot)
+
+    @staticmethod
+    def _snapshot_reader(image: Any, kind: str, key: str) -> Callable[[int, int], bytes]:
+        """``-l``: ``snapshot.id=``/``snapshot.name=`` match exactly, a bare TAG is an ID
+        first, then a name (``bdrv_snapshot_load_tmp_by_id_or_name``).  The output keeps
+        the current virtual size: past the snapshot's own size it reads zeros."""
+        from .snapshots import SnapshotView
+
+        entries = image.snapshots
+        if kind == "any":
+            matches = [e for e in entries if e.id == key] or [e for e in entries if e.name == key]
+        else:
+            matches = [e for e in entries if getattr(e, kind) == key]
+        if not matches:
+            raise CliError("Failed to load snapshot: Can't find snapshot")
+        view = SnapshotView(image, matches[0])
+        end = view.virtual_size
+
+        def read(offset: int, length: int) -> bytes:
+            inside = max(0, min(length, end - offset))
+            data = view.read(offset, inside) if inside else b""
+            return data + bytes(length - inside)
+
+        return read
 
     def _read_raw(self, offset: int, length: int) -> bytes:
         assert self.raw is not None

@@ -523,3 +523,22 @@ def test_resize_of_v2_image_with_snapshots_is_refused_like_qemu_img(tmp_path: Pa
         ours = run_cli("resize", "img.qcow2", size)
         assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
         assert ours.code == 1
+
+
+def test_convert_snapshot_selection_matches_qemu_img(tmp_path: Path) -> None:
+    """-l picks by exact ID or name, a bare tag is an ID first; the output has the current
+    size even when the snapshot's disk was smaller."""
+    img = oracle.create(tmp_path / "img.qcow2", 2 * MiB)
+    oracle.qemu_io(img, "write -P 1 0 64k")
+    oracle.snapshot(img, "create", "2")  # ID 1, named "2"
+    oracle.qemu_io(img, "write -P 2 0 64k")
+    oracle.snapshot(img, "create", "first")  # ID 2
+    oracle.qemu_img("resize", str(img), "4M")
+    oracle.qemu_io(img, "write -P 3 3M 64k")
+    os.chdir(tmp_path)
+    for sel in ("1", "2", "first", "snapshot.name=2", "snapshot.id=2", "nosuch", "snapshot.id=7"):
+        theirs = run_qemu_img("convert", "-l", sel, "-O", "raw", "img.qcow2", "q.raw")
+        ours = run_cli("convert", "-l", sel, "-O", "raw", "img.qcow2", "o.raw")
+        assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err), sel
+        if theirs.code == 0:
+            assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes(), sel
