@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,12 +320,13 @@ def test_locked_image_gives_qemu_img_lock_error(tmp_path: Path) -> None:
     )
     try:
         os.chdir(tmp_path)
-        deadline = 50
-        while run_qemu_img("info", "img.qcow2").code == 0 and deadline:
-            deadline -= 1
-            import time
-
+        # Wait (bounded) until qemu-io holds its locks: qemu-img info starts failing.
+        for _ in range(300):
+            if run_qemu_img("info", "img.qcow2").code != 0 or holder.poll() is not None:
+                break
             time.sleep(0.1)
+        assert holder.poll() is None, "qemu-io exited early"
+        assert run_qemu_img("info", "img.qcow2").code == 1, "qemu-io never took its lock"
         for args in (
             ("info", "img.qcow2"),
             ("check", "img.qcow2"),
