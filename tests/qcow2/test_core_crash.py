@@ -8,6 +8,7 @@ at most leaked clusters, never a corruption; the content is the old or the new o
 from __future__ import annotations
 
 import random
+import resource
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -134,6 +135,8 @@ def test_dirty_image_is_repaired_on_writable_open(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
         check=False,
+        cwd=tmp_path,  # and no core dump anywhere
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)),
     )
     raw = path.read_bytes()
     assert int.from_bytes(raw[72:80], "big") & 1, "qemu-io abort left no dirty bit"
