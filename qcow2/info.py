@@ -621,7 +621,7 @@ def format_info_human(info: dict[str, Any]) -> str:
 
 # Section: qemu-img map
 
-_DATA, _ZERO, _UNALLOCATED, _INVALID = 1, 2, 0, 3
+_DATA, _ZERO, _UNALLOCATED, _INVALID, _DATA_ZERO = 1, 2, 0, 3, 4
 
 
 @dataclass
@@ -719,7 +719,70 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
                     return runs
                 add(sc_start, sc_end, kind, None if encrypted else offset)
     add(nb_l1 * l2_span, size, _UNALLOCATED, None)
+    if not encrypted and not h.has_data_file and _metadata_preallocated(layer):
+        return _split_by_host_holes(layer, runs)
     return runs
+
+
+def _metadata_preallocated(layer: Layer) -> bool:
+    """QEMU's ``qcow2_detect_metadata_preallocation``: far more clusters are refcounted
+    than the host file really stores (``preallocation=metadata``)."""
+    from .cache import TableCache
+    from .refcount import RefcountTable
+
+    h = layer.header
+    assert h is not None
+    f = layer.file
+    real_clusters = os.fstat(f.fd).st_blocks * 512 // h.cluster_size
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = layout.size_to_clusters(h.cluster_size, f.size())
+    if end_cluster < threshold:
+        return False  # not even every cluster of the file could be refcounted
+    refcounts = RefcountTable(f, h, TableCache(f, h.cluster_size, 4, "refblock"))
+    count = 0
+    try:
+        for cluster in range(end_cluster):
+            count += bool(refcounts.get(cluster))
+            if count >= threshold:
+                return True
+    except Qcow2Error:
+        return False
+    return False
+
+
+def _split_by_host_holes(layer: Layer, runs: list[_Run]) -> list[_Run]:
+    """With metadata preallocation QEMU asks the host file about data clusters
+    (BDRV_BLOCK_RECURSE): the parts that are holes there read as zero (and stay data)."""
+    fd = layer.file.fd
+    file_end = layer.file.size()
+    out: list[_Run] = []
+    for run in runs:
+        if run.kind != _DATA or run.offset is None:
+            out.append(run)
+            continue
+        pos = run.start
+        while pos < run.end:
+            host = run.offset + (pos - run.start)
+            length = run.end - pos
+            data_at = _seek(fd, host, os.SEEK_DATA, file_end)
+            if data_at > host:
+                piece, kind = min(length, data_at - host), _DATA_ZERO
+            else:
+                hole_at = _seek(fd, host, os.SEEK_HOLE, file_end)
+                piece, kind = min(length, hole_at - host), _DATA
+            out.append(_Run(pos, pos + piece, kind, host))
+            pos += piece
+    return out
+
+
+def _seek(fd: int, offset: int, whence: int, file_end: int) -> int:
+    """lseek SEEK_DATA/SEEK_HOLE; past the end of the file everything is a hole."""
+    if offset >= file_end:
+        return 1 << 62 if whence == os.SEEK_DATA else offset
+    try:
+        return os.lseek(fd, offset, whence)
+    except OSError:
+        return 1 << 62 if whence == os.SEEK_DATA else file_end
 
 
 def _entry_status(
@@ -832,10 +895,11 @@ def _block_status(
             raise run.error
         nbytes = min(nbytes, run.end - pos)
         offset = None if run.offset is None else run.offset + (pos - run.start)
-        if run.kind in (_DATA, _ZERO):
-            data = run.kind == _DATA
+        if run.kind in (_DATA, _ZERO, _DATA_ZERO):
+            data = run.kind in (_DATA, _DATA_ZERO)
+            zero = run.kind in (_ZERO, _DATA_ZERO)
             name = layer.data_name if offset is not None else None
-            return MapEntry(pos, nbytes, depth, True, not data, data, offset, name)
+            return MapEntry(pos, nbytes, depth, True, zero, data, offset, name)
         below = layers[depth + 1] if depth + 1 < len(layers) else None
         if below is None or pos >= below.virtual_size:
             name = layer.data_name if offset is not None else None

@@ -131,6 +131,12 @@ def external_raw_data_file(tmp: Path) -> Path:
     return img
 
 
+def metadata_preallocated(tmp: Path) -> Path:
+    img = oracle.create(tmp / "img.qcow2", 4 * MiB, preallocation="metadata")
+    oracle.qemu_io(img, "write -P 7 0 64k", "write -P 8 1M 4k")
+    return img
+
+
 IMAGES: dict[str, Callable[[Path], Path]] = {
     f.__name__: f
     for f in (
@@ -147,6 +153,7 @@ IMAGES: dict[str, Callable[[Path], Path]] = {
         with_bitmaps,
         external_data_file,
         external_raw_data_file,
+        metadata_preallocated,
     )
 }
 
