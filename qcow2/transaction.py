@@ -417,8 +417,14 @@ class MetadataTransaction:
         if self.virtual_size is not None and self.virtual_size != header.size:
             fields.update(size=self.virtual_size, crypt_method=header.crypt_method)
 
+        runs = _coalesce(self.staged)
+        overlap_check = image.clusters.overlap_check
+        if overlap_check is not None:
+            # Free by refcount but live metadata is possible only in a corrupt image.
+            for offset, data in runs:
+                overlap_check(offset, len(data))
         fault_point(f"{self.op}.write_metadata")
-        for offset, data in _coalesce(self.staged):
+        for offset, data in runs:
             image.file.pwrite(offset, data)
         image.file.flush()  # the new generation is durable before anything points at it
         fault_point(f"{self.op}.header_switch")

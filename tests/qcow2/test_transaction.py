@@ -331,3 +331,24 @@ def test_random_snapshot_sequences_stay_clean(
         assert oracle.convert(img) == model
         for name, content in snaps.items():
             assert oracle.convert(img, snapshot=name) == content
+
+
+def test_live_metadata_with_refcount_0_is_never_overwritten(tmp_path: Path) -> None:
+    """A corrupt image whose active L1 cluster has refcount 0: the transaction would pick
+    it as free, and the metadata overlap check refuses before anything is written."""
+    img = oracle.create(tmp_path / "a.qcow2", 1 * MiB, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 0x3 0 8k")
+    raw = bytearray(img.read_bytes())
+
+    def field(name: str) -> int:
+        return int(layout.field_struct(name).unpack_from(raw, layout.field_offset(name))[0])
+
+    l1_cluster = field("l1_table_offset") // 4096
+    refblock = int.from_bytes(raw[field("refcount_table_offset") :][:8], "big")
+    raw[refblock + 2 * l1_cluster : refblock + 2 * l1_cluster + 2] = bytes(2)  # 16-bit entry
+    img.write_bytes(bytes(raw))
+    with qcow2.open(str(img), writable=True) as image:
+        with pytest.raises(Qcow2Error, match="overlaps with active L1 table"):
+            image.create_snapshot("s")
+        assert img.read_bytes() == bytes(raw)
+    assert oracle.convert(img)[: 8 * KiB] == b"\x03" * 8 * KiB
