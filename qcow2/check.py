@@ -458,10 +458,12 @@ class _Pass:
                     "L1 entry corrupted"
                 )
                 self.res.corruptions += 1
-            key = (l2_offset, active)
+            # The scan does not depend on which L1 refers to the table (only the active
+            # one counts the fragmentation figures): one scan per table and pass.
+            key = l2_offset
             summary = cache.get(key)
             if summary is None:
-                summary, wrote = self._scan_l2(l2_offset, active=active)
+                summary, wrote = self._scan_l2(l2_offset)
                 if not wrote:
                     cache[key] = summary
             self.res.corruptions += summary.corruptions
@@ -486,7 +488,7 @@ class _Pass:
             self.add_references(self.summaries[key].clusters, times)
         self.pending.clear()
 
-    def _scan_l2(self, l2_offset: int, *, active: bool) -> tuple[_L2Summary, bool]:
+    def _scan_l2(self, l2_offset: int) -> tuple[_L2Summary, bool]:
         """QEMU's ``check_refcounts_l2`` for one visit; returns (summary, wrote_to_image)."""
         c = self.c
         s = _L2Summary([], 0, [], events=[] if self.exact else None)
@@ -499,8 +501,24 @@ class _Pass:
         step = 2 if c.extended_l2 else 1
         next_contiguous = 0
         cs_mask = c.cluster_size - 1
+        # Fast path: a standard, aligned data cluster with nothing else set (the bulk).
+        plain_bits = layout.OFLAG_COPIED | layout.L2E_OFFSET_MASK
+        fast = step == 1 and s.events is None and not c.has_data_file
+        bits, file_len, clusters = c.cluster_bits, c.file_len, s.clusters
         for i in range(0, n, step):
             entry = words[i]
+            if fast and entry and not entry & ~plain_bits and not entry & cs_mask:
+                offset = entry & layout.L2E_OFFSET_MASK
+                if offset:
+                    s.allocated += 1
+                    if next_contiguous and offset != next_contiguous:
+                        s.fragmented += 1
+                    next_contiguous = offset + c.cluster_size
+                    if offset < file_len:
+                        clusters.append(offset >> bits)
+                    else:
+                        self._count_range(s, offset, c.cluster_size)
+                    continue
             bitmap = words[i + 1] if step == 2 else 0
             if not entry and not bitmap:
                 continue
@@ -531,10 +549,9 @@ class _Pass:
                 nb_sectors = ((entry >> c.csize_shift) & c.csize_mask) + 1
                 csize = nb_sectors * 512 - (coffset & 511)
                 self._count_range(s, coffset, csize)
-                if active:
-                    s.allocated += 1
-                    s.compressed += 1
-                    s.fragmented += 1
+                s.allocated += 1
+                s.compressed += 1
+                s.fragmented += 1
             elif ctype in (_NORMAL, _ZERO_ALLOC):
                 offset = entry & layout.L2E_OFFSET_MASK
                 if (bitmap >> 32) & bitmap:
@@ -564,11 +581,10 @@ class _Pass:
                             f"ERROR offset={offset:x}: Data cluster is not properly aligned; "
                             "L2 entry corrupted."
                         )
-                if active:
-                    s.allocated += 1
-                    if next_contiguous and offset != next_contiguous:
-                        s.fragmented += 1
-                    next_contiguous = offset + c.cluster_size
+                s.allocated += 1
+                if next_contiguous and offset != next_contiguous:
+                    s.fragmented += 1
+                next_contiguous = offset + c.cluster_size
                 if not c.has_data_file:
                     self._count_range(s, offset, c.cluster_size)
             elif ctype == _UNALLOCATED and bitmap & _L2_BITMAP_ALL_ALLOC:
@@ -623,9 +639,9 @@ class _Pass:
     def calculate(self) -> bool:
         """QEMU's ``calculate_refcounts``; returns whether a rebuild is needed."""
         c = self.c
-        self.l2_cache: dict[tuple[int, bool], _L2Summary] = {}
-        self.summaries: dict[tuple[int, bool], _L2Summary] = {}
-        self.pending: dict[tuple[int, bool], int] = {}
+        self.l2_cache: dict[int, _L2Summary] = {}
+        self.summaries: dict[int, _L2Summary] = {}
+        self.pending: dict[int, int] = {}
         self.inc(0, c.cluster_size)
         self.check_l1(c.h.l1_table_offset, c.h.l1_size, active=True)
         if c.has_data_file and c.snapshots:
@@ -1008,12 +1024,13 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
     step = 2 if c.extended_l2 else 1
     n = c.cluster_size // 8
     scanned: dict[int, tuple[list[str], int]] = {}
+    stored = c.stored_refcounts(0)  # refcounts no longer change in this pass
     for i, l1_entry in enumerate(c.l1_table):
         l2_offset = l1_entry & layout.L1E_OFFSET_MASK
         if not l2_offset:
             continue
         try:
-            refcount = c.get_refcount(l2_offset >> c.cluster_bits)
+            refcount = stored(l2_offset >> c.cluster_bits)
         except CorruptImageError:
             continue
         if (refcount == 1) != bool(l1_entry & layout.OFLAG_COPIED):
@@ -1059,7 +1076,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
                 refcount = 1
             else:
                 try:
-                    refcount = c.get_refcount((entry & layout.L2E_OFFSET_MASK) >> c.cluster_bits)
+                    refcount = stored((entry & layout.L2E_OFFSET_MASK) >> c.cluster_bits)
                 except CorruptImageError:
                     continue
             if (refcount == 1) != bool(entry & layout.OFLAG_COPIED):
