@@ -706,22 +706,39 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
             start = base + j * cs
             if start >= size:
                 break
-            for sc_start, sc_end, kind, offset in _entry_status(
-                entry, bitmap, h, start, cs, sc_size
-            ):
-                if kind == _INVALID:
-                    message = (
-                        f"Invalid cluster entry found  (L2 offset: {_c_hex(l2_offset)}, "
-                        f"L2 index: {_c_hex(j)})"
-                    )
-                    err = CorruptImageError(message, path=layer.name)
-                    runs.append(_Run(start, max(size, start + 1), _INVALID, None, err))
-                    return runs
+            statuses = list(_entry_status(entry, bitmap, h, start, cs, sc_size))
+            problem = _entry_error(entry, statuses, h, l2_offset, j)
+            if problem is not None:
+                err = CorruptImageError(problem, path=layer.name)
+                runs.append(_Run(start, max(size, start + 1), _INVALID, None, err))
+                return runs
+            for sc_start, sc_end, kind, offset in statuses:
                 add(sc_start, sc_end, kind, None if encrypted else offset)
     add(nb_l1 * l2_span, size, _UNALLOCATED, None)
     if not encrypted and not h.has_data_file and _metadata_preallocated(layer):
         return _split_by_host_holes(layer, runs)
     return runs
+
+
+def _entry_error(
+    entry: int,
+    statuses: list[tuple[int, int, int, int | None]],
+    h: Header,
+    l2_offset: int,
+    index: int,
+) -> str | None:
+    """The corruption ``qcow2_get_host_offset`` reports for an L2 entry, if any."""
+    where = f"(L2 offset: {_c_hex(l2_offset)}, L2 index: {_c_hex(index)})"
+    if any(kind == _INVALID for _, _, kind, _ in statuses):
+        return f"Invalid cluster entry found  {where}"
+    if entry & layout.OFLAG_COMPRESSED:
+        return None
+    if h.version < 3 and entry & layout.OFLAG_ZERO:
+        return f"Zero cluster entry found in pre-v3 image {where}"
+    host = entry & layout.L2E_OFFSET_MASK
+    if host % h.cluster_size:
+        return f"Cluster allocation offset {_c_hex(host)} unaligned {where}"
+    return None
 
 
 def _metadata_preallocated(layer: Layer) -> bool:

@@ -369,3 +369,28 @@ def test_missing_backing_file_like_qemu_img(
     _copy_chain(img)
     theirs, ours, _, _ = run_both(img, *args)
     assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+
+
+@pytest.mark.parametrize(
+    ("compat", "index", "change"),
+    [("1.1", 16, "unaligned"), ("0.10", 16, "zero-flag"), ("0.10", 20, "zero-plain")],
+)
+@pytest.mark.parametrize("output", ["json", "human"])
+def test_map_stops_at_corrupt_entries_like_qemu_img(
+    tmp_path: Path, compat: str, index: int, change: str, output: str
+) -> None:
+    """Unaligned data clusters and v2 zero flags: the records before, QEMU's corruption
+    line, then 'Could not read file metadata'."""
+    import struct
+
+    img = oracle.create(tmp_path / "img.qcow2", 4 * MiB, compat=compat)
+    oracle.qemu_io(img, "write 0 64k", "write 1M 64k")
+    raw = bytearray(img.read_bytes())
+    at = 0x40000 + index * 8
+    (entry,) = struct.unpack_from(">Q", raw, at)
+    new = {"unaligned": entry + 512, "zero-flag": entry | 1, "zero-plain": 1}[change]
+    struct.pack_into(">Q", raw, at, new)
+    img.write_bytes(bytes(raw))
+    theirs, ours, _, _ = run_both(img, "map", f"--output={output}")
+    assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
+    assert ours.code == 1
