@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -10,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import qcow2
+from qcow2 import layout
+from qcow2.lock import F_OFD_GETLK
 from tests.helpers import need
 from tests.qcow2 import oracle
 
@@ -34,11 +39,18 @@ def qemu_io_holder(image: Path) -> Iterator[subprocess.Popen[bytes]]:
     )
     try:
         deadline = time.monotonic() + 10
-        # Wait until qemu-io holds its locks (qemu-img info starts failing).
-        while oracle.qemu_img("info", str(image), ok=(0, 1)).returncode == 0:
-            assert proc.poll() is None, "qemu-io exited early"
-            assert time.monotonic() < deadline, "qemu-io never locked the image"
-            time.sleep(0.05)
+        # Wait until qemu-io holds its write lock byte.  Probe with F_OFD_GETLK, which takes
+        # no lock: a probing qemu-img could take QEMU's bytes and make qemu-io give up.
+        fd = os.open(image, os.O_RDONLY)
+        try:
+            write_byte = layout.LOCK_PERM_BASE + layout.PERM_WRITE_BITNR
+            probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, write_byte, 1, 0)
+            while struct.unpack("hhqqi4x", fcntl.fcntl(fd, F_OFD_GETLK, probe))[0] == fcntl.F_UNLCK:
+                assert proc.poll() is None, "qemu-io exited early"
+                assert time.monotonic() < deadline, "qemu-io never locked the image"
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
         yield proc
     finally:
         if proc.stdin is not None:
