@@ -79,10 +79,17 @@ def assert_consistent(path: Path) -> None:
 
 
 def read_state(path: Path, names: list[str]) -> State:
+    """The active content and each named snapshot's, read by qemu-img and checked against
+    our reader (qemu-img convert -l reads a snapshot at the current disk size)."""
     content = oracle.convert(path)
+    snapshots = {n: oracle.convert(path, snapshot=n) for n in names}
     with qcow2.open(str(path)) as image:
         assert image.read(0, len(content)) == content, "qcow2 and qemu-img disagree"
-    return State(content, {n: oracle.convert(path, snapshot=n) for n in names})
+        for name, theirs in snapshots.items():
+            view = image.snapshot(name)
+            common = min(view.virtual_size, len(theirs))
+            assert theirs[:common] == view.read(0, common), f"snapshot {name}: readers disagree"
+    return State(content, snapshots)
 
 
 Operation = Callable[[qcow2.Image], object]
