@@ -48,7 +48,9 @@ def hmp(qmp: Path, *commands: str) -> list[str]:
                 out.append(str(reply))
             return out
         finally:
-            await client.disconnect()
+            # After "quit" QEMU may close the socket before we do: that EOF is expected.
+            with contextlib.suppress(EOFError, ConnectionError):
+                await client.disconnect()
 
     return asyncio.run(asyncio.wait_for(run(), 60))
 
