@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from qcow2.cli import main
-from tests.helpers import need
+from tests.helpers import held_by_qemu_io, need
 from tests.qcow2 import oracle
 
 MiB = 1024 * 1024
@@ -313,19 +312,8 @@ def test_convert_progress_ends_at_100_percent(tmp_path: Path) -> None:
 
 def test_locked_image_gives_qemu_img_lock_error(tmp_path: Path) -> None:
     img = _image_with_data(tmp_path)
-    holder = subprocess.Popen(
-        [need("qemu-io"), "-c", "sleep 120000", str(img)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        os.chdir(tmp_path)
-        # Wait (bounded) until qemu-io holds its locks: qemu-img info starts failing.
-        for _ in range(300):
-            if run_qemu_img("info", "img.qcow2").code != 0 or holder.poll() is not None:
-                break
-            time.sleep(0.1)
-        assert holder.poll() is None, "qemu-io exited early"
+    os.chdir(tmp_path)
+    with held_by_qemu_io(img):
         assert run_qemu_img("info", "img.qcow2").code == 1, "qemu-io never took its lock"
         for args in (
             ("info", "img.qcow2"),
@@ -344,9 +332,6 @@ def test_locked_image_gives_qemu_img_lock_error(tmp_path: Path) -> None:
             ours = run_cli(*args)
             assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err), args
         assert "Is another process using the image [img.qcow2]?" in run_cli("info", "img.qcow2").err
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 #: Hostile header values: (name, offset, struct format, value); None = a truncation.

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-import struct
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import qcow2
-from qcow2 import layout
-from qcow2.lock import F_OFD_GETLK
-from tests.helpers import need
+from tests.helpers import held_by_qemu_io
 from tests.qcow2 import oracle
 
 MiB = 1024 * 1024
@@ -31,35 +25,8 @@ def image(tmp_path: Path) -> Path:
 @pytest.fixture
 def qemu_io_holder(image: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A qemu-io process holding ``image`` open read-write until the test ends."""
-    proc = subprocess.Popen(
-        [need("qemu-io"), "-f", "qcow2", str(image)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        # Wait until qemu-io holds its write lock byte.  Probe with F_OFD_GETLK, which takes
-        # no lock: a probing qemu-img could take QEMU's bytes and make qemu-io give up.
-        fd = os.open(image, os.O_RDONLY)
-        try:
-            write_byte = layout.LOCK_PERM_BASE + layout.PERM_WRITE_BITNR
-            probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, write_byte, 1, 0)
-            while struct.unpack("hhqqi4x", fcntl.fcntl(fd, F_OFD_GETLK, probe))[0] == fcntl.F_UNLCK:
-                assert proc.poll() is None, "qemu-io exited early"
-                assert time.monotonic() < deadline, "qemu-io never locked the image"
-                time.sleep(0.05)
-        finally:
-            os.close(fd)
+    with held_by_qemu_io(image) as proc:
         yield proc
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_qemu_img_info_fails_while_we_hold_the_image_writable(image: Path) -> None:

@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import need
+from tests.helpers import held_by_qemu_io, need
 from tests.vtpm.mount_fixtures import (
     NV_INDEX,
     create_image,
@@ -109,42 +108,6 @@ def test_kill_9_leaves_an_image_that_opens_clean(tmp_path: Path) -> None:
             assert (mountpoint / "tpm2-00.permall").read_bytes() == committed["permall"]
     finally:
         force_unmount(mountpoint)
-
-
-def has_ofd_locks(image: Path) -> bool:
-    """True if some process holds an OFD lock (QEMU's image locks) on ``image``."""
-    st = os.stat(image)
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
-    with open("/proc/locks") as locks:
-        return any("OFDLCK" in line and key in line for line in locks)
-
-
-@contextlib.contextmanager
-def held_by_qemu_io(image: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """An interactive qemu-io holding ``image`` open read-write (QEMU's locks)."""
-    proc = subprocess.Popen(
-        [need("qemu-io"), "-f", "qcow2", str(image)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        # Watch /proc/locks rather than probing with another qemu-io: a probe that wins
-        # the race for the lock makes the holder give up.
-        deadline = time.monotonic() + 30
-        while not has_ofd_locks(image):
-            assert proc.poll() is None, "qemu-io exited instead of holding the image"
-            assert time.monotonic() < deadline, "qemu-io did not lock the image"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_mount_of_a_locked_image_is_refused(tmp_path: Path) -> None:
