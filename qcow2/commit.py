@@ -52,12 +52,15 @@ def _merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int
         while pos < end:
             index = pos // cluster_size
             start = index * cluster_size
+            chunk_end = min(end, start + cluster_size)
             buf = clusters.get(index)
             if buf is None:
-                old = image.read(start, min(cluster_size, size - start))
-                buf = bytearray(old) + bytearray(cluster_size - len(old))
+                if pos == start and chunk_end - start == cluster_size:
+                    buf = bytearray(cluster_size)  # overwritten whole: no need to read it
+                else:
+                    old = image.read(start, min(cluster_size, size - start))
+                    buf = bytearray(old) + bytearray(cluster_size - len(old))
                 clusters[index] = buf
-            chunk_end = min(end, start + cluster_size)
             buf[pos - start : chunk_end - start] = data[pos - offset : chunk_end - offset]
             pos = chunk_end
     return clusters
@@ -101,5 +104,7 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
             table[pos : pos + 8] = data_offset.to_bytes(8, "big")
             if entry_size == layout.L2_ENTRY_SIZE_EXTENDED:
                 table[pos + 8 : pos + 16] = _EXTL2_ALL_ALLOCATED.to_bytes(8, "big")
-        txn.replace_l2(l1_index, table)
+        # Only the rewritten entries change references: the COPIED flags of the others
+        # stay as they are (their clusters' refcounts do not change).
+        txn.replace_l2(l1_index, table, [index % l2_entries for index in indexes])
     txn.commit()

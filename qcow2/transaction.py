@@ -94,6 +94,11 @@ class MetadataTransaction:
         self.recheck_all = False
         #: New content of the active L2 table of an L1 index (replace_l2).
         self.replaced_l2: dict[int, bytearray] = {}
+        #: Entry indexes of a replaced table whose references changed (None: all may have).
+        self.replaced_entries: dict[int, Sequence[int] | None] = {}
+        #: Staged new tables by cache: kept warm in the caches after the switch.
+        self._new_l2: list[int] = []
+        self._new_refblocks: list[int] = []
         self.snapshots: list[SnapshotEntry] | None = None
         self.virtual_size: int | None = None
         self._old_refcounts: dict[int, int] = {}
@@ -181,13 +186,20 @@ class MetadataTransaction:
         self.active_l1 = [e & ~_COPIED for e in entries]
         self.recheck_all = True
 
-    def replace_l2(self, l1_index: int, table: bytearray) -> None:
+    def replace_l2(
+        self, l1_index: int, table: bytearray, changed: Sequence[int] | None = None
+    ) -> None:
         """New content for the active L2 table of ``l1_index`` (written to a new cluster,
         COPIED flags recomputed; the current table, if any, is released).  The caller
         records the references the content gains and loses.  Without
         :meth:`set_active_l1`, only replaced tables are rebuilt: valid when the recorded
-        changes touch no cluster the other active tables reference."""
+        changes touch no cluster the other active tables reference.
+
+        ``changed`` (entry indexes) limits the COPIED recomputation to those entries: valid
+        when the refcounts of every other entry's clusters stay as they are.
+        """
         self.replaced_l2[l1_index] = table
+        self.replaced_entries[l1_index] = changed
 
     def set_snapshots(self, entries: Sequence[SnapshotEntry]) -> None:
         """The new snapshot table (written to a new location; the current one released)."""
@@ -213,31 +225,39 @@ class MetadataTransaction:
         table = self.image.l2_cache.get(l2_offset)  # read only: never modified here
         return struct.unpack(f">{self.cluster_size // 8}Q", table)
 
-    def _normalize(self, words: list[int], l2_offset: int) -> bool:
-        """Set every COPIED flag of the L2 words to match the new refcounts (``l2_offset``
-        names the table in errors); True if a word changed."""
+    def _normalize(
+        self, words: list[int], l2_offset: int, entries: Sequence[int] | None = None
+    ) -> bool:
+        """Set every COPIED flag of the L2 words (of ``entries`` only, if given) to match
+        the new refcounts (``l2_offset`` names the table in errors); True if a word changed.
+
+        Inlined ``classify_l2_entry``: compressed entries never carry COPIED; an entry
+        without a host offset (unallocated, plain zero) is left as it is; NORMAL and
+        ZERO_ALLOC get COPIED exactly when their cluster's new refcount is 1.
+        """
         changed = False
-        for pos in range(0, len(words), self.words_per_entry):
+        step = self.words_per_entry
+        positions = range(0, len(words), step) if entries is None else [i * step for i in entries]
+        cluster_size, bits = self.cluster_size, self.cluster_bits
+        offset_mask, compressed = layout.L2E_OFFSET_MASK, layout.OFLAG_COMPRESSED
+        for pos in positions:
             entry = words[pos]
-            if not entry & ~_COPIED:
-                continue
-            ctype = classify_l2_entry(entry, self.extended)
-            if ctype == ClusterType.COMPRESSED:
+            if entry & compressed:
                 want = entry & ~_COPIED
-            elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-                data = entry & layout.L2E_OFFSET_MASK
-                if data % self.cluster_size:
+            else:
+                data = entry & offset_mask
+                if not data:
+                    continue
+                if data % cluster_size:
                     raise CorruptImageError(
                         f"Cluster allocation offset {data:#x} unaligned (L2 offset: "
-                        f"{l2_offset:#x}, L2 index: {pos // self.words_per_entry:#x})",
+                        f"{l2_offset:#x}, L2 index: {pos // step:#x})",
                         path=self.image.path,
                         offset=data,
                     )
                 want = entry & ~_COPIED
-                if self.new_refcount(data >> self.cluster_bits) == 1:
+                if self.new_refcount(data >> bits) == 1:
                     want |= _COPIED
-            else:
-                continue
             if want != entry:
                 words[pos] = want
                 changed = True
@@ -255,7 +275,7 @@ class MetadataTransaction:
             table = self.replaced_l2.get(i)
             if table is not None:
                 words = list(struct.unpack(f">{self.cluster_size // 8}Q", table))
-                self._normalize(words, l2_offset)
+                self._normalize(words, l2_offset, self.replaced_entries.get(i))
             elif not l2_offset or not self.recheck_all:
                 continue
             else:
@@ -265,6 +285,7 @@ class MetadataTransaction:
             # Never modified in place: the committed generation must stay intact.
             new_offset = self.alloc(self.cluster_size)
             self.stage(new_offset, struct.pack(f">{len(words)}Q", *words))
+            self._new_l2.append(new_offset)
             if l2_offset:
                 self.release(l2_offset, self.cluster_size)
             l2_offsets[i] = new_offset
@@ -352,6 +373,7 @@ class MetadataTransaction:
                 write_refcount(block, cluster % per_block, bits, self.new_refcount(cluster))
         for index, offset in new_blocks.items():
             self.stage(offset, bytes(blocks[index]))
+        self._new_refblocks = list(new_blocks.values())
         first, nclusters = table_run
         table = old_table + [0] * (nclusters * cs // 8 - len(old_table))
         for index, offset in new_blocks.items():
@@ -450,7 +472,9 @@ class MetadataTransaction:
         table: list[int],
     ) -> None:
         """Memory follows the new generation: header fields, active L1, snapshot list,
-        refcount table; the caches (holding old-generation tables) are dropped."""
+        refcount table.  The caches (clean since ``__init__``) keep every table still in
+        use, forget those in freed clusters and take the new tables as written: contents
+        at an offset never change within a transaction, so nothing stale stays."""
         image = self.image
         header = image.header
         for name, value in fields.items():
@@ -461,8 +485,15 @@ class MetadataTransaction:
         refcounts.table = table
         freed = [c for c, d in self.delta.items() if d < 0 and not self.new_refcount(c)]
         refcounts.free_cluster_index = min([refcounts.free_cluster_index, *freed])
-        image.refblock_cache.clear()
-        image.l2_cache.clear()
+        for cache in (image.refblock_cache, image.l2_cache):
+            for cluster in freed:
+                cache.forget(cluster << self.cluster_bits)
+        for cache, offsets in (
+            (image.l2_cache, self._new_l2),
+            (image.refblock_cache, self._new_refblocks),
+        ):
+            for offset in offsets:
+                cache.put(offset, bytearray(self.staged[offset]), dirty=False)
 
 
 def _coalesce(staged: dict[int, bytes]) -> list[tuple[int, bytes]]:
