@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, cast
 from . import layout
 from .cache import TableCache
 from .compress import parse_compressed_entry
+from .crypto import MISSING_KEY_MESSAGE, SECTOR_SIZE, EncryptionKeyError, SectorCipher
 from .errors import CorruptImageError, Qcow2Error
 from .fileio import HostFile, fault_point
 from .header import Header, write_header_fields
@@ -138,6 +139,9 @@ class ClusterMap:
         #: host file; raises CorruptImageError if that would hit live metadata.
         self.overlap_check: Callable[[int, int], None] | None = None
         self.accurate_refcounts = True
+        #: Data clusters are encrypted (LUKS); ``cipher`` is None while no key was given.
+        self.encrypted = header.crypt_method != layout.CRYPT_NONE
+        self.cipher: SectorCipher | None = None
         raw = f.pread(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
         self.l1 = L1Table(struct.unpack(f">{header.l1_size}Q", raw))
         self._l2_offsets: tuple[int, set[int]] = (-1, set())
@@ -227,6 +231,39 @@ class ClusterMap:
     def _notify_change(self) -> None:
         if self.before_metadata_change is not None:
             self.before_metadata_change()
+
+    # Section: guest data in host clusters
+
+    def _data_cipher(self) -> SectorCipher | None:
+        if self.encrypted and self.cipher is None:
+            raise EncryptionKeyError(MISSING_KEY_MESSAGE, path=self._path())
+        return self.cipher
+
+    def read_data(self, host: int, length: int) -> bytes:
+        """Plaintext of ``length`` bytes of data clusters at ``host`` (decrypted with
+        the host-offset IVs of the sectors holding them on encrypted images)."""
+        cipher = self._data_cipher()
+        if cipher is None:
+            return self.file.pread(host, length)
+        start = host - host % SECTOR_SIZE
+        end = layout.align_up(host + length, SECTOR_SIZE)
+        plain = cipher.decrypt(start, self.file.pread(start, end - start))
+        return plain[host - start : host - start + length]
+
+    def write_data(self, host: int, data: bytes | bytearray | memoryview) -> None:
+        """Store plaintext ``data`` in data clusters at ``host``: encrypted for that host
+        offset on encrypted images (partial sectors merged with their old plaintext)."""
+        cipher = self._data_cipher()
+        if cipher is None:
+            self.file.pwrite(host, as_buffer(data))
+            return
+        start = host - host % SECTOR_SIZE
+        end = layout.align_up(host + len(data), SECTOR_SIZE)
+        if (start, end) != (host, host + len(data)):
+            merged = bytearray(self.read_data(start, end - start))
+            merged[host - start : host - start + len(data)] = data
+            data = merged
+        self.file.pwrite(start, cipher.encrypt(start, data))
 
     # Section: lookup
 
@@ -496,14 +533,14 @@ class ClusterMap:
         ctype = classify_l2_entry(entry, self.extended)
         self._check_overlap(host, cs)
         if not self.extended and ctype == ClusterType.NORMAL:
-            self.file.pwrite(host + seg_start - start, as_buffer(seg))
+            self.write_data(host + seg_start - start, seg)
             return
         self._notify_change()
         if not self.extended:
             # ZERO_ALLOC kept: the rest of the cluster must read as zeros.
             content = bytearray(cs)
             content[seg_start - start : seg_end - start] = seg
-            self.file.pwrite(host, as_buffer(content))
+            self.write_data(host, content)
             new_entry, new_bitmap = host | layout.OFLAG_COPIED, 0
         else:
             scs = self.subcluster_size
@@ -518,9 +555,9 @@ class ClusterMap:
             if (fill_start, fill_end) != (seg_start, seg_end):
                 content = bytearray(guest_read(fill_start, fill_end - fill_start))
                 content[seg_start - fill_start : seg_end - fill_start] = seg
-                self.file.pwrite(host + fill_start - start, as_buffer(content))
+                self.write_data(host + fill_start - start, content)
             else:
-                self.file.pwrite(host + seg_start - start, as_buffer(seg))
+                self.write_data(host + seg_start - start, seg)
             bits = _sc_range_bits(first_sc, last_sc)
             zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) & ~bits
             new_entry, new_bitmap = entry, (alloc | bits) | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
@@ -570,7 +607,7 @@ class ClusterMap:
         host = self.refcounts.alloc(count * cs)
         self._check_overlap(host, count * cs)
         fault_point("cluster_alloc.write_data")
-        self.file.pwrite(host, as_buffer(content))
+        self.write_data(host, content)
         if self.accurate_refcounts:
             self.l2_cache.set_dependency(self.refcounts.cache)
         self.l2_cache.flush_before_write = True

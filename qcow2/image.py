@@ -18,6 +18,13 @@ from . import layout
 from .cache import TableCache
 from .clusters import ClusterMap, Extent, ExtentKind
 from .compress import decompress, parse_compressed_entry
+from .crypto import (
+    MISSING_KEY_MESSAGE,
+    EncryptionKeyError,
+    SectorCipher,
+    build_luks_area,
+    open_cipher,
+)
 from .errors import (
     BackingChainError,
     CorruptImageError,
@@ -27,7 +34,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .fileio import HostFile, fault_point
-from .header import Header, read_header, write_header_fields
+from .header import Header, HeaderExtension, read_header, write_header_fields
 from .lock import lock_image
 from .refcount import RefcountTable, write_refcount
 
@@ -116,8 +123,11 @@ class Image:
         *,
         force_share: bool,
         chain: tuple[str, ...] = (),
+        cipher: SectorCipher | None = None,
     ) -> None:
         self.file = f
+        #: Data cluster cipher of an encrypted image (None: plain, or no key given).
+        self.cipher = cipher
         self.path = f.path
         self.header = header
         self.writable = f.writable
@@ -146,6 +156,7 @@ class Image:
         self.clusters.before_metadata_change = self._before_metadata_change
         self.clusters.overlap_check = self._overlap_check
         self.clusters.accurate_refcounts = not header.dirty
+        self.clusters.cipher = self.cipher
         #: Parsed snapshot table; qcow2.snapshots replaces it when it rewrites the table.
         self.snapshot_entries: list[SnapshotEntry] = self._read_snapshot_entries()
 
@@ -206,6 +217,11 @@ class Image:
         return self.header.size
 
     @property
+    def encrypted(self) -> bool:
+        """True if guest data clusters are encrypted (``crypt_method`` != 0)."""
+        return self.header.crypt_method != layout.CRYPT_NONE
+
+    @property
     def cluster_size(self) -> int:
         """Cluster size in bytes."""
         return self.header.cluster_size
@@ -250,8 +266,15 @@ class Image:
         if self._closed:
             raise Qcow2Error("image is closed", path=self.path)
 
-    def _check_writable(self) -> None:
+    def _check_io(self) -> None:
+        """Guest I/O (and everything qemu-img does beyond ``info``) needs the key of an
+        encrypted image."""
         self._check_open()
+        if self.encrypted and self.cipher is None:
+            raise EncryptionKeyError(MISSING_KEY_MESSAGE, path=self.path)
+
+    def _check_writable(self) -> None:
+        self._check_io()
         if not self.writable:
             raise ReadOnlyError("image is opened read-only", path=self.path)
         if self._broken is not None:
@@ -335,16 +358,16 @@ class Image:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` guest bytes at ``offset`` (backing file and zeros included)."""
-        self._check_open()
+        self._check_io()
         self._check_range(offset, length)
         extents = self.clusters.map_range(offset, length)
         if len(extents) == 1 and extents[0].kind == ExtentKind.DATA:
-            return self.file.pread(extents[0].host, length)  # one contiguous host read
+            return self.clusters.read_data(extents[0].host, length)  # one contiguous read
         return bytes(self._read_extents(offset, length, extents))
 
     def read_with_l1(self, l1: list[int], offset: int, length: int) -> bytes:
         """Guest bytes as seen through another L1 table (snapshot views)."""
-        self._check_open()
+        self._check_io()
         return bytes(self._read_guest(offset, length, l1))
 
     def _read_guest(self, offset: int, length: int, l1: list[int] | None = None) -> bytearray:
@@ -355,7 +378,7 @@ class Image:
         for ext in extents:
             pos = ext.guest - offset
             if ext.kind == ExtentKind.DATA:
-                out[pos : pos + ext.length] = self.file.pread(ext.host, ext.length)
+                out[pos : pos + ext.length] = self.clusters.read_data(ext.host, ext.length)
             elif ext.kind == ExtentKind.BACKING:
                 backing = self.backing
                 if backing is not None and ext.guest < backing.virtual_size:
@@ -624,11 +647,25 @@ class Image:
         entries = self.snapshots
         return SnapshotView(self, entries[find_snapshot(entries, name, id_first=True)])
 
+    def encrypt_data(self, host_offset: int, plaintext: bytes) -> bytes:
+        """The bytes to store for guest data ``plaintext`` placed at ``host_offset``
+        (sector aligned): encrypted for that offset on an encrypted image, else unchanged.
+        For modules that stage data clusters themselves."""
+        self._check_io()
+        if self.cipher is None:
+            return plaintext
+        return self.cipher.encrypt(host_offset, plaintext)
+
     def commit_atomically(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """All of ``writes`` or none across a crash; durable on return."""
         from .commit import commit_atomically
 
         self._check_writable()
+        if self.encrypted:
+            # qcow2.commit stages data clusters as they are: it would store plaintext.
+            raise UnsupportedFeatureError(
+                "atomic commits on encrypted images are not supported", path=self.path
+            )
         for offset, data in writes:
             self._check_range(offset, len(data))
         self._compressed_cache = None
@@ -638,7 +675,7 @@ class Image:
         """``qemu-img check [-r leaks|all]``."""
         from .check import check_image
 
-        self._check_open()
+        self._check_io()
         self.flush()
         try:
             return check_image(self, repair)
@@ -691,17 +728,27 @@ class Image:
 # Section: open and create
 
 
-def _open(path: str, *, writable: bool, force_share: bool, chain: tuple[str, ...]) -> Image:
+def _open(
+    path: str,
+    *,
+    writable: bool,
+    force_share: bool,
+    chain: tuple[str, ...],
+    key_secret: bytes | None = None,
+) -> Image:
     f = HostFile(path, writable=writable)
     try:
         if not force_share:
             lock_image(f.fd, path, writable=writable)
         header = read_header(f, writable=writable)
-        if header.crypt_method != layout.CRYPT_NONE:
+        cipher = None
+        if header.crypt_method == layout.CRYPT_AES:
             raise UnsupportedFeatureError(
-                f"encrypted images (crypt_method {header.crypt_method}) are not supported",
+                "encrypted images with legacy AES (crypt_method 1) are not supported",
                 path=path,
             )
+        if header.crypt_method == layout.CRYPT_LUKS and key_secret is not None:
+            cipher = open_cipher(f, header.crypto_header, key_secret)
         if header.has_data_file:
             raise UnsupportedFeatureError(
                 "images with an external data file are not supported", path=path
@@ -722,23 +769,38 @@ def _open(path: str, *, writable: bool, force_share: bool, chain: tuple[str, ...
                     path=path,
                 )
             header = read_header(f, writable=True)
-        return Image(f, header, force_share=force_share, chain=chain)
+        return Image(f, header, force_share=force_share, chain=chain, cipher=cipher)
     except BaseException:
         f.close()
         raise
 
 
-def open(path: str, *, writable: bool = False, force_share: bool = False) -> Image:
+def open(
+    path: str,
+    *,
+    writable: bool = False,
+    force_share: bool = False,
+    key_secret: bytes | None = None,
+) -> Image:
     """Open a qcow2 image; use as a context manager.
 
     ``writable`` takes QEMU's writer locks (refused while QEMU holds the image); a
     read-only open locks like ``qemu-img info``; ``force_share`` takes no lock (``-U``).
+    ``key_secret`` is the passphrase of a LUKS-encrypted image (``encrypt.key-secret``):
+    a wrong one raises :class:`~qcow2.crypto.EncryptionKeyError`; without one the image
+    opens for ``info`` and snapshot listing, and guest I/O raises that error.
     """
     if writable and force_share:
         raise UnsupportedFeatureError(
             "force-share=on can only be used with read-only images", path=os.fspath(path)
         )
-    return _open(os.fspath(path), writable=writable, force_share=force_share, chain=())
+    return _open(
+        os.fspath(path),
+        writable=writable,
+        force_share=force_share,
+        chain=(),
+        key_secret=key_secret,
+    )
 
 
 def create(
@@ -752,10 +814,22 @@ def create(
     backing_format: str | None = None,
     extended_l2: bool = False,
     lazy_refcounts: bool = False,
+    encrypt_key_secret: bytes | None = None,
+    encrypt_format: str = "luks",
+    encrypt_iter_time: int = 2000,
+    encrypt_hash: str = "sha256",
 ) -> Image:
     """Create an image with QEMU 7.2's fresh layout (header, reftable, refblock, L1 in
-    clusters 0..3) and return it open for writing."""
+    clusters 0..3) and return it open for writing.
+
+    With ``encrypt_key_secret`` the image is LUKS encrypted like ``qemu-img create -o
+    encrypt.format=luks,encrypt.key-secret=...,encrypt.iter-time=MS,encrypt.hash-alg=H``
+    (aes-256-xts-plain64, one key slot; the LUKS area follows the L1 table)."""
     path = os.fspath(path)
+    if encrypt_key_secret is not None and encrypt_format != "luks":
+        raise UnsupportedFeatureError(
+            f"encrypt.format {encrypt_format!r} is not supported (only 'luks')", path=path
+        )
     cluster_bits = cluster_size.bit_length() - 1
     if cluster_size != 1 << cluster_bits or not (
         layout.MIN_CLUSTER_BITS <= cluster_bits <= layout.MAX_CLUSTER_BITS
@@ -863,6 +937,8 @@ def create(
         write_header_fields(f, size=size)
         f.flush()
         image.header.size = size
+        if encrypt_key_secret is not None:
+            _set_up_encryption(image, encrypt_key_secret, encrypt_iter_time, encrypt_hash)
         if lazy_refcounts:
             # Only now: building the fresh layout must not mark the image dirty.
             write_header_fields(f, compatible_features=layout.COMPAT_LAZY_REFCOUNTS)
@@ -872,3 +948,26 @@ def create(
         image.close()
         raise
     return image
+
+
+def _set_up_encryption(image: Image, secret: bytes, iter_time_ms: int, hash_spec: str) -> None:
+    """QEMU's ``qcow2_set_up_encryption`` on a fresh image: a refcounted, zero-filled
+    cluster range holding the LUKS area, then the header (crypt_method 2, extension
+    0x0537be77) in one write of cluster 0."""
+    area, master = build_luks_area(secret, hash_spec=hash_spec, iter_time_ms=iter_time_ms)
+    cs = image.cluster_size
+    offset = image.refcounts.alloc(len(area))
+    image.flush()
+    padded = area + bytes(layout.align_up(len(area), cs) - len(area))
+    image.file.pwrite(offset, padded)
+    image.file.flush()
+    header = image.header
+    header.crypt_method = layout.CRYPT_LUKS
+    header.extensions.append(
+        HeaderExtension(layout.EXT_CRYPTO_HEADER, layout.EXT_CRYPTO_STRUCT.pack(offset, len(area)))
+    )
+    image.file.pwrite(0, header.pack_cluster0())
+    image.file.flush()
+    image.cipher = SectorCipher(master)
+    image.clusters.encrypted = True
+    image.clusters.cipher = image.cipher

@@ -274,6 +274,17 @@ LUKS_NUM_KEY_SLOTS: Final = 8
 LUKS_KEY_SLOT_ENABLED: Final = 0x00AC71F3
 LUKS_SECTOR_SIZE: Final = 512
 assert LUKS_HEADER_STRUCT.size == 208 and LUKS_KEY_SLOT_STRUCT.size == 48
+LUKS_VERSION: Final = 1
+LUKS_KEY_SLOT_DISABLED: Final = 0x0000DEAD
+LUKS_STRIPES: Final = 4000
+LUKS_DIGEST_LEN: Final = 20
+LUKS_SALT_LEN: Final = 32
+LUKS_UUID_LEN: Final = 40
+#: Key material of each slot starts on this alignment (bytes, from the LUKS header start).
+LUKS_KEY_SLOT_ALIGN: Final = 4096
+#: Lower bounds QEMU applies to the benchmarked PBKDF2 iteration counts.
+LUKS_MIN_SLOT_KEY_ITERS: Final = 1000
+LUKS_MIN_MASTER_KEY_ITERS: Final = 1000
 
 
 def align_up(value: int, alignment: int) -> int:
