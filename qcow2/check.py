@@ -34,8 +34,7 @@ from .errors import (
     ReadOnlyError,
 )
 from .fileio import HostFile
-from .header import Header, write_header_fields
-from .info import read_header_as_qemu
+from .header import Header, read_header, write_header_fields
 from .refcount import read_refcount, write_refcount
 from .snapshot_table import (
     SnapshotEntry,
@@ -1337,7 +1336,7 @@ def check_file(
     first = _guarded_pass(f, header, fix, name)
     if first.error is None and (first.corruptions_fixed or first.leaks_fixed):
         f.flush()
-        fresh = read_header_as_qemu(f, check_mode=True)
+        fresh = read_header(f, mode="check")
         second = _guarded_pass(f, fresh, 0, name)
         second.messages[:0] = first.messages
         second.corruptions_fixed = first.corruptions_fixed

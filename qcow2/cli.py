@@ -110,7 +110,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .check import check_file
     from .errors import Qcow2Error
     from .fileio import HostFile
-    from .info import open_backing, qemu_json, read_header_as_qemu
+    from .header import read_header
+    from .info import open_backing, qemu_json, require_open_resources
 
     try:
         f = HostFile(args.image, writable=bool(args.r))
@@ -129,7 +130,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 sys.stderr.write(_RAW_PROBE_WARNING.format(name=args.image))
             raise CliError("This image format does not support checks", 63)
         try:
-            header = read_header_as_qemu(f, check_mode=True)
+            header = read_header(f, mode="check")
+            require_open_resources(f, header)
             for layer in open_backing(args.image, header, force_share=args.U):
                 layer.close()  # qemu-img check opens the backing chain too
         except Qcow2Error as err:

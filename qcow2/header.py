@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from . import layout
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
@@ -24,6 +25,10 @@ from .fileio import HostFile
 _SNAPSHOT_HEADER_SIZE = layout.SNAPSHOT_HEADER_STRUCT.size
 #: qemu's ``sizeof(bs->backing_format)``: a backing format name must be shorter.
 _BACKING_FORMAT_MAX = 16
+
+#: How :func:`read_header` validates (see there): ``"strict"`` for the library's own open,
+#: ``"qemu"`` for QEMU 7.2's open, ``"check"`` for its open in check mode (BDRV_O_CHECK).
+OpenMode = Literal["strict", "qemu", "check"]
 
 
 @dataclass
@@ -355,14 +360,31 @@ def _read_extensions(header: Header, cluster0: bytes, end: int, path: str | None
         offset += layout.align_up(length, 8)
 
 
-def read_header(f: HostFile, *, writable: bool = False) -> Header:
+def read_header(
+    f: HostFile, *, writable: bool = False, mode: OpenMode = "strict", io: bool = True
+) -> Header:
     """Read and validate cluster 0 of ``f`` with QEMU 7.2's checks and messages.
 
-    ``writable`` adds QEMU's read-write refusal of images with the corrupt bit.  Raises
-    ``InvalidImageError``/``CorruptImageError``/``UnsupportedFeatureError``; never writes.
+    ``mode`` chooses the open being mirrored:
+
+    * ``"strict"`` (the library): QEMU's checks, and the header, the L1 table and the
+      refcount table must lie inside the file (a lying field never makes us allocate
+      memory for bytes the file does not have);
+    * ``"qemu"`` (``qemu-img info``/``map``/``snapshot``): only QEMU's checks, tables may
+      start past the end of the file;
+    * ``"check"`` (``qemu-img check``, BDRV_O_CHECK): as ``"qemu"``, and an empty refcount
+      table and a bad snapshot table location are left to the check to report.
+
+    ``writable`` adds QEMU's read-write refusal of images with the corrupt bit; ``io=False``
+    is an open for metadata only (BDRV_O_NO_IO: the data file settings are not checked).
+    Raises ``InvalidImageError``/``CorruptImageError``/``UnsupportedFeatureError``; never
+    writes.
     """
     path = f.path
     file_size = f.size()
+    # QEMU never compares a table or header length with the file size (reads past the end
+    # give zeros); only a file too short for a v3 header fails its header read.
+    bound = file_size if mode == "strict" or file_size < layout.HEADER_V3_LENGTH else None
     fixed = f.pread(0, layout.HEADER_V3_LENGTH)
     if file_size < layout.HEADER_V2_LENGTH or fixed[:4] != layout.MAGIC_BYTES:
         if fixed[:4] == layout.MAGIC_BYTES:
@@ -398,7 +420,7 @@ def read_header(f: HostFile, *, writable: bool = False) -> Header:
     if h.backing_file_offset > cluster_size:
         raise InvalidImageError("Invalid backing file offset", path=path)
     ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
-    if file_size < h.header_length:
+    if bound is not None and bound < h.header_length:
         raise InvalidImageError(
             f"Could not read qcow2 header: file is only {file_size} bytes", path=path
         )
@@ -427,7 +449,7 @@ def read_header(f: HostFile, *, writable: bool = False) -> Header:
         raise UnsupportedFeatureError(
             f"Unsupported subcluster size: {h.subcluster_size}", path=path
         )
-    if h.refcount_table_clusters == 0:
+    if h.refcount_table_clusters == 0 and mode != "check":
         raise CorruptImageError("Image does not contain a reference count table", path=path)
     validate_table(
         "Reference count table",
@@ -437,17 +459,18 @@ def read_header(f: HostFile, *, writable: bool = False) -> Header:
         layout.MAX_REFTABLE_BYTES,
         cluster_size,
         path=path,
-        file_size=file_size,
+        file_size=bound,
     )
-    validate_table(
-        "Snapshot table",
-        h.snapshots_offset,
-        h.nb_snapshots,
-        _SNAPSHOT_HEADER_SIZE,
-        _SNAPSHOT_HEADER_SIZE * layout.MAX_SNAPSHOTS,
-        cluster_size,
-        path=path,
-    )
+    if mode != "check":
+        validate_table(
+            "Snapshot table",
+            h.snapshots_offset,
+            h.nb_snapshots,
+            _SNAPSHOT_HEADER_SIZE,
+            _SNAPSHOT_HEADER_SIZE * layout.MAX_SNAPSHOTS,
+            cluster_size,
+            path=path,
+        )
     if h.l1_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
         raise CorruptImageError("Active L1 table too large", path=path)
     if h.l1_vm_state_index > 0x7FFFFFFF:
@@ -463,9 +486,11 @@ def read_header(f: HostFile, *, writable: bool = False) -> Header:
             layout.MAX_L1_BYTES,
             cluster_size,
             path=path,
-            file_size=file_size,
+            file_size=bound,
         )
     _read_extensions(h, cluster0, ext_end, path)
+    if io and not h.has_data_file and h.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW:
+        raise InvalidImageError("data-file-raw requires a data file", path=path)
     if h.backing_file_offset:
         length = h.backing_file_size
         if length > min(layout.MAX_BACKING_FILE_NAME, cluster_size - h.backing_file_offset):

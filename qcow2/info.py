@@ -111,65 +111,16 @@ def qemu_json(obj: Any) -> str:
 # Section: opening images as qemu-img 7.2 does
 
 
-class _QemuOpenView:
-    """A read-only view of an image for :func:`read_header`, adjusted to what QEMU 7.2's
-    open validates: it never compares table offsets with the file size, and in check mode
-    (``BDRV_O_CHECK``) it accepts an empty refcount table and leaves the snapshot table to
-    the check.  The view reports no file size and hides those fields from the reader."""
-
-    #: Files shorter than a v3 header keep their real size ("file is only N bytes").
-    _TINY = layout.HEADER_V3_LENGTH
-
-    def __init__(self, f: HostFile, *, check_mode: bool) -> None:
-        self.path = f.path
-        self._f = f
-        self._check_mode = check_mode
-
-    def size(self) -> int:
-        real = self._f.size()
-        return real if real < self._TINY else 1 << 62
-
-    def pread(self, offset: int, length: int) -> bytes:
-        data = self._f.pread(offset, length)
-        if not self._check_mode or offset >= layout.HEADER_V3_LENGTH:
-            return data
-        raw = bytearray(data)
-        for name, value in _CHECK_MODE_FIELDS:
-            at = layout.field_offset(name) - offset
-            st = layout.field_struct(name)
-            if at >= 0 and at + st.size <= len(raw):
-                if name == "refcount_table_clusters" and st.unpack_from(raw, at)[0]:
-                    continue
-                st.pack_into(raw, at, value)
-        return bytes(raw)
-
-
-#: Header fields QEMU's open ignores in check mode, and the neutral value shown instead.
-_CHECK_MODE_FIELDS = (("nb_snapshots", 0), ("snapshots_offset", 0), ("refcount_table_clusters", 1))
-
-
-def read_header_as_qemu(f: HostFile, *, check_mode: bool = False, io: bool = True) -> Header:
-    """:func:`read_header` with QEMU 7.2's open-time validation (see :class:`_QemuOpenView`):
-    tables past the end of the file are accepted, and with ``check_mode`` so are an empty
-    refcount table and any snapshot table location (``qemu-img check`` reports those).
-    ``io=False`` is ``qemu-img info``'s open (BDRV_O_NO_IO), which skips the data file."""
-    view = _QemuOpenView(f, check_mode=check_mode)
-    header = read_header(view)  # type: ignore[arg-type]
-    if io and header.crypt_method != layout.CRYPT_NONE:
-        # no key can be given to this tool: QEMU's refusal when the secret is missing
+def require_open_resources(f: HostFile, header: Header) -> None:
+    """What QEMU 7.2's open needs beyond the header, for an open with I/O: the key of an
+    encrypted image (none can be given to this tool: QEMU's refusal when the secret is
+    missing) and the external data file, if the image has one."""
+    if header.crypt_method != layout.CRYPT_NONE:
         raise InvalidImageError(
             "Parameter 'encrypt.key-secret' is required for cipher", path=f.path
         )
-    raw_data = header.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW
-    if io and raw_data and not header.has_data_file:
-        raise InvalidImageError("data-file-raw requires a data file", path=f.path)
-    if io and header.has_data_file:
+    if header.has_data_file:
         _require_data_file(f.path, header)
-    if check_mode:
-        real = read_header_fields(f, [name for name, _ in _CHECK_MODE_FIELDS])
-        for name, value in real.items():
-            setattr(header, name, value)
-    return header
 
 
 def _require_data_file(image: str, header: Header) -> None:
@@ -185,16 +136,6 @@ def _require_data_file(image: str, header: Header) -> None:
     except OSError as err:
         raise InvalidImageError(f"Could not open '{name}': {err.strerror}", path=image) from err
     os.close(fd)
-
-
-def read_header_fields(f: HostFile, names: list[str]) -> dict[str, int]:
-    """The raw values of header fields ``names``."""
-    return {
-        name: layout.field_struct(name).unpack(
-            f.pread(layout.field_offset(name), layout.field_struct(name).size)
-        )[0]
-        for name in names
-    }
 
 
 # Section: sizes and the snapshot table
@@ -302,7 +243,9 @@ def open_layer(
             lock_image(f.fd, name, writable=False)
         if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):
             return Layer(name, f, None, layout.align_up(f.size(), 512), [])
-        h = read_header_as_qemu(f, io=io)
+        h = read_header(f, mode="qemu", io=io)
+        if io:
+            require_open_resources(f, h)
         snaps = read_snapshot_table(
             f,
             h.snapshots_offset,

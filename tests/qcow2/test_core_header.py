@@ -12,6 +12,7 @@ import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -292,6 +293,14 @@ HOSTILE = [
         "Header extension too large",
         True,
     ),
+    (
+        # qemu-img info opens without I/O and accepts it; map and qemu-io refuse it alike
+        "data_file_raw_without_data_file",
+        _field("autoclear_features", layout.AUTOCLEAR_DATA_FILE_RAW),
+        qcow2.InvalidImageError,
+        "data-file-raw requires a data file",
+        False,
+    ),
 ]
 
 
@@ -320,6 +329,54 @@ def test_hostile_headers(
     if qemu_agrees:
         proc = oracle.qemu_img("info", "-f", "qcow2", str(path), ok=(1,))
         assert re.search(message, proc.stderr.decode()), proc.stderr.decode()
+
+
+#: read_header's QEMU modes and the qemu-img command whose open each one mirrors.
+QEMU_MODES = [
+    pytest.param("qemu", False, "info", id="qemu-no-io-as-info"),
+    pytest.param("qemu", True, "map", id="qemu-as-map"),
+    pytest.param("check", True, "check", id="check-as-check"),
+]
+
+
+@pytest.mark.parametrize(("mode", "io", "command"), QEMU_MODES)
+@pytest.mark.parametrize(
+    ("name", "patch", "qemu_agrees"),
+    [(h[0], h[1], h[4]) for h in HOSTILE],
+    ids=[h[0] for h in HOSTILE],
+)
+def test_qemu_modes_open_what_qemu_img_opens(
+    tmp_path: Path,
+    name: str,
+    patch: Callable[[Path], None],
+    qemu_agrees: bool,
+    mode: Literal["qemu", "check"],
+    io: bool,
+    command: str,
+) -> None:
+    """A QEMU mode refuses a header exactly when the qemu-img command it mirrors cannot
+    open the image, with qemu-img's message; what it accepts it reports unaltered."""
+    path = oracle.create(tmp_path / f"{name}.qcow2", MiB)
+    oracle.qemu_io(path, "write -P 7 0 64k")
+    patch(path)
+    proc = oracle.qemu_img(command, "-f", "qcow2", str(path), ok=(0, 1, 2, 3))
+    stderr = proc.stderr.decode()
+    theirs_refused = f"Could not open '{path}'" in stderr
+    f = HostFile(str(path), writable=False)
+    try:
+        header = read_header(f, mode=mode, io=io)
+    except qcow2.Qcow2Error as err:
+        assert theirs_refused, f"qemu-img {command} opened it; we said {err}"
+        if qemu_agrees:
+            assert err.message in stderr
+        return
+    finally:
+        f.close()
+    assert not theirs_refused, f"we opened it; qemu-img {command} said {stderr}"
+    fixed = struct.unpack_from(layout.HEADER_V3_FULL_STRUCT.format, path.read_bytes())
+    for (field, _), value in zip(layout.HEADER_FIELDS, fixed, strict=True):
+        if field not in ("compression_type", "padding"):  # normalized for short headers
+            assert getattr(header, field) == value, field
 
 
 def _l2_offset(path: Path) -> int:
