@@ -82,29 +82,68 @@ def import_state(store: Store, source: str | os.PathLike[str]) -> dict[str, int]
     return {name: info.size for name, info in store.sections().items()}
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+def write_atomically(path: Path, data: bytes, *, mode: int = 0o640) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (then fsync the dir).
+
+    A crash leaves either the old file or the new one under ``path``, never a part.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o640)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
-def export_state(
-    store: Store,
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def layout_sections(layout: bytes, source: str) -> dict[str, bytes]:
+    """The blobs of a linear layout's sections, by name (absent ones left out)."""
+    out = {}
+    for name in linear.SECTION_NAMES:
+        blob = linear.read_section(layout, name, source=source) if layout else None
+        if blob is not None:
+            out[name] = blob
+    return out
+
+
+def is_tpm2(sections: dict[str, bytes]) -> bool:
+    """TPM 2.0 unless the permall blob says TPM 1.2 (encrypted state counts as 2.0)."""
+    return permall_tpm_version(sections.get("permall", b"")) != "1.2"
+
+
+def write_state_files(directory: Path, sections: dict[str, bytes], *, tpm2: bool) -> None:
+    """Write dir backend files into ``directory``, each atomically; absent sections removed."""
+    for name in linear.SECTION_NAMES:
+        file = directory / linear.dir_file_name(name, tpm2=tpm2)
+        if name in sections:
+            write_atomically(file, sections[name])
+        else:
+            file.unlink(missing_ok=True)
+
+
+def export_layout(
+    layout: bytes,
     target: str | os.PathLike[str],
     *,
+    source: str,
     as_dir: bool | None = None,
     tpm2: bool | None = None,
 ) -> dict[str, int]:
-    """Write the store's state as a dir backend directory or a linear file.
+    """Write a linear layout (read consistently from ``source``) as a dir or a linear file.
 
     ``as_dir=None`` decides by the target: an existing directory (or a path ending in
     ``/``) gets state files, anything else a linear file.  Dir file names follow the TPM
@@ -114,23 +153,32 @@ def export_state(
     path = Path(target)
     if as_dir is None:
         as_dir = path.is_dir() or str(target).endswith("/")
-    layout = store.layout()
-    if not store.sections():
-        raise StoreError(f"{store.path}: holds no TPM state to export")
-    sections = {name: linear.read_section(layout, name) for name in linear.SECTION_NAMES}
+    sections = layout_sections(layout, source)
+    if not sections:
+        raise StoreError(f"{source}: holds no TPM state to export")
     if tpm2 is None:
-        tpm2 = permall_tpm_version(sections["permall"] or b"") != "1.2"
+        tpm2 = is_tpm2(sections)
     try:
         if as_dir:
             path.mkdir(parents=True, exist_ok=True)
-            for name, blob in sections.items():
-                file = path / linear.dir_file_name(name, tpm2=tpm2)
-                if blob is None:
-                    file.unlink(missing_ok=True)
-                else:
-                    _write_atomically(file, blob)
+            write_state_files(path, sections, tpm2=tpm2)
         else:
-            _write_atomically(path, layout)
+            write_atomically(path, layout)
     except OSError as err:
         raise StoreError(f"{path}: cannot write: {err.strerror}") from err
-    return {name: len(blob) for name, blob in sections.items() if blob is not None}
+    return {name: len(blob) for name, blob in sections.items()}
+
+
+def export_state(
+    store: Store,
+    target: str | os.PathLike[str],
+    *,
+    as_dir: bool | None = None,
+    tpm2: bool | None = None,
+) -> dict[str, int]:
+    """Write an open store's state as a dir backend directory or a linear file.
+
+    See :func:`export_layout`; a held image is exported consistently by the CLI through
+    :func:`vtpm_qcow.archive.capture_image`.
+    """
+    return export_layout(store.layout(), target, source=store.path, as_dir=as_dir, tpm2=tpm2)

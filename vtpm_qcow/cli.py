@@ -19,7 +19,7 @@ from typing import Any, Final, NoReturn
 
 from qcow2.errors import ImageLockedError, Qcow2Error
 
-from . import backup
+from . import archive, backup
 from .blob import parse_blob, permall_tpm_version
 from .control import ControlClient
 from .daemon import add_mount_commands
@@ -127,11 +127,65 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with _open_readonly(args.image) as store:
-        as_dir = True if args.dir else None
-        tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
-        sizes = backup.export_state(store, args.target, as_dir=as_dir, tpm2=tpm2)
+    """A consistent read (through the mount daemon if one holds the image), then write."""
+    taken = archive.capture_image(args.image, snapshots=False, control=args.control)
+    as_dir = True if args.dir else None
+    tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
+    sizes = backup.export_layout(
+        taken.layout, args.target, source=args.image, as_dir=as_dir, tpm2=tpm2
+    )
     _say(args, f"Exported {args.image} to {args.target}: {_sections_text(sizes)}")
+    return 0
+
+
+# Section: backup / verify / restore
+
+
+def _progress(args: argparse.Namespace) -> archive.Progress:
+    """Progress on stderr when it is a terminal (and not --quiet); else silent."""
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        return lambda done, total, what: None
+
+    def show(done: int, total: int, what: str) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r\033[K{PROG}: [{done}/{total}] {what}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    taken = archive.capture_image(
+        args.image, tag=args.snapshot, snapshots=args.format == "qcow2", control=args.control
+    )
+    manifest = archive.write_backup(
+        taken, args.dest, fmt=args.format, overwrite=args.overwrite, progress=_progress(args)
+    )
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    snaps = len(manifest["snapshots"])
+    what = f"state {manifest['state']['state_digest']}" + (f", {snaps} snapshots" if snaps else "")
+    _say(args, f"Backed up {args.image} to {args.dest} ({args.format}, {what})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    found = archive.verify_backup(args.backup)
+    if args.json:
+        print(json.dumps(found.to_dict(), indent=2))
+    for problem in found.problems:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+    if found.ok:
+        _say(args, f"{args.backup}: {found.format} backup OK ({len(found.checked)} checks)")
+        return 0
+    return 1
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    result = archive.restore_backup(args.backup, args.image, snapshot=args.snapshot)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    sizes = {name: s["size"] for name, s in result["sections"].items()}
+    _say(args, f"Restored {args.backup} into {args.image}: {_sections_text(sizes)}")
     return 0
 
 
@@ -146,51 +200,54 @@ def _open_readonly(image: str) -> Store:
 # Section: snapshots
 
 
+#: snapshot change -> (past tense for the message, Store method, ControlClient method)
+_SNAPSHOT_CHANGES: Final = {
+    "create": ("Created", "create_snapshot", "snapshot_create"),
+    "apply": ("Applied", "apply_snapshot", "snapshot_apply"),
+    "delete": ("Deleted", "delete_snapshot", "snapshot_delete"),
+}
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.list:  # reading needs no daemon: a held image is read shared, like info
         with _open_readonly(args.image) as store:
-            _print_snapshots([_snapshot_dict(s) for s in store.snapshots()])
+            snapshots = [_snapshot_dict(s) for s in store.snapshots()]
+        if args.json:
+            print(json.dumps(snapshots, indent=2))
+        else:
+            _print_snapshots(snapshots)
         return 0
+    action = next(name for name in _SNAPSHOT_CHANGES if getattr(args, name) is not None)
+    tag: str = getattr(args, action)
+    past, store_method, client_method = _SNAPSHOT_CHANGES[action]
+    kwargs = {"overwrite": args.overwrite} if action == "create" else {}
     try:
         store = Store.open(args.image)
     except ImageLockedError as err:
-        return _snapshot_via_daemon(args, err)
+        with _daemon_for(args.image, args.control, err) as client:
+            getattr(client, client_method)(tag, **kwargs)
+        _say(args, f"{past} snapshot '{tag}' of {args.image} through the mount daemon")
+        return 0
     with store:
-        if args.create is not None:
-            store.create_snapshot(args.create, overwrite=args.overwrite)
-            _say(args, f"Created snapshot '{args.create}' of {args.image}")
-        elif args.apply is not None:
-            store.apply_snapshot(args.apply)
-            _say(args, f"Applied snapshot '{args.apply}' to {args.image}")
-        else:
-            store.delete_snapshot(args.delete)
-            _say(args, f"Deleted snapshot '{args.delete}' of {args.image}")
+        getattr(store, store_method)(tag, **kwargs)
+    _say(args, f"{past} snapshot '{tag}' of {args.image}")
     return 0
 
 
-def _snapshot_via_daemon(args: argparse.Namespace, locked: ImageLockedError) -> int:
-    """The image is held: ask the mount daemon serving it, or explain who holds it."""
+def _daemon_for(image: str, control: str | None, locked: ImageLockedError) -> ControlClient:
+    """The mount daemon holding ``image``; if none answers, explain who holds the image."""
+    client = ControlClient(control) if control else ControlClient.for_image(image)
     try:
-        client = (
-            ControlClient(args.control) if args.control else ControlClient.for_image(args.image)
-        )
         client.ping()
     except VtpmQcowError:
+        client.close()
+        if control:
+            raise
         raise StoreError(
-            f"{args.image}: in use by another process (QEMU or a daemon) and no vtpm-qcow "
+            f"{image}: in use by another process (QEMU or a daemon) and no vtpm-qcow "
             "mount daemon answers for it; stop that process first"
         ) from locked
-    with client:
-        if args.create is not None:
-            client.snapshot_create(args.create, overwrite=args.overwrite)
-            _say(args, f"Created snapshot '{args.create}' through the mount daemon")
-        elif args.apply is not None:
-            client.snapshot_apply(args.apply)
-            _say(args, f"Applied snapshot '{args.apply}' through the mount daemon")
-        else:
-            client.snapshot_delete(args.delete)
-            _say(args, f"Deleted snapshot '{args.delete}' through the mount daemon")
-    return 0
+    return client
 
 
 def _snapshot_dict(snap: SnapshotInfo) -> dict[str, Any]:
@@ -287,11 +344,80 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Section: parser
 
+#: Examples shown under each command's --help (mount/serve/umount/vm are registered by
+#: :mod:`vtpm_qcow.daemon` and :mod:`vtpm_qcow.vm`; their examples are added here).
+EXAMPLES: Final = {
+    "create": """examples:
+  vtpm-qcow create vm1-tpm.qcow2              # 4 MiB, like Proxmox VE's tpmstate0
+  qemu-img info vm1-tpm.qcow2                 # a plain qcow2 image to QEMU's tools""",
+    "setup": """examples:
+  vtpm-qcow setup --create vm1-tpm.qcow2 --create-ek-cert --create-platform-cert
+  vtpm-qcow setup --overwrite vm1-tpm.qcow2 --pcr-banks sha256""",
+    "snapshot": """examples:
+  vtpm-qcow snapshot -l vm1-tpm.qcow2                 # also while swtpm runs on it
+  vtpm-qcow snapshot -c before-update vm1-tpm.qcow2   # via the mount daemon if mounted
+  vtpm-qcow snapshot -a before-update vm1-tpm.qcow2
+  qemu-img snapshot -l -U vm1-tpm.qcow2               # the same tags, seen by QEMU""",
+    "info": """examples:
+  vtpm-qcow info vm1-tpm.qcow2
+  vtpm-qcow info --json vm1-tpm.qcow2 | jq .state_digest""",
+    "import": """examples:
+  vtpm-qcow import vm1-tpm.qcow2 /var/lib/swtpm/vm1/     # swtpm --tpmstate dir=... files
+  vtpm-qcow import vm1-tpm.qcow2 tpmstate.lin            # backend-uri=file:// file""",
+    "export": """examples:
+  vtpm-qcow export vm1-tpm.qcow2 /tmp/vm1-state/         # then swtpm --tpmstate dir=...
+  vtpm-qcow export vm1-tpm.qcow2 vm1.lin                 # swtpm backend-uri=file://vm1.lin""",
+    "backup": """examples:
+  vtpm-qcow backup vm1-tpm.qcow2 /backup/vm1-tpm.qcow2           # image + all snapshots
+  vtpm-qcow backup --format raw vm1-tpm.qcow2 /backup/vm1.lin    # swtpm linear file
+  vtpm-qcow backup --format dir --snapshot before-update vm1-tpm.qcow2 /backup/vm1-dir
+  vtpm-qcow verify /backup/vm1-tpm.qcow2""",
+    "verify": """examples:
+  vtpm-qcow verify /backup/vm1-tpm.qcow2
+  vtpm-qcow verify --json /backup/vm1.lin""",
+    "restore": """examples:
+  vtpm-qcow restore /backup/vm1-tpm.qcow2 vm1-tpm.qcow2          # state only, keeps snapshots
+  vtpm-qcow restore /backup/vm1-tpm.qcow2 new-tpm.qcow2          # new image: full copy
+  vtpm-qcow restore --snapshot before-update /backup/vm1-tpm.qcow2 vm1-tpm.qcow2""",
+    "mount": """The file view holds one file, tpmstate (swtpm --tpmstate backend-uri=file://MNT/tpmstate);
+the dir view holds tpm2-00.permall etc. (swtpm --tpmstate dir=MNT, libvirt).  Every write
+swtpm makes is one atomic commit to IMAGE; snapshots go through the control socket.
+
+examples:
+  vtpm-qcow mount vm1-tpm.qcow2 /run/vm1-tpm --view dir
+  swtpm socket --tpm2 --tpmstate dir=/run/vm1-tpm --ctrl type=unixio,path=/run/vm1-swtpm.sock
+  vtpm-qcow umount /run/vm1-tpm""",
+    "serve": """examples:
+  vtpm-qcow serve vm1-tpm.qcow2 --ctrl /run/vm1-swtpm.sock &
+  qemu-system-x86_64 ... -chardev socket,id=chrtpm,path=/run/vm1-swtpm.sock \\
+      -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0""",
+    "umount": """Stops the mount daemon serving MOUNTPOINT (it commits and unmounts first).
+
+examples:
+  vtpm-qcow umount /run/vm1-tpm""",
+    "vm": """examples:
+  vtpm-qcow vm save --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update
+  vtpm-qcow vm load --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update
+  vtpm-qcow vm status --qmp /run/vm1.qmp --store vm1-tpm.qcow2""",
+}
+
 
 def _add_hooks(subparsers: Any) -> None:
     """The daemon's ``mount``/``serve``/``umount`` and the QMP alignment's ``vm`` commands."""
     add_mount_commands(subparsers)
     add_vm_commands(subparsers)
+
+
+def _finish_help(subparsers: Any) -> None:
+    """Examples, raw formatting and one-line errors for every (nested) subcommand."""
+    for name, sub in subparsers.choices.items():
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        sub.error = _Parser.error.__get__(sub)
+        if name in EXAMPLES and not sub.epilog:
+            sub.epilog = EXAMPLES[name]
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _finish_help(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -301,36 +427,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _image_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE", help="the vTPM state image (qcow2)")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def _control_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--control",
+        metavar="SOCKET",
+        help="the mount daemon's control socket, if it was given one (vtpm-qcow mount "
+        "--control); by default the daemon serving IMAGE is found by the image's path",
+    )
+
+
+def _size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=DEFAULT_SIZE,
+        help=f"capacity of the state file (default {_human(DEFAULT_SIZE)})",
+    )
+    p.add_argument(
+        "--cluster-size",
+        type=parse_size,
+        default=DEFAULT_CLUSTER_SIZE,
+        help=f"qcow2 cluster size (default {DEFAULT_CLUSTER_SIZE})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vtpm-qcow`` argument parser."""
     parser = _Parser(
         prog=PROG,
         description="Keep a virtual TPM's state (swtpm) in a qcow2 image whose internal "
         "snapshots follow the VM's snapshots.",
+        epilog="Run 'vtpm-qcow COMMAND --help' for a command's options and examples.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def image_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("image", metavar="IMAGE", help="the vTPM state image (qcow2)")
-
-    def size_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--size",
-            type=parse_size,
-            default=DEFAULT_SIZE,
-            help=f"capacity of the state file (default {_human(DEFAULT_SIZE)})",
-        )
-        p.add_argument(
-            "--cluster-size",
-            type=parse_size,
-            default=DEFAULT_CLUSTER_SIZE,
-            help=f"qcow2 cluster size (default {DEFAULT_CLUSTER_SIZE})",
-        )
-
-    p = sub.add_parser("create", help="create an empty vTPM state image")
-    image_arg(p)
-    size_args(p)
+    p = sub.add_parser(
+        "create",
+        help="create an empty vTPM state image",
+        description="Create IMAGE: a qcow2 image whose virtual disk is an empty swtpm linear "
+        "state file (what swtpm --tpmstate backend-uri=file:// uses).  Fill it with "
+        "'vtpm-qcow setup' or 'import', or let swtpm manufacture a TPM through a mount.",
+    )
+    _image_arg(p)
+    _size_args(p)
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser(
@@ -340,44 +488,50 @@ def build_parser() -> argparse.ArgumentParser:
         "command does not know are passed to swtpm_setup, e.g. --create-ek-cert "
         "--create-platform-cert --pcr-banks sha256 (give them after IMAGE).",
     )
-    image_arg(p)
+    _image_arg(p)
     p.add_argument("--create", action="store_true", help="create IMAGE if it does not exist")
     p.add_argument("--overwrite", action="store_true", help="replace existing TPM state")
     p.add_argument("--tpm12", action="store_true", help="a TPM 1.2 (default: TPM 2.0)")
-    size_args(p)
+    _size_args(p)
     p.set_defaults(func=cmd_setup, passthrough=True)
 
     p = sub.add_parser(
         "snapshot",
         help="list, create, apply or delete snapshots of the TPM state",
-        description="Like 'qemu-img snapshot'. If a vtpm-qcow mount daemon holds IMAGE, "
-        "the request goes through its control socket.",
+        description="Like 'qemu-img snapshot' on IMAGE's internal snapshots, which hold the "
+        "TPM state under the VM's snapshot tags. If a vtpm-qcow mount daemon holds IMAGE "
+        "(swtpm running on it), changes go through its control socket; listing reads a "
+        "held image shared, like qemu-img -U.",
     )
-    image_arg(p)
+    _image_arg(p)
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("-l", "--list", action="store_true", help="list snapshots")
     action.add_argument("-c", "--create", metavar="TAG", help="create snapshot TAG")
     action.add_argument("-a", "--apply", metavar="TAG", help="revert the state to snapshot TAG")
     action.add_argument("-d", "--delete", metavar="TAG", help="delete snapshot TAG")
     p.add_argument("--overwrite", action="store_true", help="with -c: replace an existing TAG")
-    p.add_argument(
-        "--control",
-        metavar="SOCKET",
-        help="the mount daemon's control socket, if it was given one (vtpm-qcow mount "
-        "--control); by default the daemon serving IMAGE is found by the image's path",
-    )
+    _json_arg(p)
+    _control_arg(p)
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("info", help="show state sections, blob headers, digests and snapshots")
-    image_arg(p)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser(
+        "info",
+        help="show state sections, blob headers, digests and snapshots",
+        description="Show what IMAGE holds: swtpm's state sections (permall, volatilestate, "
+        "savestate) with their blob headers and xxh3-128 digests, and each snapshot's state "
+        "digest.  A held image (swtpm or QEMU running) is read shared.",
+    )
+    _image_arg(p)
+    _json_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
         "import",
         help="replace the image's state with plain swtpm state (a dir or a linear file)",
+        description="Replace IMAGE's current TPM state, in one atomic commit, with the state "
+        "of a swtpm dir backend (tpm2-00.permall, ...) or a linear file.  Snapshots stay.",
     )
-    image_arg(p)
+    _image_arg(p)
     p.add_argument(
         "source", metavar="DIR|FILE", help="swtpm state dir (tpm2-00.permall...) or linear file"
     )
@@ -389,19 +543,77 @@ def build_parser() -> argparse.ArgumentParser:
         description="An existing directory (or a path ending in /) receives dir backend "
         "files (tpm2-00.permall, ...); any other path receives a linear file for "
         "swtpm --tpmstate backend-uri=file://PATH. Dir file names follow the TPM version "
-        "read from the state (tpm2-00.* unless it is a TPM 1.2; encrypted: tpm2-00.*).",
+        "read from the state (tpm2-00.* unless it is a TPM 1.2; encrypted: tpm2-00.*). "
+        "A mounted image is read through its daemon: a committed state, never a torn one.",
     )
-    image_arg(p)
-    p.add_argument("target", metavar="DIR|FILE")
+    _image_arg(p)
+    p.add_argument("target", metavar="DIR|FILE", help="where to write the state")
     p.add_argument(
         "--dir", action="store_true", help="write a directory even if TARGET does not exist"
     )
     names = p.add_mutually_exclusive_group()
     names.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
     names.add_argument("--tpm2", action="store_true", help="name dir files tpm2-00.* (TPM 2.0)")
+    _control_arg(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "backup",
+        help="consistent backup of a (live) image, with a digest manifest",
+        description="Copy IMAGE's TPM state to DEST while swtpm/QEMU may run on it.  A "
+        "mounted image is read through its mount daemon (one committed state, never a torn "
+        "one); an image QEMU holds is read shared until two reads agree.  --format qcow2 "
+        "(default) writes a standalone vTPM image with every snapshot (snapshot dates become "
+        "the backup's time; the originals are in the manifest); raw a swtpm linear file; dir "
+        "swtpm dir backend files.  DEST appears atomically (temp + fsync + rename) and "
+        "DEST.manifest.json beside it holds xxh3-128 digests of every section, every "
+        "snapshot's sections and every file, for 'vtpm-qcow verify'.",
+    )
+    _image_arg(p)
+    p.add_argument("dest", metavar="DEST", help="the backup file or directory to write")
+    p.add_argument(
+        "--format",
+        choices=archive.FORMATS,
+        default="qcow2",
+        help="qcow2 (default: image with snapshots), raw (linear file) or dir",
+    )
+    p.add_argument(
+        "--snapshot", metavar="TAG", help="back up snapshot TAG's state (no other snapshots)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    _json_arg(p)
+    _control_arg(p)
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "verify",
+        help="re-check a backup against its manifest (digests, qcow2 check)",
+        description="Recompute the xxh3-128 digests of BACKUP's files, state sections and "
+        "snapshots and compare them with BACKUP.manifest.json; a qcow2 backup also gets a "
+        "'qemu-img check' equivalent.  Exit 0 if all match, 1 otherwise (one line each).",
+    )
+    p.add_argument("backup", metavar="BACKUP", help="a backup written by 'vtpm-qcow backup'")
+    _json_arg(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "restore",
+        help="verify a backup, then make its state the image's state",
+        description="Verify BACKUP, then replace IMAGE's current TPM state with it in one "
+        "atomic commit (IMAGE's snapshots stay).  A missing IMAGE is created: a copy of a "
+        "qcow2 backup with its snapshots, or a new image with a raw/dir backup's state.  "
+        "Stop swtpm/QEMU (and the mount daemon) on IMAGE first.",
+    )
+    p.add_argument("backup", metavar="BACKUP", help="a backup written by 'vtpm-qcow backup'")
+    _image_arg(p)
+    p.add_argument(
+        "--snapshot", metavar="TAG", help="restore the state of the backup's snapshot TAG"
+    )
+    _json_arg(p)
+    p.set_defaults(func=cmd_restore)
+
     _add_hooks(sub)
+    _finish_help(sub)
     return parser
 
 

@@ -8,7 +8,10 @@ One request per line, one reply per line::
     {"ok": false, "error": "vtpm.qcow2: no snapshot with tag 'nope'"}
 
 Ops: ``ping``, ``info``, ``snapshot-list``, ``snapshot-create``, ``snapshot-apply``,
-``snapshot-delete``.  The daemon (:mod:`vtpm_qcow.daemon`) serves it next to its FUSE mount;
+``snapshot-delete`` and ``capture`` (the committed state and its snapshots, read in one step
+under the file system lock: what backups and exports of a held image use; ``"tag"`` reads one
+snapshot's state instead, ``"snapshots": false`` leaves the snapshots out).
+The daemon (:mod:`vtpm_qcow.daemon`) serves it next to its FUSE mount;
 every op runs serialized with the file system's requests, so snapshots are safe while swtpm
 runs.  :class:`ControlClient` is the synchronous client used by the CLI and by the QMP
 alignment (:mod:`vtpm_qcow.vm`).
@@ -35,6 +38,7 @@ import trio
 
 from qcow2.errors import Qcow2Error
 
+from .capture import StateCapture, capture_store, from_wire, to_wire
 from .errors import StoreError, VtpmQcowError
 
 if TYPE_CHECKING:
@@ -42,11 +46,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Longest request or reply line accepted (bounds memory on garbage input).
+#: Longest request line accepted (bounds memory on garbage input).
 MAX_LINE = 1 << 20
+#: Longest reply line a client accepts (a capture carries base64 layouts of every snapshot).
+MAX_REPLY = 256 << 20
 #: Environment variable that overrides :func:`runtime_dir` (tests, unprivileged users).
 RUNTIME_DIR_ENV = "VTPM_QCOW_RUNTIME_DIR"
-OPS = ("ping", "info", "snapshot-list", "snapshot-create", "snapshot-apply", "snapshot-delete")
+OPS = (
+    "ping",
+    "info",
+    "snapshot-list",
+    "snapshot-create",
+    "snapshot-apply",
+    "snapshot-delete",
+    "capture",
+)
 
 Reply = dict[str, Any]
 Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
@@ -262,7 +276,7 @@ class ControlClient:
         try:
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             while b"\n" not in self._buffer:
-                if len(self._buffer) > MAX_LINE:
+                if len(self._buffer) > MAX_REPLY:
                     raise StoreError(f"{self.path}: reply to {op} too long")
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -310,6 +324,13 @@ class ControlClient:
     def snapshot_delete(self, tag: str) -> Reply:
         """Delete snapshot ``tag``."""
         return self.request("snapshot-delete", tag=tag)
+
+    def capture(self, *, tag: str | None = None, snapshots: bool = True) -> StateCapture:
+        """The committed state (or snapshot ``tag``'s) and the snapshots, read atomically."""
+        args: dict[str, Any] = {"snapshots": snapshots}
+        if tag is not None:
+            args["tag"] = tag
+        return from_wire(self.request("capture", **args))
 
     def close(self) -> None:
         """Close the connection (the next request reconnects)."""
@@ -367,6 +388,14 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         await fs.run_locked(store.delete_snapshot, _tag(request))
         return {}
 
+    async def capture(request: dict[str, Any]) -> Reply:
+        tag = _tag(request) if request.get("tag") is not None else None
+        snapshots = request.get("snapshots", True)
+        if not isinstance(snapshots, bool):
+            raise RequestError("'snapshots' must be true or false")
+        taken = await fs.run_locked(lambda: capture_store(store, tag=tag, snapshots=snapshots))
+        return to_wire(taken)
+
     return {
         "ping": ping,
         "info": info,
@@ -374,4 +403,5 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         "snapshot-create": snapshot_create,
         "snapshot-apply": snapshot_apply,
         "snapshot-delete": snapshot_delete,
+        "capture": capture,
     }

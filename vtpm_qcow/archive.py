@@ -1,0 +1,436 @@
+"""Consistent backups of (live) vTPM images, with a digest manifest: write, verify, restore.
+
+A backup is taken from a :class:`~vtpm_qcow.capture.StateCapture`, which
+:func:`capture_image` reads consistently: through the mount daemon's ``capture`` control op
+when a daemon holds the image (one committed generation, read under its lock), directly
+when nobody holds it, and as a repeated shared read (until two reads agree) when another
+process such as QEMU's qemu-storage-daemon holds it.
+
+Formats (``DEST`` is replaced atomically: temporary file or directory, fsync, rename):
+
+``qcow2``
+    a standalone vTPM image holding the current state and every snapshot (same tags, in the
+    same order; their dates become the backup's time, the original dates are in the
+    manifest).  With a snapshot tag: that snapshot's state and no snapshots.
+``raw``
+    the linear file (``swtpm --tpmstate backend-uri=file://DEST``).
+``dir``
+    a directory of dir backend files (``swtpm --tpmstate dir=DEST``).
+
+The manifest ``DEST.manifest.json`` beside it records the xxh3-128 digest of each section
+(and of each snapshot's sections) and of every file written; :func:`verify_backup` re-checks
+them (plus a ``qemu-img check`` equivalent for qcow2 backups).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import qcow2
+from qcow2.errors import ImageLockedError, Qcow2Error
+
+from .backup import (
+    fsync_dir,
+    is_tpm2,
+    layout_from_dir,
+    layout_from_file,
+    layout_sections,
+    write_atomically,
+    write_state_files,
+)
+from .capture import (
+    StateCapture,
+    capture_store,
+    section_digests,
+    state_digest_of,
+)
+from .control import ControlClient
+from .errors import StateFormatError, StoreError, VtpmQcowError
+from .store import Store, digest
+
+FORMATS: Final = ("qcow2", "raw", "dir")
+MANIFEST_SUFFIX: Final = ".manifest.json"
+MANIFEST_VERSION: Final = 1
+#: Shared reads of an image another process holds, until two consecutive ones agree.
+SHARED_READ_ATTEMPTS: Final = 8
+#: Largest manifest read (bounds memory on a garbage file).
+MAX_MANIFEST: Final = 64 * 1024 * 1024
+
+#: ``progress(done, total, what)`` for long operations.
+Progress = Callable[[int, int, str], None]
+
+
+def _no_progress(done: int, total: int, what: str) -> None:
+    """The default progress callback: silent."""
+
+
+# Section: consistent capture
+
+
+def capture_image(
+    image: str | os.PathLike[str],
+    *,
+    tag: str | None = None,
+    snapshots: bool = True,
+    control: str | None = None,
+) -> StateCapture:
+    """A consistent capture of ``image``'s state (see the module docstring for how)."""
+    path = os.fspath(image)
+    try:
+        store = Store.open(path, writable=False)
+    except ImageLockedError as locked:
+        return _capture_held(path, locked, tag=tag, snapshots=snapshots, control=control)
+    with store:
+        return capture_store(store, tag=tag, snapshots=snapshots)
+
+
+def _capture_held(
+    path: str, locked: ImageLockedError, *, tag: str | None, snapshots: bool, control: str | None
+) -> StateCapture:
+    client = ControlClient(control) if control else ControlClient.for_image(path)
+    with client:
+        try:
+            client.ping()
+        except StoreError:
+            if control:  # the user named a daemon: it must answer
+                raise
+            return _capture_shared(path, tag=tag, snapshots=snapshots)
+        return client.capture(tag=tag, snapshots=snapshots)
+
+
+def _capture_shared(path: str, *, tag: str | None, snapshots: bool) -> StateCapture:
+    """Read an image another process (QEMU) holds until two reads agree."""
+    previous: StateCapture | None = None
+    for _ in range(SHARED_READ_ATTEMPTS):
+        try:
+            with Store.open(path, writable=False, force_share=True) as store:
+                current = capture_store(store, tag=tag, snapshots=snapshots)
+        except (Qcow2Error, StateFormatError):
+            previous = None  # read mid-update: try again
+            continue
+        if previous is not None and current == previous:
+            return current
+        previous = current
+    raise StoreError(
+        f"{path}: in use by another process (QEMU?) and changing too fast for a consistent "
+        "shared read; back it up through a vtpm-qcow mount daemon or stop that process"
+    )
+
+
+# Section: writing backups
+
+
+def manifest_path(dest: str | os.PathLike[str]) -> Path:
+    """Where the manifest of backup ``dest`` lives: ``DEST.manifest.json`` beside it."""
+    return Path(str(dest).rstrip("/") + MANIFEST_SUFFIX)
+
+
+def _state_entry(layout: bytes, source: str) -> dict[str, Any]:
+    sections = section_digests(layout, source)
+    return {"sections": sections, "state_digest": state_digest_of(sections)}
+
+
+def _file_digests(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in names:
+        data = (root / name).read_bytes() if name else root.read_bytes()
+        out[name or root.name] = {"size": len(data), "xxh3_128": digest(data)}
+    return out
+
+
+def write_backup(
+    capture: StateCapture,
+    dest: str | os.PathLike[str],
+    *,
+    fmt: str = "qcow2",
+    overwrite: bool = False,
+    progress: Progress = _no_progress,
+) -> dict[str, Any]:
+    """Write ``capture`` as a backup in ``fmt`` at ``dest`` plus its manifest; the manifest."""
+    if fmt not in FORMATS:
+        raise StoreError(f"{dest}: unknown backup format {fmt!r} (one of {', '.join(FORMATS)})")
+    path = Path(str(dest).rstrip("/") or "/")
+    if not capture.layout:
+        raise StoreError(f"{capture.source}: holds no TPM state to back up")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise StoreError(f"{path}: already exists (use --overwrite)")
+    if not path.parent.is_dir():
+        raise StoreError(f"{path.parent}: no such directory")
+    sections = layout_sections(capture.layout, capture.source)
+    tpm2 = is_tpm2(sections)
+    try:
+        if fmt == "raw":
+            write_atomically(path, capture.layout)
+            files = _file_digests(path, [""])
+        elif fmt == "dir":
+            files = _write_dir_backup(path, sections, tpm2=tpm2)
+        else:
+            _write_qcow2_backup(capture, path, progress)
+            files = _file_digests(path, [""])
+    except OSError as err:
+        raise StoreError(f"{path}: cannot write: {err.strerror or err}") from err
+    manifest = {
+        "vtpm_qcow_backup": MANIFEST_VERSION,
+        "format": fmt,
+        "source": capture.source,
+        "created": dt.datetime.now(dt.UTC).isoformat(),
+        "generation": capture.generation,
+        "linear_size": capture.linear_size,
+        "tpm2": tpm2,
+        "state": _state_entry(capture.layout, capture.source),
+        "snapshots": [
+            {
+                "tag": snap.tag,
+                "id": snap.id,
+                "date": snap.date,
+                "vm_state_size": snap.vm_state_size,
+                **_state_entry(snap.layout, f"{capture.source}@{snap.tag}"),
+            }
+            for snap in (capture.snapshots if fmt == "qcow2" else ())
+        ],
+        "files": files,
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    try:
+        write_atomically(manifest_path(path), text.encode())
+    except OSError as err:
+        raise StoreError(f"{manifest_path(path)}: cannot write: {err.strerror}") from err
+    return manifest
+
+
+def _write_dir_backup(
+    path: Path, sections: dict[str, bytes], *, tpm2: bool
+) -> dict[str, dict[str, Any]]:
+    """A dir backend directory, built aside and renamed into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old: Path | None = None
+    try:
+        write_state_files(tmp, sections, tpm2=tpm2)
+        os.chmod(tmp, 0o750)
+        files = _file_digests(tmp, sorted(os.listdir(tmp)))
+        if path.exists() or path.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return files
+
+
+def _write_qcow2_backup(capture: StateCapture, path: Path, progress: Progress) -> None:
+    """A standalone vTPM image: each snapshot's state then snapshotted, then the current."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    tmp.unlink()
+    total = len(capture.snapshots) + 1
+    try:
+        with Store.create(tmp, size=capture.linear_size) as store:
+            for number, snap in enumerate(capture.snapshots, 1):
+                progress(number - 1, total, f"snapshot {snap.tag}")
+                store.replace_layout(snap.layout, source=f"{capture.source}@{snap.tag}")
+                store.create_snapshot(snap.tag)
+            progress(total - 1, total, "current state")
+            store.replace_layout(capture.layout, source=capture.source)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        progress(total, total, "done")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# Section: verifying and reading backups
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_backup` found: ``problems`` is empty for a good backup."""
+
+    backup: str
+    format: str = ""
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True if every digest (and the qcow2 check) matched."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON fields."""
+        return {
+            "backup": self.backup,
+            "format": self.format,
+            "ok": self.ok,
+            "checked": self.checked,
+            "problems": self.problems,
+        }
+
+
+def read_manifest(backup: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of ``backup`` (StoreError if missing or malformed)."""
+    path = manifest_path(backup)
+    try:
+        if path.stat().st_size > MAX_MANIFEST:
+            raise StoreError(f"{path}: too large for a backup manifest")
+        manifest = json.loads(path.read_bytes())
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read backup manifest: {err.strerror}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path}: backup manifest is not JSON") from err
+    if not isinstance(manifest, dict) or manifest.get("vtpm_qcow_backup") != MANIFEST_VERSION:
+        raise StoreError(f"{path}: not a vtpm-qcow backup manifest (version 1)")
+    if manifest.get("format") not in FORMATS:
+        raise StoreError(f"{path}: unknown backup format {manifest.get('format')!r}")
+    for key, kind in (("state", dict), ("snapshots", list), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise StoreError(f"{path}: manifest field {key!r} missing or malformed")
+    return manifest
+
+
+def read_backup(backup: str | os.PathLike[str], fmt: str) -> StateCapture:
+    """The state a backup holds (current layout, and snapshots for qcow2)."""
+    path = Path(str(backup).rstrip("/") or "/")
+    if fmt == "raw":
+        return StateCapture(str(path), 0, layout_from_file(path), ())
+    if fmt == "dir":
+        if not path.is_dir():
+            raise StoreError(f"{path}: not a directory (a dir backup)")
+        layout, _tpm2 = layout_from_dir(path)
+        return StateCapture(str(path), 0, layout, ())
+    with Store.open(path, writable=False) as store:
+        return capture_store(store)
+
+
+def _compare(found: Verification, what: str, expected: Any, actual: Any) -> None:
+    found.checked.append(what)
+    if expected != actual:
+        found.problems.append(f"{found.backup}: {what} differs from the manifest")
+
+
+def verify_backup(backup: str | os.PathLike[str]) -> Verification:
+    """Re-check a backup against its manifest: files, sections, snapshots, qcow2 check."""
+    path = Path(str(backup).rstrip("/") or "/")
+    manifest = read_manifest(path)
+    fmt = str(manifest["format"])
+    found = Verification(str(path), fmt)
+    if not (path.exists()):
+        raise StoreError(f"{path}: no such file or directory")
+    try:
+        if fmt == "dir":
+            names = sorted(os.listdir(path))
+            actual_files = _file_digests(path, names)
+        else:
+            actual_files = _file_digests(path, [""])
+    except OSError as err:
+        raise StoreError(f"{path}: cannot read: {err.strerror}") from err
+    for name in sorted(set(manifest["files"]) | set(actual_files)):
+        _compare(found, f"file {name}", manifest["files"].get(name), actual_files.get(name))
+    if fmt == "qcow2":
+        _check_qcow2(found, path)
+    try:
+        held = read_backup(path, fmt)
+    except (VtpmQcowError, Qcow2Error) as err:
+        found.problems.append(str(err))
+        return found
+    state = _state_entry(held.layout, str(path))
+    _compare(found, "state sections", manifest["state"].get("sections"), state["sections"])
+    expected_snaps = {s.get("tag"): s.get("sections") for s in manifest["snapshots"]}
+    actual_snaps = {s.tag: section_digests(s.layout, f"{path}@{s.tag}") for s in held.snapshots}
+    _compare(found, "snapshot tags", list(expected_snaps), list(actual_snaps))
+    for tag, sections in expected_snaps.items():
+        _compare(found, f"snapshot {tag!r} sections", sections, actual_snaps.get(tag))
+    return found
+
+
+def _check_qcow2(found: Verification, path: Path) -> None:
+    """``qemu-img check`` through the qcow2 library: no corruption, leak or error."""
+    found.checked.append("qcow2 check")
+    try:
+        with qcow2.open(str(path)) as image:
+            result = image.check()
+    except Qcow2Error as err:
+        found.problems.append(str(err))
+        return
+    if result.error or result.corruptions or result.leaks or result.check_errors:
+        found.problems.append(
+            f"{path}: qcow2 check: {result.corruptions} corruptions, {result.leaks} leaks, "
+            f"{result.check_errors} errors{': ' + result.error if result.error else ''}"
+        )
+
+
+# Section: restoring
+
+
+def restore_backup(
+    backup: str | os.PathLike[str],
+    image: str | os.PathLike[str],
+    *,
+    snapshot: str | None = None,
+) -> dict[str, Any]:
+    """Verify ``backup``, then make its state ``image``'s current state.
+
+    An existing image keeps its snapshots and gets the backup's state in one atomic commit
+    (like ``import``); ``snapshot`` picks the state of one of a qcow2 backup's snapshots.  A
+    missing image is created: a copy of a qcow2 backup (with its snapshots) or a new image
+    holding a raw/dir backup's state.  Returns the verification and the restored sections.
+    """
+    found = verify_backup(backup)
+    if not found.ok:
+        raise StoreError(found.problems[0])
+    held = read_backup(backup, found.format)
+    layout = held.layout
+    if snapshot is not None:
+        chosen = [s for s in held.snapshots if s.tag == snapshot]
+        if not chosen:
+            raise StoreError(f"{backup}: backup holds no snapshot '{snapshot}'")
+        layout = chosen[0].layout
+    target = Path(image)
+    if not target.exists() and found.format == "qcow2" and snapshot is None:
+        data = Path(backup).read_bytes()
+        write_atomically(target, data)
+    elif not target.exists():
+        manifest = read_manifest(backup)
+        with Store.create(target, size=int(manifest.get("linear_size") or 0) or 4 << 20) as new:
+            new.replace_layout(layout, source=str(backup))
+    else:
+        try:
+            store = Store.open(target)
+        except ImageLockedError as err:
+            raise StoreError(
+                f"{target}: in use (by a vtpm-qcow mount daemon or QEMU); stop it before "
+                "restoring into it"
+            ) from err
+        with store:
+            store.replace_layout(layout, source=str(backup))
+    return {"verification": found.to_dict(), "sections": section_digests(layout, str(backup))}
+
+
+__all__ = [
+    "FORMATS",
+    "Verification",
+    "capture_image",
+    "manifest_path",
+    "read_backup",
+    "read_manifest",
+    "restore_backup",
+    "verify_backup",
+    "write_backup",
+]
