@@ -19,6 +19,7 @@ from .cache import TableCache
 from .clusters import ClusterMap, Extent, ExtentKind
 from .compress import decompress, parse_compressed_entry
 from .crypto import (
+    HASHES,
     MISSING_KEY_MESSAGE,
     EncryptionKeyError,
     SectorCipher,
@@ -829,6 +830,11 @@ def create(
     if encrypt_key_secret is not None and encrypt_format != "luks":
         raise UnsupportedFeatureError(
             f"encrypt.format {encrypt_format!r} is not supported (only 'luks')", path=path
+        )
+    if encrypt_key_secret is not None and encrypt_hash not in HASHES:
+        raise UnsupportedFeatureError(
+            f"encrypt.hash-alg {encrypt_hash!r} is not supported (sha1, sha256, sha512)",
+            path=path,
         )
     cluster_bits = cluster_size.bit_length() - 1
     if cluster_size != 1 << cluster_bits or not (
