@@ -364,7 +364,7 @@ _CREATE_OPTIONS = {
 def _cmd_create(args: argparse.Namespace) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
-    qcow2 = _api()
+    from .compress import create_image
     from .errors import Qcow2Error
     from .info import full_backing_filename, open_layer
 
@@ -465,10 +465,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
         "lazy_refcounts": lazy,
     }
     try:
-        created = qcow2.create(image, size, **kwargs)
-        created.close()
-        if compression == "zstd":
-            _set_zstd(image)
+        create_image(image, size, compression_type=compression, **kwargs).close()
     except (Qcow2Error, OSError) as err:
         raise CliError(f"{image}: {getattr(err, 'message', err)}") from err
     return 0
@@ -492,25 +489,6 @@ def _validate_qcow2_create(
         )
     if version < 3 and extl2:
         raise CliError(f"{image}: Extended L2 entries are only supported with {v3_hint}")
-
-
-def _set_zstd(path: str) -> None:
-    """Switch a freshly created, still empty v3 image to zstd compression (no cluster is
-    compressed yet, so only the header changes)."""
-    from . import layout
-    from .fileio import HostFile
-    from .header import read_header, write_header_fields
-
-    f = HostFile(path, writable=True)
-    try:
-        h = read_header(f, writable=True)
-        write_header_fields(f, compression_type=layout.COMPRESSION_ZSTD)
-        write_header_fields(
-            f, incompatible_features=h.incompatible_features | layout.INCOMPAT_COMPRESSION
-        )
-        f.flush()
-    finally:
-        f.close()
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
@@ -873,7 +851,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    qcow2 = _api()
+    from .compress import CompressedWriter, create_image
     from .errors import Qcow2Error
 
     snapshot: tuple[str, str] | None = None
@@ -896,8 +874,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     src = _Source(args.src, args.f, snapshot, force_share=args.U)
     try:
         size = src.size
-        writer: Callable[[int, bytes], None]
+        writer: Callable[[int, bytes], object]
         out_image = None
+        compressed = None
         if out_fmt == "raw":
             fd = os.open(args.dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             os.ftruncate(fd, size)
@@ -908,29 +887,28 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         else:
             opts = _parse_options(args.o or [])
             try:
-                out_image = qcow2.create(
+                out_image = create_image(
                     args.dst,
                     size,
+                    compression_type=opts.get("compression_type", "zlib"),
                     cluster_size=parse_size(opts.get("cluster_size", "65536")),
                     refcount_bits=int(opts.get("refcount_bits", "16")),
                     version=2 if opts.get("compat") in ("0.10", "v2") else 3,
                     extended_l2=_onoff(opts, "extended_l2"),
                     lazy_refcounts=_onoff(opts, "lazy_refcounts"),
                 )
-                if opts.get("compression_type", "zlib") == "zstd":
-                    out_image.close()
-                    _set_zstd(args.dst)
-                    out_image = qcow2.open(args.dst, writable=True)
+                compressed = CompressedWriter(out_image) if args.c else None
             except (Qcow2Error, OSError) as err:
                 raise CliError(f"{args.dst}: error while converting qcow2: {err}") from err
-            writer = _CompressedWriter(out_image).write if args.c else out_image.write
+            writer = out_image.write if compressed is None else compressed.write
+        pos = 0
         try:
             progress = _Progress(size) if args.p and not args.q else None
             for pos in range(0, size, _CHUNK):
                 n = min(_CHUNK, size - pos)
                 data = src.read(pos, n)
-                if args.c:
-                    step = getattr(out_image, "cluster_size", 65536)
+                if compressed is not None:
+                    step = compressed.image.cluster_size
                     for sub in range(0, n, step):
                         chunk = data[sub : sub + step]
                         if chunk.count(0) != len(chunk):
@@ -939,6 +917,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     _write_nonzero(writer, pos, data)
                 if progress is not None:
                     progress.update(pos + n)
+            if compressed is not None:
+                compressed.finish()
             if progress is not None:
                 progress.end()
         except Qcow2Error as err:
@@ -946,92 +926,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         finally:
             if out_image is not None:
                 out_image.close()
-                if args.c:
-                    _align_file_end(args.dst)
             else:
                 os.close(fd)
     finally:
         src.close()
     return 0
-
-
-def _align_file_end(path: str) -> None:
-    """qemu-img's final empty compressed write: the file is extended to a whole number of
-    512-byte sectors "to ease reading with sector based I/Os"."""
-    size = os.path.getsize(path)
-    if size % 512:
-        os.truncate(path, size + 512 - size % 512)
-
-
-def _deflate(data: bytes, compression_type: int, limit: int) -> bytes | None:
-    """QEMU's ``qcow2_co_compress``: raw deflate (wbits -12, memLevel 9) or one zstd frame;
-    None if the result does not fit in ``limit`` bytes (the cluster is then stored as is)."""
-    from . import layout
-
-    if compression_type == layout.COMPRESSION_ZSTD:
-        import zstandard
-
-        # one ZSTD_e_end call with the whole cluster: the frame records its content size
-        out = zstandard.ZstdCompressor().compress(data)
-    else:
-        import zlib
-
-        obj = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-        out = obj.compress(data) + obj.flush()
-    return out if len(out) <= limit else None
-
-
-class _CompressedWriter:
-    """``convert -c`` output: one compressed cluster per write, packed into host clusters
-    as QEMU's ``qcow2_alloc_compressed_cluster_offset`` / ``qcow2_alloc_bytes`` pack them;
-    a cluster that does not shrink is written normally."""
-
-    def __init__(self, image: Any) -> None:
-        self.image = image
-        self.free_byte_offset = 0
-
-    def write(self, offset: int, data: bytes) -> None:
-        from . import layout
-
-        image = self.image
-        h = image.header
-        cs = h.cluster_size
-        raw = data + bytes(cs - len(data))  # the last cluster of an unaligned disk: padded
-        packed = _deflate(raw, h.compression_type, cs - 1)
-        if packed is None:
-            image.write(offset, data)
-            return
-        clusters = image.clusters
-        l1_index, index = divmod(offset // cs, h.l2_entries)
-        l2_offset, table = clusters.l2_for_write(l1_index)
-        entry, _ = clusters.get_entry(table, index)
-        if entry & layout.L2E_OFFSET_MASK:
-            raise CliError("Compressed writes need unallocated clusters: Input/output error")
-        coffset = self._alloc_bytes(len(packed))
-        sectors = ((coffset + len(packed) - 1) >> 9) - (coffset >> 9)
-        shift = layout.compressed_shift(h.cluster_bits)
-        image.file.pwrite(coffset, packed)
-        # compressed clusters never carry COPIED; their refcounts are durable first
-        clusters.l2_cache.set_dependency(image.refcounts.cache)
-        clusters.set_entry(table, index, layout.OFLAG_COMPRESSED | (sectors << shift) | coffset)
-        clusters.mark_l2_dirty(l2_offset, table)
-
-    def _alloc_bytes(self, size: int) -> int:
-        """QEMU's ``qcow2_alloc_bytes``: continue in the last partly used cluster, or take
-        the next free cluster (spanning into it when it directly follows)."""
-        refcounts = self.image.refcounts
-        cs = self.image.header.cluster_size
-        offset = self.free_byte_offset
-        if offset and refcounts.get(offset // cs) == refcounts.max_refcount:
-            offset = 0
-        free_in_cluster = cs - offset % cs
-        if not offset or free_in_cluster < size:
-            new_cluster = refcounts.find_free(1) * cs
-            if not offset or -(-offset // cs) * cs != new_cluster:
-                offset = new_cluster
-        refcounts.update(offset, size, 1)
-        self.free_byte_offset = offset + size if (offset + size) % cs else 0
-        return offset
 
 
 class _Progress:
@@ -1059,7 +958,7 @@ class _Progress:
         sys.stdout.flush()
 
 
-def _write_nonzero(writer: Callable[[int, bytes], None], pos: int, data: bytes) -> None:
+def _write_nonzero(writer: Callable[[int, bytes], object], pos: int, data: bytes) -> None:
     """Write the 4 KiB blocks of ``data`` that are not all zero (qemu-img keeps holes)."""
     block = 4096
     start = None
