@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, cast
 from . import layout
 from .cache import TableCache
 from .compress import parse_compressed_entry
-from .crypto import MISSING_KEY_MESSAGE, SECTOR_SIZE, EncryptionKeyError, SectorCipher
-from .errors import CorruptImageError, Qcow2Error
+from .crypto import MISSING_KEY_MESSAGE, SECTOR_SIZE, DataCipher, EncryptionKeyError
+from .errors import CorruptImageError, Qcow2Error, UnsupportedFeatureError
 from .fileio import HostFile, fault_point
 from .header import Header, write_header_fields
 from .refcount import RefcountTable
@@ -141,7 +141,7 @@ class ClusterMap:
         self.accurate_refcounts = True
         #: Data clusters are encrypted (LUKS); ``cipher`` is None while no key was given.
         self.encrypted = header.crypt_method != layout.CRYPT_NONE
-        self.cipher: SectorCipher | None = None
+        self.cipher: DataCipher | None = None
         raw = f.pread(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
         self.l1 = L1Table(struct.unpack(f">{header.l1_size}Q", raw))
         self._l2_offsets: tuple[int, set[int]] = (-1, set())
@@ -234,20 +234,22 @@ class ClusterMap:
 
     # Section: guest data in host clusters
 
-    def _data_cipher(self) -> SectorCipher | None:
+    def _data_cipher(self) -> DataCipher | None:
         if self.encrypted and self.cipher is None:
             raise EncryptionKeyError(MISSING_KEY_MESSAGE, path=self._path())
         return self.cipher
 
-    def read_data(self, host: int, length: int) -> bytes:
-        """Plaintext of ``length`` bytes of data clusters at ``host`` (decrypted with
-        the host-offset IVs of the sectors holding them on encrypted images)."""
+    def read_data(self, host: int, length: int, guest: int) -> bytes:
+        """Plaintext of ``length`` bytes of data clusters at ``host`` holding guest bytes
+        at ``guest`` (decrypted with the IVs of the host sectors on LUKS images, of the
+        guest sectors on legacy AES images)."""
         cipher = self._data_cipher()
         if cipher is None:
             return self.file.pread(host, length)
         start = host - host % SECTOR_SIZE
         end = layout.align_up(host + length, SECTOR_SIZE)
-        plain = cipher.decrypt(start, self.file.pread(start, end - start))
+        iv_offset = (guest if cipher.guest_iv else host) - (host - start)
+        plain = cipher.decrypt(iv_offset, self.file.pread(start, end - start))
         return plain[host - start : host - start + length]
 
     def write_data(self, host: int, data: bytes | bytearray | memoryview) -> None:
@@ -257,10 +259,14 @@ class ClusterMap:
         if cipher is None:
             self.file.pwrite(host, as_buffer(data))
             return
+        if cipher.guest_iv:
+            raise UnsupportedFeatureError(
+                "writing legacy AES encrypted images is not supported", path=self._path()
+            )
         start = host - host % SECTOR_SIZE
         end = layout.align_up(host + len(data), SECTOR_SIZE)
         if (start, end) != (host, host + len(data)):
-            merged = bytearray(self.read_data(start, end - start))
+            merged = bytearray(self.read_data(start, end - start, start))
             merged[host - start : host - start + len(data)] = data
             data = merged
         self.file.pwrite(start, cipher.encrypt(start, data))

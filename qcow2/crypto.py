@@ -7,7 +7,9 @@ is the **host file** sector number (``crypto/block-luks.c``, ``block/qcow2.c``).
 * :func:`read_luks_header` parses and validates the header;
 * :func:`unlock` turns a passphrase into the master key (PBKDF2, AF-merge, digest check);
 * :class:`SectorCipher` encrypts/decrypts sector-aligned byte ranges at host offsets;
-* :func:`build_luks_area` lays out a fresh LUKS area (one active key slot) for ``create``.
+* :func:`build_luks_area` lays out a fresh LUKS area (one active key slot) for ``create``;
+* :class:`LegacyAesCipher` reads legacy qcow AES images (``crypt_method`` 1: AES-128-CBC,
+  plain64 IVs of the **guest** sector, the key is the passphrase's first 16 bytes).
 """
 
 from __future__ import annotations
@@ -239,6 +241,9 @@ class SectorCipher:
     """AES-XTS with plain64 IVs over 512-byte sectors: the sector at byte ``offset`` has
     IV ``le64(offset // 512)``.  Offsets and lengths must be sector aligned."""
 
+    #: The IV counts host file sectors (LUKS), not guest sectors.
+    guest_iv = False
+
     def __init__(self, key: bytes) -> None:
         if len(key) not in _XTS_KEY_BYTES:
             raise ValueError(f"AES-XTS key of {len(key)} bytes (expected 32 or 64)")
@@ -264,6 +269,38 @@ class SectorCipher:
     def decrypt(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
         """Plaintext of the ciphertext ``data`` read at host byte ``offset``."""
         return self._apply(offset, data, False)
+
+
+class LegacyAesCipher:
+    """qcow's legacy AES (``crypt_method`` 1, QEMU's ``crypto/block-qcow.c``): AES-128-CBC
+    per 512-byte sector, IV ``le64(guest offset // 512)``; decryption only."""
+
+    guest_iv = True
+
+    def __init__(self, secret: bytes) -> None:
+        key = secret.split(b"\0", 1)[0][:16]  # QEMU: strlen() of the secret, at most 16
+        self._algorithm = algorithms.AES(key + bytes(16 - len(key)))
+
+    def decrypt(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Plaintext of the ciphertext ``data`` of the guest bytes at ``offset``."""
+        if offset % SECTOR_SIZE or len(data) % SECTOR_SIZE:
+            raise ValueError(f"unaligned decryption request {offset:#x}+{len(data):#x}")
+        view = memoryview(data)
+        out = bytearray(len(data))
+        sector = offset // SECTOR_SIZE
+        for pos in range(0, len(data), SECTOR_SIZE):
+            ctx = Cipher(self._algorithm, modes.CBC(sector.to_bytes(16, "little"))).decryptor()
+            out[pos : pos + SECTOR_SIZE] = ctx.update(view[pos : pos + SECTOR_SIZE])
+            sector += 1
+        return bytes(out)
+
+    def encrypt(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Not supported: legacy AES images are read-only here."""
+        raise UnsupportedFeatureError("writing legacy AES encrypted images is not supported")
+
+
+#: What decrypts an encrypted image's data clusters.
+DataCipher = SectorCipher | LegacyAesCipher
 
 
 # Section: unlocking

@@ -21,7 +21,9 @@ from .compress import decompress, parse_compressed_entry
 from .crypto import (
     HASHES,
     MISSING_KEY_MESSAGE,
+    DataCipher,
     EncryptionKeyError,
+    LegacyAesCipher,
     SectorCipher,
     build_luks_area,
     open_cipher,
@@ -124,7 +126,7 @@ class Image:
         *,
         force_share: bool,
         chain: tuple[str, ...] = (),
-        cipher: SectorCipher | None = None,
+        cipher: DataCipher | None = None,
     ) -> None:
         self.file = f
         #: Data cluster cipher of an encrypted image (None: plain, or no key given).
@@ -363,7 +365,7 @@ class Image:
         self._check_range(offset, length)
         extents = self.clusters.map_range(offset, length)
         if len(extents) == 1 and extents[0].kind == ExtentKind.DATA:
-            return self.clusters.read_data(extents[0].host, length)  # one contiguous read
+            return self.clusters.read_data(extents[0].host, length, offset)  # one read
         return bytes(self._read_extents(offset, length, extents))
 
     def read_with_l1(self, l1: list[int], offset: int, length: int) -> bytes:
@@ -379,7 +381,9 @@ class Image:
         for ext in extents:
             pos = ext.guest - offset
             if ext.kind == ExtentKind.DATA:
-                out[pos : pos + ext.length] = self.clusters.read_data(ext.host, ext.length)
+                out[pos : pos + ext.length] = self.clusters.read_data(
+                    ext.host, ext.length, ext.guest
+                )
             elif ext.kind == ExtentKind.BACKING:
                 backing = self.backing
                 if backing is not None and ext.guest < backing.virtual_size:
@@ -742,12 +746,15 @@ def _open(
         if not force_share:
             lock_image(f.fd, path, writable=writable)
         header = read_header(f, writable=writable)
-        cipher = None
+        cipher: DataCipher | None = None
         if header.crypt_method == layout.CRYPT_AES:
-            raise UnsupportedFeatureError(
-                "encrypted images with legacy AES (crypt_method 1) are not supported",
-                path=path,
-            )
+            if writable:
+                raise UnsupportedFeatureError(
+                    "legacy AES encrypted images (crypt_method 1) can only be opened read-only",
+                    path=path,
+                )
+            if key_secret is not None:
+                cipher = LegacyAesCipher(key_secret)
         if header.crypt_method == layout.CRYPT_LUKS and key_secret is not None:
             cipher = open_cipher(f, header.crypto_header, key_secret)
         if header.has_data_file:

@@ -379,19 +379,34 @@ def test_malformed_luks_header_is_a_typed_one_line_error(
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-def test_missing_crypto_extension_and_legacy_aes(tmp_path: Path) -> None:
+def test_missing_crypto_extension(tmp_path: Path) -> None:
     path = tmp_path / "plain.qcow2"
     qcow2.create(str(path), MIB).close()
     raw = bytearray(path.read_bytes())
     offset = layout.field_offset("crypt_method")
-    raw[offset : offset + 4] = layout.CRYPT_LUKS.to_bytes(4, "big")
+    raw[offset : offset + 4] = layout.CRYPT_LUKS.to_bytes(4, "big")  # and no 0x0537be77
     path.write_bytes(raw)
     with pytest.raises(InvalidImageError, match="Missing CRYPTO header for crypt method 2"):
         qcow2.open(str(path), key_secret=SECRET)
-    raw[offset : offset + 4] = layout.CRYPT_AES.to_bytes(4, "big")
-    path.write_bytes(raw)
-    with pytest.raises(UnsupportedFeatureError, match="legacy AES"):
-        qcow2.open(str(path), key_secret=SECRET)
+
+
+def test_legacy_aes_images_read_like_qemu_and_refuse_writes(tmp_path: Path) -> None:
+    """crypt_method 1 (AES-128-CBC, guest-sector IVs): read-only, compared to qemu-img."""
+    path = tmp_path / "aes.qcow2"
+    qemu_img(
+        "create", "-q", "-f", "qcow2", *_OBJECT, "-o", "encrypt.format=aes,encrypt.key-secret=sec0",
+        str(path), str(MIB),
+    )  # fmt: skip
+    q_io(path, "write -P 0x5a 1000 70000", "write -c -P 0x33 512k 64k", "write -z 768k 64k")
+    expected = q_raw(path)
+    assert expected[1000:1004] == b"ZZZZ"
+    with qcow2.open(str(path), key_secret=SECRET) as image:
+        assert image.read(0, MIB) == expected
+        assert image.read(1001, 3) == expected[1001:1004]
+    with pytest.raises(UnsupportedFeatureError, match="can only be opened read-only"):
+        qcow2.open(str(path), writable=True, key_secret=SECRET)
+    with qcow2.open(str(path)) as image, pytest.raises(crypto.EncryptionKeyError):
+        image.read(0, 512)
 
 
 def test_create_refuses_unknown_format_and_hash(tmp_path: Path) -> None:
