@@ -158,13 +158,13 @@ def write_backup(
     if fmt not in FORMATS:
         raise StoreError(f"{dest}: unknown backup format {fmt!r} (one of {', '.join(FORMATS)})")
     path = Path(str(dest).rstrip("/") or "/")
-    if not capture.layout:
+    sections = layout_sections(capture.layout, capture.source)
+    if not sections:
         raise StoreError(f"{capture.source}: holds no TPM state to back up")
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise StoreError(f"{path}: already exists (use --overwrite)")
     if not path.parent.is_dir():
         raise StoreError(f"{path.parent}: no such directory")
-    sections = layout_sections(capture.layout, capture.source)
     tpm2 = is_tpm2(sections)
     try:
         if fmt == "raw":
