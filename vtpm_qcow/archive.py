@@ -52,7 +52,7 @@ from .capture import (
     section_digests,
     state_digest_of,
 )
-from .control import ControlClient
+from .control import ControlClient, daemon_answers, held_image_error
 from .errors import StateFormatError, StoreError, VtpmQcowError
 from .store import Store, digest
 
@@ -86,22 +86,21 @@ def capture_image(
     path = os.fspath(image)
     try:
         store = Store.open(path, writable=False)
-    except ImageLockedError as locked:
-        return _capture_held(path, locked, tag=tag, snapshots=snapshots, control=control)
+    except ImageLockedError:
+        return _capture_held(path, tag=tag, snapshots=snapshots, control=control)
     with store:
         return capture_store(store, tag=tag, snapshots=snapshots)
 
 
 def _capture_held(
-    path: str, locked: ImageLockedError, *, tag: str | None, snapshots: bool, control: str | None
+    path: str, *, tag: str | None, snapshots: bool, control: str | None
 ) -> StateCapture:
+    """Through the mount daemon holding ``path``; without one, a repeated shared read."""
     client = ControlClient(control) if control else ControlClient.for_image(path)
     with client:
-        try:
-            client.ping()
-        except StoreError:
-            if control:  # the user named a daemon: it must answer
-                raise
+        if control:
+            client.ping()  # the user named a daemon: its own error if it does not answer
+        elif not daemon_answers(client):
             return _capture_shared(path, tag=tag, snapshots=snapshots)
         return client.capture(tag=tag, snapshots=snapshots)
 
@@ -414,10 +413,7 @@ def restore_backup(
         try:
             store = Store.open(target)
         except ImageLockedError as err:
-            raise StoreError(
-                f"{target}: in use (by a vtpm-qcow mount daemon or QEMU); stop it before "
-                "restoring into it"
-            ) from err
+            raise held_image_error(target, "a restore") from err
         with store:
             store.replace_layout(layout, source=str(backup))
     return {"verification": found.to_dict(), "sections": section_digests(layout, str(backup))}

@@ -21,7 +21,7 @@ from qcow2.errors import ImageLockedError, Qcow2Error
 
 from . import archive, backup
 from .blob import parse_blob, permall_tpm_version
-from .control import ControlClient
+from .control import ControlClient, daemon_answers, held_image_error
 from .daemon import add_mount_commands
 from .errors import StateFormatError, StoreError, VtpmQcowError
 from .store import (
@@ -83,7 +83,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     find_tool("swtpm_setup")  # fail before any progress output
     find_tool("swtpm")
     # An existing image is opened (and locked) first, so nothing is manufactured in vain.
-    store = Store.open(args.image) if exists else None
+    store = _open_writable(args.image, "setup") if exists else None
     try:
         if store is not None and not args.overwrite and _holds_state(store):
             raise StoreError(f"{args.image}: already holds TPM state (use --overwrite)")
@@ -119,8 +119,16 @@ def _sections_text(sizes: dict[str, int]) -> str:
 # Section: import / export
 
 
+def _open_writable(image: str, what: str) -> Store:
+    """Open for writing; if the image is held, a one-line error saying by whom."""
+    try:
+        return Store.open(image)
+    except ImageLockedError as err:
+        raise held_image_error(image, what) from err
+
+
 def cmd_import(args: argparse.Namespace) -> int:
-    with Store.open(args.image) as store:
+    with _open_writable(args.image, "an import") as store:
         sizes = backup.import_state(store, args.source)
     _say(args, f"Imported {args.source} into {args.image}: {_sections_text(sizes)}")
     return 0
@@ -237,16 +245,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def _daemon_for(image: str, control: str | None, locked: ImageLockedError) -> ControlClient:
     """The mount daemon holding ``image``; if none answers, explain who holds the image."""
     client = ControlClient(control) if control else ControlClient.for_image(image)
-    try:
-        client.ping()
-    except VtpmQcowError:
-        client.close()
-        if control:
-            raise
-        raise StoreError(
-            f"{image}: in use by another process (QEMU or a daemon) and no vtpm-qcow "
-            "mount daemon answers for it; stop that process first"
-        ) from locked
+    if control:
+        client.ping()  # the user named a daemon: its own error if it does not answer
+    elif not daemon_answers(client):
+        raise held_image_error(image, "a snapshot change") from locked
     return client
 
 
@@ -395,10 +397,46 @@ examples:
 
 examples:
   vtpm-qcow umount /run/vm1-tpm""",
-    "vm": """examples:
+    "vm": """QEMU needs a QMP socket (-qmp unix:/run/vm1.qmp,server=on,wait=off) and the vTPM image
+mounted by 'vtpm-qcow serve' (or 'mount'); its disks get the same snapshot tags.
+
+examples:
   vtpm-qcow vm save --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update
   vtpm-qcow vm load --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update
   vtpm-qcow vm status --qmp /run/vm1.qmp --store vm1-tpm.qcow2""",
+    "vm save": """Like QEMU's savevm (snapshot-save job), with the vTPM image snapshotted as TAG
+while the VM is paused, so the TPM state matches the disks and RAM of the snapshot.
+
+examples:
+  vtpm-qcow vm save --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update
+  vtpm-qcow vm save --force --qmp /run/vm1.qmp --store vm1-tpm.qcow2 nightly""",
+    "vm load": """Like QEMU's loadvm (snapshot-load job): the vTPM image is reverted to TAG too,
+while the VM is paused; swtpm reads the reverted state when the VM resumes.
+
+examples:
+  vtpm-qcow vm load --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update""",
+    "vm delete": """Like QEMU's delvm (snapshot-delete job), on the disks and the vTPM image.
+
+examples:
+  vtpm-qcow vm delete --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update""",
+    "vm list": """examples:
+  vtpm-qcow vm list --qmp /run/vm1.qmp --store vm1-tpm.qcow2""",
+    "vm status": """Exit status 0 when the disks' and the vTPM image's tags agree,
+3 when they do not.
+
+examples:
+  vtpm-qcow vm status --qmp /run/vm1.qmp --store vm1-tpm.qcow2""",
+    "vm watch": """For snapshots taken by others (libvirt, virsh snapshot-create,
+QEMU's HMP savevm).
+
+examples:
+  vtpm-qcow vm watch --qmp /run/vm1-watch.qmp --store vm1-tpm.qcow2 &""",
+}
+
+
+#: Help for arguments other modules register without any (by command, then dest).
+ARGUMENT_HELP: Final = {
+    "umount": {"mountpoint": "where 'vtpm-qcow mount' mounted the image"},
 }
 
 
@@ -408,16 +446,18 @@ def _add_hooks(subparsers: Any) -> None:
     add_vm_commands(subparsers)
 
 
-def _finish_help(subparsers: Any) -> None:
+def _finish_help(subparsers: Any, prefix: str = "") -> None:
     """Examples, raw formatting and one-line errors for every (nested) subcommand."""
     for name, sub in subparsers.choices.items():
         sub.formatter_class = argparse.RawDescriptionHelpFormatter
         sub.error = _Parser.error.__get__(sub)
-        if name in EXAMPLES and not sub.epilog:
-            sub.epilog = EXAMPLES[name]
+        if prefix + name in EXAMPLES and not sub.epilog:
+            sub.epilog = EXAMPLES[prefix + name]
         for action in sub._actions:
+            if action.help is None:
+                action.help = ARGUMENT_HELP.get(prefix + name, {}).get(action.dest)
             if isinstance(action, argparse._SubParsersAction):
-                _finish_help(action)
+                _finish_help(action, f"{prefix}{name} ")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -346,6 +346,36 @@ class ControlClient:
         self.close()
 
 
+def daemon_answers(client: ControlClient) -> bool:
+    """True if a vtpm-qcow daemon answers on ``client``'s socket."""
+    try:
+        return client.ping()
+    except StoreError:
+        client.close()
+        return False
+
+
+def held_image_error(
+    image: str | os.PathLike[str], what: str, *, control: str | os.PathLike[str] | None = None
+) -> StoreError:
+    """The one-line error for ``what`` on an image another process holds: says who holds it.
+
+    A vtpm-qcow mount daemon answering for the image is named as such (stop it with
+    ``vtpm-qcow umount``); otherwise QEMU (or qemu-storage-daemon, qemu-img) holds it.
+    """
+    client = ControlClient(control) if control else ControlClient.for_image(image)
+    with client:
+        if daemon_answers(client):
+            return StoreError(
+                f"{os.fspath(image)}: held by a vtpm-qcow mount daemon ({client.path}); "
+                f"{what} needs it stopped first (vtpm-qcow umount)"
+            )
+    return StoreError(
+        f"{os.fspath(image)}: locked by another process (QEMU, qemu-storage-daemon?) and no "
+        f"vtpm-qcow mount daemon answers for it; stop that process before {what}"
+    )
+
+
 # Section: the ops of a mounted store
 
 

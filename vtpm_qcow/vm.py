@@ -262,7 +262,9 @@ def add_vm_commands(subparsers: Any) -> None:
         help="snapshots of a running QEMU VM with its vTPM image (QMP)",
         description="Keep the vTPM image's snapshots aligned with the VM's disk snapshots.",
     )
-    sub = vm.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+    sub = vm.add_subparsers(
+        dest="vm_command", metavar="ACTION", required=True, help="what to do with TAG or the VM"
+    )
     for name, func, text in (
         ("save", cmd_save, "pause, snapshot the vTPM image and the disks + VM state as TAG"),
         ("load", cmd_load, "revert disks, VM state and vTPM image to TAG"),
@@ -270,7 +272,7 @@ def add_vm_commands(subparsers: Any) -> None:
     ):
         p = sub.add_parser(name, help=text, description=text)
         _common(p)
-        p.add_argument("tag", metavar="TAG")
+        p.add_argument("tag", metavar="TAG", help="snapshot tag (disks and vTPM)")
         if name == "save":
             p.add_argument("--force", action="store_true", help="replace an existing TAG")
         p.set_defaults(func=func)

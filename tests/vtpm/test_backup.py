@@ -226,7 +226,7 @@ def test_backup_of_an_image_qemu_holds_reads_it_shared(
         vtpm_qcow("backup", "--format", "raw", str(image), str(dest))
         line = failure("backup", "--control", str(tmp_path / "nobody.sock"), str(image), "x")
         assert "no vtpm-qcow daemon answers" in line
-        assert "in use" in failure("restore", str(dest), str(image))
+        assert "locked by another process (QEMU" in failure("restore", str(dest), str(image))
     assert dest.read_bytes() == states["current"]
 
 
@@ -237,7 +237,7 @@ def test_restore_into_a_mounted_image_is_refused(tmp_path: Path) -> None:
     vtpm_qcow("backup", str(image), str(backup))
     with mounted(image, tmp_path / "mnt"):
         line = failure("restore", str(backup), str(image))
-        assert "in use" in line and "stop it" in line
+        assert "held by a vtpm-qcow mount daemon" in line and "umount" in line
         # but a backup through the daemon works
         vtpm_qcow("backup", "--format", "raw", str(image), str(tmp_path / "m.lin"))
     assert digests((tmp_path / "m.lin").read_bytes()) == image_digests(backup)
