@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
@@ -344,6 +345,19 @@ async def _run_swtpm(
             return
 
 
+async def _run_in_thread_abandonable(fn: Callable[[], object]) -> None:
+    """Run blocking ``fn`` in a thread that a cancelled caller may leave behind.
+
+    trio renamed ``cancellable`` to ``abandon_on_cancel`` in 0.23 and later removed the old
+    name; pyproject allows both generations.
+    """
+    run_sync: Any = trio.to_thread.run_sync
+    if "abandon_on_cancel" in inspect.signature(run_sync).parameters:
+        await run_sync(fn, abandon_on_cancel=True)
+    else:
+        await run_sync(fn, cancellable=True)
+
+
 async def _follow_qmp(qmp: str, mount: MountConfig) -> None:
     """Keep the store's snapshots aligned with QEMU's while this swtpm runs.
 
@@ -363,7 +377,7 @@ async def _follow_qmp(qmp: str, mount: MountConfig) -> None:
             report=lambda line: log.info("qmp watcher: %s", line),
         )
         try:
-            await trio.to_thread.run_sync(watcher.start, cancellable=True)
+            await _run_in_thread_abandonable(watcher.start)
             if watcher.error is None:
                 log.info("qmp watcher following %s", qmp)
             while watcher.error is None:
