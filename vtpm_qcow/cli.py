@@ -499,6 +499,15 @@ def _size_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _command(
+    sub: Any, func: Handler, name: str, *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` running ``func``."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vtpm-qcow`` argument parser."""
     parser = _Parser(
@@ -510,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_create,
         "create",
         help="create an empty vTPM state image",
         description="Create IMAGE: a qcow2 image whose virtual disk is an empty swtpm linear "
@@ -519,9 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _image_arg(p)
     _size_args(p)
-    p.set_defaults(func=cmd_create)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_setup,
         "setup",
         help="manufacture a TPM into the image with swtpm_setup",
         description="Run swtpm_setup and store the new TPM state in IMAGE. Options this "
@@ -533,9 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing TPM state")
     p.add_argument("--tpm12", action="store_true", help="a TPM 1.2 (default: TPM 2.0)")
     _size_args(p)
-    p.set_defaults(func=cmd_setup, passthrough=True)
+    p.set_defaults(passthrough=True)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_snapshot,
         "snapshot",
         help="list, create, apply or delete snapshots of the TPM state",
         description="Like 'qemu-img snapshot' on IMAGE's internal snapshots, which hold the "
@@ -552,9 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with -c: replace an existing TAG")
     _json_arg(p)
     _control_arg(p)
-    p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_info,
         "info",
         help="show state sections, blob headers, digests and snapshots",
         description="Show what IMAGE holds: swtpm's state sections (permall, volatilestate, "
@@ -563,9 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _image_arg(p)
     _json_arg(p)
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_import,
         "import",
         help="replace the image's state with plain swtpm state (a dir or a linear file)",
         description="Replace IMAGE's current TPM state, in one atomic commit, with the state "
@@ -575,9 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", metavar="DIR|FILE", help="swtpm state dir (tpm2-00.permall...) or linear file"
     )
-    p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_export,
         "export",
         help="write the image's state as plain swtpm state (a dir or a linear file)",
         description="An existing directory (or a path ending in /) receives dir backend "
@@ -595,9 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
     names.add_argument("--tpm2", action="store_true", help="name dir files tpm2-00.* (TPM 2.0)")
     _control_arg(p)
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_backup,
         "backup",
         help="consistent backup of a (live) image, with a digest manifest",
         description="Copy IMAGE's TPM state to DEST while swtpm/QEMU may run on it.  A "
@@ -623,9 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     _json_arg(p)
     _control_arg(p)
-    p.set_defaults(func=cmd_backup)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_verify,
         "verify",
         help="re-check a backup against its manifest (digests, qcow2 check)",
         description="Recompute the xxh3-128 digests of BACKUP's files, state sections and "
@@ -634,9 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("backup", metavar="BACKUP", help="a backup written by 'vtpm-qcow backup'")
     _json_arg(p)
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        cmd_restore,
         "restore",
         help="verify a backup, then make its state the image's state",
         description="Verify BACKUP, then replace IMAGE's current TPM state with it in one "
@@ -650,7 +670,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot", metavar="TAG", help="restore the state of the backup's snapshot TAG"
     )
     _json_arg(p)
-    p.set_defaults(func=cmd_restore)
 
     _add_hooks(sub)
     _finish_help(sub)

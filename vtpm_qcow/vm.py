@@ -317,17 +317,10 @@ def add_vm_commands(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vtpm_qcow.vm save|load|...`` (same as ``vtpm-qcow vm ...``)."""
-    parser = argparse.ArgumentParser(prog="vtpm-qcow")
-    add_vm_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (VtpmQcowError, Qcow2Error) as err:
-        print(f"vtpm-qcow: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """``python -m vtpm_qcow.vm save|load|...``: the same as ``vtpm-qcow vm ...``."""
+    from .cli import main as cli_main  # the CLI imports this module: import it late
+
+    return cli_main(["vm", *(sys.argv[1:] if argv is None else argv)])
 
 
 __all__ = ["QmpError", "WatcherThread", "add_vm_commands", "main"]

@@ -24,11 +24,14 @@ from tests.vm.qemu_fixtures import (
     qemu_vm,
     run_tool,
     served_store,
+    stop_process,
     vtpm_qcow_command,
 )
 from vtpm_qcow import linear
 from vtpm_qcow.qtest_tis import QtestTisTransport
 from vtpm_qcow.tpm import Tpm, TpmResponseError, sha256
+from vtpm_qcow.vm import WatcherThread
+from vtpm_qcow.vm_watch import DEFAULT_GRACE
 
 NV_INDEX = 0x01500040
 NV_EXTRA = 0x01500041
@@ -134,6 +137,52 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.1)
+
+
+@dataclass
+class WatchProcess:
+    """A running ``vtpm-qcow vm watch`` and the files its stdout and stderr go to."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def output(self) -> str:
+        """What it printed so far."""
+        return self.out.read_text()
+
+
+@contextlib.contextmanager
+def watch_process(s: Stack, *options: str) -> Iterator[WatchProcess]:
+    """``vtpm-qcow vm watch`` on the stack's second monitor, running once it says so."""
+    out, err = s.workdir / "watch.out", s.workdir / "watch.err"
+    with out.open("w") as out_file, err.open("w") as err_file:
+        proc = subprocess.Popen(
+            [need("vtpm-qcow"), "vm", "watch", "--qmp", str(s.qemu.qmp2), "--store",
+             str(s.image), *options],
+            stdout=out_file, stderr=err_file,
+        )  # fmt: skip
+    watch = WatchProcess(proc, out, err)
+    try:
+        wait_until(lambda: "watching" in watch.output(), "the watcher to start")
+        yield watch
+    finally:
+        stop_process(proc)
+
+
+@contextlib.contextmanager
+def watcher_thread(
+    s: Stack, report: Callable[[str], None], *, poll_interval: float, grace: float = DEFAULT_GRACE
+) -> Iterator[WatcherThread]:
+    """A :class:`WatcherThread` on the stack's second monitor, stopped on exit."""
+    thread = WatcherThread(
+        str(s.qemu.qmp2), str(s.image), report=report, poll_interval=poll_interval, grace=grace
+    )
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
 
 
 def cold_boot_state(workdir: Path, image: Path, disk: Path, *, view: str = "file") -> None:

@@ -1,25 +1,21 @@
 """End to end: a served vTPM image, a real QEMU, snapshots saved/loaded/deleted together.
 
-TPM state is changed and read through QEMU's TIS (qtest), like a guest would; the disks' and
-the vTPM image's snapshot lists come from ``qemu-img -U`` (the oracle), and the vTPM
-image's sections from ``qemu-img convert`` + the linear codec.
+The building blocks (the stack, TPM states A and B, the qemu-img oracles) are in
+:mod:`tests.vm.scenario`.
 """
 
 from __future__ import annotations
 
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import need
 from tests.vm.qemu_fixtures import (
     hmp_over_qmp,
     qemu_vm,
     qmp_query,
     quit_qemu,
-    stop_process,
     swtpm_process,
     vtpm_qcow_command,
 )
@@ -37,6 +33,7 @@ from tests.vm.scenario import (
     state_a,
     state_b,
     wait_until,
+    watch_process,
 )
 
 
@@ -166,48 +163,25 @@ def test_hmp_savevm_loadvm_delvm_followed_by_the_watcher(
     images: tuple[Path, Path], tmp_path: Path
 ) -> None:
     image, disk = images
-    workdir = tmp_path / "run1"
-    with stack(workdir, image, disk) as s:
-        watch_log = workdir / "watch.log"
-        with watch_log.open("w") as log:
-            watcher = subprocess.Popen(
-                [need("vtpm-qcow"), "vm", "watch", "--qmp", str(s.qemu.qmp2), "--store",
-                 str(image), "--poll", "0.2", "--grace", "0.5"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
-            wait_until(lambda: "watching" in watch_log.read_text(), "the watcher to start")
-            state_a(s.tpm)
-            hmp_over_qmp(s.qemu.qmp, "savevm T1")
-            wait_until(lambda: snapshot_tags(image) == ["T1"], "vTPM snapshot T1")
-            assert permall(image, "T1") == permall(image)
-            state_b(s.tpm)
-            hmp_over_qmp(s.qemu.qmp, "loadvm T1")
-            assert_permanent_state_a(s.tpm)
-            wait_until(lambda: "loaded:" in watch_log.read_text(), "the load report")
-            assert permall(image) == permall(image, "T1")
-        finally:
-            stop_process(watcher)
+    options = ("--poll", "0.2", "--grace", "0.5")
+    with stack(tmp_path / "run1", image, disk) as s, watch_process(s, *options) as watch:
+        state_a(s.tpm)
+        hmp_over_qmp(s.qemu.qmp, "savevm T1")
+        wait_until(lambda: snapshot_tags(image) == ["T1"], "vTPM snapshot T1")
+        assert permall(image, "T1") == permall(image)
+        state_b(s.tpm)
+        hmp_over_qmp(s.qemu.qmp, "loadvm T1")
+        assert_permanent_state_a(s.tpm)
+        wait_until(lambda: "loaded:" in watch.output(), "the load report")
+        assert permall(image) == permall(image, "T1")
     cold_boot_state(tmp_path / "run2", image, disk)
-    workdir = tmp_path / "run3"
-    with stack(workdir, image, disk) as s:
-        watch_log = workdir / "watch.log"
-        with watch_log.open("w") as log:
-            watcher = subprocess.Popen(
-                [need("vtpm-qcow"), "vm", "watch", "--qmp", str(s.qemu.qmp2), "--store",
-                 str(image), "--poll", "0.2", "--grace", "0.5"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
-            wait_until(lambda: "watching" in watch_log.read_text(), "the watcher to start")
-            hmp_over_qmp(s.qemu.qmp, "delvm T1")
-            deleted = "deleted: vTPM snapshot 'T1' (disk snapshot deleted)"
-            wait_until(lambda: deleted in watch_log.read_text(), "the watcher's delete")
-            assert snapshot_tags(image) == []
-            quit_qemu(s.qemu)
-            assert watcher.wait(30) == 0  # ends with QEMU
-        finally:
-            stop_process(watcher)
+    with stack(tmp_path / "run3", image, disk) as s, watch_process(s, *options) as watch:
+        hmp_over_qmp(s.qemu.qmp, "delvm T1")
+        deleted = "deleted: vTPM snapshot 'T1' (disk snapshot deleted)"
+        wait_until(lambda: deleted in watch.output(), "the watcher's delete")
+        assert snapshot_tags(image) == []
+        quit_qemu(s.qemu)
+        assert watch.proc.wait(30) == 0  # ends with QEMU
 
 
 def test_qmp_socket_gone_is_one_line_error(images: tuple[Path, Path], tmp_path: Path) -> None:
@@ -240,23 +214,13 @@ def test_qemu_killed_during_watch_ends_watch_with_error(
     images: tuple[Path, Path], tmp_path: Path
 ) -> None:
     image, disk = images
-    with stack(tmp_path / "run", image, disk) as s:
-        out, err = tmp_path / "watch.out", tmp_path / "watch.err"
-        with out.open("w") as out_file, err.open("w") as err_file:
-            watcher = subprocess.Popen(
-                [need("vtpm-qcow"), "vm", "watch", "--qmp", str(s.qemu.qmp2), "--store",
-                 str(image), "--timeout", "2", "--reconnect", "1"],
-                stdout=out_file, stderr=err_file,
-            )  # fmt: skip
-        try:
-            wait_until(lambda: "watching" in out.read_text(), "the watcher to start")
-            s.qemu.proc.kill()
-            s.qemu.proc.wait()
-            assert watcher.wait(60) == 1
-            message = err.read_text()
-            assert "Traceback" not in message and len(message.strip().splitlines()) == 1
-        finally:
-            stop_process(watcher)
+    options = ("--timeout", "2", "--reconnect", "1")
+    with stack(tmp_path / "run", image, disk) as s, watch_process(s, *options) as watch:
+        s.qemu.proc.kill()
+        s.qemu.proc.wait()
+        assert watch.proc.wait(60) == 1
+        message = watch.err.read_text()
+        assert "Traceback" not in message and len(message.strip().splitlines()) == 1
 
 
 def test_unserved_image_is_opened_directly(images: tuple[Path, Path], tmp_path: Path) -> None:

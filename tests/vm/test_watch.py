@@ -6,8 +6,15 @@ import threading
 from pathlib import Path
 
 from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_job, quit_qemu
-from tests.vm.scenario import permall, snapshot_tags, stack, state_a, state_b, wait_until
-from vtpm_qcow.vm import WatcherThread
+from tests.vm.scenario import (
+    permall,
+    snapshot_tags,
+    stack,
+    state_a,
+    state_b,
+    wait_until,
+    watcher_thread,
+)
 
 
 def test_reconcile_at_connect_reports_missing_and_deletes_orphans(
@@ -42,9 +49,7 @@ def test_watcher_thread_follows_snapshot_jobs_of_another_client(
 
     with stack(tmp_path / "run", image, disk) as s:
         state_a(s.tpm)
-        watcher = WatcherThread(str(s.qemu.qmp2), str(image), report=report, poll_interval=0.2)
-        watcher.start()
-        try:
+        with watcher_thread(s, report, poll_interval=0.2) as watcher:
             job = {"tag": "J1", "vmstate": "disk0", "devices": ["disk0"]}
             assert qmp_job(s.qemu.qmp, "snapshot-save", job) is None
             wait_until(lambda: snapshot_tags(image) == ["J1"], f"vTPM snapshot J1 ({lines})")
@@ -56,8 +61,6 @@ def test_watcher_thread_follows_snapshot_jobs_of_another_client(
             wait_until(lambda: snapshot_tags(image) == [], "vTPM snapshot J1 to go")
             quit_qemu(s.qemu)
             wait_until(lambda: watcher.finished, "the watcher to end with QEMU")
-        finally:
-            watcher.stop()
         assert watcher.error is None
         with lock:
             text = "\n".join(lines)
@@ -72,19 +75,15 @@ def test_loadvm_while_paused_is_reported_once(images: tuple[Path, Path], tmp_pat
         state_a(s.tpm)
         s.vm("save", "T1")
         state_b(s.tpm)
-        thread = WatcherThread(str(s.qemu.qmp2), str(image), report=lines.append, poll_interval=0.1)
-        thread.start()
-        watcher = thread.watcher
-        assert watcher is not None
-        try:
+        with watcher_thread(s, lines.append, poll_interval=0.1) as thread:
+            watcher = thread.watcher
+            assert watcher is not None
             hmp_over_qmp(s.qemu.qmp, "stop")  # STOP: the watcher records the paused state
             wait_until(lambda: watcher.pause_digests is not None, "the STOP to be seen")
             hmp_over_qmp(s.qemu.qmp, "loadvm T1")  # stays paused: no STOP/RESUME events
             wait_until(lambda: any(x.startswith("loaded:") for x in lines), "the load report")
             polls = watcher.reconciles
             wait_until(lambda: watcher.reconciles >= polls + 3, "three more polls")
-        finally:
-            thread.stop()
         loads = [line for line in lines if line.startswith("loaded:")]
         assert loads == ["loaded: TPM state of 'T1' (pushed by QEMU's loadvm)"]
 
@@ -97,17 +96,13 @@ def test_hmp_savevm_over_an_existing_tag_replaces_the_vtpm_snapshot(
     lines: list[str] = []
     with stack(tmp_path / "run", image, disk) as s:
         state_a(s.tpm)
-        thread = WatcherThread(str(s.qemu.qmp2), str(image), report=lines.append, poll_interval=0.2)
-        thread.start()
-        try:
+        with watcher_thread(s, lines.append, poll_interval=0.2):
             hmp_over_qmp(s.qemu.qmp, "savevm T1")
             wait_until(lambda: any(x.startswith("created:") for x in lines), "vTPM snapshot T1")
             permall_a = permall(image, "T1")
             state_b(s.tpm)
             hmp_over_qmp(s.qemu.qmp, "savevm T1")  # same tag, new disk snapshot
             wait_until(lambda: any(x.startswith("replaced:") for x in lines), "the replacement")
-        finally:
-            thread.stop()
         assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
         assert permall(image, "T1") == permall(image) != permall_a
         assert "replaced: vTPM snapshot 'T1' (disk snapshot saved again)" in lines
@@ -121,20 +116,18 @@ def test_orchestrated_commands_beside_a_watcher_do_not_fight(
     lines: list[str] = []
     with stack(tmp_path / "run", image, disk) as s:
         state_a(s.tpm)
-        thread = WatcherThread(
-            str(s.qemu.qmp2), str(image), report=lines.append, poll_interval=0.05, grace=0.0
-        )
-        thread.start()
-        watcher = thread.watcher
-        assert watcher is not None
-        try:
+        with watcher_thread(s, lines.append, poll_interval=0.05, grace=0.0) as thread:
+            watcher = thread.watcher
+            assert watcher is not None
             for action in ("save", "load", "delete"):
                 s.vm(action, "T1")
-                polls = watcher.reconciles
-                wait_until(lambda p=polls: watcher.reconciles >= p + 3, "three more polls")
+                target = watcher.reconciles + 3
+
+                def polled(target: int = target) -> bool:
+                    return watcher.reconciles >= target
+
+                wait_until(polled, "three more polls")
                 expected = [] if action == "delete" else ["T1"]
                 assert snapshot_tags(image) == snapshot_tags(disk) == expected
-        finally:
-            thread.stop()
         assert thread.error is None
         assert not [line for line in lines if line.startswith(("error:", "missing:"))], lines

@@ -198,7 +198,7 @@ def test_snapshot_of_an_image_held_elsewhere_says_so(tmp_path: Path) -> None:
     ok("create", str(image))
     with Store.open(image):  # this process holds the write lock; no daemon serves it
         line = fails("snapshot", "-c", "T", str(image))
-        assert "in use by another process" in line and "no vtpm-qcow mount daemon" in line
+        assert "locked by another process" in line and "no vtpm-qcow mount daemon" in line
         assert "snapshots: 0" in ok("info", str(image))  # info still reads it (shared)
 
 
