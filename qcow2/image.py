@@ -320,6 +320,9 @@ class Image:
             what = "refcount block"
         elif not self.clusters.l2_offsets().isdisjoint(clusters):
             what = "active L2 table"
+        elif h.crypto_header is not None and hits(*h.crypto_header):
+            # not in QEMU's list: losing the LUKS key slots would lose all data
+            what = "crypto header"
         elif self.snapshot_entries:
             from .snapshot_table import table_length
 
