@@ -26,6 +26,7 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
 )
 from vtpm_qcow import linear
+from vtpm_qcow.errors import StoreError
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 
@@ -235,11 +236,17 @@ def test_restore_into_a_mounted_image_is_refused(tmp_path: Path) -> None:
     load_state(image, tmp_path, permall=permall(1000))
     backup = tmp_path / "b.qcow2"
     vtpm_qcow("backup", str(image), str(backup))
-    with mounted(image, tmp_path / "mnt"):
+    with mounted(image, tmp_path / "mnt") as mount:
         line = failure("restore", str(backup), str(image))
         assert "held by a vtpm-qcow mount daemon" in line and "umount" in line
         # but a backup through the daemon works
         vtpm_qcow("backup", "--format", "raw", str(image), str(tmp_path / "m.lin"))
+        with mount.control() as client:  # the capture op refuses bad requests in one line
+            with pytest.raises(StoreError, match="'snapshots' must be true or false"):
+                client.request("capture", snapshots="yes")
+            with pytest.raises(StoreError, match="no snapshot 'nope'"):
+                client.capture(tag="nope")
+            assert client.capture().layout == (tmp_path / "m.lin").read_bytes()
     assert digests((tmp_path / "m.lin").read_bytes()) == image_digests(backup)
 
 

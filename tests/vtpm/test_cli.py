@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import need_fuse
 from tests.qcow2 import oracle
 from tests.vtpm.swtpm_fixtures import (
@@ -200,11 +198,6 @@ def test_snapshot_of_an_image_held_elsewhere_says_so(tmp_path: Path) -> None:
         line = fails("snapshot", "-c", "T", str(image))
         assert "locked by another process" in line and "no vtpm-qcow mount daemon" in line
         assert "snapshots: 0" in ok("info", str(image))  # info still reads it (shared)
-
-
-@pytest.mark.parametrize("command", ["create", "setup", "snapshot", "info", "import", "export"])
-def test_every_command_has_help(command: str) -> None:
-    assert "usage: vtpm-qcow " + command in ok(command, "--help")
 
 
 def test_snapshots_of_a_mounted_image_go_through_the_daemon(tmp_path: Path) -> None:
