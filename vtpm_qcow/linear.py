@@ -26,6 +26,7 @@ into the new layout followed by zeros, so a new section never inherits stale byt
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from dataclasses import dataclass
@@ -160,6 +161,14 @@ def parse_header(
     size = len(data) if size is None else size
     if len(data) < HEADER_SIZE:
         raise StateFormatError(f"{source}: {len(data)} bytes, shorter than the linear header")
+    return _parse_header_bytes(bytes(data[:HEADER_SIZE]), size, source)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_header_bytes(data: bytes, size: int, source: str) -> LinearHeader:
+    """:func:`parse_header` of exactly the header's bytes, memoized: a store parses the
+    same header several times per section write (the result is immutable; errors are
+    not cached)."""
     magic, version, _pad, hdrsize = HEADER_PREFIX_STRUCT.unpack_from(data)
     if magic != MAGIC:
         raise StateFormatError(f"{source}: bad magic 0x{magic:016x} (not a swtpm linear file)")
