@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import xxhash
+
 import qcow2
 from qcow2.errors import ImageLockedError, Qcow2Error
 
 from .backup import (
+    copy_atomically,
     fsync_dir,
     is_tpm2,
     layout_from_dir,
@@ -54,13 +57,15 @@ from .capture import (
 )
 from .control import ControlClient, daemon_answers, held_image_error
 from .errors import StateFormatError, StoreError, VtpmQcowError
-from .store import Store, digest
+from .store import Store
 
 FORMATS: Final = ("qcow2", "raw", "dir")
 MANIFEST_SUFFIX: Final = ".manifest.json"
 MANIFEST_VERSION: Final = 1
 #: Shared reads of an image another process holds, until two consecutive ones agree.
 SHARED_READ_ATTEMPTS: Final = 8
+#: Files are hashed in chunks of this size (a huge garbage file must not fill memory).
+HASH_CHUNK: Final = 1 << 20
 #: Largest manifest read (bounds memory on a garbage file).
 MAX_MANIFEST: Final = 64 * 1024 * 1024
 
@@ -138,10 +143,15 @@ def _state_entry(layout: bytes, source: str) -> dict[str, Any]:
 
 
 def _file_digests(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and xxh3-128 of each file ``root/name`` (``""``: ``root`` itself), streamed."""
     out = {}
     for name in names:
-        data = (root / name).read_bytes() if name else root.read_bytes()
-        out[name or root.name] = {"size": len(data), "xxh3_128": digest(data)}
+        hasher, size = xxhash.xxh3_128(), 0
+        with open(root / name if name else root, "rb") as file:
+            while chunk := file.read(HASH_CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+        out[name or root.name] = {"size": size, "xxh3_128": hasher.hexdigest()}
     return out
 
 
@@ -301,6 +311,8 @@ def read_manifest(backup: str | os.PathLike[str]) -> dict[str, Any]:
     for key, kind in (("state", dict), ("snapshots", list), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
             raise StoreError(f"{path}: manifest field {key!r} missing or malformed")
+    if not all(isinstance(snap, dict) for snap in manifest["snapshots"]):
+        raise StoreError(f"{path}: manifest field 'snapshots' holds a non-object")
     return manifest
 
 
@@ -403,8 +415,7 @@ def restore_backup(
         layout = chosen[0].layout
     target = Path(image)
     if not target.exists() and found.format == "qcow2" and snapshot is None:
-        data = Path(backup).read_bytes()
-        write_atomically(target, data)
+        copy_atomically(Path(backup), target)
     elif not target.exists():
         manifest = read_manifest(backup)
         with Store.create(target, size=int(manifest.get("linear_size") or 0) or 4 << 20) as new:

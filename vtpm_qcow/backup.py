@@ -8,9 +8,11 @@ become the store's linear layout; an import replaces the whole state in one atom
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from . import linear
 from .blob import permall_tpm_version
@@ -82,15 +84,17 @@ def import_state(store: Store, source: str | os.PathLike[str]) -> dict[str, int]
     return {name: info.size for name, info in store.sections().items()}
 
 
-def write_atomically(path: Path, data: bytes, *, mode: int = 0o640) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (then fsync the dir).
+def replace_atomically(
+    path: Path, fill: Callable[[BinaryIO], object], *, mode: int = 0o640
+) -> None:
+    """Write ``path`` through ``fill(file)`` on a temporary file, fsync, rename, fsync the dir.
 
     A crash leaves either the old file or the new one under ``path``, never a part.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(data)
+            fill(out)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, mode)
@@ -99,6 +103,17 @@ def write_atomically(path: Path, data: bytes, *, mode: int = 0o640) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    replace_atomically(path, lambda out: out.write(data))
+
+
+def copy_atomically(source: Path, path: Path) -> None:
+    """Replace ``path`` with a copy of file ``source`` atomically and durably."""
+    with open(source, "rb") as src:
+        replace_atomically(path, lambda out: shutil.copyfileobj(src, out))
 
 
 def fsync_dir(directory: Path) -> None:
