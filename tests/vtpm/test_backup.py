@@ -12,6 +12,7 @@ import os
 import pty
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -262,7 +263,13 @@ def test_backup_errors_are_one_line(tmp_path: Path) -> None:
     assert "no such directory" in failure("backup", str(image), str(tmp_path / "no/where"))
     assert "no snapshot 'x'" in failure("backup", "--snapshot", "x", str(image), "y")
     assert "cannot read backup manifest" in failure("verify", str(tmp_path / "none"))
-    Path(f"{dest}.manifest.json").write_text("{not json")
+    manifest_file = Path(f"{dest}.manifest.json")
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "snapshots": [1]}))
+    assert "holds a non-object" in failure("verify", str(dest))
+    manifest_file.write_text(json.dumps({**manifest, "format": "tar"}))
+    assert "unknown backup format 'tar'" in failure("verify", str(dest))
+    manifest_file.write_text("{not json")
     assert "manifest is not JSON" in failure("verify", str(dest))
     garbage = tmp_path / "garbage.qcow2"
     garbage.write_bytes(b"QFI\xfb" + os.urandom(1000))
@@ -290,3 +297,40 @@ def test_progress_shows_on_a_terminal_only(
     assert "[1/3] snapshot s2" in shown and "[3/3] done" in shown
     piped = vtpm_qcow("backup", str(image), str(tmp_path / "pipe.qcow2"))
     assert "[1/3]" not in piped.stderr and "Backed up" in piped.stderr
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 96 KiB tmpfs: writes of larger backups fail part way with ENOSPC."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mountpoint)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, timeout=30)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw", "dir"])
+def test_a_failed_backup_leaves_no_part_under_dest(
+    fmt: str, small_filesystem: Path, tmp_path: Path
+) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    load_state(image, tmp_path, permall=permall(150_000))
+    dest = small_filesystem / "backup"
+    line = failure("backup", "--format", fmt, str(image), str(dest))
+    assert "No space left on device" in line or "ENOSPC" in line, line
+    assert os.listdir(small_filesystem) == []  # neither DEST nor a temporary file
+    # an existing good backup stays as it was when its replacement fails
+    small = create_image(tmp_path / "small.qcow2")
+    load_state(small, tmp_path, permall=permall(1000))
+    vtpm_qcow("backup", "--format", fmt, str(small), str(dest))
+    vtpm_qcow("verify", str(dest))
+    before = sorted(os.listdir(small_filesystem))
+    failure("backup", "--overwrite", "--format", fmt, str(image), str(dest))
+    assert sorted(os.listdir(small_filesystem)) == before
+    vtpm_qcow("verify", str(dest))
