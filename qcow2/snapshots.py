@@ -59,11 +59,14 @@ def _commit(txn: MetadataTransaction, what: str) -> None:
         raise SnapshotError(f"{what}: {err.message}", path=image.path) from err
 
 
-def create_snapshot(image: Image, name: str) -> SnapshotEntry:
+def create_snapshot(image: Image, name: str, *, replace: bool = False) -> SnapshotEntry:
     """Create snapshot ``name`` (ID = max + 1) of the active state; returns its entry.
 
-    Names need not be unique (qemu allows duplicates).  A refcount overflow (refcount_bits
-    1 or 2) raises :class:`SnapshotError` before anything is written.
+    Names need not be unique (qemu allows duplicates).  With ``replace``, every snapshot
+    named ``name`` is deleted in the same transaction (one header switch: a crash leaves
+    the old snapshot or the new one, never none), the result of qemu's delete + create.
+    A refcount overflow (refcount_bits 1 or 2) raises :class:`SnapshotError` before
+    anything is written.
     """
     _check_supported(image)
     if not 0 < len(name.encode("utf-8", "surrogateescape")) <= 0xFFFF:
@@ -72,11 +75,17 @@ def create_snapshot(image: Image, name: str) -> SnapshotEntry:
         )
     header = image.header
     entries = list(image.snapshot_entries)
+    replaced = [e for e in entries if replace and e.name == name]
+    entries = [e for e in entries if not (replace and e.name == name)]
     if len(entries) >= layout.MAX_SNAPSHOTS:
         err = SnapshotError(f"Could not create snapshot '{name}': too many snapshots")
         err.errno = errno.EFBIG
         raise err
+    for old in replaced:
+        validate_snapshot_l1(old, cluster_size=header.cluster_size, path=image.path)
     txn = MetadataTransaction(image, "snapshot_create")
+    for old in replaced:
+        _drop_snapshot_tree(txn, old)
     now = time.time_ns()
     l1 = list(image.l1_table)
     l1_size = header.l1_size
@@ -136,14 +145,21 @@ def delete_snapshot(image: Image, key: str) -> SnapshotEntry:
     snap = entries.pop(index)
     validate_snapshot_l1(snap, cluster_size=image.header.cluster_size, path=image.path)
     txn = MetadataTransaction(image, "snapshot_delete")
-    txn.reference_tree(_read_l1(image, snap.l1_table_offset, snap.l1_size), -1)
-    if snap.l1_size:
-        txn.release(snap.l1_table_offset, snap.l1_size * layout.L1_ENTRY_SIZE)
+    _drop_snapshot_tree(txn, snap)
     # COPIED comes back in the active tables wherever a refcount drops to 1.
     txn.set_active_l1(image.l1_table)
     txn.set_snapshots(entries)
     _commit(txn, f"Could not delete snapshot '{key}'")
     return snap
+
+
+def _drop_snapshot_tree(txn: MetadataTransaction, snap: SnapshotEntry) -> None:
+    """Record the references snapshot ``snap`` holds going away: -1 on its tree, its L1
+    table released."""
+    image = txn.image
+    txn.reference_tree(_read_l1(image, snap.l1_table_offset, snap.l1_size), -1)
+    if snap.l1_size:
+        txn.release(snap.l1_table_offset, snap.l1_size * layout.L1_ENTRY_SIZE)
 
 
 def _io_failure(image: Image, what: str, err: OSError) -> SnapshotError:

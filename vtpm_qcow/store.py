@@ -38,6 +38,7 @@ from typing import Final
 import xxhash
 
 import qcow2
+from qcow2 import snapshots as qcow2_snapshots
 
 from . import linear
 from .errors import StateFormatError, StoreError
@@ -399,17 +400,24 @@ class Store:
     def create_snapshot(self, tag: str, *, overwrite: bool = False) -> None:
         """Snapshot the current state as ``tag``; an existing tag needs ``overwrite=True``.
 
-        Overwriting deletes the old snapshot, then creates the new one, as QEMU's savevm does
-        (qcow2 has no rename): a crash in between leaves no snapshot of that tag.
+        Overwriting replaces the old snapshot in one metadata transaction (the result of
+        QEMU's savevm delete + create, but a crash leaves the old snapshot or the new one,
+        never neither).
         """
         _check_tag(tag, self.path)
         with self._lock:
             self._check_open(write=True)
-            if tag in self._snapshot_names():
-                if not overwrite:
-                    raise StoreError(f"{self.path}: snapshot '{tag}' already exists")
-                self._image.delete_snapshot(tag)
-            self._image.create_snapshot(tag)
+            exists = tag in self._snapshot_names()
+            if exists and not overwrite:
+                raise StoreError(f"{self.path}: snapshot '{tag}' already exists")
+            # qcow2.Image.create_snapshot has no replace option: the snapshots module is
+            # called directly, with the image flushed before (dirty tables written) and
+            # after (as Image's own snapshot calls do).
+            self._image.flush()
+            try:
+                qcow2_snapshots.create_snapshot(self._image, tag, replace=exists)
+            finally:
+                self._image.flush()
             self._changed()
 
     def apply_snapshot(self, tag: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 from qcow2.fileio import WriteEvent
 from tests.qcow2 import oracle
 from vtpm_qcow import linear
+from vtpm_qcow.errors import StoreError
 from vtpm_qcow.store import Store
 
 
@@ -101,3 +102,55 @@ def test_every_crash_point_leaves_old_or_new_state(tmp_path: Path, operation: st
         with Store.open(tmp_path / "reopened.qcow2") as store:  # repairs what needs it
             assert store.layout() == on_disk
     assert seen == {False, True}  # the log really spans the switch from old to new
+
+
+def test_snapshot_overwrite_never_loses_the_tag(tmp_path: Path) -> None:
+    """``create_snapshot(tag, overwrite=True)`` is one switch: after a crash at any point
+    the tag exists exactly once and holds the old snapshot's state or the current one."""
+    path = prepared(tmp_path)
+    base = path.read_bytes()
+    events: list[WriteEvent] = []
+    old_snap = layout_of_disk(oracle.convert(path, snapshot="snap"))
+    with Store.open(path) as store:
+        current = store.layout()
+        store.image.file.observers.append(events.append)
+        store.create_snapshot("snap", overwrite=True)
+    assert old_snap != current and any(ev.kind == "write" for ev in events)
+    assert [s["name"] for s in oracle.snapshot_list(path)] == ["snap"]
+    assert layout_of_disk(oracle.convert(path, snapshot="snap")) == current
+    target = tmp_path / "crashed.qcow2"
+    seen = set()
+    for variant in crash_images(events):
+        replay(base, variant, target)
+        result = oracle.check(target)
+        assert result["exit-code"] in (oracle.CHECK_CLEAN, oracle.CHECK_LEAKS), result["stderr"]
+        assert [s["name"] for s in oracle.snapshot_list(target)] == ["snap"], len(variant)
+        held = layout_of_disk(oracle.convert(target, snapshot="snap"))
+        assert held in (old_snap, current), f"torn snapshot after {len(variant)} events"
+        assert layout_of_disk(oracle.convert(target)) == current  # the active state stays
+        seen.add(held == current)
+    assert seen == {False, True}  # the log really spans the switch from old to new
+
+
+def test_snapshot_overwrite_matches_delete_then_create(tmp_path: Path) -> None:
+    """The replacing transaction leaves what qemu-img's delete + create would: same
+    snapshot list (names, ids) and contents, a clean image, no leaked clusters."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copy(prepared(tmp_path), ours)
+    shutil.copy(ours, theirs)
+    with Store.open(ours) as store:
+        store.create_snapshot("second")
+        store.create_snapshot("snap", overwrite=True)
+    oracle.snapshot(theirs, "create", "second")
+    oracle.snapshot(theirs, "delete", "snap")
+    oracle.snapshot(theirs, "create", "snap")
+    oracle.assert_clean(ours)
+
+    def summary(p: Path) -> list[tuple[str, str]]:
+        return [(s["id"], s["name"]) for s in oracle.snapshot_list(p)]
+
+    assert summary(ours) == summary(theirs)
+    for tag in ("snap", "second"):
+        assert oracle.convert(ours, snapshot=tag) == oracle.convert(theirs, snapshot=tag)
+    with Store.open(ours) as store, pytest.raises(StoreError, match="already exists"):
+        store.create_snapshot("snap")
