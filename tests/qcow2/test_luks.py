@@ -529,3 +529,17 @@ def test_data_never_lands_on_the_luks_area_of_a_corrupt_image(tmp_path: Path) ->
     finally:
         image.close()
     assert _luks_area(path) == area_before
+
+
+def test_encrypt_data_is_what_a_host_cluster_must_hold(tmp_path: Path) -> None:
+    """``Image.encrypt_data`` (for modules staging data clusters themselves): bytes written
+    at a host cluster read back in qemu as the plaintext; identity on plain images."""
+    path = tmp_path / "ours.qcow2"
+    new = random.Random(3).randbytes(65536)
+    with _create_ours(path) as image:
+        image.write(MIB, b"old" * 1000)
+        host = image.clusters.lookup(MIB)[1]
+        image.file.pwrite(host, image.encrypt_data(host, new))
+    assert q_raw(path)[MIB : MIB + 65536] == new
+    with qcow2.create(str(tmp_path / "plain.qcow2"), MIB) as plain:
+        assert plain.encrypt_data(65536, new) == new
