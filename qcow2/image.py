@@ -846,6 +846,10 @@ def create(
             f"encrypt.hash-alg {encrypt_hash!r} is not supported (sha1, sha256, sha512)",
             path=path,
         )
+    if encrypt_key_secret is not None and encrypt_iter_time < 0:
+        raise UnsupportedFeatureError(
+            f"encrypt.iter-time {encrypt_iter_time} must not be negative", path=path
+        )
     cluster_bits = cluster_size.bit_length() - 1
     if cluster_size != 1 << cluster_bits or not (
         layout.MIN_CLUSTER_BITS <= cluster_bits <= layout.MAX_CLUSTER_BITS

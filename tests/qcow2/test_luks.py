@@ -430,6 +430,7 @@ def test_create_refuses_unknown_format_and_hash(tmp_path: Path) -> None:
         qcow2.create(str(tmp_path / "a"), MIB, encrypt_key_secret=SECRET, encrypt_format="aes")
     with pytest.raises(UnsupportedFeatureError, match="md5"):
         qcow2.create(str(tmp_path / "b"), MIB, encrypt_key_secret=SECRET, encrypt_hash="md5")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize(
@@ -543,3 +544,16 @@ def test_encrypt_data_is_what_a_host_cluster_must_hold(tmp_path: Path) -> None:
     assert q_raw(path)[MIB : MIB + 65536] == new
     with qcow2.create(str(tmp_path / "plain.qcow2"), MIB) as plain:
         assert plain.encrypt_data(65536, new) == new
+
+
+def test_iter_time_zero_gives_minimum_iterations(tmp_path: Path) -> None:
+    path = tmp_path / "ours.qcow2"
+    qcow2.create(str(path), MIB, encrypt_key_secret=SECRET, encrypt_iter_time=0).close()
+    info = json.loads(qemu_img("info", "--output=json", str(path)).stdout)
+    encrypt = info["format-specific"]["data"]["encrypt"]
+    assert encrypt["master-key-iters"] == layout.LUKS_MIN_MASTER_KEY_ITERS
+    assert encrypt["slots"][0]["iters"] == layout.LUKS_MIN_SLOT_KEY_ITERS
+    assert q_raw(path) == bytes(MIB)  # qemu unlocks it
+    with pytest.raises(UnsupportedFeatureError, match="negative"):
+        qcow2.create(str(tmp_path / "n"), MIB, encrypt_key_secret=SECRET, encrypt_iter_time=-1)
+    assert not (tmp_path / "n").exists()
