@@ -570,3 +570,19 @@ def test_iter_time_zero_gives_minimum_iterations(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFeatureError, match="negative"):
         qcow2.create(str(tmp_path / "n"), MIB, encrypt_key_secret=SECRET, encrypt_iter_time=-1)
     assert not (tmp_path / "n").exists()
+
+
+def test_unlocks_with_any_active_key_slot(qemu_image: Path) -> None:
+    """A second passphrase added by ``qemu-img amend`` in key slot 3 opens the image too."""
+    q_io(qemu_image, "write -P 0x5a 0 64k")
+    qemu_img(
+        "amend", *_OBJECT, "--object", "secret,id=sec1,data=OTHER", "-o",
+        "encrypt.new-secret=sec1,encrypt.state=active,encrypt.keyslot=3,encrypt.iter-time=10",
+        "--image-opts", _image_opts(qemu_image),
+    )  # fmt: skip
+    expected = q_raw(qemu_image)
+    for secret in (SECRET, b"OTHER"):
+        with qcow2.open(str(qemu_image), key_secret=secret) as image:
+            assert image.read(0, SIZE) == expected
+    with pytest.raises(crypto.EncryptionKeyError):
+        qcow2.open(str(qemu_image), key_secret=b"OTHER2")
