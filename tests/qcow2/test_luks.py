@@ -376,8 +376,12 @@ def test_af_split_merge_roundtrip() -> None:
          "key slot 0 key material offset"),
         (lambda a: a[:208 + 44] + (7).to_bytes(4, "big") + a[208 + 48:], InvalidImageError,
          "stripes 7"),
+        (lambda a: a[:208 + 4] + (2**32 - 1).to_bytes(4, "big") + a[208 + 8:], InvalidImageError,
+         "key slot 0 iterations 4294967295 invalid"),
+        (lambda a: a[:164] + (2**31).to_bytes(4, "big") + a[168:], InvalidImageError,
+         "mk_digest_iter 2147483648 invalid"),
     ],
-    ids=["magic", "cipher-mode", "hash", "slot-offset", "stripes"],
+    ids=["magic", "cipher-mode", "hash", "slot-offset", "stripes", "slot-iters", "mk-iters"],
 )  # fmt: skip
 def test_malformed_luks_header_is_a_typed_one_line_error(
     tmp_path: Path, patch: Any, error: type[Exception], message: str
