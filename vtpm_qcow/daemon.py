@@ -61,6 +61,9 @@ WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
 SWTPM_POLL_INTERVAL = 0.2
 #: Seconds ``umount`` waits for the daemon to exit.
 UMOUNT_TIMEOUT = 30.0
+#: Seconds a control channel connection must last to count as QEMU's (shorter ones are
+#: probes such as ``control_command``), see :class:`CtrlPeerWatch`.
+CTRL_ATTACH_SECONDS = 1.0
 
 
 @dataclass
@@ -100,6 +103,56 @@ class SwtpmConfig:
     qmp: str | None = None
     #: the swtpm running now (filled in while serving)
     current: Swtpm | None = None
+
+
+# Section: noticing that QEMU went away
+
+
+def ctrl_connections(path: str, table: str = "/proc/net/unix") -> int:
+    """Connected sockets bound to the unix socket ``path``: the connections swtpm accepted
+    on its control channel (accepted sockets carry the listener's name; the listening
+    socket itself is unconnected and not counted)."""
+    count = 0
+    try:
+        with open(table, encoding="utf-8", errors="replace") as lines:
+            next(lines, None)  # the column titles
+            for line in lines:
+                # Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces)
+                fields = line.rstrip("\n").split(maxsplit=7)
+                if len(fields) == 8 and fields[5] == "03" and fields[7] == path:
+                    count += 1
+    except OSError:
+        return 0
+    return count
+
+
+class CtrlPeerWatch:
+    """Notices QEMU going away from swtpm's control channel (QEMU killed with -9).
+
+    swtpm without ``--terminate`` (unusable: the readiness probe of :meth:`Swtpm.start` is
+    a control connection too) closes the lost connection and waits for the next one.  A
+    connection that lasts :data:`CTRL_ATTACH_SECONDS` is QEMU's; once none is left, QEMU
+    is gone.  Brief probes are not mistaken for QEMU.
+    """
+
+    def __init__(self, path: str, attach_seconds: float = CTRL_ATTACH_SECONDS) -> None:
+        self.path = path
+        self.attach_seconds = attach_seconds
+        #: a long-lived client (QEMU) has been seen
+        self.attached = False
+        self._since: float | None = None
+
+    def client_gone(self, now: float) -> bool:
+        """Check the socket table once; True if QEMU was attached and is gone now."""
+        if ctrl_connections(self.path):
+            if self._since is None:
+                self._since = now
+            elif now - self._since >= self.attach_seconds and not self.attached:
+                self.attached = True
+                log.info("swtpm control channel %s: client attached", self.path)
+            return False
+        self._since = None
+        return self.attached
 
 
 # Section: the write log (crash tests)
@@ -333,11 +386,17 @@ async def _run_swtpm(
         if not started:
             task_status.started()
             started = True
+        peer = CtrlPeerWatch(config.ctrl)
         async with trio.open_nursery() as run:
             if config.qmp:
                 run.start_soon(_follow_qmp, config.qmp, mount)
             while instance.proc.poll() is None:  # one swtpm per QEMU run
                 await trio.sleep(SWTPM_POLL_INTERVAL)
+                if peer.client_gone(trio.current_time()) and instance.proc.poll() is None:
+                    # QEMU died without CMD_SHUTDOWN: end this swtpm run cleanly (its
+                    # state is written through the mount) as QEMU's shutdown would.
+                    log.info("swtpm %d: QEMU left the control channel; stopping", instance.pid)
+                    await trio.to_thread.run_sync(instance.stop)
             run.cancel_scope.cancel()
         log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
         if not config.keep_serving:

@@ -17,6 +17,8 @@ import pytest
 from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, qemu_vm
 from tests.vtpm.mount_fixtures import (
     create_image,
+    force_unmount,
+    is_mounted,
     qemu_img_check,
     qemu_img_snapshots,
     runtime_dir,  # noqa: F401  (fixture)
@@ -71,3 +73,45 @@ def test_serve_with_qmp_mirrors_savevm_and_delvm(tmp_path: Path) -> None:
         wait_gone(pid)
     qemu_img_check(image)
     assert qemu_img_snapshots(image) == []
+
+
+def test_serve_stops_when_qemu_is_killed(tmp_path: Path) -> None:
+    """QEMU killed with -9 sends swtpm no CMD_SHUTDOWN; serve notices the control channel
+    losing its client, stops swtpm cleanly and exits (mount gone, image clean).  Brief
+    control connections (probes) before QEMU attaches do not count as a client."""
+    from vtpm_qcow.swtpm import CMD_GET_CAPABILITY, control_command
+
+    image = create_image(tmp_path / "vtpm.qcow2")
+    disk = create_disk(tmp_path / "disk.qcow2")
+    qemu_dir = tmp_path / "qemu"
+    qemu_dir.mkdir()
+    ctrl = tmp_path / "swtpm.sock"
+    log = tmp_path / "serve.log"
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    vtpm_qcow(
+        "serve", str(image), "--ctrl", str(ctrl), "--mountpoint", str(mountpoint),
+        "--log", str(log), "--view", "file",
+    )  # fmt: skip
+    pid = int(pid_path_for(image).read_text())
+    try:
+        swtpm_pid = ControlClient.for_image(image).info()["swtpm_pid"]
+        for _ in range(3):
+            control_command(str(ctrl), CMD_GET_CAPABILITY)
+        time.sleep(1.5)  # longer than a probe could count as QEMU's connection
+        assert not wait_gone(pid, timeout=0.1), "serve took a probe for a leaving QEMU"
+        with qemu_vm(qemu_dir, str(ctrl), [disk], running=True) as qemu:
+            wait_for(lambda: "client attached" in log.read_text(), "QEMU on the ctrl socket")
+            qemu.proc.kill()
+            qemu.proc.wait()
+            assert wait_gone(pid), "serve outlived a QEMU killed with -9"
+        assert "QEMU left the control channel" in log.read_text()
+        assert not os.path.exists(f"/proc/{swtpm_pid}"), "swtpm outlived serve"
+        assert not is_mounted(mountpoint)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
+        if is_mounted(mountpoint):
+            force_unmount(mountpoint)
+    qemu_img_check(image)
