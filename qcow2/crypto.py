@@ -250,8 +250,6 @@ _BLOCK = 16
 _BLOCKS_PER_SECTOR = SECTOR_SIZE // _BLOCK
 #: GF(2^128) reduction of the XTS tweak doubling (x^128 = x^7 + x^2 + x + 1).
 _GF_REDUCTION = 0x87
-
-
 #: Below this many sectors one XTS context per sector is cheaper than batching.
 _MIN_BATCH = 4
 #: Sectors per batch (the tweak doubling is linear in the batch, done 32 times).
