@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import need, need_fuse
+from vtpm_qcow.swtpm import free_tcp_port_pair
 
 #: How long a started process may take to open its sockets.
 STARTUP_TIMEOUT = 20.0
@@ -40,45 +41,33 @@ def wait_for_path(
         time.sleep(0.02)
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    """Wait until 127.0.0.1:``port`` accepts connections (probe by connecting the ctrl port)."""
+def _wait_connectable(
+    family: socket.AddressFamily,
+    address: str | tuple[str, int],
+    proc: subprocess.Popen[bytes],
+    what: str,
+) -> None:
+    """Wait until ``address`` accepts connections; fail if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
+        with socket.socket(family) as probe:
+            if probe.connect_ex(address) == 0:
+                return
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {port} within {STARTUP_TIMEOUT}s")
+            raise RuntimeError(f"{what} does not accept connections on {address}")
         time.sleep(0.02)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections."""
+    _wait_connectable(socket.AF_INET, ("127.0.0.1", port), proc, what)
 
 
 def wait_for_listener(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
     """Wait until the unix socket ``path`` accepts connections (it exists before listen())."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            if probe.connect_ex(str(path)) == 0:
-                return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} does not accept connections on {path}")
-        time.sleep(0.02)
-
-
-def free_port_pair() -> int:
-    """A TCP port N with N and N+1 free on 127.0.0.1 (swtpm TCTI uses N+1 for control)."""
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = int(first.getsockname()[1])
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free pair of TCP ports")
+    _wait_connectable(socket.AF_UNIX, str(path), proc, what)
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
@@ -147,8 +136,9 @@ def _swtpm_once(
     log = workdir / "swtpm.log"
     cmd = [swtpm, "socket", "--tpm2", "--tpmstate", tpmstate, "--log", f"file={log},level=1"]
     server: int | str | None
+    ctrl: int | str
     if tcp:
-        port = free_port_pair()
+        port = free_tcp_port_pair()
         server, ctrl = port, port + 1
         cmd += ["--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}"]
     else:
@@ -296,18 +286,6 @@ class ServedStore:
     swtpm_ctrl: Path
     mountpoint: Path
     log: Path
-
-
-def vtpm_qcow_command(
-    *args: str, check: bool = True, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``vtpm-qcow``; AssertionError with stderr if it fails and ``check``."""
-    done = subprocess.run(
-        [need("vtpm-qcow"), *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"vtpm-qcow {' '.join(args)} exited {done.returncode}: {done.stderr}")
-    return done
 
 
 @contextlib.contextmanager

@@ -25,8 +25,8 @@ from tests.vm.qemu_fixtures import (
     run_tool,
     served_store,
     stop_process,
-    vtpm_qcow_command,
 )
+from tests.vtpm.mount_fixtures import vtpm_qcow
 from vtpm_qcow import linear
 from vtpm_qcow.qtest_tis import QtestTisTransport
 from vtpm_qcow.tpm import Tpm, TpmResponseError, sha256
@@ -55,7 +55,7 @@ class Stack:
     def vm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``vtpm-qcow vm ACTION --qmp ... --store ... ARGS``."""
         action, *rest = args
-        return vtpm_qcow_command(
+        return vtpm_qcow(
             "vm", action, "--qmp", str(self.qemu.qmp), "--store", str(self.image), *rest,
             check=check,
         )  # fmt: skip

@@ -17,7 +17,6 @@ from tests.vm.qemu_fixtures import (
     qmp_query,
     quit_qemu,
     swtpm_process,
-    vtpm_qcow_command,
 )
 from tests.vm.scenario import (
     NV_INDEX,
@@ -35,6 +34,7 @@ from tests.vm.scenario import (
     wait_until,
     watch_process,
 )
+from tests.vtpm.mount_fixtures import vtpm_qcow
 
 
 @pytest.mark.parametrize("view", ["file", "dir"])
@@ -186,7 +186,7 @@ def test_hmp_savevm_loadvm_delvm_followed_by_the_watcher(
 
 def test_qmp_socket_gone_is_one_line_error(images: tuple[Path, Path], tmp_path: Path) -> None:
     image, _ = images
-    done = vtpm_qcow_command(
+    done = vtpm_qcow(
         "vm", "save", "--qmp", str(tmp_path / "gone.sock"), "--store", str(image), "T1",
         check=False,
     )  # fmt: skip
@@ -198,13 +198,13 @@ def test_qmp_socket_gone_is_one_line_error(images: tuple[Path, Path], tmp_path: 
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(silent))
         server.listen(1)  # a monitor held by someone else: connects, never greets
-        done = vtpm_qcow_command(
+        done = vtpm_qcow(
             "vm", "load", "--qmp", str(silent), "--store", str(image), "--timeout", "1", "T1",
             check=False,
         )  # fmt: skip
     assert done.returncode == 1 and "no QMP greeting within 1s" in done.stderr
     assert done.stderr.count("\n") == 1
-    missing = vtpm_qcow_command(
+    missing = vtpm_qcow(
         "vm", "list", "--qmp", str(silent), "--store", str(tmp_path / "nope.qcow2"), check=False
     )
     assert missing.returncode == 1 and "nope.qcow2: no such vTPM image" in missing.stderr
@@ -233,13 +233,11 @@ def test_unserved_image_is_opened_directly(images: tuple[Path, Path], tmp_path: 
         qemu_vm(tmp_path, str(swtpm.ctrl), [disk]) as qemu,
     ):
         common = ["--qmp", str(qemu.qmp), "--store", str(image)]
-        vtpm_qcow_command("vm", "save", *common, "T1")
+        vtpm_qcow("vm", "save", *common, "T1")
         assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
-        vtpm_qcow_command("vm", "load", *common, "T1")
-        vtpm_qcow_command("vm", "delete", *common, "T1")
+        vtpm_qcow("vm", "load", *common, "T1")
+        vtpm_qcow("vm", "delete", *common, "T1")
         assert snapshot_tags(image) == [] and snapshot_tags(disk) == []
-        gone = vtpm_qcow_command(
-            "vm", "list", *common, "--control", str(tmp_path / "no.sock"), check=False
-        )
+        gone = vtpm_qcow("vm", "list", *common, "--control", str(tmp_path / "no.sock"), check=False)
         assert gone.returncode == 1 and "no.sock" in gone.stderr
         assert len(gone.stderr.strip().splitlines()) == 1

@@ -19,7 +19,12 @@ import pytest
 from tests.helpers import need
 from tests.vm.qemu_fixtures import QemuProcess, create_disk, qemu_vm, run_tool, swtpm_process
 from vtpm_qcow.errors import QmpError
-from vtpm_qcow.vm_orchestrate import Monitor, QmpDisconnectedError, QmpJobError
+from vtpm_qcow.vm_orchestrate import (
+    DEFAULT_TIMEOUT,
+    Monitor,
+    QmpDisconnectedError,
+    QmpJobError,
+)
 
 T = TypeVar("T")
 
@@ -32,9 +37,11 @@ def qemu_img_tags(disk: Path) -> dict[str, int]:
     return {s["name"]: int(s["vm-state-size"]) for s in json.loads(out).get("snapshots", [])}
 
 
-def with_monitor(vm: QemuProcess, body: Callable[[Monitor], Awaitable[T]], **kw: float) -> T:
+def with_monitor(
+    vm: QemuProcess, body: Callable[[Monitor], Awaitable[T]], *, timeout: float = DEFAULT_TIMEOUT
+) -> T:
     async def session() -> T:
-        monitor = Monitor(str(vm.qmp), **kw)
+        monitor = Monitor(str(vm.qmp), timeout=timeout)
         await monitor.connect()
         try:
             return await body(monitor)
