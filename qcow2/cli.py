@@ -65,6 +65,34 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(message)
 
 
+def _spec(args: argparse.Namespace, attr: str = "image", fmt: str | None = None) -> Any:
+    """The :class:`~qcow2.cliopts.ImageSpec` of image argument ``attr`` (``--object``
+    secrets and ``--image-opts`` applied; ``fmt`` overrides ``-f``)."""
+    from .cliopts import OptionError, image_spec, parse_secrets
+
+    try:
+        secrets = parse_secrets(getattr(args, "object", None))
+        return image_spec(
+            getattr(args, attr),
+            image_opts=getattr(args, "image_opts", False),
+            fmt=args.f if fmt is None else fmt,
+            secrets=secrets,
+        )
+    except OptionError as err:
+        raise CliError(str(err)) from err
+
+
+def _key(spec: Any) -> bytes | None:
+    """The key of an image opened with I/O (the ``--object`` of its key-secret id)."""
+    from .cliopts import OptionError
+
+    try:
+        key: bytes | None = spec.require_key()
+    except OptionError as err:
+        raise CliError(f"Could not open '{spec.arg}': {err}") from err
+    return key
+
+
 # Section: info
 
 
@@ -79,18 +107,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         qemu_json,
     )
 
+    spec = _spec(args)
     try:
         layers = (
-            open_chain(args.image, args.f, force_share=args.U, io=False)
+            open_chain(spec.path, spec.fmt, force_share=args.U, io=False)
             if args.backing_chain
-            else [open_layer(args.image, args.f, force_share=args.U, io=False)]
+            else [open_layer(spec.path, spec.fmt, force_share=args.U, io=False)]
         )
     except BackingOpenError as err:
         # --backing-chain opens every image on its own, so the failure names the backing.
         backing, cause = err.innermost()
         raise _open_error(backing, cause) from err
     except (Qcow2Error, OSError) as err:
-        raise _open_error(args.image, err) from err
+        raise _open_error(spec.arg, err) from err
+    layers[0].name = spec.display
     try:
         infos = [layer_info(layer) for layer in layers]
     finally:
@@ -113,30 +143,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .header import read_header
     from .info import open_backing, qemu_json, require_open_resources
 
+    spec = _spec(args)
     try:
-        f = HostFile(args.image, writable=bool(args.r))
+        f = HostFile(spec.path, writable=bool(args.r))
     except (Qcow2Error, OSError) as err:
-        raise _open_error(args.image, err) from err
+        raise _open_error(spec.arg, err) from err
     try:
         if not args.U:
             from .lock import lock_image
 
             try:
-                lock_image(f.fd, args.image, writable=bool(args.r))
+                lock_image(f.fd, spec.path, writable=bool(args.r))
             except Qcow2Error as err:
-                raise _open_error(args.image, err) from err
-        if args.f == "raw" or (args.f is None and f.pread(0, 4) != b"QFI\xfb"):
-            if args.f is None and args.r:
-                sys.stderr.write(_RAW_PROBE_WARNING.format(name=args.image))
+                raise _open_error(spec.arg, err) from err
+        if spec.fmt == "raw" or (spec.fmt is None and f.pread(0, 4) != b"QFI\xfb"):
+            if spec.fmt is None and args.r:
+                sys.stderr.write(_RAW_PROBE_WARNING.format(name=spec.arg))
             raise CliError("This image format does not support checks", 63)
         try:
             header = read_header(f, mode="check")
-            require_open_resources(f, header)
-            for layer in open_backing(args.image, header, force_share=args.U):
+            require_open_resources(f, header, _key(spec))
+            for layer in open_backing(spec.path, header, force_share=args.U):
                 layer.close()  # qemu-img check opens the backing chain too
         except Qcow2Error as err:
-            raise _open_error(args.image, err) from err
-        result = check_file(f, header, args.r, filename=args.image)
+            raise _open_error(spec.arg, err) from err
+        result = check_file(f, header, args.r, filename=spec.arg)
     finally:
         f.close()
     for line in result.messages:
@@ -207,10 +238,11 @@ def _cmd_map(args: argparse.Namespace) -> int:
     from .errors import Qcow2Error
     from .info import format_map_human, format_map_json, map_entries, open_chain
 
+    spec = _spec(args)
     try:
-        layers = open_chain(args.image, args.f, force_share=args.U)
+        layers = open_chain(spec.path, spec.fmt, force_share=args.U, key=_key(spec))
     except (Qcow2Error, OSError) as err:
-        raise _open_error(args.image, err) from err
+        raise _open_error(spec.arg, err) from err
     try:
         start = parse_size(args.start_offset, "start offset") if args.start_offset else 0
         max_length = parse_size(args.max_length, "max length") if args.max_length else None
@@ -249,27 +281,25 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         from .errors import Qcow2Error
         from .info import format_snapshot_table, open_backing, open_layer
 
+        spec = _spec(args)
         try:
-            layer = open_layer(args.image, args.f, force_share=args.U)
+            layer = open_layer(spec.path, spec.fmt, force_share=args.U, key=_key(spec))
             try:
                 if layer.header is not None:
-                    for below in open_backing(args.image, layer.header, force_share=args.U):
+                    for below in open_backing(spec.path, layer.header, force_share=args.U):
                         below.close()  # qemu-img snapshot opens the backing chain too
             finally:
                 layer.close()
         except (Qcow2Error, OSError) as err:
-            raise _open_error(args.image, err) from err
+            raise _open_error(spec.arg, err) from err
         if layer.snapshots:
             sys.stdout.write("Snapshot list:\n" + format_snapshot_table(layer.snapshots))
         return 0
-    qcow2 = _api()
     from .errors import Qcow2Error
 
     tag = getattr(args, action)
-    try:
-        image = qcow2.open(args.image, writable=True, force_share=args.U)
-    except (Qcow2Error, OSError) as err:
-        raise _open_error(args.image, err) from err
+    spec = _spec(args)
+    image = _open_image(spec, writable=True, force_share=args.U)
     verb = {"c": "create", "a": "apply", "d": "delete"}[action]
     try:
         with image:
@@ -282,6 +312,23 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     except Qcow2Error as err:
         raise CliError(f"Could not {verb} snapshot '{tag}': {_snapshot_reason(verb, err)}") from err
     return 0
+
+
+def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
+    """``qcow2.open`` of a qcow2 image argument as qemu-img opens it for I/O: an encrypted
+    image needs its key."""
+    from .crypto import MISSING_KEY_MESSAGE
+    from .errors import Qcow2Error
+
+    key = _key(spec)
+    try:
+        image = _api().open(spec.path, writable=writable, force_share=force_share, key_secret=key)
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(spec.arg, err) from err
+    if image.encrypted and key is None:
+        image.close()
+        raise CliError(f"Could not open '{spec.arg}': {MISSING_KEY_MESSAGE}")
+    return image
 
 
 def _snapshot_reason(verb: str, err: BaseException) -> str:
@@ -346,6 +393,9 @@ def _onoff(opts: dict[str, str], key: str) -> bool:
     return value in ("on", "true", "yes")
 
 
+#: qcow2 encryption options of ``create -o``, in the order qemu-img prints them.
+_ENCRYPT_OPTIONS = ("encrypt.format", "encrypt.key-secret", "encrypt.hash-alg", "encrypt.iter-time")
+
 _CREATE_OPTIONS = {
     "qcow2": (
         "cluster_size",
@@ -356,6 +406,7 @@ _CREATE_OPTIONS = {
         "compression_type",
         "backing_file",
         "backing_fmt",
+        *_ENCRYPT_OPTIONS,
     ),
     "raw": (),
 }
@@ -364,10 +415,15 @@ _CREATE_OPTIONS = {
 def _cmd_create(args: argparse.Namespace) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
+    from .cliopts import OptionError, parse_secrets
     from .compress import create_image
     from .errors import Qcow2Error
     from .info import full_backing_filename, open_layer
 
+    try:
+        secrets = parse_secrets(args.object)  # qemu-img creates its objects first
+    except OptionError as err:
+        raise CliError(str(err)) from err
     fmt = args.f or "raw"  # qemu-img's default format
     if fmt not in _CREATE_OPTIONS:
         raise CliError(f"Unknown file format '{fmt}'")
@@ -421,9 +477,12 @@ def _cmd_create(args: argparse.Namespace) -> int:
     lazy = _onoff(opts, "lazy_refcounts")
     extended_l2 = _onoff(opts, "extended_l2")
     cluster_size = parse_size(cluster_text)
+    encrypt = {key: opts.pop(key) for key in _ENCRYPT_OPTIONS if key in opts}
     if not args.q:
         parts = [
-            f"Formatting '{image}', fmt=qcow2 cluster_size={cluster_size}",
+            f"Formatting '{image}', fmt=qcow2",
+            *(f"{key}={value}" for key, value in encrypt.items()),
+            f"cluster_size={cluster_size}",
             f"extended_l2={'on' if extended_l2 else 'off'}",
             f"compression_type={compression}",
             f"size={size}",
@@ -455,7 +514,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
             f"{image}: Non-zlib compression type is only supported with compatibility level "
             "1.1 and above (use version=v3 or greater)"
         )
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, object] = _encrypt_kwargs(image, encrypt, secrets)
+    kwargs |= {
         "cluster_size": cluster_size,
         "refcount_bits": refcount_bits,
         "version": version,
@@ -469,6 +529,34 @@ def _cmd_create(args: argparse.Namespace) -> int:
     except (Qcow2Error, OSError) as err:
         raise CliError(f"{image}: {getattr(err, 'message', err)}") from err
     return 0
+
+
+def _encrypt_kwargs(
+    image: str, encrypt: dict[str, str], secrets: dict[str, bytes]
+) -> dict[str, object]:
+    """``qcow2.create`` arguments for the ``encrypt.*`` options (``qcow2_set_up_encryption``'s
+    messages); empty without ``encrypt.format``."""
+    if "encrypt.format" not in encrypt:
+        return {}
+    key_id = encrypt.get("encrypt.key-secret")
+    if key_id is None:
+        raise CliError(f"{image}: Parameter 'encrypt.key-secret' is required for cipher")
+    if key_id not in secrets:
+        raise CliError(f"{image}: No secret with id '{key_id}'")
+    kwargs: dict[str, object] = {
+        "encrypt_format": encrypt["encrypt.format"],
+        "encrypt_key_secret": secrets[key_id],
+    }
+    if "encrypt.hash-alg" in encrypt:
+        kwargs["encrypt_hash"] = encrypt["encrypt.hash-alg"]
+    if "encrypt.iter-time" in encrypt:
+        try:
+            kwargs["encrypt_iter_time"] = int(encrypt["encrypt.iter-time"])
+        except ValueError as err:
+            raise CliError(
+                f"{image}: Parameter 'encrypt.iter-time' expects a non-negative number below 2^64"
+            ) from err
+    return kwargs
 
 
 def _validate_qcow2_create(
@@ -728,15 +816,12 @@ class _Source:
 
     def __init__(
         self,
-        path: str,
-        fmt: str | None,
+        spec: Any,
         snapshot: tuple[str, str] | None = None,
         *,
         force_share: bool = False,
     ):
-        qcow2 = _api()
-        from .errors import Qcow2Error
-
+        path, fmt = spec.path, spec.fmt
         self.path = path
         self.image: object | None = None
         self.raw: int | None = None
@@ -757,10 +842,7 @@ class _Source:
             self.size = (os.fstat(self.raw).st_size + 511) // 512 * 512
             self._read: Callable[[int, int], bytes] = self._read_raw
             return
-        try:
-            image = qcow2.open(path, writable=False, force_share=force_share)
-        except (Qcow2Error, OSError) as err:
-            raise _open_error(path, err) from err
+        image = _open_image(spec, writable=False, force_share=force_share)
         self.image = image
         self.size = image.virtual_size
         self._read = image.read
@@ -813,8 +895,8 @@ _CHUNK = 1 << 20
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     try:
-        a = _Source(args.image1, args.f, force_share=args.U)
-        b = _Source(args.image2, args.F, force_share=args.U)
+        a = _Source(_spec(args, "image1"), force_share=args.U)
+        b = _Source(_spec(args, "image2", fmt=args.F), force_share=args.U)
     except CliError as err:
         err.code = 2
         raise
@@ -871,7 +953,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CliError(f"Unknown file format '{out_fmt}'")
     if args.c and out_fmt != "qcow2":
         raise CliError("Compression not supported for this file format")
-    src = _Source(args.src, args.f, snapshot, force_share=args.U)
+    src = _Source(_spec(args, "src"), snapshot, force_share=args.U)
     try:
         size = src.size
         writer: Callable[[int, bytes], object]
@@ -980,6 +1062,21 @@ def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("human", "json"), default="human")
 
 
+def _add_secrets(p: argparse.ArgumentParser, *, image_opts: bool = True) -> None:
+    p.add_argument(
+        "--object",
+        action="append",
+        metavar="secret,id=ID,data=PASS|file=PATH",
+        help="a secret (the passphrase of an encrypted image)",
+    )
+    if image_opts:
+        p.add_argument(
+            "--image-opts",
+            action="store_true",
+            help="the image is driver=qcow2,file.filename=IMG,encrypt.key-secret=ID",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``qcow2`` argument parser (qemu-img's options for each subcommand)."""
     parser = _Parser(
@@ -994,6 +1091,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backing-chain", action="store_true", help="also show the backing files")
     _add_output(p)
     p.add_argument("image")
+    _add_secrets(p)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
@@ -1006,6 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", action="store_true")
     _add_output(p)
     p.add_argument("image")
+    _add_secrets(p)
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser("snapshot", help="list (-l), create (-c), apply (-a), delete (-d)")
@@ -1017,6 +1116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", metavar="TAG", help="apply (revert to) snapshot TAG")
     p.add_argument("-d", metavar="TAG", help="delete snapshot TAG")
     p.add_argument("image")
+    _add_secrets(p)
     p.set_defaults(func=_cmd_snapshot)
 
     p = sub.add_parser("map", help="show guest-to-host mapping (qemu-img map)")
@@ -1026,6 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", metavar="LEN", help="guest bytes to map at most")
     _add_output(p)
     p.add_argument("image")
+    _add_secrets(p)
     p.set_defaults(func=_cmd_map)
 
     p = sub.add_parser("create", help="create a qcow2 (or raw) image")
@@ -1036,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", action="store_true")
     p.add_argument("image")
     p.add_argument("size", nargs="?")
+    _add_secrets(p, image_opts=False)
     p.set_defaults(func=_cmd_create)
 
     p = sub.add_parser("resize", help="change the virtual size ([+|-]SIZE)")
@@ -1054,6 +1156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-U", "--force-share", dest="U", action="store_true")
     p.add_argument("image1")
     p.add_argument("image2")
+    _add_secrets(p)
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("amend", help="change the compat level (-o compat=0.10|1.1)")
@@ -1074,6 +1177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", metavar="SNAPSHOT", help="snapshot.name=TAG, snapshot.id=ID or TAG")
     p.add_argument("src")
     p.add_argument("dst")
+    _add_secrets(p)
     p.set_defaults(func=_cmd_convert)
     return parser
 

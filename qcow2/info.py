@@ -111,14 +111,19 @@ def qemu_json(obj: Any) -> str:
 # Section: opening images as qemu-img 7.2 does
 
 
-def require_open_resources(f: HostFile, header: Header) -> None:
+def require_open_resources(f: HostFile, header: Header, key: bytes | None = None) -> None:
     """What QEMU 7.2's open needs beyond the header, for an open with I/O: the key of an
-    encrypted image (none can be given to this tool: QEMU's refusal when the secret is
-    missing) and the external data file, if the image has one."""
+    encrypted image (``key``, checked against the LUKS key slots) and the external data
+    file, if the image has one."""
     if header.crypt_method != layout.CRYPT_NONE:
-        raise InvalidImageError(
-            "Parameter 'encrypt.key-secret' is required for cipher", path=f.path
-        )
+        if key is None:
+            raise InvalidImageError(
+                "Parameter 'encrypt.key-secret' is required for cipher", path=f.path
+            )
+        if header.crypt_method == layout.CRYPT_LUKS:
+            from .crypto import open_cipher
+
+            open_cipher(f, header.crypto_header, key)
     if header.has_data_file:
         _require_data_file(f.path, header)
 
@@ -229,12 +234,18 @@ def full_backing_filename(image_name: str, backing: str) -> str:
 
 
 def open_layer(
-    name: str, fmt: str | None = None, *, force_share: bool = True, io: bool = True
+    name: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = True,
+    io: bool = True,
+    key: bytes | None = None,
 ) -> Layer:
     """Open ``name`` read-only as qcow2 (or raw if ``fmt`` is "raw" or it is not qcow2
     and no format was requested).  Without ``force_share`` the image is locked as
     ``qemu-img info`` locks it (refused while a QEMU writer holds it); ``io=False`` opens
-    it for metadata only, as ``qemu-img info`` does."""
+    it for metadata only, as ``qemu-img info`` does.  ``key`` is the passphrase of an
+    encrypted image (an open with I/O verifies it)."""
     f = HostFile(name, writable=False)
     try:
         if not force_share:
@@ -245,7 +256,7 @@ def open_layer(
             return Layer(name, f, None, layout.align_up(f.size(), 512), [])
         h = read_header(f, mode="qemu", io=io)
         if io:
-            require_open_resources(f, h)
+            require_open_resources(f, h, key)
         snaps = read_snapshot_table(
             f,
             h.snapshots_offset,
@@ -279,16 +290,28 @@ class BackingOpenError(BackingChainError):
 
 
 def open_chain(
-    name: str, fmt: str | None = None, *, force_share: bool = True, io: bool = True
+    name: str,
+    fmt: str | None = None,
+    *,
+    force_share: bool = True,
+    io: bool = True,
+    key: bytes | None = None,
 ) -> list[Layer]:
-    """The image ``name`` and its backing files, top first (at most 64 deep, no loops)."""
-    return _open_chain(name, fmt, force_share=force_share, io=io, seen=set())
+    """The image ``name`` (encrypted with ``key``, if any) and its backing files, top
+    first (at most 64 deep, no loops)."""
+    return _open_chain(name, fmt, force_share=force_share, io=io, seen=set(), key=key)
 
 
 def _open_chain(
-    name: str, fmt: str | None, *, force_share: bool, io: bool, seen: set[tuple[int, int]]
+    name: str,
+    fmt: str | None,
+    *,
+    force_share: bool,
+    io: bool,
+    seen: set[tuple[int, int]],
+    key: bytes | None = None,
 ) -> list[Layer]:
-    layer = open_layer(name, fmt, force_share=force_share, io=io)
+    layer = open_layer(name, fmt, force_share=force_share, io=io, key=key)
     try:
         st = os.fstat(layer.file.fd)
         if (st.st_dev, st.st_ino) in seen:
