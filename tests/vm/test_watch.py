@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import threading
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_job, quit_qemu
 from tests.vm.scenario import (
+    Stack,
     permall,
     snapshot_tags,
     stack,
@@ -15,6 +17,20 @@ from tests.vm.scenario import (
     wait_until,
     watcher_thread,
 )
+from vtpm_qcow.vm import WatcherThread
+
+
+@contextlib.contextmanager
+def watched_state_a(
+    images: tuple[Path, Path], tmp_path: Path, **options: float
+) -> Iterator[tuple[Stack, WatcherThread, list[str]]]:
+    """The stack in TPM state A, and a watcher thread whose report lines collect in a list."""
+    image, disk = images
+    lines: list[str] = []
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        with watcher_thread(s, lines.append, **options) as thread:
+            yield s, thread, lines
 
 
 def test_reconcile_at_connect_reports_missing_and_deletes_orphans(
@@ -39,33 +55,22 @@ def test_reconcile_at_connect_reports_missing_and_deletes_orphans(
 def test_watcher_thread_follows_snapshot_jobs_of_another_client(
     images: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    image, disk = images
-    lines: list[str] = []
-    lock = threading.Lock()
-
-    def report(line: str) -> None:
-        with lock:
-            lines.append(line)
-
-    with stack(tmp_path / "run", image, disk) as s:
-        state_a(s.tpm)
-        with watcher_thread(s, report, poll_interval=0.2) as watcher:
-            job = {"tag": "J1", "vmstate": "disk0", "devices": ["disk0"]}
-            assert qmp_job(s.qemu.qmp, "snapshot-save", job) is None
-            wait_until(lambda: snapshot_tags(image) == ["J1"], f"vTPM snapshot J1 ({lines})")
-            assert permall(image, "J1") == permall(image)  # the state at the pause
-            state_b(s.tpm)
-            assert (
-                qmp_job(s.qemu.qmp, "snapshot-delete", {"tag": "J1", "devices": ["disk0"]}) is None
-            )
-            wait_until(lambda: snapshot_tags(image) == [], "vTPM snapshot J1 to go")
-            quit_qemu(s.qemu)
-            wait_until(lambda: watcher.finished, "the watcher to end with QEMU")
-        assert watcher.error is None
-        with lock:
-            text = "\n".join(lines)
-        assert "created: vTPM snapshot 'J1'" in text and "warning" not in text
-        assert "deleted: vTPM snapshot 'J1' (disk snapshot deleted)" in text
+    image, _ = images
+    with watched_state_a(images, tmp_path, poll_interval=0.2) as (s, watcher, lines):
+        job = {"tag": "J1", "vmstate": "disk0", "devices": ["disk0"]}
+        assert qmp_job(s.qemu.qmp, "snapshot-save", job) is None
+        wait_until(lambda: snapshot_tags(image) == ["J1"], f"vTPM snapshot J1 ({lines})")
+        assert permall(image, "J1") == permall(image)  # the state at the pause
+        state_b(s.tpm)
+        delete = {"tag": "J1", "devices": ["disk0"]}
+        assert qmp_job(s.qemu.qmp, "snapshot-delete", delete) is None
+        wait_until(lambda: snapshot_tags(image) == [], "vTPM snapshot J1 to go")
+        quit_qemu(s.qemu)
+        wait_until(lambda: watcher.finished, "the watcher to end with QEMU")
+    assert watcher.error is None
+    text = "\n".join(lines)
+    assert "created: vTPM snapshot 'J1'" in text and "warning" not in text
+    assert "deleted: vTPM snapshot 'J1' (disk snapshot deleted)" in text
 
 
 def test_loadvm_while_paused_is_reported_once(images: tuple[Path, Path], tmp_path: Path) -> None:
@@ -93,19 +98,16 @@ def test_hmp_savevm_over_an_existing_tag_replaces_the_vtpm_snapshot(
 ) -> None:
     """HMP savevm silently replaces a tag; the watcher sees the new id and follows."""
     image, disk = images
-    lines: list[str] = []
-    with stack(tmp_path / "run", image, disk) as s:
-        state_a(s.tpm)
-        with watcher_thread(s, lines.append, poll_interval=0.2):
-            hmp_over_qmp(s.qemu.qmp, "savevm T1")
-            wait_until(lambda: any(x.startswith("created:") for x in lines), "vTPM snapshot T1")
-            permall_a = permall(image, "T1")
-            state_b(s.tpm)
-            hmp_over_qmp(s.qemu.qmp, "savevm T1")  # same tag, new disk snapshot
-            wait_until(lambda: any(x.startswith("replaced:") for x in lines), "the replacement")
-        assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
-        assert permall(image, "T1") == permall(image) != permall_a
-        assert "replaced: vTPM snapshot 'T1' (disk snapshot saved again)" in lines
+    with watched_state_a(images, tmp_path, poll_interval=0.2) as (s, _watcher, lines):
+        hmp_over_qmp(s.qemu.qmp, "savevm T1")
+        wait_until(lambda: any(x.startswith("created:") for x in lines), "vTPM snapshot T1")
+        permall_a = permall(image, "T1")
+        state_b(s.tpm)
+        hmp_over_qmp(s.qemu.qmp, "savevm T1")  # same tag, new disk snapshot
+        wait_until(lambda: any(x.startswith("replaced:") for x in lines), "the replacement")
+    assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
+    assert permall(image, "T1") == permall(image) != permall_a
+    assert "replaced: vTPM snapshot 'T1' (disk snapshot saved again)" in lines
 
 
 def test_orchestrated_commands_beside_a_watcher_do_not_fight(
@@ -113,21 +115,19 @@ def test_orchestrated_commands_beside_a_watcher_do_not_fight(
 ) -> None:
     """serve --qmp runs a watcher; vm save/load/delete on the other monitor must still work."""
     image, disk = images
-    lines: list[str] = []
-    with stack(tmp_path / "run", image, disk) as s:
-        state_a(s.tpm)
-        with watcher_thread(s, lines.append, poll_interval=0.05, grace=0.0) as thread:
-            watcher = thread.watcher
-            assert watcher is not None
-            for action in ("save", "load", "delete"):
-                s.vm(action, "T1")
-                target = watcher.reconciles + 3
+    options = {"poll_interval": 0.05, "grace": 0.0}
+    with watched_state_a(images, tmp_path, **options) as (s, thread, lines):
+        watcher = thread.watcher
+        assert watcher is not None
+        for action in ("save", "load", "delete"):
+            s.vm(action, "T1")
+            target = watcher.reconciles + 3
 
-                def polled(target: int = target) -> bool:
-                    return watcher.reconciles >= target
+            def polled(target: int = target) -> bool:
+                return watcher.reconciles >= target
 
-                wait_until(polled, "three more polls")
-                expected = [] if action == "delete" else ["T1"]
-                assert snapshot_tags(image) == snapshot_tags(disk) == expected
-        assert thread.error is None
-        assert not [line for line in lines if line.startswith(("error:", "missing:"))], lines
+            wait_until(polled, "three more polls")
+            expected = [] if action == "delete" else ["T1"]
+            assert snapshot_tags(image) == snapshot_tags(disk) == expected
+    assert thread.error is None
+    assert not [line for line in lines if line.startswith(("error:", "missing:"))], lines
