@@ -50,7 +50,11 @@ SECTION_NAMES: Final = tuple(SECTION_SLOTS)
 #: Largest blob a slot can describe: its section (next power of two) must fit in a u32.
 MAX_BLOB_SIZE: Final = 1 << 31
 #: Diff runs closer than this are merged into one extent.
-_MERGE_GAP: Final = 64
+_MERGE_GAP: Final = 256
+#: Chunk sizes :func:`_next_difference` skips equal bytes in (each level runs < 8 times)
+#: and that trim a run's equal tail (shorter than ``_MERGE_GAP``).
+_SKIP_SIZES: Final = (4096, 512, 64, 8, 1)
+_TRIM_SIZES: Final = (64, 8, 1)
 
 
 @dataclass(frozen=True)
@@ -276,25 +280,35 @@ class _Buffer:
 def _diff(old: bytes, new: bytes) -> list[tuple[int, bytes]]:
     """Runs where ``new`` differs from ``old`` (same length), merging runs close together.
 
-    Compares ``_MERGE_GAP``-byte blocks (memcmp speed), merges adjacent changed blocks, then
-    trims each run to its first and last differing byte.
+    Slices are compared at memcmp speed: equal stretches are skipped in ever smaller
+    chunks, a run grows by ``_MERGE_GAP`` bytes while the next chunk still differs and is
+    then trimmed to its last differing byte.  Runs less than ``_MERGE_GAP`` bytes apart
+    are merged (some up to twice that): commits copy whole clusters anyway.
     """
+    length = len(new)
     step = _MERGE_GAP
     runs: list[tuple[int, bytes]] = []
-    start = -1
-    for pos in range(0, len(new) + step, step):
-        changed = pos < len(new) and old[pos : pos + step] != new[pos : pos + step]
-        if changed and start < 0:
-            start = pos
-        elif not changed and start >= 0:
-            end = min(pos, len(new))
-            while old[start] == new[start]:
-                start += 1
-            while old[end - 1] == new[end - 1]:
-                end -= 1
-            runs.append((start, new[start:end]))
-            start = -1
+    pos = 0
+    while (start := _next_difference(old, new, pos)) < length:
+        end = start + 1
+        while end < length and old[end : end + step] != new[end : end + step]:
+            end += step
+        end = min(end, length)
+        for size in _TRIM_SIZES:  # the last chunk ends in fewer than ``step`` equal bytes
+            while end - size > start and old[end - size : end] == new[end - size : end]:
+                end -= size
+        runs.append((start, bytes(new[start:end])))
+        pos = end
     return runs
+
+
+def _next_difference(old: bytes, new: bytes, pos: int) -> int:
+    """First index from ``pos`` where ``old`` and ``new`` differ (their length if none)."""
+    length = len(new)
+    for size in _SKIP_SIZES:
+        while pos < length and old[pos : pos + size] == new[pos : pos + size]:
+            pos += size
+    return min(pos, length)
 
 
 def _editable(data: bytes, source: str) -> _Buffer:
