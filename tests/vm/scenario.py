@@ -21,6 +21,7 @@ from tests.helpers import need
 from tests.vm.qemu_fixtures import (
     QemuProcess,
     ServedStore,
+    hmp_over_qmp,
     qemu_vm,
     run_tool,
     served_store,
@@ -128,6 +129,20 @@ def assert_permanent_state_a(tpm: Tpm) -> None:
 def assert_permanent_state_b(tpm: Tpm) -> None:
     assert tpm.nv_read(NV_INDEX, NV_SIZE, owner=True, auth=OWNER_B) == b"B" * NV_SIZE
     assert tpm.nv_indices() == [NV_INDEX, NV_EXTRA]
+
+
+def save_a_then_change_to_b(s: Stack) -> None:
+    """State A saved (disks + vTPM) as T1, then the TPM moves on to state B."""
+    state_a(s.tpm)
+    s.vm("save", "T1")
+    state_b(s.tpm)
+
+
+def orphan_vtpm_snapshot(s: Stack) -> None:
+    """State A saved as T1, then T1 deleted from the disks only (QEMU's delvm, unwatched)."""
+    state_a(s.tpm)
+    s.vm("save", "T1")
+    hmp_over_qmp(s.qemu.qmp, "delvm T1")
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

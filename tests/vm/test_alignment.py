@@ -26,7 +26,9 @@ from tests.vm.scenario import (
     assert_permanent_state_a,
     assert_permanent_state_b,
     cold_boot_state,
+    orphan_vtpm_snapshot,
     permall,
+    save_a_then_change_to_b,
     snapshot_tags,
     stack,
     state_a,
@@ -77,9 +79,7 @@ def test_loadvm_pushes_exactly_the_vtpm_snapshots_permall(
     """HMP loadvm alone (no vTPM apply): what swtpm rewrites is the vTPM snapshot's permall."""
     image, disk = images
     with stack(tmp_path / "run", image, disk, view=view) as s:
-        state_a(s.tpm)
-        s.vm("save", "T1")
-        state_b(s.tpm)
+        save_a_then_change_to_b(s)
         snapshot_permall = permall(image, "T1")
         assert snapshot_permall is not None and permall(image) != snapshot_permall
         hmp_over_qmp(s.qemu.qmp, "loadvm T1")
@@ -92,9 +92,7 @@ def test_force_replaces_and_load_returns_to_the_new_state(
 ) -> None:
     image, disk = images
     with stack(tmp_path / "run", image, disk, running=False) as s:
-        state_a(s.tpm)
-        s.vm("save", "T1")
-        state_b(s.tpm)
+        save_a_then_change_to_b(s)
         s.vm("save", "--force", "T1")
         assert snapshot_tags(disk) == ["T1"] and snapshot_tags(image) == ["T1"]
         s.tpm.nv_write(NV_INDEX, b"C" * NV_SIZE, owner=True, auth=OWNER_B)
@@ -143,9 +141,7 @@ def test_load_of_unknown_tag_is_refused_before_touching_anything(
 ) -> None:
     image, disk = images
     with stack(tmp_path / "run", image, disk) as s:
-        state_a(s.tpm)
-        s.vm("save", "T1")
-        hmp_over_qmp(s.qemu.qmp, "delvm T1")  # disks lose T1, the vTPM image keeps it
+        orphan_vtpm_snapshot(s)  # the disks lose T1, the vTPM image keeps it
         before = permall(image)
         refused = s.vm("load", "T1", check=False)
         assert refused.returncode == 1 and "no such snapshot on disk0" in refused.stderr

@@ -9,7 +9,9 @@ from pathlib import Path
 from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_job, quit_qemu
 from tests.vm.scenario import (
     Stack,
+    orphan_vtpm_snapshot,
     permall,
+    save_a_then_change_to_b,
     snapshot_tags,
     stack,
     state_a,
@@ -38,9 +40,7 @@ def test_reconcile_at_connect_reports_missing_and_deletes_orphans(
 ) -> None:
     image, disk = images
     with stack(tmp_path / "run", image, disk) as s:
-        state_a(s.tpm)
-        s.vm("save", "T1")
-        hmp_over_qmp(s.qemu.qmp, "delvm T1")  # unwatched: the vTPM keeps an orphan T1
+        orphan_vtpm_snapshot(s)  # the disks lose T1, the vTPM image keeps it
         hmp_over_qmp(s.qemu.qmp, "savevm T2")  # unwatched: no vTPM snapshot T2
         done = s.vm("watch", "--once", "--grace", "0")
         assert "missing: disk snapshot 'T2' has no vTPM snapshot" in done.stdout
@@ -77,9 +77,7 @@ def test_loadvm_while_paused_is_reported_once(images: tuple[Path, Path], tmp_pat
     image, disk = images
     lines: list[str] = []
     with stack(tmp_path / "run", image, disk) as s:
-        state_a(s.tpm)
-        s.vm("save", "T1")
-        state_b(s.tpm)
+        save_a_then_change_to_b(s)
         with watcher_thread(s, lines.append, poll_interval=0.1) as thread:
             watcher = thread.watcher
             assert watcher is not None
