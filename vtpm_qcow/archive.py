@@ -57,7 +57,7 @@ from .capture import (
 )
 from .control import ControlClient, daemon_answers, held_image_error
 from .errors import StateFormatError, StoreError, VtpmQcowError
-from .store import Store
+from .store import DEFAULT_SIZE, Store
 
 FORMATS: Final = ("qcow2", "raw", "dir")
 MANIFEST_SUFFIX: Final = ".manifest.json"
@@ -417,8 +417,10 @@ def restore_backup(
     if not target.exists() and found.format == "qcow2" and snapshot is None:
         copy_atomically(Path(backup), target)
     elif not target.exists():
-        manifest = read_manifest(backup)
-        with Store.create(target, size=int(manifest.get("linear_size") or 0) or 4 << 20) as new:
+        size = read_manifest(backup).get("linear_size")
+        if not isinstance(size, int) or size < len(layout):
+            size = max(DEFAULT_SIZE, len(layout))  # not covered by the digests: sanitized
+        with Store.create(target, size=size) as new:
             new.replace_layout(layout, source=str(backup))
     else:
         try:

@@ -214,6 +214,14 @@ def test_restore_replaces_the_state_and_keeps_snapshots(
         vtpm_qcow("restore", str(plain), str(new))
         assert image_digests(new) == digests(states["current"])
         oracle.assert_clean(new)
+    # the capacity a raw backup's manifest records is not trusted blindly
+    manifest_file = Path(f"{tmp_path / 'plain.raw'}.manifest.json")
+    manifest = json.loads(manifest_file.read_text())
+    for size in ("4M", 5):
+        manifest_file.write_text(json.dumps({**manifest, "linear_size": size}))
+        new = tmp_path / f"new-{size}.qcow2"
+        vtpm_qcow("restore", str(tmp_path / "plain.raw"), str(new))
+        assert image_digests(new) == digests(states["current"])
     assert "backup holds no snapshot 'nope'" in failure(
         "restore", "--snapshot", "nope", str(backup), str(image)
     )
