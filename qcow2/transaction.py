@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from .image import Image
 
 _COPIED = layout.OFLAG_COPIED
+#: struct codes of the refcount widths decoded a block at a time (others entry by entry).
+_UNPACK_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
 
 
 def entry_host_ranges(image: Image, entry: int) -> list[tuple[int, int]]:
@@ -102,17 +104,36 @@ class MetadataTransaction:
         self.snapshots: list[SnapshotEntry] | None = None
         self.virtual_size: int | None = None
         self._old_refcounts: dict[int, int] = {}
+        #: Committed refcount blocks decoded whole, by reftable index (byte-wide entries).
+        self._decoded: dict[int, Sequence[int]] = {}
+        self._whole_blocks = self.refcounts.bits in _UNPACK_CODES
         self._cursor = self.refcounts.free_cluster_index
 
     # Section: recording
 
     def old_refcount(self, cluster: int) -> int:
         """Refcount of ``cluster`` in the committed structure."""
+        if self._whole_blocks:
+            # Each block decoded once: snapshot operations ask for every cluster.
+            index, within = divmod(cluster, self.refcounts.entries_per_block)
+            values = self._decoded.get(index)
+            if values is None:
+                values = self._decoded[index] = self._decoded_block(index)
+            return values[within]
         value = self._old_refcounts.get(cluster)
         if value is None:
             value = self.refcounts.get(cluster)
             self._old_refcounts[cluster] = value
         return value
+
+    def _decoded_block(self, index: int) -> Sequence[int]:
+        """Every refcount of committed refcount block ``index`` (zeros if not allocated)."""
+        per_block = self.refcounts.entries_per_block
+        offset = self._old_block(self.refcounts.table, index)
+        if not offset:
+            return (0,) * per_block
+        block = self.image.refblock_cache.get(offset)
+        return struct.unpack(f">{per_block}{_UNPACK_CODES[self.refcounts.bits]}", block)
 
     def new_refcount(self, cluster: int) -> int:
         """Refcount of ``cluster`` after the transaction (as recorded so far)."""
@@ -382,7 +403,7 @@ class MetadataTransaction:
         self.stage(table_offset, struct.pack(f">{len(table)}Q", *table))
         return table, table_offset, nclusters
 
-    def _old_block(self, old_table: list[int], index: int) -> int:
+    def _old_block(self, old_table: Sequence[int], index: int) -> int:
         if index >= len(old_table):
             return 0
         offset = old_table[index] & layout.REFT_OFFSET_MASK

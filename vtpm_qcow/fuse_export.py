@@ -977,18 +977,12 @@ class StoreFS(pyfuse3.Operations):
 
     async def invalidate(self, inodes: Iterable[InodeT], entries: bool = True) -> None:
         """Drop the kernel's cached pages and attributes of ``inodes`` (and the entries)."""
-        # Both calls wait for the kernel, which may need this event loop: run them off it.
+        # The calls wait for the kernel, which may need this event loop: run them off it,
+        # all in one thread hop (a hop per call cost a snapshot apply about 0.2 ms each).
         names = self.namespace.names_to_invalidate() if entries else ()
         calls = [functools.partial(_invalidate_entry, name) for name in names]
         calls += [functools.partial(_invalidate_inode, inode) for inode in inodes]
-        for call in calls:
-            try:
-                await trio.to_thread.run_sync(call)
-            except OSError as err:
-                if err.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
-                    log.warning("kernel cache invalidation %s failed: %s", call.args, err)
-            except Exception:  # never fatal: it may run as a trio system task
-                log.exception("kernel cache invalidation %s failed", call.args)
+        await trio.to_thread.run_sync(_invalidate_all, calls)
 
     def _flush_all(self) -> None:
         for node in list(self.nodes.values()):
@@ -1012,6 +1006,18 @@ class StoreFS(pyfuse3.Operations):
 
 def _same_section(a: Content, b: Content) -> bool:
     return isinstance(a, SectionContent) and isinstance(b, SectionContent) and a.name == b.name
+
+
+def _invalidate_all(calls: Sequence[functools.partial[None]]) -> None:
+    """Run the kernel cache invalidations; failures are logged, never raised."""
+    for call in calls:
+        try:
+            call()
+        except OSError as err:
+            if err.errno != errno.ENOENT:  # ENOENT: the kernel had not cached it
+                log.warning("kernel cache invalidation %s failed: %s", call.args, err)
+        except Exception:  # never fatal: it may run as a trio system task
+            log.exception("kernel cache invalidation %s failed", call.args)
 
 
 def _invalidate_inode(inode: InodeT) -> None:
