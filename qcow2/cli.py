@@ -617,6 +617,11 @@ def _cmd_resize(args: argparse.Namespace) -> int:
 
 # Section: amend (compat and lazy_refcounts)
 
+_AMEND_LAZY_NEEDS_V3 = (
+    "Lazy refcounts only supported with compatibility level 1.1 and above "
+    "(use compat=1.1 or greater)"
+)
+
 
 def _cmd_amend(args: argparse.Namespace) -> int:
     from .errors import Qcow2Error
@@ -650,10 +655,7 @@ def _cmd_amend(args: argparse.Namespace) -> int:
         new_version = header.version if compat is None else 2 if compat in ("0.10", "v2") else 3
         change_lazy = lazy is not None and lazy != header.lazy_refcounts
         if change_lazy and lazy and new_version < 3:
-            raise CliError(
-                "Lazy refcounts only supported with compatibility level 1.1 and above "
-                "(use compat=1.1 or greater)"
-            )
+            raise CliError(_AMEND_LAZY_NEEDS_V3)
         try:
             if compat is not None:
                 target = 2 if compat in ("0.10", "v2") else 3
@@ -674,6 +676,7 @@ def _amend_version(f: Any, h: Any, target: int) -> None:
     clusters into data clusters (zero-filled) or, without a backing file, holes."""
     from . import layout
     from .check import repair_image_file
+    from .header import rewrite_cluster0
     from .info import open_layer
 
     if target == 2:
@@ -711,10 +714,7 @@ def _amend_version(f: Any, h: Any, target: int) -> None:
     if target == 3:
         h.header_length = layout.HEADER_V3_LENGTH
         h.refcount_order = 4
-    data = h.pack_cluster0()
-    f.flush()
-    f.pwrite(0, data + bytes(h.cluster_size - len(data)))
-    f.flush()
+    rewrite_cluster0(f, h)
 
 
 def _amend_lazy_refcounts(f: Any, h: Any, enable: bool) -> None:
@@ -722,21 +722,16 @@ def _amend_lazy_refcounts(f: Any, h: Any, enable: bool) -> None:
     repaired first when lazy refcounts are switched off)."""
     from . import layout
     from .check import repair_image_file
+    from .header import rewrite_cluster0
 
     if h.lazy_refcounts == enable:
         return
     if h.version < 3:
-        raise CliError(
-            "Lazy refcounts only supported with compatibility level 1.1 and above "
-            "(use compat=1.1 or greater)"
-        )
+        raise CliError(_AMEND_LAZY_NEEDS_V3)
     if not enable and h.dirty:
         repair_image_file(f, h)
     h.compatible_features ^= layout.COMPAT_LAZY_REFCOUNTS
-    data = h.pack_cluster0()
-    f.flush()
-    f.pwrite(0, data + bytes(h.cluster_size - len(data)))
-    f.flush()
+    rewrite_cluster0(f, h)
 
 
 def _expand_zero_clusters(f: Any, h: Any, l1_tables: list[tuple[int, int]]) -> bool:

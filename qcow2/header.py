@@ -6,6 +6,7 @@ Reading mirrors ``qcow2_do_open`` / ``qcow2_read_extensions`` in QEMU's ``block/
 * :meth:`Header.pack_cluster0` builds the whole header area (fixed header, extensions in
   QEMU's order, unknown extensions preserved byte for byte, backing file name) for create
   and full rewrites;
+* :func:`rewrite_cluster0` writes that area over cluster 0 (amend);
 * :func:`write_header_fields` writes a few adjacent fields in one small write: the commit
   point of every metadata switch (L1 at bytes 36-47, reftable at 48-59, snapshot table at
   60-71).
@@ -388,9 +389,7 @@ def read_header(
     fixed = f.pread(0, layout.HEADER_V3_LENGTH)
     if file_size < layout.HEADER_V2_LENGTH or fixed[:4] != layout.MAGIC_BYTES:
         if fixed[:4] == layout.MAGIC_BYTES:
-            raise InvalidImageError(
-                f"Could not read qcow2 header: file is only {file_size} bytes", path=path
-            )
+            raise _short_file(path, file_size)
         raise InvalidImageError("Image is not in qcow2 format", path=path)
     values = layout.HEADER_V3_FULL_STRUCT.unpack(fixed)
     h = Header(**{name: v for (name, _), v in zip(layout.HEADER_FIELDS, values, strict=True)})
@@ -421,9 +420,7 @@ def read_header(
         raise InvalidImageError("Invalid backing file offset", path=path)
     ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
     if bound is not None and bound < h.header_length:
-        raise InvalidImageError(
-            f"Could not read qcow2 header: file is only {file_size} bytes", path=path
-        )
+        raise _short_file(path, file_size)
     cluster0 = f.pread(0, cluster_size)
     if h.version >= 3 and h.header_length > layout.HEADER_V3_LENGTH:
         h.unknown_header_fields = bytes(cluster0[layout.HEADER_V3_LENGTH : h.header_length])
@@ -500,6 +497,12 @@ def read_header(
     return h
 
 
+def _short_file(path: str | None, file_size: int) -> InvalidImageError:
+    return InvalidImageError(
+        f"Could not read qcow2 header: file is only {file_size} bytes", path=path
+    )
+
+
 def _validate_compression(h: Header, path: str | None) -> None:
     """QEMU's ``validate_compression_type``."""
     if h.compression_type not in layout.COMPRESSION_NAMES:
@@ -515,6 +518,15 @@ def _validate_compression(h: Header, path: str | None) -> None:
         raise InvalidImageError(
             "qcow2: Compression type incompatible feature bit must not be set", path=path
         )
+
+
+def rewrite_cluster0(f: HostFile, header: Header) -> None:
+    """Replace the whole header cluster with ``header`` packed (:meth:`Header.pack_cluster0`,
+    zero padded): flushed before (what it points at is durable) and after."""
+    data = header.pack_cluster0()
+    f.flush()
+    f.pwrite(0, data + bytes(header.cluster_size - len(data)))
+    f.flush()
 
 
 def write_header_fields(f: HostFile, **fields: int) -> None:

@@ -134,8 +134,7 @@ def _require_data_file(image: str, header: Header) -> None:
     name = header.data_file
     if not name:
         raise InvalidImageError("'data-file' is required for this image", path=image)
-    if not name.startswith("/") and "/" in image:
-        name = image[: image.rindex("/") + 1] + name
+    name = full_backing_filename(image, name)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:

@@ -21,7 +21,7 @@ from qcow2.fileio import HostFile
 from qcow2.header import read_header
 from tests.helpers import need
 from tests.qcow2 import oracle
-from tests.qcow2.test_cli import run_both
+from tests.qcow2.test_cli import by_name, run_both
 
 MiB = 1024 * 1024
 L1 = 0x30000  # fresh qemu-img layout: header, reftable, refblock 0, L1
@@ -50,11 +50,33 @@ def make(tmp: Path, *io: str, size: int = 64 * MiB, **opts: object) -> Path:
     return img
 
 
+def update_u64(path: Path, offset: int, change: Callable[[int], int]) -> None:
+    """Replace the big-endian u64 at ``offset`` with ``change(old)``."""
+    patch(path, offset, struct.pack(">Q", change(u64(path, offset))))
+
+
+def set_refcount16(path: Path, cluster: int, value: int) -> None:
+    """Set the 16-bit refcount of host ``cluster`` in the first refcount block."""
+    patch(path, REFBLOCK + cluster * 2, struct.pack(">H", value))
+
+
 def snapshot_table_offset(path: Path) -> int:
     return u64(path, 64)
 
 
 # Section: damage builders (each returns the damaged image)
+
+
+def damaged(*io: str, damage: Callable[[Path], None], **opts: object) -> Callable[[Path], Path]:
+    """An image maker: qemu-io runs ``io`` on a new image (``opts``), then ``damage``
+    patches it."""
+
+    def maker(tmp: Path) -> Path:
+        img = make(tmp, *io, **opts)
+        damage(img)
+        return img
+
+    return maker
 
 
 def clean_with_snapshots(tmp: Path) -> Path:
@@ -65,107 +87,41 @@ def clean_with_snapshots(tmp: Path) -> Path:
     return img
 
 
-def leaked_cluster(tmp: Path) -> Path:
-    img = make(tmp, "write 0 128k")
-    patch(img, REFBLOCK + 5 * 2, struct.pack(">H", 2))
-    return img
-
-
 def refcount_too_low(tmp: Path) -> Path:
     img = make(tmp, "write 0 128k")
     oracle.snapshot(img, "create", "s1")
-    patch(img, REFBLOCK + 5 * 2, struct.pack(">H", 1))
-    return img
-
-
-def refcount_zero(tmp: Path) -> Path:
-    img = make(tmp, "write 0 128k")
-    patch(img, REFBLOCK + 5 * 2, struct.pack(">H", 0))
-    return img
-
-
-def copied_flag_wrong(tmp: Path) -> Path:
-    img = make(tmp, "write 0 128k")
-    entry = u64(img, FIRST_L2)
-    patch(img, FIRST_L2, struct.pack(">Q", entry & ~(1 << 63)))
+    set_refcount16(img, 5, 1)
     return img
 
 
 def l1_copied_wrong(tmp: Path) -> Path:
     img = make(tmp, "write 0 128k")
     oracle.snapshot(img, "create", "s1")
-    entry = u64(img, L1)
-    patch(img, L1, struct.pack(">Q", entry | (1 << 63)))
+    update_u64(img, L1, lambda entry: entry | (1 << 63))
     return img
 
 
-def l2_reserved_bits(tmp: Path) -> Path:
+def with_snapshot(tmp: Path) -> tuple[Path, int]:
+    """An image with data and snapshot "s1", and the offset of its snapshot table."""
     img = make(tmp, "write 0 64k")
-    patch(img, FIRST_L2, struct.pack(">Q", u64(img, FIRST_L2) | 2))
-    return img
-
-
-def data_unaligned(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, FIRST_L2, struct.pack(">Q", u64(img, FIRST_L2) + 512))
-    return img
-
-
-def zero_alloc_unaligned(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k", "write -z 0 64k")
-    patch(img, FIRST_L2, struct.pack(">Q", u64(img, FIRST_L2) + 512))
-    return img
-
-
-def l2_table_unaligned(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, L1, struct.pack(">Q", u64(img, L1) + 512))
-    return img
-
-
-def l1_reserved_bits(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, L1, struct.pack(">Q", u64(img, L1) | 1))
-    return img
-
-
-def refblock_outside_image(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, REFTABLE + 8, struct.pack(">Q", 0x1000000))
-    return img
-
-
-def refblock_unaligned(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, REFTABLE, struct.pack(">Q", REFBLOCK + 512))
-    return img
-
-
-def reftable_reserved_bits(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, REFTABLE, struct.pack(">Q", REFBLOCK | 1))
-    return img
+    oracle.snapshot(img, "create", "s1")
+    return img, snapshot_table_offset(img)
 
 
 def snapshot_l1_unaligned(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    oracle.snapshot(img, "create", "s1")
-    table = snapshot_table_offset(img)
-    patch(img, table, struct.pack(">Q", u64(img, table) + 512))
+    img, table = with_snapshot(tmp)
+    update_u64(img, table, lambda entry: entry + 512)
     return img
 
 
 def snapshot_l1_too_large(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    oracle.snapshot(img, "create", "s1")
-    patch(img, snapshot_table_offset(img) + 8, struct.pack(">I", 0x7FFFFFF))
+    img, table = with_snapshot(tmp)
+    patch(img, table + 8, struct.pack(">I", 0x7FFFFFF))
     return img
 
 
 def snapshot_entry_incomplete(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    oracle.snapshot(img, "create", "s1")
-    table = snapshot_table_offset(img)
+    img, table = with_snapshot(tmp)
     # extra_data_size 24 -> 8: the id/name move up by 16 bytes, as a short entry would be.
     raw = img.read_bytes()
     entry = raw[table : table + 40 + 24 + 2]
@@ -175,27 +131,8 @@ def snapshot_entry_incomplete(tmp: Path) -> Path:
 
 
 def snapshot_extra_too_large(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    oracle.snapshot(img, "create", "s1")
-    patch(img, snapshot_table_offset(img) + 36, struct.pack(">I", 4096))
-    return img
-
-
-def l2_beyond_eof(tmp: Path) -> Path:
-    img = make(tmp, "write 0 64k")
-    patch(img, FIRST_L2, struct.pack(">Q", (1 << 63) | 0x10000000))
-    return img
-
-
-def compressed_leak(tmp: Path) -> Path:
-    img = make(tmp, "write -c 0 64k", "write -c 64k 64k", "write 1M 64k")
-    patch(img, REFBLOCK + 4 * 2, struct.pack(">H", 9))
-    return img
-
-
-def compressed_copied(tmp: Path) -> Path:
-    img = make(tmp, "write -c 0 64k")
-    patch(img, FIRST_L2, struct.pack(">Q", u64(img, FIRST_L2) | (1 << 63)))
+    img, table = with_snapshot(tmp)
+    patch(img, table + 36, struct.pack(">I", 4096))
     return img
 
 
@@ -218,12 +155,6 @@ def extended_l2_bitmap_corrupt(tmp: Path) -> Path:
     return img
 
 
-def refcount_bits_64_leak(tmp: Path) -> Path:
-    img = make(tmp, "write 0 100k", refcount_bits=64)
-    patch(img, REFBLOCK + 5 * 8, struct.pack(">Q", 7))
-    return img
-
-
 def small_clusters_one_bit(tmp: Path) -> Path:
     return make(tmp, "write 0 10k", cluster_size=512, refcount_bits=1)
 
@@ -238,37 +169,72 @@ def zstd_compressed(tmp: Path) -> Path:
     return make(tmp, "write -c 0 64k", "write -c 64k 64k", compression_type="zstd")
 
 
-CASES: dict[str, Callable[[Path], Path]] = {
-    f.__name__: f
-    for f in (
+CASES = {
+    **by_name(
         clean_with_snapshots,
-        leaked_cluster,
         refcount_too_low,
-        refcount_zero,
-        copied_flag_wrong,
         l1_copied_wrong,
-        l2_reserved_bits,
-        data_unaligned,
-        zero_alloc_unaligned,
-        l2_table_unaligned,
-        l1_reserved_bits,
-        refblock_outside_image,
-        refblock_unaligned,
-        reftable_reserved_bits,
         snapshot_l1_unaligned,
         snapshot_l1_too_large,
         snapshot_entry_incomplete,
         snapshot_extra_too_large,
-        l2_beyond_eof,
-        compressed_leak,
-        compressed_copied,
         dirty_lazy_refcounts,
         extended_l2_bitmap_corrupt,
-        refcount_bits_64_leak,
         small_clusters_one_bit,
         v2_with_snapshot,
         zstd_compressed,
-    )
+    ),
+    "leaked_cluster": damaged("write 0 128k", damage=lambda img: set_refcount16(img, 5, 2)),
+    "refcount_zero": damaged("write 0 128k", damage=lambda img: set_refcount16(img, 5, 0)),
+    "copied_flag_wrong": damaged(
+        "write 0 128k",
+        damage=lambda img: update_u64(img, FIRST_L2, lambda entry: entry & ~(1 << 63)),
+    ),
+    "l2_reserved_bits": damaged(
+        "write 0 64k", damage=lambda img: update_u64(img, FIRST_L2, lambda entry: entry | 2)
+    ),
+    "data_unaligned": damaged(
+        "write 0 64k", damage=lambda img: update_u64(img, FIRST_L2, lambda entry: entry + 512)
+    ),
+    "zero_alloc_unaligned": damaged(
+        "write 0 64k",
+        "write -z 0 64k",
+        damage=lambda img: update_u64(img, FIRST_L2, lambda entry: entry + 512),
+    ),
+    "l2_table_unaligned": damaged(
+        "write 0 64k", damage=lambda img: update_u64(img, L1, lambda entry: entry + 512)
+    ),
+    "l1_reserved_bits": damaged(
+        "write 0 64k", damage=lambda img: update_u64(img, L1, lambda entry: entry | 1)
+    ),
+    "refblock_outside_image": damaged(
+        "write 0 64k", damage=lambda img: patch(img, REFTABLE + 8, struct.pack(">Q", 0x1000000))
+    ),
+    "refblock_unaligned": damaged(
+        "write 0 64k", damage=lambda img: patch(img, REFTABLE, struct.pack(">Q", REFBLOCK + 512))
+    ),
+    "reftable_reserved_bits": damaged(
+        "write 0 64k", damage=lambda img: patch(img, REFTABLE, struct.pack(">Q", REFBLOCK | 1))
+    ),
+    "l2_beyond_eof": damaged(
+        "write 0 64k",
+        damage=lambda img: patch(img, FIRST_L2, struct.pack(">Q", (1 << 63) | 0x10000000)),
+    ),
+    "compressed_leak": damaged(
+        "write -c 0 64k",
+        "write -c 64k 64k",
+        "write 1M 64k",
+        damage=lambda img: set_refcount16(img, 4, 9),
+    ),
+    "compressed_copied": damaged(
+        "write -c 0 64k",
+        damage=lambda img: update_u64(img, FIRST_L2, lambda entry: entry | (1 << 63)),
+    ),
+    "refcount_bits_64_leak": damaged(
+        "write 0 100k",
+        refcount_bits=64,
+        damage=lambda img: patch(img, REFBLOCK + 5 * 8, struct.pack(">Q", 7)),
+    ),
 }
 
 
@@ -334,7 +300,7 @@ def test_repair_matches_qemu_img(tmp_path: Path, case: str, mode: str) -> None:
 
 
 def test_qemu_img_repair_is_judged_clean_by_us(tmp_path: Path) -> None:
-    img = leaked_cluster(tmp_path)
+    img = CASES["leaked_cluster"](tmp_path)
     oracle.check(img, repair="all")
     f = HostFile(str(img), writable=False)
     try:
@@ -347,7 +313,7 @@ def test_qemu_img_repair_is_judged_clean_by_us(tmp_path: Path) -> None:
 def test_repair_needs_a_writable_handle(tmp_path: Path) -> None:
     from qcow2.errors import ReadOnlyError
 
-    img = leaked_cluster(tmp_path)
+    img = CASES["leaked_cluster"](tmp_path)
     f = HostFile(str(img), writable=False)
     try:
         with pytest.raises(ReadOnlyError):
@@ -375,7 +341,7 @@ def test_many_snapshots_sharing_tables_count_every_reference(tmp_path: Path) -> 
 def test_image_check_api_reports_qemu_img_fields(tmp_path: Path) -> None:
     import qcow2
 
-    img = leaked_cluster(tmp_path)
+    img = CASES["leaked_cluster"](tmp_path)
     twin = tmp_path / "twin.qcow2"
     twin.write_bytes(img.read_bytes())
     expected = oracle.check(img)

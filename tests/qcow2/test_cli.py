@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +26,17 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
-def _restore_cwd() -> Iterator[None]:
-    """Tests here chdir next to their images (paths in output are relative): undo it."""
+def restore_cwd() -> Iterator[None]:
+    """Tests here chdir next to their images (paths in output are relative): undo it.
+    (Autouse; the other golden-test modules import it.)"""
     cwd = os.getcwd()
     yield
     os.chdir(cwd)
+
+
+def by_name(*makers: Callable[[Path], Path]) -> dict[str, Callable[[Path], Path]]:
+    """Image makers keyed by their function names (the ids of parametrized cases)."""
+    return {maker.__name__: maker for maker in makers}
 
 
 @dataclass

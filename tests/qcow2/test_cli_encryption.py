@@ -12,44 +12,46 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.qcow2 import oracle
-from tests.qcow2.test_cli import Run, run_cli, run_qemu_img
+from tests.qcow2.test_cli import (  # noqa: F401 - restore_cwd is an autouse fixture
+    Run,
+    restore_cwd,
+    run_cli,
+    run_qemu_img,
+)
 
 MiB = 1024 * 1024
 SECRET = "secret,id=sec0,data=pass phrase"
 OPTS = "driver=qcow2,file.filename=img.qcow2,encrypt.key-secret=sec0"
 
 
-@pytest.fixture(autouse=True)
-def _restore_cwd() -> Iterator[None]:
-    cwd = os.getcwd()
-    yield
-    os.chdir(cwd)
+def luks_create_args(path: str, *extra: str) -> tuple[str, ...]:
+    """``create`` arguments of a 16 MiB LUKS image (passphrase of :data:`SECRET`)."""
+    return (
+        "create",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        *extra,
+        path,
+        "16M",
+    )
 
 
-def _create_luks(path: Path, *extra: str) -> Run:
+def create_luks(path: Path, *extra: str) -> Run:
     """qemu-img create of a LUKS image.  qemu times PBKDF2 with getrusage, which can read
     zero CPU time on a busy machine ("Unable to get accurate CPU usage", whatever the
     iteration time): retry a few times."""
     last = Run(1, "", "not attempted")
-    for iter_time in (10,) * 12:
-        last = run_qemu_img(
-            "create",
-            "-f",
-            "qcow2",
-            "--object",
-            SECRET,
-            "-o",
-            f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={iter_time}",
-            *extra,
-            str(path),
-            "16M",
-        )
+    for _ in range(12):
+        last = run_qemu_img(*luks_create_args(str(path), *extra))
         if last.code == 0:
             return last
     raise AssertionError(f"qemu-img could not create a LUKS image: {last.err}")
@@ -67,7 +69,7 @@ def _qemu_io(path: Path, *commands: str) -> None:
 def luks_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 16 MiB LUKS image with data, a zero range and one snapshot."""
     path = tmp_path_factory.mktemp("luks") / "img.qcow2"
-    _create_luks(path)
+    create_luks(path)
     _qemu_io(path, "write -P 0x11 0 1M", "write -P 0x22 4M 64k", "write -z 8M 1M")
     oracle.qemu_img(
         "snapshot",
@@ -218,21 +220,9 @@ def test_create_encrypted_like_qemu_img(tmp_path: Path, extra: tuple[str, ...]) 
     q, o = tmp_path / "q", tmp_path / "o"
     q.mkdir()
     o.mkdir()
-    theirs = _create_luks(q / "img.qcow2", *extra)
-    iter_time = theirs.out.split("encrypt.iter-time=")[1].split()[0]
+    theirs = create_luks(q / "img.qcow2", *extra)
     os.chdir(o)
-    ours = run_cli(
-        "create",
-        "-f",
-        "qcow2",
-        "--object",
-        SECRET,
-        "-o",
-        f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={iter_time}",
-        *extra,
-        "img.qcow2",
-        "16M",
-    )
+    ours = run_cli(*luks_create_args("img.qcow2", *extra))
     _assert_same(
         Run(theirs.code, theirs.out.replace(str(q / "img.qcow2"), "img.qcow2"), theirs.err), ours
     )

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,17 @@ import qcow2
 from qcow2.info import qdict_order, size_to_str
 from tests.helpers import need
 from tests.qcow2 import oracle
-from tests.qcow2.test_cli import Run, run_both, run_cli, run_qemu_img
+from tests.qcow2.test_cli import (  # noqa: F401 - restore_cwd is an autouse fixture
+    Run,
+    by_name,
+    restore_cwd,
+    run_both,
+    run_cli,
+    run_qemu_img,
+)
+from tests.qcow2.test_cli_encryption import create_luks
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(autouse=True)
-def _restore_cwd() -> Iterator[None]:
-    """Tests here chdir next to their images (paths in output are relative): undo it."""
-    cwd = os.getcwd()
-    yield
-    os.chdir(cwd)
 
 
 def plain(tmp: Path) -> Path:
@@ -137,25 +136,22 @@ def metadata_preallocated(tmp: Path) -> Path:
     return img
 
 
-IMAGES: dict[str, Callable[[Path], Path]] = {
-    f.__name__: f
-    for f in (
-        plain,
-        written_with_zero_and_discard,
-        with_snapshots,
-        compressed_zlib,
-        compressed_zstd,
-        extended_l2,
-        small_clusters_v2,
-        refcount_bits_and_lazy,
-        backing_chain,
-        raw_backing,
-        with_bitmaps,
-        external_data_file,
-        external_raw_data_file,
-        metadata_preallocated,
-    )
-}
+IMAGES = by_name(
+    plain,
+    written_with_zero_and_discard,
+    with_snapshots,
+    compressed_zlib,
+    compressed_zstd,
+    extended_l2,
+    small_clusters_v2,
+    refcount_bits_and_lazy,
+    backing_chain,
+    raw_backing,
+    with_bitmaps,
+    external_data_file,
+    external_raw_data_file,
+    metadata_preallocated,
+)
 
 
 def _copy_chain(src: Path) -> None:
@@ -282,25 +278,8 @@ def test_snapshot_names_are_shown_as_qemu_img_shows_them(tmp_path: Path, name: b
 def luks_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LUKS-encrypted qcow2 made by qemu-img (key derivation takes a few seconds)."""
     img = tmp_path_factory.mktemp("luks") / "img.qcow2"
-    last = Run(1, "", "not attempted")
-    # qemu times PBKDF2 with getrusage; on a busy machine a short measurement can read as
-    # zero CPU time ("Unable to get accurate CPU usage"): retry with a longer one.
-    for iter_time in (100, 300, 1000):
-        last = run_qemu_img(
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=sec0,data=secret",
-            "-o",
-            f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time={iter_time}",
-            str(img),
-            "16M",
-        )
-        if last.code == 0:
-            return img
-    raise AssertionError(f"qemu-img could not create a LUKS image: {last.err}")
+    create_luks(img)
+    return img
 
 
 @pytest.mark.parametrize(
