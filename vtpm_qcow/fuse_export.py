@@ -243,6 +243,10 @@ class SectionContent(Content):
     def discard(self) -> None:
         self.pending = None
 
+    def prime(self, data: bytes) -> None:
+        """The section now holds ``data`` (just written): no need to read it back."""
+        self._cached = (self.store.generation, bytes(data))
+
 
 class LinearContent(Content):
     """The store's linear file (file view), with a page-granular write-back buffer.
@@ -473,6 +477,7 @@ class DirNamespace(Namespace):
         content = SectionContent(self.store, section)
         if data:
             self.store.write_section(section, data)
+            content.prime(data)
         else:
             self.store.delete_section(section)
         return content
@@ -849,13 +854,16 @@ class StoreFS(pyfuse3.Operations):
         await self._locked(self._sync, fh)
 
     async def flush(self, fh: FileHandleT) -> None:
-        """close() of one descriptor: not a commit point.
+        """close() of one descriptor: not a commit point, and not needed at all.
 
         Every process that forks and execs while holding the file sends one (close-on-exec),
         so committing here would commit in the middle of a writer's update.  Writers that
-        never fsync are committed at release, when the last descriptor is gone.
+        never fsync are committed at release, when the last descriptor is gone.  ENOSYS
+        tells the kernel to stop sending FLUSH (close() still succeeds, and the kernel still
+        writes back dirty pages first): one FUSE request less per dir view commit.
         """
         self.requests["flush"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     def _release(self, fh: FileHandleT) -> None:
         handle = self.handles.pop(fh, None)
