@@ -24,6 +24,7 @@ them (plus a ``qemu-img check`` equivalent for qcow2 backups).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -94,7 +95,12 @@ def capture_image(
     except ImageLockedError:
         return _capture_held(path, tag=tag, snapshots=snapshots, control=control)
     with store:
-        return capture_store(store, tag=tag, snapshots=snapshots)
+        return _undated(capture_store(store, tag=tag, snapshots=snapshots))
+
+
+def _undated(capture: StateCapture) -> StateCapture:
+    """A capture read outside a daemon: its store's generation counter means nothing."""
+    return dataclasses.replace(capture, generation=None)
 
 
 def _capture_held(
@@ -116,7 +122,7 @@ def _capture_shared(path: str, *, tag: str | None, snapshots: bool) -> StateCapt
     for _ in range(SHARED_READ_ATTEMPTS):
         try:
             with Store.open(path, writable=False, force_share=True) as store:
-                current = capture_store(store, tag=tag, snapshots=snapshots)
+                current = _undated(capture_store(store, tag=tag, snapshots=snapshots))
         except (Qcow2Error, StateFormatError):
             previous = None  # read mid-update: try again
             continue

@@ -150,18 +150,21 @@ def test_backups_while_swtpm_writes_hold_committed_states(tmp_path: Path) -> Non
 
     committed = committed_states(base, log, tmp_path)
     assert len(committed) > writes_during_backups  # one per NV write at least
-    values = []
+    values, generations = [], []
     for number, (fmt, backup) in enumerate(backups):
         state = backup_state(fmt, backup)
         if fmt != "raw" or backup.name != "exported.lin":
             vtpm_qcow("verify", str(backup))
             manifest = json.loads(Path(f"{backup}.manifest.json").read_text())
             assert manifest_sections(manifest["state"]) == state
+            generations.append(manifest["generation"])  # set only by the daemon's capture op
         assert state in committed, f"{backup}: a state the daemon never committed"
         values.append(restart_on_backup(fmt, backup, tmp_path / f"restart{number}"))
     assert all(0 <= v <= writes_during_backups + 1 for v in values), values
     assert values == sorted(values), f"backups taken in turn went back in time: {values}"
     assert values[-1] > 0, "no write reached any backup"
+    assert all(isinstance(g, int) for g in generations), f"not read by the daemon: {generations}"
+    assert generations == sorted(generations) and generations[0] < generations[-1], generations
 
     # the qcow2 backups carry the snapshot as the source image has it (qemu-img reads both)
     before = image_sections(image, "before")
