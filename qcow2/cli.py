@@ -535,7 +535,7 @@ def _encrypt_kwargs(
     image: str, encrypt: dict[str, str], secrets: dict[str, bytes]
 ) -> dict[str, object]:
     """``qcow2.create`` arguments for the ``encrypt.*`` options (``qcow2_set_up_encryption``'s
-    messages); empty without ``encrypt.format``."""
+    messages, after ``image: ``); empty without ``encrypt.format``."""
     if "encrypt.format" not in encrypt:
         return {}
     key_id = encrypt.get("encrypt.key-secret")
@@ -928,6 +928,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from .cliopts import OptionError, parse_secrets
     from .compress import CompressedWriter, create_image
     from .errors import Qcow2Error
 
@@ -948,6 +949,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CliError(f"Unknown file format '{out_fmt}'")
     if args.c and out_fmt != "qcow2":
         raise CliError("Compression not supported for this file format")
+    out_opts = _parse_options(args.o or [])
+    out_encrypt = {key: out_opts.pop(key) for key in _ENCRYPT_OPTIONS if key in out_opts}
+    if args.c and "encrypt.format" in out_encrypt:
+        raise CliError("Compression and encryption not supported at the same time")
+    try:
+        secrets = parse_secrets(args.object)
+    except OptionError as err:
+        raise CliError(str(err)) from err
     src = _Source(_spec(args, "src"), snapshot, force_share=args.U)
     try:
         size = src.size
@@ -962,11 +971,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 os.pwrite(fd, data, offset)
 
         else:
-            opts = _parse_options(args.o or [])
+            opts = out_opts
+            where = f"{args.dst}: error while converting qcow2"
             try:
                 out_image = create_image(
                     args.dst,
                     size,
+                    **_encrypt_kwargs(where, out_encrypt, secrets),
                     compression_type=opts.get("compression_type", "zlib"),
                     cluster_size=parse_size(opts.get("cluster_size", "65536")),
                     refcount_bits=int(opts.get("refcount_bits", "16")),

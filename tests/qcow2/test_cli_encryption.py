@@ -248,3 +248,42 @@ def test_create_errors_match_qemu_img(tmp_path: Path, options: tuple[str, ...]) 
     ours = run_cli("create", "-f", "qcow2", *options, "q.qcow2", "1M")
     _assert_same(theirs, ours)
     assert not (tmp_path / "q.qcow2").exists()
+
+
+def test_convert_to_an_encrypted_image(luks_image: Path, tmp_path: Path) -> None:
+    """convert -o encrypt.*: qemu-img decrypts our output to the source's content (the
+    source being itself encrypted, through --image-opts) and finds it clean."""
+    os.chdir(tmp_path)
+    shutil.copyfile(luks_image, tmp_path / "img.qcow2")
+    encrypt = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
+    ours = run_cli("convert", "-O", "qcow2", "-o", encrypt, *KEYED, "out.qcow2")
+    assert (ours.code, ours.out, ours.err) == (0, "", "")
+    out_opts = OPTS.replace("img.qcow2", "out.qcow2")
+    oracle.qemu_img("compare", "--object", SECRET, "--image-opts", OPTS, out_opts)
+    oracle.qemu_img("check", "--object", SECRET, "--image-opts", out_opts)
+    info = json.loads(
+        oracle.qemu_img(
+            "info", "--output=json", "--object", SECRET, "--image-opts", out_opts
+        ).stdout
+    )
+    assert info["encrypted"] is True
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("-c", "-o", "encrypt.format=luks,encrypt.key-secret=sec0"),
+        ("-o", "encrypt.format=luks,encrypt.key-secret=nope"),
+        ("-o", "encrypt.format=luks"),
+    ],
+    ids=["compressed", "unknown-secret", "no-key-secret"],
+)
+def test_convert_to_encrypted_errors_match_qemu_img(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
+    src = oracle.create(tmp_path / "src.qcow2", MiB)
+    args = ("convert", "-O", "qcow2", "--object", SECRET, *options, str(src))
+    theirs = run_qemu_img(*args, str(tmp_path / "q.qcow2"))
+    ours = run_cli(*args, str(tmp_path / "o.qcow2"))
+    assert theirs.code != 0
+    _assert_same(theirs, Run(ours.code, ours.out, ours.err.replace("o.qcow2", "q.qcow2")))
