@@ -242,3 +242,38 @@ def test_overflow_midway_rolls_back(tmp_path: Path) -> None:
     oracle.assert_clean(img)
     assert names(img) == [("1", "s0"), ("2", "s1")]
     assert oracle.convert(img)[:10] == b"\x0d" * 10
+
+
+def test_replace_drops_every_snapshot_of_the_name_in_one_switch(tmp_path: Path) -> None:
+    """``create_snapshot(name, replace=True)``: the snapshots named ``name`` (qemu allows
+    duplicates) give way to one new snapshot of the current state, in a single header
+    write; the other snapshots and their data stay; nothing leaks."""
+    from qcow2.snapshots import create_snapshot
+
+    img = oracle.create(tmp_path / "a.qcow2", 4 * MiB, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 0x11 0 64k")
+    oracle.snapshot(img, "create", "a")
+    oracle.qemu_io(img, "write -P 0x22 16k 64k")
+    oracle.snapshot(img, "create", "b")
+    oracle.qemu_io(img, "write -P 0x33 32k 64k")
+    oracle.snapshot(img, "create", "a")
+    oracle.qemu_io(img, "write -P 0x44 48k 8k")
+    b_before = oracle.convert(img, snapshot="b")
+    current = oracle.convert(img)
+    header_writes: list[int] = []
+    with qcow2.open(str(img), writable=True) as image:
+        image.file.observers.append(
+            lambda ev: (
+                header_writes.append(ev.offset) if ev.kind == "write" and ev.offset < 512 else None
+            )
+        )
+        create_snapshot(image, "a", replace=True)
+    assert len(header_writes) == 1  # one switch
+    oracle.assert_clean(img)
+    assert [n for _, n in names(img)] == ["b", "a"]
+    assert oracle.convert(img, snapshot="a") == current
+    assert oracle.convert(img, snapshot="b") == b_before
+    assert oracle.convert(img) == current
+    with qcow2.open(str(img), writable=True) as image:  # without replace: a duplicate
+        create_snapshot(image, "b")
+    assert [n for _, n in names(img)] == ["b", "a", "b"]
