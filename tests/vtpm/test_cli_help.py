@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +123,24 @@ def test_json_output_parses(tmp_path: Path) -> None:
     assert [s["tag"] for s in listed] == ["one"]
     info = json.loads(vtpm_qcow("info", "--json", str(image)).stdout)
     assert info["image"] == str(image) and os.path.exists(info["image"])
+
+
+def test_missing_swtpm_is_one_line(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    for args, tool in (
+        (("serve", str(image), "--ctrl", str(tmp_path / "ctrl")), "swtpm"),
+        (("setup", "--overwrite", str(image)), "swtpm_setup"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "vtpm_qcow", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PATH": str(empty)},
+            check=False,
+        )
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        expected = f"vtpm-qcow: {tool}: not found on PATH (install swtpm / swtpm-tools)"
+        assert done.stderr.strip() == expected
