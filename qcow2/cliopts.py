@@ -12,9 +12,6 @@ Failures raise :class:`OptionError` with qemu-img's message (no ``qemu-img:`` pr
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass
 
 
@@ -87,6 +84,9 @@ def parse_secrets(objects: list[str] | None) -> dict[str, bytes]:
             raise OptionError("Either 'file' or 'data' must be provided")
         fmt = opts.get("format", "raw")
         if fmt == "base64":
+            import base64
+            import binascii
+
             try:
                 raw = base64.b64decode(raw, validate=True)
             except binascii.Error as err:
@@ -184,6 +184,8 @@ def image_spec(
 
 def qemu_compact_json(obj: object) -> str:
     """QEMU's one-line ``qobject_to_json`` of a dict built in insertion order."""
+    import json
+
     from .info import qdict_order
 
     return json.dumps(qdict_order(obj), separators=(", ", ": "))

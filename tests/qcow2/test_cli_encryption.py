@@ -26,6 +26,8 @@ from tests.qcow2.test_cli import (  # noqa: F401 - restore_cwd is an autouse fix
 
 MiB = 1024 * 1024
 SECRET = "secret,id=sec0,data=pass phrase"
+#: The same passphrase as a base64 secret.
+SECRET_B64 = "secret,id=sec0,data=cGFzcyBwaHJhc2U="
 OPTS = "driver=qcow2,file.filename=img.qcow2,encrypt.key-secret=sec0"
 
 
@@ -118,6 +120,7 @@ KEYED = ("--object", SECRET, "--image-opts", OPTS)
         ("map", "--output=json", *KEYED),
         ("snapshot", "-l", *KEYED),
         ("check", "--object", "secret,id=sec0,data=wrong", "--image-opts", OPTS),
+        ("check", "--object", f"{SECRET_B64},format=base64", "--image-opts", OPTS),
         ("map", "--object", "secret,id=other,data=x", "--image-opts", OPTS),
         ("check", "--image-opts", OPTS),
         ("info", "--image-opts", OPTS),

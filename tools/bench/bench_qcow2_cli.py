@@ -6,7 +6,9 @@ One image is built with qemu-img/qemu-io: 1 GiB virtual, every 64 KiB cluster al
 ``map --output=json`` are timed as whole processes (interpreter start-up included, what a
 script pays), median of ``--rounds`` runs; ``convert -O raw`` is reported as throughput.
 Both tools run in the same invocation, so the ratios compare like with like on a noisy
-machine.  The output is a Markdown table; a reference row times ``python3 -c pass``.
+machine.  The output is a Markdown table; a reference row times ``python3 -c pass``.  The
+"modules" column counts the modules our command imports (``python3 -X importtime``; the
+interpreter's own start-up imports included), which is what start-up time mostly pays for.
 
 Our commands run with a bytecode cache (``PYTHONPYCACHEPREFIX`` in the temporary
 directory, ``PYTHONDONTWRITEBYTECODE`` removed) after one warm-up run, as an installed
@@ -52,6 +54,18 @@ def wall(argv: list[str], rounds: int, env: dict[str, str] | None = None) -> flo
     return statistics.median(times)
 
 
+def imported_modules(argv: list[str], env: dict[str, str]) -> int:
+    """How many modules ``python3 -X importtime ARGV`` imports."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv], capture_output=True, env=env, check=False
+    )
+    return sum(
+        1
+        for line in proc.stderr.decode(errors="replace").splitlines()
+        if line.startswith("import time:") and not line.endswith("imported package")
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -66,12 +80,14 @@ def main() -> int:
         make_image(img, args.size_mib, args.snapshots)
         rows = []
         base = wall([sys.executable, "-c", "pass"], args.rounds, env)
-        rows.append(("`python3 -c pass` (interpreter start)", None, base))
+        modules = imported_modules(["-c", "pass"], env)
+        rows.append(("`python3 -c pass` (interpreter start)", None, base, modules))
         for command in COMMANDS:
             wall([*ours, *command, str(img)], 1, env)  # warm-up: fills the bytecode cache
             theirs = wall(["qemu-img", *command, str(img)], args.rounds)
             mine = wall([*ours, *command, str(img)], args.rounds, env)
-            rows.append((" ".join(command), theirs, mine))
+            modules = imported_modules(["-m", "qcow2", *command, str(img)], env)
+            rows.append((" ".join(command), theirs, mine, modules))
         raw_q, raw_o = Path(tmp) / "q.raw", Path(tmp) / "o.raw"
         theirs = wall(["qemu-img", "convert", "-O", "raw", str(img), str(raw_q)], 1)
         mine = wall([*ours, "convert", "-O", "raw", str(img), str(raw_o)], 1, env)
@@ -81,17 +97,17 @@ def main() -> int:
         f"Image: {args.size_mib} MiB, {args.size_mib * 16} allocated 64 KiB clusters, "
         f"{args.snapshots} snapshots; median of {args.rounds} runs.\n"
     )
-    print("| command | qemu-img (s) | qcow2 (s) | ratio |")
-    print("|---|---:|---:|---:|")
-    for name, q, o in rows:
+    print("| command | qemu-img (s) | qcow2 (s) | ratio | modules |")
+    print("|---|---:|---:|---:|---:|")
+    for name, q, o, n in rows:
         if q is None:
-            print(f"| {name} | | {o:.3f} | |")
+            print(f"| {name} | | {o:.3f} | | {n} |")
         else:
-            print(f"| {name} | {q:.3f} | {o:.3f} | {o / q:.1f}x |")
+            print(f"| {name} | {q:.3f} | {o:.3f} | {o / q:.1f}x | {n} |")
     mib = args.size_mib
     print(
         f"| convert -O raw ({mib} MiB) | {theirs:.2f} ({mib / theirs:.0f} MiB/s) | "
-        f"{mine:.2f} ({mib / mine:.0f} MiB/s) | {mine / theirs:.1f}x |"
+        f"{mine:.2f} ({mib / mine:.0f} MiB/s) | {mine / theirs:.1f}x | |"
     )
     return 0
 
