@@ -119,16 +119,19 @@ def _capture_held(
 def _capture_shared(path: str, *, tag: str | None, snapshots: bool) -> StateCapture:
     """Read an image another process (QEMU) holds until two reads agree."""
     previous: StateCapture | None = None
+    failure: Qcow2Error | StateFormatError | None = None
     for _ in range(SHARED_READ_ATTEMPTS):
         try:
             with Store.open(path, writable=False, force_share=True) as store:
                 current = _undated(capture_store(store, tag=tag, snapshots=snapshots))
-        except (Qcow2Error, StateFormatError):
-            previous = None  # read mid-update: try again
+        except (Qcow2Error, StateFormatError) as err:
+            previous, failure = None, err  # read mid-update (or damaged): try again
             continue
         if previous is not None and current == previous:
             return current
-        previous = current
+        previous, failure = current, None
+    if failure is not None:  # the last read failed: the image may simply be damaged
+        raise failure
     raise StoreError(
         f"{path}: in use by another process (QEMU?) and changing too fast for a consistent "
         "shared read; back it up through a vtpm-qcow mount daemon or stop that process"

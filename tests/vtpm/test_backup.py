@@ -343,3 +343,12 @@ def test_a_failed_backup_leaves_no_part_under_dest(
     failure("backup", "--overwrite", "--format", fmt, str(image), str(dest))
     assert sorted(os.listdir(small_filesystem)) == before
     vtpm_qcow("verify", str(dest))
+
+
+def test_a_damaged_held_image_reports_the_damage(tmp_path: Path) -> None:
+    image = create_image(tmp_path / "vtpm.qcow2")
+    oracle.qemu_io(image, "write -P 0x55 12 12")  # slot 0: garbage offsets and lengths
+    with held_by_qemu_io(image):
+        line = failure("backup", str(image), str(tmp_path / "b.qcow2"))
+    assert "slot 0" in line and "changing too fast" not in line
+    assert not (tmp_path / "b.qcow2").exists()
