@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from qcow2.errors import Qcow2Error
+from vtpm_qcow.control import to_json
 from vtpm_qcow.errors import QmpError, VtpmQcowError
 from vtpm_qcow.vm_orchestrate import (
     DEFAULT_JOB_TIMEOUT,
@@ -109,13 +111,21 @@ def _print_rows(rows: list[Any]) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     """``vm list``."""
     _, _, rows = _run(args, _table)
-    _print_rows(rows)
+    if args.json:
+        print(json.dumps({"tags": to_json(rows)}, indent=2))
+    else:
+        _print_rows(rows)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``vm status``: exit 0 when aligned, 3 when not."""
     status, nodes, rows = _run(args, _table)
+    aligned = all(row.aligned for row in rows)
+    if args.json:
+        fields = {"vm": status, "disks": nodes, "vtpm": args.store, "tags": rows}
+        print(json.dumps(to_json({**fields, "aligned": aligned}), indent=2))
+        return 0 if aligned else EXIT_MISALIGNED
     print(f"vm: {status}")
     for node in nodes:
         print(f"disk: {node.node} ({node.device}, {node.driver})")
@@ -276,14 +286,14 @@ def add_vm_commands(subparsers: Any) -> None:
         if name == "save":
             p.add_argument("--force", action="store_true", help="replace an existing TAG")
         p.set_defaults(func=func)
-    p = sub.add_parser("list", help="disk snapshot tags beside vTPM snapshot tags")
-    _common(p)
-    p.set_defaults(func=cmd_list)
-    p = sub.add_parser(
-        "status", help="VM state, disks, tags and mismatches (exit 3 when misaligned)"
-    )
-    _common(p)
-    p.set_defaults(func=cmd_status)
+    for name, func, text in (
+        ("list", cmd_list, "disk snapshot tags beside vTPM snapshot tags"),
+        ("status", cmd_status, "VM state, disks, tags and mismatches (exit 3 when misaligned)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.set_defaults(func=func)
     p = sub.add_parser(
         "watch",
         help="follow savevm/loadvm/delvm and snapshot jobs of others (own -qmp monitor)",

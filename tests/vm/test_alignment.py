@@ -6,6 +6,7 @@ The building blocks (the stack, TPM states A and B, the qemu-img oracles) are in
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def test_orchestrated_save_change_load_cold_boot_delete(
         assert qmp_query(s.qemu.qmp, "query-status")["running"]
         listing = s.vm("list").stdout.splitlines()
         assert listing[1].split() == ["T1", "disk0", "yes", "aligned"]
+        row = {"tag": "T1", "disks": ["disk0"], "vtpm": True, "aligned": True}
+        assert json.loads(s.vm("list", "--json").stdout) == {"tags": [row]}
         state_b(s.tpm)
         assert_permanent_state_b(s.tpm)
         assert permall(image) != permall(image, "T1")
@@ -148,6 +151,11 @@ def test_load_of_unknown_tag_is_refused_before_touching_anything(
         assert permall(image) == before
         status = s.vm("status", check=False)
         assert status.returncode == 3 and "mismatch: 'T1'" in status.stdout
+        status = s.vm("status", "--json", check=False)
+        fields = json.loads(status.stdout)
+        assert status.returncode == 3 and fields["aligned"] is False
+        assert fields["tags"] == [{"tag": "T1", "disks": [], "vtpm": True, "aligned": False}]
+        assert [d["node"] for d in fields["disks"]] == ["disk0"] and fields["vm"] == "running"
         refused = s.vm("save", "T1", check=False)  # still on the vTPM image
         assert refused.returncode == 1 and "exists on the vTPM image" in refused.stderr
         assert snapshot_tags(disk) == [] and permall(image) == before
