@@ -478,6 +478,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     extended_l2 = _onoff(opts, "extended_l2")
     cluster_size = parse_size(cluster_text)
     encrypt = {key: opts.pop(key) for key in _ENCRYPT_OPTIONS if key in opts}
+    _check_iter_time(encrypt, f"{image}: ")
     if not args.q:
         parts = [
             f"Formatting '{image}', fmt=qcow2",
@@ -550,13 +551,15 @@ def _encrypt_kwargs(
     if "encrypt.hash-alg" in encrypt:
         kwargs["encrypt_hash"] = encrypt["encrypt.hash-alg"]
     if "encrypt.iter-time" in encrypt:
-        try:
-            kwargs["encrypt_iter_time"] = int(encrypt["encrypt.iter-time"])
-        except ValueError as err:
-            raise CliError(
-                f"{image}: Parameter 'encrypt.iter-time' expects a non-negative number below 2^64"
-            ) from err
+        kwargs["encrypt_iter_time"] = int(encrypt["encrypt.iter-time"])
     return kwargs
+
+
+def _check_iter_time(encrypt: dict[str, str], prefix: str) -> None:
+    """qemu-img parses ``encrypt.iter-time`` with the options, before anything else."""
+    value = encrypt.get("encrypt.iter-time")
+    if value is not None and not value.removeprefix("-").isdigit():
+        raise CliError(f"{prefix}Parameter 'encrypt.iter-time' expects a number")
 
 
 def _validate_qcow2_create(
@@ -951,6 +954,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CliError("Compression not supported for this file format")
     out_opts = _parse_options(args.o or [])
     out_encrypt = {key: out_opts.pop(key) for key in _ENCRYPT_OPTIONS if key in out_opts}
+    _check_iter_time(out_encrypt, "")
     if args.c and "encrypt.format" in out_encrypt:
         raise CliError("Compression and encryption not supported at the same time")
     try:

@@ -12,6 +12,7 @@ Failures raise :class:`OptionError` with qemu-img's message (no ``qemu-img:`` pr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -51,6 +52,9 @@ def parse_qemu_opts(text: str, implied: str | None = None) -> list[tuple[str, st
     return pairs
 
 
+#: QEMU's ``id_wellformed``.
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
 _SECRET_KEYS = {"qom-type", "id", "data", "file", "format", "keyid", "iv"}
 
 
@@ -72,6 +76,11 @@ def parse_secrets(objects: list[str] | None) -> dict[str, bytes]:
         ident = opts.get("id")
         if ident is None:
             raise OptionError("Parameter 'id' is missing")
+        if not _IDENTIFIER.fullmatch(ident):
+            raise OptionError(
+                "Parameter 'id' expects an identifier\nIdentifiers consist of letters, "
+                "digits, '-', '.', '_', starting with a letter."
+            )
         if "keyid" in opts or "iv" in opts:
             raise OptionError("secrets encrypted with another secret (keyid) are not supported")
         if "data" in opts and "file" in opts:

@@ -131,6 +131,8 @@ KEYED = ("--object", SECRET, "--image-opts", OPTS)
         ("check", "--object", "secret,id=a,data=x,file=y", "img.qcow2"),
         ("check", "--object", "secret,id=a", "img.qcow2"),
         ("check", "--object", "foo,id=a", "img.qcow2"),
+        ("info", "--object", "secret,id=,data=x", "img.qcow2"),
+        ("info", "--object", "secret,id=9a,data=x", "img.qcow2"),
         ("check", "--object", "secret,id=a,data=x", "--object", "secret,id=a,data=y", "img.qcow2"),
     ],
     ids=lambda a: " ".join(a).replace(OPTS, "OPTS").replace(SECRET, "SECRET"),
@@ -242,8 +244,9 @@ def test_create_encrypted_like_qemu_img(tmp_path: Path, extra: tuple[str, ...]) 
         ("-o", "encrypt.format=luks"),
         ("-o", "encrypt.format=luks,encrypt.key-secret=nope"),
         ("--object", "secret,id=s", "-o", "encrypt.format=luks,encrypt.key-secret=s"),
+        ("-o", "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=abc"),
     ],
-    ids=["no-key-secret", "unknown-secret", "bad-object"],
+    ids=["no-key-secret", "unknown-secret", "bad-object", "bad-iter-time"],
 )
 def test_create_errors_match_qemu_img(tmp_path: Path, options: tuple[str, ...]) -> None:
     os.chdir(tmp_path)
@@ -278,8 +281,9 @@ def test_convert_to_an_encrypted_image(luks_image: Path, tmp_path: Path) -> None
         ("-c", "-o", "encrypt.format=luks,encrypt.key-secret=sec0"),
         ("-o", "encrypt.format=luks,encrypt.key-secret=nope"),
         ("-o", "encrypt.format=luks"),
+        ("-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=x"),
     ],
-    ids=["compressed", "unknown-secret", "no-key-secret"],
+    ids=["compressed", "unknown-secret", "no-key-secret", "bad-iter-time"],
 )
 def test_convert_to_encrypted_errors_match_qemu_img(
     tmp_path: Path, options: tuple[str, ...]
