@@ -449,7 +449,7 @@ def _add_hooks(subparsers: Any) -> None:
 def _finish_help(subparsers: Any, prefix: str = "") -> None:
     """Examples, raw formatting and one-line errors for every (nested) subcommand."""
     for name, sub in subparsers.choices.items():
-        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        sub.formatter_class = _HelpFormatter
         sub.error = _Parser.error.__get__(sub)
         if prefix + name in EXAMPLES and not sub.epilog:
             sub.epilog = EXAMPLES[prefix + name]
@@ -458,6 +458,20 @@ def _finish_help(subparsers: Any, prefix: str = "") -> None:
                 action.help = ARGUMENT_HELP.get(prefix + name, {}).get(action.dest)
             if isinstance(action, argparse._SubParsersAction):
                 _finish_help(action, f"{prefix}{name} ")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs; keeps paragraphs with indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for paragraph in text.split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith(" ") for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(paragraph, width, indent))
+        return "\n\n".join(paragraphs)
 
 
 class _Parser(argparse.ArgumentParser):

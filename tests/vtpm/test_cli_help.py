@@ -53,12 +53,17 @@ def test_the_command_set_is_complete() -> None:
 def test_help_explains_every_argument_with_examples(path: tuple[str, ...]) -> None:
     parser = COMMANDS[path]
     done = subprocess.run(
-        [need("vtpm-qcow"), *path, "--help"], capture_output=True, text=True, timeout=60
+        [need("vtpm-qcow"), *path, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "80"},
     )
     assert done.returncode == 0 and not done.stderr
     text = done.stdout
     assert text.startswith(f"usage: vtpm-qcow {' '.join(path)}")
     assert "examples:\n  vtpm-qcow " + path[0] in text, "no examples in the epilog"
+    assert max(len(line) for line in text.splitlines()) <= 100, "prose not wrapped"
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
