@@ -108,16 +108,15 @@ def with_snapshot(tmp: Path) -> tuple[Path, int]:
     return img, snapshot_table_offset(img)
 
 
-def snapshot_l1_unaligned(tmp: Path) -> Path:
-    img, table = with_snapshot(tmp)
-    update_u64(img, table, lambda entry: entry + 512)
-    return img
+def snapshot_damaged(damage: Callable[[Path, int], None]) -> Callable[[Path], Path]:
+    """An image maker: :func:`with_snapshot`, then ``damage(image, table_offset)``."""
 
+    def maker(tmp: Path) -> Path:
+        img, table = with_snapshot(tmp)
+        damage(img, table)
+        return img
 
-def snapshot_l1_too_large(tmp: Path) -> Path:
-    img, table = with_snapshot(tmp)
-    patch(img, table + 8, struct.pack(">I", 0x7FFFFFF))
-    return img
+    return maker
 
 
 def snapshot_entry_incomplete(tmp: Path) -> Path:
@@ -127,12 +126,6 @@ def snapshot_entry_incomplete(tmp: Path) -> Path:
     entry = raw[table : table + 40 + 24 + 2]
     short = entry[:36] + struct.pack(">I", 8) + entry[40:48] + entry[64:66]
     patch(img, table, short + bytes(16))
-    return img
-
-
-def snapshot_extra_too_large(tmp: Path) -> Path:
-    img, table = with_snapshot(tmp)
-    patch(img, table + 36, struct.pack(">I", 4096))
     return img
 
 
@@ -174,15 +167,21 @@ CASES = {
         clean_with_snapshots,
         refcount_too_low,
         l1_copied_wrong,
-        snapshot_l1_unaligned,
-        snapshot_l1_too_large,
         snapshot_entry_incomplete,
-        snapshot_extra_too_large,
         dirty_lazy_refcounts,
         extended_l2_bitmap_corrupt,
         small_clusters_one_bit,
         v2_with_snapshot,
         zstd_compressed,
+    ),
+    "snapshot_l1_unaligned": snapshot_damaged(
+        lambda img, table: update_u64(img, table, lambda entry: entry + 512)
+    ),
+    "snapshot_l1_too_large": snapshot_damaged(
+        lambda img, table: patch(img, table + 8, struct.pack(">I", 0x7FFFFFF))
+    ),
+    "snapshot_extra_too_large": snapshot_damaged(
+        lambda img, table: patch(img, table + 36, struct.pack(">I", 4096))
     ),
     "leaked_cluster": damaged("write 0 128k", damage=lambda img: set_refcount16(img, 5, 2)),
     "refcount_zero": damaged("write 0 128k", damage=lambda img: set_refcount16(img, 5, 0)),
