@@ -378,6 +378,11 @@ class _Pass:
     def msg(self, text: str) -> None:
         self.res.messages.append(text)
 
+    def corruption(self, text: str) -> None:
+        """Report a finding that counts as one corruption."""
+        self.msg(text)
+        self.res.corruptions += 1
+
     # Section: counting references (qcow2_inc_refcounts_imrt)
 
     def _range_clusters(self, offset: int, size: int, out: list[str]) -> list[int] | None:
@@ -427,11 +432,10 @@ class _Pass:
         offset = cluster << self.c.cluster_bits
         for _ in range(count):
             self.msg(f"ERROR: overflow cluster offset={offset:#x}")
-            self.msg(
+            self.corruption(
                 "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
                 "to create a clean copy if the image cannot be opened for writing"
             )
-            self.res.corruptions += 1
 
     # Section: L1/L2 tables
 
@@ -447,16 +451,14 @@ class _Pass:
             if not l1_entry:
                 continue
             if l1_entry & layout.L1E_RESERVED_MASK:
-                self.msg(f"ERROR found L1 entry with reserved bits set: {l1_entry:x}")
-                self.res.corruptions += 1
+                self.corruption(f"ERROR found L1 entry with reserved bits set: {l1_entry:x}")
             l2_offset = l1_entry & layout.L1E_OFFSET_MASK
             self.inc(l2_offset, c.cluster_size)
             if l2_offset & (c.cluster_size - 1):
-                self.msg(
+                self.corruption(
                     f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                     "L1 entry corrupted"
                 )
-                self.res.corruptions += 1
             # The scan does not depend on which L1 refers to the table (only the active
             # one counts the fragmentation figures): one scan per table and pass.
             key = l2_offset
@@ -644,22 +646,19 @@ class _Pass:
         self.inc(0, c.cluster_size)
         self.check_l1(c.h.l1_table_offset, c.h.l1_size, active=True)
         if c.has_data_file and c.snapshots:
-            self.msg(f"ERROR {len(c.snapshots)} snapshots in image with data file")
-            self.res.corruptions += 1
+            self.corruption(f"ERROR {len(c.snapshots)} snapshots in image with data file")
         for sn in c.snapshots:
             if sn.l1_table_offset & (c.cluster_size - 1):
-                self.msg(
+                self.corruption(
                     f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={_alt_hex(sn.l1_table_offset)}: "
                     "L1 table is not cluster aligned; snapshot table entry corrupted"
                 )
-                self.res.corruptions += 1
                 continue
             if sn.l1_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
-                self.msg(
+                self.corruption(
                     f"ERROR snapshot {sn.id} ({sn.name}) l1_size={_alt_hex(sn.l1_size)}: "
                     "L1 table is too large; snapshot table entry corrupted"
                 )
-                self.res.corruptions += 1
                 continue
             self.check_l1(sn.l1_table_offset, sn.l1_size, active=False)
         self.flush_pending()
@@ -713,16 +712,14 @@ class _Pass:
             offset = raw & layout.REFT_OFFSET_MASK
             cluster = offset >> c.cluster_bits
             if raw & layout.REFT_RESERVED_MASK:
-                self.msg(f"ERROR refcount table entry {i} has reserved bits set")
-                self.res.corruptions += 1
+                self.corruption(f"ERROR refcount table entry {i} has reserved bits set")
                 rebuild = True
                 continue
             if offset & (c.cluster_size - 1):
-                self.msg(
+                self.corruption(
                     f"ERROR refcount block {i} is not cluster aligned; refcount table entry "
                     "corrupted"
                 )
-                self.res.corruptions += 1
                 rebuild = True
                 continue
             if cluster >= self.nb_clusters:
@@ -750,8 +747,7 @@ class _Pass:
             if offset:
                 self.inc(offset, c.cluster_size)
                 if self.imrt[cluster] != 1:
-                    self.msg(f"ERROR refcount block {i} refcount={self.imrt[cluster]}")
-                    self.res.corruptions += 1
+                    self.corruption(f"ERROR refcount block {i} refcount={self.imrt[cluster]}")
                     rebuild = True
         return rebuild
 
