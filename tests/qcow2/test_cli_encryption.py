@@ -119,6 +119,8 @@ KEYED = ("--object", SECRET, "--image-opts", OPTS)
         ("map", *KEYED),
         ("map", "--output=json", *KEYED),
         ("snapshot", "-l", *KEYED),
+        ("compare", *KEYED, OPTS),
+        ("compare", "--object", "secret,id=sec0,data=wrong", "--image-opts", OPTS, OPTS),
         ("check", "--object", "secret,id=sec0,data=wrong", "--image-opts", OPTS),
         ("check", "--object", f"{SECRET_B64},format=base64", "--image-opts", OPTS),
         ("map", "--object", "secret,id=other,data=x", "--image-opts", OPTS),
