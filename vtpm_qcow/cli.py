@@ -1,4 +1,5 @@
-"""The ``vtpm-qcow`` command: create, set up, inspect, snapshot, import and export vTPM images.
+"""The ``vtpm-qcow`` command: create, set up, inspect, snapshot, import, export, back up,
+verify and restore vTPM images.
 
 Every failure is one line on stderr (``vtpm-qcow: IMAGE: what is wrong``) and a non-zero
 exit status; tracebacks are for bugs only.  ``mount``/``serve`` come from
