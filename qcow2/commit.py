@@ -96,7 +96,8 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
         table = bytearray(image.l2_cache.get(old_l2)) if old_l2 else bytearray(cluster_size)
         for index in indexes:
             data_offset = txn.alloc(cluster_size)
-            txn.stage(data_offset, bytes(new_content[index]))
+            # Encrypted images: ciphertext for the NEW host offset (XTS tweak = host sector).
+            txn.stage(data_offset, image.encrypt_data(data_offset, bytes(new_content[index])))
             pos = (index % l2_entries) * entry_size
             old_entry = int.from_bytes(table[pos : pos + 8], "big")
             for offset, length in entry_host_ranges(image, old_entry):

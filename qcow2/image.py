@@ -669,11 +669,6 @@ class Image:
         from .commit import commit_atomically
 
         self._check_writable()
-        if self.encrypted:
-            # qcow2.commit stages data clusters as they are: it would store plaintext.
-            raise UnsupportedFeatureError(
-                "atomic commits on encrypted images are not supported", path=self.path
-            )
         for offset, data in writes:
             self._check_range(offset, len(data))
         self._compressed_cache = None

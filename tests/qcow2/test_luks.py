@@ -344,13 +344,23 @@ def test_missing_key_allows_info_but_no_io(qemu_image: Path) -> None:
     assert qemu_image.read_bytes() == before
 
 
-def test_commit_atomically_refused_on_encrypted_images(tmp_path: Path) -> None:
+def test_commit_atomically_encrypts_for_the_new_host_offsets(tmp_path: Path) -> None:
     path = tmp_path / "ours.qcow2"
+    model = bytearray(SIZE)
     with _create_ours(path) as image:
-        image.write(0, b"a" * 512)
-        with pytest.raises(UnsupportedFeatureError, match="encrypted"):
-            image.commit_atomically([(0, b"b" * 512)])
-    assert q_raw(path)[:512] == b"a" * 512
+        image.write(0, b"a" * 70000)
+        model[0:70000] = b"a" * 70000
+        image.create_snapshot("before")
+        writes = [(100, b"b" * 512), (65536 - 10, b"c" * 30), (200000, b"d" * 4096)]
+        image.commit_atomically(writes)
+        for offset, data in writes:
+            model[offset : offset + len(data)] = data
+        assert image.read(0, SIZE) == bytes(model)
+    raw = path.read_bytes()
+    for _, data in writes:
+        assert data not in raw  # nothing stored in plaintext
+    assert q_raw(path) == bytes(model)  # qemu-img decrypts what the commit staged
+    assert q_check(path)["exit-code"] == 0
 
 
 # Section: primitives and bad input
