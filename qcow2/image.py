@@ -612,14 +612,18 @@ class Image:
         self.l2_cache.clear()
         self._compressed_cache = None
 
-    def create_snapshot(self, name: str) -> SnapshotEntry:
-        """Create internal snapshot ``name`` (``qemu-img snapshot -c``)."""
+    def create_snapshot(self, name: str, *, replace: bool = False) -> SnapshotEntry:
+        """Create internal snapshot ``name`` (``qemu-img snapshot -c``).
+
+        ``replace=True`` drops every snapshot named ``name`` in the same metadata switch
+        (QEMU's savevm over an existing tag, but a crash keeps the old one or the new one).
+        """
         from .snapshots import create_snapshot
 
         self._check_writable()
         self._before_metadata_rewrite()
         try:
-            return create_snapshot(self, name)
+            return create_snapshot(self, name, replace=replace)
         finally:
             self._after_metadata_rewrite()
 

@@ -38,7 +38,6 @@ from typing import Final
 import xxhash
 
 import qcow2
-from qcow2 import snapshots as qcow2_snapshots
 
 from . import linear
 from .errors import StateFormatError, StoreError
@@ -410,14 +409,7 @@ class Store:
             exists = tag in self._snapshot_names()
             if exists and not overwrite:
                 raise StoreError(f"{self.path}: snapshot '{tag}' already exists")
-            # qcow2.Image.create_snapshot has no replace option: the snapshots module is
-            # called directly, with the image flushed before (dirty tables written) and
-            # after (as Image's own snapshot calls do).
-            self._image.flush()
-            try:
-                qcow2_snapshots.create_snapshot(self._image, tag, replace=exists)
-            finally:
-                self._image.flush()
+            self._image.create_snapshot(tag, replace=exists)
             self._changed()
 
     def apply_snapshot(self, tag: str) -> None:
