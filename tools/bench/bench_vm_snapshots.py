@@ -32,12 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.vm.qemu_fixtures import (
-    create_disk,
-    qemu_vm,
-    served_store,
-    vtpm_qcow_command,
-)
+from tests.vm.qemu_fixtures import create_disk, qemu_vm, served_store
+from tests.vtpm.mount_fixtures import vtpm_qcow as vtpm_qcow_command
 from vtpm_qcow.control import RUNTIME_DIR_ENV
 from vtpm_qcow.vm_orchestrate import Monitor, VtpmSnapshots, load, open_vtpm, save
 
