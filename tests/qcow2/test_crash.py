@@ -13,7 +13,6 @@ fail with an error, and the image is then still clean, with exactly the old cont
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,10 @@ import qcow2
 from qcow2.errors import Qcow2Error
 from qcow2.fileio import WriteEvent, inject_fault
 from tests.qcow2 import oracle
+from tests.writelog import crash_variants, replay
 
 KiB = 1024
 SIZE = 512 * KiB
-SECTOR = 512
 
 
 @dataclass
@@ -36,37 +35,6 @@ class State:
 
     content: bytes
     snapshots: dict[str, bytes] = field(default_factory=dict)
-
-
-def replay(base: bytes, events: list[WriteEvent], target: Path) -> None:
-    """Write ``base`` to ``target`` and apply ``events`` (flushes are no-ops here)."""
-    target.write_bytes(base)
-    fd = os.open(target, os.O_RDWR)
-    try:
-        for ev in events:
-            if ev.kind == "write":
-                os.pwrite(fd, ev.data, ev.offset)
-            elif ev.kind == "truncate":
-                os.ftruncate(fd, ev.offset)
-    finally:
-        os.close(fd)
-
-
-def crash_variants(events: list[WriteEvent], k: int) -> list[list[WriteEvent]]:
-    """Images a crash after event ``k`` may leave: the prefix itself; the prefix where only
-    the last write since the last flush reached the disk; the prefix with its last write
-    torn at a sector boundary."""
-    prefix = events[:k]
-    variants = [prefix]
-    last_flush = max((i for i, ev in enumerate(prefix) if ev.kind == "flush"), default=-1)
-    pending = [ev for ev in prefix[last_flush + 1 :] if ev.kind == "write"]
-    if len(pending) >= 2:
-        variants.append([*prefix[: last_flush + 1], pending[-1]])
-    if prefix and prefix[-1].kind == "write" and len(prefix[-1].data) > SECTOR:
-        last = prefix[-1]
-        cut = len(last.data) // 2 // SECTOR * SECTOR
-        variants.append([*prefix[:-1], WriteEvent("write", last.offset, last.data[:cut])])
-    return variants
 
 
 def assert_consistent(path: Path) -> None:

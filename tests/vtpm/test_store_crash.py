@@ -9,7 +9,6 @@ must hold, as qemu-img reads it and as the Store reads it, exactly the old or th
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,35 +17,10 @@ import pytest
 
 from qcow2.fileio import WriteEvent
 from tests.qcow2 import oracle
+from tests.writelog import all_crash_variants, replay
 from vtpm_qcow import linear
 from vtpm_qcow.errors import StoreError
 from vtpm_qcow.store import Store
-
-
-def replay(base: bytes, events: list[WriteEvent], target: Path) -> None:
-    target.write_bytes(base)
-    fd = os.open(target, os.O_RDWR)
-    try:
-        for ev in events:
-            if ev.kind == "write":
-                os.pwrite(fd, ev.data, ev.offset)
-            elif ev.kind == "truncate":
-                os.ftruncate(fd, ev.offset)
-    finally:
-        os.close(fd)
-
-
-def crash_images(events: list[WriteEvent]) -> list[list[WriteEvent]]:
-    """Every prefix, plus the prefix where only the last write since the last flush landed."""
-    out = []
-    for k in range(len(events) + 1):
-        prefix = events[:k]
-        out.append(prefix)
-        last_flush = max((i for i, ev in enumerate(prefix) if ev.kind == "flush"), default=-1)
-        pending = [ev for ev in prefix[last_flush + 1 :] if ev.kind == "write"]
-        if len(pending) >= 2:
-            out.append([*prefix[: last_flush + 1], pending[-1]])
-    return out
 
 
 def layout_of_disk(disk: bytes) -> bytes:
@@ -91,7 +65,7 @@ def test_every_crash_point_leaves_old_or_new_state(tmp_path: Path, operation: st
     assert old != new and any(ev.kind == "write" for ev in events)
     target = tmp_path / "crashed.qcow2"
     seen = set()
-    for variant in crash_images(events):
+    for variant in all_crash_variants(events):
         replay(base, variant, target)
         result = oracle.check(target)
         assert result["exit-code"] in (oracle.CHECK_CLEAN, oracle.CHECK_LEAKS), result["stderr"]
@@ -120,7 +94,7 @@ def test_snapshot_overwrite_never_loses_the_tag(tmp_path: Path) -> None:
     assert layout_of_disk(oracle.convert(path, snapshot="snap")) == current
     target = tmp_path / "crashed.qcow2"
     seen = set()
-    for variant in crash_images(events):
+    for variant in all_crash_variants(events):
         replay(base, variant, target)
         result = oracle.check(target)
         assert result["exit-code"] in (oracle.CHECK_CLEAN, oracle.CHECK_LEAKS), result["stderr"]
