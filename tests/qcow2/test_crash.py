@@ -242,6 +242,23 @@ def is_transaction_switch(event: WriteEvent) -> bool:
     return event.kind == "write" and (event.offset, len(event.data)) in ((36, 36), (24, 48))
 
 
+def fail_at_switch(fail_on: str) -> Callable[[WriteEvent], None]:
+    """A write observer that fails a transaction's header write (``fail_on="write"``) or
+    the flush right after it (``"flush"``) with EIO."""
+    seen = {"header": False}
+
+    def fail(event: WriteEvent) -> None:
+        if is_transaction_switch(event):
+            seen["header"] = True
+            if fail_on == "write":
+                raise OSError(5, "injected header write failure")
+        elif event.kind == "flush" and seen["header"] and fail_on == "flush":
+            seen["header"] = False
+            raise OSError(5, "injected flush failure")
+
+    return fail
+
+
 @pytest.mark.parametrize("fail_on", ["write", "flush"])
 def test_commit_switch_failure_follows_the_header(tmp_path: Path, fail_on: str) -> None:
     """The header write (or the flush after it) fails: the image keeps working in whatever
@@ -250,16 +267,7 @@ def test_commit_switch_failure_follows_the_header(tmp_path: Path, fail_on: str) 
     old = oracle.convert(img)
     new = bytearray(old)
     new[0:3] = b"new"
-    header_write = {"seen": False}
-
-    def fail(event: WriteEvent) -> None:
-        if is_transaction_switch(event):
-            header_write["seen"] = True
-            if fail_on == "write":
-                raise OSError(5, "injected header write failure")
-        elif event.kind == "flush" and header_write["seen"] and fail_on == "flush":
-            header_write["seen"] = False
-            raise OSError(5, "injected flush failure")
+    fail = fail_at_switch(fail_on)
 
     with qcow2.open(str(img), writable=True) as image:
         image.file.observers.append(fail)
@@ -282,16 +290,7 @@ def test_snapshot_switch_failure_follows_the_header(tmp_path: Path, op: str, fai
     oracle.qemu_img("resize", str(img), str(2 * SIZE))  # apply switches the size too
     old = oracle.convert(img)
     snap = oracle.convert(img, snapshot="s")
-    seen = {"header": False}
-
-    def fail(event: WriteEvent) -> None:
-        if is_transaction_switch(event):
-            seen["header"] = True
-            if fail_on == "write":
-                raise OSError(5, "injected header write failure")
-        elif event.kind == "flush" and seen["header"] and fail_on == "flush":
-            seen["header"] = False
-            raise OSError(5, "injected flush failure")
+    fail = fail_at_switch(fail_on)
 
     switched = fail_on == "flush"
     expected_names = {
