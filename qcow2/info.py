@@ -665,12 +665,21 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
         raw = f.pread(l2_offset, cs) if l2_offset < file_len else bytes(cs)
         words = struct.unpack(f">{cs // 8}Q", raw)
         step = 2 if ext else 1
-        for j in range(per_l2):
+        in_size = min(per_l2, layout.size_to_clusters(cs, size - base))
+        j = 0
+        while j < in_size:
             entry = words[j * step]
             bitmap = words[j * step + 1] if ext else 0
             start = base + j * cs
-            if start >= size:
-                break
+            if not ext and _plain_entry(entry, cs):
+                # A stretch of unallocated entries, or of data clusters contiguous on the
+                # host, is one run: found in C-level slice compares, not entry by entry.
+                count = _progression_length(words, j, in_size, cs if entry else 0)
+                host = entry & layout.L2E_OFFSET_MASK
+                kind = _DATA if host else _UNALLOCATED
+                add(start, start + count * cs, kind, None if encrypted or not host else host)
+                j += count
+                continue
             statuses = list(_entry_status(entry, bitmap, h, start, cs, sc_size))
             problem = _entry_error(entry, statuses, h, l2_offset, j)
             if problem is not None:
@@ -679,10 +688,54 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
                 return runs
             for sc_start, sc_end, kind, offset in statuses:
                 add(sc_start, sc_end, kind, None if encrypted else offset)
+            j += 1
     add(nb_l1 * l2_span, size, _UNALLOCATED, None)
     if not encrypted and not h.has_data_file and _metadata_preallocated(layer):
         return _split_by_host_holes(layer, runs)
     return runs
+
+
+def _plain_entry(entry: int, cluster_size: int) -> bool:
+    """Whether a standard L2 entry is 0 (unallocated) or an aligned data cluster with at
+    most the COPIED flag: the entries :func:`_progression_length` may skip over."""
+    if entry == 0:
+        return True
+    host = entry & layout.L2E_OFFSET_MASK
+    return (
+        host != 0
+        and host % cluster_size == 0
+        and entry & ~(layout.L2E_OFFSET_MASK | layout.OFLAG_COPIED) == 0
+    )
+
+
+def _progression_length(words: Sequence[int], first: int, end: int, step: int) -> int:
+    """How many of ``words[first:end]`` continue ``words[first]`` by ``step`` each (≥1).
+
+    Gallops by doubling, then bisects, comparing whole slices against the progression.
+    """
+    origin = words[first]
+
+    def continues(lo: int, hi: int) -> bool:
+        expected = (
+            range(origin + lo * step, origin + hi * step, step) if step else (origin,) * (hi - lo)
+        )
+        return words[first + lo : first + hi] == tuple(expected)
+
+    good = 1  # words[first:first + good] are known to continue the progression
+    while first + good < end:
+        ahead = min(2 * good, end - first)
+        if continues(good, ahead):
+            good = ahead
+            continue
+        bad = ahead  # the mismatch is in [good, bad)
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            if continues(good, middle):
+                good = middle
+            else:
+                bad = middle
+        break
+    return good
 
 
 def _entry_error(
