@@ -303,12 +303,14 @@ class Image:
         a new table must not land on live metadata (possible only in a corrupt image)."""
         h = self.header
         cs = h.cluster_size
-        first, last = offset // cs, (offset + length - 1) // cs
+        # The clusters the write touches, as a byte range [low, high) of whole clusters.
+        low = offset // cs * cs
+        high = ((offset + length - 1) // cs + 1) * cs
 
         def hits(start: int, size: int) -> bool:
-            return size > 0 and start // cs <= last and first <= (start + size - 1) // cs
+            return size > 0 and start < high and low < start + size
 
-        clusters = [c * cs for c in range(first, last + 1)]
+        clusters = range(low, high, cs)
         what = None
         if hits(0, cs):
             what = "qcow2_header"
@@ -316,7 +318,7 @@ class Image:
             what = "active L1 table"
         elif hits(h.refcount_table_offset, h.refcount_table_clusters * cs):
             what = "refcount table"
-        elif any(c in self.refcounts.block_offsets for c in clusters):
+        elif not self.refcounts.block_offsets.isdisjoint(clusters):
             what = "refcount block"
         elif not self.clusters.l2_offsets().isdisjoint(clusters):
             what = "active L2 table"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, KeysView
 
 from . import layout
 from .cache import TableCache
@@ -78,8 +78,9 @@ class RefcountTable:
         raw = f.pread(
             header.refcount_table_offset, header.refcount_table_clusters * self.cluster_size
         )
-        #: Host offsets of the refcount blocks (for overlap checks), kept with ``table``.
-        self.block_offsets: set[int] = set()
+        #: How many table entries point at each refcount block offset (a corrupt table may
+        #: name a block twice), kept with ``table``: the overlap checks ask at every write.
+        self._block_refs: dict[int, int] = {}
         self.table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
 
     @property
@@ -90,7 +91,38 @@ class RefcountTable:
     @table.setter
     def table(self, entries: list[int]) -> None:
         self._table = entries
-        self.block_offsets = {e & layout.REFT_OFFSET_MASK for e in entries} - {0}
+        refs: dict[int, int] = {}
+        for entry in entries:
+            offset = entry & layout.REFT_OFFSET_MASK
+            if offset:
+                refs[offset] = refs.get(offset, 0) + 1
+        self._block_refs = refs
+
+    @property
+    def block_offsets(self) -> KeysView[int]:
+        """Host offsets of the refcount blocks (for overlap checks)."""
+        return self._block_refs.keys()
+
+    def adopt_table(self, entries: list[int], changed: Iterable[int]) -> None:
+        """Replace the table with ``entries``, which differ from it only at the indexes
+        ``changed`` (and in zero entries appended).  Same result as assigning ``table``,
+        without a pass over every entry: a metadata transaction replaces the table at each
+        commit but changes a handful of entries."""
+        old, refs, mask = self._table, self._block_refs, layout.REFT_OFFSET_MASK
+        for index in changed:
+            before = old[index] & mask if index < len(old) else 0
+            after = entries[index] & mask
+            if before == after:
+                continue
+            if before:
+                left = refs[before] - 1
+                if left:
+                    refs[before] = left
+                else:
+                    del refs[before]
+            if after:
+                refs[after] = refs.get(after, 0) + 1
+        self._table = entries
 
     # Section: lookup
 
@@ -263,8 +295,8 @@ class RefcountTable:
         fault_point("refblock_alloc.hookup")
         self.file.pwrite(self.header.refcount_table_offset + index * 8, struct.pack(">Q", offset))
         self.file.flush()
+        self._block_refs[offset] = self._block_refs.get(offset, 0) + 1  # the entry was 0
         self.table[index] = offset
-        self.block_offsets.add(offset)
 
     def _grow_table(self, indices: set[int], exclude_end: int) -> None:
         """Move the reftable to a bigger one placed, with the new refblocks, in the first
