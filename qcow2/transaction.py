@@ -26,7 +26,7 @@ the new generation is exact as well.  The dirty bit is left as it is.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING
 
 from . import layout
@@ -101,6 +101,9 @@ class MetadataTransaction:
         #: Staged new tables by cache: kept warm in the caches after the switch.
         self._new_l2: list[int] = []
         self._new_refblocks: list[int] = []
+        self._new_block_indexes: list[int] = []
+        #: New refcounts of the clusters whose refcount changes (set by _build_refcounts).
+        self._final: dict[int, int] = {}
         self.snapshots: list[SnapshotEntry] | None = None
         self.virtual_size: int | None = None
         self._old_refcounts: dict[int, int] = {}
@@ -158,22 +161,50 @@ class MetadataTransaction:
         """Host offset of a run of clusters for ``nbytes``, free in the committed structure
         and not yet taken; they get refcount 1 in the new structure."""
         nclusters = max(1, layout.size_to_clusters(self.cluster_size, nbytes))
-        cluster = self._cursor
-        run_start, run = cluster, 0
-        while run < nclusters:
-            if cluster not in self.taken and self.old_refcount(cluster) == 0:
-                if run == 0:
-                    run_start = cluster
-                run += 1
-            else:
-                run = 0
-            cluster += 1
+        first_free = self._next_free(self._cursor)
+        run_start = first_free
+        if nclusters > 1:
+            cluster, run = first_free, 0
+            while run < nclusters:
+                if cluster not in self.taken and self.old_refcount(cluster) == 0:
+                    if run == 0:
+                        run_start = cluster
+                    run += 1
+                else:
+                    run = 0
+                cluster += 1
         for c in range(run_start, run_start + nclusters):
             self.taken.add(c)
             self.delta[c] = self.delta.get(c, 0) + 1
-        while self._cursor in self.taken or self.old_refcount(self._cursor):
-            self._cursor += 1
+        # Every cluster below ``first_free`` is used or taken; so is the run just taken.
+        if run_start == first_free:
+            first_free = self._next_free(run_start + nclusters)
+        self._cursor = first_free
         return run_start << self.cluster_bits
+
+    def _next_free(self, cluster: int) -> int:
+        """The lowest cluster from ``cluster`` on that is free in the committed structure
+        and not taken."""
+        taken = self.taken
+        if not self._whole_blocks:
+            while cluster in taken or self.old_refcount(cluster):
+                cluster += 1
+            return cluster
+        per_block = self.refcounts.entries_per_block
+        while True:
+            index, within = divmod(cluster, per_block)
+            values = self._decoded.get(index)
+            if values is None:
+                values = self._decoded[index] = self._decoded_block(index)
+            try:
+                within = values.index(0, within)  # the next zero refcount, found in C
+            except ValueError:
+                cluster = (index + 1) * per_block
+                continue
+            cluster = index * per_block + within
+            if cluster not in taken:
+                return cluster
+            cluster += 1
 
     def _untake(self, first: int, nclusters: int) -> None:
         for c in range(first, first + nclusters):
@@ -247,7 +278,10 @@ class MetadataTransaction:
         return struct.unpack(f">{self.cluster_size // 8}Q", table)
 
     def _normalize(
-        self, words: list[int], l2_offset: int, entries: Sequence[int] | None = None
+        self,
+        words: MutableSequence[int] | dict[int, int],
+        l2_offset: int,
+        entries: Sequence[int] | None = None,
     ) -> bool:
         """Set every COPIED flag of the L2 words (of ``entries`` only, if given) to match
         the new refcounts (``l2_offset`` names the table in errors); True if a word changed.
@@ -284,6 +318,23 @@ class MetadataTransaction:
                 changed = True
         return changed
 
+    def _normalize_entries(
+        self, table: bytearray, l2_offset: int, entries: Sequence[int]
+    ) -> bytearray:
+        """:meth:`_normalize` of the L2 ``entries`` of ``table`` (its bytes, changed in
+        place); returns ``table``."""
+        step = self.words_per_entry
+        words = {}
+        for index in entries:
+            pos = index * step
+            words[pos] = int.from_bytes(table[pos * 8 : pos * 8 + 8], "big")
+        wanted = dict(words)
+        if self._normalize(wanted, l2_offset, entries):
+            for pos, word in wanted.items():
+                if word != words[pos]:
+                    table[pos * 8 : pos * 8 + 8] = word.to_bytes(8, "big")
+        return table
+
     # Section: building the new generation
 
     def _build_active_l1(self) -> tuple[list[int], int]:
@@ -294,18 +345,25 @@ class MetadataTransaction:
         l2_offsets = [self._l2_offset(e, i) for i, e in enumerate(self.active_l1)]
         for i, l2_offset in enumerate(l2_offsets):
             table = self.replaced_l2.get(i)
-            if table is not None:
+            entries = self.replaced_entries.get(i)
+            if table is not None and entries is not None:
+                # A few changed entries (a commit): patch them in the new table's bytes
+                # rather than decoding and re-encoding all of it.
+                content = bytes(self._normalize_entries(table, l2_offset, entries))
+            elif table is not None:
                 words = list(struct.unpack(f">{self.cluster_size // 8}Q", table))
-                self._normalize(words, l2_offset, self.replaced_entries.get(i))
+                self._normalize(words, l2_offset)
+                content = struct.pack(f">{len(words)}Q", *words)
             elif not l2_offset or not self.recheck_all:
                 continue
             else:
                 words = list(self._l2_words(l2_offset))
                 if not self._normalize(words, l2_offset):
                     continue
+                content = struct.pack(f">{len(words)}Q", *words)
             # Never modified in place: the committed generation must stay intact.
             new_offset = self.alloc(self.cluster_size)
-            self.stage(new_offset, struct.pack(f">{len(words)}Q", *words))
+            self.stage(new_offset, content)
             self._new_l2.append(new_offset)
             if l2_offset:
                 self.release(l2_offset, self.cluster_size)
@@ -344,7 +402,7 @@ class MetadataTransaction:
         header = self.image.header
         cs = self.cluster_size
         per_block = self.refcounts.entries_per_block
-        old_table = list(self.refcounts.table)
+        old_table = self.refcounts.table  # read only: the new table is a new list
         old_clusters = header.refcount_table_clusters
         self.release(header.refcount_table_offset, old_clusters * cs)
         new_blocks: dict[int, int] = {}  # refblock index -> new host offset
@@ -378,7 +436,7 @@ class MetadataTransaction:
             if not changed:
                 break
         assert table_run is not None
-        self._check_ranges()
+        values = self._final_refcounts()
         blocks: dict[int, bytearray] = {}
         for index in new_blocks:
             old_offset = self._old_block(old_table, index)
@@ -388,13 +446,12 @@ class MetadataTransaction:
                 else bytearray(cs)
             )
         bits = self.refcounts.bits
-        for cluster, d in self.delta.items():
-            if d:
-                block = blocks[cluster // per_block]
-                write_refcount(block, cluster % per_block, bits, self.new_refcount(cluster))
+        for cluster, value in values.items():
+            write_refcount(blocks[cluster // per_block], cluster % per_block, bits, value)
         for index, offset in new_blocks.items():
             self.stage(offset, bytes(blocks[index]))
         self._new_refblocks = list(new_blocks.values())
+        self._new_block_indexes = list(new_blocks)
         first, nclusters = table_run
         table = old_table + [0] * (nclusters * cs // 8 - len(old_table))
         for index, offset in new_blocks.items():
@@ -415,13 +472,16 @@ class MetadataTransaction:
             )
         return offset
 
-    def _check_ranges(self) -> None:
-        """Refuse before anything is written: no refcount may overflow or drop below 0."""
+    def _final_refcounts(self) -> dict[int, int]:
+        """The new refcount of every cluster whose refcount changes (kept for
+        :meth:`_adopt`).  Refuses before anything is written: no refcount may overflow or
+        drop below 0."""
         limit = self.refcounts.max_refcount
+        values = self._final = {}
         for cluster, d in self.delta.items():
             if not d:
                 continue
-            value = self.old_refcount(cluster) + d
+            value = values[cluster] = self.old_refcount(cluster) + d
             if value < 0:
                 raise RefcountRangeError(
                     f"refcount of cluster {cluster} would drop below 0 "
@@ -434,6 +494,7 @@ class MetadataTransaction:
                     f"(refcount_bits={self.refcounts.bits})",
                     path=self.image.path,
                 )
+        return values
 
     # Section: commit
 
@@ -503,9 +564,11 @@ class MetadataTransaction:
         image.l1_table[:] = new_l1
         image.snapshot_entries = list(snapshots)
         refcounts = image.refcounts
-        refcounts.table = table
-        freed = [c for c, d in self.delta.items() if d < 0 and not self.new_refcount(c)]
-        refcounts.free_cluster_index = min([refcounts.free_cluster_index, *freed])
+        refcounts.adopt_table(table, self._new_block_indexes)
+        freed = [c for c, value in self._final.items() if not value]
+        # Below the cursor every cluster was used or is taken now: only the freed ones
+        # may be free in the new structure.
+        refcounts.free_cluster_index = min([self._cursor, *freed])
         for cache in (image.refblock_cache, image.l2_cache):
             for cluster in freed:
                 cache.forget(cluster << self.cluster_bits)
