@@ -10,14 +10,18 @@ Start-up is kept short: each subcommand imports only the modules it needs.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+
+from .cliparse import TRY_HELP, Arguments, Command, HelpRequested, Option, UsageError, parse
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 PROG = "qemu-img"
+DESCRIPTION = "qemu-img compatible qcow2 tool (pure Python, no QEMU needed)."
 
 
 def _api() -> Any:
@@ -58,14 +62,7 @@ def _open_error(path: str, err: BaseException) -> CliError:
     return CliError(f"Could not open '{path}': {reason}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with qemu-img style one-line errors (exit 1)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise CliError(message)
-
-
-def _spec(args: argparse.Namespace, attr: str = "image", fmt: str | None = None) -> Any:
+def _spec(args: Arguments, attr: str = "image", fmt: str | None = None) -> Any:
     """The :class:`~qcow2.cliopts.ImageSpec` of image argument ``attr`` (``--object``
     secrets and ``--image-opts`` applied; ``fmt`` overrides ``-f``)."""
     from .cliopts import OptionError, image_spec, parse_secrets
@@ -96,7 +93,7 @@ def _key(spec: Any) -> bytes | None:
 # Section: info
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
+def _cmd_info(args: Arguments) -> int:
     from .errors import Qcow2Error
     from .info import (
         BackingOpenError,
@@ -136,7 +133,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # Section: check
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _cmd_check(args: Arguments) -> int:
     from .check import check_file
     from .errors import Qcow2Error
     from .fileio import HostFile
@@ -234,7 +231,7 @@ def _check_human(r: object) -> str:
 # Section: map
 
 
-def _cmd_map(args: argparse.Namespace) -> int:
+def _cmd_map(args: Arguments) -> int:
     from .errors import Qcow2Error
     from .info import format_map_human, format_map_json, map_entries, open_chain
 
@@ -272,10 +269,10 @@ def _cmd_map(args: argparse.Namespace) -> int:
 # Section: snapshot
 
 
-def _cmd_snapshot(args: argparse.Namespace) -> int:
+def _cmd_snapshot(args: Arguments) -> int:
     actions = [a for a in ("l", "c", "a", "d") if getattr(args, a)]
     if len(actions) > 1:
-        raise CliError("Cannot mix snapshot actions")
+        raise CliError(f"Cannot mix '-l', '-a', '-c', '-d'\n{TRY_HELP}")
     action = actions[0] if actions else "l"
     if action == "l":
         from .errors import Qcow2Error
@@ -412,7 +409,7 @@ _CREATE_OPTIONS = {
 }
 
 
-def _cmd_create(args: argparse.Namespace) -> int:
+def _cmd_create(args: Arguments) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
     from .cliopts import OptionError, parse_secrets
@@ -582,7 +579,7 @@ def _validate_qcow2_create(
         raise CliError(f"{image}: Extended L2 entries are only supported with {v3_hint}")
 
 
-def _cmd_resize(args: argparse.Namespace) -> int:
+def _cmd_resize(args: Arguments) -> int:
     qcow2 = _api()
     from .errors import Qcow2Error
 
@@ -626,14 +623,14 @@ _AMEND_LAZY_NEEDS_V3 = (
 )
 
 
-def _cmd_amend(args: argparse.Namespace) -> int:
+def _cmd_amend(args: Arguments) -> int:
     from .errors import Qcow2Error
     from .fileio import HostFile
     from .header import read_header
     from .lock import lock_image
 
     if not args.o:
-        raise CliError("Must specify options (-o)\nTry 'qemu-img --help' for more information")
+        raise CliError(f"Must specify options (-o)\n{TRY_HELP}")
     opts = _parse_options(args.o)
     compat = opts.pop("compat", None)
     lazy = _onoff(opts, "lazy_refcounts") if "lazy_refcounts" in opts else None
@@ -891,7 +888,7 @@ class _Source:
 _CHUNK = 1 << 20
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
+def _cmd_compare(args: Arguments) -> int:
     try:
         a = _Source(_spec(args, "image1"), force_share=args.U)
         b = _Source(_spec(args, "image2", fmt=args.F), force_share=args.U)
@@ -930,7 +927,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         b.close()
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
+def _cmd_convert(args: Arguments) -> int:
     from .cliopts import OptionError, parse_secrets
     from .compress import CompressedWriter, create_image
     from .errors import Qcow2Error
@@ -1067,129 +1064,187 @@ def _write_nonzero(writer: Callable[[int, bytes], object], pos: int, data: bytes
 
 # Section: argument parsing
 
+_FORMATS = ("qcow2", "raw")
+_OUTPUT = Option(
+    "--output",
+    kind="value",
+    choices=("human", "json"),
+    choices_error="--output must be used with human or json as argument.",
+    help="output format",
+)
+_FORCE_SHARE = Option("-U", "--force-share", dest="U", help="open the image read-only, shared")
+_QUIET = Option("-q", help="quiet: print no progress or results")
+_OBJECT = Option(
+    "--object",
+    kind="append",
+    metavar="secret,id=ID,data=PASS|file=PATH",
+    help="a secret (the passphrase of an encrypted image)",
+)
+_IMAGE_OPTS = Option(
+    "--image-opts",
+    help="the image is driver=qcow2,file.filename=IMG,encrypt.key-secret=ID",
+)
+_ONE_IMAGE = f"Expecting one image file name\n{TRY_HELP}"
 
-def _add_output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", choices=("human", "json"), default="human")
+
+def _format(*choices: str) -> Option:
+    return Option("-f", kind="value", choices=choices, help="image format")
 
 
-def _add_secrets(p: argparse.ArgumentParser, *, image_opts: bool = True) -> None:
-    p.add_argument(
-        "--object",
-        action="append",
-        metavar="secret,id=ID,data=PASS|file=PATH",
-        help="a secret (the passphrase of an encrypted image)",
-    )
-    if image_opts:
-        p.add_argument(
-            "--image-opts",
-            action="store_true",
-            help="the image is driver=qcow2,file.filename=IMG,encrypt.key-secret=ID",
-        )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``qcow2`` argument parser (qemu-img's options for each subcommand)."""
-    parser = _Parser(
-        prog="qcow2",
-        description="qemu-img compatible qcow2 tool (pure Python, no QEMU needed).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("info", help="show image information (qemu-img info)")
-    p.add_argument("-f", choices=("qcow2", "raw"))
-    p.add_argument("-U", "--force-share", dest="U", action="store_true")
-    p.add_argument("--backing-chain", action="store_true", help="also show the backing files")
-    _add_output(p)
-    p.add_argument("image")
-    _add_secrets(p)
-    p.set_defaults(func=_cmd_info)
-
-    p = sub.add_parser(
-        "check",
-        help="check (and repair) the image (exit 0 clean, 1 failed, 2 corrupt, 3 leaks)",
-    )
-    p.add_argument("-f", choices=("qcow2", "raw"))
-    p.add_argument("-U", "--force-share", dest="U", action="store_true")
-    p.add_argument("-r", choices=("leaks", "all"), help="repair leaks, or everything")
-    p.add_argument("-q", action="store_true")
-    _add_output(p)
-    p.add_argument("image")
-    _add_secrets(p)
-    p.set_defaults(func=_cmd_check)
-
-    p = sub.add_parser("snapshot", help="list (-l), create (-c), apply (-a), delete (-d)")
-    p.add_argument("-f", choices=("qcow2",))
-    p.add_argument("-U", "--force-share", dest="U", action="store_true")
-    p.add_argument("-q", action="store_true")
-    p.add_argument("-l", action="store_true", help="list snapshots")
-    p.add_argument("-c", metavar="TAG", help="create snapshot TAG")
-    p.add_argument("-a", metavar="TAG", help="apply (revert to) snapshot TAG")
-    p.add_argument("-d", metavar="TAG", help="delete snapshot TAG")
-    p.add_argument("image")
-    _add_secrets(p)
-    p.set_defaults(func=_cmd_snapshot)
-
-    p = sub.add_parser("map", help="show guest-to-host mapping (qemu-img map)")
-    p.add_argument("-f", choices=("qcow2", "raw"))
-    p.add_argument("-U", "--force-share", dest="U", action="store_true")
-    p.add_argument("--start-offset", metavar="OFFSET", help="first guest byte to map")
-    p.add_argument("--max-length", metavar="LEN", help="guest bytes to map at most")
-    _add_output(p)
-    p.add_argument("image")
-    _add_secrets(p)
-    p.set_defaults(func=_cmd_map)
-
-    p = sub.add_parser("create", help="create a qcow2 (or raw) image")
-    p.add_argument("-f", help="qcow2 or raw (qemu-img's default: raw)")
-    p.add_argument("-o", action="append", help="cluster_size, refcount_bits, compat, ...")
-    p.add_argument("-b", help="backing file")
-    p.add_argument("-F", help="backing file format")
-    p.add_argument("-q", action="store_true")
-    p.add_argument("image")
-    p.add_argument("size", nargs="?")
-    _add_secrets(p, image_opts=False)
-    p.set_defaults(func=_cmd_create)
-
-    p = sub.add_parser("resize", help="change the virtual size ([+|-]SIZE)")
-    p.add_argument("-f", choices=("qcow2",))
-    p.add_argument("-q", action="store_true")
-    p.add_argument("--shrink", action="store_true", help="allow shrinking")
-    p.add_argument("image")
-    p.add_argument("size")
-    p.set_defaults(func=_cmd_resize)
-
-    p = sub.add_parser("compare", help="compare guest content (exit 0 same, 1 different, 2 error)")
-    p.add_argument("-f", choices=("qcow2", "raw"))
-    p.add_argument("-F", choices=("qcow2", "raw"))
-    p.add_argument("-s", action="store_true", help="strict: sizes must match")
-    p.add_argument("-q", action="store_true")
-    p.add_argument("-U", "--force-share", dest="U", action="store_true")
-    p.add_argument("image1")
-    p.add_argument("image2")
-    _add_secrets(p)
-    p.set_defaults(func=_cmd_compare)
-
-    p = sub.add_parser("amend", help="change the compat level (-o compat=0.10|1.1)")
-    p.add_argument("-f", choices=("qcow2",))
-    p.add_argument("-o", action="append", help="compat=0.10 or compat=1.1")
-    p.add_argument("-q", action="store_true")
-    p.add_argument("image")
-    p.set_defaults(func=_cmd_amend)
-
-    p = sub.add_parser("convert", help="copy guest content to a raw or qcow2 image")
-    p.add_argument("-f", choices=("qcow2", "raw"))
-    p.add_argument("-O", choices=("qcow2", "raw"))
-    p.add_argument("-o", action="append")
-    p.add_argument("-c", action="store_true", help="compress (qcow2 output)")
-    p.add_argument("-p", action="store_true", help="show progress")
-    p.add_argument("-q", action="store_true")
-    p.add_argument("-U", "--force-share", dest="U", action="store_true")
-    p.add_argument("-l", metavar="SNAPSHOT", help="snapshot.name=TAG, snapshot.id=ID or TAG")
-    p.add_argument("src")
-    p.add_argument("dst")
-    _add_secrets(p)
-    p.set_defaults(func=_cmd_convert)
-    return parser
+def commands() -> list[Command]:
+    """The subcommands with qemu-img's options (the --help text is generated from these)."""
+    return [
+        Command(
+            "info",
+            "show image information (qemu-img info)",
+            _cmd_info,
+            [
+                _format(*_FORMATS),
+                _FORCE_SHARE,
+                Option("--backing-chain", help="also show the backing files"),
+                _OUTPUT,
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
+            ["image"],
+            _ONE_IMAGE,
+        ),
+        Command(
+            "check",
+            "check (and repair) the image (exit 0 clean, 1 failed, 2 corrupt, 3 leaks)",
+            _cmd_check,
+            [
+                _format(*_FORMATS),
+                _FORCE_SHARE,
+                Option(
+                    "-r",
+                    kind="value",
+                    choices=("leaks", "all"),
+                    choices_error="Unknown option value for -r (expecting 'leaks' or 'all'): "
+                    f"{{value}}\n{TRY_HELP}",
+                    help="repair leaks, or everything",
+                ),
+                _QUIET,
+                _OUTPUT,
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
+            ["image"],
+            _ONE_IMAGE,
+        ),
+        Command(
+            "snapshot",
+            "list (-l), create (-c), apply (-a), delete (-d)",
+            _cmd_snapshot,
+            [
+                _format("qcow2"),
+                _FORCE_SHARE,
+                _QUIET,
+                Option("-l", help="list snapshots"),
+                Option("-c", kind="value", metavar="TAG", help="create snapshot TAG"),
+                Option("-a", kind="value", metavar="TAG", help="apply (revert to) snapshot TAG"),
+                Option("-d", kind="value", metavar="TAG", help="delete snapshot TAG"),
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
+            ["image"],
+            _ONE_IMAGE,
+        ),
+        Command(
+            "map",
+            "show guest-to-host mapping (qemu-img map)",
+            _cmd_map,
+            [
+                _format(*_FORMATS),
+                _FORCE_SHARE,
+                Option("--start-offset", kind="value", metavar="OFFSET", help="first guest byte"),
+                Option("--max-length", kind="value", metavar="LEN", help="guest bytes at most"),
+                _OUTPUT,
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
+            ["image"],
+            _ONE_IMAGE,
+        ),
+        Command(
+            "create",
+            "create a qcow2 (or raw) image",
+            _cmd_create,
+            [
+                Option("-f", kind="value", metavar="FMT", help="qcow2 or raw (default: raw)"),
+                Option("-o", kind="append", metavar="OPTIONS", help="cluster_size=, compat=..."),
+                Option("-b", kind="value", metavar="BACKING", help="backing file"),
+                Option("-F", kind="value", metavar="FMT", help="backing file format"),
+                _QUIET,
+                _OBJECT,
+            ],
+            ["image", "size?"],
+            f"Expecting image file name\n{TRY_HELP}",
+            f"Unexpected argument: {{extra}}\n{TRY_HELP}",
+        ),
+        Command(
+            "resize",
+            "change the virtual size ([+|-]SIZE)",
+            _cmd_resize,
+            [_format("qcow2"), _QUIET, Option("--shrink", help="allow shrinking")],
+            ["image", "size"],
+            f"Not enough arguments\n{TRY_HELP}",
+            f"Expecting image file name and size\n{TRY_HELP}",
+        ),
+        Command(
+            "compare",
+            "compare guest content (exit 0 same, 1 different, 2 error)",
+            _cmd_compare,
+            [
+                _format(*_FORMATS),
+                Option("-F", kind="value", choices=_FORMATS, help="format of the second image"),
+                Option("-s", help="strict: sizes must match"),
+                _QUIET,
+                _FORCE_SHARE,
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
+            ["image1", "image2"],
+            f"Expecting two image file names\n{TRY_HELP}",
+        ),
+        Command(
+            "amend",
+            "change the compat level (-o compat=0.10|1.1) or lazy_refcounts",
+            _cmd_amend,
+            [
+                _format("qcow2"),
+                Option("-o", kind="append", metavar="OPTIONS", help="compat=0.10 or compat=1.1"),
+                _QUIET,
+            ],
+            ["image"],
+            "Expecting one image file name",
+        ),
+        Command(
+            "convert",
+            "copy guest content to a raw or qcow2 image",
+            _cmd_convert,
+            [
+                _format(*_FORMATS),
+                Option("-O", kind="value", choices=_FORMATS, help="output format"),
+                Option("-o", kind="append", metavar="OPTIONS", help="output image options"),
+                Option("-c", help="compress (qcow2 output)"),
+                Option("-p", help="show progress"),
+                _QUIET,
+                _FORCE_SHARE,
+                Option(
+                    "-l",
+                    kind="value",
+                    metavar="SNAPSHOT",
+                    help="snapshot.name=TAG, snapshot.id=ID or TAG",
+                ),
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
+            ["src", "dst"],
+            "Must specify image file name",
+            "convert copies one source image (SRC DST)",
+        ),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1201,7 +1256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="surrogateescape")
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if (
         argv[:1] == ["resize"]
@@ -1211,11 +1265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         argv[-1:-1] = ["--"]  # "-1M" is a size, not an option
     try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            raise CliError("Not enough arguments\nTry 'qcow2 --help' for more information")
+        try:
+            args = parse(commands(), argv, description=DESCRIPTION)
+        except HelpRequested as help_text:
+            sys.stdout.write(str(help_text))
+            return 0
+        except UsageError as err:
+            raise CliError(str(err)) from err
         if getattr(args, "q", False) and args.command != "snapshot":
             # -q: qemu-img's qprintf output is suppressed; findings and errors still show
+            import contextlib
+
             with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
                 code: int = args.func(args)
         else:
