@@ -12,9 +12,6 @@ Failures raise :class:`OptionError` with qemu-img's message (no ``qemu-img:`` pr
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 
 class OptionError(ValueError):
     """A bad ``--object`` / ``--image-opts`` argument; the text is qemu-img's message."""
@@ -52,8 +49,13 @@ def parse_qemu_opts(text: str, implied: str | None = None) -> list[tuple[str, st
     return pairs
 
 
-#: QEMU's ``id_wellformed``.
-_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def _id_wellformed(text: str) -> bool:
+    """QEMU's ``id_wellformed``: a letter, then letters, digits, ``_``, ``.``, ``-``."""
+    return text[:1].isascii() and text[:1].isalpha() and set(text) <= _ID_CHARS
+
 
 _SECRET_KEYS = {"qom-type", "id", "data", "file", "format", "keyid", "iv"}
 
@@ -76,7 +78,7 @@ def parse_secrets(objects: list[str] | None) -> dict[str, bytes]:
         ident = opts.get("id")
         if ident is None:
             raise OptionError("Parameter 'id' is missing")
-        if not _IDENTIFIER.fullmatch(ident):
+        if not _id_wellformed(ident):
             raise OptionError(
                 "Parameter 'id' expects an identifier\nIdentifiers consist of letters, "
                 "digits, '-', '.', '_', starting with a letter."
@@ -120,21 +122,31 @@ def _read_secret_file(path: str) -> bytes:
         ) from err
 
 
-@dataclass(frozen=True)
 class ImageSpec:
-    """One image argument resolved.
+    """One image argument resolved (read-only after construction).
 
     ``path`` is the file to open; ``arg`` is the argument as given (qemu-img's name in
     "Could not open '...'"); ``display`` is the name ``info`` shows; ``fmt`` the format
     (None: probe); ``key_id`` the ``encrypt.key-secret`` id and ``key`` its secret (None
     if no secret of that id was given)."""
 
-    path: str
-    arg: str
-    display: str
-    fmt: str | None = None
-    key_id: str | None = None
-    key: bytes | None = None
+    __slots__ = ("arg", "display", "fmt", "key", "key_id", "path")
+
+    def __init__(
+        self,
+        path: str,
+        arg: str,
+        display: str,
+        fmt: str | None = None,
+        key_id: str | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        self.path = path
+        self.arg = arg
+        self.display = display
+        self.fmt = fmt
+        self.key_id = key_id
+        self.key = key
 
     def require_key(self) -> bytes | None:
         """The key, or :class:`OptionError` "No secret with id" if its id is unknown (an

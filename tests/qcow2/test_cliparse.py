@@ -116,3 +116,11 @@ def test_help_lists_every_option_of_a_command() -> None:
         for option in command.options:
             for name in option.names:
                 assert name in run.out, (command.name, name)
+
+
+@pytest.mark.parametrize("ident", ["sec0", "a.b-c_d", "0sec", "-sec", "s/ec", "", "é"])
+def test_secret_ids_are_checked_like_qemu_img(image: Path, ident: str) -> None:
+    """QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'."""
+    args = ("info", "--object", f"secret,id={ident},data=pw", "IMG")
+    theirs, ours = both(image, args)
+    assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err)
