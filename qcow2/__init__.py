@@ -2,12 +2,16 @@
 
 The public names are loaded on first use (module ``__getattr__``), so that ``import qcow2``
 and the ``qcow2`` command stay cheap: a subcommand imports only the modules it needs.
+
+Modules on the read path of ``qcow2 info|check|snapshot -l|map`` import no ``typing``,
+``dataclasses``, ``enum``, ``re``, ``collections``, ``contextlib`` or ``shutil`` (each costs
+milliseconds of start-up; ``tests/qcow2/test_import_diet.py`` checks it): imports needed only
+by annotations sit under ``if TYPE_CHECKING:`` with a module constant ``TYPE_CHECKING =
+False`` (type checkers and linters treat that name as ``typing.TYPE_CHECKING``), and their
+record classes are plain classes with ``__slots__`` instead of dataclasses.
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
 
 from .errors import (
     BackingChainError,
@@ -22,6 +26,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .image import Image, OutOfRangeError, create, open
 
@@ -53,7 +58,8 @@ def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    # __import__ rather than importlib.import_module: importing importlib costs start-up.
+    value = getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
     globals()[name] = value  # later accesses skip this function
     return value
 

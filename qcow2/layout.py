@@ -8,7 +8,10 @@ integers on disk are big-endian.  Other modules address header fields by name th
 from __future__ import annotations
 
 import struct
-from typing import Final
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 # Section: magic and versions
 
