@@ -329,8 +329,15 @@ async def _serve(
 
 
 async def _run_fuse(scope: trio.CancelScope) -> None:
-    """pyfuse3's loop; it returns on terminate() or an external unmount: stop the rest."""
-    await pyfuse3.main()
+    """pyfuse3's loop; it returns on terminate() or an external unmount: stop the rest.
+
+    One worker task (``max_tasks=1``): every request takes the file system's one lock
+    anyway, and with the default (up to 99) pyfuse3 starts a second task that waits for
+    /dev/fuse beside the busy one, which costs each request a hand-over between the two
+    (measured: 32 -> 27 us per statfs round trip).  Nothing a handler awaits needs another
+    FUSE request served first: kernel cache invalidations run outside the lock.
+    """
+    await pyfuse3.main(min_tasks=1, max_tasks=1)
     scope.cancel()
 
 

@@ -93,18 +93,23 @@ def fuse_errors(
     logged with its traceback once, here.
     """
 
+    name = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(self: StoreFS, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        self.requests[handler.__name__] += 1
+        self.requests[name] += 1
+        start = time.perf_counter_ns()
         try:
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as err:  # the FUSE boundary: nothing else may reach pyfuse3
             code = error_errno(err)
-            log.error("%s failed (%s): %s", handler.__name__, errno.errorcode.get(code), err)
-            log.debug("traceback of the %s failure", handler.__name__, exc_info=True)
+            log.error("%s failed (%s): %s", name, errno.errorcode.get(code), err)
+            log.debug("traceback of the %s failure", name, exc_info=True)
             raise pyfuse3.FUSEError(code) from err
+        finally:
+            self.handler_ns[name] += time.perf_counter_ns() - start
 
     return wrapper
 
@@ -533,6 +538,9 @@ class StoreFS(pyfuse3.Operations):
         self.commits = 0
         #: FUSE requests served, by handler name
         self.requests: collections.Counter[str] = collections.Counter()
+        #: nanoseconds spent inside the handlers, by handler name (what a request costs
+        #: this process, commits included, apart from pyfuse3's and trio's own work)
+        self.handler_ns: collections.Counter[str] = collections.Counter()
         #: called with the view after each request that changed the store (test hook: the
         #: crash tests' write logs mark committed states with it)
         self.commit_observers: list[Callable[[str], None]] = []
@@ -543,27 +551,27 @@ class StoreFS(pyfuse3.Operations):
 
     async def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` under the file system lock (in a worker thread if ``threaded``)."""
-        call = functools.partial(self._observed, functools.partial(fn, *args, **kwargs))
         if not self.threaded and not self.lock.locked():
             # Uncontended and synchronous (the usual request): take the lock without
             # ``await``, which would cost a pass of trio's scheduler (an epoll_wait) per
             # request; nothing can interleave with a call that never yields.
             self.lock.acquire_nowait()
             try:
-                return call()
+                return self._observed(fn, *args, **kwargs)
             finally:
                 self.lock.release()
         async with self.lock:
             if not self.threaded:
-                return call()
+                return self._observed(fn, *args, **kwargs)
+            call = functools.partial(self._observed, fn, *args, **kwargs)
             result: T = await trio.to_thread.run_sync(call)
             return result
 
-    def _observed(self, call: Callable[[], T]) -> T:
-        """``call()``; if it changed the store, count a commit and tell the observers."""
+    def _observed(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(...)``; if it changed the store, count a commit and tell the observers."""
         generation = self.store.generation
         try:
-            return call()
+            return fn(*args, **kwargs)
         finally:
             if self.store.generation != generation:
                 self.commits += 1
@@ -1018,6 +1026,7 @@ class StoreFS(pyfuse3.Operations):
             "commits": self.commits,
             "open_files": len(self.handles),
             "requests": dict(self.requests),
+            "handler_us": {name: ns // 1000 for name, ns in self.handler_ns.items()},
         }
 
 
