@@ -14,35 +14,58 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 from .errors import Qcow2IOError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
 
-@dataclass(frozen=True)
+    Observer = Callable[["WriteEvent"], None]
+
+
 class WriteEvent:
-    """One mutation of the host file: ``kind`` is "write", "flush" or "truncate"."""
+    """One mutation of the host file: ``kind`` is "write", "flush" or "truncate".
 
-    kind: str
-    offset: int = 0
-    data: bytes = b""
+    Immutable by convention: observers receive the same event, none may change it.
+    """
 
+    __slots__ = ("data", "kind", "offset")
 
-Observer = Callable[[WriteEvent], None]
+    def __init__(self, kind: str, offset: int = 0, data: bytes = b"") -> None:
+        self.kind = kind
+        self.offset = offset
+        self.data = data
+
 
 _armed_faults: dict[str, int] = {}
 
 
-@contextmanager
-def inject_fault(name: str, err: int = errno.EIO) -> Iterator[None]:
+def inject_fault(name: str, err: int = errno.EIO) -> _ArmedFault:
     """Make :func:`fault_point` ``name`` raise ``OSError(err)`` inside the ``with`` block."""
-    _armed_faults[name] = err
-    try:
-        yield
-    finally:
-        _armed_faults.pop(name, None)
+    return _ArmedFault(name, err)
+
+
+class _ArmedFault:
+    """The context manager :func:`inject_fault` returns (armed on entry, disarmed on exit)."""
+
+    __slots__ = ("err", "name")
+
+    def __init__(self, name: str, err: int) -> None:
+        self.name = name
+        self.err = err
+
+    def __enter__(self) -> None:
+        _armed_faults[self.name] = self.err
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _armed_faults.pop(self.name, None)
 
 
 def fault_point(name: str) -> None:
