@@ -14,70 +14,118 @@ Reading mirrors ``qcow2_do_open`` / ``qcow2_read_extensions`` in QEMU's ``block/
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
-
 from . import layout
 from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
-from .fileio import HostFile
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from .fileio import HostFile
+
+    #: How :func:`read_header` validates (see there): ``"strict"`` for the library's own
+    #: open, ``"qemu"`` for QEMU 7.2's open, ``"check"`` for its open in check mode
+    #: (BDRV_O_CHECK).
+    OpenMode = Literal["strict", "qemu", "check"]
 
 #: Size of a snapshot table entry header; qemu bounds nb_snapshots with it.
 _SNAPSHOT_HEADER_SIZE = layout.SNAPSHOT_HEADER_STRUCT.size
 #: qemu's ``sizeof(bs->backing_format)``: a backing format name must be shorter.
 _BACKING_FORMAT_MAX = 16
 
-#: How :func:`read_header` validates (see there): ``"strict"`` for the library's own open,
-#: ``"qemu"`` for QEMU 7.2's open, ``"check"`` for its open in check mode (BDRV_O_CHECK).
-OpenMode = Literal["strict", "qemu", "check"]
 
-
-@dataclass
 class HeaderExtension:
     """One header extension, kept byte for byte (``data`` excludes the padding)."""
 
-    type: int
-    data: bytes
+    __slots__ = ("data", "type")
+
+    def __init__(self, type: int, data: bytes) -> None:
+        self.type = type
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        """Same type and bytes (tests compare extensions read back with those written)."""
+        if not isinstance(other, HeaderExtension):
+            return NotImplemented
+        return self.type == other.type and self.data == other.data
 
 
-@dataclass
 class Header:
     """The parsed header of a qcow2 image.
 
     Field names are those of :data:`qcow2.layout.HEADER_FIELDS`.  ``extensions`` lists every
     extension found (known and unknown) in file order; the convenience attributes
     ``backing_format``, ``feature_table``... are derived from it when reading and written
-    back by :meth:`pack_cluster0`.
+    back by :meth:`pack_cluster0`.  :meth:`copy` and :meth:`assign` copy every field.
     """
 
-    magic: int = layout.MAGIC
-    version: int = 3
-    backing_file_offset: int = 0
-    backing_file_size: int = 0
-    cluster_bits: int = 16
-    size: int = 0
-    crypt_method: int = layout.CRYPT_NONE
-    l1_size: int = 0
-    l1_table_offset: int = 0
-    refcount_table_offset: int = 0
-    refcount_table_clusters: int = 0
-    nb_snapshots: int = 0
-    snapshots_offset: int = 0
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = layout.DEFAULT_REFCOUNT_ORDER
-    header_length: int = layout.HEADER_V3_LENGTH
-    compression_type: int = layout.COMPRESSION_ZLIB
-    padding: bytes = bytes(7)
-    #: Bytes between the known fields (112) and ``header_length`` (preserved on rewrite).
-    unknown_header_fields: bytes = b""
-    backing_file: str | None = None
-    backing_format: str | None = None
-    #: Feature name table entries ``(type, bit, name)`` as found in the image.
-    feature_table: list[tuple[int, int, str]] = field(default_factory=list)
-    #: Every extension in file order (the end marker excluded).
-    extensions: list[HeaderExtension] = field(default_factory=list)
+    __slots__ = (  # the fixed header's fields in on-disk order, then the parsed extras
+        *(name for name, _ in layout.HEADER_FIELDS),
+        "unknown_header_fields",
+        "backing_file",
+        "backing_format",
+        "feature_table",
+        "extensions",
+    )
+
+    def __init__(
+        self,
+        magic: int = layout.MAGIC,
+        version: int = 3,
+        backing_file_offset: int = 0,
+        backing_file_size: int = 0,
+        cluster_bits: int = 16,
+        size: int = 0,
+        crypt_method: int = layout.CRYPT_NONE,
+        l1_size: int = 0,
+        l1_table_offset: int = 0,
+        refcount_table_offset: int = 0,
+        refcount_table_clusters: int = 0,
+        nb_snapshots: int = 0,
+        snapshots_offset: int = 0,
+        incompatible_features: int = 0,
+        compatible_features: int = 0,
+        autoclear_features: int = 0,
+        refcount_order: int = layout.DEFAULT_REFCOUNT_ORDER,
+        header_length: int = layout.HEADER_V3_LENGTH,
+        compression_type: int = layout.COMPRESSION_ZLIB,
+        padding: bytes = bytes(7),
+        unknown_header_fields: bytes = b"",
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        feature_table: list[tuple[int, int, str]] | None = None,
+        extensions: list[HeaderExtension] | None = None,
+    ) -> None:
+        self.magic = magic
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
+        self.padding = padding
+        #: Bytes between the known fields (112) and ``header_length`` (preserved on rewrite).
+        self.unknown_header_fields = unknown_header_fields
+        self.backing_file = backing_file
+        self.backing_format = backing_format
+        #: Feature name table entries ``(type, bit, name)`` as found in the image.
+        self.feature_table: list[tuple[int, int, str]] = (
+            [] if feature_table is None else feature_table
+        )
+        #: Every extension in file order (the end marker excluded).
+        self.extensions: list[HeaderExtension] = [] if extensions is None else extensions
 
     # Section: derived values
 
@@ -184,11 +232,17 @@ class Header:
 
     def copy(self) -> Header:
         """A deep enough copy to modify and pack without touching this one."""
-        return dataclasses.replace(
-            self,
-            feature_table=list(self.feature_table),
-            extensions=[HeaderExtension(e.type, e.data) for e in self.extensions],
-        )
+        new = Header.__new__(Header)
+        new.assign(self)
+        new.feature_table = list(self.feature_table)
+        new.extensions = [HeaderExtension(e.type, e.data) for e in self.extensions]
+        return new
+
+    def assign(self, other: Header) -> None:
+        """Set every field of this header to ``other``'s (the lists are shared, not copied):
+        holders of this object see the other header."""
+        for name in Header.__slots__:
+            setattr(self, name, getattr(other, name))
 
     # Section: serialization
 
