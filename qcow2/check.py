@@ -21,10 +21,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from array import array
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from . import layout
 from .errors import (
@@ -33,16 +29,22 @@ from .errors import (
     Qcow2IOError,
     ReadOnlyError,
 )
-from .fileio import HostFile
-from .header import Header, read_header, write_header_fields
-from .refcount import read_refcount, write_refcount
+from .header import read_header, write_header_fields
 from .snapshot_table import (
-    SnapshotEntry,
     incomplete_entries,
     read_snapshot_table,
     serialize_snapshot_table,
     table_length,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Literal
+
+    from .fileio import HostFile
+    from .header import Header
+    from .snapshot_table import SnapshotEntry
 
 #: Repair modes of ``qemu-img check -r`` (BDRV_FIX_LEAKS, BDRV_FIX_ERRORS).
 FIX_LEAKS = 1
@@ -52,13 +54,22 @@ REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 _INT_MAX = (1 << 31) - 1
 _L2_BITMAP_ALL_ALLOC = layout.SUBCLUSTER_ALLOC_MASK
 _L2_BITMAP_ALL_ZEROES = layout.SUBCLUSTER_ALLOC_MASK << layout.SUBCLUSTER_ZERO_SHIFT
-_ARRAY_CODES = {1: "B", 2: "B", 4: "B", 8: "B", 16: "H", 32: "I", 64: "Q"}
+#: memoryview formats of the in-memory refcount table (not array.array: importing array
+#: imports collections.abc, milliseconds of start-up).
+_ARRAY_CODES: dict[int, Literal["B", "H", "I", "Q"]] = {
+    1: "B",
+    2: "B",
+    4: "B",
+    8: "B",
+    16: "H",
+    32: "I",
+    64: "Q",
+}
 
 # Cluster types (QEMU's QCow2ClusterType).
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
 
 
-@dataclass
 class CheckResult:
     """What ``qemu-img check`` reports (its JSON fields) plus the stderr findings.
 
@@ -67,21 +78,57 @@ class CheckResult:
     this result is the second, verifying pass ("Double checking the fixed image now...").
     """
 
-    filename: str
-    format: str = "qcow2"
-    check_errors: int = 0
-    corruptions: int = 0
-    leaks: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    messages: list[str] = field(default_factory=list)
-    error: str | None = None
-    repaired: bool = False
+    __slots__ = (
+        "allocated_clusters",
+        "check_errors",
+        "compressed_clusters",
+        "corruptions",
+        "corruptions_fixed",
+        "error",
+        "filename",
+        "format",
+        "fragmented_clusters",
+        "image_end_offset",
+        "leaks",
+        "leaks_fixed",
+        "messages",
+        "repaired",
+        "total_clusters",
+    )
+
+    def __init__(
+        self,
+        filename: str,
+        format: str = "qcow2",
+        check_errors: int = 0,
+        corruptions: int = 0,
+        leaks: int = 0,
+        corruptions_fixed: int = 0,
+        leaks_fixed: int = 0,
+        image_end_offset: int = 0,
+        total_clusters: int = 0,
+        allocated_clusters: int = 0,
+        fragmented_clusters: int = 0,
+        compressed_clusters: int = 0,
+        messages: list[str] | None = None,
+        error: str | None = None,
+        repaired: bool = False,
+    ) -> None:
+        self.filename = filename
+        self.format = format
+        self.check_errors = check_errors
+        self.corruptions = corruptions
+        self.leaks = leaks
+        self.corruptions_fixed = corruptions_fixed
+        self.leaks_fixed = leaks_fixed
+        self.image_end_offset = image_end_offset
+        self.total_clusters = total_clusters
+        self.allocated_clusters = allocated_clusters
+        self.fragmented_clusters = fragmented_clusters
+        self.compressed_clusters = compressed_clusters
+        self.messages: list[str] = [] if messages is None else messages
+        self.error = error
+        self.repaired = repaired
 
     def add(self, other: CheckResult, *, with_frag_info: bool) -> None:
         """QEMU's ``qcow2_add_check_result``."""
@@ -136,20 +183,39 @@ def _alt_hex(value: int) -> str:
     return f"{value:#x}" if value else "0"
 
 
-@dataclass
 class _L2Summary:
     """One scan of an L2 table: its findings and the clusters it references, per visit.
 
     ``events`` (kept only in exact mode) is the interleaved order of findings (text) and
     references (cluster lists), which only matters when a refcount overflows."""
 
-    messages: list[str]
-    corruptions: int
-    clusters: list[int]
-    allocated: int = 0
-    fragmented: int = 0
-    compressed: int = 0
-    events: list[tuple[str | None, list[int] | None]] | None = None
+    __slots__ = (
+        "allocated",
+        "clusters",
+        "compressed",
+        "corruptions",
+        "events",
+        "fragmented",
+        "messages",
+    )
+
+    def __init__(
+        self,
+        messages: list[str],
+        corruptions: int,
+        clusters: list[int],
+        allocated: int = 0,
+        fragmented: int = 0,
+        compressed: int = 0,
+        events: list[tuple[str | None, list[int] | None]] | None = None,
+    ) -> None:
+        self.messages = messages
+        self.corruptions = corruptions
+        self.clusters = clusters
+        self.allocated = allocated
+        self.fragmented = fragmented
+        self.compressed = compressed
+        self.events = events
 
     def say(self, text: str) -> None:
         """Record a finding."""
@@ -312,6 +378,8 @@ class _Checker:
                 path=self.path,
                 offset=block_offset,
             )
+        from .refcount import read_refcount  # not at module level: refcount.py is heavier
+
         block = self._refblock(block_offset)
         return read_refcount(block, cluster & ((1 << self.refblock_bits) - 1), self.refcount_bits)
 
@@ -319,6 +387,8 @@ class _Checker:
         """Store ``value`` as the refcount of ``cluster`` (its refcount block must exist)."""
         index = cluster >> self.refblock_bits
         block_offset = self.reftable[index] & layout.REFT_OFFSET_MASK
+        from .refcount import write_refcount
+
         block = self._refblock(block_offset)
         entry = cluster & ((1 << self.refblock_bits) - 1)
         write_refcount(block, entry, self.refcount_bits, value)
@@ -362,17 +432,21 @@ class _Pass:
         self.exact = exact
         self.overflowed = False
 
-    def _new_array(self, n: int) -> array[int]:
+    def _new_array(self, n: int) -> memoryview[int]:
+        """``n`` zero refcounts, one native integer each (wide enough for refcount_bits)."""
+        code = _ARRAY_CODES[self.c.refcount_bits]
         try:
-            return array(_ARRAY_CODES[self.c.refcount_bits], bytes(n * _itemsize(self.c)))
+            return memoryview(bytearray(n * struct.calcsize(code))).cast(code)
         except MemoryError as err:
             self.res.check_errors += 1
             raise _CheckFailed(errno.ENOMEM) from err
 
     def grow(self, n: int) -> None:
-        """Make the IMRT cover ``n`` clusters."""
+        """Make the IMRT cover ``n`` clusters (a new :attr:`imrt`: reload local copies)."""
         if n > len(self.imrt):
-            self.imrt.extend(self._new_array(n - len(self.imrt)))
+            bigger = self._new_array(n)
+            bigger[: len(self.imrt)] = self.imrt
+            self.imrt = bigger
         self.nb_clusters = max(self.nb_clusters, n)
 
     def msg(self, text: str) -> None:
@@ -822,6 +896,7 @@ class _Pass:
         if contiguous < count:
             self.grow(cluster + count - contiguous)
             self.nb_clusters = cluster + count - contiguous
+            imrt = self.imrt
         cluster -= contiguous
         for k in range(cluster, cluster + count):
             imrt[k] = 1
@@ -838,6 +913,8 @@ class _Pass:
         if bits >= 8:
             fmt = {8: "B", 16: "H", 32: "I", 64: "Q"}[bits]
             return struct.pack(f">{per_block}{fmt}", *values)
+        from .refcount import write_refcount
+
         block = bytearray(c.cluster_size)
         for k, v in enumerate(values):
             if v:
@@ -908,10 +985,6 @@ class _CheckFailed(Exception):
     def __init__(self, err: int) -> None:
         super().__init__(os.strerror(err))
         self.errno = err
-
-
-def _itemsize(c: _Checker) -> int:
-    return array(_ARRAY_CODES[c.refcount_bits]).itemsize
 
 
 def _check_refcounts(c: _Checker, res: CheckResult) -> None:
@@ -1338,8 +1411,7 @@ def check_file(
         second.corruptions_fixed = first.corruptions_fixed
         second.leaks_fixed = first.leaks_fixed
         second.repaired = True
-        for attr in Header.__dataclass_fields__:
-            setattr(header, attr, getattr(fresh, attr))
+        header.assign(fresh)
         return second
     if fix:
         f.flush()
