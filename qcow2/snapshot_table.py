@@ -10,9 +10,6 @@ allocated from a size field before that size has been checked against qemu's lim
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 from .errors import CorruptImageError, SnapshotError, SnapshotNotFoundError
 from .layout import (
@@ -37,12 +34,15 @@ _EXTRA_END_ICOUNT = 24
 _READ_CHUNK = 64 * 1024
 _INT64_MAX = (1 << 63) - 1
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from typing import Protocol
 
-class _PositionedReader(Protocol):
-    def pread(self, offset: int, length: int) -> bytes: ...
+    class _PositionedReader(Protocol):
+        def pread(self, offset: int, length: int) -> bytes: ...
 
 
-@dataclass(frozen=True)
 class SnapshotEntry:
     """One parsed snapshot table entry.
 
@@ -50,21 +50,41 @@ class SnapshotEntry:
     it; :attr:`virtual_size` is what qemu uses instead (the image's size when the table was
     read).  ``icount`` is None when absent or -1.  ``unknown_extra`` holds extra data past
     the 24 bytes qemu knows, preserved on rewrite.  ``extra_data_size`` is the on-disk value.
+
+    Immutable by convention (never changed once made; a changed entry is a new one).  Its
+    ``__dict__`` holds exactly the constructor's arguments, so
+    ``SnapshotEntry(**{**entry.__dict__, "name": new})`` is a modified copy.
     """
 
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None
-    icount: int | None = None
-    extra_data_size: int = SNAPSHOT_EXTRA_SIZE
-    unknown_extra: bytes = b""
-    virtual_size: int = 0
+    def __init__(
+        self,
+        id: str,
+        name: str,
+        l1_table_offset: int,
+        l1_size: int,
+        date_sec: int = 0,
+        date_nsec: int = 0,
+        vm_clock_nsec: int = 0,
+        vm_state_size: int = 0,
+        disk_size: int | None = None,
+        icount: int | None = None,
+        extra_data_size: int = SNAPSHOT_EXTRA_SIZE,
+        unknown_extra: bytes = b"",
+        virtual_size: int = 0,
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.vm_state_size = vm_state_size
+        self.disk_size = disk_size
+        self.icount = icount
+        self.extra_data_size = extra_data_size
+        self.unknown_extra = unknown_extra
+        self.virtual_size = virtual_size
 
 
 class _ChunkedTableReader:
