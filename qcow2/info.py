@@ -16,15 +16,19 @@ import bisect
 import os
 import struct
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from . import layout
 from .errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
 from .fileio import HostFile
-from .header import Header, read_header
+from .header import read_header
 from .snapshot_table import SnapshotEntry, read_snapshot_table
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from typing import Any, Literal
+
+    from .header import Header
 
 # Section: QEMU's JSON and QDict order
 
@@ -193,7 +197,6 @@ def format_snapshot_table(snapshots: Sequence[SnapshotEntry]) -> str:
 # Section: opening images and backing chains (read-only)
 
 
-@dataclass
 class Layer:
     """One image of a backing chain, open read-only.
 
@@ -201,11 +204,21 @@ class Layer:
     the full backing file name below); ``header`` is None for a raw image.
     """
 
-    name: str
-    file: HostFile
-    header: Header | None
-    virtual_size: int
-    snapshots: list[SnapshotEntry]
+    __slots__ = ("file", "header", "name", "snapshots", "virtual_size")
+
+    def __init__(
+        self,
+        name: str,
+        file: HostFile,
+        header: Header | None,
+        virtual_size: int,
+        snapshots: list[SnapshotEntry],
+    ) -> None:
+        self.name = name
+        self.file = file
+        self.header = header
+        self.virtual_size = virtual_size
+        self.snapshots = snapshots
 
     @property
     def data_name(self) -> str:
@@ -589,31 +602,65 @@ def format_info_human(info: dict[str, Any]) -> str:
 _DATA, _ZERO, _UNALLOCATED, _INVALID, _DATA_ZERO = 1, 2, 0, 3, 4
 
 
-@dataclass
 class _Run:
     """A guest range of one layer with one status: kind, host offset (None if unknown).
 
     An ``_INVALID`` run carries the corruption QEMU reports when a query reaches it."""
 
-    start: int
-    end: int
-    kind: int
-    offset: int | None
-    error: CorruptImageError | None = None
+    __slots__ = ("end", "error", "kind", "offset", "start")
+
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        kind: int,
+        offset: int | None,
+        error: CorruptImageError | None = None,
+    ) -> None:
+        self.start = start
+        self.end = end
+        self.kind = kind
+        self.offset = offset
+        self.error = error
 
 
-@dataclass
 class MapEntry:
     """One record of ``qemu-img map`` (``offset``/``filename`` None if not reported)."""
 
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-    filename: str | None
+    __slots__ = ("data", "depth", "filename", "length", "offset", "present", "start", "zero")
+
+    def __init__(
+        self,
+        start: int,
+        length: int,
+        depth: int,
+        present: bool,
+        zero: bool,
+        data: bool,
+        offset: int | None,
+        filename: str | None,
+    ) -> None:
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.present = present
+        self.zero = zero
+        self.data = data
+        self.offset = offset
+        self.filename = filename
+
+    def copy(self) -> MapEntry:
+        """A copy to modify without touching this record."""
+        return MapEntry(
+            self.start,
+            self.length,
+            self.depth,
+            self.present,
+            self.zero,
+            self.data,
+            self.offset,
+            self.filename,
+        )
 
 
 def _qcow2_runs(layer: Layer) -> list[_Run]:
@@ -762,9 +809,6 @@ def _entry_error(
 def _metadata_preallocated(layer: Layer) -> bool:
     """QEMU's ``qcow2_detect_metadata_preallocation``: far more clusters are refcounted
     than the host file really stores (``preallocation=metadata``)."""
-    from .cache import TableCache
-    from .refcount import RefcountTable
-
     h = layer.header
     assert h is not None
     f = layer.file
@@ -773,16 +817,41 @@ def _metadata_preallocated(layer: Layer) -> bool:
     end_cluster = layout.size_to_clusters(h.cluster_size, f.size())
     if end_cluster < threshold:
         return False  # not even every cluster of the file could be refcounted
-    refcounts = RefcountTable(f, h, TableCache(f, h.cluster_size, 4, "refblock"))
+    # The refcount blocks are read here, not through refcount.RefcountTable: that module
+    # (and its cache) import collections, milliseconds of start-up for every small image.
+    cs = h.cluster_size
+    raw = f.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
+    reftable = struct.unpack(f">{len(raw) // 8}Q", raw)
+    per_block = h.refblock_entries
     count = 0
-    try:
-        for cluster in range(end_cluster):
-            count += bool(refcounts.get(cluster))
-            if count >= threshold:
-                return True
-    except Qcow2Error:
-        return False
+    for index in range(min(len(reftable), layout.size_to_clusters(per_block, end_cluster))):
+        block_offset = reftable[index] & layout.REFT_OFFSET_MASK
+        if not block_offset:
+            continue
+        if block_offset % cs:
+            return False  # a corrupt refcount table: QEMU's detection fails, no split
+        try:
+            block = f.pread(block_offset, cs)
+        except Qcow2Error:
+            return False
+        entries = min(per_block, end_cluster - index * per_block)
+        count += _nonzero_refcounts(block, entries, h.refcount_bits)
+        if count >= threshold:
+            return True
     return False
+
+
+#: memoryview formats by refcount width in bytes (any byte order tells zero from nonzero).
+_UINT_FORMATS: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def _nonzero_refcounts(block: bytes, entries: int, bits: int) -> int:
+    """How many of the first ``entries`` refcounts of refcount block ``block`` are not 0."""
+    if bits >= 8:
+        values = memoryview(block).cast(_UINT_FORMATS[bits // 8])[:entries]
+        return entries - values.tolist().count(0)
+    mask = (1 << bits) - 1
+    return sum(1 for i in range(entries) if (block[i * bits // 8] >> (i * bits % 8)) & mask)
 
 
 def _split_by_host_holes(layer: Layer, runs: list[_Run]) -> list[_Run]:
@@ -996,7 +1065,7 @@ def format_map_human(
     out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"]
     if not entries:
         return "".join(out), None
-    work = [MapEntry(**vars(e)) for e in entries]
+    work = [e.copy() for e in entries]
     curr = work[0]
     for nxt in [*work[1:], None]:
         if nxt is not None and _mergeable(curr, nxt):
