@@ -6,9 +6,12 @@ One image is built with qemu-img/qemu-io: 1 GiB virtual, every 64 KiB cluster al
 ``map --output=json`` are timed as whole processes (interpreter start-up included, what a
 script pays), median of ``--rounds`` runs; ``convert -O raw`` is reported as throughput.
 Both tools run in the same invocation, so the ratios compare like with like on a noisy
-machine.  The output is a Markdown table; a reference row times ``python3 -c pass``.  The
-"modules" column counts the modules our command imports (``python3 -X importtime``; the
-interpreter's own start-up imports included), which is what start-up time mostly pays for.
+machine.
+
+``qcow2`` is the installed command (``bin/qcow2``, the launcher that starts Python without
+running .pth code); ``python3 -m qcow2`` is shown beside it, as is the interpreter's own
+start-up with and without ``site``.  The "modules" column counts the modules the command
+imports (``-X importtime``; the interpreter's own start-up imports included).
 
 Our commands run with a bytecode cache (``PYTHONPYCACHEPREFIX`` in the temporary
 directory, ``PYTHONDONTWRITEBYTECODE`` removed) after one warm-up run, as an installed
@@ -24,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -72,22 +76,29 @@ def main() -> int:
     parser.add_argument("--snapshots", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    ours = [sys.executable, "-m", "qcow2"]
+    launcher = Path(sysconfig.get_path("scripts")) / "qcow2"
+    if not launcher.is_file():
+        raise SystemExit(f"{launcher} is missing: run tools/setup-system")
+    ours = [str(launcher)]
+    module = [sys.executable, "-m", "qcow2"]
     with tempfile.TemporaryDirectory(prefix="bench-qcow2-cli-") as tmp:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         img = Path(tmp) / "big.qcow2"
         make_image(img, args.size_mib, args.snapshots)
-        rows = []
-        base = wall([sys.executable, "-c", "pass"], args.rounds, env)
-        modules = imported_modules(["-c", "pass"], env)
-        rows.append(("`python3 -c pass` (interpreter start)", None, base, modules))
+        rows: list[tuple[str, float | None, float, float | None, int]] = []
+        for flags in (["-S"], []):
+            argv = [*flags, "-c", "pass"]
+            base = wall([sys.executable, *argv], args.rounds, env)
+            name = f"`python3 {' '.join(argv)}` (interpreter start)"
+            rows.append((name, None, base, None, imported_modules(argv, env)))
         for command in COMMANDS:
             wall([*ours, *command, str(img)], 1, env)  # warm-up: fills the bytecode cache
             theirs = wall(["qemu-img", *command, str(img)], args.rounds)
             mine = wall([*ours, *command, str(img)], args.rounds, env)
-            modules = imported_modules(["-m", "qcow2", *command, str(img)], env)
-            rows.append((" ".join(command), theirs, mine, modules))
+            as_module = wall([*module, *command, str(img)], args.rounds, env)
+            modules = imported_modules(["-S", str(launcher), *command, str(img)], env)
+            rows.append((" ".join(command), theirs, mine, as_module, modules))
         raw_q, raw_o = Path(tmp) / "q.raw", Path(tmp) / "o.raw"
         theirs = wall(["qemu-img", "convert", "-O", "raw", str(img), str(raw_q)], 1)
         mine = wall([*ours, "convert", "-O", "raw", str(img), str(raw_o)], 1, env)
@@ -97,17 +108,17 @@ def main() -> int:
         f"Image: {args.size_mib} MiB, {args.size_mib * 16} allocated 64 KiB clusters, "
         f"{args.snapshots} snapshots; median of {args.rounds} runs.\n"
     )
-    print("| command | qemu-img (s) | qcow2 (s) | ratio | modules |")
-    print("|---|---:|---:|---:|---:|")
-    for name, q, o, n in rows:
-        if q is None:
-            print(f"| {name} | | {o:.3f} | | {n} |")
+    print("| command | qemu-img (s) | qcow2 (s) | ratio | python3 -m qcow2 (s) | modules |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, q, o, m, n in rows:
+        if q is None or m is None:
+            print(f"| {name} | | {o:.3f} | | | {n} |")
         else:
-            print(f"| {name} | {q:.3f} | {o:.3f} | {o / q:.1f}x | {n} |")
+            print(f"| {name} | {q:.3f} | {o:.3f} | {o / q:.1f}x | {m:.3f} | {n} |")
     mib = args.size_mib
     print(
         f"| convert -O raw ({mib} MiB) | {theirs:.2f} ({mib / theirs:.0f} MiB/s) | "
-        f"{mine:.2f} ({mib / mine:.0f} MiB/s) | {mine / theirs:.1f}x | |"
+        f"{mine:.2f} ({mib / mine:.0f} MiB/s) | {mine / theirs:.1f}x | | |"
     )
     return 0
 
