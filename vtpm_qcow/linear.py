@@ -87,9 +87,10 @@ class LinearHeader:
     hdrsize: int = HEADER_SIZE
     slots: tuple[Slot, ...] = (EMPTY_SLOT,) * MAX_SLOTS
 
-    @property
+    @functools.cached_property
     def end(self) -> int:
-        """Logical size of the linear file: end of the last section, at least hdrsize."""
+        """Logical size of the linear file: end of the last section, at least hdrsize
+        (computed once: a section store asks several times)."""
         return max([self.hdrsize, *(s.end for s in self.slots if s.allocated)])
 
     def slot(self, name: str) -> Slot:

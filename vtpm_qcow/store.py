@@ -51,6 +51,10 @@ MAX_SIZE: Final = 1 << 32
 #: Layouts ending beyond this are refused rather than read into memory (swtpm's state with
 #: EK certificates is about 30 KiB; libtpms caps its NV memory far below this).
 MAX_LAYOUT: Final = 64 * 1024 * 1024
+#: How much of the linear file a writable store keeps in memory (swtpm's state is about
+#: 30 KiB with EK certificates), read in steps of at least PREFIX_CACHE_STEP.
+PREFIX_CACHE_LIMIT: Final = 1024 * 1024
+PREFIX_CACHE_STEP: Final = 64 * 1024
 
 
 def digest(data: bytes) -> str:
@@ -120,6 +124,12 @@ class Store:
         self._generation = 0
         self._lock = threading.RLock()
         self._closed = False
+        #: The linear file's first bytes (a multiple of the cluster size or all of it), as
+        #: last read or committed; None when unknown.  Only for writable stores: they hold
+        #: the image's write lock, so every change goes through this object (a shared
+        #: reader must see other writers' changes).  A dir view commit reads the layout
+        #: and the clusters around its writes: from here instead of through qcow2.
+        self._prefix: bytearray | None = None
 
     # Section: life cycle
 
@@ -209,6 +219,23 @@ class Store:
 
     def _changed(self) -> None:
         self._generation += 1
+        self._prefix = None
+
+    def _cached(self, offset: int, length: int) -> bytearray | None:
+        """The cached prefix, extended to cover ``[offset, +length)`` if that lies within
+        :data:`PREFIX_CACHE_LIMIT`; None if it does not (read through the image)."""
+        end = offset + length
+        if not self.writable or end > PREFIX_CACHE_LIMIT:
+            return None
+        prefix = self._prefix
+        if prefix is None:
+            prefix = bytearray()
+        if end > len(prefix):
+            step = max(PREFIX_CACHE_STEP, self._image.cluster_size)
+            new_end = min(self.linear_size, -(-end // step) * step)
+            prefix += self._image.read(len(prefix), new_end - len(prefix))
+        self._prefix = prefix
+        return prefix
 
     # Section: the linear file (file view)
 
@@ -219,7 +246,12 @@ class Store:
             if offset < 0 or length < 0:
                 raise StoreError(f"{self.path}: negative read offset {offset} or length {length}")
             length = max(0, min(length, self.linear_size - offset))
-            return bytes(self._image.read(offset, length)) if length else b""
+            if not length:
+                return b""
+            prefix = self._cached(offset, length)
+            if prefix is not None:
+                return bytes(prefix[offset : offset + length])
+            return bytes(self._image.read(offset, length))
 
     def commit_linear(self, writes: Iterable[tuple[int, bytes]]) -> None:
         """Write all extents atomically and durably (all or nothing across a crash)."""
@@ -234,8 +266,14 @@ class Store:
                     )
             if not extents:
                 return
+            prefix, self._prefix = self._prefix, None  # unknown until the commit returns
             self._image.commit_atomically(extents)
             self._changed()
+            if prefix is not None:
+                for offset, data in extents:
+                    if offset < len(prefix):
+                        prefix[offset : offset + len(data)] = data[: len(prefix) - offset]
+                self._prefix = prefix
 
     def resize_linear(self, new_size: int) -> None:
         """The file view's ftruncate: bytes from ``new_size`` on read as zeros afterwards.
@@ -250,6 +288,7 @@ class Store:
                     f"(capacity {self.linear_size})"
                 )
             if new_size < self.linear_size:
+                self._prefix = None  # also if the zeroing fails half-way
                 self._image.write_zeroes(new_size, self.linear_size - new_size)
                 self._image.flush()
                 self._changed()
@@ -417,6 +456,7 @@ class Store:
         with self._lock:
             self._check_open(write=True)
             self._require(tag)
+            self._prefix = None  # also if the apply fails after its switch
             self._image.apply_snapshot(tag)
             self._changed()
 
