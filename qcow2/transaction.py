@@ -25,7 +25,9 @@ the new generation is exact as well.  The dirty bit is left as it is.
 
 from __future__ import annotations
 
+import array
 import struct
+import sys
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 _COPIED = layout.OFLAG_COPIED
 #: struct codes of the refcount widths decoded a block at a time (others entry by entry).
 _UNPACK_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_ARRAY_Q_IS_U64 = array.array("Q").itemsize == 8
 
 
 def entry_host_ranges(image: Image, entry: int) -> list[tuple[int, int]]:
@@ -457,7 +460,7 @@ class MetadataTransaction:
         for index, offset in new_blocks.items():
             table[index] = offset
         table_offset = first * cs
-        self.stage(table_offset, struct.pack(f">{len(table)}Q", *table))
+        self.stage(table_offset, _pack_u64_be(table))
         return table, table_offset, nclusters
 
     def _old_block(self, old_table: Sequence[int], index: int) -> int:
@@ -578,6 +581,17 @@ class MetadataTransaction:
         ):
             for offset in offsets:
                 cache.put(offset, bytearray(self.staged[offset]), dirty=False)
+
+
+def _pack_u64_be(values: list[int]) -> bytes:
+    """``struct.pack(">{n}Q", *values)`` without building an argument tuple: the reftable
+    (512 entries per 4 KiB cluster) is written at every commit."""
+    if _ARRAY_Q_IS_U64:
+        packed = array.array("Q", values)
+        if sys.byteorder == "little":
+            packed.byteswap()
+        return packed.tobytes()
+    return struct.pack(f">{len(values)}Q", *values)
 
 
 def _coalesce(staged: dict[int, bytes]) -> list[tuple[int, bytes]]:
