@@ -197,6 +197,8 @@ class IoCounter:
     writes: int = 0
     bytes_written: int = 0
     flushes: int = 0
+    #: microseconds spent in the image's flushes (fdatasync), for per-commit budgets
+    flush_us: int = 0
 
     def observe(self, event: WriteEvent) -> None:
         """A :class:`HostFile` observer."""
@@ -205,6 +207,20 @@ class IoCounter:
         elif event.kind == "write":
             self.writes += 1
             self.bytes_written += len(event.data)
+
+    def attach(self, host_file: HostFile) -> None:
+        """Observe ``host_file`` and time its flushes."""
+        host_file.observers.append(self.observe)
+        flush = host_file.flush
+
+        def timed_flush() -> None:
+            start = time.perf_counter_ns()
+            try:
+                flush()
+            finally:
+                self.flush_us += (time.perf_counter_ns() - start) // 1000
+
+        host_file.flush = timed_flush  # type: ignore[method-assign]
 
 
 def _image_file(store: Store) -> HostFile:
@@ -272,7 +288,7 @@ def run_mount(
     try:
         fs = make_fs(store, config.view, threaded=config.threaded)
         io = IoCounter()
-        _image_file(store).observers.append(io.observe)
+        io.attach(_image_file(store))
         write_log = os.environ.get(WRITE_LOG_ENV)
         if write_log:
             _attach_write_log(store, fs, write_log)

@@ -13,7 +13,8 @@ store its whole permanent state once.  Stacks:
 
 Reported: commands/s, latency p50/p95/p99, the storage daemon's RSS, FUSE requests,
 the time spent inside vtpm-qcow's request handlers (the commit with its fdatasyncs
-included; not pyfuse3's and trio's own per-request work) and image flushes per commit
+included, and of it the time in the image flushes; not pyfuse3's and trio's own
+per-request work) and image flushes per commit
 (vtpm-qcow's own counters), the fdatasync latency of the image's
 file system and the ceiling it implies, and the median snapshot create/apply time on a
 mounted store.  Markdown on stdout.  Run as root (FUSE):
@@ -55,6 +56,7 @@ class Result:
     rss_kib: int | None = None
     requests_per_commit: float | None = None
     handler_ms_per_commit: float | None = None
+    flush_ms_per_commit: float | None = None
     flushes_per_commit: float | None = None
     snapshot_create_ms: float | None = None
     snapshot_apply_ms: float | None = None
@@ -191,15 +193,16 @@ def vtpm_mount(image: Path, mountpoint: Path, view: str) -> Iterator[int]:
         )
 
 
-def counters(image: Path) -> tuple[int, int, int, int]:
-    """(FUSE requests, commits, image flushes, µs inside the request handlers) so far, from
-    the daemon's info."""
+def counters(image: Path) -> tuple[int, int, int, int, int]:
+    """(FUSE requests, commits, image flushes, µs inside the request handlers, µs of those
+    in the image's flushes) so far, from the daemon's info."""
     info = ControlClient.for_image(image).info()
     return (
         sum(info["requests"].values()),
         info["commits"],
         info["image_io"]["flushes"],
         sum(info.get("handler_us", {}).values()),
+        info["image_io"].get("flush_us", 0),
     )
 
 
@@ -233,6 +236,7 @@ def bench_ours(work: Path, view: str, commands: int, rounds: int) -> Result:
         result.requests_per_commit = (after[0] - before[0]) / commits
         result.flushes_per_commit = (after[2] - before[2]) / commits
         result.handler_ms_per_commit = (after[3] - before[3]) / commits / 1000
+        result.flush_ms_per_commit = (after[4] - before[4]) / commits / 1000
         result.rss_kib = rss_kib(pid)
         result.snapshot_create_ms, result.snapshot_apply_ms = snapshot_times(image, rounds)
     return result
@@ -306,9 +310,9 @@ def report(results: list[Result], fsync_s: float, commands: int) -> str:
         f"one state store each; fdatasync median {fsync_s * 1e6:.0f} µs",
         "",
         "| stack | cmd/s | vs qsd | p50 ms | p95 ms | p99 ms | daemon RSS MiB | "
-        "FUSE req/commit | handler ms/commit | flushes/commit | flush ceiling cmd/s | "
-        "snap create ms | snap apply ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "FUSE req/commit | handler ms/commit | of which flush ms | flushes/commit | "
+        "flush ceiling cmd/s | snap create ms | snap apply ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r.rate / base.rate if base and base.rate else None
@@ -318,6 +322,7 @@ def report(results: list[Result], fsync_s: float, commands: int) -> str:
             f"{r.percentile(0.95):.2f} | {r.percentile(0.99):.2f} | "
             f"{fmt(r.rss_kib / 1024 if r.rss_kib else None)} | "
             f"{fmt(r.requests_per_commit)} | {fmt(r.handler_ms_per_commit, '.3f')} | "
+            f"{fmt(r.flush_ms_per_commit, '.3f')} | "
             f"{fmt(r.flushes_per_commit)} | "
             f"{fmt(ceiling, '.0f')} | {fmt(r.snapshot_create_ms)} | "
             f"{fmt(r.snapshot_apply_ms)} |"
