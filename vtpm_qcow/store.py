@@ -57,6 +57,32 @@ PREFIX_CACHE_LIMIT: Final = 1024 * 1024
 PREFIX_CACHE_STEP: Final = 64 * 1024
 
 
+def _whole_clusters(
+    extents: list[tuple[int, bytes]], prefix: bytearray | None, image: qcow2.Image
+) -> list[tuple[int, bytes]]:
+    """``extents`` as the whole clusters they touch, completed from ``prefix`` (the cached
+    start of the linear file), so that the commit does not read those clusters back
+    through the image (measured in the daemon: 15 us of a dir view commit); ``extents``
+    itself when the prefix does not cover them.  Later extents win, as in
+    :meth:`qcow2.Image.commit_atomically`."""
+    if prefix is None:
+        return extents
+    cs = image.cluster_size
+    first = min(offset for offset, _ in extents) // cs * cs
+    end = -(-max(offset + len(data) for offset, data in extents) // cs) * cs
+    if end > len(prefix):
+        return extents
+    window = bytearray(prefix[first:end])
+    touched: set[int] = set()
+    for offset, data in extents:
+        window[offset - first : offset - first + len(data)] = data
+        touched.update(range(offset // cs, (offset + len(data) - 1) // cs + 1))
+    return [
+        (index * cs, bytes(window[index * cs - first : (index + 1) * cs - first]))
+        for index in sorted(touched)
+    ]
+
+
 def digest(data: bytes) -> str:
     """The content digest used throughout: xxh3-128, hex."""
     return xxhash.xxh3_128_hexdigest(data)
@@ -267,7 +293,7 @@ class Store:
             if not extents:
                 return
             prefix, self._prefix = self._prefix, None  # unknown until the commit returns
-            self._image.commit_atomically(extents)
+            self._image.commit_atomically(_whole_clusters(extents, prefix, self._image))
             self._changed()
             if prefix is not None:
                 for offset, data in extents:

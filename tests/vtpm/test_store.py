@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qcow2.errors import ImageLockedError
+from qcow2.fileio import inject_fault
 from tests.helpers import need, need_fuse
 from tests.qcow2 import oracle
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
@@ -338,3 +339,57 @@ def test_oversized_layouts_are_refused_not_read(tmp_path: Path) -> None:
         store.clear()  # the unreadable layout is replaced by zeros
         assert store.sections() == {}
     oracle.assert_clean(path)
+
+
+def test_a_writable_store_commits_sections_without_reading_the_image_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store keeps the linear file's start it read or committed (dir view commits
+    read the layout and the clusters around their writes), and the kept bytes follow
+    every commit, snapshot apply and resize."""
+    path = tmp_path / "vtpm.qcow2"
+    blob_a, blob_b, blob_c = b"A" * 3000, b"B" * 5000, b"C" * 1500
+    with Store.create(path) as store:
+        store.write_section("permall", blob_a)
+        store.write_section("volatilestate", blob_b)
+        store.create_snapshot("s1")
+        assert store.read_section("permall") == blob_a  # one read of the start: kept
+        reads: list[tuple[int, int]] = []
+        image_read = store.image.read
+
+        def counted(offset: int, length: int) -> bytes:
+            reads.append((offset, length))
+            return bytes(image_read(offset, length))
+
+        monkeypatch.setattr(store.image, "read", counted)
+        store.write_section("permall", blob_c)
+        store.write_section("permall", blob_a + b"x")
+        assert store.read_section("permall") == blob_a + b"x"
+        assert store.read_section("volatilestate") == blob_b
+        assert reads == []
+        expected = store.layout()
+        store.apply_snapshot("s1")  # changes the disk behind the commit path: re-read
+        assert store.read_section("permall") == blob_a
+        assert reads
+        store.write_section("permall", blob_c)
+        store.resize_linear(192)  # zeroes everything after the header (which stays)
+        assert store.read_section("permall") == bytes(len(blob_c))
+        assert store.read_linear(192, 16) == bytes(16)
+        store.write_section("permall", blob_b)
+        expected = store.layout()
+    assert_disk_is(path, expected)
+    with Store.open(path) as store:
+        assert store.read_section("permall") == blob_b
+
+
+def test_a_failed_commit_forgets_the_kept_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.write_section("permall", b"old" * 500)
+        with inject_fault("commit.header_switch"), pytest.raises(OSError):
+            store.write_section("permall", b"new" * 500)
+        assert store.read_section("permall") == b"old" * 500
+        store.write_section("permall", b"new" * 600)
+        assert store.read_section("permall") == b"new" * 600
+    with Store.open(path) as store:
+        assert store.read_section("permall") == b"new" * 600
