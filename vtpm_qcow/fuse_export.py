@@ -638,14 +638,11 @@ class StoreFS(pyfuse3.Operations):
     async def _locked(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` under the file system lock (in a worker thread if ``threaded``)."""
         if not self.threaded and not self.lock.locked():
-            # Uncontended and synchronous (the usual request): take the lock without
-            # ``await``, which would cost a pass of trio's scheduler (an epoll_wait) per
-            # request; nothing can interleave with a call that never yields.
-            self.lock.acquire_nowait()
-            try:
-                return self._observed(fn, *args, **kwargs)
-            finally:
-                self.lock.release()
+            # Uncontended and synchronous (the usual request): no task holds the lock and
+            # none can take it while a call that never yields runs on this event loop, so
+            # the call needs neither ``await`` (a pass of trio's scheduler, an epoll_wait)
+            # nor the lock's bookkeeping (acquire_nowait + release: ~1.5 us per request).
+            return self._observed(fn, *args, **kwargs)
         async with self.lock:
             if not self.threaded:
                 return self._observed(fn, *args, **kwargs)
