@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .cliparse import TRY_HELP, Arguments, Command, HelpRequested, Option, UsageError, parse
+from .cliparse import Arguments, Command, HelpRequested, Option, UsageError, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ def _cmd_map(args: Arguments) -> int:
 def _cmd_snapshot(args: Arguments) -> int:
     actions = [a for a in ("l", "c", "a", "d") if getattr(args, a)]
     if len(actions) > 1:
-        raise CliError(f"Cannot mix '-l', '-a', '-c', '-d'\n{TRY_HELP}")
+        raise CliError("Cannot mix '-l', '-a', '-c', '-d'")
     action = actions[0] if actions else "l"
     if action == "l":
         from .errors import Qcow2Error
@@ -630,7 +630,7 @@ def _cmd_amend(args: Arguments) -> int:
     from .lock import lock_image
 
     if not args.o:
-        raise CliError(f"Must specify options (-o)\n{TRY_HELP}")
+        raise CliError("Must specify options (-o)")
     opts = _parse_options(args.o)
     compat = opts.pop("compat", None)
     lazy = _onoff(opts, "lazy_refcounts") if "lazy_refcounts" in opts else None
@@ -1084,7 +1084,7 @@ _IMAGE_OPTS = Option(
     "--image-opts",
     help="the image is driver=qcow2,file.filename=IMG,encrypt.key-secret=ID",
 )
-_ONE_IMAGE = f"Expecting one image file name\n{TRY_HELP}"
+_ONE_IMAGE = "Expecting one image file name"
 
 
 def _format(*choices: str) -> Option:
@@ -1121,7 +1121,7 @@ def commands() -> list[Command]:
                     kind="value",
                     choices=("leaks", "all"),
                     choices_error="Unknown option value for -r (expecting 'leaks' or 'all'): "
-                    f"{{value}}\n{TRY_HELP}",
+                    "{value}",
                     help="repair leaks, or everything",
                 ),
                 _QUIET,
@@ -1179,8 +1179,8 @@ def commands() -> list[Command]:
                 _OBJECT,
             ],
             ["image", "size?"],
-            f"Expecting image file name\n{TRY_HELP}",
-            f"Unexpected argument: {{extra}}\n{TRY_HELP}",
+            "Expecting image file name",
+            "Unexpected argument: {extra}",
         ),
         Command(
             "resize",
@@ -1188,8 +1188,8 @@ def commands() -> list[Command]:
             _cmd_resize,
             [_format("qcow2"), _QUIET, Option("--shrink", help="allow shrinking")],
             ["image", "size"],
-            f"Not enough arguments\n{TRY_HELP}",
-            f"Expecting image file name and size\n{TRY_HELP}",
+            "Not enough arguments",
+            "Expecting image file name and size",
         ),
         Command(
             "compare",
@@ -1205,7 +1205,7 @@ def commands() -> list[Command]:
                 _IMAGE_OPTS,
             ],
             ["image1", "image2"],
-            f"Expecting two image file names\n{TRY_HELP}",
+            "Expecting two image file names",
         ),
         Command(
             "amend",

@@ -3,7 +3,8 @@
 qemu-img parses with ``getopt_long``; so does this module, in the same style: options and
 operands may be mixed (``info IMG --output=json``), short flags cluster (``-Uq``), a value
 follows its option in the same word or the next (``-oX``, ``-o X``, ``--output=json``,
-``--output json``), and ``--`` ends the options.  Errors use qemu-img's wording.
+``--output json``), and ``--`` ends the options.  An error is the first line qemu-img
+prints, word for word, and only that line (qemu-img adds a "Try 'qemu-img --help'" hint).
 
 argparse is not used on purpose: with its imports (re, gettext, locale, shutil) it costs
 about as much start-up time as qemu-img's whole ``info``.  Each command is declared once,
@@ -18,12 +19,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-#: The hint under a usage error (qemu-img's, naming this command: QEMU may be absent).
-TRY_HELP = "Try 'qcow2 --help' for more information"
-
 
 class UsageError(Exception):
-    """A command line that does not parse; the message is qemu-img's, hint lines included."""
+    """A command line that does not parse; the message is qemu-img's (one line)."""
 
 
 class Option:
@@ -107,7 +105,7 @@ class Command:
             return None
         matches = {o for o in self.options for n in o.names if n.startswith(name)}
         if len(matches) > 1:
-            raise UsageError(f"option '{name}' is ambiguous\n{TRY_HELP}")
+            raise UsageError(f"option '{name}' is ambiguous")
         return matches.pop() if matches else None
 
     def usage(self) -> str:
@@ -158,14 +156,14 @@ def parse(commands: Sequence[Command], argv: Sequence[str], *, description: str 
     Raises :class:`UsageError` with qemu-img's message, or :class:`HelpRequested`.
     """
     if not argv:
-        raise UsageError(f"Not enough arguments\n{TRY_HELP}")
+        raise UsageError("Not enough arguments")
     by_name = {c.name: c for c in commands}
     first, rest = argv[0], list(argv[1:])
     if first in ("-h", "--help"):
         raise HelpRequested(overview(commands, description))
     command = by_name.get(first)
     if command is None:
-        raise UsageError(f"Command not found: {first}\n{TRY_HELP}")
+        raise UsageError(f"Command not found: {first}")
     args = Arguments(command)
     operands: list[str] = []
     i = 0
@@ -181,10 +179,10 @@ def parse(commands: Sequence[Command], argv: Sequence[str], *, description: str 
             name, has_value, value = word.partition("=")
             option = command.find(name)
             if option is None or (has_value and not option.takes_value):
-                raise UsageError(f"unrecognized option '{word}'\n{TRY_HELP}")
+                raise UsageError(f"unrecognized option '{word}'")
             if option.takes_value and not has_value:
                 if i == len(rest):
-                    raise UsageError(f"missing argument for option '{name}'\n{TRY_HELP}")
+                    raise UsageError(f"missing argument for option '{name}'")
                 value = rest[i]
                 i += 1
             _store(args, option, value)
@@ -195,7 +193,7 @@ def parse(commands: Sequence[Command], argv: Sequence[str], *, description: str 
                 pos += 1
                 option = command.find(name)
                 if option is None:
-                    raise UsageError(f"unrecognized option '{word}'\n{TRY_HELP}")
+                    raise UsageError(f"unrecognized option '{word}'")
                 if not option.takes_value:
                     _store(args, option, "")
                     continue
@@ -205,7 +203,7 @@ def parse(commands: Sequence[Command], argv: Sequence[str], *, description: str 
                     value = rest[i]
                     i += 1
                 else:
-                    raise UsageError(f"missing argument for option '{name}'\n{TRY_HELP}")
+                    raise UsageError(f"missing argument for option '{name}'")
                 _store(args, option, value)
                 break
         else:
@@ -227,7 +225,7 @@ def _store(args: Arguments, option: Option, value: str) -> None:
     if option.choices and value not in option.choices:
         message = option.choices_error or (
             f"Invalid value '{{value}}' for option '{option.names[0]}' "
-            f"(expecting {' or '.join(repr(c) for c in option.choices)})\n{TRY_HELP}"
+            f"(expecting {' or '.join(repr(c) for c in option.choices)})"
         )
         raise UsageError(message.replace("{value}", value))
     if option.kind == "append":

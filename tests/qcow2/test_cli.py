@@ -140,7 +140,7 @@ def test_bad_arguments_fail_without_traceback(tmp_path: Path) -> None:
         )
         assert proc.returncode != 0
         assert "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) <= 3
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_check_on_raw_file_is_unsupported_like_qemu_img(tmp_path: Path) -> None:
@@ -504,8 +504,8 @@ def test_amend_matches_qemu_img(tmp_path: Path) -> None:
                 mismatches.append((name, opt, "image bytes differ", ""))
     assert not mismatches, mismatches
     theirs, ours, _, _ = run_both(images["lazy"], "amend")
-    hint = ("Try 'qcow2 --help'", "Try 'qemu-img --help'")  # the hint names this command
-    assert (ours.code, ours.err.replace(*hint)) == (theirs.code, theirs.err) == (1, theirs.err)
+    hint = "Try 'qemu-img --help' for more information\n"  # usage errors are one line here
+    assert (ours.code, ours.err) == (theirs.code, theirs.err.replace(hint, "")) == (1, ours.err)
 
 
 def test_resize_of_v2_image_with_snapshots_is_refused_like_qemu_img(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The ``qcow2`` command line parses like qemu-img's getopt_long, errors included.
 
 Every case runs both tools on copies of the same image and compares exit code, stdout and
-stderr; the one intended difference is the hint line, which names ``qcow2 --help``.
+stderr; a usage error is qemu-img's first line only (qemu-img adds a hint line naming its
+own --help).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from tests.qcow2.test_cli import (  # noqa: F401 - restore_cwd is an autouse fix
     run_qemu_img,
 )
 
-OUR_HINT = "Try 'qcow2 --help' for more information"
-THEIR_HINT = "Try 'qemu-img --help' for more information"
+THEIR_HINT = "Try 'qemu-img --help' for more information\n"
 
 
 @pytest.fixture()
@@ -103,8 +103,8 @@ def test_usage_errors_like_qemu_img(image: Path, args: tuple[str, ...]) -> None:
     theirs, ours = both(image, args)
     assert theirs.code != 0
     assert (ours.code, ours.out) == (theirs.code, theirs.out)
-    assert ours.err.replace(OUR_HINT, THEIR_HINT) == theirs.err
-    assert "Traceback" not in ours.err
+    assert ours.err == theirs.err.replace(THEIR_HINT, "")
+    assert ours.err.count("\n") == 1 and ours.err.startswith("qemu-img: ")
 
 
 def test_help_lists_every_option_of_a_command() -> None:
