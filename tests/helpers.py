@@ -32,6 +32,12 @@ def need(tool: str) -> str:
     return path
 
 
+def need_root(why: str) -> None:
+    """Require root (``why`` says what for), as .ci/run has it."""
+    if os.geteuid() != 0:
+        missing(f"root ({why})")
+
+
 def need_fuse() -> None:
     """Require a usable /dev/fuse."""
     if not os.path.exists("/dev/fuse"):

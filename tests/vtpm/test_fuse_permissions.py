@@ -21,16 +21,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import need_root
 from tests.vtpm.mount_fixtures import (
     create_image,
     mounted,
     runtime_dir,  # noqa: F401  (fixture)
 )
 
-pytestmark = [
-    pytest.mark.usefixtures("runtime_dir"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root"),
-]
+pytestmark = pytest.mark.usefixtures("runtime_dir", "as_root")
+
+
+@pytest.fixture
+def as_root() -> None:
+    """Switching users needs root: without it the tests fail (skip only if allowed)."""
+    need_root("the tests switch to other users")
+
 
 NOBODY = 65534
 GROUP = 4242
