@@ -223,6 +223,13 @@ class Header:
         nb, _reserved, dir_size, dir_offset = layout.EXT_BITMAPS_STRUCT.unpack_from(ext.data)
         return nb, dir_size, dir_offset
 
+    @property
+    def has_bitmaps(self) -> bool:
+        """Persistent dirty bitmaps QEMU would load: the extension lists some and
+        autoclear bit 0 says they are consistent with the data."""
+        ext = self.bitmaps_extension
+        return bool(ext and ext[0] and self.autoclear_features & layout.AUTOCLEAR_BITMAPS)
+
     def find_extension(self, ext_type: int) -> HeaderExtension | None:
         """The extension of ``ext_type``, or None."""
         for ext in self.extensions:

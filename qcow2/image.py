@@ -34,6 +34,7 @@ from .errors import (
     Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
+    SnapshotError,
     UnsupportedFeatureError,
 )
 from .fileio import HostFile, fault_point
@@ -287,9 +288,11 @@ class Image:
 
     @contextmanager
     def _mutating(self) -> Iterator[None]:
-        """Guard a change: on a detected corruption, stop like QEMU does (drop the cached
-        metadata unwritten, refuse further writes) so nothing more reaches the file."""
+        """Guard a change of guest data: on a detected corruption, stop like QEMU does
+        (drop the cached metadata unwritten, refuse further writes) so nothing more
+        reaches the file."""
         self._check_writable()
+        self._guest_data_changes()
         try:
             yield
         except CorruptImageError as err:
@@ -297,6 +300,17 @@ class Image:
             self.l2_cache.clear()
             self.refblock_cache.clear()
             raise
+
+    def _guest_data_changes(self) -> None:
+        """Called before guest data changes.  Persistent dirty bitmaps record guest
+        writes, which this library does not do: the first change marks them inconsistent
+        by clearing autoclear bit 0 (what the qcow2 spec asks of a program without bitmap
+        support; QEMU then ignores them, and their clusters count as leaks)."""
+        h = self.header
+        if h.autoclear_features & layout.AUTOCLEAR_BITMAPS:
+            h.autoclear_features &= ~layout.AUTOCLEAR_BITMAPS
+            write_header_fields(self.file, autoclear_features=h.autoclear_features)
+            self.file.flush()
 
     def _overlap_check(self, offset: int, length: int) -> None:
         """QEMU's metadata overlap check ("cached" mode, plus snapshot L1 tables): data or
@@ -553,6 +567,14 @@ class Image:
         new_size = layout.align_up(new_size, 512)
         if new_size == self.header.size:
             return
+        if self.header.has_bitmaps:
+            # QEMU resizes the bitmaps; dropping them instead would cost their owner (an
+            # incremental backup chain, say) more than a refusal.
+            raise UnsupportedFeatureError(
+                "Cannot resize an image with persistent dirty bitmaps (this library does "
+                "not maintain them; qemu-img resize does)",
+                path=self.path,
+            )
         with self._mutating():
             self._resize(new_size)
 
@@ -634,6 +656,9 @@ class Image:
         from .snapshots import apply_snapshot
 
         self._check_writable()
+        if self.header.has_bitmaps:
+            # QEMU refuses too: the bitmaps would not record what the revert changes.
+            raise SnapshotError("Device has active dirty bitmaps", path=self.path)
         self._before_metadata_rewrite()
         try:
             return apply_snapshot(self, name)
@@ -678,6 +703,7 @@ class Image:
         for offset, data in writes:
             self._check_range(offset, len(data))
         self._compressed_cache = None
+        self._guest_data_changes()
         commit_atomically(self, writes)
 
     def check(self, repair: str | None = None) -> CheckResult:
@@ -765,12 +791,14 @@ def _open(
             raise UnsupportedFeatureError(
                 "images with an external data file are not supported", path=path
             )
-        if writable and header.version >= 3 and header.autoclear_features:
-            # We maintain no autoclear feature (bitmaps included): clear them all before
-            # the first write, as QEMU does for the bits it does not know.
-            write_header_fields(f, autoclear_features=0)
+        unknown_autoclear = header.autoclear_features & ~layout.AUTOCLEAR_BITMAPS
+        if writable and header.version >= 3 and unknown_autoclear:
+            # Autoclear bits we do not maintain are cleared before the first write, as
+            # QEMU does for the bits it does not know.  The bitmaps bit stays until guest
+            # data changes (Image._guest_data_changes): snapshot create/delete keep bitmaps.
+            header.autoclear_features &= layout.AUTOCLEAR_BITMAPS
+            write_header_fields(f, autoclear_features=header.autoclear_features)
             f.flush()
-            header.autoclear_features = 0
         if writable and header.dirty:
             from .check import repair_image_file
 
