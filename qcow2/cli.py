@@ -307,7 +307,9 @@ def _cmd_snapshot(args: Arguments) -> int:
             else:
                 image.delete_snapshot(tag)
     except Qcow2Error as err:
-        raise CliError(f"Could not {verb} snapshot '{tag}': {_snapshot_reason(verb, err)}") from err
+        prefix = f"Could not {verb} snapshot '{tag}': "
+        reason = _snapshot_reason(verb, err).removeprefix(prefix)  # the library's own words
+        raise CliError(prefix + reason) from err
     return 0
 
 

@@ -536,3 +536,18 @@ def test_convert_snapshot_selection_matches_qemu_img(tmp_path: Path) -> None:
         assert (ours.code, ours.out, ours.err) == (theirs.code, theirs.out, theirs.err), sel
         if theirs.code == 0:
             assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes(), sel
+
+
+def test_snapshot_refcount_overflow_fails_like_qemu_img(tmp_path: Path) -> None:
+    """refcount_bits=1 cannot count a snapshot's shared clusters: both tools refuse, with
+    the same first words; ours names the cluster once and leaves the image as it was."""
+    img = oracle.create(tmp_path / "img.qcow2", 4 << 20, refcount_bits=1, cluster_size=4096)
+    oracle.qemu_io(img, "write -P 1 0 64k")
+    before = img.read_bytes()
+    theirs, ours, _, o = run_both(img, "snapshot", "-c", "s1")
+    prefix = "qemu-img: Could not create snapshot 's1': "
+    assert theirs.code == ours.code == 1 and theirs.err.startswith(prefix)
+    assert ours.err.startswith(prefix) and ours.err.count("Could not") == 1
+    assert ours.err.count("\n") == 1 and "refcount" in ours.err
+    assert o.read_bytes() == before
+    assert run_qemu_img("check", str(o)).code == 0
