@@ -9,8 +9,6 @@ before the refcount that protects the cluster it points to.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from .fileio import HostFile, fault_point
 
 
@@ -23,7 +21,8 @@ class TableCache:
         self.capacity = max(capacity, 4)
         #: "l2" or "refblock": used in fault point names.
         self.name = name
-        self._tables: OrderedDict[int, bytearray] = OrderedDict()
+        #: least recently used first (a dict keeps insertion order; a hit re-inserts)
+        self._tables: dict[int, bytearray] = {}
         self._dirty: set[int] = set()
         self._dependency: TableCache | None = None
         #: Set when data written since the last flush must be durable before the tables
@@ -53,9 +52,9 @@ class TableCache:
     def get(self, offset: int) -> bytearray:
         """The table at host ``offset`` (read from disk on a miss).  Modify it in place,
         then call :meth:`mark_dirty`."""
-        table = self._tables.get(offset)
+        table = self._tables.pop(offset, None)
         if table is not None:
-            self._tables.move_to_end(offset)
+            self._tables[offset] = table  # now the most recently used
             return table
         table = bytearray(self.file.pread(offset, self.table_size))
         self._insert(offset, table)
@@ -83,8 +82,8 @@ class TableCache:
         self._dirty.discard(offset)
 
     def _insert(self, offset: int, table: bytearray) -> None:
+        self._tables.pop(offset, None)
         self._tables[offset] = table
-        self._tables.move_to_end(offset)
         while len(self._tables) > self.capacity:
             victim = next(iter(self._tables))
             if victim in self._dirty:

@@ -23,6 +23,7 @@ import os
 import struct
 
 from . import layout
+from .cache import TableCache
 from .errors import (
     CorruptImageError,
     Qcow2Error,
@@ -30,6 +31,7 @@ from .errors import (
     ReadOnlyError,
 )
 from .header import read_header, write_header_fields
+from .refcount import RefcountRangeError, RefcountTable, read_refcount, write_refcount
 from .snapshot_table import (
     incomplete_entries,
     read_snapshot_table,
@@ -378,8 +380,6 @@ class _Checker:
                 path=self.path,
                 offset=block_offset,
             )
-        from .refcount import read_refcount  # not at module level: refcount.py is heavier
-
         block = self._refblock(block_offset)
         return read_refcount(block, cluster & ((1 << self.refblock_bits) - 1), self.refcount_bits)
 
@@ -387,8 +387,6 @@ class _Checker:
         """Store ``value`` as the refcount of ``cluster`` (its refcount block must exist)."""
         index = cluster >> self.refblock_bits
         block_offset = self.reftable[index] & layout.REFT_OFFSET_MASK
-        from .refcount import write_refcount
-
         block = self._refblock(block_offset)
         entry = cluster & ((1 << self.refblock_bits) - 1)
         write_refcount(block, entry, self.refcount_bits, value)
@@ -913,8 +911,6 @@ class _Pass:
         if bits >= 8:
             fmt = {8: "B", 16: "H", 32: "I", 64: "Q"}[bits]
             return struct.pack(f">{per_block}{fmt}", *values)
-        from .refcount import write_refcount
-
         block = bytearray(c.cluster_size)
         for k, v in enumerate(values):
             if v:
@@ -1313,9 +1309,6 @@ def _fix_snapshot_table(c: _Checker, res: CheckResult) -> None:
     """QEMU's ``qcow2_check_fix_snapshot_table``: rewrite the table at a new location."""
     if not (res.corruptions and c.fix & FIX_ERRORS):
         return
-    from .cache import TableCache
-    from .refcount import RefcountRangeError, RefcountTable
-
     data = serialize_snapshot_table(c.snapshots, c.h.version)
     assert len(data) == table_length(c.snapshots)
     # The refcounts are consistent by now: allocate with the library's allocator (first

@@ -21,6 +21,7 @@ from . import layout
 from .errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
 from .fileio import HostFile
 from .header import read_header
+from .refcount import read_refcount
 from .snapshot_table import SnapshotEntry, read_snapshot_table
 
 TYPE_CHECKING = False
@@ -817,8 +818,6 @@ def _metadata_preallocated(layer: Layer) -> bool:
     end_cluster = layout.size_to_clusters(h.cluster_size, f.size())
     if end_cluster < threshold:
         return False  # not even every cluster of the file could be refcounted
-    # The refcount blocks are read here, not through refcount.RefcountTable: that module
-    # (and its cache) import collections, milliseconds of start-up for every small image.
     cs = h.cluster_size
     raw = f.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
     reftable = struct.unpack(f">{len(raw) // 8}Q", raw)
@@ -850,8 +849,7 @@ def _nonzero_refcounts(block: bytes, entries: int, bits: int) -> int:
     if bits >= 8:
         values = memoryview(block).cast(_UINT_FORMATS[bits // 8])[:entries]
         return entries - values.tolist().count(0)
-    mask = (1 << bits) - 1
-    return sum(1 for i in range(entries) if (block[i * bits // 8] >> (i * bits % 8)) & mask)
+    return sum(1 for i in range(entries) if read_refcount(block, i, bits))
 
 
 def _split_by_host_holes(layer: Layer, runs: list[_Run]) -> list[_Run]:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from collections.abc import Callable, Iterable, KeysView
 
 from . import layout
 from .cache import TableCache
 from .errors import CorruptImageError, Qcow2Error
 from .fileio import HostFile, fault_point
 from .header import Header, write_header_fields
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, KeysView
 
 
 def read_refcount(block: bytes | bytearray | memoryview, index: int, bits: int) -> int:
