@@ -29,13 +29,11 @@ from typing import Final
 from . import linear
 from .blob import (
     BLOB_FLAG_ENCRYPTED,
+    BLOB_HEADER_STRUCT,
+    BLOB_HEADER_VERSION,
     TAG_DATA,
-    TAG_ENCRYPTED_DATA,
-    TAG_IVEC_ENCRYPTED_DATA,
+    TLV_HEADER_STRUCT,
     TPM2_PERMALL_MAGIC,
-    BlobInfo,
-    parse_blob,
-    plain_payload,
 )
 from .errors import StateFormatError, SwtpmError
 from .swtpm import Swtpm, find_tool
@@ -62,36 +60,59 @@ class ProbeResult:
     dry_loaded: bool = True
 
 
+def _swtpm_payload(data: bytes) -> tuple[bytes | None, str]:
+    """The bytes swtpm 0.7.1 hands libtpms for a stored blob without a key (None if it
+    finds none, or an encrypted blob: opaque), and what it took them from.
+
+    Mirrors ``SWTPM_NVRAM_LoadData``: ``SWTPM_NVRAM_CheckHeader`` accepts a header only
+    if totlen is the blob's length, min_version <= 2 and hdrsize == 10; anything else is a
+    headerless version 1 blob passed on whole.  A version 1 header is followed by the
+    payload itself; later versions by TLVs, searched with ``tlv_data_find_tag`` (the first
+    DATA TLV before any TLV that overruns the blob).
+    """
+    if len(data) >= BLOB_HEADER_STRUCT.size:
+        version, min_version, hdrsize, flags, totlen = BLOB_HEADER_STRUCT.unpack_from(data)
+        checks_out = (
+            totlen == len(data)
+            and min_version <= BLOB_HEADER_VERSION
+            and hdrsize == BLOB_HEADER_STRUCT.size
+        )
+    else:
+        checks_out = False
+    if not checks_out:
+        return data, "headerless blob"
+    if flags & BLOB_FLAG_ENCRYPTED:
+        return None, "encrypted blob"
+    body = data[hdrsize:]
+    if version == 1:
+        return body, f"version {version} blob"
+    pos = 0
+    while pos + TLV_HEADER_STRUCT.size <= len(body):
+        tag, length = TLV_HEADER_STRUCT.unpack_from(body, pos)
+        pos += TLV_HEADER_STRUCT.size
+        if pos + length > len(body):
+            break
+        if tag == TAG_DATA:
+            return body[pos : pos + length], "data TLV"
+        pos += length
+    return None, f"version {version} blob"
+
+
 def _blob_problem(data: bytes, name: str, *, tpm2: bool | None) -> str | None:
     """What swtpm/libtpms would refuse in the blob of section ``name``, or None.
 
-    swtpm's CheckHeader takes data whose header does not check out (totlen != length,
-    min_version > 2, too short) as a headerless version 1 blob and hands it to libtpms
-    whole; a header that checks out must hold a DATA (or encrypted data) TLV that
-    tlv_data_find_tag finds within the blob.
+    swtpm refuses a blob with a valid header but no DATA TLV it can find ("Could not find
+    plain data in byte stream"); libtpms refuses a TPM 2.0 permall payload without its
+    magic ("Invalid magic").  A payload that is no TPM 2.0 permall but starts like a TPM
+    1.2 one passes unless ``tpm2`` says the TPM is a 2.0.
     """
     if not data:
         return f"{name}: empty blob"
-    try:
-        info: BlobInfo = parse_blob(data, source=name)
-    except StateFormatError as err:
-        return str(err)
-    if info.header is None:
-        payload = data
-        where = "headerless blob"
-    else:
-        header = info.header
-        if header.flags & BLOB_FLAG_ENCRYPTED:
-            wanted = (TAG_ENCRYPTED_DATA, TAG_IVEC_ENCRYPTED_DATA)
-            if not any(t.tag in wanted for t in info.tlvs):
-                return f"{name}: encrypted blob without an encrypted-data TLV"
-            return None  # the TPM's own bytes are opaque without the key
-        data_tlvs = [t for t in info.tlvs if t.tag == TAG_DATA]
-        if not data_tlvs:
-            return f"{name}: blob (version {header.version}) has no data TLV"
-        tlv = data_tlvs[0]
-        payload = data[tlv.offset : tlv.offset + tlv.length]
-        where = "data TLV"
+    payload, where = _swtpm_payload(data)
+    if where == "encrypted blob":
+        return None  # the TPM's own bytes are opaque without the key
+    if payload is None:
+        return f"{name}: {where} without a data TLV swtpm can find (TLVs overrun or absent)"
     if (
         name == "permall"
         and tpm2 is not False
@@ -106,8 +127,8 @@ def _blob_problem(data: bytes, name: str, *, tpm2: bool | None) -> str | None:
 
 
 def _looks_tpm12(payload: bytes) -> bool:
-    """True if a headerless payload may be a TPM 1.2 permall (libtpms 1.2 state starts
-    with a TPM_PERMANENT_DATA tag and version); swtpm before 0.5 wrote such blobs."""
+    """True if a permall payload may be a TPM 1.2's: libtpms' TPM 1.2 state starts with a
+    u16 version and the TPM_TAG_PERMANENT_DATA tag 0x0022."""
     return payload[2:4] == b"\x00\x22"
 
 
@@ -139,21 +160,13 @@ def layout_problem(layout: bytes, *, source: str, tpm2: bool | None = None) -> s
 
 
 def _is_encrypted(layout: bytes) -> bool:
-    permall = linear.read_section(layout, "permall") or b""
-    try:
-        return parse_blob(permall).encrypted
-    except StateFormatError:
-        return False
+    """True if swtpm would need its key to read the permall."""
+    return _swtpm_payload(linear.read_section(layout, "permall") or b"")[1] == "encrypted blob"
 
 
 def _is_tpm12(layout: bytes) -> bool:
     """True for a plain TPM 1.2 state (swtpm must then run without --tpm2)."""
-    permall = linear.read_section(layout, "permall") or b""
-    try:
-        info = parse_blob(permall)
-    except StateFormatError:
-        return False
-    payload = plain_payload(permall, info)
+    payload = _swtpm_payload(linear.read_section(layout, "permall") or b"")[0]
     return payload is not None and payload[2:6] != TPM2_PERMALL_MAGIC and _looks_tpm12(payload)
 
 
