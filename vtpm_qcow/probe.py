@@ -98,8 +98,9 @@ def _swtpm_payload(data: bytes) -> tuple[bytes | None, str]:
     return None, f"version {version} blob"
 
 
-def _blob_problem(data: bytes, name: str, *, tpm2: bool | None) -> str | None:
-    """What swtpm/libtpms would refuse in the blob of section ``name``, or None.
+def blob_problem(data: bytes, name: str, *, tpm2: bool | None = None) -> str | None:
+    """What swtpm/libtpms would refuse in the blob of section ``name`` (one line starting
+    with ``name``), or None.
 
     swtpm refuses a blob with a valid header but no DATA TLV it can find ("Could not find
     plain data in byte stream"); libtpms refuses a TPM 2.0 permall payload without its
@@ -153,7 +154,7 @@ def layout_problem(layout: bytes, *, source: str, tpm2: bool | None = None) -> s
         if not slot.allocated:
             continue
         blob = bytes(layout[slot.offset : slot.offset + slot.data_length])
-        problem = _blob_problem(blob, name, tpm2=tpm2)
+        problem = blob_problem(blob, name, tpm2=tpm2)
         if problem is not None:
             return f"{source}: {problem}"
     return None
@@ -283,6 +284,7 @@ def _log(swtpm: Swtpm) -> str:
 __all__ = [
     "NO_STATE",
     "ProbeResult",
+    "blob_problem",
     "layout_problem",
     "probe_layout",
 ]
