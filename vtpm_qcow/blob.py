@@ -145,6 +145,32 @@ def parse_blob(data: bytes, *, source: str = "state blob") -> BlobInfo:
     return BlobInfo(size, header, tuple(tlvs))
 
 
+def check_stored_blob(data: bytes, *, source: str = "state blob") -> BlobInfo:
+    """The blob swtpm just stored, checked as swtpm >= 0.5 writes and loads it.
+
+    Every store of swtpm 0.7.1 (``SWTPM_NVRAM_StoreData_Intern``) prepends a version 2
+    header; :func:`parse_blob` accepts header-less data (swtpm's fallback for blobs of
+    very old versions), but a store that lacks a header, or whose ``totlen``, ``hdrsize``
+    or TLVs do not match its length, is not what swtpm wrote: a torn or foreign write.
+    Raises :class:`StateFormatError` naming ``source`` and the offending field.
+    """
+    if len(data) < BLOB_HEADER_STRUCT.size:
+        raise StateFormatError(f"{source}: {len(data)} bytes, too short for a state blob")
+    version, min_version, hdrsize, _flags, totlen = BLOB_HEADER_STRUCT.unpack_from(data)
+    if totlen != len(data):
+        raise StateFormatError(f"{source}: blob totlen {totlen} != its length {len(data)}")
+    if min_version > BLOB_HEADER_VERSION or version < min_version:
+        raise StateFormatError(
+            f"{source}: blob version {version} (min_version {min_version}) not loadable"
+        )
+    if hdrsize != BLOB_HEADER_STRUCT.size:
+        raise StateFormatError(f"{source}: blob hdrsize {hdrsize} != {BLOB_HEADER_STRUCT.size}")
+    info = parse_blob(data, source=source)
+    if not info.tlvs:
+        raise StateFormatError(f"{source}: blob holds no TLV")
+    return info
+
+
 #: libtpms' PERSISTENT_ALL_MAGIC: a TPM 2.0 permall payload starts {u16 version, u32 magic}.
 TPM2_PERMALL_MAGIC: Final = b"\xab\x36\x47\x23"
 

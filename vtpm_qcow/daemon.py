@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 VIEWS = ("file", "dir")
 WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
+#: Test hook: the daemon SIGKILLs itself when its Nth fsync request arrives, before
+#: committing anything (the crash tests' "killed between swtpm's msyncs").
+KILL_AT_FSYNC_ENV = "VTPM_QCOW_TEST_KILL_AT_FSYNC"
 #: Seconds between checks that serve's swtpm still runs.
 SWTPM_POLL_INTERVAL = 0.2
 #: Seconds ``umount`` waits for the daemon to exit.
@@ -236,6 +239,20 @@ def _attach_write_log(store: Store, fs: StoreFS, path: str) -> None:
     fs.commit_observers.append(lambda view: write_log.record("commit", 0, view.encode()))
 
 
+def _attach_kill_at_fsync(fs: StoreFS, value: str) -> None:
+    try:
+        target = int(value)
+    except ValueError:
+        raise StoreError(f"{KILL_AT_FSYNC_ENV}={value!r}: not a number") from None
+
+    def observe(count: int) -> None:
+        if count == target:
+            log.warning("%s=%d: killing the daemon at this fsync", KILL_AT_FSYNC_ENV, target)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    fs.fsync_observers.append(observe)
+
+
 # Section: running a mount
 
 
@@ -292,6 +309,9 @@ def run_mount(
         write_log = os.environ.get(WRITE_LOG_ENV)
         if write_log:
             _attach_write_log(store, fs, write_log)
+        kill_at_fsync = os.environ.get(KILL_AT_FSYNC_ENV)
+        if kill_at_fsync:
+            _attach_kill_at_fsync(fs, kill_at_fsync)
         try:
             pyfuse3.init(fs, mountpoint, mount_options(os.path.abspath(config.image)))
         except RuntimeError as err:

@@ -45,8 +45,19 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT
 
 from qcow2.errors import Qcow2Error
 
+from .blob import check_stored_blob
 from .errors import StateFormatError, StoreError, VtpmQcowError
-from .linear import SECTION_NAMES, dir_file_name, section_of_file_name
+from .linear import (
+    EMPTY_SLOT,
+    HEADER_SIZE,
+    SECTION_NAMES,
+    LinearHeader,
+    Slot,
+    dir_file_name,
+    is_formatted,
+    parse_header,
+    section_of_file_name,
+)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -234,6 +245,12 @@ class Content:
     def commit(self) -> None:
         """Make buffered writes part of the store (atomic and durable); no-op if clean."""
 
+    def commit_at_close(self) -> bool:
+        """At the last close: :meth:`commit`; True if buffered writes were dropped instead
+        (the kernel's cached pages then no longer match the store)."""
+        self.commit()
+        return False
+
     def discard(self) -> None:
         """Drop buffered writes (the store changed underneath, e.g. snapshot apply)."""
 
@@ -338,11 +355,35 @@ class SectionContent(Content):
 
 
 class LinearContent(Content):
-    """The store's linear file (file view), with a page-granular write-back buffer.
+    """The store's linear file (file view): a page-granular write-back buffer that commits
+    swtpm's *stores*, not its msyncs.
 
     ``pages`` maps page numbers to the page's new bytes; a partial page write first reads
     the page's committed bytes.  The file's size is the store's capacity, like a block
     device (see :meth:`Store.resize_linear`): writes past it fail with EFBIG.
+
+    swtpm's linear backend (``swtpm_nvstore_linear.c``, the same sequence from 0.7.1 to
+    0.10) makes one blob durable with up to three ``msync(MS_SYNC)`` calls, each of which
+    reaches this file system as the pages in its range and then an fsync:
+
+    * a blob of the same length: its pages, one msync;
+    * a new length within its section: the header page (``FlushHeader``), then the blob's
+      pages: at the first fsync the header points at data that is not written yet;
+    * a new slot: a whole-file msync and an ftruncate first (nothing changed yet), then as
+      above;
+    * a blob outgrowing its section: slot emptied and the sections after it moved down
+      (``RemoveFile``), a whole-file msync, ftruncate, the slot allocated again at the end,
+      a whole-file msync: at the first fsync the slot is empty;
+    * a delete (``DeleteName``): slot emptied, whole-file msync, ftruncate, whole-file msync.
+
+    So an fsync commits only a complete layout (:meth:`incomplete_store`): every slot whose
+    header entry changed since the last commit has every page of its data rewritten since
+    then, and a slot is emptied only together with swtpm's ftruncate (a delete, not a
+    blob on its way to a larger section).  An fsync that arrives half-way through a store
+    is answered without committing; the store's last msync commits all of it.  A complete
+    layout whose rewritten blobs fail swtpm's own header checks is refused (EIO) and
+    dropped.  A half-done store still buffered when the last descriptor closes (swtpm
+    killed between its msyncs) is dropped too: the last complete state stays.
     """
 
     store_backed = True
@@ -350,6 +391,12 @@ class LinearContent(Content):
     def __init__(self, store: Store) -> None:
         self.store = store
         self.pages: dict[int, bytearray] = {}
+        #: an ftruncate since the last commit (swtpm resizes between emptying and refilling)
+        self.truncated = False
+        #: fsyncs answered without a commit because a store was half done (for ``info``)
+        self.deferred = 0
+        #: half-done stores dropped at release or refused stores (for ``info`` and logs)
+        self.dropped = 0
 
     def size(self) -> int:
         return int(self.store.linear_size)
@@ -391,18 +438,34 @@ class LinearContent(Content):
             pos += take
             view = view[take:]
 
+    def _committed_header(self) -> LinearHeader | None:
+        """The committed layout's header; None if the committed file is not a layout."""
+        head = self._committed(0, HEADER_SIZE)
+        if not is_formatted(head):
+            return None
+        try:
+            return parse_header(head, size=self.size(), source=self.store.path)
+        except StateFormatError:
+            return None
+
     def truncate(self, length: int) -> None:
         # ftruncate: the bytes past ``length`` read as zeros (the size stays the capacity).
-        # Done at once, like swtpm expects; buffered pages past the end are cut off.
+        # Within the committed layout the zeros are buffered like any write, so that they
+        # become durable with the store they belong to; beyond it they are written at once.
         if length < 0 or length > self.size():
             raise _refuse(errno.EFBIG)
-        for number in [n for n in self.pages if (n + 1) * PAGE_SIZE > length]:
-            keep = max(0, length - number * PAGE_SIZE)
+        committed = self._committed_header()
+        live_end = max(length, committed.end if committed is not None else 0)
+        if live_end > length:
+            self.write(length, bytes(live_end - length))
+        for number in [n for n in self.pages if (n + 1) * PAGE_SIZE > live_end]:
+            keep = max(0, live_end - number * PAGE_SIZE)
             if keep:
                 self.pages[number][keep:] = bytes(PAGE_SIZE - keep)
             else:
                 del self.pages[number]
-        self.store.resize_linear(length)
+        self.store.resize_linear(live_end)
+        self.truncated = True
 
     @property
     def dirty(self) -> bool:
@@ -421,13 +484,90 @@ class LinearContent(Content):
                 extents.append((offset, data))
         return extents
 
+    def _rewritten(self, slot: Slot) -> bool:
+        """True if every page of ``slot``'s data is buffered (rewritten since the commit)."""
+        first, last = slot.offset // PAGE_SIZE, (slot.end_of_data - 1) // PAGE_SIZE
+        return all(number in self.pages for number in range(first, last + 1))
+
+    def _touched(self, slot: Slot) -> bool:
+        """True if any page of ``slot``'s data is buffered."""
+        first, last = slot.offset // PAGE_SIZE, (slot.end_of_data - 1) // PAGE_SIZE
+        return any(first <= number <= last for number in self.pages)
+
+    def incomplete_store(self) -> str | None:
+        """Why the buffered layout is a store half done; None when it is complete.
+
+        Raises :class:`StateFormatError` for a buffered header that is not a valid layout.
+        """
+        head = self.read(0, HEADER_SIZE)
+        if not is_formatted(head):
+            return None  # no layout (cleared or not yet formatted): nothing points anywhere
+        new = parse_header(head, size=self.size(), source=self.store.path)
+        old = self._committed_header()
+        for number, slot in enumerate(new.slots):
+            before = old.slots[number] if old is not None else EMPTY_SLOT
+            if not slot.allocated:
+                if before.allocated and not self.truncated:
+                    return f"slot {number} emptied without a resize (a blob being moved)"
+            elif slot != before and slot.data_length and not self._rewritten(slot):
+                return f"slot {number}: data at {slot.offset} not rewritten since its header"
+        return None
+
+    def _check_blobs(self) -> None:
+        """Refuse (StateFormatError) a complete layout whose rewritten blobs swtpm would not
+        load."""
+        head = self.read(0, HEADER_SIZE)
+        if not is_formatted(head):
+            return
+        new = parse_header(head, size=self.size(), source=self.store.path)
+        old = self._committed_header()
+        for number, slot in enumerate(new.slots):
+            before = old.slots[number] if old is not None else EMPTY_SLOT
+            if slot.allocated and (slot != before or self._touched(slot)):
+                name = SECTION_NAMES[number] if number < len(SECTION_NAMES) else f"slot {number}"
+                data = self.read(slot.offset, slot.data_length)
+                check_stored_blob(data, source=f"{self.store.path} {name}")
+
     def commit(self) -> None:
-        if self.pages:
-            self.store.commit_linear(self.extents())
-            self.pages.clear()
+        if not self.pages:
+            return
+        reason = self.incomplete_store()
+        if reason is not None:
+            # swtpm's next msync completes this store and commits it with these pages
+            self.deferred += 1
+            log.debug("fsync in the middle of a store, not committed: %s", reason)
+            return
+        try:
+            self._check_blobs()
+        except StateFormatError as err:
+            self.drop(f"refused: {err}")
+            raise pyfuse3.FUSEError(errno.EIO) from err
+        self.store.commit_linear(self.extents())
+        self.pages.clear()
+        self.truncated = False
+
+    def drop(self, why: str) -> None:
+        """Forget the buffered pages (the committed state stays), saying ``why``."""
+        self.dropped += 1
+        log.warning(
+            "%s: buffered state file writes dropped, the last complete state stays: %s",
+            self.store.path,
+            why,
+        )
+        self.discard()
+
+    def commit_at_close(self) -> bool:
+        """At the last close: commit a complete store, drop a half-done one (its writer is
+        gone).  True if pages were dropped (the kernel's cached pages are then stale)."""
+        if self.pages and self.incomplete_store() is not None:
+            self.drop(f"closed in the middle of a store ({self.incomplete_store()})")
+            return True
+        self.commit()
+        return False
 
     def discard(self) -> None:
         self.pages.clear()
+        self.truncated = False
 
 
 # Section: inodes and handles
@@ -630,6 +770,8 @@ class StoreFS(pyfuse3.Operations):
         #: called with the view after each request that changed the store (test hook: the
         #: crash tests' write logs mark committed states with it)
         self.commit_observers: list[Callable[[str], None]] = []
+        #: called with the running count of fsync requests as each arrives (test hook)
+        self.fsync_observers: list[Callable[[int], None]] = []
         for name, content in namespace.initial_names().items():
             self._link(name, content, 0o640)
 
@@ -1003,7 +1145,15 @@ class StoreFS(pyfuse3.Operations):
         return await self._locked(self._write, fh, off, buf)
 
     def _sync(self, fh: FileHandleT) -> None:
-        self._commit(self._handle(fh).node)
+        for observer in self.fsync_observers:
+            observer(self.requests["fsync"])
+        node = self._handle(fh).node
+        try:
+            self._commit(node)
+        except pyfuse3.FUSEError:
+            # the refused writes were dropped: the kernel's cached pages are stale now
+            trio.lowlevel.spawn_system_task(self.invalidate, [node.inode], False)
+            raise
 
     @fuse_errors
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
@@ -1031,8 +1181,8 @@ class StoreFS(pyfuse3.Operations):
         try:
             # Only the last close commits (mmap pages written back after close arrive
             # before it): a reader closing must not commit a writer's unsynced pages.
-            if node.opens == 0:
-                self._commit(node)
+            if node.opens == 0 and node.content.dirty and node.content.commit_at_close():
+                trio.lowlevel.spawn_system_task(self.invalidate, [node.inode], False)
         finally:
             self._maybe_forget(node)
 
@@ -1155,7 +1305,7 @@ class StoreFS(pyfuse3.Operations):
     def _flush_all(self) -> None:
         for node in list(self.nodes.values()):
             if node.content.dirty and node.content.store_backed:
-                self._commit(node)
+                node.content.commit_at_close()
 
     async def flush_all(self) -> None:
         """Commit every buffered write (before unmounting)."""
@@ -1170,6 +1320,9 @@ class StoreFS(pyfuse3.Operations):
             "open_files": len(self.handles),
             "requests": dict(self.requests),
             "handler_us": {name: ns // 1000 for name, ns in self.handler_ns.items()},
+            # file view: fsyncs answered mid-store without a commit, half-done stores dropped
+            "deferred_fsyncs": sum(getattr(n.content, "deferred", 0) for n in self.nodes.values()),
+            "dropped_stores": sum(getattr(n.content, "dropped", 0) for n in self.nodes.values()),
         }
 
 

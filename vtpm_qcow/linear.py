@@ -75,6 +75,11 @@ class Slot:
         """First byte after the section."""
         return self.offset + self.section_length
 
+    @property
+    def end_of_data(self) -> int:
+        """First byte after the slot's data."""
+        return self.offset + self.data_length
+
 
 EMPTY_SLOT: Final = Slot()
 
