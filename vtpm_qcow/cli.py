@@ -1,5 +1,5 @@
-"""The ``vtpm-qcow`` command: create, set up, inspect, snapshot, import, export, back up,
-verify and restore vTPM images.
+"""The ``vtpm-qcow`` command: create, set up, inspect, check, snapshot, import, export, back
+up, verify and restore vTPM images.
 
 Every failure is one line on stderr (``vtpm-qcow: IMAGE: what is wrong``) and a non-zero
 exit status; tracebacks are for bugs only.  ``mount``/``serve`` come from
@@ -302,6 +302,11 @@ def info_dict(store: Store) -> dict[str, Any]:
         }
     snapshots = [_snapshot_dict(snap) for snap in store.snapshots()]
     permall = store.read_section("permall") if layout_error is None else None
+    problem = layout_error
+    if problem is None:
+        from .probe import layout_problem  # swtpm's own structural checks, no swtpm run
+
+        problem = layout_problem(store.layout(), source=store.path)
     return {
         "image": store.path,
         "virtual_size": store.linear_size,
@@ -310,9 +315,16 @@ def info_dict(store: Store) -> dict[str, Any]:
         "formatted": bool(found) or layout_error is not None or bool(store.layout()),
         "layout_error": layout_error,
         "state_digest": store.state_digest() if layout_error is None else None,
+        "loadable": problem is None,
+        "problem": problem,
         "sections": sections,
         "snapshots": snapshots,
     }
+
+
+def _without_path(message: str, path: str) -> str:
+    """``message`` without its leading ``PATH: `` (the image is named on its own line)."""
+    return message.removeprefix(f"{path}: ")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -327,6 +339,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"state: unreadable: {info['layout_error']}")
     elif not info["sections"]:
         print("state: none (not set up yet)")
+    elif info["problem"]:
+        print(f"state: not loadable: {_without_path(info['problem'], info['image'])}")
+        print(f"TPM version: {info['tpm_version'] or 'unknown (encrypted state)'}")
     else:
         print(f"state digest: {info['state_digest']}")
         print(f"TPM version: {info['tpm_version'] or 'unknown (encrypted state)'}")
@@ -343,6 +358,53 @@ def cmd_info(args: argparse.Namespace) -> int:
     for snap in info["snapshots"]:
         print(f"  {snap['id']:<4} {snap['tag']:<24} {snap['date']}  state {snap['state_digest']}")
     return 0
+
+
+# Section: check
+
+
+def _open_for_check(args: argparse.Namespace) -> Store:
+    """Writable for --repair (refused on a held image, naming the holder); else read-only,
+    shared only with -U (like qemu-img check)."""
+    if args.repair:
+        if args.force_share:
+            raise StoreError(
+                f"{args.image}: -U reads an image another process may change; --repair "
+                "needs it to itself (stop swtpm/QEMU/the mount daemon, drop -U)"
+            )
+        if args.no_load:
+            raise StoreError(
+                f"{args.image}: --repair restores only a state a real swtpm loads; drop --no-load"
+            )
+        return _open_writable(args.image, "a repair")
+    try:
+        return Store.open(args.image, writable=False, force_share=args.force_share)
+    except ImageLockedError as err:
+        raise StoreError(
+            f"{args.image}: in use by another process (swtpm/QEMU/a mount daemon); "
+            "check it read-only with -U (a state caught mid-update may look torn)"
+        ) from err
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check the image and its current state; with --repair, restore a loadable one."""
+    from . import checkup
+
+    with _open_for_check(args) as store:
+        report = checkup.check_store(store, load=not args.no_load)
+        if args.force_share:
+            report.add("note", "note", "read shared (-U): a state caught mid-update may look torn")
+        status = report.exit_status
+        repair: dict[str, Any] | None = None
+        if args.repair:
+            repair, status = checkup.repair(store, report)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "repair": repair, "exit_status": status}, indent=2))
+    else:
+        print(f"image: {args.image}")
+        for finding in report.findings:
+            print(finding.line)
+    return status
 
 
 # Section: parser
@@ -364,6 +426,19 @@ EXAMPLES: Final = {
     "info": """examples:
   vtpm-qcow info vm1-tpm.qcow2
   vtpm-qcow info --json vm1-tpm.qcow2 | jq .state_digest""",
+    "check": """exit status:
+  0  the image is sound and the state loads (or there is no state yet, or --repair
+     restored a state swtpm loads)
+  1  the check could not run (no such file, image held without -U, bad arguments...)
+  2  swtpm would refuse the current state (with --repair: and no earlier state loads)
+  3  the qcow2 metadata is damaged (corruptions, as 'qemu-img check' counts them)
+
+examples:
+  vtpm-qcow check vm1-tpm.qcow2                  # qcow2 + swtpm's checks + a dry load
+  vtpm-qcow check -U --no-load vm1-tpm.qcow2     # while QEMU runs, without starting swtpm
+  vtpm-qcow check --repair vm1-tpm.qcow2         # stop QEMU/swtpm first
+  vtpm-qcow backup --format raw --snapshot unloadable-20250101T120000Z \\
+      vm1-tpm.qcow2 refused.lin                  # the state a repair set aside""",
     "import": """examples:
   vtpm-qcow import vm1-tpm.qcow2 /var/lib/swtpm/vm1/     # swtpm --tpmstate dir=... files
   vtpm-qcow import vm1-tpm.qcow2 tpmstate.lin            # backend-uri=file:// file""",
@@ -478,8 +553,12 @@ class _HelpFormatter(argparse.HelpFormatter):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``vtpm-qcow create: error: ... (see --help)``."""
 
+    #: Exit status of a usage error (``check`` uses 2 for "state not loadable").
+    usage_status = 2
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        status = getattr(self, "usage_status", 2)
+        self.exit(status, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _image_arg(p: argparse.ArgumentParser) -> None:
@@ -589,10 +668,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="show state sections, blob headers, digests and snapshots",
         description="Show what IMAGE holds: swtpm's state sections (permall, volatilestate, "
         "savestate) with their blob headers and xxh3-128 digests, and each snapshot's state "
-        "digest.  A held image (swtpm or QEMU running) is read shared.",
+        "digest.  A state swtpm would refuse by its own structural checks shows as 'not "
+        "loadable' ('vtpm-qcow check' also dry-loads it in a real swtpm).  A held image "
+        "(swtpm or QEMU running) is read shared.",
     )
     _image_arg(p)
     _json_arg(p)
+
+    p = _command(
+        sub,
+        cmd_check,
+        "check",
+        help="check the image and whether swtpm loads its state; --repair restores one",
+        description="Check IMAGE like 'qemu-img check' (corruptions damage it, leaks are "
+        "reported), then swtpm's linear header and every section's state blob as swtpm "
+        "reads them, then dry-load the current state in a real swtpm (on a private copy). "
+        "One line per finding on stdout.  Read-only unless --repair: when swtpm refuses "
+        "the current state, the newest earlier state a real swtpm loads becomes current "
+        "(first the generation before the current one, still on disk in freed clusters; "
+        "then the snapshots, newest first), and the refused state is kept as snapshot "
+        "unloadable-<UTC time>.  Nothing changes when no earlier state loads.",
+    )
+    _image_arg(p)
+    _json_arg(p)
+    p.add_argument("--no-load", action="store_true", help="skip the dry load (no swtpm is started)")
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="read an image swtpm/QEMU/a mount daemon holds (read-only check only)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="make the newest state swtpm loads current, keeping the refused one as a "
+        "snapshot (the image must not be in use)",
+    )
+    assert isinstance(p, _Parser)
+    p.usage_status = 1  # exit 2 means "state not loadable" here
+    p.set_defaults(usage_status=1)
 
     p = _command(
         sub,
@@ -696,6 +810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "passthrough", False):
+        if isinstance(parser, _Parser):  # check: exit 1, its 2 means "not loadable"
+            parser.usage_status = getattr(args, "usage_status", 2)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     func: Handler = args.func
