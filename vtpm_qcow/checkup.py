@@ -143,7 +143,7 @@ def check_state(store: Store, report: Report, *, load: bool, timeout: float = 20
     report.add(
         "linear header",
         "ok",
-        f"version {header.version}, {', '.join(present)}, {header.end} bytes",
+        f"version {header.version}, sections {', '.join(present)}, ending at byte {header.end}",
     )
     problem = None
     if "permall" not in present:
@@ -251,6 +251,7 @@ def repair(store: Store, report: Report) -> tuple[dict[str, Any], int]:
         "kind": winner.kind,
         "kept_as": kept,
         "rejected": len(rejected),
+        "loads_now": True,  # a real swtpm loaded exactly these bytes before they went in
     }
     return restored, EXIT_OK if after.exit_code in (0, 3) else EXIT_DAMAGED
 
