@@ -15,6 +15,10 @@ points are:
   rename onto a state file name is the commit point** (``store.write_section``); unlink of a
   state file deletes the section.
 
+Both views refuse to commit a blob that fails swtpm's own header checks
+(:func:`~vtpm_qcow.blob.check_stored_blob`): the file view's fsync fails with EIO, the dir
+view's rename with EINVAL, and the store keeps its last state.
+
 Every handler runs its whole body as one synchronous function under one lock (``_locked``,
 on the event loop or, with ``threaded``, in a worker thread),
 so the store sees one caller at a time and control-socket snapshots never interleave with a
@@ -340,6 +344,7 @@ class SectionContent(Content):
         if self.pending is not None:
             data = bytes(self.pending.data)
             if data:
+                check_stored_blob(data, source=f"{self.store.path} {self.name}")
                 self.store.write_section(self.name, data)
             else:
                 # swtpm never stores an empty blob; an emptied state file has no section.
@@ -705,6 +710,7 @@ class DirNamespace(Namespace):
         section, self.tpm2 = parsed
         content = SectionContent(self.store, section)
         if data:
+            check_stored_blob(data, source=f"{self.store.path} {name}")
             self.store.write_section(section, data)
             content.prime(data)
         else:

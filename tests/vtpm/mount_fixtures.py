@@ -24,6 +24,7 @@ import pytest
 
 from tests.helpers import need, need_fuse
 from vtpm_qcow import linear
+from vtpm_qcow.blob import BLOB_HEADER_STRUCT, TAG_DATA, TLV_HEADER_STRUCT
 from vtpm_qcow.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for, socket_path_for
 
 STATE_FILE = "tpmstate"
@@ -191,6 +192,14 @@ def stale_mount(mountpoint: Path) -> bool:
     except OSError as err:
         return err.errno == errno.ENOTCONN
     return False
+
+
+def state_blob(payload: bytes) -> bytes:
+    """``payload`` as swtpm stores a state blob: a version 2 header and one DATA TLV (the
+    views refuse to commit anything else, see :func:`vtpm_qcow.blob.check_stored_blob`)."""
+    tlv = TLV_HEADER_STRUCT.pack(TAG_DATA, len(payload)) + payload
+    total = BLOB_HEADER_STRUCT.size + len(tlv)
+    return BLOB_HEADER_STRUCT.pack(2, 1, BLOB_HEADER_STRUCT.size, 0, total) + tlv
 
 
 def raw_content(image: Path) -> bytes:

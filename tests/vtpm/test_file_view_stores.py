@@ -25,9 +25,9 @@ from tests.vtpm.mount_fixtures import (
     qemu_img_check,
     raw_sections,
     runtime_dir,  # noqa: F401  (fixture)
+    state_blob,
 )
 from vtpm_qcow import linear
-from vtpm_qcow.blob import BLOB_HEADER_STRUCT, TAG_DATA, TLV_HEADER_STRUCT
 from vtpm_qcow.control import ControlClient
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
@@ -36,11 +36,8 @@ PAGE = mmap.PAGESIZE
 
 
 def blob(payload_size: int, fill: int) -> bytes:
-    """A state blob as swtpm stores it: a version 2 header and one DATA TLV."""
-    payload = bytes([fill]) * payload_size
-    tlv = TLV_HEADER_STRUCT.pack(TAG_DATA, len(payload)) + payload
-    total = BLOB_HEADER_STRUCT.size + len(tlv)
-    return BLOB_HEADER_STRUCT.pack(2, 1, BLOB_HEADER_STRUCT.size, 0, total) + tlv
+    """A state blob as swtpm stores it, of ``payload_size`` bytes of ``fill``."""
+    return state_blob(bytes([fill]) * payload_size)
 
 
 class LinearWriter:

@@ -29,6 +29,7 @@ from tests.vtpm.mount_fixtures import (
     raw_content,
     raw_sections,
     runtime_dir,  # noqa: F401  (fixture)
+    state_blob,
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
 from vtpm_qcow import linear
@@ -157,7 +158,7 @@ def test_dir_view_commits_at_rename(tmp_path: Path) -> None:
         assert sorted(os.listdir(mnt)) == [".lock", "tpm2-00.permall"]
         assert (mnt / "tpm2-00.permall").read_bytes() == committed["permall"]
 
-        new_blob = os.urandom(9000)
+        new_blob = state_blob(os.urandom(9000))
         _write_new(mnt / "TMP2-00.permall", new_blob)
         assert raw_sections(image) == committed  # a temp file is not state
         assert (mnt / "TMP2-00.permall").read_bytes() == new_blob
@@ -173,7 +174,7 @@ def test_dir_view_commits_at_rename(tmp_path: Path) -> None:
         assert stat.S_IMODE((mnt / "tpm2-00.permall").stat().st_mode) == 0o600
 
         # savevm's transient volatile state: written, renamed, then unlinked
-        volatile = os.urandom(3000)
+        volatile = state_blob(os.urandom(3000))
         _write_new(mnt / "TMP2-00.volatilestate", volatile)
         os.rename(mnt / "TMP2-00.volatilestate", mnt / "tpm2-00.volatilestate")
         assert raw_sections(image) == {"permall": new_blob, "volatilestate": volatile}
@@ -182,7 +183,7 @@ def test_dir_view_commits_at_rename(tmp_path: Path) -> None:
         assert not (mnt / "tpm2-00.volatilestate").exists()
 
         # a direct O_TRUNC rewrite of a state file commits at fsync
-        direct = os.urandom(500)
+        direct = state_blob(os.urandom(500))
         fd = os.open(mnt / "tpm2-00.permall", os.O_WRONLY | os.O_TRUNC)
         try:
             os.write(fd, direct)
@@ -193,7 +194,7 @@ def test_dir_view_commits_at_rename(tmp_path: Path) -> None:
             os.close(fd)
 
         # TPM 1.2 names map onto the same sections
-        saved = os.urandom(700)
+        saved = state_blob(os.urandom(700))
         _write_new(mnt / "TMP-00.savestate", saved)
         os.rename(mnt / "TMP-00.savestate", mnt / "tpm-00.savestate")
         assert raw_sections(image) == {"permall": direct, "savestate": saved}
@@ -208,16 +209,16 @@ def test_dir_view_apply_brings_back_and_removes_files(tmp_path: Path) -> None:
     image = create_image(tmp_path / "vtpm.qcow2")
     with mounted(image, tmp_path / "mnt", view="dir") as mount:
         mnt = mount.mountpoint
-        first = os.urandom(2000)
+        first = state_blob(os.urandom(2000))
         _write_new(mnt / "TMP2-00.permall", first)
         os.rename(mnt / "TMP2-00.permall", mnt / "tpm2-00.permall")
         mount.control().snapshot_create("only-permall")
         assert (mnt / "tpm2-00.permall").read_bytes() == first  # cached by the kernel now
 
-        second = os.urandom(3000)
+        second = state_blob(os.urandom(3000))
         _write_new(mnt / "TMP2-00.permall", second)
         os.rename(mnt / "TMP2-00.permall", mnt / "tpm2-00.permall")
-        _write_new(mnt / "TMP2-00.volatilestate", b"v" * 100)
+        _write_new(mnt / "TMP2-00.volatilestate", state_blob(b"v" * 100))
         os.rename(mnt / "TMP2-00.volatilestate", mnt / "tpm2-00.volatilestate")
         os.unlink(mnt / "tpm2-00.permall")
         assert not (mnt / "tpm2-00.permall").exists()  # a cached negative entry now
