@@ -381,7 +381,7 @@ class LinearContent(Content):
       a whole-file msync: at the first fsync the slot is empty;
     * a delete (``DeleteName``): slot emptied, whole-file msync, ftruncate, whole-file msync.
 
-    So an fsync commits only a complete layout (:meth:`incomplete_store`): every slot whose
+    So an fsync commits only a complete layout (:meth:`problem`): every slot whose
     header entry changed since the last commit has every page of its data rewritten since
     then, and a slot is emptied only together with swtpm's ftruncate (a delete, not a
     blob on its way to a larger section).  An fsync that arrives half-way through a store
@@ -499,54 +499,61 @@ class LinearContent(Content):
         first, last = slot.offset // PAGE_SIZE, (slot.end_of_data - 1) // PAGE_SIZE
         return any(first <= number <= last for number in self.pages)
 
-    def incomplete_store(self) -> str | None:
-        """Why the buffered layout is a store half done; None when it is complete.
+    def problem(self) -> tuple[bool, str] | None:
+        """What keeps the buffered layout from being committed; None if nothing does.
 
-        Raises :class:`StateFormatError` for a buffered header that is not a valid layout.
+        ``(True, why)``: a store half done, to be completed by swtpm's next msync.
+        ``(False, why)``: complete, but not a state swtpm would load (refused).
         """
         head = self.read(0, HEADER_SIZE)
         if not is_formatted(head):
             return None  # no layout (cleared or not yet formatted): nothing points anywhere
-        new = parse_header(head, size=self.size(), source=self.store.path)
-        old = self._committed_header()
-        for number, slot in enumerate(new.slots):
-            before = old.slots[number] if old is not None else EMPTY_SLOT
-            if not slot.allocated:
-                if before.allocated and not self.truncated:
-                    return f"slot {number} emptied without a resize (a blob being moved)"
-            elif slot != before and slot.data_length and not self._rewritten(slot):
-                return f"slot {number}: data at {slot.offset} not rewritten since its header"
+        try:
+            new = parse_header(head, size=self.size(), source=self.store.path)
+        except StateFormatError as err:
+            return False, str(err)
+        rewritten: list[tuple[int, Slot]] = []
+        if head == self._committed(0, HEADER_SIZE):
+            # the usual store (same length): no slot changed, check the blobs it rewrote
+            rewritten = [
+                (n, s) for n, s in enumerate(new.slots) if s.allocated and self._touched(s)
+            ]
+        else:
+            old = self._committed_header()
+            for number, slot in enumerate(new.slots):
+                before = old.slots[number] if old is not None else EMPTY_SLOT
+                if not slot.allocated:
+                    if before.allocated and not self.truncated:
+                        return True, f"slot {number} emptied without a resize (a blob moving)"
+                elif slot != before:
+                    if not self._rewritten(slot):
+                        return True, f"slot {number}: data at {slot.offset} not rewritten yet"
+                    rewritten.append((number, slot))
+                elif self._touched(slot):
+                    rewritten.append((number, slot))
+        for number, slot in rewritten:
+            name = SECTION_NAMES[number] if number < len(SECTION_NAMES) else f"slot {number}"
+            try:
+                check_stored_blob(
+                    self.read(slot.offset, slot.data_length), source=f"{self.store.path} {name}"
+                )
+            except StateFormatError as err:
+                return False, str(err)
         return None
-
-    def _check_blobs(self) -> None:
-        """Refuse (StateFormatError) a complete layout whose rewritten blobs swtpm would not
-        load."""
-        head = self.read(0, HEADER_SIZE)
-        if not is_formatted(head):
-            return
-        new = parse_header(head, size=self.size(), source=self.store.path)
-        old = self._committed_header()
-        for number, slot in enumerate(new.slots):
-            before = old.slots[number] if old is not None else EMPTY_SLOT
-            if slot.allocated and (slot != before or self._touched(slot)):
-                name = SECTION_NAMES[number] if number < len(SECTION_NAMES) else f"slot {number}"
-                data = self.read(slot.offset, slot.data_length)
-                check_stored_blob(data, source=f"{self.store.path} {name}")
 
     def commit(self) -> None:
         if not self.pages:
             return
-        reason = self.incomplete_store()
-        if reason is not None:
-            # swtpm's next msync completes this store and commits it with these pages
-            self.deferred += 1
-            log.debug("fsync in the middle of a store, not committed: %s", reason)
-            return
-        try:
-            self._check_blobs()
-        except StateFormatError as err:
-            self.drop(f"refused: {err}")
-            raise pyfuse3.FUSEError(errno.EIO) from err
+        problem = self.problem()
+        if problem is not None:
+            half_done, why = problem
+            if half_done:
+                # swtpm's next msync completes this store and commits it with these pages
+                self.deferred += 1
+                log.debug("fsync in the middle of a store, not committed: %s", why)
+                return
+            self.drop(f"refused: {why}")
+            raise pyfuse3.FUSEError(errno.EIO)
         self.store.commit_linear(self.extents())
         self.pages.clear()
         self.truncated = False
@@ -562,13 +569,17 @@ class LinearContent(Content):
         self.discard()
 
     def commit_at_close(self) -> bool:
-        """At the last close: commit a complete store, drop a half-done one (its writer is
-        gone).  True if pages were dropped (the kernel's cached pages are then stale)."""
-        if self.pages and self.incomplete_store() is not None:
-            self.drop(f"closed in the middle of a store ({self.incomplete_store()})")
-            return True
-        self.commit()
-        return False
+        """At the last close: commit a complete store, drop a half-done or refused one (its
+        writer is gone).  True if pages were dropped (the kernel's cached pages are stale)."""
+        if not self.pages:
+            return False
+        problem = self.problem()
+        if problem is None:
+            self.commit()
+            return False
+        half_done, why = problem
+        self.drop(f"closed in the middle of a store: {why}" if half_done else f"refused: {why}")
+        return True
 
     def discard(self) -> None:
         self.pages.clear()
