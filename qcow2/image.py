@@ -651,8 +651,9 @@ class Image:
         finally:
             self._after_metadata_rewrite()
 
-    def apply_snapshot(self, name: str) -> SnapshotEntry:
-        """Revert the disk to snapshot ``name`` (``qemu-img snapshot -a``)."""
+    def apply_snapshot(self, name: str, *, name_only: bool = False) -> SnapshotEntry:
+        """Revert the disk to snapshot ``name`` (``qemu-img snapshot -a``: ID, then name;
+        ``name_only``: the name alone, as QEMU's loadvm)."""
         from .snapshots import apply_snapshot
 
         self._check_writable()
@@ -661,30 +662,33 @@ class Image:
             raise SnapshotError("Device has active dirty bitmaps", path=self.path)
         self._before_metadata_rewrite()
         try:
-            return apply_snapshot(self, name)
+            return apply_snapshot(self, name, name_only=name_only)
         finally:
             self._after_metadata_rewrite()
 
-    def delete_snapshot(self, name: str) -> SnapshotEntry:
-        """Delete snapshot ``name`` (``qemu-img snapshot -d``)."""
+    def delete_snapshot(self, name: str, *, name_only: bool = False) -> SnapshotEntry:
+        """Delete snapshot ``name`` (``qemu-img snapshot -d``: name, then ID; ``name_only``:
+        the name alone, as QEMU's delvm)."""
         from .snapshots import delete_snapshot
 
         self._check_writable()
         self._before_metadata_rewrite()
         try:
-            return delete_snapshot(self, name)
+            return delete_snapshot(self, name, name_only=name_only)
         finally:
             self._after_metadata_rewrite()
 
-    def snapshot(self, name: str) -> SnapshotView:
-        """A read-only view of snapshot ``name`` (ID first, then name)."""
+    def snapshot(self, name: str, *, name_only: bool = False) -> SnapshotView:
+        """A read-only view of snapshot ``name`` (ID first, then name; the name alone with
+        ``name_only``)."""
         from .snapshot_table import find_snapshot
         from .snapshots import SnapshotView
 
         self._check_open()
         self.flush()
         entries = self.snapshots
-        return SnapshotView(self, entries[find_snapshot(entries, name, id_first=True)])
+        index = find_snapshot(entries, name, id_first=True, path=self.path, name_only=name_only)
+        return SnapshotView(self, entries[index])
 
     def encrypt_data(self, host_offset: int, plaintext: bytes) -> bytes:
         """The bytes to store for guest data ``plaintext`` placed at ``host_offset``

@@ -323,15 +323,27 @@ def _find(entries: Sequence[SnapshotEntry], *, id: str | None, name: str | None)
 
 
 def find_snapshot(
-    entries: Sequence[SnapshotEntry], key: str, *, id_first: bool, path: str | None = None
+    entries: Sequence[SnapshotEntry],
+    key: str,
+    *,
+    id_first: bool,
+    path: str | None = None,
+    name_only: bool = False,
 ) -> int:
     """Index of the snapshot ``key`` names.
 
     ``id_first=True`` is qemu's rule for apply and ``convert -l`` (ID, then name);
-    ``id_first=False`` is the rule of ``qemu-img snapshot -d`` (name, then ID).  Raises
-    :class:`SnapshotNotFoundError` when neither matches.
+    ``id_first=False`` is the rule of ``qemu-img snapshot -d`` (name, then ID).
+    ``name_only=True`` matches the name alone, as QEMU's savevm/loadvm/delvm do: a name that
+    looks like another snapshot's ID never selects that snapshot.  Raises
+    :class:`SnapshotNotFoundError` when nothing matches.
     """
-    order = [(key, None), (None, key)] if id_first else [(None, key), (key, None)]
+    if name_only:
+        order: list[tuple[str | None, str | None]] = [(None, key)]
+    elif id_first:
+        order = [(key, None), (None, key)]
+    else:
+        order = [(None, key), (key, None)]
     for by_id, by_name in order:
         index = _find(entries, id=by_id, name=by_name)
         if index >= 0:

@@ -114,15 +114,17 @@ def create_snapshot(image: Image, name: str, *, replace: bool = False) -> Snapsh
     return entry
 
 
-def apply_snapshot(image: Image, key: str) -> SnapshotEntry:
-    """Revert the active state to snapshot ``key`` (ID first, then name, like qemu).
+def apply_snapshot(image: Image, key: str, *, name_only: bool = False) -> SnapshotEntry:
+    """Revert the active state to snapshot ``key`` (ID first, then name, like qemu-img;
+    the name alone with ``name_only``).
 
     A snapshot with a different disk_size switches the disk size back to it in the same
     header write.
     """
     _check_supported(image)
     entries = image.snapshot_entries
-    snap = entries[find_snapshot(entries, key, id_first=True, path=image.path)]
+    index = find_snapshot(entries, key, id_first=True, path=image.path, name_only=name_only)
+    snap = entries[index]
     header = image.header
     validate_snapshot_l1(snap, cluster_size=header.cluster_size, path=image.path)
     txn = MetadataTransaction(image, "snapshot_apply")
@@ -137,11 +139,12 @@ def apply_snapshot(image: Image, key: str) -> SnapshotEntry:
     return snap
 
 
-def delete_snapshot(image: Image, key: str) -> SnapshotEntry:
-    """Delete snapshot ``key`` (name first, then ID) and free what only it referenced."""
+def delete_snapshot(image: Image, key: str, *, name_only: bool = False) -> SnapshotEntry:
+    """Delete snapshot ``key`` (name first, then ID; the name alone with ``name_only``) and
+    free what only it referenced."""
     _check_supported(image)
     entries = list(image.snapshot_entries)
-    index = find_snapshot(entries, key, id_first=False, path=image.path)
+    index = find_snapshot(entries, key, id_first=False, path=image.path, name_only=name_only)
     snap = entries.pop(index)
     validate_snapshot_l1(snap, cluster_size=image.header.cluster_size, path=image.path)
     txn = MetadataTransaction(image, "snapshot_delete")

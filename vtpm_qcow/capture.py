@@ -71,13 +71,13 @@ def capture_store(store: Store, *, tag: str | None = None, snapshots: bool = Tru
         names = [entry.name for entry in image.snapshots]
         if tag not in names:
             raise StoreError(f"{store.path}: no snapshot '{tag}'")
-        view = image.snapshot(tag)
+        view = image.snapshot(tag, name_only=True)
         layout = layout_of(view.read, min(int(view.virtual_size), size), f"{store.path}@{tag}")
         return StateCapture(store.path, size, layout, (), store.generation)
     snaps = []
     if snapshots:
         for info in store.snapshots():
-            view = image.snapshot(info.tag)
+            view = image.snapshot(info.tag, name_only=True)
             source = f"{store.path}@{info.tag}"
             snap_layout = layout_of(view.read, min(int(view.virtual_size), size), source)
             snaps.append(

@@ -40,6 +40,7 @@ from qcow2.errors import Qcow2Error
 
 from .capture import StateCapture, capture_store, from_wire, to_wire
 from .errors import StoreError, VtpmQcowError
+from .store import check_tag
 
 if TYPE_CHECKING:
     from .fuse_export import StoreFS
@@ -125,6 +126,10 @@ def _tag(request: dict[str, Any]) -> str:
     tag = request.get("tag")
     if not isinstance(tag, str) or not tag:
         raise RequestError(f"op {request.get('op')!r} needs a non-empty string 'tag'")
+    try:
+        check_tag(tag, "tag")
+    except StoreError as err:
+        raise RequestError(str(err)) from None
     return tag
 
 

@@ -182,7 +182,7 @@ def freed_generations(store: Store) -> Iterator[Candidate | Rejected]:
 
 def snapshot_layout(store: Store, tag: str) -> bytes:
     """The linear layout snapshot ``tag`` holds (``b""`` if not formatted)."""
-    view = store.image.snapshot(tag)
+    view = store.image.snapshot(tag, name_only=True)
     size = min(int(view.virtual_size), store.linear_size)
     head = bytes(view.read(0, min(linear.HEADER_SIZE, size)))
     if not linear.is_formatted(head):

@@ -448,7 +448,7 @@ class Store:
             self._check_open()
             out = []
             for entry in self._image.snapshots:
-                view = self._image.snapshot(entry.name)
+                view = self._image.snapshot(entry.name, name_only=True)
                 size = min(int(view.virtual_size), self.linear_size)
                 try:
                     sections = _sections_of(view.read, size, f"{self.path}@{entry.name}")
@@ -468,7 +468,7 @@ class Store:
         QEMU's savevm delete + create, but a crash leaves the old snapshot or the new one,
         never neither).
         """
-        _check_tag(tag, self.path)
+        check_tag(tag, self.path)
         with self._lock:
             self._check_open(write=True)
             exists = tag in self._snapshot_names()
@@ -483,7 +483,7 @@ class Store:
             self._check_open(write=True)
             self._require(tag)
             self._prefix = None  # also if the apply fails after its switch
-            self._image.apply_snapshot(tag)
+            self._image.apply_snapshot(tag, name_only=True)
             self._changed()
 
     def delete_snapshot(self, tag: str) -> None:
@@ -491,7 +491,7 @@ class Store:
         with self._lock:
             self._check_open(write=True)
             self._require(tag)
-            self._image.delete_snapshot(tag)
+            self._image.delete_snapshot(tag, name_only=True)
             self._changed()
 
     def _require(self, tag: str) -> None:
@@ -504,7 +504,7 @@ class Store:
         with self._lock:
             self._check_open()
             self._require(tag)
-            view = self._image.snapshot(tag)
+            view = self._image.snapshot(tag, name_only=True)
             size = min(int(view.virtual_size), self.linear_size)
             head = view.read(0, linear.HEADER_SIZE)
             if not linear.is_formatted(head):
@@ -523,8 +523,10 @@ def snapshot_digest(info: SnapshotInfo) -> str:
     return combined_digest({n: s.digest for n, s in info.sections.items()})
 
 
-def _check_tag(tag: str, path: str) -> None:
-    """Tags are qcow2 snapshot names: non-empty, at most 65535 bytes of UTF-8."""
+def check_tag(tag: str, path: str) -> None:
+    """The one rule for tags, everywhere a tag comes in: a qcow2 snapshot name (non-empty,
+    at most 65535 bytes of UTF-8) on one line.  A tag is looked up by name only, never as
+    a snapshot ID: the vTPM image's IDs are not the disks' IDs."""
     if not tag or len(tag.encode()) > 0xFFFF or "\n" in tag:
         raise StoreError(f"{path}: invalid snapshot tag {tag!r}")
 
@@ -535,6 +537,7 @@ __all__: Sequence[str] = (
     "SectionInfo",
     "SnapshotInfo",
     "Store",
+    "check_tag",
     "combined_digest",
     "digest",
     "snapshot_digest",

@@ -116,6 +116,8 @@ class DiskNode:
     #: Tag -> identity (id and date) of each snapshot: changes when a tag is saved anew
     #: (HMP savevm silently replaces an existing tag).
     identities: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: Snapshot ID -> name: QEMU's qcow2 driver resolves a loadvm tag as an ID first.
+    names_by_id: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -225,9 +227,15 @@ class Monitor:
             identities = {
                 str(s["name"]): f"{s['id']}@{s['date-sec']}.{s['date-nsec']:09d}" for s in snapshots
             }
+            names_by_id = {str(s["id"]): str(s["name"]) for s in snapshots}
             device = backend.get("qdev") or backend.get("device") or inserted["node-name"]
             node = DiskNode(
-                inserted["node-name"], device, inserted["drv"], frozenset(identities), identities
+                inserted["node-name"],
+                device,
+                inserted["drv"],
+                frozenset(identities),
+                identities,
+                names_by_id,
             )
             nodes.append(node)
         return nodes
@@ -536,6 +544,17 @@ async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         missing.append("the vTPM image")
     if missing:
         raise AlignmentError(f"load {quoted(tag)}: no such snapshot on {', '.join(missing)}")
+    for node in nodes:
+        other = node.names_by_id.get(tag)
+        if other is not None and other != tag:
+            # loadvm/snapshot-load find the snapshot by name but revert each qcow2 disk with
+            # qcow2_snapshot_goto, which tries the tag as an ID first: the disks and their
+            # vmstate would go to another snapshot than the vTPM image (looked up by name).
+            raise AlignmentError(
+                f"load {quoted(tag)}: QEMU would revert {node.node} to its snapshot ID {tag} "
+                f"({quoted(other)}), not to the one named {quoted(tag)}; rename one of them "
+                "(savevm a new tag) to load it"
+            )
     vm = PausedVm(monitor, state)
     await vm.pause()
     outcome = Outcome(tag, [n.node for n in nodes], vtpm.description, vm.was_running)
