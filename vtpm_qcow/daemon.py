@@ -28,6 +28,7 @@ import errno
 import inspect
 import logging
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -408,9 +409,29 @@ async def _run_swtpm(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run swtpm on the mount; when it exits stop serving, or restart it (keep_serving)."""
+    workdir = runtime_dir() / f"swtpm-{os.getpid()}"
+    try:
+        await _serve_swtpm(config, view, mountpoint, mount, workdir, task_status)
+    finally:
+        # swtpm's pid file and log: kept only when swtpm did not start or did not end well
+        current = config.current
+        if current is None or current.proc.poll() != 0:
+            log.warning("swtpm's log is kept in %s", workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _serve_swtpm(
+    config: SwtpmConfig,
+    view: str,
+    mountpoint: str,
+    mount: MountConfig,
+    workdir: Path,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """The loop of :func:`_run_swtpm`: start swtpm, wait for it to end, maybe again."""
     from .swtpm import Swtpm
 
-    workdir = runtime_dir() / f"swtpm-{os.getpid()}"
     tpmstate = swtpm_tpmstate(view, mountpoint)
     started = False
     while True:

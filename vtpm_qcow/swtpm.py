@@ -48,9 +48,13 @@ def find_tool(name: str) -> str:
 
 
 def _last_line(*texts: str) -> str:
-    """The last non-empty line of the given outputs (swtpm's reason for failing)."""
+    """The last non-empty line of the given outputs (swtpm's reason for failing); when swtpm
+    printed its usage after the reason (a bad option), the line before the usage."""
     for text in reversed(texts):
         lines = [line.strip() for line in text.splitlines() if line.strip()]
+        usage = next((i for i, line in enumerate(lines) if line.startswith("Usage:")), None)
+        if usage:
+            return lines[usage - 1]
         if lines:
             return lines[-1]
     return ""

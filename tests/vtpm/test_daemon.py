@@ -34,7 +34,7 @@ from tests.vtpm.mount_fixtures import (
     wait_gone,
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
-from vtpm_qcow.control import ControlClient, pid_path_for
+from vtpm_qcow.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for
 from vtpm_qcow.swtpm import CMD_SHUTDOWN, control_command, free_tcp_port_pair
 from vtpm_qcow.tpm import SwtpmSocketTransport, Tpm
 
@@ -157,6 +157,11 @@ def test_umount_command_waits_for_the_daemon(tmp_path: Path) -> None:
         force_unmount(mount.mountpoint)
 
 
+def left_behind() -> list[str]:
+    """What daemons left in the runtime directory (their sockets, pid files, swtpm dirs)."""
+    return sorted(os.listdir(os.environ[RUNTIME_DIR_ENV]))
+
+
 @pytest.mark.parametrize("view", ["file", "dir"])
 def test_serve_runs_swtpm_until_it_is_shut_down(view: str, tmp_path: Path) -> None:
     image = create_image(tmp_path / "vtpm.qcow2")
@@ -190,6 +195,7 @@ def test_serve_runs_swtpm_until_it_is_shut_down(view: str, tmp_path: Path) -> No
         # QEMU quitting = CMD_SHUTDOWN on the control socket: swtpm exits, serve follows
         assert control_command(str(ctrl), CMD_SHUTDOWN) == 0
         assert wait_gone(pid), "serve did not exit after swtpm"
+        assert left_behind() == [], "serve left files behind"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -215,6 +221,12 @@ def test_serve_failure_is_one_line(tmp_path: Path) -> None:
         check=False,
     )
     assert_one_line_error(done, "swtpm")
+    # swtpm's own output stays for a look when swtpm failed
+    kept = left_behind()
+    assert len(kept) == 1 and kept[0].startswith("swtpm-"), kept
+    stderr = Path(os.environ[RUNTIME_DIR_ENV], kept[0], "swtpm.stderr").read_text()
+    assert "no-such-swtpm-option" in stderr
+    assert "unrecognized option '--no-such-swtpm-option'" in done.stderr  # not the usage
     qemu_img_check(image)
     assert opens_writable(image)
     assert not any(is_mounted(p) for p in tmp_path.iterdir())
@@ -251,6 +263,7 @@ def test_serve_keep_serving_restarts_swtpm_and_sigterm_stops_both(tmp_path: Path
         assert pid_alive(pid) and pid_alive(second)
         os.kill(pid, signal.SIGTERM)
         assert wait_gone(pid) and wait_gone(second)
+        assert left_behind() == [], "serve left files behind"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
