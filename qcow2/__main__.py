@@ -1,7 +1,7 @@
-"""``python -m qcow2``: the qemu-img compatible command (see :mod:`qcow2.cli`)."""
+"""``python -m qcow2``: the qemu-img compatible command (see :mod:`qcow2.cli.main`)."""
 
 import sys
 
-from .cli import main
+from .cli.main import main
 
 sys.exit(main())

@@ -22,31 +22,31 @@ import errno
 import os
 import struct
 
-from . import layout
-from .cache import TableCache
 from .errors import (
     CorruptImageError,
     Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
 )
-from .header import read_header, write_header_fields
-from .refcount import RefcountRangeError, RefcountTable, read_refcount, write_refcount
-from .snapshot_table import (
+from .format import layout
+from .format.header import read_header, write_header_fields
+from .format.refcount import RefcountRangeError, RefcountTable, read_refcount, write_refcount
+from .format.snapshot_table import (
     incomplete_entries,
     read_snapshot_table,
     serialize_snapshot_table,
     table_length,
 )
+from .io.cache import TableCache
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, Literal
 
-    from .fileio import HostFile
-    from .header import Header
-    from .snapshot_table import SnapshotEntry
+    from .format.header import Header
+    from .format.snapshot_table import SnapshotEntry
+    from .io.fileio import HostFile
 
 #: Repair modes of ``qemu-img check -r`` (BDRV_FIX_LEAKS, BDRV_FIX_ERRORS).
 FIX_LEAKS = 1

@@ -24,14 +24,14 @@ import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from . import layout
-from .cache import TableCache
 from .compress import parse_compressed_entry
 from .crypto import MISSING_KEY_MESSAGE, SECTOR_SIZE, DataCipher, EncryptionKeyError
 from .errors import CorruptImageError, Qcow2Error, UnsupportedFeatureError
-from .fileio import HostFile, fault_point
-from .header import Header, write_header_fields
-from .refcount import RefcountTable
+from .format import layout
+from .format.header import Header, write_header_fields
+from .format.refcount import RefcountTable
+from .io.cache import TableCache
+from .io.fileio import HostFile, fault_point
 
 #: Extended L2 bitmap with every subcluster reading as zeros / allocated.
 BITMAP_ALL_ZEROES = 0xFFFFFFFF << layout.SUBCLUSTER_ZERO_SHIFT

@@ -22,8 +22,8 @@ import errno
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from . import layout
 from .errors import Qcow2Error, ReadOnlyError
+from .format import layout
 from .transaction import MetadataTransaction, entry_host_ranges
 
 if TYPE_CHECKING:

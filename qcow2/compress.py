@@ -15,7 +15,6 @@ from __future__ import annotations
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from . import layout
 from .errors import (
     CorruptImageError,
     InvalidImageError,
@@ -23,6 +22,7 @@ from .errors import (
     ReadOnlyError,
     UnsupportedFeatureError,
 )
+from .format import layout
 
 if TYPE_CHECKING:
     from .image import Image
@@ -228,8 +228,8 @@ def create_image(path: str, size: int, *, compression_type: str = "zlib", **opti
 
 def _switch_empty_image_compression(path: str, compression_type: int) -> None:
     """Set the compression type of an image without data (refused otherwise)."""
-    from .fileio import HostFile
-    from .header import read_header, write_header_fields
+    from .format.header import read_header, write_header_fields
+    from .io.fileio import HostFile
 
     f = HostFile(path, writable=True)
     try:

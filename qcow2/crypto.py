@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-from . import layout
 from .errors import InvalidImageError, Qcow2Error, UnsupportedFeatureError
-from .fileio import HostFile
+from .format import layout
+from .io.fileio import HostFile
 
 #: qemu-img's message when an encrypted image is opened for I/O without a secret.
 MISSING_KEY_MESSAGE = "Parameter 'encrypt.key-secret' is required for cipher"

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import layout
-from .cache import TableCache
 from .clusters import ClusterMap, Extent, ExtentKind
 from .compress import decompress, parse_compressed_entry
 from .crypto import (
@@ -37,14 +35,16 @@ from .errors import (
     SnapshotError,
     UnsupportedFeatureError,
 )
-from .fileio import HostFile, fault_point
-from .header import Header, HeaderExtension, read_header, write_header_fields
-from .lock import lock_image
-from .refcount import RefcountTable, write_refcount
+from .format import layout
+from .format.header import Header, HeaderExtension, read_header, write_header_fields
+from .format.refcount import RefcountTable, write_refcount
+from .io.cache import TableCache
+from .io.fileio import HostFile, fault_point
+from .io.lock import lock_image
 
 if TYPE_CHECKING:
     from .check import CheckResult
-    from .snapshot_table import SnapshotEntry
+    from .format.snapshot_table import SnapshotEntry
     from .snapshots import SnapshotView
 
 #: Bytes of metadata tables each cache may hold.
@@ -251,7 +251,7 @@ class Image:
         return list(self.snapshot_entries)
 
     def _read_snapshot_entries(self) -> list[SnapshotEntry]:
-        from .snapshot_table import read_snapshot_table
+        from .format.snapshot_table import read_snapshot_table
 
         h = self.header
         return read_snapshot_table(
@@ -340,7 +340,7 @@ class Image:
             # not in QEMU's list: losing the LUKS key slots would lose all data
             what = "crypto header"
         elif self.snapshot_entries:
-            from .snapshot_table import table_length
+            from .format.snapshot_table import table_length
 
             if hits(h.snapshots_offset, table_length(self.snapshot_entries)):
                 what = "snapshot table"
@@ -681,7 +681,7 @@ class Image:
     def snapshot(self, name: str, *, name_only: bool = False) -> SnapshotView:
         """A read-only view of snapshot ``name`` (ID first, then name; the name alone with
         ``name_only``)."""
-        from .snapshot_table import find_snapshot
+        from .format.snapshot_table import find_snapshot
         from .snapshots import SnapshotView
 
         self._check_open()
@@ -724,7 +724,7 @@ class Image:
 
     def info(self) -> dict[str, Any]:
         """``qemu-img info --output=json`` fields."""
-        from .info import image_info
+        from .tools.info import image_info
 
         self._check_open()
         self.flush()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 import struct
 
-from . import layout
 from .errors import InvalidImageError
+from .format import layout
 from .image import Image
 
 _LEAK_RE = re.compile(r"^Leaked cluster (\d+) refcount=\d+ reference=0$")

@@ -23,10 +23,10 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from . import layout
 from .errors import SnapshotError, UnsupportedFeatureError
-from .refcount import RefcountRangeError
-from .snapshot_table import (
+from .format import layout
+from .format.refcount import RefcountRangeError
+from .format.snapshot_table import (
     SnapshotEntry,
     find_snapshot,
     new_snapshot_id,

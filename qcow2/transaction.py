@@ -31,14 +31,14 @@ import sys
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING
 
-from . import layout
 from .clusters import ClusterType, classify_l2_entry
 from .compress import parse_compressed_entry
 from .errors import CorruptImageError
-from .fileio import fault_point
-from .header import write_header_fields
-from .refcount import RefcountRangeError, write_refcount
-from .snapshot_table import SnapshotEntry, serialize_snapshot_table, table_length
+from .format import layout
+from .format.header import write_header_fields
+from .format.refcount import RefcountRangeError, write_refcount
+from .format.snapshot_table import SnapshotEntry, serialize_snapshot_table, table_length
+from .io.fileio import fault_point
 
 if TYPE_CHECKING:
     from .image import Image

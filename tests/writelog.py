@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qcow2.fileio import WriteEvent
+from qcow2.io.fileio import WriteEvent
 
 SECTOR = 512
 

@@ -44,7 +44,7 @@ import pyfuse3
 import trio
 
 from qcow2.errors import Qcow2Error
-from qcow2.fileio import HostFile, WriteEvent
+from qcow2.io.fileio import HostFile, WriteEvent
 
 from .control import ControlServer, pid_path_for, runtime_dir, socket_path_for, store_handlers
 from .errors import StoreError, VtpmQcowError

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from qcow2 import layout as qlayout
+from qcow2.format import layout as qlayout
 from qcow2.scan import guest_mappings, parse_l2_table, read_host, unused_clusters
 
 from . import linear

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from qcow2.check import check_file
-from qcow2.fileio import HostFile
-from qcow2.header import read_header
+from qcow2.format.header import read_header
+from qcow2.io.fileio import HostFile
 from tests.helpers import need
 from tests.qcow2 import oracle
 from tests.qcow2.test_cli import by_name, run_both

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qcow2.cli import main
+from qcow2.cli.main import main
 from tests.helpers import held_by_qemu_io, need
 from tests.qcow2 import oracle
 

@@ -108,7 +108,7 @@ def test_usage_errors_like_qemu_img(image: Path, args: tuple[str, ...]) -> None:
 
 
 def test_help_lists_every_option_of_a_command() -> None:
-    from qcow2.cli import commands
+    from qcow2.cli.main import commands
 
     for command in commands():
         run = run_cli(command.name, "--help")

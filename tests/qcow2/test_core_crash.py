@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import qcow2
-from qcow2.fileio import WriteEvent, inject_fault
+from qcow2.io.fileio import WriteEvent, inject_fault
 from tests.helpers import need
 from tests.qcow2 import oracle
 

@@ -17,10 +17,10 @@ from typing import Literal
 import pytest
 
 import qcow2
-from qcow2 import layout
-from qcow2.fileio import HostFile
-from qcow2.header import HeaderExtension, read_header
-from qcow2.refcount import read_refcount, write_refcount
+from qcow2.format import layout
+from qcow2.format.header import HeaderExtension, read_header
+from qcow2.format.refcount import read_refcount, write_refcount
+from qcow2.io.fileio import HostFile
 from tests.helpers import need
 from tests.qcow2 import oracle
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import qcow2
-from qcow2 import layout
+from qcow2.format import layout
 from tests.helpers import need
 from tests.qcow2 import oracle
 

@@ -21,7 +21,7 @@ import pytest
 
 import qcow2
 from qcow2.errors import Qcow2Error
-from qcow2.fileio import WriteEvent, inject_fault
+from qcow2.io.fileio import WriteEvent, inject_fault
 from tests.qcow2 import oracle
 from tests.writelog import crash_variants, replay
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import qcow2
-from qcow2.info import qdict_order, size_to_str
+from qcow2.tools.info import qdict_order, size_to_str
 from tests.helpers import need
 from tests.qcow2 import oracle
 from tests.qcow2.test_cli import (  # noqa: F401 - restore_cwd is an autouse fixture

@@ -89,7 +89,7 @@ def test_pth_code_is_skipped_and_path_lines_kept(tmp_path: Path, image: Path) ->
 
     probe = "import qcow2; print(qcow2.__file__, sys.flags.no_site); main = lambda: 0"
     script = bin_dir / "probe"
-    script.write_text(LAUNCHER.read_text().replace("from qcow2.cli import main", probe))
+    script.write_text(LAUNCHER.read_text().replace("from qcow2.cli.main import main", probe))
     script.chmod(0o755)
     proc = run([str(script)], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 import qcow2
-from qcow2 import crypto, layout
+from qcow2 import crypto
 from qcow2.clusters import ClusterType
 from qcow2.errors import CorruptImageError, InvalidImageError, UnsupportedFeatureError
+from qcow2.format import layout
 from tests.helpers import need
 from tests.qcow2.oracle import OracleError, qemu_img
 

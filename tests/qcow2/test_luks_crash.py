@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import qcow2
-from qcow2.fileio import WriteEvent
+from qcow2.io.fileio import WriteEvent
 from tests.qcow2.test_luks import SECRET, q_check, q_raw
 
 SIZE = 1024 * 1024

@@ -208,7 +208,7 @@ def test_delete_falls_back_to_id(tmp_path: Path) -> None:
 
 def test_corrupt_snapshot_l1_refused_like_qemu(tmp_path: Path) -> None:
     from qcow2.errors import CorruptImageError
-    from qcow2.layout import field_offset, field_struct
+    from qcow2.format.layout import field_offset, field_struct
 
     img = oracle.create(tmp_path / "a.qcow2", 1 * MiB)
     oracle.qemu_io(img, "write -P 0x8 0 64k")

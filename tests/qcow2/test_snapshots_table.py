@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from qcow2.errors import CorruptImageError, SnapshotNotFoundError
-from qcow2.fileio import HostFile
-from qcow2.layout import (
+from qcow2.format.layout import (
     HEADER_FIELDS,
     HEADER_V2_STRUCT,
     SNAPSHOT_EXTRA_SIZE,
@@ -16,7 +15,7 @@ from qcow2.layout import (
     field_offset,
     field_struct,
 )
-from qcow2.snapshot_table import (
+from qcow2.format.snapshot_table import (
     SnapshotEntry,
     find_snapshot,
     new_snapshot_id,
@@ -24,6 +23,7 @@ from qcow2.snapshot_table import (
     serialize_snapshot_table,
     table_length,
 )
+from qcow2.io.fileio import HostFile
 from tests.qcow2 import oracle
 
 MiB = 1024 * 1024

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qcow2
-from qcow2 import layout
 from qcow2.errors import Qcow2Error, SnapshotError
-from qcow2.fileio import WriteEvent
+from qcow2.format import layout
+from qcow2.io.fileio import WriteEvent
 from tests.qcow2 import oracle
 from tests.qcow2.test_crash import (
     Operation,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qcow2.errors import ImageLockedError
-from qcow2.fileio import inject_fault
+from qcow2.io.fileio import inject_fault
 from tests.helpers import need, need_fuse
 from tests.qcow2 import oracle
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qcow2.fileio import WriteEvent
+from qcow2.io.fileio import WriteEvent
 from tests.qcow2 import oracle
 from tests.writelog import all_crash_variants, replay
 from vtpm_qcow import linear

@@ -14,14 +14,14 @@ Reading mirrors ``qcow2_do_open`` / ``qcow2_read_extensions`` in QEMU's ``block/
 
 from __future__ import annotations
 
+from ..errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from . import layout
-from .errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Literal
 
-    from .fileio import HostFile
+    from ..io.fileio import HostFile
 
     #: How :func:`read_header` validates (see there): ``"strict"`` for the library's own
     #: open, ``"qemu"`` for QEMU 7.2's open, ``"check"`` for its open in check mode
@@ -53,7 +53,7 @@ class HeaderExtension:
 class Header:
     """The parsed header of a qcow2 image.
 
-    Field names are those of :data:`qcow2.layout.HEADER_FIELDS`.  ``extensions`` lists every
+    Field names are those of :data:`qcow2.format.layout.HEADER_FIELDS`.  ``extensions`` lists every
     extension found (known and unknown) in file order; the convenience attributes
     ``backing_format``, ``feature_table``... are derived from it when reading and written
     back by :meth:`pack_cluster0`.  :meth:`copy` and :meth:`assign` copy every field.

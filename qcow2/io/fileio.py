@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .errors import Qcow2IOError
+from ..errors import Qcow2IOError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ import errno
 import fcntl
 import struct
 
-from . import layout
-from .errors import ImageLockedError, Qcow2IOError
+from ..errors import ImageLockedError, Qcow2IOError
+from ..format import layout
 
 #: Linux open-file-description locks (not in Python's fcntl module on every version).
 F_OFD_GETLK = 36

@@ -207,6 +207,6 @@ def qemu_compact_json(obj: object) -> str:
     """QEMU's one-line ``qobject_to_json`` of a dict built in insertion order."""
     import json
 
-    from .info import qdict_order
+    from ..tools.info import qdict_order
 
     return json.dumps(qdict_order(obj), separators=(", ", ": "))

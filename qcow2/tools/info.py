@@ -17,19 +17,19 @@ import os
 import struct
 import time
 
-from . import layout
-from .errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
-from .fileio import HostFile
-from .header import read_header
-from .refcount import read_refcount
-from .snapshot_table import SnapshotEntry, read_snapshot_table
+from ..errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
+from ..format import layout
+from ..format.header import read_header
+from ..format.refcount import read_refcount
+from ..format.snapshot_table import SnapshotEntry, read_snapshot_table
+from ..io.fileio import HostFile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import Any, Literal
 
-    from .header import Header
+    from ..format.header import Header
 
 # Section: QEMU's JSON and QDict order
 
@@ -126,7 +126,7 @@ def require_open_resources(f: HostFile, header: Header, key: bytes | None = None
                 "Parameter 'encrypt.key-secret' is required for cipher", path=f.path
             )
         if header.crypt_method == layout.CRYPT_LUKS:
-            from .crypto import open_cipher
+            from ..crypto import open_cipher
 
             open_cipher(f, header.crypto_header, key)
     if header.has_data_file:
@@ -262,7 +262,7 @@ def open_layer(
     f = HostFile(name, writable=False)
     try:
         if not force_share:
-            from .lock import lock_image
+            from ..io.lock import lock_image
 
             lock_image(f.fd, name, writable=False)
         if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):

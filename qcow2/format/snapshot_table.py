@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 
-from .errors import CorruptImageError, SnapshotError, SnapshotNotFoundError
+from ..errors import CorruptImageError, SnapshotError, SnapshotNotFoundError
 from .layout import (
     L1_ENTRY_SIZE,
     MAX_L1_BYTES,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import errno as _errno
 import struct
 
+from ..errors import CorruptImageError, Qcow2Error
+from ..io.cache import TableCache
+from ..io.fileio import HostFile, fault_point
 from . import layout
-from .cache import TableCache
-from .errors import CorruptImageError, Qcow2Error
-from .fileio import HostFile, fault_point
 from .header import Header, write_header_fields
 
 TYPE_CHECKING = False

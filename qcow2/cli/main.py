@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .cliparse import Arguments, Command, HelpRequested, Option, UsageError, parse
+from .parse import Arguments, Command, HelpRequested, Option, UsageError, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def _err(message: str) -> None:
 
 def _open_error(path: str, err: BaseException) -> CliError:
     """qemu-img's "Could not open 'PATH': REASON" for an open failure."""
-    from .errors import ImageLockedError, Qcow2Error
+    from ..errors import ImageLockedError, Qcow2Error
 
     if isinstance(err, ImageLockedError):
         # QEMU prints the lock failure, then its hint on a line of its own.
@@ -63,9 +63,9 @@ def _open_error(path: str, err: BaseException) -> CliError:
 
 
 def _spec(args: Arguments, attr: str = "image", fmt: str | None = None) -> Any:
-    """The :class:`~qcow2.cliopts.ImageSpec` of image argument ``attr`` (``--object``
+    """The :class:`~qcow2.cli.options.ImageSpec` of image argument ``attr`` (``--object``
     secrets and ``--image-opts`` applied; ``fmt`` overrides ``-f``)."""
-    from .cliopts import OptionError, image_spec, parse_secrets
+    from .options import OptionError, image_spec, parse_secrets
 
     try:
         secrets = parse_secrets(getattr(args, "object", None))
@@ -81,7 +81,7 @@ def _spec(args: Arguments, attr: str = "image", fmt: str | None = None) -> Any:
 
 def _key(spec: Any) -> bytes | None:
     """The key of an image opened with I/O (the ``--object`` of its key-secret id)."""
-    from .cliopts import OptionError
+    from .options import OptionError
 
     try:
         key: bytes | None = spec.require_key()
@@ -94,8 +94,8 @@ def _key(spec: Any) -> bytes | None:
 
 
 def _cmd_info(args: Arguments) -> int:
-    from .errors import Qcow2Error
-    from .info import (
+    from ..errors import Qcow2Error
+    from ..tools.info import (
         BackingOpenError,
         format_info_human,
         layer_info,
@@ -134,11 +134,11 @@ def _cmd_info(args: Arguments) -> int:
 
 
 def _cmd_check(args: Arguments) -> int:
-    from .check import check_file
-    from .errors import Qcow2Error
-    from .fileio import HostFile
-    from .header import read_header
-    from .info import open_backing, qemu_json, require_open_resources
+    from ..check import check_file
+    from ..errors import Qcow2Error
+    from ..format.header import read_header
+    from ..io.fileio import HostFile
+    from ..tools.info import open_backing, qemu_json, require_open_resources
 
     spec = _spec(args)
     try:
@@ -147,7 +147,7 @@ def _cmd_check(args: Arguments) -> int:
         raise _open_error(spec.arg, err) from err
     try:
         if not args.U:
-            from .lock import lock_image
+            from ..io.lock import lock_image
 
             try:
                 lock_image(f.fd, spec.path, writable=bool(args.r))
@@ -190,7 +190,7 @@ _RAW_PROBE_WARNING = (
 
 
 def _check_human(r: object) -> str:
-    from .check import CheckResult
+    from ..check import CheckResult
 
     assert isinstance(r, CheckResult)
     out = []
@@ -232,8 +232,8 @@ def _check_human(r: object) -> str:
 
 
 def _cmd_map(args: Arguments) -> int:
-    from .errors import Qcow2Error
-    from .info import format_map_human, format_map_json, map_entries, open_chain
+    from ..errors import Qcow2Error
+    from ..tools.info import format_map_human, format_map_json, map_entries, open_chain
 
     spec = _spec(args)
     try:
@@ -275,8 +275,8 @@ def _cmd_snapshot(args: Arguments) -> int:
         raise CliError("Cannot mix '-l', '-a', '-c', '-d'")
     action = actions[0] if actions else "l"
     if action == "l":
-        from .errors import Qcow2Error
-        from .info import format_snapshot_table, open_backing, open_layer
+        from ..errors import Qcow2Error
+        from ..tools.info import format_snapshot_table, open_backing, open_layer
 
         spec = _spec(args)
         try:
@@ -292,7 +292,7 @@ def _cmd_snapshot(args: Arguments) -> int:
         if layer.snapshots:
             sys.stdout.write("Snapshot list:\n" + format_snapshot_table(layer.snapshots))
         return 0
-    from .errors import Qcow2Error
+    from ..errors import Qcow2Error
 
     tag = getattr(args, action)
     spec = _spec(args)
@@ -316,8 +316,8 @@ def _cmd_snapshot(args: Arguments) -> int:
 def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
     """``qcow2.open`` of a qcow2 image argument as qemu-img opens it for I/O: an encrypted
     image needs its key."""
-    from .crypto import MISSING_KEY_MESSAGE
-    from .errors import Qcow2Error
+    from ..crypto import MISSING_KEY_MESSAGE
+    from ..errors import Qcow2Error
 
     key = _key(spec)
     try:
@@ -331,7 +331,7 @@ def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
 
 
 def _snapshot_reason(verb: str, err: BaseException) -> str:
-    from .errors import SnapshotNotFoundError
+    from ..errors import SnapshotNotFoundError
 
     if isinstance(err, SnapshotNotFoundError):
         return {
@@ -414,10 +414,10 @@ _CREATE_OPTIONS = {
 def _cmd_create(args: Arguments) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
-    from .cliopts import OptionError, parse_secrets
-    from .compress import create_image
-    from .errors import Qcow2Error
-    from .info import full_backing_filename, open_layer
+    from ..compress import create_image
+    from ..errors import Qcow2Error
+    from ..tools.info import full_backing_filename, open_layer
+    from .options import OptionError, parse_secrets
 
     try:
         secrets = parse_secrets(args.object)  # qemu-img creates its objects first
@@ -583,7 +583,7 @@ def _validate_qcow2_create(
 
 def _cmd_resize(args: Arguments) -> int:
     qcow2 = _api()
-    from .errors import Qcow2Error
+    from ..errors import Qcow2Error
 
     text = args.size
     try:
@@ -626,10 +626,10 @@ _AMEND_LAZY_NEEDS_V3 = (
 
 
 def _cmd_amend(args: Arguments) -> int:
-    from .errors import Qcow2Error
-    from .fileio import HostFile
-    from .header import read_header
-    from .lock import lock_image
+    from ..errors import Qcow2Error
+    from ..format.header import read_header
+    from ..io.fileio import HostFile
+    from ..io.lock import lock_image
 
     if not args.o:
         raise CliError("Must specify options (-o)")
@@ -676,10 +676,10 @@ def _amend_version(f: Any, h: Any, target: int) -> None:
     """QEMU's version switch in ``qcow2_amend_options``: an upgrade rewrites the header;
     a downgrade (``qcow2_downgrade``) first refuses what v2 cannot hold and turns zero
     clusters into data clusters (zero-filled) or, without a backing file, holes."""
-    from . import layout
-    from .check import repair_image_file
-    from .header import rewrite_cluster0
-    from .info import open_layer
+    from ..check import repair_image_file
+    from ..format import layout
+    from ..format.header import rewrite_cluster0
+    from ..tools.info import open_layer
 
     if target == 2:
         if h.refcount_order != 4:
@@ -722,9 +722,9 @@ def _amend_version(f: Any, h: Any, target: int) -> None:
 def _amend_lazy_refcounts(f: Any, h: Any, enable: bool) -> None:
     """QEMU's lazy_refcounts amend: set or clear compatible bit 0 (a dirty image is
     repaired first when lazy refcounts are switched off)."""
-    from . import layout
-    from .check import repair_image_file
-    from .header import rewrite_cluster0
+    from ..check import repair_image_file
+    from ..format import layout
+    from ..format.header import rewrite_cluster0
 
     if h.lazy_refcounts == enable:
         return
@@ -742,7 +742,7 @@ def _expand_zero_clusters(f: Any, h: Any, l1_tables: list[tuple[int, int]]) -> b
     without backing file become unallocated.  Returns whether compressed clusters exist."""
     import struct
 
-    from . import layout
+    from ..format import layout
 
     cs = h.cluster_size
     n = cs // 8
@@ -788,8 +788,8 @@ def _refcount_reader(f: Any, h: Any) -> Callable[[int], int]:
     """Stored refcount of a host cluster (read-only helper for amend)."""
     import struct
 
-    from . import layout
-    from .refcount import read_refcount
+    from ..format import layout
+    from ..format.refcount import read_refcount
 
     table_bytes = f.pread(h.refcount_table_offset, h.refcount_table_entries * 8)
     table = struct.unpack(f">{h.refcount_table_entries}Q", table_bytes)
@@ -851,7 +851,7 @@ class _Source:
         """``-l``: ``snapshot.id=``/``snapshot.name=`` match exactly, a bare TAG is an ID
         first, then a name (``bdrv_snapshot_load_tmp_by_id_or_name``).  The output keeps
         the current virtual size: past the snapshot's own size it reads zeros."""
-        from .snapshots import SnapshotView
+        from ..snapshots import SnapshotView
 
         entries = image.snapshots
         if kind == "any":
@@ -930,9 +930,9 @@ def _cmd_compare(args: Arguments) -> int:
 
 
 def _cmd_convert(args: Arguments) -> int:
-    from .cliopts import OptionError, parse_secrets
-    from .compress import CompressedWriter, create_image
-    from .errors import Qcow2Error
+    from ..compress import CompressedWriter, create_image
+    from ..errors import Qcow2Error
+    from .options import OptionError, parse_secrets
 
     snapshot: tuple[str, str] | None = None
     if args.l:
@@ -1251,7 +1251,7 @@ def commands() -> list[Command]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qcow2`` console script; returns the exit code."""
-    from .errors import Qcow2Error
+    from ..errors import Qcow2Error
 
     for stream in (sys.stdout, sys.stderr):
         # Image names and snapshot tags are bytes on disk: write them back unchanged.

@@ -1,0 +1,1 @@
+"""What qemu-img does on top of an image: ``info``, ``map`` and their QEMU JSON output."""
