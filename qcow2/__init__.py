@@ -18,6 +18,7 @@ from .errors import (
     CorruptImageError,
     ImageLockedError,
     InvalidImageError,
+    OutOfRangeError,
     Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
@@ -28,7 +29,7 @@ from .errors import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .image import Image, OutOfRangeError, create, open
+    from .image import Image, create, open
 
 __all__ = [  # noqa: RUF022 - ordered by importance, as qemu.qmp does
     # Most to least important
@@ -50,7 +51,7 @@ __all__ = [  # noqa: RUF022 - ordered by importance, as qemu.qmp does
 ]
 
 #: Public names defined outside :mod:`qcow2.errors`, and the submodule defining each.
-_LAZY = {"open": "image", "create": "image", "Image": "image", "OutOfRangeError": "image"}
+_LAZY = {"open": "image", "create": "image", "Image": "image"}
 
 
 def __getattr__(name: str) -> object:

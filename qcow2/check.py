@@ -27,10 +27,12 @@ from .errors import (
     Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
+    RefcountRangeError,
+    c_hex,
 )
 from .format import layout
 from .format.header import read_header, write_header_fields
-from .format.refcount import RefcountRangeError, RefcountTable, read_refcount, write_refcount
+from .format.refcount import RefcountTable, read_refcount, refblock_offset, write_refcount
 from .format.snapshot_table import (
     incomplete_entries,
     read_snapshot_table,
@@ -178,11 +180,6 @@ class CheckResult:
         }
         always = ("check-errors", "filename", "format")
         return {k: v for k, v in out.items() if k in always or v}
-
-
-def _alt_hex(value: int) -> str:
-    """C's ``%#x``: ``0x``-prefixed hex, except that zero prints as ``0``."""
-    return f"{value:#x}" if value else "0"
 
 
 class _L2Summary:
@@ -368,18 +365,9 @@ class _Checker:
         """The stored refcount of host cluster ``cluster``; raises CorruptImageError if the
         refcount block covering it is misaligned (QEMU's ``Refblock offset ... unaligned``)."""
         index = cluster >> self.refblock_bits
-        if index >= len(self.reftable):
-            return 0
-        block_offset = self.reftable[index] & layout.REFT_OFFSET_MASK
+        block_offset = refblock_offset(self.reftable, index, self.cluster_size, path=self.path)
         if not block_offset:
             return 0
-        if block_offset & (self.cluster_size - 1):
-            raise CorruptImageError(
-                f"Refblock offset {_alt_hex(block_offset)} unaligned "
-                f"(reftable index: {_alt_hex(index)})",
-                path=self.path,
-                offset=block_offset,
-            )
         block = self._refblock(block_offset)
         return read_refcount(block, cluster & ((1 << self.refblock_bits) - 1), self.refcount_bits)
 
@@ -722,13 +710,13 @@ class _Pass:
         for sn in c.snapshots:
             if sn.l1_table_offset & (c.cluster_size - 1):
                 self.corruption(
-                    f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={_alt_hex(sn.l1_table_offset)}: "
+                    f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={c_hex(sn.l1_table_offset)}: "
                     "L1 table is not cluster aligned; snapshot table entry corrupted"
                 )
                 continue
             if sn.l1_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
                 self.corruption(
-                    f"ERROR snapshot {sn.id} ({sn.name}) l1_size={_alt_hex(sn.l1_size)}: "
+                    f"ERROR snapshot {sn.id} ({sn.name}) l1_size={c_hex(sn.l1_size)}: "
                     "L1 table is too large; snapshot table entry corrupted"
                 )
                 continue

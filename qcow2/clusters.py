@@ -25,8 +25,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 from .compress import parse_compressed_entry
-from .crypto import MISSING_KEY_MESSAGE, SECTOR_SIZE, DataCipher, EncryptionKeyError
-from .errors import CorruptImageError, Qcow2Error, UnsupportedFeatureError
+from .crypto import SECTOR_SIZE, DataCipher
+from .errors import CorruptImageError, EncryptionKeyError, Qcow2Error, UnsupportedFeatureError
 from .format import layout
 from .format.header import Header, write_header_fields
 from .format.refcount import RefcountTable
@@ -236,7 +236,7 @@ class ClusterMap:
 
     def _data_cipher(self) -> DataCipher | None:
         if self.encrypted and self.cipher is None:
-            raise EncryptionKeyError(MISSING_KEY_MESSAGE, path=self._path())
+            raise EncryptionKeyError(EncryptionKeyError.MISSING_KEY, path=self._path())
         return self.cipher
 
     def read_data(self, host: int, length: int, guest: int) -> bytes:

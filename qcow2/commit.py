@@ -18,15 +18,13 @@ Snapshots sharing an old L2 table keep it: it only loses the active L1's referen
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-from .errors import Qcow2Error, ReadOnlyError
 from .format import layout
 from .transaction import MetadataTransaction, entry_host_ranges
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .image import Image
 
 #: Extended L2 bitmap for a cluster whose 32 subclusters are all allocated, none zero.
@@ -39,14 +37,6 @@ def _merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int
     cluster_size = image.header.cluster_size
     clusters: dict[int, bytearray] = {}
     for offset, data in writes:
-        if offset < 0 or offset + len(data) > size:
-            err = Qcow2Error(
-                f"write of {len(data)} bytes at {offset:#x} outside the virtual disk "
-                f"({size:#x} bytes)",
-                path=image.path,
-            )
-            err.errno = errno.EINVAL
-            raise err
         pos = offset
         end = offset + len(data)
         while pos < end:
@@ -69,16 +59,14 @@ def _merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int
 def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None:
     """Apply all ``(guest_offset, data)`` extents as one atomic, durable update.
 
-    After a crash at any point the image reads as exactly the old or exactly the new
-    content and ``qemu-img check`` finds it clean.  On return the new content is on stable
-    storage.  Later extents win where extents overlap.  Fault points:
-    ``commit.write_metadata`` and ``commit.header_switch`` (both before the switch).
+    Called by :meth:`Image.commit_atomically`, which has checked that the image is
+    writable and every extent lies inside the virtual disk.  After a crash at any point
+    the image reads as exactly the old or exactly the new content and ``qemu-img check``
+    finds it clean.  On return the new content is on stable storage.  Later extents win
+    where extents overlap.  Fault points: ``commit.write_metadata`` and
+    ``commit.header_switch`` (both before the switch).
     """
-    if not image.writable:
-        raise ReadOnlyError("image is opened read-only", path=image.path)
     header = image.header
-    if header.has_data_file:
-        raise Qcow2Error("atomic commits need the data inside the image", path=image.path)
     writes = [(offset, bytes(data)) for offset, data in writes if data]
     if not writes:
         image.flush()  # "durable on return" holds for an empty commit too

@@ -16,11 +16,11 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
-    CorruptImageError,
     InvalidImageError,
     Qcow2IOError,
     ReadOnlyError,
     UnsupportedFeatureError,
+    signal_corruption,
 )
 from .format import layout
 
@@ -40,9 +40,12 @@ def parse_compressed_entry(entry: int, cluster_bits: int) -> tuple[int, int]:
     return coffset, nb_sectors * 512 - (coffset & 511)
 
 
-def decompress(data: bytes, cluster_size: int, compression_type: int, *, where: str) -> bytes:
+def decompress(
+    data: bytes, cluster_size: int, compression_type: int, *, where: str, path: str | None = None
+) -> bytes:
     """Decompress one cluster; stops at ``cluster_size`` output bytes (the input may hold
-    the start of the next compressed cluster).  ``where`` names the entry in errors."""
+    the start of the next compressed cluster).  ``where`` names the entry in errors,
+    ``path`` the image."""
     import zstandard
 
     try:
@@ -53,10 +56,11 @@ def decompress(data: bytes, cluster_size: int, compression_type: int, *, where: 
         else:
             raise UnsupportedFeatureError(f"unknown compression type: {compression_type}")
     except (zlib.error, zstandard.ZstdError) as err:
-        raise CorruptImageError(f"compressed cluster {where} does not decompress: {err}") from err
+        signal_corruption(f"compressed cluster {where} does not decompress: {err}", path=path)
     if len(out) != cluster_size:
-        raise CorruptImageError(
-            f"compressed cluster {where} decompresses to {len(out)} bytes, not {cluster_size}"
+        signal_corruption(
+            f"compressed cluster {where} decompresses to {len(out)} bytes, not {cluster_size}",
+            path=path,
         )
     return out
 
@@ -181,7 +185,7 @@ class CompressedWriter:
         if not offset or cs - offset % cs < size:
             new_cluster = refcounts.find_free(1) * cs
             if new_cluster == 0:
-                raise CorruptImageError(
+                signal_corruption(
                     "Preventing invalid allocation of compressed cluster at offset 0",
                     path=self.image.path,
                 )

@@ -14,7 +14,6 @@ is the **host file** sector number (``crypto/block-luks.c``, ``block/qcow2.c``).
 
 from __future__ import annotations
 
-import errno as _errno
 import hmac
 import os
 import time
@@ -26,14 +25,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
-from .errors import InvalidImageError, Qcow2Error, UnsupportedFeatureError
+from .errors import EncryptionKeyError, InvalidImageError, UnsupportedFeatureError
 from .format import layout
 from .io.fileio import HostFile
-
-#: qemu-img's message when an encrypted image is opened for I/O without a secret.
-MISSING_KEY_MESSAGE = "Parameter 'encrypt.key-secret' is required for cipher"
-#: qemu's message when no key slot accepts the passphrase.
-WRONG_KEY_MESSAGE = "Invalid password, cannot unlock any keyslot"
 
 SECTOR_SIZE = layout.LUKS_SECTOR_SIZE
 #: Hash specs this implementation supports (QEMU supports the same three plus others).
@@ -47,12 +41,6 @@ _XTS_KEY_BYTES = (32, 64)
 #: Largest PBKDF2 iteration count accepted from an image (QEMU has no bound; a crafted
 #: header could make unlocking run for hours).  25x what iter-time=2000 gives here.
 MAX_ITERATIONS = 50_000_000
-
-
-class EncryptionKeyError(Qcow2Error):
-    """The image is encrypted and no (or a wrong) key was given."""
-
-    errno = _errno.EACCES
 
 
 @dataclass(frozen=True)
@@ -395,7 +383,7 @@ def unlock(f: HostFile, area_offset: int, header: LuksHeader, secret: bytes) -> 
         )
         if hmac.compare_digest(digest, header.mk_digest):
             return master
-    raise EncryptionKeyError(WRONG_KEY_MESSAGE, path=f.path)
+    raise EncryptionKeyError(EncryptionKeyError.WRONG_KEY, path=f.path)
 
 
 def open_cipher(f: HostFile, area: tuple[int, int] | None, secret: bytes) -> SectorCipher:

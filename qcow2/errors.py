@@ -1,40 +1,60 @@
-"""The qcow2 package's exception hierarchy.
+"""Every error the qcow2 package raises, in one tree, and the one way to signal corruption.
 
 ::
 
-    Qcow2Error                      every error this package raises
+    Qcow2Error                      every error this package raises (path, errno)
      +-- InvalidImageError          not a usable qcow2 image (bad magic, bad header field)
      |    +-- CorruptImageError     metadata contradicts itself (offset/size of the culprit)
-     +-- UnsupportedFeatureError    a feature this implementation (or QEMU) refuses
+     +-- UnsupportedFeatureError    a feature this implementation (or QEMU) refuses (bits)
      +-- ImageLockedError           another process holds a conflicting lock
      +-- ReadOnlyError              a write on an image opened read-only or marked corrupt
-     +-- SnapshotError              unknown tag, duplicate tag, refcount overflow, ...
-     |    +-- SnapshotNotFoundError
-     +-- BackingChainError          missing, looping or too deep backing chain
+     +-- EncryptionKeyError         an encrypted image without its key, or a wrong key
+     +-- OutOfRangeError            a request outside the virtual disk (also a ValueError)
+     +-- RefcountRangeError         a refcount would exceed its width or drop below 0
+     +-- SnapshotError              duplicate or invalid tag, too many snapshots, ...
+     |    +-- SnapshotNotFoundError no snapshot has that ID or name
+     +-- BackingChainError          a backing chain that loops or is too deep
+     |    +-- BackingOpenError      a backing file that does not open (cause nests, as QEMU's)
      +-- Qcow2IOError               the host file failed (wraps the OSError, keeps errno)
+     +-- CommandError               the ``qcow2`` command's own failures (exit code)
+          +-- UsageError            a command line that does not parse
+          +-- OptionError           a bad ``--object`` / ``--image-opts`` argument
 
-Messages name the file and the offending field or offset, e.g.
-``disk.qcow2: L2 table offset 0x30200 unaligned (L1 index: 0x0)``.  Errors that wrap a
+Every constructor takes the message and, by keyword, where it happened: ``path`` (the image
+file), ``errno`` (when it differs from the class's), and for corruption the ``offset`` and
+``size`` of the culprit.  Messages name the file and the offending field or offset, e.g.
+``disk.qcow2: L2 table offset 0x30200 unaligned (L1 index: 0)``.  Errors that wrap a
 lower-level failure keep it as ``__cause__`` (``raise X(...) from err``).
+
+Fatal inconsistencies found while an image is in use go through :func:`signal_corruption`
+and nowhere else (QEMU's ``qcow2_signal_corruption``).
 """
 
 from __future__ import annotations
 
 import errno as _errno
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 
 class Qcow2Error(Exception):
     """Base class of every error raised by the :mod:`qcow2` package.
 
     :ivar path: the image file concerned, if known.
+    :ivar message: the message without the path.
+    :ivar errno: the errno that best describes the error (the FUSE export and the command
+        use it); the class's default unless the constructor is given another.
     """
 
-    #: errno that best describes the error (used by the FUSE export and the CLI).
     errno: int = _errno.EIO
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
         self.path = path
         self.message = message
+        if errno is not None:
+            self.errno = errno
         super().__init__(f"{path}: {message}" if path else message)
 
 
@@ -87,6 +107,33 @@ class ReadOnlyError(Qcow2Error):
     errno = _errno.EROFS
 
 
+class EncryptionKeyError(Qcow2Error):
+    """The image is encrypted and no key, or a wrong one, was given."""
+
+    errno = _errno.EACCES
+
+    #: qemu-img's message when an encrypted image is opened for I/O without a secret.
+    MISSING_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
+    #: QEMU's message when no key slot accepts the passphrase.
+    WRONG_KEY = "Invalid password, cannot unlock any keyslot"
+
+
+class OutOfRangeError(Qcow2Error, ValueError):
+    """A request outside the virtual disk, or an invalid size argument."""
+
+    errno = _errno.EINVAL
+
+
+class RefcountRangeError(Qcow2Error):
+    """A refcount update would overflow 2**refcount_bits-1 or drop below 0.
+
+    Raised before anything is changed, so a failed multi-cluster update leaves at most
+    leaks (refcounts raised earlier by the caller), never too-low refcounts.
+    """
+
+    errno = _errno.ERANGE
+
+
 class SnapshotError(Qcow2Error):
     """A snapshot operation cannot be done (duplicate tag, refcount overflow, ...)."""
 
@@ -100,14 +147,74 @@ class SnapshotNotFoundError(SnapshotError):
 
 
 class BackingChainError(Qcow2Error):
-    """A backing file is missing, unreadable, loops back or the chain is too deep."""
+    """A backing chain that loops back to one of its images or is too deep."""
 
     errno = _errno.ENOENT
+
+
+class BackingOpenError(BackingChainError):
+    """A backing file of the chain could not be opened; ``cause`` says why.
+
+    For a deeper layer ``cause`` is itself a BackingOpenError, and the message nests like
+    QEMU's: ``Could not open backing file: Could not open backing file: ...``.
+    """
+
+    def __init__(self, image: str, backing: str, cause: Qcow2Error) -> None:
+        super().__init__(
+            f"Could not open backing file: {cause.message}", path=image, errno=cause.errno
+        )
+        #: the backing file name that failed (as resolved against ``image``'s directory)
+        self.backing = backing
+        self.cause = cause
+
+    def innermost(self) -> tuple[str, Qcow2Error]:
+        """The backing file that failed to open and why."""
+        err = self
+        while isinstance(err.cause, BackingOpenError):
+            err = err.cause
+        return err.backing, err.cause
 
 
 class Qcow2IOError(Qcow2Error):
     """The host file failed; ``errno`` is the OSError's."""
 
-    def __init__(self, message: str, *, path: str | None = None, errno: int = _errno.EIO) -> None:
-        self.errno = errno
-        super().__init__(message, path=path)
+
+class CommandError(Qcow2Error):
+    """A failure of the ``qcow2`` command, reported as ``qemu-img: <message>``.
+
+    :ivar code: the exit code.
+    :ivar end: what follows the last line (QEMU prints some hints without a newline).
+    """
+
+    def __init__(self, message: str, code: int = 1, *, end: str = "\n") -> None:
+        super().__init__(message)
+        self.code = code
+        self.end = end
+
+
+class UsageError(CommandError):
+    """A command line that does not parse; the message is qemu-img's (one line)."""
+
+
+class OptionError(CommandError):
+    """A bad ``--object`` / ``--image-opts`` argument; the text is qemu-img's message."""
+
+
+def signal_corruption(
+    message: str, *, path: str | None, offset: int | None = None, size: int | None = None
+) -> NoReturn:
+    """Report a fatal inconsistency found in an image's metadata while using it.
+
+    QEMU's ``qcow2_signal_corruption(fatal=true)``, and the only place the driver raises
+    :class:`CorruptImageError` for what it finds in use (an unaligned table or cluster
+    offset, an invalid L2 entry, a write that would hit metadata, ...).  ``Image`` then
+    stops accepting writes and drops its unwritten metadata.  Setting the image's corrupt
+    bit on disk, as QEMU does on a writable image, belongs here too (not done yet).
+    Validation while opening an image raises its own errors, as QEMU's open does.
+    """
+    raise CorruptImageError(message, path=path, offset=offset, size=size)
+
+
+def c_hex(value: int) -> str:
+    """C's ``%#x``, as QEMU's messages print numbers: ``0x``-prefixed hex, but ``0``."""
+    return f"{value:#x}" if value else "0"

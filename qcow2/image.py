@@ -18,9 +18,7 @@ from .clusters import ClusterMap, Extent, ExtentKind
 from .compress import decompress, parse_compressed_entry
 from .crypto import (
     HASHES,
-    MISSING_KEY_MESSAGE,
     DataCipher,
-    EncryptionKeyError,
     LegacyAesCipher,
     SectorCipher,
     build_luks_area,
@@ -29,11 +27,14 @@ from .crypto import (
 from .errors import (
     BackingChainError,
     CorruptImageError,
+    EncryptionKeyError,
+    OutOfRangeError,
     Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
     SnapshotError,
     UnsupportedFeatureError,
+    signal_corruption,
 )
 from .format import layout
 from .format.header import Header, HeaderExtension, read_header, write_header_fields
@@ -51,12 +52,6 @@ if TYPE_CHECKING:
 _CACHE_BYTES = 8 * 1024 * 1024
 #: Largest explicit zero buffer written at once.
 _ZERO_CHUNK = 1024 * 1024
-
-
-class OutOfRangeError(Qcow2Error, ValueError):
-    """A request outside the virtual disk, or an invalid argument."""
-
-    errno = _errno.EINVAL
 
 
 class _Backing(Protocol):
@@ -275,7 +270,7 @@ class Image:
         encrypted image."""
         self._check_open()
         if self.encrypted and self.cipher is None:
-            raise EncryptionKeyError(MISSING_KEY_MESSAGE, path=self.path)
+            raise EncryptionKeyError(EncryptionKeyError.MISSING_KEY, path=self.path)
 
     def _check_writable(self) -> None:
         self._check_io()
@@ -350,7 +345,7 @@ class Image:
             ):
                 what = "inactive L1 table"
         if what is not None:
-            raise CorruptImageError(
+            signal_corruption(
                 f"Preventing invalid write on metadata (overlaps with {what}) at {offset:#x}",
                 path=self.path,
                 offset=offset,
@@ -430,6 +425,7 @@ class Image:
             h.cluster_size,
             h.compression_type,
             where=f"at {coffset:#x}",
+            path=self.path,
         )
         self._compressed_cache = (entry, data)
         return data
@@ -831,7 +827,7 @@ def open(
     ``writable`` takes QEMU's writer locks (refused while QEMU holds the image); a
     read-only open locks like ``qemu-img info``; ``force_share`` takes no lock (``-U``).
     ``key_secret`` is the passphrase of a LUKS-encrypted image (``encrypt.key-secret``):
-    a wrong one raises :class:`~qcow2.crypto.EncryptionKeyError`; without one the image
+    a wrong one raises :class:`~qcow2.errors.EncryptionKeyError`; without one the image
     opens for ``info`` and snapshot listing, and guest I/O raises that error.
     """
     if writable and force_share:

@@ -23,9 +23,8 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from .errors import SnapshotError, UnsupportedFeatureError
+from .errors import RefcountRangeError, SnapshotError, UnsupportedFeatureError
 from .format import layout
-from .format.refcount import RefcountRangeError
 from .format.snapshot_table import (
     SnapshotEntry,
     find_snapshot,
@@ -78,9 +77,11 @@ def create_snapshot(image: Image, name: str, *, replace: bool = False) -> Snapsh
     replaced = [e for e in entries if replace and e.name == name]
     entries = [e for e in entries if not (replace and e.name == name)]
     if len(entries) >= layout.MAX_SNAPSHOTS:
-        err = SnapshotError(f"Could not create snapshot '{name}': too many snapshots")
-        err.errno = errno.EFBIG
-        raise err
+        raise SnapshotError(
+            f"Could not create snapshot '{name}': too many snapshots",
+            path=image.path,
+            errno=errno.EFBIG,
+        )
     for old in replaced:
         validate_snapshot_l1(old, cluster_size=header.cluster_size, path=image.path)
     txn = MetadataTransaction(image, "snapshot_create")
@@ -166,9 +167,9 @@ def _drop_snapshot_tree(txn: MetadataTransaction, snap: SnapshotEntry) -> None:
 
 
 def _io_failure(image: Image, what: str, err: OSError) -> SnapshotError:
-    failure = SnapshotError(f"{what}: {err.strerror or err}", path=image.path)
-    failure.errno = err.errno or errno.EIO
-    return failure
+    return SnapshotError(
+        f"{what}: {err.strerror or err}", path=image.path, errno=err.errno or errno.EIO
+    )
 
 
 # Section: reading a snapshot without applying it

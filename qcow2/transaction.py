@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING
 
 from .clusters import ClusterType, classify_l2_entry
 from .compress import parse_compressed_entry
-from .errors import CorruptImageError
+from .errors import CorruptImageError, RefcountRangeError
 from .format import layout
 from .format.header import write_header_fields
-from .format.refcount import RefcountRangeError, write_refcount
+from .format.refcount import refblock_offset, write_refcount
 from .format.snapshot_table import SnapshotEntry, serialize_snapshot_table, table_length
 from .io.fileio import fault_point
 
@@ -471,16 +471,7 @@ class MetadataTransaction:
         return table, table_offset, nclusters
 
     def _old_block(self, old_table: Sequence[int], index: int) -> int:
-        if index >= len(old_table):
-            return 0
-        offset = old_table[index] & layout.REFT_OFFSET_MASK
-        if offset % self.cluster_size:
-            raise CorruptImageError(
-                f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})",
-                path=self.image.path,
-                offset=offset,
-            )
-        return offset
+        return refblock_offset(old_table, index, self.cluster_size, path=self.image.path)
 
     def _final_refcounts(self) -> dict[int, int]:
         """The new refcount of every cluster whose refcount changes (kept for

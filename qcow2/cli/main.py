@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .parse import Arguments, Command, HelpRequested, Option, UsageError, parse
+from ..errors import CommandError
+from .parse import Arguments, Command, HelpRequested, Option, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,21 +32,11 @@ def _api() -> Any:
     return importlib.import_module("qcow2")
 
 
-class CliError(Exception):
-    """A failure reported as ``qemu-img: <message>`` with exit ``code``; ``end`` follows
-    the last line (QEMU prints some hints without a final newline)."""
-
-    def __init__(self, message: str, code: int = 1, *, end: str = "\n") -> None:
-        super().__init__(message)
-        self.code = code
-        self.end = end
-
-
 def _err(message: str) -> None:
     sys.stderr.write(f"{PROG}: {message}\n")
 
 
-def _open_error(path: str, err: BaseException) -> CliError:
+def _open_error(path: str, err: BaseException) -> CommandError:
     """qemu-img's "Could not open 'PATH': REASON" for an open failure."""
     from ..errors import ImageLockedError, Qcow2Error
 
@@ -53,19 +44,20 @@ def _open_error(path: str, err: BaseException) -> CliError:
         # QEMU prints the lock failure, then its hint on a line of its own.
         first, sep, hint = err.message.partition(". Is another process")
         if sep:
-            return CliError(f"Could not open '{path}': {first}\nIs another process{hint}")
+            return CommandError(f"Could not open '{path}': {first}\nIs another process{hint}")
     reason = err.message if isinstance(err, Qcow2Error) else str(err)
     if reason.startswith("Too much extra metadata in snapshot table entry"):
         # qemu-img's wording, then its hint line
         reason = reason.split(" (", 1)[0]
         reason += "\nYou can force-remove this extra metadata with qemu-img check -r all"
-    return CliError(f"Could not open '{path}': {reason}")
+    return CommandError(f"Could not open '{path}': {reason}")
 
 
 def _spec(args: Arguments, attr: str = "image", fmt: str | None = None) -> Any:
     """The :class:`~qcow2.cli.options.ImageSpec` of image argument ``attr`` (``--object``
     secrets and ``--image-opts`` applied; ``fmt`` overrides ``-f``)."""
-    from .options import OptionError, image_spec, parse_secrets
+    from ..errors import OptionError
+    from .options import image_spec, parse_secrets
 
     try:
         secrets = parse_secrets(getattr(args, "object", None))
@@ -76,17 +68,17 @@ def _spec(args: Arguments, attr: str = "image", fmt: str | None = None) -> Any:
             secrets=secrets,
         )
     except OptionError as err:
-        raise CliError(str(err)) from err
+        raise CommandError(str(err)) from err
 
 
 def _key(spec: Any) -> bytes | None:
     """The key of an image opened with I/O (the ``--object`` of its key-secret id)."""
-    from .options import OptionError
+    from ..errors import OptionError
 
     try:
         key: bytes | None = spec.require_key()
     except OptionError as err:
-        raise CliError(f"Could not open '{spec.arg}': {err}") from err
+        raise CommandError(f"Could not open '{spec.arg}': {err}") from err
     return key
 
 
@@ -94,9 +86,8 @@ def _key(spec: Any) -> bytes | None:
 
 
 def _cmd_info(args: Arguments) -> int:
-    from ..errors import Qcow2Error
+    from ..errors import BackingOpenError, Qcow2Error
     from ..tools.info import (
-        BackingOpenError,
         format_info_human,
         layer_info,
         open_chain,
@@ -156,12 +147,14 @@ def _cmd_check(args: Arguments) -> int:
         if spec.fmt == "raw" or (spec.fmt is None and f.pread(0, 4) != b"QFI\xfb"):
             if spec.fmt is None and args.r:
                 sys.stderr.write(_RAW_PROBE_WARNING.format(name=spec.arg))
-            raise CliError("This image format does not support checks", 63)
+            raise CommandError("This image format does not support checks", 63)
         try:
             header = read_header(f, mode="check")
             require_open_resources(f, header, _key(spec))
             for layer in open_backing(spec.path, header, force_share=args.U):
                 layer.close()  # qemu-img check opens the backing chain too
+        except CommandError:
+            raise  # no secret for the key (already worded)
         except Qcow2Error as err:
             raise _open_error(spec.arg, err) from err
         result = check_file(f, header, args.r, filename=spec.arg)
@@ -170,13 +163,13 @@ def _cmd_check(args: Arguments) -> int:
     for line in result.messages:
         sys.stderr.write(line + "\n")
     if result.error is not None:
-        raise CliError(f"Check failed: {result.error}")
+        raise CommandError(f"Check failed: {result.error}")
     if args.output == "json":
         sys.stdout.write(qemu_json(result.to_json()) + "\n")
     else:
         sys.stdout.write(_check_human(result))
     if result.check_errors:
-        raise CliError("Check failed")
+        raise CommandError("Check failed")
     return result.exit_code
 
 
@@ -236,8 +229,9 @@ def _cmd_map(args: Arguments) -> int:
     from ..tools.info import format_map_human, format_map_json, map_entries, open_chain
 
     spec = _spec(args)
+    key = _key(spec)
     try:
-        layers = open_chain(spec.path, spec.fmt, force_share=args.U, key=_key(spec))
+        layers = open_chain(spec.path, spec.fmt, force_share=args.U, key=key)
     except (Qcow2Error, OSError) as err:
         raise _open_error(spec.arg, err) from err
     try:
@@ -260,9 +254,9 @@ def _cmd_map(args: Arguments) -> int:
         text, dump_error = format_map_human(entries, complete=complete)
         sys.stdout.write(text)
         if dump_error is not None:
-            raise CliError(dump_error)
+            raise CommandError(dump_error)
     if error is not None:
-        raise CliError("Could not read file metadata: Input/output error")
+        raise CommandError("Could not read file metadata: Input/output error")
     return 0
 
 
@@ -272,15 +266,16 @@ def _cmd_map(args: Arguments) -> int:
 def _cmd_snapshot(args: Arguments) -> int:
     actions = [a for a in ("l", "c", "a", "d") if getattr(args, a)]
     if len(actions) > 1:
-        raise CliError("Cannot mix '-l', '-a', '-c', '-d'")
+        raise CommandError("Cannot mix '-l', '-a', '-c', '-d'")
     action = actions[0] if actions else "l"
     if action == "l":
         from ..errors import Qcow2Error
         from ..tools.info import format_snapshot_table, open_backing, open_layer
 
         spec = _spec(args)
+        key = _key(spec)
         try:
-            layer = open_layer(spec.path, spec.fmt, force_share=args.U, key=_key(spec))
+            layer = open_layer(spec.path, spec.fmt, force_share=args.U, key=key)
             try:
                 if layer.header is not None:
                     for below in open_backing(spec.path, layer.header, force_share=args.U):
@@ -309,15 +304,14 @@ def _cmd_snapshot(args: Arguments) -> int:
     except Qcow2Error as err:
         prefix = f"Could not {verb} snapshot '{tag}': "
         reason = _snapshot_reason(verb, err).removeprefix(prefix)  # the library's own words
-        raise CliError(prefix + reason) from err
+        raise CommandError(prefix + reason) from err
     return 0
 
 
 def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
     """``qcow2.open`` of a qcow2 image argument as qemu-img opens it for I/O: an encrypted
     image needs its key."""
-    from ..crypto import MISSING_KEY_MESSAGE
-    from ..errors import Qcow2Error
+    from ..errors import EncryptionKeyError, Qcow2Error
 
     key = _key(spec)
     try:
@@ -326,7 +320,7 @@ def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
         raise _open_error(spec.arg, err) from err
     if image.encrypted and key is None:
         image.close()
-        raise CliError(f"Could not open '{spec.arg}': {MISSING_KEY_MESSAGE}")
+        raise CommandError(f"Could not open '{spec.arg}': {EncryptionKeyError.MISSING_KEY}")
     return image
 
 
@@ -355,7 +349,7 @@ def parse_size(text: str, what: str = "image size") -> int:
 
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([bBkKmMgGtTpPeE]?)", text)
     if not match:
-        raise CliError(
+        raise CommandError(
             f"Invalid {what} specified. You may use k, M, G, T, P or E suffixes for\n"
             f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
         )
@@ -363,14 +357,14 @@ def parse_size(text: str, what: str = "image size") -> int:
     scale = _SIZE_SUFFIXES[suffix.lower()]
     if "." in number:
         if scale == 1:
-            raise CliError(
+            raise CommandError(
                 "Invalid image size specified. Must be between 0 and 9223372036854775807."
             )
         value = int(float(number) * scale)
     else:
         value = int(number) * scale
     if value >= 1 << 63:
-        raise CliError("Image size must be less than 8 EiB!")
+        raise CommandError("Image size must be less than 8 EiB!")
     return value
 
 
@@ -388,7 +382,7 @@ def _parse_options(text: list[str]) -> dict[str, str]:
 def _onoff(opts: dict[str, str], key: str) -> bool:
     value = opts.get(key, "off")
     if value not in ("on", "off", "true", "false", "yes", "no"):
-        raise CliError(f"Parameter '{key}' expects 'on' or 'off'")
+        raise CommandError(f"Parameter '{key}' expects 'on' or 'off'")
     return value in ("on", "true", "yes")
 
 
@@ -415,31 +409,31 @@ def _cmd_create(args: Arguments) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
     from ..compress import create_image
-    from ..errors import Qcow2Error
+    from ..errors import OptionError, Qcow2Error
     from ..tools.info import full_backing_filename, open_layer
-    from .options import OptionError, parse_secrets
+    from .options import parse_secrets
 
     try:
         secrets = parse_secrets(args.object)  # qemu-img creates its objects first
     except OptionError as err:
-        raise CliError(str(err)) from err
+        raise CommandError(str(err)) from err
     fmt = args.f or "raw"  # qemu-img's default format
     if fmt not in _CREATE_OPTIONS:
-        raise CliError(f"Unknown file format '{fmt}'")
+        raise CommandError(f"Unknown file format '{fmt}'")
     image = args.image
     given = _parse_options(args.o or [])
     for key in given:
         if key not in _CREATE_OPTIONS[fmt]:
-            raise CliError(f"{image}: Invalid parameter '{key}'")
+            raise CommandError(f"{image}: Invalid parameter '{key}'")
     opts = dict(given)
     backing = args.b or opts.pop("backing_file", None)
     backing_fmt = args.F or opts.pop("backing_fmt", None)
     if fmt == "raw" and backing:
-        raise CliError(f"{image}: Backing file not supported for file format 'raw'")
+        raise CommandError(f"{image}: Backing file not supported for file format 'raw'")
     size = parse_size(args.size) if args.size is not None else None
     if backing:
         if backing == image:
-            raise CliError(
+            raise CommandError(
                 f"{image}: Error: Trying to create an image with the same filename as the "
                 "backing file"
             )
@@ -448,10 +442,10 @@ def _cmd_create(args: Arguments) -> int:
             layer = open_layer(full, backing_fmt)
         except (Qcow2Error, OSError) as err:
             reason = getattr(err, "message", str(err))
-            raise CliError(f"{image}: {reason}\nCould not open backing image.") from err
+            raise CommandError(f"{image}: {reason}\nCould not open backing image.") from err
         layer.close()
         if backing_fmt is None:
-            raise CliError(
+            raise CommandError(
                 f"{image}: Backing file specified without backing format\n"
                 f"Detected format of {layer.format}.",
                 end="",
@@ -459,7 +453,7 @@ def _cmd_create(args: Arguments) -> int:
         if size is None:
             size = layer.virtual_size
     if size is None:
-        raise CliError(f"{image}: Image creation needs a size parameter")
+        raise CommandError(f"{image}: Image creation needs a size parameter")
     if fmt == "raw":
         if not args.q:
             sys.stdout.write(f"Formatting '{image}', fmt=raw size={size}\n")
@@ -467,7 +461,7 @@ def _cmd_create(args: Arguments) -> int:
             with open(image, "wb") as raw:
                 raw.truncate(-(-size // 512) * 512)
         except OSError as err:
-            raise CliError(f"{image}: Could not create '{image}': {err.strerror}") from err
+            raise CommandError(f"{image}: Could not create '{image}': {err.strerror}") from err
         return 0
     cluster_text = opts.pop("cluster_size", "65536")
     refcount_text = opts.pop("refcount_bits", "16")
@@ -496,21 +490,21 @@ def _cmd_create(args: Arguments) -> int:
         parts += [f"lazy_refcounts={'on' if lazy else 'off'}", f"refcount_bits={refcount_text}"]
         sys.stdout.write(" ".join(parts) + "\n")
     if compat not in ("0.10", "1.1", "v2", "v3"):
-        raise CliError(f"{image}: Parameter 'version' does not accept value '{compat}'")
+        raise CommandError(f"{image}: Parameter 'version' does not accept value '{compat}'")
     if compression not in ("zlib", "zstd"):
-        raise CliError(
+        raise CommandError(
             f"{image}: Parameter 'compression-type' does not accept value '{compression}'"
         )
     version = 2 if compat in ("0.10", "v2") else 3
     try:
         refcount_bits = int(refcount_text)
     except ValueError as err:
-        raise CliError(
+        raise CommandError(
             f"{image}: Parameter 'refcount_bits' expects a non-negative number below 2^64"
         ) from err
     _validate_qcow2_create(image, cluster_size, refcount_bits, version, lazy, extended_l2)
     if compression == "zstd" and version < 3:
-        raise CliError(
+        raise CommandError(
             f"{image}: Non-zlib compression type is only supported with compatibility level "
             "1.1 and above (use version=v3 or greater)"
         )
@@ -527,7 +521,7 @@ def _cmd_create(args: Arguments) -> int:
     try:
         create_image(image, size, compression_type=compression, **kwargs).close()
     except (Qcow2Error, OSError) as err:
-        raise CliError(f"{image}: {getattr(err, 'message', err)}") from err
+        raise CommandError(f"{image}: {getattr(err, 'message', err)}") from err
     return 0
 
 
@@ -540,9 +534,9 @@ def _encrypt_kwargs(
         return {}
     key_id = encrypt.get("encrypt.key-secret")
     if key_id is None:
-        raise CliError(f"{image}: Parameter 'encrypt.key-secret' is required for cipher")
+        raise CommandError(f"{image}: Parameter 'encrypt.key-secret' is required for cipher")
     if key_id not in secrets:
-        raise CliError(f"{image}: No secret with id '{key_id}'")
+        raise CommandError(f"{image}: No secret with id '{key_id}'")
     kwargs: dict[str, object] = {
         "encrypt_format": encrypt["encrypt.format"],
         "encrypt_key_secret": secrets[key_id],
@@ -558,7 +552,7 @@ def _check_iter_time(encrypt: dict[str, str], prefix: str) -> None:
     """qemu-img parses ``encrypt.iter-time`` with the options, before anything else."""
     value = encrypt.get("encrypt.iter-time")
     if value is not None and not value.removeprefix("-").isdigit():
-        raise CliError(f"{prefix}Parameter 'encrypt.iter-time' expects a number")
+        raise CommandError(f"{prefix}Parameter 'encrypt.iter-time' expects a number")
 
 
 def _validate_qcow2_create(
@@ -566,19 +560,21 @@ def _validate_qcow2_create(
 ) -> None:
     """``qcow2_co_create``'s checks, in its order and with its messages."""
     if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 * 1024 * 1024:
-        raise CliError(f"{image}: Cluster size must be a power of two between 512 and 2048k")
+        raise CommandError(f"{image}: Cluster size must be a power of two between 512 and 2048k")
     v3_hint = "compatibility level 1.1 and above (use version=v3 or greater)"
     if version < 3 and lazy:
-        raise CliError(f"{image}: Lazy refcounts only supported with {v3_hint}")
+        raise CommandError(f"{image}: Lazy refcounts only supported with {v3_hint}")
     if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
-        raise CliError(f"{image}: Refcount width must be a power of two and may not exceed 64 bits")
+        raise CommandError(
+            f"{image}: Refcount width must be a power of two and may not exceed 64 bits"
+        )
     if version < 3 and refcount_bits != 16:
-        raise CliError(
+        raise CommandError(
             f"{image}: Different refcount widths than 16 bits require compatibility level "
             "1.1 or above (use version=v3 or greater)"
         )
     if version < 3 and extl2:
-        raise CliError(f"{image}: Extended L2 entries are only supported with {v3_hint}")
+        raise CommandError(f"{image}: Extended L2 entries are only supported with {v3_hint}")
 
 
 def _cmd_resize(args: Arguments) -> int:
@@ -598,21 +594,21 @@ def _cmd_resize(args: Arguments) -> int:
         else:
             new = parse_size(text)
         if new < 0:
-            raise CliError("New image size must be positive")
+            raise CommandError("New image size must be positive")
         new = (new + 511) // 512 * 512
         if new < current and not args.shrink:
-            raise CliError(
+            raise CommandError(
                 "Use the --shrink option to perform a shrink operation.\n"
                 f"{PROG}: warning: Shrinking an image will delete all data beyond the shrunken "
                 "image's end. Before performing such an operation, make sure there is no "
                 "important data there."
             )
         if image.version < 3 and image.snapshots:
-            raise CliError("Can't resize a v2 image which has snapshots")
+            raise CommandError("Can't resize a v2 image which has snapshots")
         try:
             image.resize(new)
         except Qcow2Error as err:
-            raise CliError(err.message) from err
+            raise CommandError(err.message) from err
     sys.stdout.write("Image resized.\n")
     return 0
 
@@ -632,18 +628,18 @@ def _cmd_amend(args: Arguments) -> int:
     from ..io.lock import lock_image
 
     if not args.o:
-        raise CliError("Must specify options (-o)")
+        raise CommandError("Must specify options (-o)")
     opts = _parse_options(args.o)
     compat = opts.pop("compat", None)
     lazy = _onoff(opts, "lazy_refcounts") if "lazy_refcounts" in opts else None
     opts.pop("lazy_refcounts", None)
     if opts:
-        raise CliError(
+        raise CommandError(
             f"Invalid parameter '{next(iter(opts))}' (this tool amends compat and "
             "lazy_refcounts only)"
         )
     if compat is not None and compat not in ("0.10", "v2", "1.1", "v3"):
-        raise CliError(f"Unknown compatibility level {compat}")
+        raise CommandError(f"Unknown compatibility level {compat}")
     try:
         f = HostFile(args.image, writable=True)
     except (Qcow2Error, OSError) as err:
@@ -657,7 +653,7 @@ def _cmd_amend(args: Arguments) -> int:
         new_version = header.version if compat is None else 2 if compat in ("0.10", "v2") else 3
         change_lazy = lazy is not None and lazy != header.lazy_refcounts
         if change_lazy and lazy and new_version < 3:
-            raise CliError(_AMEND_LAZY_NEEDS_V3)
+            raise CommandError(_AMEND_LAZY_NEEDS_V3)
         try:
             if compat is not None:
                 target = 2 if compat in ("0.10", "v2") else 3
@@ -665,8 +661,10 @@ def _cmd_amend(args: Arguments) -> int:
                     _amend_version(f, header, target)
             if change_lazy and lazy is not None:
                 _amend_lazy_refcounts(f, header, lazy)
+        except CommandError:
+            raise
         except Qcow2Error as err:
-            raise CliError(f"Error while amending options: {err.message}") from err
+            raise CommandError(f"Error while amending options: {err.message}") from err
     finally:
         f.close()
     return 0
@@ -683,28 +681,28 @@ def _amend_version(f: Any, h: Any, target: int) -> None:
 
     if target == 2:
         if h.refcount_order != 4:
-            raise CliError("compat=0.10 requires refcount_bits=16")
+            raise CommandError("compat=0.10 requires refcount_bits=16")
         if h.has_data_file:
-            raise CliError("Cannot downgrade an image with a data file")
+            raise CommandError("Cannot downgrade an image with a data file")
         layer = open_layer(f.path, "qcow2")
         layer.close()
         virtual = h.size // 512 * 512
         if any(
             sn.vm_state_size > 0xFFFFFFFF or sn.virtual_size != virtual for sn in layer.snapshots
         ):
-            raise CliError("Internal snapshots prevent downgrade of image")
+            raise CommandError("Internal snapshots prevent downgrade of image")
         if h.dirty:
             repair_image_file(f, h)
         incompatible = h.incompatible_features & ~layout.INCOMPAT_COMPRESSION
         if incompatible:
-            raise CliError(
+            raise CommandError(
                 f"Cannot downgrade an image with incompatible features {incompatible:#x} set"
             )
         l1_tables = [(h.l1_table_offset, h.l1_size)]
         l1_tables += [(sn.l1_table_offset, sn.l1_size) for sn in layer.snapshots]
         compressed = _expand_zero_clusters(f, h, l1_tables)
         if h.compression_type != layout.COMPRESSION_ZLIB and compressed:
-            raise CliError(
+            raise CommandError(
                 "Cannot downgrade an image with zstd compression type and existing "
                 "compressed clusters"
             )
@@ -729,7 +727,7 @@ def _amend_lazy_refcounts(f: Any, h: Any, enable: bool) -> None:
     if h.lazy_refcounts == enable:
         return
     if h.version < 3:
-        raise CliError(_AMEND_LAZY_NEEDS_V3)
+        raise CommandError(_AMEND_LAZY_NEEDS_V3)
     if not enable and h.dirty:
         repair_image_file(f, h)
     h.compatible_features ^= layout.COMPAT_LAZY_REFCOUNTS
@@ -768,7 +766,7 @@ def _expand_zero_clusters(f: Any, h: Any, l1_tables: list[tuple[int, int]]) -> b
                 host = entry & layout.L2E_OFFSET_MASK
                 if not host:
                     if h.backing_file:
-                        raise CliError(
+                        raise CommandError(
                             "Failed to turn zero into data clusters: zero clusters over a "
                             "backing file need new clusters (not supported by this tool)"
                         )
@@ -826,12 +824,12 @@ class _Source:
             with open(path, "rb") as probe:
                 magic = probe.read(4)
         except OSError as err:
-            raise CliError(
+            raise CommandError(
                 f"Could not open '{path}': Could not open '{path}': {err.strerror}"
             ) from err
         if fmt == "raw" or (fmt is None and magic != b"QFI\xfb"):
             if snapshot is not None:
-                raise CliError(
+                raise CommandError(
                     "Failed to load snapshot: Block format 'raw' used by device '' does not "
                     + "support feature 'internal snapshots'"
                 )
@@ -859,7 +857,7 @@ class _Source:
         else:
             matches = [e for e in entries if getattr(e, kind) == key]
         if not matches:
-            raise CliError("Failed to load snapshot: Can't find snapshot")
+            raise CommandError("Failed to load snapshot: Can't find snapshot")
         view = SnapshotView(image, matches[0])
         end = view.virtual_size
 
@@ -894,7 +892,7 @@ def _cmd_compare(args: Arguments) -> int:
     try:
         a = _Source(_spec(args, "image1"), force_share=args.U)
         b = _Source(_spec(args, "image2", fmt=args.F), force_share=args.U)
-    except CliError as err:
+    except CommandError as err:
         err.code = 2
         raise
     try:
@@ -921,7 +919,7 @@ def _cmd_compare(args: Arguments) -> int:
                     return 1
         sys.stdout.write("Images are identical.\n")
         return 0
-    except CliError as err:
+    except CommandError as err:
         err.code = 2
         raise
     finally:
@@ -931,8 +929,8 @@ def _cmd_compare(args: Arguments) -> int:
 
 def _cmd_convert(args: Arguments) -> int:
     from ..compress import CompressedWriter, create_image
-    from ..errors import Qcow2Error
-    from .options import OptionError, parse_secrets
+    from ..errors import OptionError, Qcow2Error
+    from .options import parse_secrets
 
     snapshot: tuple[str, str] | None = None
     if args.l:
@@ -943,23 +941,23 @@ def _cmd_convert(args: Arguments) -> int:
             elif "snapshot.name" in opts:
                 snapshot = ("name", opts["snapshot.name"])
             else:
-                raise CliError(f"Invalid parameter '{args.l}'")
+                raise CommandError(f"Invalid parameter '{args.l}'")
         else:
             snapshot = ("any", args.l)
     out_fmt = args.O or "raw"
     if out_fmt not in ("raw", "qcow2"):
-        raise CliError(f"Unknown file format '{out_fmt}'")
+        raise CommandError(f"Unknown file format '{out_fmt}'")
     if args.c and out_fmt != "qcow2":
-        raise CliError("Compression not supported for this file format")
+        raise CommandError("Compression not supported for this file format")
     out_opts = _parse_options(args.o or [])
     out_encrypt = {key: out_opts.pop(key) for key in _ENCRYPT_OPTIONS if key in out_opts}
     _check_iter_time(out_encrypt, "")
     if args.c and "encrypt.format" in out_encrypt:
-        raise CliError("Compression and encryption not supported at the same time")
+        raise CommandError("Compression and encryption not supported at the same time")
     try:
         secrets = parse_secrets(args.object)
     except OptionError as err:
-        raise CliError(str(err)) from err
+        raise CommandError(str(err)) from err
     src = _Source(_spec(args, "src"), snapshot, force_share=args.U)
     try:
         size = src.size
@@ -989,8 +987,10 @@ def _cmd_convert(args: Arguments) -> int:
                     lazy_refcounts=_onoff(opts, "lazy_refcounts"),
                 )
                 compressed = CompressedWriter(out_image) if args.c else None
+            except CommandError:
+                raise
             except (Qcow2Error, OSError) as err:
-                raise CliError(f"{args.dst}: error while converting qcow2: {err}") from err
+                raise CommandError(f"{args.dst}: error while converting qcow2: {err}") from err
             writer = out_image.write if compressed is None else compressed.write
         pos = 0
         try:
@@ -1013,7 +1013,7 @@ def _cmd_convert(args: Arguments) -> int:
             if progress is not None:
                 progress.end()
         except Qcow2Error as err:
-            raise CliError(f"error while writing at byte {pos}: {err.message}") from err
+            raise CommandError(f"error while writing at byte {pos}: {err.message}") from err
         finally:
             if out_image is not None:
                 out_image.close()
@@ -1272,8 +1272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except HelpRequested as help_text:
             sys.stdout.write(str(help_text))
             return 0
-        except UsageError as err:
-            raise CliError(str(err)) from err
         if getattr(args, "q", False) and args.command != "snapshot":
             # -q: qemu-img's qprintf output is suppressed; findings and errors still show
             import contextlib
@@ -1282,7 +1280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 code: int = args.func(args)
         else:
             code = args.func(args)
-    except CliError as err:
+    except CommandError as err:
         # First line carries the "qemu-img:" prefix; hint lines follow verbatim.
         lines = str(err).splitlines() or [""]
         endings = ["\n"] * (len(lines) - 1) + [err.end]

@@ -12,9 +12,7 @@ Failures raise :class:`OptionError` with qemu-img's message (no ``qemu-img:`` pr
 
 from __future__ import annotations
 
-
-class OptionError(ValueError):
-    """A bad ``--object`` / ``--image-opts`` argument; the text is qemu-img's message."""
+from ..errors import OptionError
 
 
 def parse_qemu_opts(text: str, implied: str | None = None) -> list[tuple[str, str]]:

@@ -14,14 +14,12 @@ that declaration.
 
 from __future__ import annotations
 
+from ..errors import UsageError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
-
-
-class UsageError(Exception):
-    """A command line that does not parse; the message is qemu-img's (one line)."""
 
 
 class Option:

@@ -7,10 +7,9 @@ each byte for widths 1, 2 and 4.
 
 from __future__ import annotations
 
-import errno as _errno
 import struct
 
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import RefcountRangeError, c_hex, signal_corruption
 from ..io.cache import TableCache
 from ..io.fileio import HostFile, fault_point
 from . import layout
@@ -18,7 +17,7 @@ from .header import Header, write_header_fields
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, KeysView
+    from collections.abc import Callable, Iterable, KeysView, Sequence
 
 
 def read_refcount(block: bytes | bytearray | memoryview, index: int, bits: int) -> int:
@@ -46,14 +45,22 @@ def write_refcount(block: bytearray, index: int, bits: int, value: int) -> None:
     block[bit // 8] = (block[bit // 8] & ~mask) | (value << shift)
 
 
-class RefcountRangeError(Qcow2Error):
-    """A refcount update would overflow 2**refcount_bits-1 or drop below 0.
-
-    Raised before anything is changed, so a failed multi-cluster update leaves at most
-    leaks (refcounts raised earlier by the caller), never too-low refcounts.
-    """
-
-    errno = _errno.ERANGE
+def refblock_offset(
+    table: Sequence[int], index: int, cluster_size: int, *, path: str | None
+) -> int:
+    """Host offset of the refcount block the refcount table ``table`` lists at ``index``
+    (0: none, also past the table's end).  An unaligned one is a fatal corruption (QEMU's
+    "Refblock offset ... unaligned")."""
+    if index >= len(table):
+        return 0
+    offset = table[index] & layout.REFT_OFFSET_MASK
+    if offset % cluster_size:
+        signal_corruption(
+            f"Refblock offset {c_hex(offset)} unaligned (reftable index: {c_hex(index)})",
+            path=path,
+            offset=offset,
+        )
+    return offset
 
 
 class RefcountTable:
@@ -131,16 +138,7 @@ class RefcountTable:
 
     def _block_offset(self, index: int) -> int:
         """Host offset of refcount block ``index`` (0 if not allocated)."""
-        if index >= len(self.table):
-            return 0
-        offset = self.table[index] & layout.REFT_OFFSET_MASK
-        if offset % self.cluster_size:
-            raise CorruptImageError(
-                f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})",
-                path=self.file.path,
-                offset=offset,
-            )
-        return offset
+        return refblock_offset(self.table, index, self.cluster_size, path=self.file.path)
 
     def get(self, cluster_index: int) -> int:
         """Refcount of host cluster ``cluster_index`` (0 where no refblock covers it)."""

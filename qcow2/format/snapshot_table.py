@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 
 from ..errors import CorruptImageError, SnapshotError, SnapshotNotFoundError
+from .header import validate_table
 from .layout import (
     L1_ENTRY_SIZE,
     MAX_L1_BYTES,
@@ -32,7 +33,6 @@ _EXTRA_END_DISK_SIZE = 16
 _EXTRA_END_ICOUNT = 24
 #: bytes fetched per read while walking the table (keeps syscalls few, memory bounded).
 _READ_CHUNK = 64 * 1024
-_INT64_MAX = (1 << 63) - 1
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -116,39 +116,15 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def validate_table_location(
-    offset: int,
-    entries: int,
-    entry_size: int,
-    max_bytes: int,
-    *,
-    table_name: str,
-    cluster_size: int,
-    path: str | None,
-) -> None:
-    """qemu's ``qcow2_validate_table()``: size limit first, then alignment/overflow.
-
-    Raises CorruptImageError "<table_name> too large" / "<table_name> offset invalid".
-    """
-    if entries > max_bytes // entry_size:
-        raise CorruptImageError(
-            f"{table_name} too large ({entries} entries)", path=path, offset=offset
-        )
-    if _INT64_MAX - entries * entry_size < offset or offset % cluster_size:
-        raise CorruptImageError(
-            f"{table_name} offset invalid ({offset:#x})", path=path, offset=offset
-        )
-
-
 def validate_snapshot_l1(entry: SnapshotEntry, *, cluster_size: int, path: str | None) -> None:
     """The check qemu runs before using a snapshot's L1 (goto, delete, load_tmp)."""
-    validate_table_location(
+    validate_table(
+        "Snapshot L1 table",
         entry.l1_table_offset,
         entry.l1_size,
         L1_ENTRY_SIZE,
         MAX_L1_BYTES,
-        table_name="Snapshot L1 table",
-        cluster_size=cluster_size,
+        cluster_size,
         path=path,
     )
 
@@ -173,13 +149,13 @@ def read_snapshot_table(
     del version  # qemu parses v2 and v3 tables identically
     # qemu's open: more than 65536 entries is "Snapshot table too large"; the offset must be
     # cluster aligned (checked when the caller passes cluster_size).
-    validate_table_location(
+    validate_table(
+        "Snapshot table",
         offset,
         nb,
         SNAPSHOT_HEADER_STRUCT.size,
         SNAPSHOT_HEADER_STRUCT.size * MAX_SNAPSHOTS,
-        table_name="Snapshot table",
-        cluster_size=cluster_size or 1,
+        cluster_size or 1,
         path=path,
     )
     entries: list[SnapshotEntry] = []
@@ -262,9 +238,7 @@ def serialize_snapshot_table(entries: Sequence[SnapshotEntry], version: int) -> 
     """
     del version  # qemu writes the same layout for v2 and v3
     if table_length(entries) > MAX_SNAPSHOT_TABLE_BYTES:
-        err = SnapshotError("Snapshot table is too big")
-        err.errno = errno.EFBIG
-        raise err
+        raise SnapshotError("Snapshot table is too big", errno=errno.EFBIG)
     out = bytearray()
     for entry in entries:
         out += bytes(align_up(len(out), 8) - len(out))

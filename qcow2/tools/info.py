@@ -17,7 +17,14 @@ import os
 import struct
 import time
 
-from ..errors import BackingChainError, CorruptImageError, InvalidImageError, Qcow2Error
+from ..errors import (
+    BackingChainError,
+    BackingOpenError,
+    CorruptImageError,
+    InvalidImageError,
+    Qcow2Error,
+    c_hex,
+)
 from ..format import layout
 from ..format.header import read_header
 from ..format.refcount import read_refcount
@@ -283,23 +290,6 @@ def open_layer(
     except BaseException:
         f.close()
         raise
-
-
-class BackingOpenError(BackingChainError):
-    """A backing file of the chain could not be opened; ``cause`` says why (for a deeper
-    layer, ``cause`` is itself a BackingOpenError, and the message nests like QEMU's)."""
-
-    def __init__(self, image: str, backing: str, cause: Qcow2Error) -> None:
-        super().__init__(f"Could not open backing file: {cause.message}", path=image)
-        self.backing = backing
-        self.cause = cause
-
-    def innermost(self) -> tuple[str, Qcow2Error]:
-        """The backing file that failed to open and why."""
-        err = self
-        while isinstance(err.cause, BackingOpenError):
-            err = err.cause
-        return err.backing, err.cause
 
 
 def open_chain(
@@ -706,7 +696,7 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
             add(base, base + l2_span, _UNALLOCATED, None)
             continue
         if l2_offset % cs:
-            message = f"L2 table offset {_c_hex(l2_offset)} unaligned (L1 index: {_c_hex(i)})"
+            message = f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(i)})"
             err = CorruptImageError(message, path=layer.name, offset=l2_offset)
             runs.append(_Run(base, max(size, base + 1), _INVALID, None, err))
             return runs
@@ -794,7 +784,7 @@ def _entry_error(
     index: int,
 ) -> str | None:
     """The corruption ``qcow2_get_host_offset`` reports for an L2 entry, if any."""
-    where = f"(L2 offset: {_c_hex(l2_offset)}, L2 index: {_c_hex(index)})"
+    where = f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(index)})"
     if any(kind == _INVALID for _, _, kind, _ in statuses):
         return f"Invalid cluster entry found  {where}"
     if entry & layout.OFLAG_COMPRESSED:
@@ -803,7 +793,7 @@ def _entry_error(
         return f"Zero cluster entry found in pre-v3 image {where}"
     host = entry & layout.L2E_OFFSET_MASK
     if host % h.cluster_size:
-        return f"Cluster allocation offset {_c_hex(host)} unaligned {where}"
+        return f"Cluster allocation offset {c_hex(host)} unaligned {where}"
     return None
 
 
@@ -1048,10 +1038,6 @@ def _b(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _c_hex(value: int) -> str:
-    return f"{value:#x}" if value else "0"
-
-
 def format_map_human(
     entries: Sequence[MapEntry], *, complete: bool = True
 ) -> tuple[str, str | None]:
@@ -1075,8 +1061,8 @@ def format_map_human(
             return "".join(out), "File contains external, encrypted or compressed clusters."
         if curr.data and not curr.zero:
             out.append(
-                f"{_c_hex(curr.start):<16}{_c_hex(curr.length):<16}"
-                f"{_c_hex(curr.offset or 0):<16}{curr.filename}\n"
+                f"{c_hex(curr.start):<16}{c_hex(curr.length):<16}"
+                f"{c_hex(curr.offset or 0):<16}{curr.filename}\n"
             )
         if nxt is None:
             break

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import qcow2
-from qcow2.format.refcount import RefcountRangeError
+from qcow2.errors import RefcountRangeError
 from tests.helpers import need
 from tests.qcow2 import oracle
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import qcow2
-from qcow2 import crypto
+from qcow2 import crypto, errors
 from qcow2.clusters import ClusterType
 from qcow2.errors import CorruptImageError, InvalidImageError, UnsupportedFeatureError
 from qcow2.format import layout
@@ -305,13 +305,13 @@ def test_same_plaintext_differs_per_host_offset(tmp_path: Path) -> None:
 
 
 def test_wrong_key_refused_like_qemu(qemu_image: Path, tmp_path: Path) -> None:
-    with pytest.raises(crypto.EncryptionKeyError, match="Invalid password, cannot unlock any"):
+    with pytest.raises(errors.EncryptionKeyError, match="Invalid password, cannot unlock any"):
         qcow2.open(str(qemu_image), key_secret=b"wrong")
     ours = tmp_path / "ours.qcow2"
     _create_ours(ours).close()
-    with pytest.raises(crypto.EncryptionKeyError) as err:
+    with pytest.raises(errors.EncryptionKeyError) as err:
         qcow2.open(str(ours), key_secret=b"PASs")
-    assert str(err.value) == f"{ours}: {crypto.WRONG_KEY_MESSAGE}"
+    assert str(err.value) == f"{ours}: {errors.EncryptionKeyError.WRONG_KEY}"
     proc = qemu_img(
         "check",
         "--object",
@@ -339,9 +339,9 @@ def test_missing_key_allows_info_but_no_io(qemu_image: Path) -> None:
             lambda: image.check(),
         )
         for call in calls:
-            with pytest.raises(crypto.EncryptionKeyError) as err:
+            with pytest.raises(errors.EncryptionKeyError) as err:
                 call()
-            assert err.value.message == crypto.MISSING_KEY_MESSAGE
+            assert err.value.message == errors.EncryptionKeyError.MISSING_KEY
     assert qemu_image.read_bytes() == before
 
 
@@ -437,7 +437,7 @@ def test_legacy_aes_images_read_like_qemu_and_refuse_writes(tmp_path: Path) -> N
         assert image.read(1001, 3) == expected[1001:1004]
     with pytest.raises(UnsupportedFeatureError, match="can only be opened read-only"):
         qcow2.open(str(path), writable=True, key_secret=SECRET)
-    with qcow2.open(str(path)) as image, pytest.raises(crypto.EncryptionKeyError):
+    with qcow2.open(str(path)) as image, pytest.raises(errors.EncryptionKeyError):
         image.read(0, 512)
 
 
@@ -600,5 +600,5 @@ def test_unlocks_with_any_active_key_slot(qemu_image: Path) -> None:
     for secret in (SECRET, b"OTHER"):
         with qcow2.open(str(qemu_image), key_secret=secret) as image:
             assert image.read(0, SIZE) == expected
-    with pytest.raises(crypto.EncryptionKeyError):
+    with pytest.raises(errors.EncryptionKeyError):
         qcow2.open(str(qemu_image), key_secret=b"OTHER2")
