@@ -32,6 +32,7 @@ from .errors import (
 )
 from .format import layout
 from .format.header import read_header, write_header_fields
+from .format.layout import ClusterType
 from .format.refcount import RefcountTable, read_refcount, refblock_offset, write_refcount
 from .format.snapshot_table import (
     incomplete_entries,
@@ -40,6 +41,7 @@ from .format.snapshot_table import (
     table_length,
 )
 from .io.cache import TableCache
+from .l2 import L2Decoder
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -56,8 +58,7 @@ FIX_ERRORS = 2
 REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 
 _INT_MAX = (1 << 31) - 1
-_L2_BITMAP_ALL_ALLOC = layout.SUBCLUSTER_ALLOC_MASK
-_L2_BITMAP_ALL_ZEROES = layout.SUBCLUSTER_ALLOC_MASK << layout.SUBCLUSTER_ZERO_SHIFT
+_ZERO_SHIFT = layout.SUBCLUSTER_ZERO_SHIFT
 #: memoryview formats of the in-memory refcount table (not array.array: importing array
 #: imports collections.abc, milliseconds of start-up).
 _ARRAY_CODES: dict[int, Literal["B", "H", "I", "Q"]] = {
@@ -69,9 +70,6 @@ _ARRAY_CODES: dict[int, Literal["B", "H", "I", "Q"]] = {
     32: "I",
     64: "Q",
 }
-
-# Cluster types (QEMU's QCow2ClusterType).
-_UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
 
 
 class CheckResult:
@@ -245,9 +243,8 @@ class _Checker:
         self.extended_l2 = header.extended_l2
         self.l2_entry_size = header.l2_entry_size
         self.has_data_file = header.has_data_file
-        self.csize_shift = layout.compressed_shift(self.cluster_bits)
-        self.coffset_mask = layout.compressed_offset_mask(self.cluster_bits)
-        self.csize_mask = layout.compressed_sectors_mask(self.cluster_bits)
+        #: The L2 entry format: QEMU's cluster types, compressed descriptors.
+        self.decoder = L2Decoder(header, f.path)
         self.file_len = f.size()
         self.snapshots: list[SnapshotEntry] = []
         self.snapshots_offset = 0
@@ -583,14 +580,15 @@ class _Pass:
             bitmap = words[i + 1] if step == 2 else 0
             if not entry and not bitmap:
                 continue
-            ctype = self._cluster_type(entry)
-            if ctype != _COMPRESSED and entry & layout.L2E_STD_RESERVED_MASK:
+            ctype = c.decoder.cluster_type(entry)
+            if ctype != ClusterType.COMPRESSED and entry & layout.L2E_STD_RESERVED_MASK:
                 s.say(f"ERROR found l2 entry with reserved bits set: {entry:x}")
                 s.corruptions += 1
-            if ctype == _COMPRESSED:
+            if ctype == ClusterType.COMPRESSED:
+                coffset, csize = c.decoder.compressed_range(entry)
                 if entry & layout.OFLAG_COPIED:
                     s.say(
-                        f"ERROR: coffset={entry & c.coffset_mask:#x}: copied flag must never "
+                        f"ERROR: coffset={coffset:#x}: copied flag must never "
                         "be set for compressed clusters"
                     )
                     entry &= ~layout.OFLAG_COPIED
@@ -606,16 +604,13 @@ class _Pass:
                     )
                     s.corruptions += 1
                     continue
-                coffset = entry & c.coffset_mask
-                nb_sectors = ((entry >> c.csize_shift) & c.csize_mask) + 1
-                csize = nb_sectors * 512 - (coffset & 511)
                 self._count_range(s, coffset, csize)
                 s.allocated += 1
                 s.compressed += 1
                 s.fragmented += 1
-            elif ctype in (_NORMAL, _ZERO_ALLOC):
+            elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 offset = entry & layout.L2E_OFFSET_MASK
-                if (bitmap >> 32) & bitmap:
+                if (bitmap >> _ZERO_SHIFT) & bitmap:
                     s.corruptions += 1
                     s.say(
                         f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
@@ -624,7 +619,7 @@ class _Pass:
                 if offset & cs_mask:
                     s.corruptions += 1
                     if c.extended_l2:
-                        contains_data = bool(bitmap & _L2_BITMAP_ALL_ALLOC)
+                        contains_data = bool(bitmap & layout.L2_BITMAP_ALL_ALLOC)
                     else:
                         contains_data = not entry & layout.OFLAG_ZERO
                     if not contains_data:
@@ -648,7 +643,7 @@ class _Pass:
                 next_contiguous = offset + c.cluster_size
                 if not c.has_data_file:
                     self._count_range(s, offset, c.cluster_size)
-            elif ctype == _UNALLOCATED and bitmap & _L2_BITMAP_ALL_ALLOC:
+            elif ctype == ClusterType.UNALLOCATED and bitmap & layout.L2_BITMAP_ALL_ALLOC:
                 s.corruptions += 1
                 s.say("ERROR: Unallocated cluster has non-zero subcluster allocation map")
         return s, wrote
@@ -663,24 +658,12 @@ class _Pass:
         else:
             s.refs(clusters)
 
-    def _cluster_type(self, entry: int) -> int:
-        """QEMU's ``qcow2_get_cluster_type``."""
-        if entry & layout.OFLAG_COMPRESSED:
-            return _COMPRESSED
-        if entry & layout.OFLAG_ZERO and not self.c.extended_l2:
-            return _ZERO_ALLOC if entry & layout.L2E_OFFSET_MASK else _ZERO_PLAIN
-        if not entry & layout.L2E_OFFSET_MASK:
-            if self.c.has_data_file and entry & layout.OFLAG_COPIED:
-                return _NORMAL
-            return _UNALLOCATED
-        return _NORMAL
-
     def _fix_l2_entry_by_zero(self, s: _L2Summary, l2_offset: int, index: int, bitmap: int) -> bool:
         """QEMU's ``fix_l2_entry_by_zero``: make the entry ZERO_PLAIN; True on success."""
         c = self.c
         if c.extended_l2:
-            bitmap |= bitmap << 32
-            bitmap &= _L2_BITMAP_ALL_ZEROES
+            bitmap |= bitmap << _ZERO_SHIFT
+            bitmap &= layout.L2_BITMAP_ALL_ZEROES
             raw = struct.pack(">QQ", 0, bitmap)
         else:
             raw = struct.pack(">Q", layout.OFLAG_ZERO)
@@ -1115,14 +1098,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
         dirty = 0
         for j in range(0, n, step):
             entry = words[j]
-            if not entry or entry & layout.OFLAG_COMPRESSED:
-                continue
-            if entry & layout.OFLAG_ZERO and not c.extended_l2:
-                if not entry & layout.L2E_OFFSET_MASK:
-                    continue
-            elif not entry & layout.L2E_OFFSET_MASK and not (
-                c.has_data_file and entry & layout.OFLAG_COPIED
-            ):
+            if c.decoder.cluster_type(entry) not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
                 continue
             if c.has_data_file:
                 refcount = 1

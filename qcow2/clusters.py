@@ -2,9 +2,9 @@
 
 A port of the parts of QEMU's ``block/qcow2-cluster.c`` a synchronous writer needs:
 
-* :func:`classify_l2_entry` is ``qcow2_get_cluster_type``; :meth:`ClusterMap.map_range`
-  turns a guest range into extents (host data, zeros, backing file, compressed), extended
-  L2 subclusters included;
+* :meth:`ClusterMap.map_range` turns a guest range into runs (host data, zeros, backing
+  file, compressed), extended L2 subclusters included, with the one entry decoder
+  (:class:`qcow2.l2.L2Decoder`);
 * :meth:`ClusterMap.write` writes in place where the active entry has COPIED, else
   allocates new clusters (copy on write of shared, compressed and zero clusters, of the
   touched subclusters with extended L2) and COWs shared L2 tables;
@@ -19,59 +19,32 @@ refcount drops only after the reference is gone).
 
 from __future__ import annotations
 
-import enum
 import struct
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
 
-from .compress import parse_compressed_entry
-from .crypto import SECTOR_SIZE, DataCipher
-from .errors import CorruptImageError, EncryptionKeyError, Qcow2Error, UnsupportedFeatureError
+from .errors import EncryptionKeyError, Qcow2Error, UnsupportedFeatureError, signal_corruption
 from .format import layout
-from .format.header import Header, write_header_fields
-from .format.refcount import RefcountTable
-from .io.cache import TableCache
-from .io.fileio import HostFile, fault_point
+from .format.header import write_header_fields
+from .format.layout import ClusterType, SubclusterType, subcluster_range_bits
+from .io.fileio import fault_point
+from .l2 import L2Decoder
 
-#: Extended L2 bitmap with every subcluster reading as zeros / allocated.
-BITMAP_ALL_ZEROES = 0xFFFFFFFF << layout.SUBCLUSTER_ZERO_SHIFT
-BITMAP_ALL_ALLOC = layout.SUBCLUSTER_ALLOC_MASK
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from .crypto import DataCipher
+    from .format.header import Header
+    from .format.refcount import RefcountTable
+    from .io.cache import TableCache
+    from .io.fileio import HostFile
+    from .l2 import Run
 
 _U64 = struct.Struct(">Q")
-
-
-def as_buffer(data: bytes | bytearray | memoryview) -> bytes:
-    """Pass a bytes-like object to ``HostFile.pwrite`` without copying it (it only
-    needs the buffer protocol)."""
-    return cast(bytes, data)
-
-
-class ClusterType(enum.IntEnum):
-    """QEMU's ``QCow2ClusterType``."""
-
-    UNALLOCATED = 0
-    ZERO_PLAIN = 1
-    ZERO_ALLOC = 2
-    NORMAL = 3
-    COMPRESSED = 4
-
-
-class ExtentKind(enum.Enum):
-    """Where the bytes of a guest range come from."""
-
-    DATA = "data"  # host file at ``host``
-    ZERO = "zero"  # reads as zeros
-    BACKING = "backing"  # backing file (zeros without one)
-    COMPRESSED = "compressed"  # ``host`` holds the compressed L2 entry
-
-
-class Extent(NamedTuple):
-    """A guest byte range with one source; ``host`` as described by :class:`ExtentKind`."""
-
-    kind: ExtentKind
-    guest: int
-    length: int
-    host: int = 0
+_SECTOR = layout.LUKS_SECTOR_SIZE
+_ALL_ALLOC = layout.L2_BITMAP_ALL_ALLOC
+_ALL_ZEROES = layout.L2_BITMAP_ALL_ZEROES
+_ZERO_SHIFT = layout.SUBCLUSTER_ZERO_SHIFT
 
 
 class L1Table(list[int]):
@@ -84,32 +57,6 @@ class L1Table(list[int]):
     def __setitem__(self, index: Any, value: Any) -> None:
         super().__setitem__(index, value)
         self.version += 1
-
-
-def classify_l2_entry(entry: int, extended_l2: bool = False) -> ClusterType:
-    """Cluster type of an L2 entry (QEMU's ``qcow2_get_cluster_type``).
-
-    With extended L2 the zero flag (bit 0) is unused: zeros live in the bitmap.
-    """
-    if entry & layout.OFLAG_COMPRESSED:
-        return ClusterType.COMPRESSED
-    if entry & layout.OFLAG_ZERO and not extended_l2:
-        if entry & layout.L2E_OFFSET_MASK:
-            return ClusterType.ZERO_ALLOC
-        return ClusterType.ZERO_PLAIN
-    if not entry & layout.L2E_OFFSET_MASK:
-        return ClusterType.UNALLOCATED
-    return ClusterType.NORMAL
-
-
-def owns_host_cluster(cluster_type: ClusterType) -> bool:
-    """True for types holding a refcounted host cluster (``qcow2_cluster_is_allocated``)."""
-    return cluster_type in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.COMPRESSED)
-
-
-def _sc_range_bits(first: int, last: int) -> int:
-    """Allocation bits of subclusters ``first..last``."""
-    return ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
 
 
 class ClusterMap:
@@ -142,6 +89,8 @@ class ClusterMap:
         #: Data clusters are encrypted (LUKS); ``cipher`` is None while no key was given.
         self.encrypted = header.crypt_method != layout.CRYPT_NONE
         self.cipher: DataCipher | None = None
+        #: The entry format (one decoder for every reader of the tables).
+        self.decoder = L2Decoder(header, f.path)
         raw = f.pread(header.l1_table_offset, header.l1_size * layout.L1_ENTRY_SIZE)
         self.l1 = L1Table(struct.unpack(f">{header.l1_size}Q", raw))
         self._l2_offsets: tuple[int, set[int]] = (-1, set())
@@ -156,14 +105,7 @@ class ClusterMap:
         table = self.l1 if l1 is None else l1
         if l1_index >= len(table):
             return 0
-        offset = table[l1_index] & layout.L1E_OFFSET_MASK
-        if offset % self.cluster_size:
-            raise CorruptImageError(
-                f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})",
-                path=self._path(),
-                offset=offset,
-            )
-        return offset
+        return self.decoder.l2_table_offset(table[l1_index], l1_index)
 
     def l2_offsets(self) -> set[int]:
         """Host offsets of the L2 tables the active L1 points at (cached per L1 version)."""
@@ -195,16 +137,7 @@ class ClusterMap:
         """:meth:`get_entry` refusing what QEMU treats as fatal corruption before a
         change: the zero flag in a v2 image, unaligned data cluster offsets."""
         entry, bitmap = self.get_entry(table, index)
-        if entry & layout.OFLAG_COMPRESSED:
-            return entry, bitmap
-        if entry & layout.OFLAG_ZERO and not self.extended and self.header.version < 3:
-            raise CorruptImageError(
-                f"Zero cluster entry found in pre-v3 image (L2 offset: {l2_offset:#x}, "
-                f"L2 index: {index:#x})",
-                path=self._path(),
-                offset=l2_offset,
-            )
-        self._data_offset(entry, l2_offset, index)
+        self.decoder.check(entry, bitmap, l2_offset, index, bitmap_checked=False)
         return entry, bitmap
 
     def set_entry(self, table: bytearray, index: int, entry: int, bitmap: int = 0) -> None:
@@ -246,8 +179,8 @@ class ClusterMap:
         cipher = self._data_cipher()
         if cipher is None:
             return self.file.pread(host, length)
-        start = host - host % SECTOR_SIZE
-        end = layout.align_up(host + length, SECTOR_SIZE)
+        start = host - host % _SECTOR
+        end = layout.align_up(host + length, _SECTOR)
         iv_offset = (guest if cipher.guest_iv else host) - (host - start)
         plain = cipher.decrypt(iv_offset, self.file.pread(start, end - start))
         return plain[host - start : host - start + length]
@@ -257,14 +190,14 @@ class ClusterMap:
         offset on encrypted images (partial sectors merged with their old plaintext)."""
         cipher = self._data_cipher()
         if cipher is None:
-            self.file.pwrite(host, as_buffer(data))
+            self.file.pwrite(host, data)
             return
         if cipher.guest_iv:
             raise UnsupportedFeatureError(
                 "writing legacy AES encrypted images is not supported", path=self._path()
             )
-        start = host - host % SECTOR_SIZE
-        end = layout.align_up(host + len(data), SECTOR_SIZE)
+        start = host - host % _SECTOR
+        end = layout.align_up(host + len(data), _SECTOR)
         if (start, end) != (host, host + len(data)):
             merged = bytearray(self.read_data(start, end - start, start))
             merged[host - start : host - start + len(data)] = data
@@ -273,8 +206,8 @@ class ClusterMap:
 
     # Section: lookup
 
-    def lookup(self, guest_offset: int) -> tuple[ClusterType, int]:
-        """``(type, host offset of that byte)`` for a guest offset (host 0 if none;
+    def lookup(self, guest_offset: int) -> tuple[int, int]:
+        """``(ClusterType, host offset of that byte)`` for a guest offset (host 0 if none;
         compressed: the compressed data's host byte offset)."""
         cluster = guest_offset // self.cluster_size
         l1_index, l2_index = divmod(cluster, self.l2_entries)
@@ -282,112 +215,50 @@ class ClusterMap:
         if not l2_offset:
             return ClusterType.UNALLOCATED, 0
         entry, _ = self.get_entry(self.l2_table(l2_offset), l2_index)
-        ctype = classify_l2_entry(entry, self.extended)
+        ctype = self.decoder.cluster_type(entry)
         if ctype == ClusterType.COMPRESSED:
-            return ctype, parse_compressed_entry(entry, self.cluster_bits)[0]
+            return ctype, self.decoder.compressed_range(entry)[0]
         host = entry & layout.L2E_OFFSET_MASK
         return ctype, host + guest_offset % self.cluster_size if host else 0
 
-    def map_range(self, offset: int, length: int, l1: list[int] | None = None) -> list[Extent]:
-        """Extents covering guest ``[offset, offset+length)`` through ``l1`` (default: the
-        active L1), adjacent extents of one kind merged."""
-        out: list[Extent] = []
+    def map_range(self, offset: int, length: int, l1: list[int] | None = None) -> list[Run]:
+        """Runs covering guest ``[offset, offset+length)`` through ``l1`` (default: the
+        active L1), in four kinds: ``NORMAL`` (host: where the data is), ``ZERO_PLAIN``
+        (reads as zeros), ``UNALLOCATED_PLAIN`` (reads from the backing file, zeros
+        without one) and ``COMPRESSED`` (host: the L2 entry).  Adjacent runs of one kind
+        are merged (``NORMAL`` ones when contiguous on the host, ``COMPRESSED`` never)."""
+        out: list[Run] = []
         cs = self.cluster_size
         span = self.l2_entries * cs
         cur, end = offset, offset + length
-
-        def add(kind: ExtentKind, start: int, n: int, host: int = 0) -> None:
-            if out:
-                last = out[-1]
-                if (
-                    last.kind == kind
-                    and last.guest + last.length == start
-                    and kind != ExtentKind.COMPRESSED
-                    and (kind != ExtentKind.DATA or last.host + last.length == host)
-                ):
-                    out[-1] = Extent(kind, last.guest, last.length + n, last.host)
-                    return
-            out.append(Extent(kind, start, n, host))
-
         while cur < end:
             l1_index = cur // span
-            table_end = min(end, (l1_index + 1) * span)
+            base = l1_index * span
+            table_end = min(end, base + span)
             l2_offset = self.l2_offset(l1_index, l1)
             if not l2_offset:
-                add(ExtentKind.BACKING, cur, table_end - cur)
+                _merge(out, cur, table_end, SubclusterType.UNALLOCATED_PLAIN, None)
                 cur = table_end
                 continue
+            first = (cur - base) // cs
+            stop = (table_end - 1 - base) // cs + 1
             table = self.l2_table(l2_offset)
-            while cur < table_end:
-                cluster = cur // cs
-                index = cluster % self.l2_entries
-                start = cluster * cs
-                seg_end = min(table_end, start + cs)
-                entry, bitmap = self.get_entry(table, index)
-                if entry & layout.OFLAG_COMPRESSED:
-                    add(ExtentKind.COMPRESSED, cur, seg_end - cur, entry)
-                elif self.extended:
-                    self._map_subclusters(entry, bitmap, l2_offset, index, cur, seg_end, add)
-                else:
-                    host = self._data_offset(entry, l2_offset, index)
-                    if entry & layout.OFLAG_ZERO:
-                        if self.header.version < 3:
-                            raise CorruptImageError(
-                                f"Zero cluster entry found in pre-v3 image (L2 offset: "
-                                f"{l2_offset:#x}, L2 index: {index:#x})",
-                                path=self._path(),
-                                offset=l2_offset,
-                            )
-                        add(ExtentKind.ZERO, cur, seg_end - cur)
-                    elif host:
-                        add(ExtentKind.DATA, cur, seg_end - cur, host + cur - start)
-                    else:
-                        add(ExtentKind.BACKING, cur, seg_end - cur)
-                cur = seg_end
+            runs, problem = self.decoder.runs(table, l2_offset, first, stop, base)
+            if problem is not None:
+                signal_corruption(problem[0], path=self._path(), offset=problem[1])
+            for start, run_end, kind, host in runs:
+                lo, hi = max(start, cur), min(run_end, table_end)
+                if lo >= hi:
+                    continue
+                kind = _READ_KINDS[kind]
+                if kind == SubclusterType.NORMAL:
+                    assert host is not None
+                    host += lo - start
+                elif kind != SubclusterType.COMPRESSED:
+                    host = None
+                _merge(out, lo, hi, kind, host)
+            cur = table_end
         return out
-
-    def _data_offset(self, entry: int, l2_offset: int, index: int) -> int:
-        host = entry & layout.L2E_OFFSET_MASK
-        if host % self.cluster_size:
-            raise CorruptImageError(
-                f"Cluster allocation offset {host:#x} unaligned (L2 offset: {l2_offset:#x}, "
-                f"L2 index: {index:#x})",
-                path=self._path(),
-                offset=host,
-            )
-        return host
-
-    def _map_subclusters(
-        self,
-        entry: int,
-        bitmap: int,
-        l2_offset: int,
-        index: int,
-        cur: int,
-        seg_end: int,
-        add: Callable[[ExtentKind, int, int, int], None],
-    ) -> None:
-        host = self._data_offset(entry, l2_offset, index)
-        alloc = bitmap & BITMAP_ALL_ALLOC
-        zero = bitmap >> layout.SUBCLUSTER_ZERO_SHIFT
-        if alloc & zero or (alloc and not host):
-            raise CorruptImageError(
-                f"Invalid cluster entry found  (L2 offset: {l2_offset:#x}, L2 index: {index:#x})",
-                path=self._path(),
-                offset=l2_offset,
-            )
-        scs = self.subcluster_size
-        start = cur - cur % self.cluster_size
-        while cur < seg_end:
-            sc = (cur - start) // scs
-            sc_end = min(seg_end, start + (sc + 1) * scs)
-            if alloc >> sc & 1:
-                add(ExtentKind.DATA, cur, sc_end - cur, host + cur - start)
-            elif zero >> sc & 1:
-                add(ExtentKind.ZERO, cur, sc_end - cur, 0)
-            else:
-                add(ExtentKind.BACKING, cur, sc_end - cur, 0)
-            cur = sc_end
 
     # Section: L1 growth and L2 allocation
 
@@ -469,12 +340,8 @@ class ClusterMap:
 
     def free_any_cluster(self, entry: int) -> None:
         """Drop the reference an L2 entry held (QEMU's ``qcow2_free_any_cluster``)."""
-        ctype = classify_l2_entry(entry, self.extended)
-        if ctype == ClusterType.COMPRESSED:
-            coffset, csize = parse_compressed_entry(entry, self.cluster_bits)
-            self.refcounts.free(coffset, csize)
-        elif ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-            self.refcounts.free(entry & layout.L2E_OFFSET_MASK, self.cluster_size)
+        for offset, length in self.decoder.host_ranges(entry):
+            self.refcounts.free(offset, length)
 
     # Section: writes
 
@@ -531,12 +398,12 @@ class ClusterMap:
     ) -> None:
         cs = self.cluster_size
         index = cluster % self.l2_entries
-        host = self._data_offset(entry, l2_offset, index)
+        host = self.decoder.data_offset(entry, l2_offset, index)
         start = cluster * cs
         seg_start = max(offset, start)
         seg_end = min(offset + len(view), start + cs)
         seg = view[seg_start - offset : seg_end - offset]
-        ctype = classify_l2_entry(entry, self.extended)
+        ctype = self.decoder.cluster_type(entry)
         self._check_overlap(host, cs)
         if not self.extended and ctype == ClusterType.NORMAL:
             self.write_data(host + seg_start - start, seg)
@@ -550,7 +417,7 @@ class ClusterMap:
             new_entry, new_bitmap = host | layout.OFLAG_COPIED, 0
         else:
             scs = self.subcluster_size
-            alloc = bitmap & BITMAP_ALL_ALLOC
+            alloc = bitmap & _ALL_ALLOC
             first_sc = (seg_start - start) // scs
             last_sc = (seg_end - 1 - start) // scs
             fill_start, fill_end = seg_start, seg_end
@@ -564,9 +431,9 @@ class ClusterMap:
                 self.write_data(host + fill_start - start, content)
             else:
                 self.write_data(host + seg_start - start, seg)
-            bits = _sc_range_bits(first_sc, last_sc)
-            zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) & ~bits
-            new_entry, new_bitmap = entry, (alloc | bits) | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
+            bits = subcluster_range_bits(first_sc, last_sc)
+            zero = (bitmap >> _ZERO_SHIFT) & ~bits
+            new_entry, new_bitmap = entry, (alloc | bits) | (zero << _ZERO_SHIFT)
             if new_bitmap == bitmap:
                 return
         self.l2_cache.flush_before_write = True
@@ -627,15 +494,15 @@ class ClusterMap:
             new_bitmap = 0
             if self.extended:
                 if entry & layout.OFLAG_COMPRESSED:
-                    new_bitmap = BITMAP_ALL_ALLOC
+                    new_bitmap = _ALL_ALLOC
                 else:
                     start = cluster * cs
                     first_sc = (max(offset, start) - start) // self.subcluster_size
                     last_sc = (min(end, start + cs) - 1 - start) // self.subcluster_size
-                    bits = _sc_range_bits(first_sc, last_sc)
-                    alloc = bitmap & BITMAP_ALL_ALLOC if entry & layout.L2E_OFFSET_MASK else 0
-                    zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) & ~bits
-                    new_bitmap = alloc | bits | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
+                    bits = subcluster_range_bits(first_sc, last_sc)
+                    alloc = bitmap & _ALL_ALLOC if entry & layout.L2E_OFFSET_MASK else 0
+                    zero = (bitmap >> _ZERO_SHIFT) & ~bits
+                    new_bitmap = alloc | bits | (zero << _ZERO_SHIFT)
             self.set_entry(table, index, (host + k * cs) | layout.OFLAG_COPIED, new_bitmap)
         self.mark_l2_dirty(l2_offset, table)
         # The old clusters lose this reference only now (after the L2 update).
@@ -672,7 +539,7 @@ class ClusterMap:
                 self.set_entry(table, index, new_entry, new_bitmap)
                 self.mark_l2_dirty(l2_offset, table)
                 old_host = entry & layout.L2E_OFFSET_MASK
-                if owns_host_cluster(classify_l2_entry(entry, self.extended)) and (
+                if self.decoder.cluster_type(entry) in ClusterType.HOLDING_HOST and (
                     entry & layout.OFLAG_COMPRESSED
                     or new_entry & layout.L2E_OFFSET_MASK != old_host
                 ):
@@ -694,18 +561,18 @@ class ClusterMap:
                     return False
 
         def decide(entry: int, bitmap: int, lo: int, hi: int) -> tuple[int, int]:
-            ctype = classify_l2_entry(entry, self.extended)
-            drop = ctype == ClusterType.COMPRESSED or (unmap and owns_host_cluster(ctype))
+            ctype = self.decoder.cluster_type(entry)
+            drop = ctype == ClusterType.COMPRESSED or (unmap and ctype in ClusterType.HOLDING_HOST)
             new_entry = 0 if drop else entry
             if not self.extended:
                 return new_entry | layout.OFLAG_ZERO, 0
             if lo == 0 and hi == cs:
-                return new_entry, BITMAP_ALL_ZEROES
+                return new_entry, _ALL_ZEROES
             scs = self.subcluster_size
-            bits = _sc_range_bits(lo // scs, (hi - 1) // scs)
-            alloc = (bitmap & BITMAP_ALL_ALLOC) & ~bits
-            zero = (bitmap >> layout.SUBCLUSTER_ZERO_SHIFT) | bits
-            return entry, alloc | (zero << layout.SUBCLUSTER_ZERO_SHIFT)
+            bits = subcluster_range_bits(lo // scs, (hi - 1) // scs)
+            alloc = (bitmap & _ALL_ALLOC) & ~bits
+            zero = (bitmap >> _ZERO_SHIFT) | bits
+            return entry, alloc | (zero << _ZERO_SHIFT)
 
         self._update_entries(offset, length, decide)
         return True
@@ -719,9 +586,9 @@ class ClusterMap:
             del lo, hi
             if full:
                 return 0, 0
-            if has_backing or owns_host_cluster(classify_l2_entry(entry, self.extended)):
+            if has_backing or self.decoder.cluster_type(entry) in ClusterType.HOLDING_HOST:
                 if self.extended:
-                    return 0, BITMAP_ALL_ZEROES
+                    return 0, _ALL_ZEROES
                 return (layout.OFLAG_ZERO if self.header.version >= 3 else 0), 0
             return entry, bitmap
 
@@ -744,3 +611,33 @@ class ClusterMap:
             self.file.flush()
             for l2_offset in freed:
                 self.refcounts.free(l2_offset, self.cluster_size)
+
+
+#: The kind :meth:`ClusterMap.map_range` reports for each subcluster type: what a read
+#: needs to know (data, zeros, the backing file, compressed).
+_READ_KINDS = {
+    SubclusterType.NORMAL: SubclusterType.NORMAL,
+    SubclusterType.COMPRESSED: SubclusterType.COMPRESSED,
+    SubclusterType.ZERO_PLAIN: SubclusterType.ZERO_PLAIN,
+    SubclusterType.ZERO_ALLOC: SubclusterType.ZERO_PLAIN,
+    SubclusterType.UNALLOCATED_PLAIN: SubclusterType.UNALLOCATED_PLAIN,
+    SubclusterType.UNALLOCATED_ALLOC: SubclusterType.UNALLOCATED_PLAIN,
+}
+
+
+def _merge(out: list[Run], start: int, end: int, kind: int, host: int | None) -> None:
+    """Append a run to ``out``, merged into the last one where that keeps it one run."""
+    if out:
+        last_start, last_end, last_kind, last_host = out[-1]
+        if (
+            last_end == start
+            and last_kind == kind
+            and kind != SubclusterType.COMPRESSED
+            and (
+                kind != SubclusterType.NORMAL
+                or (last_host is not None and host == last_host + (last_end - last_start))
+            )
+        ):
+            out[-1] = (last_start, end, kind, last_host)
+            return
+    out.append((start, end, kind, host))

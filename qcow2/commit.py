@@ -19,16 +19,13 @@ Snapshots sharing an old L2 table keep it: it only loses the active L1's referen
 from __future__ import annotations
 
 from .format import layout
-from .transaction import MetadataTransaction, entry_host_ranges
+from .transaction import MetadataTransaction
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .image import Image
-
-#: Extended L2 bitmap for a cluster whose 32 subclusters are all allocated, none zero.
-_EXTL2_ALL_ALLOCATED = layout.SUBCLUSTER_ALLOC_MASK
 
 
 def _merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int, bytearray]:
@@ -88,11 +85,11 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
             txn.stage(data_offset, image.encrypt_data(data_offset, bytes(new_content[index])))
             pos = (index % l2_entries) * entry_size
             old_entry = int.from_bytes(table[pos : pos + 8], "big")
-            for offset, length in entry_host_ranges(image, old_entry):
+            for offset, length in image.clusters.decoder.host_ranges(old_entry):
                 txn.release(offset, length)
             table[pos : pos + 8] = data_offset.to_bytes(8, "big")
             if entry_size == layout.L2_ENTRY_SIZE_EXTENDED:
-                table[pos + 8 : pos + 16] = _EXTL2_ALL_ALLOCATED.to_bytes(8, "big")
+                table[pos + 8 : pos + 16] = layout.L2_BITMAP_ALL_ALLOC.to_bytes(8, "big")
         # Only the rewritten entries change references: the COPIED flags of the others
         # stay as they are (their clusters' refcounts do not change).
         txn.replace_l2(l1_index, table, [index % l2_entries for index in indexes])

@@ -1,10 +1,10 @@
-"""Compressed clusters: L2 descriptors, deflate / zstd codecs, and writing them.
+"""Compressed clusters: deflate / zstd codecs, and writing them.
 
 A compressed L2 entry holds a host *byte* offset and a count of additional 512-byte
 sectors (``docs/interop/qcow2.txt``).  Every host cluster touched by
 ``[coffset, coffset + csize)`` carries one reference per compressed entry.
 
-* :func:`parse_compressed_entry` / :func:`decompress`: the read side;
+* :func:`decompress`: the read side (the L2 descriptor is :class:`qcow2.l2.L2Decoder`'s);
 * :func:`compress_cluster`: QEMU's ``qcow2_co_compress``;
 * :class:`CompressedWriter`: QEMU's compressed write path (``qemu-img convert -c``);
 * :func:`create_image`: ``qcow2.create`` with a compression type other than zlib.
@@ -29,15 +29,6 @@ if TYPE_CHECKING:
 
 #: Compression type names as qemu-img spells them (``-o compression_type=``).
 COMPRESSION_TYPES = {"zlib": layout.COMPRESSION_ZLIB, "zstd": layout.COMPRESSION_ZSTD}
-
-
-def parse_compressed_entry(entry: int, cluster_bits: int) -> tuple[int, int]:
-    """``(coffset, csize)`` of a compressed L2 entry (QEMU's
-    ``qcow2_parse_compressed_l2_entry``): host byte offset and bytes to read."""
-    shift = layout.compressed_shift(cluster_bits)
-    coffset = entry & layout.compressed_offset_mask(cluster_bits)
-    nb_sectors = ((entry >> shift) & layout.compressed_sectors_mask(cluster_bits)) + 1
-    return coffset, nb_sectors * 512 - (coffset & 511)
 
 
 def decompress(
@@ -163,14 +154,12 @@ class CompressedWriter:
                 path=image.path,
             )
         coffset = self._alloc_bytes(len(packed))
-        sectors = (coffset + len(packed) - 1) // 512 - coffset // 512
         if clusters.overlap_check is not None:
             clusters.overlap_check(coffset, len(packed))
         image.file.pwrite(coffset, packed)
         # compressed clusters never carry COPIED; their refcounts are durable first
         clusters.l2_cache.set_dependency(image.refcounts.cache)
-        shift = layout.compressed_shift(h.cluster_bits)
-        clusters.set_entry(table, index, layout.OFLAG_COMPRESSED | (sectors << shift) | coffset)
+        clusters.set_entry(table, index, clusters.decoder.compressed_entry(coffset, len(packed)))
         clusters.mark_l2_dirty(l2_offset, table)
         return True
 

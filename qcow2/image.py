@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .clusters import ClusterMap, Extent, ExtentKind
-from .compress import decompress, parse_compressed_entry
+from .clusters import ClusterMap
+from .compress import decompress
 from .crypto import (
     HASHES,
     DataCipher,
@@ -38,6 +38,7 @@ from .errors import (
 )
 from .format import layout
 from .format.header import Header, HeaderExtension, read_header, write_header_fields
+from .format.layout import SubclusterType
 from .format.refcount import RefcountTable, write_refcount
 from .io.cache import TableCache
 from .io.fileio import HostFile, fault_point
@@ -46,6 +47,7 @@ from .io.lock import lock_image
 if TYPE_CHECKING:
     from .check import CheckResult
     from .format.snapshot_table import SnapshotEntry
+    from .l2 import Run
     from .snapshots import SnapshotView
 
 #: Bytes of metadata tables each cache may hold.
@@ -377,10 +379,12 @@ class Image:
         """``length`` guest bytes at ``offset`` (backing file and zeros included)."""
         self._check_io()
         self._check_range(offset, length)
-        extents = self.clusters.map_range(offset, length)
-        if len(extents) == 1 and extents[0].kind == ExtentKind.DATA:
-            return self.clusters.read_data(extents[0].host, length, offset)  # one read
-        return bytes(self._read_extents(offset, length, extents))
+        runs = self.clusters.map_range(offset, length)
+        if len(runs) == 1 and runs[0][2] == SubclusterType.NORMAL:
+            host = runs[0][3]
+            assert host is not None
+            return self.clusters.read_data(host, length, offset)  # one read
+        return bytes(self._read_runs(offset, length, runs))
 
     def read_with_l1(self, l1: list[int], offset: int, length: int) -> bytes:
         """Guest bytes as seen through another L1 table (snapshot views)."""
@@ -388,25 +392,27 @@ class Image:
         return bytes(self._read_guest(offset, length, l1))
 
     def _read_guest(self, offset: int, length: int, l1: list[int] | None = None) -> bytearray:
-        return self._read_extents(offset, length, self.clusters.map_range(offset, length, l1))
+        return self._read_runs(offset, length, self.clusters.map_range(offset, length, l1))
 
-    def _read_extents(self, offset: int, length: int, extents: list[Extent]) -> bytearray:
+    def _read_runs(self, offset: int, length: int, runs: list[Run]) -> bytearray:
+        """The guest bytes ``[offset, +length)`` that :meth:`ClusterMap.map_range` mapped
+        to ``runs``."""
         out = bytearray(length)
-        for ext in extents:
-            pos = ext.guest - offset
-            if ext.kind == ExtentKind.DATA:
-                out[pos : pos + ext.length] = self.clusters.read_data(
-                    ext.host, ext.length, ext.guest
-                )
-            elif ext.kind == ExtentKind.BACKING:
+        for start, end, kind, host in runs:
+            pos, n = start - offset, end - start
+            if kind == SubclusterType.NORMAL:
+                assert host is not None
+                out[pos : pos + n] = self.clusters.read_data(host, n, start)
+            elif kind == SubclusterType.UNALLOCATED_PLAIN:
                 backing = self.backing
-                if backing is not None and ext.guest < backing.virtual_size:
-                    n = min(ext.length, backing.virtual_size - ext.guest)
-                    out[pos : pos + n] = backing.read(ext.guest, n)
-            elif ext.kind == ExtentKind.COMPRESSED:
-                cluster = self._decompress(ext.host)
-                start = ext.guest % self.header.cluster_size
-                out[pos : pos + ext.length] = cluster[start : start + ext.length]
+                if backing is not None and start < backing.virtual_size:
+                    n = min(n, backing.virtual_size - start)
+                    out[pos : pos + n] = backing.read(start, n)
+            elif kind == SubclusterType.COMPRESSED:
+                assert host is not None
+                cluster = self._decompress(host)
+                within = start % self.header.cluster_size
+                out[pos : pos + n] = cluster[within : within + n]
         return out
 
     def _decompress(self, entry: int) -> bytes:
@@ -414,7 +420,7 @@ class Image:
         if cached is not None and cached[0] == entry:
             return cached[1]
         h = self.header
-        coffset, csize = parse_compressed_entry(entry, h.cluster_bits)
+        coffset, csize = self.clusters.decoder.compressed_range(entry)
         if coffset + csize > self.file.size() + h.cluster_size:
             raise Qcow2IOError(
                 f"compressed cluster at {coffset:#x} lies past the end of the file",
@@ -457,15 +463,15 @@ class Image:
         ``is_zero`` via block status: zero clusters, or unallocated over no backing)."""
         if length <= 0:
             return True
-        for ext in self.clusters.map_range(offset, length):
-            if ext.kind == ExtentKind.ZERO:
+        for start, end, kind, _ in self.clusters.map_range(offset, length):
+            if kind == SubclusterType.ZERO_PLAIN:
                 continue
-            if ext.kind == ExtentKind.BACKING:
+            if kind == SubclusterType.UNALLOCATED_PLAIN:
                 backing = self.backing
-                if backing is None or ext.guest >= backing.virtual_size:
+                if backing is None or start >= backing.virtual_size:
                     continue
-                n = min(ext.length, backing.virtual_size - ext.guest)
-                if backing.read(ext.guest, n).count(0) == n:
+                n = min(end - start, backing.virtual_size - start)
+                if backing.read(start, n).count(0) == n:
                     continue
             return False
         return True
@@ -522,8 +528,8 @@ class Image:
         """True if no byte of the range is host data or compressed (QEMU only zeroizes a
         partial granule whose type is unallocated or zero)."""
         return all(
-            ext.kind in (ExtentKind.ZERO, ExtentKind.BACKING)
-            for ext in self.clusters.map_range(offset, length)
+            kind in (SubclusterType.ZERO_PLAIN, SubclusterType.UNALLOCATED_PLAIN)
+            for _, _, kind, _ in self.clusters.map_range(offset, length)
         )
 
     def discard(self, offset: int, length: int) -> None:

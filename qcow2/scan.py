@@ -13,6 +13,7 @@ import struct
 
 from .errors import InvalidImageError
 from .format import layout
+from .format.layout import ClusterType
 from .image import Image
 
 _LEAK_RE = re.compile(r"^Leaked cluster (\d+) refcount=\d+ reference=0$")
@@ -62,12 +63,13 @@ def parse_l2_table(image: Image, data: bytes) -> list[int] | None:
     if header.extended_l2 or len(data) != cs:
         return None
     size = image.file.size()
+    decoder = image.clusters.decoder
     entries = list(struct.unpack(f">{cs // 8}Q", data))
     allocated = False
     for entry in entries:
         if not entry:
             continue
-        if entry & layout.OFLAG_COMPRESSED:
+        if decoder.cluster_type(entry) == ClusterType.COMPRESSED:
             allocated = True
             continue
         offset = entry & layout.L2E_OFFSET_MASK
@@ -94,9 +96,12 @@ def guest_mappings(image: Image, length: int, *, snapshots: bool = True) -> set[
         count = min(snap.l1_size, l1_entries)
         raw = image.file.pread(snap.l1_table_offset, count * layout.L1_ENTRY_SIZE)
         tables.append(list(struct.unpack(f">{count}Q", raw)))
+    decoder = image.clusters.decoder
+    holding_data = (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
     out: set[tuple[int, int]] = set()
     for l1 in tables:
         for l1_index, l1_entry in enumerate(l1):
+            # Read as stored, unvalidated: these tables may be old generations.
             l2_offset = l1_entry & layout.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -104,9 +109,8 @@ def guest_mappings(image: Image, length: int, *, snapshots: bool = True) -> set[
             for index in range(per_l2):
                 entry = words[index * step]
                 guest = (l1_index * per_l2 + index) * cs
-                host = entry & layout.L2E_OFFSET_MASK
-                if guest < length and host and not entry & layout.OFLAG_COMPRESSED:
-                    out.add((guest, host))
+                if guest < length and decoder.cluster_type(entry) in holding_data:
+                    out.add((guest, entry & layout.L2E_OFFSET_MASK))
     return out
 
 

@@ -31,9 +31,7 @@ import sys
 from collections.abc import MutableSequence, Sequence
 from typing import TYPE_CHECKING
 
-from .clusters import ClusterType, classify_l2_entry
-from .compress import parse_compressed_entry
-from .errors import CorruptImageError, RefcountRangeError
+from .errors import RefcountRangeError
 from .format import layout
 from .format.header import write_header_fields
 from .format.refcount import refblock_offset, write_refcount
@@ -47,21 +45,6 @@ _COPIED = layout.OFLAG_COPIED
 #: struct codes of the refcount widths decoded a block at a time (others entry by entry).
 _UNPACK_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _ARRAY_Q_IS_U64 = array.array("Q").itemsize == 8
-
-
-def entry_host_ranges(image: Image, entry: int) -> list[tuple[int, int]]:
-    """Host byte ranges an L2 entry holds a reference on (what refcounts count for it).
-
-    NORMAL and ZERO_ALLOC: the one cluster; COMPRESSED: the byte range of its data (each
-    host cluster it touches counts once); ZERO_PLAIN and UNALLOCATED: nothing.
-    """
-    header = image.header
-    ctype = classify_l2_entry(entry, header.extended_l2)
-    if ctype == ClusterType.COMPRESSED:
-        return [parse_compressed_entry(entry, header.cluster_bits)]
-    if ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-        return [(entry & layout.L2E_OFFSET_MASK, header.cluster_size)]
-    return []
 
 
 class MetadataTransaction:
@@ -87,6 +70,7 @@ class MetadataTransaction:
         self.cluster_bits = header.cluster_bits
         self.extended = header.extended_l2
         self.words_per_entry = header.l2_entry_size // 8
+        self.decoder = image.clusters.decoder
         self.refcounts = image.refcounts
         #: Net refcount change per host cluster index.
         self.delta: dict[int, int] = {}
@@ -238,7 +222,7 @@ class MetadataTransaction:
             for pos in range(0, len(words), self.words_per_entry):
                 entry = words[pos]
                 if entry & ~_COPIED:
-                    for offset, length in entry_host_ranges(self.image, entry):
+                    for offset, length in self.decoder.host_ranges(entry):
                         self.add(offset, length, addend)
 
     def set_active_l1(self, entries: Sequence[int]) -> None:
@@ -274,14 +258,7 @@ class MetadataTransaction:
     # Section: helpers
 
     def _l2_offset(self, l1_entry: int, index: int) -> int:
-        offset = l1_entry & layout.L1E_OFFSET_MASK
-        if offset % self.cluster_size:
-            raise CorruptImageError(
-                f"L2 table offset {offset:#x} unaligned (L1 index: {index:#x})",
-                path=self.image.path,
-                offset=offset,
-            )
-        return offset
+        return self.decoder.l2_table_offset(l1_entry, index)
 
     def _l2_words(self, l2_offset: int) -> tuple[int, ...]:
         table = self.image.l2_cache.get(l2_offset)  # read only: never modified here
@@ -296,7 +273,7 @@ class MetadataTransaction:
         """Set every COPIED flag of the L2 words (of ``entries`` only, if given) to match
         the new refcounts (``l2_offset`` names the table in errors); True if a word changed.
 
-        Inlined ``classify_l2_entry``: compressed entries never carry COPIED; an entry
+        The decoder's cluster types, inlined: compressed entries never carry COPIED; an entry
         without a host offset (unallocated, plain zero) is left as it is; NORMAL and
         ZERO_ALLOC get COPIED exactly when their cluster's new refcount is 1.
         """
@@ -314,12 +291,7 @@ class MetadataTransaction:
                 if not data:
                     continue
                 if data % cluster_size:
-                    raise CorruptImageError(
-                        f"Cluster allocation offset {data:#x} unaligned (L2 offset: "
-                        f"{l2_offset:#x}, L2 index: {pos // step:#x})",
-                        path=self.image.path,
-                        offset=data,
-                    )
+                    self.decoder.data_offset(entry, l2_offset, pos // step)  # signals it
                 want = entry & ~_COPIED
                 if self.new_refcount(data >> bits) == 1:
                     want |= _COPIED

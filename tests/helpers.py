@@ -50,10 +50,9 @@ def _holds_write_lock(path: str) -> bool:
     Probes with F_OFD_GETLK, which takes no lock: a probing qemu-img/qemu-io could win the
     race for QEMU's bytes and make the holder give up.
     """
-    from qcow2.format import layout
-    from qcow2.io.lock import F_OFD_GETLK
+    from qcow2.io.lock import F_OFD_GETLK, LOCK_PERM_BASE, PERM_WRITE_BITNR
 
-    write_byte = layout.LOCK_PERM_BASE + layout.PERM_WRITE_BITNR
+    write_byte = LOCK_PERM_BASE + PERM_WRITE_BITNR
     probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, write_byte, 1, 0)
     fd = os.open(path, os.O_RDONLY)
     try:

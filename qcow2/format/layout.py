@@ -193,10 +193,48 @@ OFLAG_ZERO: Final = 1 << 0
 L1_ENTRY_SIZE: Final = 8
 L2_ENTRY_SIZE: Final = 8
 L2_ENTRY_SIZE_EXTENDED: Final = 16
+MIN_EXTL2_CLUSTER_SIZE: Final = 16384
+
+#: Extended L2: the second word of an entry is a bitmap, bit ``n`` says subcluster ``n`` is
+#: allocated, bit ``32 + n`` that it reads as zeros (QEMU's ``QCOW_OFLAG_SUB_ALLOC`` /
+#: ``QCOW_OFLAG_SUB_ZERO``).
 SUBCLUSTERS_PER_CLUSTER: Final = 32
 SUBCLUSTER_ALLOC_MASK: Final = 0x00000000FFFFFFFF
 SUBCLUSTER_ZERO_SHIFT: Final = 32
-MIN_EXTL2_CLUSTER_SIZE: Final = 16384
+L2_BITMAP_ALL_ALLOC: Final = SUBCLUSTER_ALLOC_MASK
+L2_BITMAP_ALL_ZEROES: Final = SUBCLUSTER_ALLOC_MASK << SUBCLUSTER_ZERO_SHIFT
+
+
+def subcluster_range_bits(first: int, last: int) -> int:
+    """Bits ``first..last`` of one half of an extended L2 bitmap (QEMU's
+    ``QCOW_OFLAG_SUB_ALLOC_RANGE``; shift by :data:`SUBCLUSTER_ZERO_SHIFT` for zeros)."""
+    return ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+
+
+class ClusterType:
+    """What an L2 entry holds (QEMU's ``QCow2ClusterType``).  Plain integers rather than an
+    enum: importing ``enum`` costs the command's start-up milliseconds."""
+
+    UNALLOCATED: Final = 0
+    ZERO_PLAIN: Final = 1
+    ZERO_ALLOC: Final = 2
+    NORMAL: Final = 3
+    COMPRESSED: Final = 4
+    #: The types holding a refcounted host cluster (``qcow2_cluster_is_allocated``).
+    HOLDING_HOST: Final = frozenset({ZERO_ALLOC, NORMAL, COMPRESSED})
+
+
+class SubclusterType:
+    """What one subcluster of an L2 entry holds (QEMU's ``QCow2SubclusterType``); without
+    extended L2 the whole cluster is one subcluster."""
+
+    COMPRESSED: Final = 0
+    NORMAL: Final = 1
+    ZERO_PLAIN: Final = 2
+    ZERO_ALLOC: Final = 3
+    UNALLOCATED_PLAIN: Final = 4
+    UNALLOCATED_ALLOC: Final = 5
+    INVALID: Final = 6
 
 REFT_OFFSET_MASK: Final = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK: Final = 0x1FF
@@ -244,19 +282,6 @@ SNAPSHOT_EXTRA_SIZE: Final = SNAPSHOT_EXTRA_STRUCT.size
 #: v3 requires at least vm_state_size_large and disk_size.
 SNAPSHOT_EXTRA_MIN_V3: Final = 16
 assert SNAPSHOT_HEADER_STRUCT.size == 40 and SNAPSHOT_EXTRA_SIZE == 24
-
-# Section: image locking (QEMU's raw-posix OFD locks)
-
-#: Lock bytes: LOCK_PERM_BASE + bit for each permission held, LOCK_SHARED_BASE + bit for
-#: each permission *not* shared with others.  QEMU's BLK_PERM_* bit numbers.
-LOCK_PERM_BASE: Final = 100
-LOCK_SHARED_BASE: Final = 200
-PERM_CONSISTENT_READ_BITNR: Final = 0
-PERM_WRITE_BITNR: Final = 1
-PERM_WRITE_UNCHANGED_BITNR: Final = 2
-PERM_RESIZE_BITNR: Final = 3
-PERM_GRAPH_MOD_BITNR: Final = 4  # QEMU 7.2 still has it; never locked
-PERM_NAMES: Final = ("consistent read", "write", "write unchanged", "resize", "change children")
 
 # Section: bitmaps (read and refcount only)
 

@@ -117,8 +117,8 @@ class HostFile:
             data += bytes(length - len(data))
         return data
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        """Write all of ``data`` at ``offset``."""
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` (any bytes-like object, not copied) at ``offset``."""
         for observer in self.observers:
             observer(WriteEvent("write", offset, bytes(data)))
         self.unsynced = True

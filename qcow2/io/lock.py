@@ -18,7 +18,17 @@ import fcntl
 import struct
 
 from ..errors import ImageLockedError, Qcow2IOError
-from ..format import layout
+
+#: Lock bytes: LOCK_PERM_BASE + bit for each permission held, LOCK_SHARED_BASE + bit for
+#: each permission *not* shared with others.  QEMU's BLK_PERM_* bit numbers.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+PERM_CONSISTENT_READ_BITNR = 0
+PERM_WRITE_BITNR = 1
+PERM_WRITE_UNCHANGED_BITNR = 2
+PERM_RESIZE_BITNR = 3
+PERM_GRAPH_MOD_BITNR = 4  # QEMU 7.2 still has it; never locked
+PERM_NAMES = ("consistent read", "write", "write unchanged", "resize", "change children")
 
 #: Linux open-file-description locks (not in Python's fcntl module on every version).
 F_OFD_GETLK = 36
@@ -26,16 +36,16 @@ F_OFD_SETLK = 37
 #: struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding).
 _FLOCK = struct.Struct("hhqqi4x")
 
-PERM_CONSISTENT_READ = 1 << layout.PERM_CONSISTENT_READ_BITNR
-PERM_WRITE = 1 << layout.PERM_WRITE_BITNR
-PERM_WRITE_UNCHANGED = 1 << layout.PERM_WRITE_UNCHANGED_BITNR
-PERM_RESIZE = 1 << layout.PERM_RESIZE_BITNR
+PERM_CONSISTENT_READ = 1 << PERM_CONSISTENT_READ_BITNR
+PERM_WRITE = 1 << PERM_WRITE_BITNR
+PERM_WRITE_UNCHANGED = 1 << PERM_WRITE_UNCHANGED_BITNR
+PERM_RESIZE = 1 << PERM_RESIZE_BITNR
 #: The permission bits QEMU 7.2 locks (graph-mod is never locked).
 _LOCKED_BITS = (
-    layout.PERM_CONSISTENT_READ_BITNR,
-    layout.PERM_WRITE_BITNR,
-    layout.PERM_WRITE_UNCHANGED_BITNR,
-    layout.PERM_RESIZE_BITNR,
+    PERM_CONSISTENT_READ_BITNR,
+    PERM_WRITE_BITNR,
+    PERM_WRITE_UNCHANGED_BITNR,
+    PERM_RESIZE_BITNR,
 )
 
 #: What a QEMU writer holds / leaves shared (qemu-io, qemu-system with a writable drive).
@@ -71,16 +81,16 @@ def acquire(fd: int, path: str, *, perms: int, shared: int) -> None:
     try:
         for bit in _LOCKED_BITS:
             if perms & (1 << bit):
-                _fcntl_lock(fd, F_OFD_SETLK, fcntl.F_RDLCK, layout.LOCK_PERM_BASE + bit)
+                _fcntl_lock(fd, F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + bit)
             if not shared & (1 << bit):
-                _fcntl_lock(fd, F_OFD_SETLK, fcntl.F_RDLCK, layout.LOCK_SHARED_BASE + bit)
+                _fcntl_lock(fd, F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + bit)
         for bit in _LOCKED_BITS:
-            if perms & (1 << bit) and _is_locked_by_other(fd, layout.LOCK_SHARED_BASE + bit):
-                name = layout.PERM_NAMES[bit]
+            if perms & (1 << bit) and _is_locked_by_other(fd, LOCK_SHARED_BASE + bit):
+                name = PERM_NAMES[bit]
                 raise ImageLockedError(_lock_message(f'Failed to get "{name}" lock', path))
         for bit in _LOCKED_BITS:
-            if not shared & (1 << bit) and _is_locked_by_other(fd, layout.LOCK_PERM_BASE + bit):
-                name = layout.PERM_NAMES[bit]
+            if not shared & (1 << bit) and _is_locked_by_other(fd, LOCK_PERM_BASE + bit):
+                name = PERM_NAMES[bit]
                 raise ImageLockedError(_lock_message(f'Failed to get shared "{name}" lock', path))
     except ImageLockedError:
         release(fd)
@@ -96,7 +106,7 @@ def acquire(fd: int, path: str, *, perms: int, shared: int) -> None:
 
 def release(fd: int) -> None:
     """Drop every lock byte this file description holds (closing the fd does it too)."""
-    for base in (layout.LOCK_PERM_BASE, layout.LOCK_SHARED_BASE):
+    for base in (LOCK_PERM_BASE, LOCK_SHARED_BASE):
         for bit in _LOCKED_BITS:
             try:
                 _fcntl_lock(fd, F_OFD_SETLK, fcntl.F_UNLCK, base + bit)

@@ -24,16 +24,19 @@ from ..errors import (
     InvalidImageError,
     Qcow2Error,
     c_hex,
+    signal_corruption,
 )
 from ..format import layout
 from ..format.header import read_header
+from ..format.layout import SubclusterType
 from ..format.refcount import read_refcount
 from ..format.snapshot_table import SnapshotEntry, read_snapshot_table
 from ..io.fileio import HostFile
+from ..l2 import L2Decoder
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
     from typing import Any, Literal
 
     from ..format.header import Header
@@ -591,6 +594,16 @@ def format_info_human(info: dict[str, Any]) -> str:
 # Section: qemu-img map
 
 _DATA, _ZERO, _UNALLOCATED, _INVALID, _DATA_ZERO = 1, 2, 0, 3, 4
+_COMPRESSED = SubclusterType.COMPRESSED
+#: The map kind of each subcluster type (compressed data has no offset to show).
+_MAP_KINDS = {
+    SubclusterType.NORMAL: _DATA,
+    SubclusterType.COMPRESSED: _DATA,
+    SubclusterType.ZERO_PLAIN: _ZERO,
+    SubclusterType.ZERO_ALLOC: _ZERO,
+    SubclusterType.UNALLOCATED_PLAIN: _UNALLOCATED,
+    SubclusterType.UNALLOCATED_ALLOC: _UNALLOCATED,
+}
 
 
 class _Run:
@@ -656,21 +669,20 @@ class MapEntry:
 
 def _qcow2_runs(layer: Layer) -> list[_Run]:
     """The block status of every guest range of a qcow2 layer (QEMU's
-    ``qcow2_co_block_status``), adjacent equal statuses merged."""
+    ``qcow2_co_block_status``), adjacent equal statuses merged.  A corrupt entry ends the
+    walk with an ``_INVALID`` run to the end of the disk, which fails the query reaching it."""
     h = layer.header
     assert h is not None
     f = layer.file
+    decoder = L2Decoder(h, layer.name)
     cs = h.cluster_size
-    per_l2 = h.l2_entries
-    l2_span = cs * per_l2
+    l2_span = cs * h.l2_entries
     size = layer.virtual_size
     nb_l1 = min(h.l1_size, layout.size_to_clusters(l2_span, size))
     file_len = f.size()
     l1_raw = f.pread(h.l1_table_offset, nb_l1 * 8) if nb_l1 else b""
     l1 = struct.unpack(f">{nb_l1}Q", l1_raw)
     runs: list[_Run] = []
-    ext = h.extended_l2
-    sc_size = h.subcluster_size
     encrypted = bool(h.crypt_method)
 
     def add(start: int, end: int, kind: int, offset: int | None) -> None:
@@ -691,110 +703,31 @@ def _qcow2_runs(layer: Layer) -> list[_Run]:
 
     for i, l1_entry in enumerate(l1):
         base = i * l2_span
-        l2_offset = l1_entry & layout.L1E_OFFSET_MASK
+        try:
+            l2_offset = decoder.l2_table_offset(l1_entry, i)
+        except CorruptImageError as err:
+            runs.append(_Run(base, max(size, base + 1), _INVALID, None, err))
+            return runs
         if not l2_offset:
             add(base, base + l2_span, _UNALLOCATED, None)
             continue
-        if l2_offset % cs:
-            message = f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(i)})"
-            err = CorruptImageError(message, path=layer.name, offset=l2_offset)
-            runs.append(_Run(base, max(size, base + 1), _INVALID, None, err))
-            return runs
-        raw = f.pread(l2_offset, cs) if l2_offset < file_len else bytes(cs)
-        words = struct.unpack(f">{cs // 8}Q", raw)
-        step = 2 if ext else 1
-        in_size = min(per_l2, layout.size_to_clusters(cs, size - base))
-        j = 0
-        while j < in_size:
-            entry = words[j * step]
-            bitmap = words[j * step + 1] if ext else 0
-            start = base + j * cs
-            if not ext and _plain_entry(entry, cs):
-                # A stretch of unallocated entries, or of data clusters contiguous on the
-                # host, is one run: found in C-level slice compares, not entry by entry.
-                count = _progression_length(words, j, in_size, cs if entry else 0)
-                host = entry & layout.L2E_OFFSET_MASK
-                kind = _DATA if host else _UNALLOCATED
-                add(start, start + count * cs, kind, None if encrypted or not host else host)
-                j += count
-                continue
-            statuses = list(_entry_status(entry, bitmap, h, start, cs, sc_size))
-            problem = _entry_error(entry, statuses, h, l2_offset, j)
-            if problem is not None:
-                err = CorruptImageError(problem, path=layer.name)
+        table = f.pread(l2_offset, cs) if l2_offset < file_len else bytes(cs)
+        stop = min(h.l2_entries, layout.size_to_clusters(cs, size - base))
+        found, problem = decoder.runs(table, l2_offset, 0, stop, base)
+        for start, end, sctype, host in found:
+            kind = _MAP_KINDS[sctype]
+            add(start, end, kind, None if encrypted or sctype == _COMPRESSED else host)
+        if problem is not None:
+            start = found[-1][1] if found else base
+            try:
+                signal_corruption(problem[0], path=layer.name, offset=problem[1])
+            except CorruptImageError as err:
                 runs.append(_Run(start, max(size, start + 1), _INVALID, None, err))
-                return runs
-            for sc_start, sc_end, kind, offset in statuses:
-                add(sc_start, sc_end, kind, None if encrypted else offset)
-            j += 1
+            return runs
     add(nb_l1 * l2_span, size, _UNALLOCATED, None)
     if not encrypted and not h.has_data_file and _metadata_preallocated(layer):
         return _split_by_host_holes(layer, runs)
     return runs
-
-
-def _plain_entry(entry: int, cluster_size: int) -> bool:
-    """Whether a standard L2 entry is 0 (unallocated) or an aligned data cluster with at
-    most the COPIED flag: the entries :func:`_progression_length` may skip over."""
-    if entry == 0:
-        return True
-    host = entry & layout.L2E_OFFSET_MASK
-    return (
-        host != 0
-        and host % cluster_size == 0
-        and entry & ~(layout.L2E_OFFSET_MASK | layout.OFLAG_COPIED) == 0
-    )
-
-
-def _progression_length(words: Sequence[int], first: int, end: int, step: int) -> int:
-    """How many of ``words[first:end]`` continue ``words[first]`` by ``step`` each (≥1).
-
-    Gallops by doubling, then bisects, comparing whole slices against the progression.
-    """
-    origin = words[first]
-
-    def continues(lo: int, hi: int) -> bool:
-        expected = (
-            range(origin + lo * step, origin + hi * step, step) if step else (origin,) * (hi - lo)
-        )
-        return words[first + lo : first + hi] == tuple(expected)
-
-    good = 1  # words[first:first + good] are known to continue the progression
-    while first + good < end:
-        ahead = min(2 * good, end - first)
-        if continues(good, ahead):
-            good = ahead
-            continue
-        bad = ahead  # the mismatch is in [good, bad)
-        while bad - good > 1:
-            middle = (good + bad) // 2
-            if continues(good, middle):
-                good = middle
-            else:
-                bad = middle
-        break
-    return good
-
-
-def _entry_error(
-    entry: int,
-    statuses: list[tuple[int, int, int, int | None]],
-    h: Header,
-    l2_offset: int,
-    index: int,
-) -> str | None:
-    """The corruption ``qcow2_get_host_offset`` reports for an L2 entry, if any."""
-    where = f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(index)})"
-    if any(kind == _INVALID for _, _, kind, _ in statuses):
-        return f"Invalid cluster entry found  {where}"
-    if entry & layout.OFLAG_COMPRESSED:
-        return None
-    if h.version < 3 and entry & layout.OFLAG_ZERO:
-        return f"Zero cluster entry found in pre-v3 image {where}"
-    host = entry & layout.L2E_OFFSET_MASK
-    if host % h.cluster_size:
-        return f"Cluster allocation offset {c_hex(host)} unaligned {where}"
-    return None
 
 
 def _metadata_preallocated(layer: Layer) -> bool:
@@ -875,41 +808,6 @@ def _seek(fd: int, offset: int, whence: int, file_end: int) -> int:
         return os.lseek(fd, offset, whence)
     except OSError:
         return 1 << 62 if whence == os.SEEK_DATA else file_end
-
-
-def _entry_status(
-    entry: int, bitmap: int, h: Header, start: int, cs: int, sc_size: int
-) -> Iterator[tuple[int, int, int, int | None]]:
-    """(start, end, kind, host offset) of the (sub)clusters of one L2 entry."""
-    host = entry & layout.L2E_OFFSET_MASK
-    if entry & layout.OFLAG_COMPRESSED:
-        yield start, start + cs, _DATA, None
-        return
-    if not h.extended_l2:
-        if entry & layout.OFLAG_ZERO:
-            yield start, start + cs, _ZERO, host or None
-        elif host or (h.has_data_file and entry & layout.OFLAG_COPIED):
-            # with an external data file, offset 0 + COPIED is a real cluster at offset 0
-            yield start, start + cs, _DATA, host
-        else:
-            yield start, start + cs, _UNALLOCATED, None
-        return
-    if host:
-        if (bitmap >> 32) & bitmap:
-            yield start, start + cs, _INVALID, None
-            return
-    elif bitmap & layout.SUBCLUSTER_ALLOC_MASK:
-        yield start, start + cs, _INVALID, None
-        return
-    for sc in range(layout.SUBCLUSTERS_PER_CLUSTER):
-        s = start + sc * sc_size
-        if bitmap & (1 << (sc + 32)):
-            yield s, s + sc_size, _ZERO, (host + sc * sc_size) if host else None
-        elif host and bitmap & (1 << sc):
-            yield s, s + sc_size, _DATA, host + sc * sc_size
-        else:
-            # UNALLOCATED_ALLOC keeps a valid host offset although it reads from below.
-            yield s, s + sc_size, _UNALLOCATED, (host + sc * sc_size) if host else None
 
 
 def _raw_runs(layer: Layer) -> list[_Run]:

@@ -20,9 +20,9 @@ import pytest
 
 import qcow2
 from qcow2 import crypto, errors
-from qcow2.clusters import ClusterType
 from qcow2.errors import CorruptImageError, InvalidImageError, UnsupportedFeatureError
 from qcow2.format import layout
+from qcow2.format.layout import ClusterType
 from tests.helpers import need
 from tests.qcow2.oracle import OracleError, qemu_img
 
