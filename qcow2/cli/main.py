@@ -615,17 +615,13 @@ def _cmd_resize(args: Arguments) -> int:
 
 # Section: amend (compat and lazy_refcounts)
 
-_AMEND_LAZY_NEEDS_V3 = (
-    "Lazy refcounts only supported with compatibility level 1.1 and above "
-    "(use compat=1.1 or greater)"
-)
-
 
 def _cmd_amend(args: Arguments) -> int:
-    from ..errors import Qcow2Error
+    from ..errors import Qcow2Error, UnsupportedFeatureError
     from ..format.header import read_header
     from ..io.fileio import HostFile
     from ..io.lock import lock_image
+    from ..tools.amend import amend_image
 
     if not args.o:
         raise CommandError("Must specify options (-o)")
@@ -640,6 +636,7 @@ def _cmd_amend(args: Arguments) -> int:
         )
     if compat is not None and compat not in ("0.10", "v2", "1.1", "v3"):
         raise CommandError(f"Unknown compatibility level {compat}")
+    version = None if compat is None else 2 if compat in ("0.10", "v2") else 3
     try:
         f = HostFile(args.image, writable=True)
     except (Qcow2Error, OSError) as err:
@@ -650,157 +647,15 @@ def _cmd_amend(args: Arguments) -> int:
             header = read_header(f, writable=True)
         except Qcow2Error as err:
             raise _open_error(args.image, err) from err
-        new_version = header.version if compat is None else 2 if compat in ("0.10", "v2") else 3
-        change_lazy = lazy is not None and lazy != header.lazy_refcounts
-        if change_lazy and lazy and new_version < 3:
-            raise CommandError(_AMEND_LAZY_NEEDS_V3)
         try:
-            if compat is not None:
-                target = 2 if compat in ("0.10", "v2") else 3
-                if target != header.version:
-                    _amend_version(f, header, target)
-            if change_lazy and lazy is not None:
-                _amend_lazy_refcounts(f, header, lazy)
-        except CommandError:
-            raise
+            amend_image(f, header, version=version, lazy_refcounts=lazy)
+        except UnsupportedFeatureError as err:
+            raise CommandError(err.message) from err  # QEMU's refusal, as it words it
         except Qcow2Error as err:
             raise CommandError(f"Error while amending options: {err.message}") from err
     finally:
         f.close()
     return 0
-
-
-def _amend_version(f: Any, h: Any, target: int) -> None:
-    """QEMU's version switch in ``qcow2_amend_options``: an upgrade rewrites the header;
-    a downgrade (``qcow2_downgrade``) first refuses what v2 cannot hold and turns zero
-    clusters into data clusters (zero-filled) or, without a backing file, holes."""
-    from ..check import repair_image_file
-    from ..format import layout
-    from ..format.header import rewrite_cluster0
-    from ..tools.info import open_layer
-
-    if target == 2:
-        if h.refcount_order != 4:
-            raise CommandError("compat=0.10 requires refcount_bits=16")
-        if h.has_data_file:
-            raise CommandError("Cannot downgrade an image with a data file")
-        layer = open_layer(f.path, "qcow2")
-        layer.close()
-        virtual = h.size // 512 * 512
-        if any(
-            sn.vm_state_size > 0xFFFFFFFF or sn.virtual_size != virtual for sn in layer.snapshots
-        ):
-            raise CommandError("Internal snapshots prevent downgrade of image")
-        if h.dirty:
-            repair_image_file(f, h)
-        incompatible = h.incompatible_features & ~layout.INCOMPAT_COMPRESSION
-        if incompatible:
-            raise CommandError(
-                f"Cannot downgrade an image with incompatible features {incompatible:#x} set"
-            )
-        l1_tables = [(h.l1_table_offset, h.l1_size)]
-        l1_tables += [(sn.l1_table_offset, sn.l1_size) for sn in layer.snapshots]
-        compressed = _expand_zero_clusters(f, h, l1_tables)
-        if h.compression_type != layout.COMPRESSION_ZLIB and compressed:
-            raise CommandError(
-                "Cannot downgrade an image with zstd compression type and existing "
-                "compressed clusters"
-            )
-        h.compatible_features = 0
-        h.autoclear_features = 0
-        h.incompatible_features = 0
-        h.compression_type = layout.COMPRESSION_ZLIB
-    h.version = target
-    if target == 3:
-        h.header_length = layout.HEADER_V3_LENGTH
-        h.refcount_order = 4
-    rewrite_cluster0(f, h)
-
-
-def _amend_lazy_refcounts(f: Any, h: Any, enable: bool) -> None:
-    """QEMU's lazy_refcounts amend: set or clear compatible bit 0 (a dirty image is
-    repaired first when lazy refcounts are switched off)."""
-    from ..check import repair_image_file
-    from ..format import layout
-    from ..format.header import rewrite_cluster0
-
-    if h.lazy_refcounts == enable:
-        return
-    if h.version < 3:
-        raise CommandError(_AMEND_LAZY_NEEDS_V3)
-    if not enable and h.dirty:
-        repair_image_file(f, h)
-    h.compatible_features ^= layout.COMPAT_LAZY_REFCOUNTS
-    rewrite_cluster0(f, h)
-
-
-def _expand_zero_clusters(f: Any, h: Any, l1_tables: list[tuple[int, int]]) -> bool:
-    """QEMU's ``qcow2_expand_zero_clusters`` for what needs no allocation: zero clusters
-    that own a host cluster get zeros written there; plain zero clusters of an image
-    without backing file become unallocated.  Returns whether compressed clusters exist."""
-    import struct
-
-    from ..format import layout
-
-    cs = h.cluster_size
-    n = cs // 8
-    done: set[int] = set()
-    compressed = False
-    refcounts = _refcount_reader(f, h)
-    for l1_offset, l1_size in l1_tables:
-        l1 = struct.unpack(f">{l1_size}Q", f.pread(l1_offset, l1_size * 8)) if l1_size else ()
-        for l1_entry in l1:
-            l2_offset = l1_entry & layout.L1E_OFFSET_MASK
-            if not l2_offset or l2_offset in done:
-                continue
-            done.add(l2_offset)
-            words = list(struct.unpack(f">{n}Q", f.pread(l2_offset, cs)))
-            shared = refcounts(l2_offset // cs) > 1
-            dirty = False
-            for j, entry in enumerate(words):
-                if entry & layout.OFLAG_COMPRESSED:
-                    compressed = True
-                    continue
-                if not entry & layout.OFLAG_ZERO:
-                    continue
-                host = entry & layout.L2E_OFFSET_MASK
-                if not host:
-                    if h.backing_file:
-                        raise CommandError(
-                            "Failed to turn zero into data clusters: zero clusters over a "
-                            "backing file need new clusters (not supported by this tool)"
-                        )
-                    words[j] = 0
-                else:
-                    f.pwrite(host, bytes(cs))
-                    words[j] = host if shared else host | layout.OFLAG_COPIED
-                dirty = True
-            if dirty:
-                f.flush()
-                f.pwrite(l2_offset, struct.pack(f">{n}Q", *words))
-    f.flush()
-    return compressed
-
-
-def _refcount_reader(f: Any, h: Any) -> Callable[[int], int]:
-    """Stored refcount of a host cluster (read-only helper for amend)."""
-    import struct
-
-    from ..format import layout
-    from ..format.refcount import read_refcount
-
-    table_bytes = f.pread(h.refcount_table_offset, h.refcount_table_entries * 8)
-    table = struct.unpack(f">{h.refcount_table_entries}Q", table_bytes)
-    per_block = h.cluster_size * 8 // h.refcount_bits
-
-    def get(cluster: int) -> int:
-        index = cluster // per_block
-        if index >= len(table) or not table[index] & layout.REFT_OFFSET_MASK:
-            return 0
-        block = f.pread(table[index] & layout.REFT_OFFSET_MASK, h.cluster_size)
-        return read_refcount(block, cluster % per_block, h.refcount_bits)
-
-    return get
 
 
 # Section: compare / convert (guest content)

@@ -1,1 +1,2 @@
-"""What qemu-img does on top of an image: ``info``, ``map`` and their QEMU JSON output."""
+"""What qemu-img does on top of an image: ``info``, ``map`` and their QEMU JSON output,
+``amend`` (compat level, lazy refcounts, zero-cluster expansion)."""

@@ -1,0 +1,165 @@
+"""``qemu-img amend`` for the options this tool changes: the compat level and lazy refcounts.
+
+QEMU's ``qcow2_amend_options`` (``block/qcow2.c``) for ``compat`` and ``lazy_refcounts``:
+an upgrade to 1.1 rewrites the header; a downgrade to 0.10 (``qcow2_downgrade``) first
+refuses what version 2 cannot hold, then turns zero clusters into what version 2 can
+(``qcow2_expand_zero_clusters``, for the cases that need no allocation).  The image is
+worked on as an open host file and its header, like ``check``: amend runs on images that
+``qcow2.open`` would repair or refuse first.
+
+A refusal raises :class:`~qcow2.errors.UnsupportedFeatureError` with QEMU's message; other
+failures are the package's usual errors.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..check import repair_image_file
+from ..errors import UnsupportedFeatureError
+from ..format import layout
+from ..format.header import rewrite_cluster0
+from ..format.layout import ClusterType
+from ..format.refcount import RefcountTable
+from ..format.snapshot_table import read_snapshot_table
+from ..io.cache import TableCache
+from ..l2 import L2Decoder
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..format.header import Header
+    from ..io.fileio import HostFile
+
+#: QEMU's refusal of lazy refcounts below compat 1.1.
+LAZY_REFCOUNTS_NEED_V3 = (
+    "Lazy refcounts only supported with compatibility level 1.1 and above "
+    "(use compat=1.1 or greater)"
+)
+
+
+def amend_image(
+    f: HostFile, header: Header, *, version: int | None = None, lazy_refcounts: bool | None = None
+) -> None:
+    """Amend the image open (writable, locked) as ``f`` whose header is ``header``:
+    switch to qcow2 ``version`` (2 or 3) and turn lazy refcounts on or off (None: keep).
+    ``header`` follows the image."""
+    target = header.version if version is None else version
+    change_lazy = lazy_refcounts is not None and lazy_refcounts != header.lazy_refcounts
+    if change_lazy and lazy_refcounts and target < 3:
+        raise UnsupportedFeatureError(LAZY_REFCOUNTS_NEED_V3, path=f.path)
+    if target != header.version:
+        _switch_version(f, header, target)
+    if change_lazy and lazy_refcounts is not None:
+        _switch_lazy_refcounts(f, header, lazy_refcounts)
+
+
+def _switch_version(f: HostFile, h: Header, target: int) -> None:
+    """QEMU's version switch in ``qcow2_amend_options``: an upgrade rewrites the header;
+    a downgrade (``qcow2_downgrade``) first refuses what v2 cannot hold and turns zero
+    clusters into data clusters (zero-filled) or, without a backing file, holes."""
+    if target == 2:
+        if h.refcount_order != 4:
+            raise UnsupportedFeatureError("compat=0.10 requires refcount_bits=16", path=f.path)
+        if h.has_data_file:
+            raise UnsupportedFeatureError("Cannot downgrade an image with a data file", path=f.path)
+        virtual = h.size // 512 * 512
+        snapshots = read_snapshot_table(
+            f,
+            h.snapshots_offset,
+            h.nb_snapshots,
+            path=f.path,
+            version=h.version,
+            virtual_size=virtual,
+            cluster_size=h.cluster_size,
+        )
+        if any(sn.vm_state_size > 0xFFFFFFFF or sn.virtual_size != virtual for sn in snapshots):
+            raise UnsupportedFeatureError(
+                "Internal snapshots prevent downgrade of image", path=f.path
+            )
+        if h.dirty:
+            repair_image_file(f, h)
+        incompatible = h.incompatible_features & ~layout.INCOMPAT_COMPRESSION
+        if incompatible:
+            raise UnsupportedFeatureError(
+                f"Cannot downgrade an image with incompatible features {incompatible:#x} set",
+                path=f.path,
+                bits=incompatible,
+            )
+        l1_tables = [(h.l1_table_offset, h.l1_size)]
+        l1_tables += [(sn.l1_table_offset, sn.l1_size) for sn in snapshots]
+        compressed = expand_zero_clusters(f, h, l1_tables)
+        if h.compression_type != layout.COMPRESSION_ZLIB and compressed:
+            raise UnsupportedFeatureError(
+                "Cannot downgrade an image with zstd compression type and existing "
+                "compressed clusters",
+                path=f.path,
+            )
+        h.compatible_features = 0
+        h.autoclear_features = 0
+        h.incompatible_features = 0
+        h.compression_type = layout.COMPRESSION_ZLIB
+    h.version = target
+    if target == 3:
+        h.header_length = layout.HEADER_V3_LENGTH
+        h.refcount_order = 4
+    rewrite_cluster0(f, h)
+
+
+def _switch_lazy_refcounts(f: HostFile, h: Header, enable: bool) -> None:
+    """QEMU's lazy_refcounts amend: set or clear compatible bit 0 (a dirty image is
+    repaired first when lazy refcounts are switched off)."""
+    if h.lazy_refcounts == enable:
+        return
+    if h.version < 3:
+        raise UnsupportedFeatureError(LAZY_REFCOUNTS_NEED_V3, path=f.path)
+    if not enable and h.dirty:
+        repair_image_file(f, h)
+    h.compatible_features ^= layout.COMPAT_LAZY_REFCOUNTS
+    rewrite_cluster0(f, h)
+
+
+def expand_zero_clusters(f: HostFile, h: Header, l1_tables: list[tuple[int, int]]) -> bool:
+    """QEMU's ``qcow2_expand_zero_clusters`` for what needs no allocation, over the L1
+    tables ``(offset, entries)``: zero clusters that own a host cluster get zeros written
+    there; plain zero clusters of an image without backing file become unallocated.
+    Returns whether compressed clusters exist.  Standard (not extended) L2 entries only:
+    a downgrade refuses extended L2 before."""
+    cs = h.cluster_size
+    n = cs // 8
+    decoder = L2Decoder(h, f.path)
+    refcounts = RefcountTable(f, h, TableCache(f, cs, 16, "refblock"))
+    done: set[int] = set()
+    compressed = False
+    for l1_offset, l1_size in l1_tables:
+        l1 = struct.unpack(f">{l1_size}Q", f.pread(l1_offset, l1_size * 8)) if l1_size else ()
+        for l1_index, l1_entry in enumerate(l1):
+            l2_offset = decoder.l2_table_offset(l1_entry, l1_index)
+            if not l2_offset or l2_offset in done:
+                continue
+            done.add(l2_offset)
+            words = list(struct.unpack(f">{n}Q", f.pread(l2_offset, cs)))
+            shared = refcounts.get(l2_offset // cs) > 1
+            dirty = False
+            for j, entry in enumerate(words):
+                ctype = decoder.cluster_type(entry)
+                if ctype == ClusterType.COMPRESSED:
+                    compressed = True
+                elif ctype == ClusterType.ZERO_PLAIN:
+                    if h.backing_file:
+                        raise UnsupportedFeatureError(
+                            "Failed to turn zero into data clusters: zero clusters over a "
+                            "backing file need new clusters (not supported by this tool)",
+                            path=f.path,
+                        )
+                    words[j] = 0
+                    dirty = True
+                elif ctype == ClusterType.ZERO_ALLOC:
+                    host = entry & layout.L2E_OFFSET_MASK
+                    f.pwrite(host, bytes(cs))
+                    words[j] = host if shared else host | layout.OFLAG_COPIED
+                    dirty = True
+            if dirty:
+                f.flush()
+                f.pwrite(l2_offset, struct.pack(f">{n}Q", *words))
+    f.flush()
+    return compressed
