@@ -6,14 +6,13 @@ sectors (``docs/interop/qcow2.txt``).  Every host cluster touched by
 
 * :func:`decompress`: the read side (the L2 descriptor is :class:`qcow2.l2.L2Decoder`'s);
 * :func:`compress_cluster`: QEMU's ``qcow2_co_compress``;
-* :class:`CompressedWriter`: QEMU's compressed write path (``qemu-img convert -c``);
-* :func:`create_image`: ``qcow2.create`` with a compression type other than zlib.
+* :class:`CompressedWriter`: QEMU's compressed write path (``qemu-img convert -c``).
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import (
     InvalidImageError,
@@ -26,9 +25,6 @@ from .format import layout
 
 if TYPE_CHECKING:
     from .image import Image
-
-#: Compression type names as qemu-img spells them (``-o compression_type=``).
-COMPRESSION_TYPES = {"zlib": layout.COMPRESSION_ZLIB, "zstd": layout.COMPRESSION_ZSTD}
 
 
 def decompress(
@@ -192,56 +188,3 @@ class CompressedWriter:
         size = f.size()
         if size % 512:
             f.truncate(layout.align_up(size, 512))
-
-
-def create_image(path: str, size: int, *, compression_type: str = "zlib", **options: Any) -> Image:
-    """:func:`qcow2.create` with qemu-img's ``compression_type`` option: a zstd image is
-    created empty, then its header switches to zstd (no cluster is compressed yet, so only
-    the compression type field and its incompatible bit change).  ``options`` are
-    ``qcow2.create``'s; the image is returned open for writing."""
-    from .image import create, open
-
-    if compression_type not in COMPRESSION_TYPES:
-        raise InvalidImageError(
-            f"Parameter 'compression-type' does not accept value '{compression_type}'"
-        )
-    ctype = COMPRESSION_TYPES[compression_type]
-    if ctype != layout.COMPRESSION_ZLIB and options.get("version", 3) < 3:
-        raise InvalidImageError(
-            "Non-zlib compression type is only supported with compatibility level 1.1 and "
-            "above (use version=v3 or greater)"
-        )
-    image = create(path, size, **options)
-    if ctype == layout.COMPRESSION_ZLIB:
-        return image
-    image.close()
-    _switch_empty_image_compression(path, ctype)
-    return open(path, writable=True, key_secret=options.get("encrypt_key_secret"))
-
-
-def _switch_empty_image_compression(path: str, compression_type: int) -> None:
-    """Set the compression type of an image without data (refused otherwise)."""
-    from .format.header import read_header, write_header_fields
-    from .io.fileio import HostFile
-
-    f = HostFile(path, writable=True)
-    try:
-        h = read_header(f, writable=True)
-        l1 = f.pread(h.l1_table_offset, h.l1_size * layout.L1_ENTRY_SIZE)
-        if h.version < 3 or h.nb_snapshots or l1.count(0) != len(l1):
-            raise InvalidImageError(
-                "the compression type can only be changed on an empty v3 image", path=path
-            )
-        # the type and its incompatible bit in one write (either alone is refused on open)
-        write_header_fields(
-            f,
-            incompatible_features=h.incompatible_features | layout.INCOMPAT_COMPRESSION,
-            compatible_features=h.compatible_features,
-            autoclear_features=h.autoclear_features,
-            refcount_order=h.refcount_order,
-            header_length=h.header_length,
-            compression_type=compression_type,
-        )
-        f.flush()
-    finally:
-        f.close()

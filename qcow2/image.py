@@ -28,6 +28,7 @@ from .errors import (
     BackingChainError,
     CorruptImageError,
     EncryptionKeyError,
+    InvalidImageError,
     OutOfRangeError,
     Qcow2Error,
     Qcow2IOError,
@@ -864,14 +865,17 @@ def create(
     encrypt_format: str = "luks",
     encrypt_iter_time: int = 2000,
     encrypt_hash: str = "sha256",
+    compression_type: str = "zlib",
 ) -> Image:
     """Create an image with QEMU 7.2's fresh layout (header, reftable, refblock, L1 in
     clusters 0..3) and return it open for writing.
 
     With ``encrypt_key_secret`` the image is LUKS encrypted like ``qemu-img create -o
     encrypt.format=luks,encrypt.key-secret=...,encrypt.iter-time=MS,encrypt.hash-alg=H``
-    (aes-256-xts-plain64, one key slot; the LUKS area follows the L1 table)."""
+    (aes-256-xts-plain64, one key slot; the LUKS area follows the L1 table).
+    ``compression_type`` is qemu-img's option of that name: "zlib" or "zstd" (version 3)."""
     path = os.fspath(path)
+    compression = _compression_type(compression_type, version)
     if encrypt_key_secret is not None and encrypt_format != "luks":
         raise UnsupportedFeatureError(
             f"encrypt.format {encrypt_format!r} is not supported (only 'luks')", path=path
@@ -956,7 +960,9 @@ def create(
         header_length=layout.HEADER_V3_LENGTH if version >= 3 else layout.HEADER_V2_LENGTH,
         refcount_table_offset=cluster_size,
         refcount_table_clusters=1,
-        incompatible_features=layout.INCOMPAT_EXTL2 if extended_l2 else 0,
+        incompatible_features=(layout.INCOMPAT_EXTL2 if extended_l2 else 0)
+        | (layout.INCOMPAT_COMPRESSION if compression != layout.COMPRESSION_ZLIB else 0),
+        compression_type=compression,
         backing_file=backing_file or None,
         backing_format=backing_format if backing_file else None,
     )
@@ -1003,6 +1009,20 @@ def create(
         image.close()
         raise
     return image
+
+
+def _compression_type(name: str, version: int) -> int:
+    """The ``compression_type`` header value qemu-img's option ``name`` stands for,
+    refused with qemu-img's messages where it does not apply."""
+    value = {known: value for value, known in layout.COMPRESSION_NAMES.items()}.get(name)
+    if value is None:
+        raise InvalidImageError(f"Parameter 'compression-type' does not accept value '{name}'")
+    if value != layout.COMPRESSION_ZLIB and version < 3:
+        raise InvalidImageError(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and "
+            "above (use version=v3 or greater)"
+        )
+    return value
 
 
 def _set_up_encryption(image: Image, secret: bytes, iter_time_ms: int, hash_spec: str) -> None:

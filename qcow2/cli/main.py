@@ -408,7 +408,6 @@ _CREATE_OPTIONS = {
 def _cmd_create(args: Arguments) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
-    from ..compress import create_image
     from ..errors import OptionError, Qcow2Error
     from ..tools.info import full_backing_filename, open_layer
     from .options import parse_secrets
@@ -519,7 +518,7 @@ def _cmd_create(args: Arguments) -> int:
         "lazy_refcounts": lazy,
     }
     try:
-        create_image(image, size, compression_type=compression, **kwargs).close()
+        _api().create(image, size, compression_type=compression, **kwargs).close()
     except (Qcow2Error, OSError) as err:
         raise CommandError(f"{image}: {getattr(err, 'message', err)}") from err
     return 0
@@ -783,7 +782,7 @@ def _cmd_compare(args: Arguments) -> int:
 
 
 def _cmd_convert(args: Arguments) -> int:
-    from ..compress import CompressedWriter, create_image
+    from ..compress import CompressedWriter
     from ..errors import OptionError, Qcow2Error
     from .options import parse_secrets
 
@@ -830,7 +829,7 @@ def _cmd_convert(args: Arguments) -> int:
             opts = out_opts
             where = f"{args.dst}: error while converting qcow2"
             try:
-                out_image = create_image(
+                out_image = _api().create(
                     args.dst,
                     size,
                     **_encrypt_kwargs(where, out_encrypt, secrets),

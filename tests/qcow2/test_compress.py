@@ -1,4 +1,4 @@
-"""qcow2.compress: compressed cluster writes and zstd image creation, judged by qemu-img.
+"""qcow2.compress: compressed cluster writes, and zstd image creation, judged by qemu-img.
 
 Oracles: ``qemu-img check`` (refcounts of every touched host cluster, compressed cluster
 count), ``qemu-img compare`` against a raw model of the guest disk, ``qemu-img map`` (a
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import qcow2
-from qcow2.compress import CompressedWriter, create_image
+from qcow2.compress import CompressedWriter
 from tests.qcow2 import oracle
 
 KiB = 1024
@@ -76,7 +76,7 @@ def test_compressed_writes_read_back_and_check_clean_in_qemu_img(
     writes[7 * cs] = os.urandom(cs)  # does not shrink: a normal cluster
     writes[40 * cs] = _pattern(40, tail)
     stored: dict[int, bool] = {}
-    with create_image(str(path), size, compression_type=ctype, **create_kwargs) as image:
+    with qcow2.create(str(path), size, compression_type=ctype, **create_kwargs) as image:
         writer = CompressedWriter(image)
         for offset, data in writes.items():
             stored[offset] = writer.write(offset, data)
@@ -106,7 +106,7 @@ def test_packed_clusters_span_host_clusters_with_one_reference_each(tmp_path: Pa
     # 512-byte clusters, each about 40% random: streams of ~220 bytes, two per host
     # cluster at most, so most of them straddle a host cluster boundary
     clusters = [os.urandom(200) + bytes(312) for _ in range(64)]
-    with create_image(str(path), 64 * 512, cluster_size=512) as image:
+    with qcow2.create(str(path), 64 * 512, cluster_size=512) as image:
         writer = CompressedWriter(image)
         assert all(writer.write(i * 512, data) for i, data in enumerate(clusters))
         writer.finish()
@@ -168,7 +168,7 @@ def test_read_only_image_is_refused(tmp_path: Path) -> None:
 def test_zstd_creation_matches_qemu_img_header(tmp_path: Path) -> None:
     """A zstd image we create has qemu-img's cluster 0 for the same options."""
     ours, theirs = tmp_path / "o.qcow2", tmp_path / "q.qcow2"
-    create_image(str(ours), 8 * MiB, compression_type="zstd").close()
+    qcow2.create(str(ours), 8 * MiB, compression_type="zstd").close()
     oracle.create(theirs, 8 * MiB, compression_type="zstd")
     assert ours.read_bytes()[:4096] == theirs.read_bytes()[:4096]
     oracle.assert_clean(ours)
@@ -176,7 +176,7 @@ def test_zstd_creation_matches_qemu_img_header(tmp_path: Path) -> None:
 
 def test_compression_type_is_validated_like_qemu_img(tmp_path: Path) -> None:
     with pytest.raises(qcow2.InvalidImageError, match="does not accept value 'lz4'"):
-        create_image(str(tmp_path / "a.qcow2"), MiB, compression_type="lz4")
+        qcow2.create(str(tmp_path / "a.qcow2"), MiB, compression_type="lz4")
     with pytest.raises(qcow2.InvalidImageError, match=r"compatibility level 1\.1"):
-        create_image(str(tmp_path / "b.qcow2"), MiB, compression_type="zstd", version=2)
+        qcow2.create(str(tmp_path / "b.qcow2"), MiB, compression_type="zstd", version=2)
     assert not (tmp_path / "a.qcow2").exists() and not (tmp_path / "b.qcow2").exists()
