@@ -12,7 +12,6 @@ sectors (``docs/interop/qcow2.txt``).  Every host cluster touched by
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
 
 from .errors import (
     InvalidImageError,
@@ -23,6 +22,7 @@ from .errors import (
 )
 from .format import layout
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .image import Image
 

@@ -18,7 +18,6 @@ import hmac
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -29,7 +28,12 @@ from .errors import EncryptionKeyError, InvalidImageError, UnsupportedFeatureErr
 from .format import layout
 from .io.fileio import HostFile
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 SECTOR_SIZE = layout.LUKS_SECTOR_SIZE
+
 #: Hash specs this implementation supports (QEMU supports the same three plus others).
 HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,

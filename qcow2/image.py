@@ -1,31 +1,28 @@
-"""``Image``: an open qcow2 image, plus :func:`open` and :func:`create`.
+"""Opening, creating and using images: :class:`Image`, :func:`open`, :func:`create`.
 
-Ties the header, refcounts, metadata caches and cluster mapping together, handles the
-backing chain, locking, the dirty/corrupt/autoclear bits, and delegates snapshots, atomic
-commits, check and info to their modules (imported lazily).
+``Image`` is the one reader of a qcow2 image, for the driver's own guest I/O as for the
+qemu-img tools: it ties the header, refcounts, metadata caches and cluster mapping
+together, handles locking, the dirty/corrupt/autoclear bits, and delegates snapshots,
+atomic commits and check to their modules.  :func:`open_chain` opens an image and its
+backing chain (one loop rule, one depth limit, QEMU's nesting of backing errors) as the
+library opens it or as qemu-img does (``mode``); :class:`RawImage` is a raw layer.
+
+The ``qcow2`` command's read-only subcommands open images here too, so this module and
+what it imports at module level stay cheap to import: no ``typing``, ``contextlib``,
+``collections`` at run time, and the encryption and write-path modules are imported by
+the functions that need them (``tests/qcow2/test_import_diet.py``).
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
 
 from .clusters import ClusterMap
 from .compress import decompress
-from .crypto import (
-    HASHES,
-    DataCipher,
-    LegacyAesCipher,
-    SectorCipher,
-    build_luks_area,
-    open_cipher,
-)
 from .errors import (
     BackingChainError,
+    BackingOpenError,
     CorruptImageError,
     EncryptionKeyError,
     InvalidImageError,
@@ -45,11 +42,21 @@ from .io.cache import TableCache
 from .io.fileio import HostFile, fault_point
 from .io.lock import lock_image
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+    from typing import TypeAlias
+
     from .check import CheckResult
+    from .crypto import DataCipher
+    from .format.header import OpenMode
     from .format.snapshot_table import SnapshotEntry
     from .l2 import Run
     from .snapshots import SnapshotView
+
+    #: One image of a backing chain.
+    Layer: TypeAlias = "Image | RawImage"
 
 #: Bytes of metadata tables each cache may hold.
 _CACHE_BYTES = 8 * 1024 * 1024
@@ -57,29 +64,20 @@ _CACHE_BYTES = 8 * 1024 * 1024
 _ZERO_CHUNK = 1024 * 1024
 
 
-class _Backing(Protocol):
-    """What an image needs of its backing file."""
+class RawImage:
+    """A raw image (a layer of a backing chain, or what qemu-img opens as raw): guest
+    offset == file offset, the size rounded up to whole sectors, zeros past the end."""
 
-    @property
-    def virtual_size(self) -> int: ...
+    #: Nothing of qcow2: no header, no snapshots, no backing file.
+    header = None
+    snapshots: list[SnapshotEntry] = []
+    backing = None
+    format = "raw"
 
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class RawBacking:
-    """A raw backing file: guest offset == file offset, zeros past its end."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.file = HostFile(path, writable=False)
-        self._size = self.file.size()
-
-    @property
-    def virtual_size(self) -> int:
-        """Size of the raw file."""
-        return self._size
+    def __init__(self, f: HostFile) -> None:
+        self.file = f
+        self.path = f.path
+        self.virtual_size = layout.align_up(f.size(), 512)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes of the raw file (zeros past its end)."""
@@ -90,19 +88,33 @@ class RawBacking:
         self.file.close()
 
 
-def _resolve_backing(image_path: str, name: str) -> str:
-    """QEMU's ``path_combine``: a relative backing name is relative to the image's dir."""
-    if os.path.isabs(name) or not name:
+def backing_path(image_path: str, name: str) -> str:
+    """QEMU's ``path_combine``: a relative backing (or data) file name is relative to the
+    directory of the image naming it, and spelled as QEMU spells it."""
+    if name.startswith("/") or "/" not in image_path:
         return name
-    return os.path.join(os.path.dirname(image_path), name)
+    return image_path[: image_path.rindex("/") + 1] + name
 
 
-def _probe_format(path: str) -> str:
-    f = HostFile(path, writable=False)
-    try:
-        return "qcow2" if f.pread(0, 4) == layout.MAGIC_BYTES else "raw"
-    finally:
-        f.close()
+class _GuestDataChange:
+    """The context of :meth:`Image._mutating` (a class: ``contextlib`` costs start-up)."""
+
+    __slots__ = ("image",)
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, CorruptImageError):
+            self.image._stop_after_corruption(exc)
 
 
 class Image:
@@ -110,13 +122,15 @@ class Image:
 
     Attributes used by the other qcow2 modules: ``file`` (HostFile), ``header``,
     ``refcounts`` (RefcountTable), ``clusters`` (ClusterMap), ``l2_cache``, ``l1_table``
-    (the active L1 in memory), ``snapshot_entries``, ``path``, ``read_only``/``writable``,
-    ``backing``.
+    (the active L1 in memory), ``snapshot_entries``, ``path``, ``writable``, ``backing``
+    (the next image of the chain, set by :func:`open_chain`).
 
     Not thread-safe: callers serialize access (one lock around every call).  Metadata
     changes are cached (write-back) until :meth:`flush` or :meth:`close`; data writes go
     straight to the file.
     """
+
+    format = "qcow2"
 
     def __init__(
         self,
@@ -124,7 +138,6 @@ class Image:
         header: Header,
         *,
         force_share: bool,
-        chain: tuple[str, ...] = (),
         cipher: DataCipher | None = None,
     ) -> None:
         self.file = f
@@ -133,16 +146,14 @@ class Image:
         self.path = f.path
         self.header = header
         self.writable = f.writable
-        self.read_only = not f.writable
         self.force_share = force_share
-        self.backing: _Backing | None = None
+        self.backing: Layer | None = None
         self._set_lazy_dirty = False
         self._closed = False
         #: Why the image stopped accepting writes (a corruption was detected), if it did.
         self._broken: str | None = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._load_metadata()
-        self._open_backing(chain)
 
     # Section: metadata setup
 
@@ -169,42 +180,6 @@ class Image:
         """Re-read everything after another module rewrote metadata behind the caches."""
         self.header = read_header(self.file, writable=self.writable)
         self._load_metadata()
-
-    def _open_backing(self, chain: tuple[str, ...]) -> None:
-        name = self.header.backing_file
-        if not name:
-            return
-        path = _resolve_backing(self.path, name)
-        real = os.path.realpath(path)
-        chain = (*chain, os.path.realpath(self.path))
-        if real in chain:
-            raise BackingChainError(f"Backing file '{name}' loops back to {real}", path=self.path)
-        if len(chain) >= layout.MAX_BACKING_CHAIN_DEPTH:
-            raise BackingChainError(
-                f"backing chain deeper than {layout.MAX_BACKING_CHAIN_DEPTH}", path=self.path
-            )
-        if not os.path.exists(path):
-            raise BackingChainError(
-                f"Could not open backing file '{path}': No such file or directory", path=self.path
-            )
-        fmt = self.header.backing_format or _probe_format(path)
-        try:
-            if fmt == "qcow2":
-                self.backing = _open(
-                    path, writable=False, force_share=self.force_share, chain=chain
-                )
-            elif fmt == "raw":
-                self.backing = RawBacking(path)
-            else:
-                raise BackingChainError(
-                    f"Unsupported backing file format '{fmt}' for '{name}'", path=self.path
-                )
-        except BackingChainError:
-            raise
-        except Qcow2Error as err:
-            raise BackingChainError(
-                f"Could not open backing file '{path}': {err}", path=self.path
-            ) from err
 
     # Section: properties
 
@@ -284,20 +259,18 @@ class Image:
                 f"image unusable after a detected corruption: {self._broken}", path=self.path
             )
 
-    @contextmanager
-    def _mutating(self) -> Iterator[None]:
-        """Guard a change of guest data: on a detected corruption, stop like QEMU does
-        (drop the cached metadata unwritten, refuse further writes) so nothing more
-        reaches the file."""
+    def _mutating(self) -> _GuestDataChange:
+        """Guard a change of guest data (``with self._mutating(): ...``): on a detected
+        corruption, stop like QEMU does (drop the cached metadata unwritten, refuse
+        further writes) so nothing more reaches the file."""
         self._check_writable()
         self._guest_data_changes()
-        try:
-            yield
-        except CorruptImageError as err:
-            self._broken = err.message
-            self.l2_cache.clear()
-            self.refblock_cache.clear()
-            raise
+        return _GuestDataChange(self)
+
+    def _stop_after_corruption(self, err: CorruptImageError) -> None:
+        self._broken = err.message
+        self.l2_cache.clear()
+        self.refblock_cache.clear()
 
     def _guest_data_changes(self) -> None:
         """Called before guest data changes.  Persistent dirty bitmaps record guest
@@ -725,15 +698,6 @@ class Image:
             if repair and self.writable:
                 self._reload_metadata()
 
-    def info(self) -> dict[str, Any]:
-        """``qemu-img info --output=json`` fields."""
-        from .tools.info import image_info
-
-        self._check_open()
-        self.flush()
-        result: dict[str, Any] = image_info(self)
-        return result
-
     # Section: closing
 
     def close(self) -> None:
@@ -770,58 +734,6 @@ class Image:
 # Section: open and create
 
 
-def _open(
-    path: str,
-    *,
-    writable: bool,
-    force_share: bool,
-    chain: tuple[str, ...],
-    key_secret: bytes | None = None,
-) -> Image:
-    f = HostFile(path, writable=writable)
-    try:
-        if not force_share:
-            lock_image(f.fd, path, writable=writable)
-        header = read_header(f, writable=writable)
-        cipher: DataCipher | None = None
-        if header.crypt_method == layout.CRYPT_AES:
-            if writable:
-                raise UnsupportedFeatureError(
-                    "legacy AES encrypted images (crypt_method 1) can only be opened read-only",
-                    path=path,
-                )
-            if key_secret is not None:
-                cipher = LegacyAesCipher(key_secret)
-        if header.crypt_method == layout.CRYPT_LUKS and key_secret is not None:
-            cipher = open_cipher(f, header.crypto_header, key_secret)
-        if header.has_data_file:
-            raise UnsupportedFeatureError(
-                "images with an external data file are not supported", path=path
-            )
-        unknown_autoclear = header.autoclear_features & ~layout.AUTOCLEAR_BITMAPS
-        if writable and header.version >= 3 and unknown_autoclear:
-            # Autoclear bits we do not maintain are cleared before the first write, as
-            # QEMU does for the bits it does not know.  The bitmaps bit stays until guest
-            # data changes (Image._guest_data_changes): snapshot create/delete keep bitmaps.
-            header.autoclear_features &= layout.AUTOCLEAR_BITMAPS
-            write_header_fields(f, autoclear_features=header.autoclear_features)
-            f.flush()
-        if writable and header.dirty:
-            from .check import repair_image_file
-
-            result = repair_image_file(f, header)
-            if result.error is not None or header.dirty:
-                raise Qcow2Error(
-                    f"could not repair the dirty image: {result.error or 'dirty bit still set'}",
-                    path=path,
-                )
-            header = read_header(f, writable=True)
-        return Image(f, header, force_share=force_share, chain=chain, cipher=cipher)
-    except BaseException:
-        f.close()
-        raise
-
-
 def open(
     path: str,
     *,
@@ -829,7 +741,7 @@ def open(
     force_share: bool = False,
     key_secret: bytes | None = None,
 ) -> Image:
-    """Open a qcow2 image; use as a context manager.
+    """Open a qcow2 image and its backing chain; use as a context manager.
 
     ``writable`` takes QEMU's writer locks (refused while QEMU holds the image); a
     read-only open locks like ``qemu-img info``; ``force_share`` takes no lock (``-U``).
@@ -837,17 +749,239 @@ def open(
     a wrong one raises :class:`~qcow2.errors.EncryptionKeyError`; without one the image
     opens for ``info`` and snapshot listing, and guest I/O raises that error.
     """
+    path = os.fspath(path)
     if writable and force_share:
         raise UnsupportedFeatureError(
-            "force-share=on can only be used with read-only images", path=os.fspath(path)
+            "force-share=on can only be used with read-only images", path=path
         )
-    return _open(
-        os.fspath(path),
-        writable=writable,
-        force_share=force_share,
-        chain=(),
-        key_secret=key_secret,
+    image = open_chain(
+        path, "qcow2", writable=writable, force_share=force_share, key_secret=key_secret
     )
+    assert isinstance(image, Image)
+    return image
+
+
+def open_chain(
+    path: str,
+    fmt: str | None = None,
+    *,
+    writable: bool = False,
+    force_share: bool = False,
+    key_secret: bytes | None = None,
+    mode: OpenMode = "strict",
+    io: bool = True,
+    backing: bool = True,
+) -> Layer:
+    """Open the image ``path`` (``fmt`` "qcow2" or "raw", None: probe) and, with
+    ``backing``, its backing chain: each image's ``backing`` is the next one, and closing
+    an image closes the images below it.
+
+    ``mode`` is the open being mirrored (see :func:`~qcow2.format.header.read_header`):
+    ``"strict"`` is the library's (a key is optional, external data files are refused,
+    a writable open clears unknown autoclear bits and repairs a dirty image), ``"qemu"``
+    qemu-img's, which with ``io`` needs what guest I/O needs (the key of an encrypted
+    image, an external data file); ``io=False`` opens for metadata only (``qemu-img
+    info``).  Images below the top are opened read-only, without a key.
+    """
+    top = _open_layer(
+        path, fmt, writable=writable, force_share=force_share, key=key_secret, mode=mode, io=io
+    )
+    if backing and isinstance(top, Image):
+        try:
+            top.backing = open_backing(
+                top.file, top.header, force_share=force_share, mode=mode, io=io
+            )
+        except BaseException:
+            top.close()
+            raise
+    return top
+
+
+def chain_layers(top: Layer) -> list[Layer]:
+    """``top`` and the images below it (their ``backing``), top first."""
+    layers = [top]
+    below = top.backing
+    while below is not None:
+        layers.append(below)
+        below = below.backing
+    return layers
+
+
+def open_backing(
+    f: HostFile,
+    header: Header,
+    *,
+    force_share: bool = False,
+    mode: OpenMode = "strict",
+    io: bool = True,
+    seen: set[tuple[int, int]] | None = None,
+) -> Layer | None:
+    """The backing chain below the qcow2 image open as ``f`` with ``header``, opened as
+    :func:`open_chain` opens it (None without a backing file).
+
+    One rule for every chain: a backing file name is relative to the image naming it
+    (:func:`backing_path`); a file that is already in the chain (same device and inode,
+    ``seen``) is a loop; at most ``MAX_BACKING_CHAIN_DEPTH`` images; a failure below is
+    a :class:`~qcow2.errors.BackingOpenError` per level, nesting like QEMU's messages
+    (``Could not open backing file: Could not open 'base.qcow2': ...``).
+    """
+    if not header.backing_file:
+        return None
+    if seen is None:
+        seen = {_file_id(f)}
+    name = backing_path(f.path, header.backing_file)
+    try:
+        if len(seen) >= layout.MAX_BACKING_CHAIN_DEPTH:
+            raise BackingChainError(
+                f"Backing file chain deeper than {layout.MAX_BACKING_CHAIN_DEPTH} images",
+                path=f.path,
+            )
+        below = _open_layer(
+            name,
+            header.backing_format,
+            writable=False,
+            force_share=force_share,
+            key=None,
+            mode=mode,
+            io=io,
+        )
+        try:
+            file_id = _file_id(below.file)
+            if file_id in seen:
+                raise BackingChainError(f"Backing file chain loops back to '{name}'", path=f.path)
+            seen.add(file_id)
+            if isinstance(below, Image):
+                below.backing = open_backing(
+                    below.file, below.header, force_share=force_share, mode=mode, io=io, seen=seen
+                )
+        except BaseException:
+            below.close()
+            raise
+    except Qcow2Error as err:
+        raise BackingOpenError(f.path, name, err) from err
+    return below
+
+
+def _file_id(f: HostFile) -> tuple[int, int]:
+    """What makes two open files the same file: device and inode."""
+    try:
+        st = os.fstat(f.fd)
+    except OSError as err:
+        raise Qcow2IOError(
+            f"fstat failed: {err.strerror}", path=f.path, errno=err.errno or _errno.EIO
+        ) from err
+    return st.st_dev, st.st_ino
+
+
+def _open_layer(
+    path: str,
+    fmt: str | None,
+    *,
+    writable: bool,
+    force_share: bool,
+    key: bytes | None,
+    mode: OpenMode,
+    io: bool,
+) -> Layer:
+    """One image of a chain, opened as :func:`open_chain` describes (no backing yet)."""
+    f = HostFile(path, writable=writable)
+    try:
+        if not force_share:
+            lock_image(f.fd, path, writable=writable)
+        if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):
+            return RawImage(f)
+        if fmt not in (None, "qcow2"):
+            raise UnsupportedFeatureError(f"Unsupported image format '{fmt}'", path=path)
+        header = read_header(f, writable=writable, mode=mode, io=io)
+        cipher = None
+        if mode == "strict":
+            cipher, header = _open_for_library(f, header, key)
+        elif io:
+            cipher = require_io_resources(f, header, key)
+        return Image(f, header, force_share=force_share, cipher=cipher)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open_for_library(
+    f: HostFile, header: Header, key: bytes | None
+) -> tuple[DataCipher | None, Header]:
+    """What the library's open adds to QEMU's checks: the key is optional, external data
+    files and writing legacy AES images are refused, and a writable open clears unknown
+    autoclear bits and repairs a dirty image (as QEMU does).  Returns the data cipher and
+    the header (read again after a repair)."""
+    path = f.path
+    writable = f.writable
+    cipher: DataCipher | None = None
+    if header.crypt_method == layout.CRYPT_AES:
+        if writable:
+            raise UnsupportedFeatureError(
+                "legacy AES encrypted images (crypt_method 1) can only be opened read-only",
+                path=path,
+            )
+        if key is not None:
+            from .crypto import LegacyAesCipher
+
+            cipher = LegacyAesCipher(key)
+    if header.crypt_method == layout.CRYPT_LUKS and key is not None:
+        from .crypto import open_cipher
+
+        cipher = open_cipher(f, header.crypto_header, key)
+    if header.has_data_file:
+        raise UnsupportedFeatureError(
+            "images with an external data file are not supported", path=path
+        )
+    unknown_autoclear = header.autoclear_features & ~layout.AUTOCLEAR_BITMAPS
+    if writable and header.version >= 3 and unknown_autoclear:
+        # Autoclear bits we do not maintain are cleared before the first write, as
+        # QEMU does for the bits it does not know.  The bitmaps bit stays until guest
+        # data changes (Image._guest_data_changes): snapshot create/delete keep bitmaps.
+        header.autoclear_features &= layout.AUTOCLEAR_BITMAPS
+        write_header_fields(f, autoclear_features=header.autoclear_features)
+        f.flush()
+    if writable and header.dirty:
+        from .check import repair_image_file
+
+        result = repair_image_file(f, header)
+        if result.error is not None or header.dirty:
+            raise Qcow2Error(
+                f"could not repair the dirty image: {result.error or 'dirty bit still set'}",
+                path=path,
+            )
+        header = read_header(f, writable=True)
+    return cipher, header
+
+
+def require_io_resources(f: HostFile, header: Header, key: bytes | None) -> DataCipher | None:
+    """What QEMU 7.2's open needs beyond the header for an open with I/O: the key of an
+    encrypted image (``key``, checked against the LUKS key slots) and the external data
+    file, if the image has one.  Returns the data cipher."""
+    cipher: DataCipher | None = None
+    if header.crypt_method != layout.CRYPT_NONE:
+        if key is None:
+            raise InvalidImageError(EncryptionKeyError.MISSING_KEY, path=f.path)
+        if header.crypt_method == layout.CRYPT_LUKS:
+            from .crypto import open_cipher
+
+            cipher = open_cipher(f, header.crypto_header, key)
+        else:
+            from .crypto import LegacyAesCipher
+
+            cipher = LegacyAesCipher(key)
+    if header.has_data_file:
+        name = header.data_file
+        if not name:
+            raise InvalidImageError("'data-file' is required for this image", path=f.path)
+        name = backing_path(f.path, name)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise InvalidImageError(
+                f"Could not open '{name}': {err.strerror}", path=f.path
+            ) from err
+        os.close(fd)
+    return cipher
 
 
 def create(
@@ -880,11 +1014,14 @@ def create(
         raise UnsupportedFeatureError(
             f"encrypt.format {encrypt_format!r} is not supported (only 'luks')", path=path
         )
-    if encrypt_key_secret is not None and encrypt_hash not in HASHES:
-        raise UnsupportedFeatureError(
-            f"encrypt.hash-alg {encrypt_hash!r} is not supported (sha1, sha256, sha512)",
-            path=path,
-        )
+    if encrypt_key_secret is not None:
+        from .crypto import HASHES
+
+        if encrypt_hash not in HASHES:
+            raise UnsupportedFeatureError(
+                f"encrypt.hash-alg {encrypt_hash!r} is not supported (sha1, sha256, sha512)",
+                path=path,
+            )
     if encrypt_key_secret is not None and encrypt_iter_time < 0:
         raise UnsupportedFeatureError(
             f"encrypt.iter-time {encrypt_iter_time} must not be negative", path=path
@@ -926,19 +1063,16 @@ def create(
     if backing_format is not None and backing_format not in ("qcow2", "raw"):
         raise UnsupportedFeatureError(f"Unsupported backing file format '{backing_format}'")
     if backing_file:
-        backing_path = _resolve_backing(path, backing_file)
-        if not os.path.exists(backing_path):
-            raise BackingChainError(
-                f"Could not open backing file '{backing_path}': No such file or directory",
-                path=path,
-            )
-        backing_format = backing_format or _probe_format(backing_path)
+        # The chain must open before anything is created; it gives the format and size.
+        below_path = backing_path(path, backing_file)
+        try:
+            below = open_chain(below_path, backing_format, force_share=True)
+        except Qcow2Error as err:
+            raise BackingOpenError(path, below_path, err) from err
+        below.close()
+        backing_format = backing_format or below.format
         if size is None:
-            if backing_format == "qcow2":
-                with _open(backing_path, writable=False, force_share=True, chain=()) as b:
-                    size = b.virtual_size
-            else:
-                size = os.path.getsize(backing_path)
+            size = below.virtual_size
     if size is None or size < 0:
         raise OutOfRangeError(f"invalid image size {size}", path=path)
     size = layout.align_up(size, 512)
@@ -991,6 +1125,11 @@ def create(
         f.close()
         raise
     try:
+        image.backing = open_backing(f, image.header)
+    except BaseException:
+        image.close()
+        raise
+    try:
         l1_size = layout.size_to_clusters(cluster_size * image.header.l2_entries, size)
         if l1_size:
             image.clusters.grow_l1(l1_size, exact=True)
@@ -1029,6 +1168,8 @@ def _set_up_encryption(image: Image, secret: bytes, iter_time_ms: int, hash_spec
     """QEMU's ``qcow2_set_up_encryption`` on a fresh image: a refcounted, zero-filled
     cluster range holding the LUKS area, then the header (crypt_method 2, extension
     0x0537be77) in one write of cluster 0."""
+    from .crypto import SectorCipher, build_luks_area
+
     area, master = build_luks_area(secret, hash_spec=hash_spec, iter_time_ms=iter_time_ms)
     cs = image.cluster_size
     offset = image.refcounts.alloc(len(area))

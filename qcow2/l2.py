@@ -82,14 +82,21 @@ class L2Decoder:
     def l2_table_offset(self, l1_entry: int, l1_index: int) -> int:
         """Host offset of the L2 table an L1 entry points at (0: none).  An unaligned one is
         a fatal corruption."""
+        found = self.l1_problem(l1_entry, l1_index)
+        if found is not None:
+            signal_corruption(found[0], path=self.path, offset=found[1])
+        return l1_entry & layout.L1E_OFFSET_MASK
+
+    def l1_problem(self, l1_entry: int, l1_index: int) -> tuple[str, int] | None:
+        """The corruption QEMU reports for L1 entry ``l1_index`` (an unaligned L2 table
+        offset), as ``(message, offset)``, or None."""
         offset = l1_entry & layout.L1E_OFFSET_MASK
         if offset % self.cluster_size:
-            signal_corruption(
+            return (
                 f"L2 table offset {c_hex(offset)} unaligned (L1 index: {c_hex(l1_index)})",
-                path=self.path,
-                offset=offset,
+                offset,
             )
-        return offset
+        return None
 
     # Section: one L2 entry
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import struct
 import time
-from typing import TYPE_CHECKING
 
 from .errors import RefcountRangeError, SnapshotError, UnsupportedFeatureError
 from .format import layout
@@ -33,6 +32,7 @@ from .format.snapshot_table import (
 )
 from .transaction import MetadataTransaction
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .image import Image
 

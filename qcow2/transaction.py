@@ -28,8 +28,6 @@ from __future__ import annotations
 import array
 import struct
 import sys
-from collections.abc import MutableSequence, Sequence
-from typing import TYPE_CHECKING
 
 from .errors import RefcountRangeError
 from .format import layout
@@ -38,7 +36,10 @@ from .format.refcount import refblock_offset, write_refcount
 from .format.snapshot_table import SnapshotEntry, serialize_snapshot_table, table_length
 from .io.fileio import fault_point
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import MutableSequence, Sequence
+
     from .image import Image
 
 _COPIED = layout.OFLAG_COPIED

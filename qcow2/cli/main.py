@@ -87,20 +87,20 @@ def _key(spec: Any) -> bytes | None:
 
 def _cmd_info(args: Arguments) -> int:
     from ..errors import BackingOpenError, Qcow2Error
-    from ..tools.info import (
-        format_info_human,
-        layer_info,
-        open_chain,
-        open_layer,
-        qemu_json,
-    )
+    from ..image import chain_layers, open_chain
+    from ..tools.info import format_info_human, image_info
+    from ..tools.qemujson import qemu_json
 
     spec = _spec(args)
     try:
-        layers = (
-            open_chain(spec.path, spec.fmt, force_share=args.U, io=False)
-            if args.backing_chain
-            else [open_layer(spec.path, spec.fmt, force_share=args.U, io=False)]
+        # qemu-img info opens the image alone, --backing-chain the chain
+        top = open_chain(
+            spec.path,
+            spec.fmt,
+            force_share=args.U,
+            mode="qemu",
+            io=False,
+            backing=args.backing_chain,
         )
     except BackingOpenError as err:
         # --backing-chain opens every image on its own, so the failure names the backing.
@@ -108,12 +108,12 @@ def _cmd_info(args: Arguments) -> int:
         raise _open_error(backing, cause) from err
     except (Qcow2Error, OSError) as err:
         raise _open_error(spec.arg, err) from err
-    layers[0].name = spec.display
     try:
-        infos = [layer_info(layer) for layer in layers]
+        layers = chain_layers(top)
+        infos = [image_info(layers[0], spec.display)]
+        infos += [image_info(layer) for layer in layers[1:]]
     finally:
-        for layer in layers:
-            layer.close()
+        top.close()
     if args.output == "json":
         sys.stdout.write(qemu_json(infos if args.backing_chain else infos[0]) + "\n")
     else:
@@ -128,8 +128,10 @@ def _cmd_check(args: Arguments) -> int:
     from ..check import check_file
     from ..errors import Qcow2Error
     from ..format.header import read_header
+    from ..image import open_backing, require_io_resources
     from ..io.fileio import HostFile
-    from ..tools.info import open_backing, qemu_json, require_open_resources
+    from ..tools.check import format_check_human
+    from ..tools.qemujson import qemu_json
 
     spec = _spec(args)
     try:
@@ -150,9 +152,10 @@ def _cmd_check(args: Arguments) -> int:
             raise CommandError("This image format does not support checks", 63)
         try:
             header = read_header(f, mode="check")
-            require_open_resources(f, header, _key(spec))
-            for layer in open_backing(spec.path, header, force_share=args.U):
-                layer.close()  # qemu-img check opens the backing chain too
+            require_io_resources(f, header, _key(spec))
+            below = open_backing(f, header, force_share=args.U, mode="qemu")
+            if below is not None:
+                below.close()  # qemu-img check opens the backing chain too
         except CommandError:
             raise  # no secret for the key (already worded)
         except Qcow2Error as err:
@@ -167,7 +170,7 @@ def _cmd_check(args: Arguments) -> int:
     if args.output == "json":
         sys.stdout.write(qemu_json(result.to_json()) + "\n")
     else:
-        sys.stdout.write(_check_human(result))
+        sys.stdout.write(format_check_human(result))
     if result.check_errors:
         raise CommandError("Check failed")
     return result.exit_code
@@ -182,65 +185,26 @@ _RAW_PROBE_WARNING = (
 )
 
 
-def _check_human(r: object) -> str:
-    from ..check import CheckResult
-
-    assert isinstance(r, CheckResult)
-    out = []
-    if r.repaired:
-        out.append(
-            "The following inconsistencies were found and repaired:\n\n"
-            f"    {r.leaks_fixed} leaked clusters\n"
-            f"    {r.corruptions_fixed} corruptions\n\n"
-            "Double checking the fixed image now...\n"
-        )
-    if not (r.corruptions or r.leaks or r.check_errors):
-        out.append("No errors were found on the image.\n")
-    else:
-        if r.corruptions:
-            out.append(
-                f"\n{r.corruptions} errors were found on the image.\n"
-                "Data may be corrupted, or further writes to the image may corrupt it.\n"
-            )
-        if r.leaks:
-            out.append(
-                f"\n{r.leaks} leaked clusters were found on the image.\n"
-                "This means waste of disk space, but no harm to data.\n"
-            )
-        if r.check_errors:
-            out.append(f"\n{r.check_errors} internal errors have occurred during the check.\n")
-    if r.total_clusters and r.allocated_clusters:
-        out.append(
-            f"{r.allocated_clusters}/{r.total_clusters} = "
-            f"{r.allocated_clusters * 100.0 / r.total_clusters:0.2f}% allocated, "
-            f"{r.fragmented_clusters * 100.0 / r.allocated_clusters:0.2f}% fragmented, "
-            f"{r.compressed_clusters * 100.0 / r.allocated_clusters:0.2f}% compressed clusters\n"
-        )
-    if r.image_end_offset:
-        out.append(f"Image end offset: {r.image_end_offset}\n")
-    return "".join(out)
-
-
 # Section: map
 
 
 def _cmd_map(args: Arguments) -> int:
     from ..errors import Qcow2Error
-    from ..tools.info import format_map_human, format_map_json, map_entries, open_chain
+    from ..image import chain_layers, open_chain
+    from ..tools.map import format_map_human, format_map_json, map_entries
 
     spec = _spec(args)
     key = _key(spec)
     try:
-        layers = open_chain(spec.path, spec.fmt, force_share=args.U, key=key)
+        top = open_chain(spec.path, spec.fmt, force_share=args.U, key_secret=key, mode="qemu")
     except (Qcow2Error, OSError) as err:
         raise _open_error(spec.arg, err) from err
     try:
         start = parse_size(args.start_offset, "start offset") if args.start_offset else 0
         max_length = parse_size(args.max_length, "max length") if args.max_length else None
-        entries, error = map_entries(layers, start, max_length)
+        entries, error = map_entries(chain_layers(top), start, max_length)
     finally:
-        for layer in layers:
-            layer.close()
+        top.close()
     if error is not None:
         # read-only open: QEMU signals the corruption as non-fatal, then fails the query
         sys.stderr.write(
@@ -270,20 +234,17 @@ def _cmd_snapshot(args: Arguments) -> int:
     action = actions[0] if actions else "l"
     if action == "l":
         from ..errors import Qcow2Error
-        from ..tools.info import format_snapshot_table, open_backing, open_layer
+        from ..image import open_chain
+        from ..tools.info import format_snapshot_table
 
         spec = _spec(args)
         key = _key(spec)
         try:
-            layer = open_layer(spec.path, spec.fmt, force_share=args.U, key=key)
-            try:
-                if layer.header is not None:
-                    for below in open_backing(spec.path, layer.header, force_share=args.U):
-                        below.close()  # qemu-img snapshot opens the backing chain too
-            finally:
-                layer.close()
+            # with its backing chain: qemu-img snapshot opens it too
+            layer = open_chain(spec.path, spec.fmt, force_share=args.U, key_secret=key, mode="qemu")
         except (Qcow2Error, OSError) as err:
             raise _open_error(spec.arg, err) from err
+        layer.close()
         if layer.snapshots:
             sys.stdout.write("Snapshot list:\n" + format_snapshot_table(layer.snapshots))
         return 0
@@ -409,7 +370,8 @@ def _cmd_create(args: Arguments) -> int:
     """qemu-img create, in ``bdrv_img_create``'s order: options, backing file, size, the
     "Formatting" line, then the format's own validation."""
     from ..errors import OptionError, Qcow2Error
-    from ..tools.info import full_backing_filename, open_layer
+    from ..image import backing_path, open_chain
+    from ..tools.info import sectors_size
     from .options import parse_secrets
 
     try:
@@ -436,9 +398,10 @@ def _cmd_create(args: Arguments) -> int:
                 f"{image}: Error: Trying to create an image with the same filename as the "
                 "backing file"
             )
-        full = full_backing_filename(image, backing)
+        full = backing_path(image, backing)
         try:
-            layer = open_layer(full, backing_fmt)
+            # opened alone, without a lock, as bdrv_img_create opens it
+            layer = open_chain(full, backing_fmt, force_share=True, mode="qemu", backing=False)
         except (Qcow2Error, OSError) as err:
             reason = getattr(err, "message", str(err))
             raise CommandError(f"{image}: {reason}\nCould not open backing image.") from err
@@ -450,7 +413,7 @@ def _cmd_create(args: Arguments) -> int:
                 end="",
             )
         if size is None:
-            size = layer.virtual_size
+            size = sectors_size(layer)
     if size is None:
         raise CommandError(f"{image}: Image creation needs a size parameter")
     if fmt == "raw":

@@ -205,6 +205,6 @@ def qemu_compact_json(obj: object) -> str:
     """QEMU's one-line ``qobject_to_json`` of a dict built in insertion order."""
     import json
 
-    from ..tools.info import qdict_order
+    from ..tools.qemujson import qdict_order
 
     return json.dumps(qdict_order(obj), separators=(", ", ": "))

@@ -236,6 +236,7 @@ class SubclusterType:
     UNALLOCATED_ALLOC: Final = 5
     INVALID: Final = 6
 
+
 REFT_OFFSET_MASK: Final = 0xFFFFFFFFFFFFFE00
 REFT_RESERVED_MASK: Final = 0x1FF
 

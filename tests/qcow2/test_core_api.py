@@ -8,6 +8,7 @@ import pytest
 
 import qcow2
 from qcow2.errors import RefcountRangeError
+from qcow2.tools.info import image_info
 from tests.helpers import need
 from tests.qcow2 import oracle
 
@@ -50,7 +51,7 @@ def test_delegating_methods(tmp_path: Path) -> None:
         assert image.read(0, 3000) == b"new" * 1000
         result = image.check()
         assert result.exit_code == 0, result.messages
-        assert image.info()["virtual-size"] == 4 * MiB
+        assert image_info(image)["virtual-size"] == 4 * MiB
         image.apply_snapshot("s1")
         assert image.read(0, 3000) == b"old" * 1000
         image.write(MiB, b"after apply")

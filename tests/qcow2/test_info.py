@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import qcow2
-from qcow2.tools.info import qdict_order, size_to_str
+from qcow2.tools.info import image_info, size_to_str
+from qcow2.tools.qemujson import qdict_order
 from tests.helpers import need
 from tests.qcow2 import oracle
 from tests.qcow2.test_cli import (  # noqa: F401 - restore_cwd is an autouse fixture
@@ -207,7 +208,7 @@ def test_dirty_flag_is_reported(tmp_path: Path) -> None:
 def test_image_info_api_equals_qemu_img_json(tmp_path: Path) -> None:
     img = with_snapshots(tmp_path)
     with qcow2.open(str(img)) as image:
-        info = image.info()
+        info = image_info(image)
     expected = oracle.info(img)
     assert qdict_order(info) == expected
     assert list(qdict_order(info)) == list(expected)

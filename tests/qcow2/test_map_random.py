@@ -1,7 +1,7 @@
 """``qcow2 map`` against ``qemu-img map`` on seeded random images.
 
 map merges runs of contiguous clusters with slice compares instead of one step per L2
-entry (the fast path of ``qcow2.tools.info._qcow2_runs``).  These images mix what that path must
+entry (the fast path of ``qcow2.l2.L2Decoder.runs``).  These images mix what that path must
 stop at: holes, host-contiguous and host-scattered data, COPIED and shared clusters
 (snapshots), zero clusters with and without an allocation, compressed clusters, and sizes
 that end inside an L2 table.
