@@ -1056,6 +1056,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
     else:
         repair = False
     label = "Repairing" if repair else "ERROR"
+    plain_bits = layout.OFLAG_COPIED | layout.L2E_OFFSET_MASK
     step = 2 if c.extended_l2 else 1
     n = c.cluster_size // 8
     scanned: dict[int, tuple[list[str], int]] = {}
@@ -1098,7 +1099,11 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
         dirty = 0
         for j in range(0, n, step):
             entry = words[j]
-            if c.decoder.cluster_type(entry) not in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
+            # A data cluster with at most COPIED set is NORMAL (the bulk): no decoder call.
+            if (entry & ~plain_bits or not entry) and c.decoder.cluster_type(entry) not in (
+                ClusterType.NORMAL,
+                ClusterType.ZERO_ALLOC,
+            ):
                 continue
             if c.has_data_file:
                 refcount = 1

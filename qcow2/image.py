@@ -18,8 +18,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-from .clusters import ClusterMap
-from .compress import decompress
 from .errors import (
     BackingChainError,
     BackingOpenError,
@@ -37,7 +35,6 @@ from .errors import (
 from .format import layout
 from .format.header import Header, HeaderExtension, read_header, write_header_fields
 from .format.layout import SubclusterType
-from .format.refcount import RefcountTable, write_refcount
 from .io.cache import TableCache
 from .io.fileio import HostFile, fault_point
 from .io.lock import lock_image
@@ -49,8 +46,10 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from .check import CheckResult
+    from .clusters import ClusterMap
     from .crypto import DataCipher
     from .format.header import OpenMode
+    from .format.refcount import RefcountTable
     from .format.snapshot_table import SnapshotEntry
     from .l2 import Run
     from .snapshots import SnapshotView
@@ -162,16 +161,38 @@ class Image:
         capacity = max(16, _CACHE_BYTES // header.cluster_size)
         self.refblock_cache = TableCache(self.file, header.cluster_size, capacity, "refblock")
         self.l2_cache = TableCache(self.file, header.cluster_size, capacity, "l2")
-        self.refcounts = RefcountTable(self.file, header, self.refblock_cache)
-        self.refcounts.decrement_dependency = self.l2_cache
-        self.refcounts.freed_hook = self._cluster_freed
-        self.clusters = ClusterMap(self.file, header, self.refcounts, self.l2_cache)
-        self.clusters.before_metadata_change = self._before_metadata_change
-        self.clusters.overlap_check = self._overlap_check
-        self.clusters.accurate_refcounts = not header.dirty
-        self.clusters.cipher = self.cipher
+        self._refcounts: RefcountTable | None = None
+        self._clusters: ClusterMap | None = None
         #: Parsed snapshot table; qcow2.snapshots replaces it when it rewrites the table.
         self.snapshot_entries: list[SnapshotEntry] = self._read_snapshot_entries()
+
+    @property
+    def refcounts(self) -> RefcountTable:
+        """The refcount table (read on first use: ``qemu-img info`` needs none)."""
+        table = self._refcounts
+        if table is None:
+            from .format.refcount import RefcountTable
+
+            table = RefcountTable(self.file, self.header, self.refblock_cache)
+            table.decrement_dependency = self.l2_cache
+            table.freed_hook = self._cluster_freed
+            self._refcounts = table
+        return table
+
+    @property
+    def clusters(self) -> ClusterMap:
+        """The cluster mapping and the active L1 table (read on first use)."""
+        mapping = self._clusters
+        if mapping is None:
+            from .clusters import ClusterMap
+
+            mapping = ClusterMap(self.file, self.header, self.refcounts, self.l2_cache)
+            mapping.before_metadata_change = self._before_metadata_change
+            mapping.overlap_check = self._overlap_check
+            mapping.accurate_refcounts = not self.header.dirty
+            mapping.cipher = self.cipher
+            self._clusters = mapping
+        return mapping
 
     def _cluster_freed(self, offset: int) -> None:
         self.l2_cache.forget(offset)
@@ -400,6 +421,8 @@ class Image:
                 f"compressed cluster at {coffset:#x} lies past the end of the file",
                 path=self.path,
             )
+        from .compress import decompress
+
         data = decompress(
             self.file.pread(coffset, csize),
             h.cluster_size,
@@ -1102,6 +1125,8 @@ def create(
     )
     cluster0 = header.pack_cluster0()
     reftable = (2 * cluster_size).to_bytes(8, "big") + bytes(cluster_size - 8)
+    from .format.refcount import write_refcount
+
     refblock = bytearray(cluster_size)
     for cluster in range(3):
         write_refcount(refblock, cluster, refcount_bits, 1)

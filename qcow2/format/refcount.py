@@ -88,9 +88,6 @@ class RefcountTable:
         raw = f.pread(
             header.refcount_table_offset, header.refcount_table_clusters * self.cluster_size
         )
-        #: How many table entries point at each refcount block offset (a corrupt table may
-        #: name a block twice), kept with ``table``: the overlap checks ask at every write.
-        self._block_refs: dict[int, int] = {}
         self.table = list(struct.unpack(f">{len(raw) // 8}Q", raw))
 
     @property
@@ -101,24 +98,33 @@ class RefcountTable:
     @table.setter
     def table(self, entries: list[int]) -> None:
         self._table = entries
-        refs: dict[int, int] = {}
-        for entry in entries:
-            offset = entry & layout.REFT_OFFSET_MASK
-            if offset:
-                refs[offset] = refs.get(offset, 0) + 1
-        self._block_refs = refs
+        #: How many table entries point at each refcount block offset (a corrupt table may
+        #: name a block twice), counted on first use (a read-only open never asks), then
+        #: kept with ``table``: the overlap checks ask at every write.
+        self._block_refs: dict[int, int] | None = None
 
     @property
     def block_offsets(self) -> KeysView[int]:
         """Host offsets of the refcount blocks (for overlap checks)."""
-        return self._block_refs.keys()
+        return self._refs().keys()
+
+    def _refs(self) -> dict[int, int]:
+        refs = self._block_refs
+        if refs is None:
+            refs = {}
+            for entry in self._table:
+                offset = entry & layout.REFT_OFFSET_MASK
+                if offset:
+                    refs[offset] = refs.get(offset, 0) + 1
+            self._block_refs = refs
+        return refs
 
     def adopt_table(self, entries: list[int], changed: Iterable[int]) -> None:
         """Replace the table with ``entries``, which differ from it only at the indexes
         ``changed`` (and in zero entries appended).  Same result as assigning ``table``,
         without a pass over every entry: a metadata transaction replaces the table at each
         commit but changes a handful of entries."""
-        old, refs, mask = self._table, self._block_refs, layout.REFT_OFFSET_MASK
+        old, refs, mask = self._table, self._refs(), layout.REFT_OFFSET_MASK
         for index in changed:
             before = old[index] & mask if index < len(old) else 0
             after = entries[index] & mask
@@ -296,7 +302,8 @@ class RefcountTable:
         fault_point("refblock_alloc.hookup")
         self.file.pwrite(self.header.refcount_table_offset + index * 8, struct.pack(">Q", offset))
         self.file.flush()
-        self._block_refs[offset] = self._block_refs.get(offset, 0) + 1  # the entry was 0
+        refs = self._refs()
+        refs[offset] = refs.get(offset, 0) + 1  # the entry was 0
         self.table[index] = offset
 
     def _grow_table(self, indices: set[int], exclude_end: int) -> None:
