@@ -153,10 +153,6 @@ class ClusterMap:
             self.header.l1_table_offset + index * layout.L1_ENTRY_SIZE, _U64.pack(self.l1[index])
         )
 
-    def write_l1_table(self) -> None:
-        """Write the whole active L1 table in place (the caller flushes)."""
-        self.file.pwrite(self.header.l1_table_offset, struct.pack(f">{len(self.l1)}Q", *self.l1))
-
     def _check_overlap(self, offset: int, length: int) -> None:
         if self.overlap_check is not None:
             self.overlap_check(offset, length)

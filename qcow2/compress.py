@@ -103,10 +103,6 @@ class CompressedWriter:
         h = image.header
         if not image.writable:
             raise ReadOnlyError("image is opened read-only", path=image.path)
-        if h.has_data_file:
-            raise UnsupportedFeatureError(
-                "compressed writes are not supported with an external data file", path=image.path
-            )
         if h.crypt_method != layout.CRYPT_NONE:
             raise UnsupportedFeatureError(
                 "compressed writes are not supported on encrypted images", path=image.path

@@ -266,10 +266,15 @@ class Image:
 
     def _check_io(self) -> None:
         """Guest I/O (and everything qemu-img does beyond ``info``) needs the key of an
-        encrypted image."""
+        encrypted image, and the data inside the image (an image opened as qemu-img opens
+        it may have an external data file: its metadata can be read, its data not)."""
         self._check_open()
         if self.encrypted and self.cipher is None:
             raise EncryptionKeyError(EncryptionKeyError.MISSING_KEY, path=self.path)
+        if self.header.has_data_file:
+            raise UnsupportedFeatureError(
+                "images with an external data file are not supported", path=self.path
+            )
 
     def _check_writable(self) -> None:
         self._check_io()
@@ -907,6 +912,8 @@ def _open_layer(
     io: bool,
 ) -> Layer:
     """One image of a chain, opened as :func:`open_chain` describes (no backing yet)."""
+    if writable and mode != "strict":
+        raise ValueError(f"the {mode!r} open mode is read-only")
     f = HostFile(path, writable=writable)
     try:
         if not force_share:

@@ -22,7 +22,7 @@ import errno
 import struct
 import time
 
-from .errors import RefcountRangeError, SnapshotError, UnsupportedFeatureError
+from .errors import RefcountRangeError, SnapshotError
 from .format import layout
 from .format.snapshot_table import (
     SnapshotEntry,
@@ -38,13 +38,6 @@ if TYPE_CHECKING:
 
 
 # Section: create / apply / delete
-
-
-def _check_supported(image: Image) -> None:
-    if image.header.has_data_file:
-        raise UnsupportedFeatureError(
-            "snapshots are not supported with an external data file", path=image.path
-        )
 
 
 def _commit(txn: MetadataTransaction, what: str) -> None:
@@ -67,7 +60,6 @@ def create_snapshot(image: Image, name: str, *, replace: bool = False) -> Snapsh
     A refcount overflow (refcount_bits 1 or 2) raises :class:`SnapshotError` before
     anything is written.
     """
-    _check_supported(image)
     if not 0 < len(name.encode("utf-8", "surrogateescape")) <= 0xFFFF:
         raise SnapshotError(
             f"invalid snapshot name (must be 1 to 65535 bytes): {name[:40]!r}", path=image.path
@@ -122,7 +114,6 @@ def apply_snapshot(image: Image, key: str, *, name_only: bool = False) -> Snapsh
     A snapshot with a different disk_size switches the disk size back to it in the same
     header write.
     """
-    _check_supported(image)
     entries = image.snapshot_entries
     index = find_snapshot(entries, key, id_first=True, path=image.path, name_only=name_only)
     snap = entries[index]
@@ -143,7 +134,6 @@ def apply_snapshot(image: Image, key: str, *, name_only: bool = False) -> Snapsh
 def delete_snapshot(image: Image, key: str, *, name_only: bool = False) -> SnapshotEntry:
     """Delete snapshot ``key`` (name first, then ID; the name alone with ``name_only``) and
     free what only it referenced."""
-    _check_supported(image)
     entries = list(image.snapshot_entries)
     index = find_snapshot(entries, key, id_first=False, path=image.path, name_only=name_only)
     snap = entries.pop(index)

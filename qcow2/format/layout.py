@@ -226,7 +226,8 @@ class ClusterType:
 
 class SubclusterType:
     """What one subcluster of an L2 entry holds (QEMU's ``QCow2SubclusterType``); without
-    extended L2 the whole cluster is one subcluster."""
+    extended L2 the whole cluster is one subcluster.  QEMU's ``INVALID`` is not a type
+    here: the decoder reports an invalid entry as a corruption (``qcow2.l2``)."""
 
     COMPRESSED: Final = 0
     NORMAL: Final = 1
@@ -234,7 +235,6 @@ class SubclusterType:
     ZERO_ALLOC: Final = 3
     UNALLOCATED_PLAIN: Final = 4
     UNALLOCATED_ALLOC: Final = 5
-    INVALID: Final = 6
 
 
 REFT_OFFSET_MASK: Final = 0xFFFFFFFFFFFFFE00

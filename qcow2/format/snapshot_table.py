@@ -19,6 +19,7 @@ from .layout import (
     MAX_SNAPSHOT_EXTRA_DATA,
     MAX_SNAPSHOT_TABLE_BYTES,
     MAX_SNAPSHOTS,
+    SNAPSHOT_EXTRA_MIN_V3,
     SNAPSHOT_EXTRA_SIZE,
     SNAPSHOT_EXTRA_STRUCT,
     SNAPSHOT_HEADER_STRUCT,
@@ -272,7 +273,7 @@ def incomplete_entries(entries: Sequence[SnapshotEntry], version: int) -> list[i
     """Indexes of v3 entries with less than 16 bytes of extra data (a check finding)."""
     if version < 3:
         return []
-    return [i for i, e in enumerate(entries) if e.extra_data_size < _EXTRA_END_DISK_SIZE]
+    return [i for i, e in enumerate(entries) if e.extra_data_size < SNAPSHOT_EXTRA_MIN_V3]
 
 
 def new_snapshot_id(entries: Iterable[SnapshotEntry]) -> str:
