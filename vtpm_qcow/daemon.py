@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import inspect
 import logging
@@ -46,7 +47,14 @@ import trio
 from qcow2.errors import Qcow2Error
 from qcow2.io.fileio import HostFile, WriteEvent
 
-from .control import ControlServer, pid_path_for, runtime_dir, socket_path_for, store_handlers
+from .control import (
+    ControlClient,
+    ControlServer,
+    pid_path_for,
+    runtime_dir,
+    socket_path_for,
+    store_handlers,
+)
 from .errors import StoreError, VtpmQcowError
 from .fuse_export import STATE_FILE_NAME, StoreFS, make_fs, mount_options
 
@@ -63,6 +71,8 @@ WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
 KILL_AT_FSYNC_ENV = "VTPM_QCOW_TEST_KILL_AT_FSYNC"
 #: Seconds between checks that serve's swtpm still runs.
 SWTPM_POLL_INTERVAL = 0.2
+#: umount2() flags: abort a FUSE connection, detach lazily.
+MNT_FORCE, MNT_DETACH = 1, 2
 #: Seconds ``umount`` waits for the daemon to exit.
 UMOUNT_TIMEOUT = 30.0
 #: Seconds a control channel connection must last to count as QEMU's (shorter ones are
@@ -665,15 +675,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _mount_source(mountpoint: str) -> str | None:
-    """The source (image path) of our FUSE mount at ``mountpoint``, None if not mounted."""
-    target = os.path.realpath(mountpoint)
+    """The source (image path) of our FUSE mount at ``mountpoint``, None if not mounted.
+
+    The plain absolute path is tried before the resolved one: resolving stats the mount
+    point, and a FUSE connection whose daemon cannot answer blocks every such request.
+    """
     with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            source, where, fstype = line.split()[:3]
+        entries = [line.split()[:3] for line in mounts]
+    for target in dict.fromkeys((os.path.abspath(mountpoint), os.path.realpath(mountpoint))):
+        for source, where, fstype in entries:
             where = where.encode().decode("unicode_escape")
             if where == target and fstype.startswith("fuse"):
                 return source.encode().decode("unicode_escape")
     return None
+
+
+def _abort_mount(mountpoint: str) -> None:
+    """Abort the FUSE connection at ``mountpoint`` and detach it (``umount -f``, then lazily),
+    without a stat of the mount point (it would block on the stuck connection)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = os.fsencode(os.path.abspath(mountpoint))
+    libc.umount2(path, MNT_FORCE)  # aborts the connection: pending requests fail
+    libc.umount2(path, MNT_DETACH)
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -687,6 +710,15 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     return False
 
 
+def _daemon_answers(image: str) -> bool:
+    """True if the daemon serving ``image`` answers on its control socket."""
+    try:
+        with ControlClient.for_image(image, timeout=2.0) as client:
+            return bool(client.ping())
+    except (VtpmQcowError, OSError):
+        return False
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     """``vtpm-qcow umount MOUNTPOINT``: unmount and wait until the daemon has exited."""
     source = _mount_source(args.mountpoint)
@@ -698,6 +730,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
     done = subprocess.run(
         ["fusermount3", "-u", args.mountpoint], capture_output=True, text=True, check=False
     )
+    if done.returncode != 0 and not _daemon_answers(source):
+        # A daemon killed while the kernel waited on it (a cache invalidation writing pages
+        # back) leaves the connection up and the mount busy: abort it, as umount -f does.
+        log.warning("%s: the daemon does not answer; aborting its FUSE connection", source)
+        _abort_mount(args.mountpoint)
+        if _mount_source(args.mountpoint) is None:
+            done = subprocess.CompletedProcess(done.args, 0)
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1:] or [f"status {done.returncode}"]
         raise StoreError(f"{args.mountpoint}: unmount failed: {reason[0]}")

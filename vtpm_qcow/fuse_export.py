@@ -80,6 +80,9 @@ CACHE_TIMEOUT = 3600.0
 PAGE_SIZE = 4096
 #: Largest in-memory file (dir view temp files, detached files) and largest linear file.
 MAX_FILE_SIZE = 64 * 1024 * 1024
+#: How far past a truncate the file view looks for cut bytes that were not zeros (swtpm's
+#: whole state is a few dozen KiB; a writable store keeps its first MiB in memory).
+MAX_CUT_SCAN = 1024 * 1024
 #: Most in-memory files the dir view holds at once (bounds memory with MAX_FILE_SIZE).
 MAX_MEMORY_FILES = 64
 #: errno for failures of the vtpm_qcow layer (the qcow2 layer carries its own).
@@ -402,6 +405,8 @@ class LinearContent(Content):
         self.deferred = 0
         #: half-done stores dropped at release or refused stores (for ``info`` and logs)
         self.dropped = 0
+        #: the last truncate cut bytes that were not zeros (the kernel may cache them)
+        self.cut_data = False
 
     def size(self) -> int:
         return int(self.store.linear_size)
@@ -461,6 +466,14 @@ class LinearContent(Content):
             raise _refuse(errno.EFBIG)
         committed = self._committed_header()
         live_end = max(length, committed.end if committed is not None else 0)
+        # What the kernel caches past ``length`` came from here (swtpm msyncs before it
+        # truncates): only cut non-zero bytes make its cached pages stale.
+        tail = (
+            self.read(length, min(self.size(), MAX_CUT_SCAN) - length)
+            if length < MAX_CUT_SCAN
+            else b""
+        )
+        self.cut_data = bool(tail.strip(b"\0"))
         if live_end > length:
             self.write(length, bytes(live_end - length))
         for number in [n for n in self.pages if (n + 1) * PAGE_SIZE > live_end]:
@@ -1041,10 +1054,14 @@ class StoreFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         attrs = await self._locked(self._setattr, inode, attr, fields, fh, Caller(ctx))
         node = self.nodes.get(inode)
-        if fields.update_size and node is not None and isinstance(node.content, LinearContent):
+        content = node.content if node is not None else None
+        if fields.update_size and isinstance(content, LinearContent) and content.cut_data:
             # The linear file keeps its size, so the kernel keeps the cached pages past the
             # new end; they must read as zeros now.  Not from inside this request (the
-            # kernel holds off writes until it completes): right after the reply.
+            # kernel holds off writes until it completes): right after the reply.  Only when
+            # non-zero bytes were cut: the invalidation writes dirty pages back through this
+            # daemon and waits for them in the kernel, so a daemon killed meanwhile could not
+            # exit.  swtpm's own truncates (after a whole-file msync) never cut any.
             trio.lowlevel.spawn_system_task(self.invalidate, [inode], False)
         return attrs
 

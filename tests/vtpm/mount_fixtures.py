@@ -62,8 +62,9 @@ def create_image(path: Path) -> Path:
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    """True if something (even a dead FUSE daemon) is mounted on ``mountpoint``."""
-    target = os.path.realpath(mountpoint)
+    """True if something (even a dead FUSE daemon) is mounted on ``mountpoint``.  Never
+    stats the mount point itself (a stuck FUSE connection would block the test)."""
+    target = os.path.join(os.path.realpath(mountpoint.parent), mountpoint.name)
     with open("/proc/self/mounts") as mounts:
         return any(line.split()[1] == target for line in mounts)
 
