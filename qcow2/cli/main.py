@@ -623,117 +623,62 @@ def _cmd_amend(args: Arguments) -> int:
 # Section: compare / convert (guest content)
 
 
-class _Source:
-    """Guest content of an image for compare/convert: qcow2 (active or a snapshot) or raw."""
+def _open_source(spec: Any, snapshot: tuple[str, str] | None = None, *, force_share: bool) -> Any:
+    """The :class:`~qcow2.tools.convert.GuestSource` of an image argument, opened as
+    qemu-img opens it for I/O (an encrypted image needs its key)."""
+    from ..errors import (
+        EncryptionKeyError,
+        Qcow2Error,
+        SnapshotNotFoundError,
+        UnsupportedFeatureError,
+    )
+    from ..image import Image, open_chain
+    from ..tools.convert import GuestSource
 
-    def __init__(
-        self,
-        spec: Any,
-        snapshot: tuple[str, str] | None = None,
-        *,
-        force_share: bool = False,
-    ):
-        path, fmt = spec.path, spec.fmt
-        self.path = path
-        self.image: object | None = None
-        self.raw: int | None = None
-        try:
-            with open(path, "rb") as probe:
-                magic = probe.read(4)
-        except OSError as err:
-            raise CommandError(
-                f"Could not open '{path}': Could not open '{path}': {err.strerror}"
-            ) from err
-        if fmt == "raw" or (fmt is None and magic != b"QFI\xfb"):
-            if snapshot is not None:
-                raise CommandError(
-                    "Failed to load snapshot: Block format 'raw' used by device '' does not "
-                    + "support feature 'internal snapshots'"
-                )
-            self.raw = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = (os.fstat(self.raw).st_size + 511) // 512 * 512
-            self._read: Callable[[int, int], bytes] = self._read_raw
-            return
-        image = _open_image(spec, writable=False, force_share=force_share)
-        self.image = image
-        self.size = image.virtual_size
-        self._read = image.read
-        if snapshot is not None:
-            self._read = self._snapshot_reader(image, *snapshot)
-
-    @staticmethod
-    def _snapshot_reader(image: Any, kind: str, key: str) -> Callable[[int, int], bytes]:
-        """``-l``: ``snapshot.id=``/``snapshot.name=`` match exactly, a bare TAG is an ID
-        first, then a name (``bdrv_snapshot_load_tmp_by_id_or_name``).  The output keeps
-        the current virtual size: past the snapshot's own size it reads zeros."""
-        from ..snapshots import SnapshotView
-
-        entries = image.snapshots
-        if kind == "any":
-            matches = [e for e in entries if e.id == key] or [e for e in entries if e.name == key]
-        else:
-            matches = [e for e in entries if getattr(e, kind) == key]
-        if not matches:
-            raise CommandError("Failed to load snapshot: Can't find snapshot")
-        view = SnapshotView(image, matches[0])
-        end = view.virtual_size
-
-        def read(offset: int, length: int) -> bytes:
-            inside = max(0, min(length, end - offset))
-            data = view.read(offset, inside) if inside else b""
-            return data + bytes(length - inside)
-
-        return read
-
-    def _read_raw(self, offset: int, length: int) -> bytes:
-        assert self.raw is not None
-        data = os.pread(self.raw, length, offset)
-        return data + bytes(length - len(data))
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Guest bytes; reads past the virtual size are zeros."""
-        length = max(0, min(length, self.size - offset))
-        return self._read(offset, length) if length else b""
-
-    def close(self) -> None:
-        if self.raw is not None:
-            os.close(self.raw)
-        if self.image is not None:
-            self.image.close()  # type: ignore[attr-defined]
-
-
-_CHUNK = 1 << 20
+    key = _key(spec) if spec.key_id is not None else None
+    try:
+        layer = open_chain(spec.path, spec.fmt, force_share=force_share, key_secret=key)
+    except (Qcow2Error, OSError) as err:
+        raise _open_error(spec.arg, err) from err
+    try:
+        if isinstance(layer, Image) and layer.encrypted and key is None:
+            raise CommandError(f"Could not open '{spec.arg}': {EncryptionKeyError.MISSING_KEY}")
+        return GuestSource(layer, snapshot)
+    except SnapshotNotFoundError as err:
+        layer.close()
+        raise CommandError("Failed to load snapshot: Can't find snapshot") from err
+    except UnsupportedFeatureError as err:  # a snapshot of a raw image
+        layer.close()
+        raise CommandError(f"Failed to load snapshot: {err.message}") from err
+    except BaseException:
+        layer.close()
+        raise
 
 
 def _cmd_compare(args: Arguments) -> int:
+    from ..tools.convert import first_mismatch, first_nonzero
+
     try:
-        a = _Source(_spec(args, "image1"), force_share=args.U)
-        b = _Source(_spec(args, "image2", fmt=args.F), force_share=args.U)
+        a = _open_source(_spec(args, "image1"), force_share=args.U)
+        try:
+            b = _open_source(_spec(args, "image2", fmt=args.F), force_share=args.U)
+        except BaseException:
+            a.close()
+            raise
     except CommandError as err:
         err.code = 2
         raise
     try:
-        common = min(a.size, b.size)
-        for pos in range(0, common, _CHUNK):
-            n = min(_CHUNK, common - pos)
-            da, db = a.read(pos, n), b.read(pos, n)
-            if da != db:
-                diff = next(i for i in range(n) if da[i] != db[i])
-                sys.stdout.write(f"Content mismatch at offset {(pos + diff) // 512 * 512}!\n")
-                return 1
-        if a.size != b.size:
+        mismatch = first_mismatch(a, b)
+        if mismatch is None and a.size != b.size:
             if args.s:
                 sys.stdout.write("Strict mode: Image size mismatch!\n")
                 return 1
             sys.stdout.write("Warning: Image size mismatch!\n")
-            longer = a if a.size > b.size else b
-            for pos in range(common, longer.size, _CHUNK):
-                n = min(_CHUNK, longer.size - pos)
-                data = longer.read(pos, n)
-                if data.count(0) != len(data):
-                    first = next(i for i in range(n) if data[i])
-                    sys.stdout.write(f"Content mismatch at offset {(pos + first) // 512 * 512}!\n")
-                    return 1
+            mismatch = first_nonzero(a if a.size > b.size else b, min(a.size, b.size))
+        if mismatch is not None:
+            sys.stdout.write(f"Content mismatch at offset {mismatch}!\n")
+            return 1
         sys.stdout.write("Images are identical.\n")
         return 0
     except CommandError as err:
@@ -747,6 +692,7 @@ def _cmd_compare(args: Arguments) -> int:
 def _cmd_convert(args: Arguments) -> int:
     from ..compress import CompressedWriter
     from ..errors import OptionError, Qcow2Error
+    from ..tools.convert import copy_guest
     from .options import parse_secrets
 
     snapshot: tuple[str, str] | None = None
@@ -775,7 +721,7 @@ def _cmd_convert(args: Arguments) -> int:
         secrets = parse_secrets(args.object)
     except OptionError as err:
         raise CommandError(str(err)) from err
-    src = _Source(_spec(args, "src"), snapshot, force_share=args.U)
+    src = _open_source(_spec(args, "src"), snapshot, force_share=args.U)
     try:
         size = src.size
         writer: Callable[[int, bytes], object]
@@ -808,29 +754,21 @@ def _cmd_convert(args: Arguments) -> int:
                 raise
             except (Qcow2Error, OSError) as err:
                 raise CommandError(f"{args.dst}: error while converting qcow2: {err}") from err
-            writer = out_image.write if compressed is None else compressed.write
-        pos = 0
+            writer = out_image.write
+        at = [0]  # where the copy is (qemu-img names it when a write fails)
         try:
-            progress = _Progress(size) if args.p and not args.q else None
-            for pos in range(0, size, _CHUNK):
-                n = min(_CHUNK, size - pos)
-                data = src.read(pos, n)
-                if compressed is not None:
-                    step = compressed.image.cluster_size
-                    for sub in range(0, n, step):
-                        chunk = data[sub : sub + step]
-                        if chunk.count(0) != len(chunk):
-                            writer(pos + sub, chunk)
-                else:
-                    _write_nonzero(writer, pos, data)
-                if progress is not None:
-                    progress.update(pos + n)
-            if compressed is not None:
-                compressed.finish()
-            if progress is not None:
-                progress.end()
+            shown = _Progress(size) if args.p and not args.q else None
+
+            def progress(position: int, done: int) -> None:
+                at[0] = position
+                if shown is not None:
+                    shown.update(done)
+
+            copy_guest(src, writer, compressed=compressed, progress=progress)
+            if shown is not None:
+                shown.end()
         except Qcow2Error as err:
-            raise CommandError(f"error while writing at byte {pos}: {err.message}") from err
+            raise CommandError(f"error while writing at byte {at[0]}: {err.message}") from err
         finally:
             if out_image is not None:
                 out_image.close()
@@ -864,21 +802,6 @@ class _Progress:
         self._print(100.0)
         sys.stdout.write("    (100.00/100%)\r\n")
         sys.stdout.flush()
-
-
-def _write_nonzero(writer: Callable[[int, bytes], object], pos: int, data: bytes) -> None:
-    """Write the 4 KiB blocks of ``data`` that are not all zero (qemu-img keeps holes)."""
-    block = 4096
-    start = None
-    for off in range(0, len(data), block):
-        zero = data.count(0, off, off + block) == min(block, len(data) - off)
-        if zero and start is not None:
-            writer(pos + start, data[start:off])
-            start = None
-        elif not zero and start is None:
-            start = off
-    if start is not None:
-        writer(pos + start, data[start:])
 
 
 # Section: argument parsing

@@ -304,17 +304,21 @@ def find_snapshot(
     id_first: bool,
     path: str | None = None,
     name_only: bool = False,
+    id_only: bool = False,
 ) -> int:
     """Index of the snapshot ``key`` names.
 
     ``id_first=True`` is qemu's rule for apply and ``convert -l`` (ID, then name);
     ``id_first=False`` is the rule of ``qemu-img snapshot -d`` (name, then ID).
     ``name_only=True`` matches the name alone, as QEMU's savevm/loadvm/delvm do: a name that
-    looks like another snapshot's ID never selects that snapshot.  Raises
-    :class:`SnapshotNotFoundError` when nothing matches.
+    looks like another snapshot's ID never selects that snapshot; ``id_only=True`` the ID
+    alone (``convert -l snapshot.id=``).  Raises :class:`SnapshotNotFoundError` when nothing
+    matches.
     """
     if name_only:
         order: list[tuple[str | None, str | None]] = [(None, key)]
+    elif id_only:
+        order = [(key, None)]
     elif id_first:
         order = [(key, None), (None, key)]
     else:
