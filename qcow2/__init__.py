@@ -1,21 +1,28 @@
 """A pure-Python qcow2 reader/writer with internal snapshots, interchangeable with qemu-img.
 
+Layers, bottom up (``tests/qcow2/test_layers.py`` keeps them): ``errors``; ``io/`` (host
+file, locks, table cache); ``format/`` (on-disk structures); the driver (``image``, the one
+reader and writer, and the modules it ties together); ``tools/`` (qemu-img's subcommands on
+top of an image); ``cli/`` (the ``qcow2`` command).  See docs/ARCHITECTURE.md.
+
 The public names are loaded on first use (module ``__getattr__``), so that ``import qcow2``
 and the ``qcow2`` command stay cheap: a subcommand imports only the modules it needs.
 
 Modules on the read path of ``qcow2 info|check|snapshot -l|map`` import no ``typing``,
 ``dataclasses``, ``enum``, ``re``, ``collections``, ``contextlib`` or ``shutil`` (each costs
-milliseconds of start-up; ``tests/qcow2/test_import_diet.py`` checks it): imports needed only
-by annotations sit under ``if TYPE_CHECKING:`` with a module constant ``TYPE_CHECKING =
-False`` (type checkers and linters treat that name as ``typing.TYPE_CHECKING``), and their
-record classes are plain classes with ``__slots__`` instead of dataclasses.
+milliseconds of start-up; ``tests/qcow2/test_import_diet.py`` checks it).  One convention
+in every module: imports needed only by annotations sit under ``if TYPE_CHECKING:`` with a
+module constant ``TYPE_CHECKING = False`` (type checkers and linters treat that name as
+``typing.TYPE_CHECKING``); record classes are plain classes with ``__slots__``.
 """
 
 from __future__ import annotations
 
 from .errors import (
     BackingChainError,
+    BackingOpenError,
     CorruptImageError,
+    EncryptionKeyError,
     ImageLockedError,
     InvalidImageError,
     OutOfRangeError,
@@ -46,6 +53,8 @@ __all__ = [  # noqa: RUF022 - ordered by importance, as qemu.qmp does
     "SnapshotError",
     "SnapshotNotFoundError",
     "BackingChainError",
+    "BackingOpenError",
+    "EncryptionKeyError",
     "Qcow2IOError",
     "OutOfRangeError",
 ]

@@ -21,10 +21,11 @@
           +-- OptionError           a bad ``--object`` / ``--image-opts`` argument
 
 Every constructor takes the message and, by keyword, where it happened: ``path`` (the image
-file), ``errno`` (when it differs from the class's), and for corruption the ``offset`` and
-``size`` of the culprit.  Messages name the file and the offending field or offset, e.g.
-``disk.qcow2: L2 table offset 0x30200 unaligned (L1 index: 0)``.  Errors that wrap a
-lower-level failure keep it as ``__cause__`` (``raise X(...) from err``).
+file), ``errno`` (when it differs from the class's), the header ``field`` at fault (invalid
+images, refused features) and for corruption the ``offset`` and ``size`` of the culprit.
+Messages name the file and the offending field or offset, e.g. ``disk.qcow2: L2 table
+offset 0x30200 unaligned (L1 index: 0)``.  Errors that wrap a lower-level failure keep it
+as ``__cause__`` (``raise X(...) from err``).
 
 Fatal inconsistencies found while an image is in use go through :func:`signal_corruption`
 and nowhere else (QEMU's ``qcow2_signal_corruption``).
@@ -59,9 +60,16 @@ class Qcow2Error(Exception):
 
 
 class InvalidImageError(Qcow2Error):
-    """The file is not a qcow2 image this package can open (bad magic, invalid header)."""
+    """The file is not a qcow2 image this package can open (bad magic, invalid header).
+
+    :ivar field: the header field at fault (``layout.HEADER_FIELDS`` names), if one is.
+    """
 
     errno = _errno.EINVAL
+
+    def __init__(self, message: str, *, path: str | None = None, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message, path=path)
 
 
 class CorruptImageError(InvalidImageError):
@@ -76,22 +84,27 @@ class CorruptImageError(InvalidImageError):
         path: str | None = None,
         offset: int | None = None,
         size: int | None = None,
+        field: str | None = None,
     ) -> None:
         self.offset = offset
         self.size = size
-        super().__init__(message, path=path)
+        super().__init__(message, path=path, field=field)
 
 
 class UnsupportedFeatureError(Qcow2Error):
     """The image uses a feature that is refused (unknown incompatible bits, ...).
 
     :ivar bits: the offending feature bits, if the refusal is about feature bits.
+    :ivar field: the header field at fault, if one is.
     """
 
     errno = _errno.ENOTSUP
 
-    def __init__(self, message: str, *, path: str | None = None, bits: int = 0) -> None:
+    def __init__(
+        self, message: str, *, path: str | None = None, bits: int = 0, field: str | None = None
+    ) -> None:
         self.bits = bits
+        self.field = field
         super().__init__(message, path=path)
 
 

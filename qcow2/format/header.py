@@ -455,9 +455,13 @@ def read_header(
     values = layout.HEADER_V3_FULL_STRUCT.unpack(fixed)
     h = Header(**{name: v for (name, _), v in zip(layout.HEADER_FIELDS, values, strict=True)})
     if h.version not in layout.SUPPORTED_VERSIONS:
-        raise UnsupportedFeatureError(f"Unsupported qcow2 version {h.version}", path=path)
+        raise UnsupportedFeatureError(
+            f"Unsupported qcow2 version {h.version}", path=path, field="version"
+        )
     if not layout.MIN_CLUSTER_BITS <= h.cluster_bits <= layout.MAX_CLUSTER_BITS:
-        raise InvalidImageError(f"Unsupported cluster size: 2^{h.cluster_bits}", path=path)
+        raise InvalidImageError(
+            f"Unsupported cluster size: 2^{h.cluster_bits}", path=path, field="cluster_bits"
+        )
     cluster_size = h.cluster_size
     if h.version == 2:
         h.incompatible_features = h.compatible_features = h.autoclear_features = 0
@@ -467,18 +471,24 @@ def read_header(
         h.padding = bytes(7)
     else:
         if h.header_length < layout.HEADER_V3_MIN_LENGTH:
-            raise InvalidImageError("qcow2 header too short", path=path)
+            raise InvalidImageError("qcow2 header too short", path=path, field="header_length")
         if h.header_length > cluster_size:
-            raise InvalidImageError("qcow2 header exceeds cluster size", path=path)
+            raise InvalidImageError(
+                "qcow2 header exceeds cluster size", path=path, field="header_length"
+            )
         if h.header_length % 8:
             raise InvalidImageError(
-                f"header_length {h.header_length} is not a multiple of 8", path=path
+                f"header_length {h.header_length} is not a multiple of 8",
+                path=path,
+                field="header_length",
             )
         if h.header_length <= layout.field_offset("compression_type"):
             h.compression_type = layout.COMPRESSION_ZLIB
             h.padding = bytes(7)
     if h.backing_file_offset > cluster_size:
-        raise InvalidImageError("Invalid backing file offset", path=path)
+        raise InvalidImageError(
+            "Invalid backing file offset", path=path, field="backing_file_offset"
+        )
     ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
     if bound is not None and bound < h.header_length:
         raise _short_file(path, file_size)
@@ -493,22 +503,35 @@ def read_header(
             _read_extensions(probe, cluster0, ext_end, path)
         except InvalidImageError:
             pass
-        raise UnsupportedFeatureError(_feature_report(probe, unknown), path=path, bits=unknown)
+        raise UnsupportedFeatureError(
+            _feature_report(probe, unknown),
+            path=path,
+            bits=unknown,
+            field="incompatible_features",
+        )
     if writable and h.corrupt:
         raise ReadOnlyError("qcow2: Image is corrupt; cannot be opened read/write", path=path)
     _validate_compression(h, path)
     if h.refcount_order > layout.MAX_REFCOUNT_ORDER:
         raise InvalidImageError(
-            "Reference count entry width too large; may not exceed 64 bits", path=path
+            "Reference count entry width too large; may not exceed 64 bits",
+            path=path,
+            field="refcount_order",
         )
     if h.crypt_method > layout.CRYPT_LUKS:
-        raise UnsupportedFeatureError(f"Unsupported encryption method {h.crypt_method}", path=path)
+        raise UnsupportedFeatureError(
+            f"Unsupported encryption method {h.crypt_method}", path=path, field="crypt_method"
+        )
     if h.extended_l2 and h.subcluster_size < (1 << layout.MIN_CLUSTER_BITS):
         raise UnsupportedFeatureError(
-            f"Unsupported subcluster size: {h.subcluster_size}", path=path
+            f"Unsupported subcluster size: {h.subcluster_size}", path=path, field="cluster_bits"
         )
     if h.refcount_table_clusters == 0 and mode != "check":
-        raise CorruptImageError("Image does not contain a reference count table", path=path)
+        raise CorruptImageError(
+            "Image does not contain a reference count table",
+            path=path,
+            field="refcount_table_clusters",
+        )
     validate_table(
         "Reference count table",
         h.refcount_table_offset,
@@ -530,11 +553,11 @@ def read_header(
             path=path,
         )
     if h.l1_size > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
-        raise CorruptImageError("Active L1 table too large", path=path)
+        raise CorruptImageError("Active L1 table too large", path=path, field="l1_size")
     if h.l1_vm_state_index > 0x7FFFFFFF:
-        raise InvalidImageError("Image is too big", path=path)
+        raise InvalidImageError("Image is too big", path=path, field="size")
     if h.l1_size < h.l1_vm_state_index:
-        raise CorruptImageError("L1 table is too small", path=path)
+        raise CorruptImageError("L1 table is too small", path=path, field="l1_size")
     if h.l1_size:
         validate_table(
             "Active L1 table",
@@ -548,11 +571,15 @@ def read_header(
         )
     _read_extensions(h, cluster0, ext_end, path)
     if io and not h.has_data_file and h.autoclear_features & layout.AUTOCLEAR_DATA_FILE_RAW:
-        raise InvalidImageError("data-file-raw requires a data file", path=path)
+        raise InvalidImageError(
+            "data-file-raw requires a data file", path=path, field="autoclear_features"
+        )
     if h.backing_file_offset:
         length = h.backing_file_size
         if length > min(layout.MAX_BACKING_FILE_NAME, cluster_size - h.backing_file_offset):
-            raise InvalidImageError("Backing file name too long", path=path)
+            raise InvalidImageError(
+                "Backing file name too long", path=path, field="backing_file_size"
+            )
         raw = cluster0[h.backing_file_offset : h.backing_file_offset + length]
         h.backing_file = bytes(raw).decode("utf-8", "surrogateescape")
     return h
@@ -568,16 +595,22 @@ def _validate_compression(h: Header, path: str | None) -> None:
     """QEMU's ``validate_compression_type``."""
     if h.compression_type not in layout.COMPRESSION_NAMES:
         raise UnsupportedFeatureError(
-            f"qcow2: unknown compression type: {h.compression_type}", path=path
+            f"qcow2: unknown compression type: {h.compression_type}",
+            path=path,
+            field="compression_type",
         )
     has_bit = bool(h.incompatible_features & layout.INCOMPAT_COMPRESSION)
     if h.compression_type != layout.COMPRESSION_ZLIB and not has_bit:
         raise InvalidImageError(
-            "qcow2: Compression type incompatible feature bit must be set", path=path
+            "qcow2: Compression type incompatible feature bit must be set",
+            path=path,
+            field="incompatible_features",
         )
     if h.compression_type == layout.COMPRESSION_ZLIB and has_bit:
         raise InvalidImageError(
-            "qcow2: Compression type incompatible feature bit must not be set", path=path
+            "qcow2: Compression type incompatible feature bit must not be set",
+            path=path,
+            field="incompatible_features",
         )
 
 
