@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import need, need_fuse
-from vtpm_qcow.swtpm import free_tcp_port_pair
+from vtpm_qcow.tpm.swtpm import free_tcp_port_pair
 
 #: How long a started process may take to open its sockets.
 STARTUP_TIMEOUT = 20.0

@@ -28,11 +28,11 @@ from tests.vm.qemu_fixtures import (
     stop_process,
 )
 from tests.vtpm.mount_fixtures import vtpm_qcow
-from vtpm_qcow import linear
-from vtpm_qcow.qtest_tis import QtestTisTransport
-from vtpm_qcow.tpm import Tpm, TpmResponseError, sha256
-from vtpm_qcow.vm import WatcherThread
-from vtpm_qcow.vm_watch import DEFAULT_GRACE
+from vtpm_qcow.cli.vm import WatcherThread
+from vtpm_qcow.state import linear
+from vtpm_qcow.tpm.client import Tpm, TpmResponseError, sha256
+from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
+from vtpm_qcow.vm.watch import DEFAULT_GRACE
 
 NV_INDEX = 0x01500040
 NV_EXTRA = 0x01500041

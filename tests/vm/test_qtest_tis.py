@@ -1,4 +1,4 @@
-"""vtpm_qcow.qtest_tis: real TPM commands through a real QEMU's TIS device."""
+"""vtpm_qcow.tpm.qtest_tis: real TPM commands through a real QEMU's TIS device."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from tests.vm.qemu_fixtures import (
     swtpm_process,
     swtpm_tcti,
 )
-from vtpm_qcow.qtest_tis import QtestTisTransport
-from vtpm_qcow.tpm import Tpm, TpmResponseError, TpmTransportError, sha256
+from vtpm_qcow.tpm.client import Tpm, TpmResponseError, TpmTransportError, sha256
+from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 NV_INDEX = 0x01500020
 #: QEMU hw/tpm/tpm_tis.h: TPM_TIS_TPM_DID 0x0001, TPM_TIS_TPM_VID = IBM's PCI vendor id.

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import need, need_fuse
-from vtpm_qcow import linear
-from vtpm_qcow.blob import BLOB_HEADER_STRUCT, TAG_DATA, TLV_HEADER_STRUCT
-from vtpm_qcow.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for, socket_path_for
+from vtpm_qcow.export.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for, socket_path_for
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.blob import BLOB_HEADER_STRUCT, TAG_DATA, TLV_HEADER_STRUCT
 
 STATE_FILE = "tpmstate"
 #: a TCTI-independent NV index for the tests' data
@@ -197,7 +197,7 @@ def stale_mount(mountpoint: Path) -> bool:
 
 def state_blob(payload: bytes) -> bytes:
     """``payload`` as swtpm stores a state blob: a version 2 header and one DATA TLV (the
-    views refuse to commit anything else, see :func:`vtpm_qcow.blob.check_stored_blob`)."""
+    views refuse to commit anything else, see :func:`vtpm_qcow.state.blob.check_stored_blob`)."""
     tlv = TLV_HEADER_STRUCT.pack(TAG_DATA, len(payload)) + payload
     total = BLOB_HEADER_STRUCT.size + len(tlv)
     return BLOB_HEADER_STRUCT.pack(2, 1, BLOB_HEADER_STRUCT.size, 0, total) + tlv

@@ -1,4 +1,4 @@
-"""Shared helpers for tests that run the real swtpm / swtpm_setup (through vtpm_qcow.swtpm).
+"""Shared helpers for tests that run the real swtpm / swtpm_setup (through vtpm_qcow.tpm.swtpm).
 
 Every swtpm started here is stopped (and reaped) in a ``finally`` block.  The TCP layout
 (data channel on port N, control on N+1) is what tpm2-tools' ``-T swtpm:port=N`` expects.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tests.helpers import need
 from vtpm_qcow.errors import SwtpmError
-from vtpm_qcow.swtpm import Swtpm, free_tcp_port_pair, run_setup
-from vtpm_qcow.tpm import SwtpmSocketTransport, Tpm
+from vtpm_qcow.tpm.client import SwtpmSocketTransport, Tpm
+from vtpm_qcow.tpm.swtpm import Swtpm, free_tcp_port_pair, run_setup
 
 NV_INDEX = 0x01500020
 

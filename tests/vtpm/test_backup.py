@@ -26,8 +26,8 @@ from tests.vtpm.mount_fixtures import (
     runtime_dir,  # noqa: F401  (fixture)
     vtpm_qcow,
 )
-from vtpm_qcow import linear
 from vtpm_qcow.errors import StoreError
+from vtpm_qcow.state import linear
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

@@ -1,4 +1,4 @@
-"""``vtpm-qcow check`` / ``--repair``, ``info``'s "not loadable" and :mod:`vtpm_qcow.probe`,
+"""``vtpm-qcow check`` / ``--repair``, ``info``'s "not loadable" and :mod:`vtpm_qcow.state.probe`,
 on TPM states a real swtpm made and broken exactly the way issue 9's bug broke them.
 
 The bug: the file view committed swtpm's store of a new state after swtpm's msync of only
@@ -29,11 +29,11 @@ import pytest
 from tests.helpers import held_by_qemu_io, need
 from tests.qcow2 import oracle
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
-from vtpm_qcow import linear
-from vtpm_qcow.backup import layout_from_file
+from vtpm_qcow.backup.plainstate import layout_from_file
 from vtpm_qcow.errors import SwtpmError
-from vtpm_qcow.probe import NO_STATE, ProbeResult, layout_problem, probe_layout
-from vtpm_qcow.store import Store, digest
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.probe import NO_STATE, ProbeResult, layout_problem, probe_layout
+from vtpm_qcow.state.store import Store, digest
 
 PAGE = 4096
 SECOND_NV_INDEX = NV_INDEX + 1

@@ -17,9 +17,9 @@ from tests.vtpm.swtpm_fixtures import (
     tpm2_tool,
     tpm_client,
 )
-from vtpm_qcow import linear
-from vtpm_qcow.store import Store
-from vtpm_qcow.swtpm import Swtpm
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.store import Store
+from vtpm_qcow.tpm.swtpm import Swtpm
 
 NV = "0x1500030"
 EK_CERT_RSA_INDEX = 0x01C00002

@@ -23,7 +23,7 @@ from tests.vtpm.mount_fixtures import (
     runtime_dir,  # noqa: F401  (fixture)
     vtpm_qcow,
 )
-from vtpm_qcow.cli import build_parser
+from vtpm_qcow.cli.main import build_parser
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

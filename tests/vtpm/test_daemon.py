@@ -34,9 +34,9 @@ from tests.vtpm.mount_fixtures import (
     wait_gone,
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
-from vtpm_qcow.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for
-from vtpm_qcow.swtpm import CMD_SHUTDOWN, control_command, free_tcp_port_pair
-from vtpm_qcow.tpm import SwtpmSocketTransport, Tpm
+from vtpm_qcow.export.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for
+from vtpm_qcow.tpm.client import SwtpmSocketTransport, Tpm
+from vtpm_qcow.tpm.swtpm import CMD_SHUTDOWN, control_command, free_tcp_port_pair
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

@@ -1,7 +1,7 @@
 """``vtpm-qcow serve --qmp``: the daemon mirrors a real QEMU's HMP savevm/delvm in the image.
 
 QEMU runs with swtpm on the served mount (``-chardev socket`` on serve's ``--ctrl``); the
-watcher of :mod:`vtpm_qcow.vm` runs inside serve on QEMU's second QMP monitor.
+watcher of :mod:`vtpm_qcow.cli.vm` runs inside serve on QEMU's second QMP monitor.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
     wait_gone,
 )
-from vtpm_qcow.control import ControlClient, pid_path_for
+from vtpm_qcow.export.control import ControlClient, pid_path_for
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 
@@ -79,7 +79,7 @@ def test_serve_stops_when_qemu_is_killed(tmp_path: Path) -> None:
     """QEMU killed with -9 sends swtpm no CMD_SHUTDOWN; serve notices the control channel
     losing its client, stops swtpm cleanly and exits (mount gone, image clean).  Brief
     control connections (probes) before QEMU attaches do not count as a client."""
-    from vtpm_qcow.swtpm import CMD_GET_CAPABILITY, control_command
+    from vtpm_qcow.tpm.swtpm import CMD_GET_CAPABILITY, control_command
 
     image = create_image(tmp_path / "vtpm.qcow2")
     disk = create_disk(tmp_path / "disk.qcow2")

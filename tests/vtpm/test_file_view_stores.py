@@ -27,8 +27,8 @@ from tests.vtpm.mount_fixtures import (
     runtime_dir,  # noqa: F401  (fixture)
     state_blob,
 )
-from vtpm_qcow import linear
-from vtpm_qcow.control import ControlClient
+from vtpm_qcow.export.control import ControlClient
+from vtpm_qcow.state import linear
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

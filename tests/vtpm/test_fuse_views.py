@@ -32,10 +32,10 @@ from tests.vtpm.mount_fixtures import (
     state_blob,
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
-from vtpm_qcow import linear
-from vtpm_qcow.control import MAX_LINE
 from vtpm_qcow.errors import StoreError
-from vtpm_qcow.fuse_export import MAX_FILE_SIZE, MAX_MEMORY_FILES
+from vtpm_qcow.export.control import MAX_LINE
+from vtpm_qcow.export.fuse import MAX_FILE_SIZE, MAX_MEMORY_FILES
+from vtpm_qcow.state import linear
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

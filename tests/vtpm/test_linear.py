@@ -1,4 +1,4 @@
-"""vtpm_qcow.linear against files the real swtpm writes, and swtpm against files it builds."""
+"""vtpm_qcow.state.linear against files the real swtpm writes, and swtpm against files it builds."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
-from vtpm_qcow import linear
-from vtpm_qcow.blob import TAG_DATA, parse_blob
 from vtpm_qcow.errors import StateFormatError
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.blob import TAG_DATA, parse_blob
 
 
 def sections_of(data: bytes) -> dict[str, bytes | None]:

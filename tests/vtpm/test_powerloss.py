@@ -8,7 +8,7 @@ flush durable, later ones lost, applied or torn per 512-byte sector, in any orde
 distinct crash image must:
 
 * pass ``qemu-img check`` (exit 0, or 3 for leaked clusters only);
-* open with :class:`vtpm_qcow.store.Store` and give a linear layout swtpm's checks accept;
+* open with :class:`vtpm_qcow.state.store.Store` and give a linear layout swtpm's checks accept;
 * load in a real swtpm (not libtpms' failure mode) and show, through TPM commands, the
   state of the last step acknowledged before the crash or of the step then in flight, never
   an older one and never one that never existed (owner password, NV indices and their data,
@@ -75,13 +75,12 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
 )
 from tests.vtpm.swtpm_fixtures import need_swtpm, setup_state
-from vtpm_qcow import linear
-from vtpm_qcow.control import RUNTIME_DIR_ENV
 from vtpm_qcow.errors import SwtpmError, VtpmQcowError
-from vtpm_qcow.probe import NO_STATE, layout_problem
-from vtpm_qcow.store import Store
-from vtpm_qcow.swtpm import Swtpm
-from vtpm_qcow.tpm import (
+from vtpm_qcow.export.control import RUNTIME_DIR_ENV
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.probe import NO_STATE, layout_problem
+from vtpm_qcow.state.store import Store
+from vtpm_qcow.tpm.client import (
     TPM_SU_CLEAR,
     TPM_SU_STATE,
     SwtpmSocketTransport,
@@ -89,6 +88,7 @@ from vtpm_qcow.tpm import (
     TpmError,
     TpmResponseError,
 )
+from vtpm_qcow.tpm.swtpm import Swtpm
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

@@ -1,4 +1,4 @@
-"""vtpm_qcow.store.Store against qemu-img/qemu-io, real swtpm state and qemu-storage-daemon."""
+"""The vTPM Store (vtpm_qcow.state.store) against qemu-img/qemu-io, swtpm state and qsd."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from qcow2.io.fileio import inject_fault
 from tests.helpers import need, need_fuse
 from tests.qcow2 import oracle
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
-from vtpm_qcow import backup, linear
+from vtpm_qcow.backup import plainstate
 from vtpm_qcow.errors import StateFormatError, StoreError
-from vtpm_qcow.store import DEFAULT_CLUSTER_SIZE, DEFAULT_SIZE, Store, digest
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.store import DEFAULT_CLUSTER_SIZE, DEFAULT_SIZE, Store, digest
 
 MiB = 1024 * 1024
 
@@ -69,13 +70,13 @@ def tpm_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     tmp = tmp_path_factory.mktemp("states")
     path = tmp / "a.lin"
     setup_state(f"file://{path}")
-    state_a = backup.layout_from_file(path)
+    state_a = plainstate.layout_from_file(path)
     with running_swtpm(f"backend-uri=file://{path}", tmp / "run") as swtpm:
         with tpm_client(swtpm) as tpm:
             tpm.nv_define_space(NV_INDEX, 16)
             tpm.nv_write(NV_INDEX, b"state B contents")
         swtpm.store_volatile()
-    state_b = backup.layout_from_file(path)
+    state_b = plainstate.layout_from_file(path)
     assert state_a != state_b
     return {"A": state_a, "B": state_b}
 
@@ -317,7 +318,7 @@ def test_store_image_works_under_qemu_storage_daemon_and_back(
     with Store.open(path) as store:
         linear.parse_header(store.layout())
         exported_dir = tmp_path / "exported"
-        backup.export_state(store, exported_dir, as_dir=True)
+        plainstate.export_state(store, exported_dir, as_dir=True)
         assert [s.tag for s in store.snapshots()] == ["before-qsd"]
     with running_swtpm(f"dir={exported_dir}", tmp_path / "run2") as swtpm, tpm_client(swtpm) as tpm:
         assert tpm.nv_read(NV_INDEX, 16) == payload

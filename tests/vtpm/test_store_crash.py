@@ -18,9 +18,9 @@ import pytest
 from qcow2.io.fileio import WriteEvent
 from tests.qcow2 import oracle
 from tests.writelog import all_crash_variants, replay
-from vtpm_qcow import linear
 from vtpm_qcow.errors import StoreError
-from vtpm_qcow.store import Store
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.store import Store
 
 
 def layout_of_disk(disk: bytes) -> bytes:

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tests.qcow2 import oracle
-from vtpm_qcow import linear
 from vtpm_qcow.errors import StateFormatError, StoreError
-from vtpm_qcow.store import Store
+from vtpm_qcow.state import linear
+from vtpm_qcow.state.store import Store
 
 SIZE = 128 * 1024
 TAGS = st.sampled_from(["a", "b", "c"])

@@ -1,4 +1,4 @@
-"""vtpm_qcow.swtpm with the real swtpm and swtpm_setup."""
+"""vtpm_qcow.tpm.swtpm with the real swtpm and swtpm_setup."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.vtpm.swtpm_fixtures import NV_INDEX, need_swtpm, running_swtpm, setup_state, tpm_client
-from vtpm_qcow import linear
 from vtpm_qcow.errors import SwtpmError
-from vtpm_qcow.swtpm import Swtpm, find_tool, run_setup
+from vtpm_qcow.state import linear
+from vtpm_qcow.tpm.swtpm import Swtpm, find_tool, run_setup
 
 #: TCG NV index of the RSA EK certificate (swtpm_setup --create-ek-cert writes it).
 EK_CERT_RSA_INDEX = 0x01C00002

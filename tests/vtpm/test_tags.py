@@ -21,7 +21,7 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
 )
 from vtpm_qcow.errors import StoreError
-from vtpm_qcow.store import Store, digest
+from vtpm_qcow.state.store import Store, digest
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 

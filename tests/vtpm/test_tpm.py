@@ -1,4 +1,4 @@
-"""vtpm_qcow.tpm against a real swtpm, cross-checked with tpm2-tools over the swtpm TCTI."""
+"""vtpm_qcow.tpm.client against a real swtpm, cross-checked with tpm2-tools over the swtpm TCTI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import need
 from tests.vm.qemu_fixtures import SwtpmProcess, run_tool, swtpm_process, swtpm_tcti
 from vtpm_qcow.errors import VtpmQcowError
-from vtpm_qcow.tpm import (
+from vtpm_qcow.tpm.client import (
     TPM_RC_INITIALIZE,
     TPM_SU_CLEAR,
     TPM_SU_STATE,
@@ -102,7 +102,7 @@ def test_pcr_extend_follows_the_hash_chain_and_matches_tpm2_pcrread(
 def test_nv_define_write_read_undefine_cross_checked_with_tpm2_tools(
     swtpm_tcp: SwtpmProcess, tmp_path: Path
 ) -> None:
-    data = b"written through vtpm_qcow.tpm"
+    data = b"written through vtpm_qcow.tpm.client"
     transport, tpm = started(swtpm_tcp)
     with transport:
         tpm.nv_define_space(NV_INDEX, 64)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vtpm_qcow.archive import capture_image, verify_backup, write_backup
-from vtpm_qcow.store import Store
+from vtpm_qcow.backup.archive import capture_image, verify_backup, write_backup
+from vtpm_qcow.state.store import Store
 
 
 def blob(i: int, size: int) -> bytes:

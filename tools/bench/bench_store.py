@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qcow2.io.fileio import WriteEvent
-from vtpm_qcow.store import Store
+from vtpm_qcow.state.store import Store
 
 CLUSTER_SIZES = (4096, 16384, 65536)
 

@@ -38,9 +38,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vtpm_qcow.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for
-from vtpm_qcow.swtpm import Swtpm, free_tcp_port_pair
-from vtpm_qcow.tpm import SwtpmSocketTransport, Tpm
+from vtpm_qcow.export.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for
+from vtpm_qcow.tpm.client import SwtpmSocketTransport, Tpm
+from vtpm_qcow.tpm.swtpm import Swtpm, free_tcp_port_pair
 
 NV_INDEX = 0x01500040
 NV_SIZE = 64

@@ -6,7 +6,7 @@ vTPM image served by ``vtpm-qcow serve``.  Each round times, on the same VM and 
 open QMP session:
 
 * bare save: ``snapshot-save`` job (QEMU stops and restarts the VM itself), wait, dismiss;
-* orchestrated save: :func:`vtpm_qcow.vm_orchestrate.save` (query-status, stop, tag checks,
+* orchestrated save: :func:`vtpm_qcow.vm.orchestrate.save` (query-status, stop, tag checks,
   vTPM snapshot over the daemon's control socket, the same job, cont);
 * bare load / orchestrated load likewise (``snapshot-load``; vTPM apply after it).
 
@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.vm.qemu_fixtures import create_disk, qemu_vm, served_store
 from tests.vtpm.mount_fixtures import vtpm_qcow as vtpm_qcow_command
-from vtpm_qcow.control import RUNTIME_DIR_ENV
-from vtpm_qcow.vm_orchestrate import Monitor, VtpmSnapshots, load, open_vtpm, save
+from vtpm_qcow.export.control import RUNTIME_DIR_ENV
+from vtpm_qcow.vm.orchestrate import Monitor, VtpmSnapshots, load, open_vtpm, save
 
 
 async def timed(action: Callable[[], Awaitable[object]]) -> float:

@@ -3,7 +3,7 @@ up, verify and restore vTPM images.
 
 Every failure is one line on stderr (``vtpm-qcow: IMAGE: what is wrong``) and a non-zero
 exit status; tracebacks are for bugs only.  ``mount``/``serve`` come from
-:mod:`vtpm_qcow.daemon` and ``vm ...`` from :mod:`vtpm_qcow.vm`.
+:mod:`vtpm_qcow.export.daemon` and ``vm ...`` from :mod:`vtpm_qcow.cli.vm`.
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from typing import Any, Final, NoReturn
 
 from qcow2.errors import ImageLockedError, Qcow2Error
 
-from . import archive, backup
-from .blob import parse_blob, permall_tpm_version
-from .control import ControlClient, daemon_answers, held_image_error
-from .daemon import add_mount_commands
-from .errors import StateFormatError, StoreError, VtpmQcowError
-from .store import (
+from ..backup import archive, plainstate
+from ..errors import StateFormatError, StoreError, VtpmQcowError
+from ..export.control import ControlClient, daemon_answers, held_image_error
+from ..export.daemon import add_mount_commands
+from ..state.blob import parse_blob, permall_tpm_version
+from ..state.store import (
     DEFAULT_CLUSTER_SIZE,
     DEFAULT_SIZE,
     SnapshotInfo,
     Store,
     snapshot_digest,
 )
-from .swtpm import find_tool, run_setup
+from ..tpm.swtpm import find_tool, run_setup
 from .vm import add_vm_commands
 
 PROG: Final = "vtpm-qcow"
@@ -93,7 +93,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             kind = "TPM 1.2" if args.tpm12 else "TPM 2.0"
             _say(args, f"Manufacturing a {kind} with swtpm_setup")
             run_setup(f"file://{state}", tpm2=not args.tpm12, options=options)
-            data = backup.layout_from_file(state)
+            data = plainstate.layout_from_file(state)
         if store is None:
             store = Store.create(args.image, size=args.size, cluster_size=args.cluster_size)
         store.replace_layout(data, source="swtpm_setup output")
@@ -130,7 +130,7 @@ def _open_writable(image: str, what: str) -> Store:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with _open_writable(args.image, "an import") as store:
-        sizes = backup.import_state(store, args.source)
+        sizes = plainstate.import_state(store, args.source)
     _say(args, f"Imported {args.source} into {args.image}: {_sections_text(sizes)}")
     return 0
 
@@ -140,7 +140,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     taken = archive.capture_image(args.image, snapshots=False, control=args.control)
     as_dir = True if args.dir else None
     tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
-    sizes = backup.export_layout(
+    sizes = plainstate.export_layout(
         taken.layout, args.target, source=args.image, as_dir=as_dir, tpm2=tpm2
     )
     _say(args, f"Exported {args.image} to {args.target}: {_sections_text(sizes)}")
@@ -304,7 +304,7 @@ def info_dict(store: Store) -> dict[str, Any]:
     permall = store.read_section("permall") if layout_error is None else None
     problem = layout_error
     if problem is None:
-        from .probe import layout_problem  # swtpm's own structural checks, no swtpm run
+        from ..state.probe import layout_problem  # swtpm's own structural checks, no swtpm run
 
         problem = layout_problem(store.layout(), source=store.path)
     return {
@@ -388,7 +388,7 @@ def _open_for_check(args: argparse.Namespace) -> Store:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Check the image and its current state; with --repair, restore a loadable one."""
-    from . import checkup
+    from ..state import checkup
 
     with _open_for_check(args) as store:
         report = checkup.check_store(store, load=not args.no_load)
@@ -410,7 +410,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 # Section: parser
 
 #: Examples shown under each command's --help (mount/serve/umount/vm are registered by
-#: :mod:`vtpm_qcow.daemon` and :mod:`vtpm_qcow.vm`; their examples are added here).
+#: :mod:`vtpm_qcow.export.daemon` and :mod:`vtpm_qcow.cli.vm`; their examples are added here).
 EXAMPLES: Final = {
     "create": """examples:
   vtpm-qcow create vm1-tpm.qcow2              # 4 MiB, like Proxmox VE's tpmstate0

@@ -1,7 +1,7 @@
 """The vTPM state store: a qcow2 image whose virtual disk is swtpm's linear state file.
 
 There is no private container: byte ``n`` of the virtual disk is byte ``n`` of the file
-swtpm's ``--tpmstate backend-uri=file://`` backend would use (see :mod:`vtpm_qcow.linear`).
+swtpm's ``--tpmstate backend-uri=file://`` backend would use (see :mod:`vtpm_qcow.state.linear`).
 The same image therefore also works through qemu-storage-daemon's FUSE export + swtpm, and
 ``qemu-img``/``qemu-io`` read it.  Internal qcow2 snapshots carry the TPM state; their names
 are the tags (the same tags as the VM disk's snapshots).
@@ -39,8 +39,8 @@ import xxhash
 
 import qcow2
 
+from ..errors import StateFormatError, StoreError
 from . import linear
-from .errors import StateFormatError, StoreError
 
 DEFAULT_SIZE: Final = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE: Final = 4096

@@ -1,8 +1,8 @@
 """The mount daemon: ``vtpm-qcow mount``, ``serve`` and ``umount``.
 
 ``mount IMAGE MOUNTPOINT`` opens the store (taking the image's QEMU-compatible lock), mounts
-its file view or dir view (:mod:`vtpm_qcow.fuse_export`) and serves the control socket
-(:mod:`vtpm_qcow.control`).  Without ``--foreground`` it detaches and the command returns
+its file view or dir view (:mod:`vtpm_qcow.export.fuse`) and serves the control socket
+(:mod:`vtpm_qcow.export.control`).  Without ``--foreground`` it detaches and the command returns
 only once the mount and the socket are usable (the daemon reports readiness, or its error,
 through a pipe).  SIGTERM/SIGINT, ``vtpm-qcow umount`` or ``fusermount3 -u`` commit buffered
 writes, unmount, close the image (releasing its lock) and remove the socket and pid file.
@@ -13,7 +13,7 @@ mount point needing ``fusermount3 -u``.
 ``swtpm socket --ctrl type=unixio,path=SOCKET`` on it for QEMU's ``-chardev socket``.
 swtpm exits when QEMU quits; serve then unmounts and exits, or with ``--keep-serving``
 starts a fresh swtpm for the next QEMU run.  With ``--qmp SOCKET`` (a QMP monitor of its
-own) it also runs :mod:`vtpm_qcow.vm`'s snapshot watcher, so HMP ``savevm``/``delvm`` of
+own) it also runs :mod:`vtpm_qcow.cli.vm`'s snapshot watcher, so HMP ``savevm``/``delvm`` of
 the VM's disks are mirrored in the image.
 
 Test hook: with ``$VTPM_QCOW_WRITE_LOG`` set, the daemon appends every write, flush and
@@ -47,6 +47,7 @@ import trio
 from qcow2.errors import Qcow2Error
 from qcow2.io.fileio import HostFile, WriteEvent
 
+from ..errors import StoreError, VtpmQcowError
 from .control import (
     ControlClient,
     ControlServer,
@@ -55,12 +56,11 @@ from .control import (
     socket_path_for,
     store_handlers,
 )
-from .errors import StoreError, VtpmQcowError
-from .fuse_export import STATE_FILE_NAME, StoreFS, make_fs, mount_options
+from .fuse import STATE_FILE_NAME, StoreFS, make_fs, mount_options
 
 if TYPE_CHECKING:
-    from .store import Store
-    from .swtpm import Swtpm
+    from ..state.store import Store
+    from ..tpm.swtpm import Swtpm
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class SwtpmConfig:
     options: tuple[str, ...] = ()
     tpm2: bool = True
     keep_serving: bool = False
-    #: QEMU's QMP socket to follow with a snapshot watcher (:class:`vtpm_qcow.vm.WatcherThread`)
+    #: QEMU's QMP socket to follow with a snapshot watcher (:class:`vtpm_qcow.cli.vm.WatcherThread`)
     qmp: str | None = None
     #: the swtpm running now (filled in while serving)
     current: Swtpm | None = None
@@ -268,7 +268,7 @@ def _attach_kill_at_fsync(fs: StoreFS, value: str) -> None:
 
 
 def _open_store(image: str) -> Store:
-    from .store import Store  # the store module is the layer this daemon serves
+    from ..state.store import Store  # the store module is the layer this daemon serves
 
     if not os.path.exists(image):
         raise StoreError(f"{image}: no such image")
@@ -440,7 +440,7 @@ async def _serve_swtpm(
     task_status: trio.TaskStatus[None],
 ) -> None:
     """The loop of :func:`_run_swtpm`: start swtpm, wait for it to end, maybe again."""
-    from .swtpm import Swtpm
+    from ..tpm.swtpm import Swtpm
 
     tpmstate = swtpm_tpmstate(view, mountpoint)
     started = False
@@ -495,10 +495,10 @@ async def _follow_qmp(qmp: str, mount: MountConfig) -> None:
     """Keep the store's snapshots aligned with QEMU's while this swtpm runs.
 
     QEMU starts after serve (it needs swtpm's socket), so wait for its QMP socket, then run
-    the snapshot watcher of :mod:`vtpm_qcow.vm` (its own asyncio loop, in a thread) against
+    the snapshot watcher of :mod:`vtpm_qcow.cli.vm` (its own asyncio loop, in a thread) against
     this daemon's control socket.  A failed watcher is logged and retried.
     """
-    from .vm import WatcherThread
+    from ..cli.vm import WatcherThread
 
     while True:
         while not os.path.exists(qmp):
@@ -788,7 +788,7 @@ def add_mount_commands(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vtpm_qcow.daemon mount|serve|umount ...`` (same as the CLI's commands)."""
+    """``python -m vtpm_qcow.export.daemon mount|serve|umount ...`` (same as the CLI's commands)."""
     parser = argparse.ArgumentParser(prog="vtpm-qcow")
     add_mount_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""pyfuse3 views of a :class:`~vtpm_qcow.store.Store`: the file view and the dir view.
+"""pyfuse3 views of a :class:`~vtpm_qcow.state.store.Store`: the file view and the dir view.
 
 Both views are one :class:`StoreFS` (inodes, lookup counts, open handles, attributes) with a
 :class:`Namespace` strategy that decides what the directory holds and where the commit
@@ -16,7 +16,7 @@ points are:
   state file deletes the section.
 
 Both views refuse to commit a blob that fails swtpm's own header checks
-(:func:`~vtpm_qcow.blob.check_stored_blob`): the file view's fsync fails with EIO, the dir
+(:func:`~vtpm_qcow.state.blob.check_stored_blob`): the file view's fsync fails with EIO, the dir
 view's rename with EINVAL, and the store keeps its last state.
 
 Every handler runs its whole body as one synchronous function under one lock (``_locked``,
@@ -49,9 +49,9 @@ from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT
 
 from qcow2.errors import Qcow2Error
 
-from .blob import check_stored_blob
-from .errors import StateFormatError, StoreError, VtpmQcowError
-from .linear import (
+from ..errors import StateFormatError, StoreError, VtpmQcowError
+from ..state.blob import check_stored_blob
+from ..state.linear import (
     EMPTY_SLOT,
     HEADER_SIZE,
     SECTION_NAMES,
@@ -64,7 +64,7 @@ from .linear import (
 )
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..state.store import Store
 
 log = logging.getLogger(__name__)
 

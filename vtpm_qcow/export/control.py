@@ -11,10 +11,10 @@ Ops: ``ping``, ``info``, ``snapshot-list``, ``snapshot-create``, ``snapshot-appl
 ``snapshot-delete`` and ``capture`` (the committed state and its snapshots, read in one step
 under the file system lock: what backups and exports of a held image use; ``"tag"`` reads one
 snapshot's state instead, ``"snapshots": false`` leaves the snapshots out).
-The daemon (:mod:`vtpm_qcow.daemon`) serves it next to its FUSE mount;
+The daemon (:mod:`vtpm_qcow.export.daemon`) serves it next to its FUSE mount;
 every op runs serialized with the file system's requests, so snapshots are safe while swtpm
 runs.  :class:`ControlClient` is the synchronous client used by the CLI and by the QMP
-alignment (:mod:`vtpm_qcow.vm`).
+alignment (:mod:`vtpm_qcow.cli.vm`).
 
 The default socket of an image lives in :func:`runtime_dir` and is named after the image's
 real path (:func:`socket_path_for`), so ``ControlClient.for_image(path)`` finds it.
@@ -38,12 +38,12 @@ import trio
 
 from qcow2.errors import Qcow2Error
 
-from .capture import StateCapture, capture_store, from_wire, to_wire
-from .errors import StoreError, VtpmQcowError
-from .store import check_tag
+from ..errors import StoreError, VtpmQcowError
+from ..state.capture import StateCapture, capture_store, from_wire, to_wire
+from ..state.store import check_tag
 
 if TYPE_CHECKING:
-    from .fuse_export import StoreFS
+    from .fuse import StoreFS
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import StateFormatError, StoreError
 from . import linear
-from .errors import StateFormatError, StoreError
 from .store import MAX_LAYOUT, Store, combined_digest, digest
 
 

@@ -5,10 +5,10 @@ Three levels, each a list of one-line :class:`Finding` s in a :class:`Report`:
 1. the qcow2 image (:meth:`qcow2.Image.check`, counted as ``qemu-img check`` counts):
    corruptions and check errors make it *damaged*; leaks are only reported;
 2. swtpm's linear header and every section's blob
-   (:func:`vtpm_qcow.probe.layout_problem`, :func:`vtpm_qcow.probe.blob_problem`);
-3. unless disabled, a dry load by a real swtpm (:func:`vtpm_qcow.probe.probe_layout`).
+   (:func:`vtpm_qcow.state.probe.layout_problem`, :func:`vtpm_qcow.state.probe.blob_problem`);
+3. unless disabled, a dry load by a real swtpm (:func:`vtpm_qcow.state.probe.probe_layout`).
 
-Nothing here writes; the repair is :mod:`vtpm_qcow.recover`'s.
+Nothing here writes; the repair is :mod:`vtpm_qcow.state.recover`'s.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Final
 
 from qcow2.errors import Qcow2Error
 
+from ..errors import StateFormatError
 from . import linear
-from .errors import StateFormatError
 from .probe import NO_STATE, blob_problem, probe_layout
 from .store import Store
 
@@ -201,7 +201,7 @@ def check_store(store: Store, *, load: bool = True, timeout: float = 20.0) -> Re
 def repair(store: Store, report: Report) -> tuple[dict[str, Any], int]:
     """``check --repair`` after :func:`check_store` gave ``report`` on the writable
     ``store``: when the current state is refused, make the newest earlier state a real
-    swtpm loads current (:mod:`vtpm_qcow.recover`).  Adds findings; returns the repair's
+    swtpm loads current (:mod:`vtpm_qcow.state.recover`).  Adds findings; returns the repair's
     JSON and the exit status.  A damaged image and a state that is not refused are left
     alone; so is the image when no earlier state loads.
     """

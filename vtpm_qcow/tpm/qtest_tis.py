@@ -4,7 +4,7 @@ QEMU started with ``-qtest unix:PATH,server=on,wait=off -qtest-log /dev/null -ac
 accepts a line protocol on PATH (``readb ADDR`` -> ``OK 0xVALUE``, ``writeb ADDR VALUE`` ->
 ``OK``, likewise ``readl``/``writel``) that performs guest physical memory accesses; the TPM
 TIS device's registers sit at 0xFED40000.  :class:`QtestTisTransport` implements the
-:class:`vtpm_qcow.tpm.Transport` protocol the way a guest driver does (TCG PC Client TIS):
+:class:`vtpm_qcow.tpm.client.Transport` protocol the way a guest driver does (TCG PC Client TIS):
 
 1. ACCESS (0x00): request locality 0 (requestUse) and wait for activeLocality.
 2. STS (0x18): set commandReady; burstCount (bits 8..23) says how many bytes fit.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import socket
 import time
 
-from vtpm_qcow.tpm import MAX_RESPONSE_SIZE, RESPONSE_HEADER, TpmTransportError
+from .client import MAX_RESPONSE_SIZE, RESPONSE_HEADER, TpmTransportError
 
 TIS_BASE = 0xFED40000
 TIS_REG_ACCESS = 0x00
@@ -96,7 +96,7 @@ class QtestConnection:
 
 
 class QtestTisTransport:
-    """:class:`vtpm_qcow.tpm.Transport` through QEMU's TPM TIS device, locality 0."""
+    """:class:`vtpm_qcow.tpm.client.Transport` through QEMU's TPM TIS device, locality 0."""
 
     def __init__(
         self, path: str, *, base: int = TIS_BASE, timeout: float = DEFAULT_TIMEOUT

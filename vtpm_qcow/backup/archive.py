@@ -1,6 +1,6 @@
 """Consistent backups of (live) vTPM images, with a digest manifest: write, verify, restore.
 
-A backup is taken from a :class:`~vtpm_qcow.capture.StateCapture`, which
+A backup is taken from a :class:`~vtpm_qcow.state.capture.StateCapture`, which
 :func:`capture_image` reads consistently: through the mount daemon's ``capture`` control op
 when a daemon holds the image (one committed generation, read under its lock), directly
 when nobody holds it, and as a repeated shared read (until two reads agree) when another
@@ -40,7 +40,16 @@ import xxhash
 import qcow2
 from qcow2.errors import ImageLockedError, Qcow2Error
 
-from .backup import (
+from ..errors import StateFormatError, StoreError, VtpmQcowError
+from ..export.control import ControlClient, daemon_answers, held_image_error
+from ..state.capture import (
+    StateCapture,
+    capture_store,
+    section_digests,
+    state_digest_of,
+)
+from ..state.store import DEFAULT_SIZE, Store
+from .plainstate import (
     copy_atomically,
     fsync_dir,
     is_tpm2,
@@ -50,15 +59,6 @@ from .backup import (
     write_atomically,
     write_state_files,
 )
-from .capture import (
-    StateCapture,
-    capture_store,
-    section_digests,
-    state_digest_of,
-)
-from .control import ControlClient, daemon_answers, held_image_error
-from .errors import StateFormatError, StoreError, VtpmQcowError
-from .store import DEFAULT_SIZE, Store
 
 FORMATS: Final = ("qcow2", "raw", "dir")
 MANIFEST_SUFFIX: Final = ".manifest.json"

@@ -3,12 +3,12 @@
 Commands (registered on the main CLI by :func:`add_vm_commands`):
 
 * ``vm save|load|delete --qmp SOCKET --store IMAGE [--force] TAG``: orchestrated snapshot
-  of disks, VM state and vTPM image together (:mod:`vtpm_qcow.vm_orchestrate`).
+  of disks, VM state and vTPM image together (:mod:`vtpm_qcow.vm.orchestrate`).
 * ``vm list``: the disks' tags beside the vTPM image's tags.
 * ``vm status``: the VM's run state, its snapshot disks, the tag table and mismatches
   (exit status 3 when not aligned).
 * ``vm watch``: follow HMP ``savevm``/``loadvm``/``delvm`` and snapshot jobs of others
-  (:mod:`vtpm_qcow.vm_watch`); give it its own ``-qmp`` monitor.
+  (:mod:`vtpm_qcow.vm.watch`); give it its own ``-qmp`` monitor.
 
 The vTPM image is reached through its ``vtpm-qcow serve``/``mount`` daemon when one serves it
 (the normal case: swtpm runs on it), else opened directly.  :class:`WatcherThread` runs a
@@ -26,9 +26,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from qcow2.errors import Qcow2Error
-from vtpm_qcow.control import to_json
-from vtpm_qcow.errors import QmpError, VtpmQcowError
-from vtpm_qcow.vm_orchestrate import (
+
+from ..errors import QmpError, VtpmQcowError
+from ..export.control import to_json
+from ..vm.orchestrate import (
     DEFAULT_JOB_TIMEOUT,
     DEFAULT_TIMEOUT,
     Monitor,
@@ -40,7 +41,7 @@ from vtpm_qcow.vm_orchestrate import (
     save,
     tag_table,
 )
-from vtpm_qcow.vm_watch import (
+from ..vm.watch import (
     DEFAULT_GRACE,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_RECONNECT_TIMEOUT,
@@ -327,8 +328,8 @@ def add_vm_commands(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vtpm_qcow.vm save|load|...``: the same as ``vtpm-qcow vm ...``."""
-    from .cli import main as cli_main  # the CLI imports this module: import it late
+    """``python -m vtpm_qcow.cli.vm save|load|...``: the same as ``vtpm-qcow vm ...``."""
+    from .main import main as cli_main  # the CLI imports this module: import it late
 
     return cli_main(["vm", *(sys.argv[1:] if argv is None else argv)])
 

@@ -8,7 +8,7 @@ Commands" (big endian; command header ``tag u16, size u32, commandCode u32``).
 
 A :class:`Transport` moves one command to the TPM and returns its response; it knows nothing of
 TPM semantics.  :class:`SwtpmSocketTransport` talks to ``swtpm socket`` (TCP or unix sockets),
-:mod:`vtpm_qcow.qtest_tis` drives a TPM behind a real QEMU.  :class:`Tpm` builds commands,
+:mod:`vtpm_qcow.tpm.qtest_tis` drives a TPM behind a real QEMU.  :class:`Tpm` builds commands,
 sends them and raises :class:`TpmResponseError` for any non-zero response code.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vtpm_qcow.errors import VtpmQcowError
+from ..errors import VtpmQcowError
 
 # -- Constants (TPM 2.0 Part 2: Structures) ---------------------------------------------------
 

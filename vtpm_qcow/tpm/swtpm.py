@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from .errors import SwtpmError
+from ..errors import SwtpmError
 
 #: swtpm control channel commands (swtpm's ``tpm_ioctl.h``).
 CMD_GET_CAPABILITY: Final = 0x01

@@ -49,9 +49,10 @@ from qemu.qmp import QMPError as QmpLibError
 
 import qcow2
 from qcow2.errors import Qcow2Error
-from vtpm_qcow.control import ControlClient
-from vtpm_qcow.errors import QmpError, StoreError, VtpmQcowError
-from vtpm_qcow.store import Store
+
+from ..errors import QmpError, StoreError, VtpmQcowError
+from ..export.control import ControlClient
+from ..state.store import Store
 
 #: Seconds to wait for a QMP answer (connect, greeting, one command).
 DEFAULT_TIMEOUT = 10.0

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import StateFormatError
+from ..errors import StateFormatError
 
 BLOB_HEADER_STRUCT: Final = struct.Struct(">BBHHI")  # version, min_version, hdrsize, flags, totlen
 TLV_HEADER_STRUCT: Final = struct.Struct(">HI")  # tag, length

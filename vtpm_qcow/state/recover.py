@@ -10,7 +10,7 @@ Where earlier states live (issue 9: the file view once committed half-done store
   still whole.  :func:`freed_generations` reads every unused cluster (refcount 0, or
   leaked) that parses as an L2 table, takes it as the first L2 table (the linear file's
   start: swtpm's state lives in its first few dozen KiB), rebuilds the linear layout
-  through it and keeps those whose layout passes :func:`vtpm_qcow.probe.layout_problem`.
+  through it and keeps those whose layout passes :func:`vtpm_qcow.state.probe.layout_problem`.
 * **Snapshots**, newest first (:func:`snapshot_states`).
 
 Ranking of freed generations (a heuristic, see :func:`freed_generations`): most data
@@ -36,8 +36,8 @@ from typing import Final
 from qcow2.format import layout as qlayout
 from qcow2.scan import guest_mappings, parse_l2_table, read_host, unused_clusters
 
+from ..errors import StateFormatError, StoreError
 from . import linear
-from .errors import StateFormatError, StoreError
 from .probe import ProbeResult, layout_problem, probe_layout
 from .store import MAX_LAYOUT, Store, digest
 
@@ -135,7 +135,7 @@ def _layout_through(
 def freed_generations(store: Store) -> Iterator[Candidate | Rejected]:
     """Earlier generations found in unused clusters, best first (most data clusters shared
     with the current active L2 table, then highest host offset); layouts that fail
-    :func:`~vtpm_qcow.probe.layout_problem` come as :class:`Rejected`.
+    :func:`~vtpm_qcow.state.probe.layout_problem` come as :class:`Rejected`.
 
     Only uncompressed, unencrypted images with standard L2 entries are scanned.
     """

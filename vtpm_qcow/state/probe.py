@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ..errors import StateFormatError, SwtpmError
+from ..tpm.swtpm import Swtpm, find_tool
 from . import linear
 from .blob import (
     BLOB_FLAG_ENCRYPTED,
@@ -35,8 +37,6 @@ from .blob import (
     TLV_HEADER_STRUCT,
     TPM2_PERMALL_MAGIC,
 )
-from .errors import StateFormatError, SwtpmError
-from .swtpm import Swtpm, find_tool
 
 #: libtpms' TPM_RC_FAILURE: the TPM is in failure mode (its state did not unmarshal).
 TPM_RC_FAILURE: Final = 0x101
@@ -138,7 +138,7 @@ def layout_problem(layout: bytes, *, source: str, tpm2: bool | None = None) -> s
     section), or None when the checks swtpm makes before libtpms unmarshals pass.
 
     ``layout`` is the linear file's bytes up to the end of its last section (what
-    :meth:`vtpm_qcow.store.Store.layout` returns; ``b""`` = not formatted).  ``tpm2``
+    :meth:`vtpm_qcow.state.store.Store.layout` returns; ``b""`` = not formatted).  ``tpm2``
     tells the TPM version when known (None: decided from the permall).
     """
     if not linear.is_formatted(layout):
@@ -206,7 +206,7 @@ def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeR
 
 
 def _dry_load(state: Path, workdir: Path, *, tpm2: bool, timeout: float) -> ProbeResult:
-    from .tpm import SwtpmSocketTransport, Tpm, TpmError, TpmResponseError
+    from ..tpm.client import SwtpmSocketTransport, Tpm, TpmError, TpmResponseError
 
     server = str(workdir / "data.sock")
     try:
@@ -246,7 +246,7 @@ def _dry_load(state: Path, workdir: Path, *, tpm2: bool, timeout: float) -> Prob
 
 def _tpm12_get_random(reply: bytes) -> None:
     """Raise TpmResponseError unless a TPM 1.2 response says success."""
-    from .tpm import TpmResponseError
+    from ..tpm.client import TpmResponseError
 
     rc = struct.unpack_from(">I", reply, 6)[0] if len(reply) >= 10 else -1
     if rc != 0:

@@ -40,8 +40,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from qcow2.errors import Qcow2Error
-from vtpm_qcow.errors import QmpError, VtpmQcowError
-from vtpm_qcow.vm_orchestrate import (
+
+from ..errors import QmpError, VtpmQcowError
+from .orchestrate import (
     EventQueue,
     Monitor,
     QmpDisconnectedError,

@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import StateFormatError
+from ..errors import StateFormatError
 
 MAGIC: Final = 0x737774706D6C696E
 MAGIC_BYTES: Final = struct.pack("<Q", MAGIC)

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from . import linear
-from .blob import permall_tpm_version
-from .errors import StateFormatError, StoreError
-from .store import Store
+from ..errors import StateFormatError, StoreError
+from ..state import linear
+from ..state.blob import permall_tpm_version
+from ..state.store import Store
 
 #: Largest plain state file read (swtpm's states are tens of KiB; this bounds memory).
 MAX_STATE_FILE: Final = 64 * 1024 * 1024
@@ -194,6 +194,6 @@ def export_state(
     """Write an open store's state as a dir backend directory or a linear file.
 
     See :func:`export_layout`; a held image is exported consistently by the CLI through
-    :func:`vtpm_qcow.archive.capture_image`.
+    :func:`vtpm_qcow.backup.archive.capture_image`.
     """
     return export_layout(store.layout(), target, source=store.path, as_dir=as_dir, tpm2=tpm2)

@@ -1,0 +1,1 @@
+"""The ``vtpm-qcow`` command: main (the parser and most subcommands), mount, vm."""

@@ -1,0 +1,1 @@
+"""The FUSE views of a store and the mount daemon that serves them (with its control socket)."""

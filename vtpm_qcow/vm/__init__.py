@@ -1,0 +1,1 @@
+"""QEMU over QMP: orchestrated VM snapshots with the vTPM image, and the passive watcher."""
