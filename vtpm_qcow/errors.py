@@ -1,35 +1,126 @@
-"""The vtpm_qcow package's exception hierarchy.
+"""Every error the vtpm_qcow package raises, in one tree.
 
 ::
 
-    VtpmQcowError                 every error this package raises (one line, names the file)
+    VtpmQcowError                 every error this package raises (path, errno)
      +-- StateFormatError         bytes that are not swtpm's linear layout or a state blob
      +-- StoreError               the vTPM image cannot do what was asked (locked, no such tag...)
+     |    +-- MountError          a mount point that cannot be used, mounted or unmounted
+     +-- RequestError             a control socket request the daemon refuses (bad JSON,
+     |                            unknown op, missing or malformed argument)
      +-- SwtpmError               swtpm / swtpm_setup missing, failed or exited early
+     +-- TpmError                 a TPM command could not be carried out
+     |    +-- TpmTransportError   the transport failed: connection refused, closed, timed out
+     |    +-- TpmResponseError    the TPM answered with a non-zero response code (command, rc)
      +-- QmpError                 QEMU's monitor refused, went away or a job failed
+          +-- QmpDisconnectedError  the connection went away: the outcome of the command in
+          |                         flight is unknown
+          +-- QmpJobError         a snapshot job concluded with an error
+          +-- AlignmentError      an orchestrated VM snapshot failed; says which half and
+                                  what was undone
 
-qcow2 errors (:class:`qcow2.errors.Qcow2Error`) pass through unchanged where they already say
-what is wrong; the CLI prints either kind as one line and exits non-zero.
+Every constructor takes the message and, by keyword, where it happened: ``path`` (the
+image, mount point, socket or QMP address concerned) and ``errno`` (when it differs from
+the class's).  The message is what went wrong, the string ``PATH: message``.
+
+qcow2's errors (:class:`qcow2.errors.Qcow2Error`) pass through unchanged where they already
+say what is wrong; :data:`HANDLED` names both trees for the places that report either kind
+as one line (the command, the daemon's control socket, the watcher).  The FUSE export gives
+the kernel each error's ``errno``.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+import os
+
+from qcow2.errors import Qcow2Error
+
 
 class VtpmQcowError(Exception):
-    """Base class of every error raised by :mod:`vtpm_qcow`."""
+    """Base class of every error raised by :mod:`vtpm_qcow`.
+
+    :ivar path: what the error is about (image, mount point, socket), if known.
+    :ivar message: the message without the path.
+    :ivar errno: the errno that best describes the error (what the FUSE export answers).
+    """
+
+    errno: int = _errno.EIO
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        errno: int | None = None,
+    ) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.message = message
+        if errno is not None:
+            self.errno = errno
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
 
 
 class StateFormatError(VtpmQcowError):
     """Data is not in swtpm's linear layout or state-blob format."""
+
+    errno = _errno.EINVAL
 
 
 class StoreError(VtpmQcowError):
     """The vTPM state store cannot carry out the request."""
 
 
+class MountError(StoreError):
+    """A mount point that cannot be used, or a mount that cannot be made or undone."""
+
+
+class RequestError(VtpmQcowError):
+    """A control socket request the daemon refuses (bad JSON, unknown op, bad argument)."""
+
+    errno = _errno.EINVAL
+
+
 class SwtpmError(VtpmQcowError):
     """swtpm or swtpm_setup is missing, failed, or exited unexpectedly."""
 
 
+class TpmError(VtpmQcowError):
+    """A TPM command could not be carried out (transport failure or malformed response)."""
+
+
+class TpmTransportError(TpmError):
+    """The transport to the TPM failed: connection refused, closed, or timed out."""
+
+
+class TpmResponseError(TpmError):
+    """The TPM answered with a non-zero response code.
+
+    :ivar command: the command code that failed.
+    :ivar rc: the TPM_RC value.
+    """
+
+    def __init__(self, command: int, rc: int, *, name: str | None = None) -> None:
+        self.command = command
+        self.rc = rc
+        super().__init__(f"TPM2_{name or f'0x{command:x}'}: response code 0x{rc:03x}")
+
+
 class QmpError(VtpmQcowError):
-    """A QMP command, job or connection failed."""
+    """A QMP command, job or connection failed (``path``: the QMP socket)."""
+
+
+class QmpDisconnectedError(QmpError):
+    """The QMP connection went away; the outcome of the command in flight is unknown."""
+
+
+class QmpJobError(QmpError):
+    """A snapshot job concluded with an error (``query-jobs[].error``)."""
+
+
+class AlignmentError(QmpError):
+    """An orchestrated operation failed; the message says which half and what was undone."""
+
+
+#: What the places that report any failure as one line catch: both packages' trees.
+HANDLED: tuple[type[VtpmQcowError], type[Qcow2Error]] = (VtpmQcowError, Qcow2Error)

@@ -29,8 +29,9 @@ from tests.vm.qemu_fixtures import (
 )
 from tests.vtpm.mount_fixtures import vtpm_qcow
 from vtpm_qcow.cli.vm import WatcherThread
+from vtpm_qcow.errors import TpmResponseError
 from vtpm_qcow.state import linear
-from vtpm_qcow.tpm.client import Tpm, TpmResponseError, sha256
+from vtpm_qcow.tpm.client import Tpm, sha256
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 from vtpm_qcow.vm.watch import DEFAULT_GRACE
 

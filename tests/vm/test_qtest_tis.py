@@ -20,7 +20,8 @@ from tests.vm.qemu_fixtures import (
     swtpm_process,
     swtpm_tcti,
 )
-from vtpm_qcow.tpm.client import Tpm, TpmResponseError, TpmTransportError, sha256
+from vtpm_qcow.errors import TpmResponseError, TpmTransportError
+from vtpm_qcow.tpm.client import Tpm, sha256
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 NV_INDEX = 0x01500020

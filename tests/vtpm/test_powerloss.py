@@ -75,19 +75,12 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
 )
 from tests.vtpm.swtpm_fixtures import need_swtpm, setup_state
-from vtpm_qcow.errors import SwtpmError, VtpmQcowError
+from vtpm_qcow.errors import SwtpmError, TpmError, TpmResponseError, VtpmQcowError
 from vtpm_qcow.export.control import RUNTIME_DIR_ENV
 from vtpm_qcow.state import linear
 from vtpm_qcow.state.probe import NO_STATE, layout_problem
 from vtpm_qcow.state.store import Store
-from vtpm_qcow.tpm.client import (
-    TPM_SU_CLEAR,
-    TPM_SU_STATE,
-    SwtpmSocketTransport,
-    Tpm,
-    TpmError,
-    TpmResponseError,
-)
+from vtpm_qcow.tpm.client import TPM_SU_CLEAR, TPM_SU_STATE, SwtpmSocketTransport, Tpm
 from vtpm_qcow.tpm.swtpm import Swtpm
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")

@@ -11,15 +11,13 @@ import pytest
 
 from tests.helpers import need
 from tests.vm.qemu_fixtures import SwtpmProcess, run_tool, swtpm_process, swtpm_tcti
-from vtpm_qcow.errors import VtpmQcowError
+from vtpm_qcow.errors import TpmResponseError, TpmTransportError, VtpmQcowError
 from vtpm_qcow.tpm.client import (
     TPM_RC_INITIALIZE,
     TPM_SU_CLEAR,
     TPM_SU_STATE,
     SwtpmSocketTransport,
     Tpm,
-    TpmResponseError,
-    TpmTransportError,
     build_command,
     password_auth,
     sha256,

@@ -40,7 +40,7 @@ import xxhash
 import qcow2
 from qcow2.errors import ImageLockedError, Qcow2Error
 
-from ..errors import StateFormatError, StoreError, VtpmQcowError
+from ..errors import HANDLED, StateFormatError, StoreError
 from ..export.control import ControlClient, daemon_answers, held_image_error
 from ..state.capture import (
     StateCapture,
@@ -133,8 +133,9 @@ def _capture_shared(path: str, *, tag: str | None, snapshots: bool) -> StateCapt
     if failure is not None:  # the last read failed: the image may simply be damaged
         raise failure
     raise StoreError(
-        f"{path}: in use by another process (QEMU?) and changing too fast for a consistent "
-        "shared read; back it up through a vtpm-qcow mount daemon or stop that process"
+        "in use by another process (QEMU?) and changing too fast for a consistent "
+        "shared read; back it up through a vtpm-qcow mount daemon or stop that process",
+        path=path,
     )
 
 
@@ -174,15 +175,15 @@ def write_backup(
 ) -> dict[str, Any]:
     """Write ``capture`` as a backup in ``fmt`` at ``dest`` plus its manifest; the manifest."""
     if fmt not in FORMATS:
-        raise StoreError(f"{dest}: unknown backup format {fmt!r} (one of {', '.join(FORMATS)})")
+        raise StoreError(f"unknown backup format {fmt!r} (one of {', '.join(FORMATS)})", path=dest)
     path = Path(str(dest).rstrip("/") or "/")
     sections = layout_sections(capture.layout, capture.source)
     if not sections:
-        raise StoreError(f"{capture.source}: holds no TPM state to back up")
+        raise StoreError("holds no TPM state to back up", path=capture.source)
     if (path.exists() or path.is_symlink()) and not overwrite:
-        raise StoreError(f"{path}: already exists (use --overwrite)")
+        raise StoreError("already exists (use --overwrite)", path=path)
     if not path.parent.is_dir():
-        raise StoreError(f"{path.parent}: no such directory")
+        raise StoreError("no such directory", path=path.parent)
     tpm2 = is_tpm2(sections)
     try:
         if fmt == "raw":
@@ -194,7 +195,9 @@ def write_backup(
             _write_qcow2_backup(capture, path, progress)
             files = _file_digests(path, [""])
     except OSError as err:
-        raise StoreError(f"{path}: cannot write: {err.strerror or err}") from err
+        raise StoreError(
+            f"cannot write: {err.strerror or err}", path=path, errno=err.errno
+        ) from err
     manifest = {
         "vtpm_qcow_backup": MANIFEST_VERSION,
         "format": fmt,
@@ -220,7 +223,9 @@ def write_backup(
     try:
         write_atomically(manifest_path(path), text.encode())
     except OSError as err:
-        raise StoreError(f"{manifest_path(path)}: cannot write: {err.strerror}") from err
+        raise StoreError(
+            f"cannot write: {err.strerror}", path=manifest_path(path), errno=err.errno
+        ) from err
     return manifest
 
 
@@ -307,21 +312,23 @@ def read_manifest(backup: str | os.PathLike[str]) -> dict[str, Any]:
     path = manifest_path(backup)
     try:
         if path.stat().st_size > MAX_MANIFEST:
-            raise StoreError(f"{path}: too large for a backup manifest")
+            raise StoreError("too large for a backup manifest", path=path)
         manifest = json.loads(path.read_bytes())
     except OSError as err:
-        raise StoreError(f"{path}: cannot read backup manifest: {err.strerror}") from err
+        raise StoreError(
+            f"cannot read backup manifest: {err.strerror}", path=path, errno=err.errno
+        ) from err
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StoreError(f"{path}: backup manifest is not JSON") from err
+        raise StoreError("backup manifest is not JSON", path=path) from err
     if not isinstance(manifest, dict) or manifest.get("vtpm_qcow_backup") != MANIFEST_VERSION:
-        raise StoreError(f"{path}: not a vtpm-qcow backup manifest (version 1)")
+        raise StoreError("not a vtpm-qcow backup manifest (version 1)", path=path)
     if manifest.get("format") not in FORMATS:
-        raise StoreError(f"{path}: unknown backup format {manifest.get('format')!r}")
+        raise StoreError(f"unknown backup format {manifest.get('format')!r}", path=path)
     for key, kind in (("state", dict), ("snapshots", list), ("files", dict)):
         if not isinstance(manifest.get(key), kind):
-            raise StoreError(f"{path}: manifest field {key!r} missing or malformed")
+            raise StoreError(f"manifest field {key!r} missing or malformed", path=path)
     if not all(isinstance(snap, dict) for snap in manifest["snapshots"]):
-        raise StoreError(f"{path}: manifest field 'snapshots' holds a non-object")
+        raise StoreError("manifest field 'snapshots' holds a non-object", path=path)
     return manifest
 
 
@@ -332,7 +339,7 @@ def read_backup(backup: str | os.PathLike[str], fmt: str) -> StateCapture:
         return StateCapture(str(path), 0, layout_from_file(path), ())
     if fmt == "dir":
         if not path.is_dir():
-            raise StoreError(f"{path}: not a directory (a dir backup)")
+            raise StoreError("not a directory (a dir backup)", path=path)
         layout, _tpm2 = layout_from_dir(path)
         return StateCapture(str(path), 0, layout, ())
     with Store.open(path, writable=False) as store:
@@ -352,7 +359,7 @@ def verify_backup(backup: str | os.PathLike[str]) -> Verification:
     fmt = str(manifest["format"])
     found = Verification(str(path), fmt)
     if not (path.exists()):
-        raise StoreError(f"{path}: no such file or directory")
+        raise StoreError("no such file or directory", path=path)
     try:
         if fmt == "dir":
             names = sorted(os.listdir(path))
@@ -360,14 +367,14 @@ def verify_backup(backup: str | os.PathLike[str]) -> Verification:
         else:
             actual_files = _file_digests(path, [""])
     except OSError as err:
-        raise StoreError(f"{path}: cannot read: {err.strerror}") from err
+        raise StoreError(f"cannot read: {err.strerror}", path=path, errno=err.errno) from err
     for name in sorted(set(manifest["files"]) | set(actual_files)):
         _compare(found, f"file {name}", manifest["files"].get(name), actual_files.get(name))
     if fmt == "qcow2":
         _check_qcow2(found, path)
     try:
         held = read_backup(path, fmt)
-    except (VtpmQcowError, Qcow2Error) as err:
+    except HANDLED as err:
         found.problems.append(str(err))
         return found
     state = _state_entry(held.layout, str(path))
@@ -420,7 +427,7 @@ def restore_backup(
     if snapshot is not None:
         chosen = [s for s in held.snapshots if s.tag == snapshot]
         if not chosen:
-            raise StoreError(f"{backup}: backup holds no snapshot '{snapshot}'")
+            raise StoreError(f"backup holds no snapshot '{snapshot}'", path=backup)
         layout = chosen[0].layout
     target = Path(image)
     if not target.exists() and found.format == "qcow2" and snapshot is None:

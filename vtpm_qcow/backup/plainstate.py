@@ -27,10 +27,10 @@ def _read_bounded(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size > MAX_STATE_FILE:
-            raise StateFormatError(f"{path}: {size} bytes, too large for TPM state")
+            raise StateFormatError(f"{size} bytes, too large for TPM state", path=path)
         return path.read_bytes()
     except OSError as err:
-        raise StoreError(f"{path}: cannot read: {err.strerror}") from err
+        raise StoreError(f"cannot read: {err.strerror}", path=path, errno=err.errno) from err
 
 
 def layout_from_dir(directory: Path) -> tuple[bytes, bool]:
@@ -39,24 +39,24 @@ def layout_from_dir(directory: Path) -> tuple[bytes, bool]:
     try:
         names = sorted(os.listdir(directory))
     except OSError as err:
-        raise StoreError(f"{directory}: cannot list: {err.strerror}") from err
+        raise StoreError(f"cannot list: {err.strerror}", path=directory, errno=err.errno) from err
     for name in names:
         parsed = linear.section_of_file_name(name)
         if parsed is not None:
             section, tpm2 = parsed
             found[tpm2][section] = directory / name
     if found[True] and found[False]:
-        raise StateFormatError(f"{directory}: holds both TPM 1.2 and TPM 2.0 state files")
+        raise StateFormatError("holds both TPM 1.2 and TPM 2.0 state files", path=directory)
     tpm2 = bool(found[True])
     files = found[tpm2]
     if "permall" not in files:
-        raise StateFormatError(f"{directory}: no tpm2-00.permall or tpm-00.permall")
+        raise StateFormatError("no tpm2-00.permall or tpm-00.permall", path=directory)
     data = linear.empty_layout()
     for section in linear.SECTION_NAMES:  # slot order: permall first
         if section in files:
             blob = _read_bounded(files[section])
             if not blob:
-                raise StateFormatError(f"{files[section]}: empty state file")
+                raise StateFormatError("empty state file", path=files[section])
             update = linear.store_section(data, section, blob, source=str(files[section]))
             data = linear.apply_update(data, update)
     return data, tpm2
@@ -67,7 +67,7 @@ def layout_from_file(path: Path) -> bytes:
     data = _read_bounded(path)
     header = linear.parse_header(data, source=str(path))
     if header.slot("permall").allocated is False:
-        raise StateFormatError(f"{path}: linear file holds no permall section")
+        raise StateFormatError("linear file holds no permall section", path=path)
     return data[: header.end]
 
 
@@ -79,7 +79,7 @@ def import_state(store: Store, source: str | os.PathLike[str]) -> dict[str, int]
     elif path.exists():
         data = layout_from_file(path)
     else:
-        raise StoreError(f"{path}: no such file or directory")
+        raise StoreError("no such file or directory", path=path)
     store.replace_layout(data, source=str(path))
     return {name: info.size for name, info in store.sections().items()}
 
@@ -170,7 +170,7 @@ def export_layout(
         as_dir = path.is_dir() or str(target).endswith("/")
     sections = layout_sections(layout, source)
     if not sections:
-        raise StoreError(f"{source}: holds no TPM state to export")
+        raise StoreError("holds no TPM state to export", path=source)
     if tpm2 is None:
         tpm2 = is_tpm2(sections)
     try:
@@ -180,7 +180,7 @@ def export_layout(
         else:
             write_atomically(path, layout)
     except OSError as err:
-        raise StoreError(f"{path}: cannot write: {err.strerror}") from err
+        raise StoreError(f"cannot write: {err.strerror}", path=path, errno=err.errno) from err
     return {name: len(blob) for name, blob in sections.items()}
 
 

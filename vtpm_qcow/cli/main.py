@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from qcow2.errors import ImageLockedError, Qcow2Error
+from qcow2.errors import ImageLockedError
 
 from ..backup import archive, plainstate
-from ..errors import StateFormatError, StoreError, VtpmQcowError
+from ..errors import HANDLED, StateFormatError, StoreError
 from ..export.control import ControlClient, daemon_answers, held_image_error
 from ..export.daemon import add_mount_commands
 from ..state.blob import parse_blob, permall_tpm_version
@@ -80,14 +80,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
     options = [option for option in args.extra if option != "--"]
     exists = os.path.exists(args.image)
     if not exists and not args.create:
-        raise StoreError(f"{args.image}: no such file (use --create, or 'vtpm-qcow create')")
+        raise StoreError("no such file (use --create, or 'vtpm-qcow create')", path=args.image)
     find_tool("swtpm_setup")  # fail before any progress output
     find_tool("swtpm")
     # An existing image is opened (and locked) first, so nothing is manufactured in vain.
     store = _open_writable(args.image, "setup") if exists else None
     try:
         if store is not None and not args.overwrite and _holds_state(store):
-            raise StoreError(f"{args.image}: already holds TPM state (use --overwrite)")
+            raise StoreError("already holds TPM state (use --overwrite)", path=args.image)
         with tempfile.TemporaryDirectory(prefix="vtpm-qcow-setup-") as tmp:
             state = Path(tmp) / "state.lin"
             kind = "TPM 1.2" if args.tpm12 else "TPM 2.0"
@@ -369,20 +369,23 @@ def _open_for_check(args: argparse.Namespace) -> Store:
     if args.repair:
         if args.force_share:
             raise StoreError(
-                f"{args.image}: -U reads an image another process may change; --repair "
-                "needs it to itself (stop swtpm/QEMU/the mount daemon, drop -U)"
+                "-U reads an image another process may change; --repair "
+                "needs it to itself (stop swtpm/QEMU/the mount daemon, drop -U)",
+                path=args.image,
             )
         if args.no_load:
             raise StoreError(
-                f"{args.image}: --repair restores only a state a real swtpm loads; drop --no-load"
+                "--repair restores only a state a real swtpm loads; drop --no-load",
+                path=args.image,
             )
         return _open_writable(args.image, "a repair")
     try:
         return Store.open(args.image, writable=False, force_share=args.force_share)
     except ImageLockedError as err:
         raise StoreError(
-            f"{args.image}: in use by another process (swtpm/QEMU/a mount daemon); "
-            "check it read-only with -U (a state caught mid-update may look torn)"
+            "in use by another process (swtpm/QEMU/a mount daemon); "
+            "check it read-only with -U (a state caught mid-update may look torn)",
+            path=args.image,
         ) from err
 
 
@@ -817,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Handler = args.func
     try:
         return int(func(args))
-    except (VtpmQcowError, Qcow2Error) as err:
+    except HANDLED as err:
         print(f"{PROG}: {err}", file=sys.stderr)
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""

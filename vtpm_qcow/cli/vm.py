@@ -25,9 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from qcow2.errors import Qcow2Error
-
-from ..errors import QmpError, VtpmQcowError
+from ..errors import HANDLED, QmpError
 from ..export.control import to_json
 from ..vm.orchestrate import (
     DEFAULT_JOB_TIMEOUT,
@@ -204,7 +202,7 @@ class WatcherThread:
     def _main(self) -> None:
         try:
             asyncio.run(self._watch())
-        except (VtpmQcowError, Qcow2Error) as err:
+        except HANDLED as err:
             self.error = err
             self.report(f"error: watcher stopped: {err}")
         finally:

@@ -36,9 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from qcow2.errors import Qcow2Error
-
-from ..errors import StoreError, VtpmQcowError
+from ..errors import HANDLED, RequestError, StoreError
 from ..state.capture import StateCapture, capture_store, from_wire, to_wire
 from ..state.store import check_tag
 
@@ -118,10 +116,6 @@ def to_json(value: Any) -> Any:
     return str(value)
 
 
-class RequestError(Exception):
-    """A request the server refuses (bad JSON, unknown op, missing argument)."""
-
-
 def _tag(request: dict[str, Any]) -> str:
     tag = request.get("tag")
     if not isinstance(tag, str) or not tag:
@@ -160,7 +154,9 @@ class ControlServer:
             sock.listen(16)
         except OSError as err:
             sock.close()
-            raise StoreError(f"{self.path}: cannot listen: {err.strerror}") from err
+            raise StoreError(
+                f"cannot listen: {err.strerror}", path=self.path, errno=err.errno
+            ) from err
         self.listener = trio.SocketListener(sock)
 
     async def serve(self) -> None:
@@ -212,7 +208,7 @@ class ControlServer:
             if handler is None:
                 raise RequestError(f"unknown op {op!r} (known: {', '.join(self.handlers)})")
             return {"ok": True, **to_json(await handler(request))}
-        except (RequestError, VtpmQcowError, Qcow2Error) as err:
+        except HANDLED as err:
             return {"ok": False, "error": str(err)}
         except Exception as err:  # a control client must get an answer, never a hang
             log.exception("control op %r failed", op)
@@ -232,10 +228,12 @@ def _remove_stale_socket(path: Path) -> None:
         probe.connect(os.fspath(path))
     except OSError as err:
         if err.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
-            raise StoreError(f"{path}: cannot check existing socket: {err.strerror}") from err
+            raise StoreError(
+                f"cannot check existing socket: {err.strerror}", path=path, errno=err.errno
+            ) from err
         path.unlink(missing_ok=True)
     else:
-        raise StoreError(f"{path}: another daemon already serves this control socket")
+        raise StoreError("another daemon already serves this control socket", path=path)
     finally:
         probe.close()
 
@@ -270,7 +268,9 @@ class ControlClient:
             except OSError as err:
                 sock.close()
                 raise StoreError(
-                    f"{self.path}: no vtpm-qcow daemon answers: {err.strerror or err}"
+                    f"no vtpm-qcow daemon answers: {err.strerror or err}",
+                    path=self.path,
+                    errno=err.errno,
                 ) from err
             self._sock = sock
         return self._sock
@@ -282,14 +282,16 @@ class ControlClient:
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             while b"\n" not in self._buffer:
                 if len(self._buffer) > MAX_REPLY:
-                    raise StoreError(f"{self.path}: reply to {op} too long")
+                    raise StoreError(f"reply to {op} too long", path=self.path)
                 chunk = sock.recv(65536)
                 if not chunk:
-                    raise StoreError(f"{self.path}: daemon closed the connection during {op}")
+                    raise StoreError(f"daemon closed the connection during {op}", path=self.path)
                 self._buffer += chunk
         except OSError as err:
             self.close()
-            raise StoreError(f"{self.path}: {op} failed: {err.strerror or err}") from err
+            raise StoreError(
+                f"{op} failed: {err.strerror or err}", path=self.path, errno=err.errno
+            ) from err
         except StoreError:
             self.close()
             raise
@@ -297,7 +299,7 @@ class ControlClient:
         try:
             reply = json.loads(line)
         except json.JSONDecodeError as err:
-            raise StoreError(f"{self.path}: reply to {op} is not JSON") from err
+            raise StoreError(f"reply to {op} is not JSON", path=self.path) from err
         if not isinstance(reply, dict) or not reply.get("ok"):
             error = reply.get("error") if isinstance(reply, dict) else None
             raise StoreError(str(error or f"{self.path}: {op} failed"))
@@ -372,12 +374,14 @@ def held_image_error(
     with client:
         if daemon_answers(client):
             return StoreError(
-                f"{os.fspath(image)}: held by a vtpm-qcow mount daemon ({client.path}); "
-                f"{what} needs it stopped first (vtpm-qcow umount)"
+                f"held by a vtpm-qcow mount daemon ({client.path}); "
+                f"{what} needs it stopped first (vtpm-qcow umount)",
+                path=os.fspath(image),
             )
     return StoreError(
-        f"{os.fspath(image)}: locked by another process (QEMU, qemu-storage-daemon?) and no "
-        f"vtpm-qcow mount daemon answers for it; stop that process before {what}"
+        f"locked by another process (QEMU, qemu-storage-daemon?) and no "
+        f"vtpm-qcow mount daemon answers for it; stop that process before {what}",
+        path=os.fspath(image),
     )
 
 

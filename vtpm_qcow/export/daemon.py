@@ -44,10 +44,9 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from qcow2.errors import Qcow2Error
 from qcow2.io.fileio import HostFile, WriteEvent
 
-from ..errors import StoreError, VtpmQcowError
+from ..errors import HANDLED, MountError, StoreError, VtpmQcowError
 from .control import (
     ControlClient,
     ControlServer,
@@ -240,7 +239,7 @@ class IoCounter:
 def _image_file(store: Store) -> HostFile:
     host_file = getattr(store.image, "file", None)
     if not isinstance(host_file, HostFile):
-        raise StoreError(f"{store.path}: the image has no host file to observe")
+        raise StoreError("the image has no host file to observe", path=store.path)
     return host_file
 
 
@@ -271,7 +270,7 @@ def _open_store(image: str) -> Store:
     from ..state.store import Store  # the store module is the layer this daemon serves
 
     if not os.path.exists(image):
-        raise StoreError(f"{image}: no such image")
+        raise StoreError("no such image", path=image)
     return Store.open(image, writable=True)
 
 
@@ -280,14 +279,18 @@ def _check_mountpoint(mountpoint: str) -> None:
         st = os.stat(mountpoint)
     except OSError as err:
         if err.errno == errno.ENOTCONN:
-            raise StoreError(
-                f"{mountpoint}: stale FUSE mount of a dead daemon (run fusermount3 -u)"
+            raise MountError(
+                "stale FUSE mount of a dead daemon (run fusermount3 -u)",
+                path=mountpoint,
+                errno=err.errno,
             ) from err
-        raise StoreError(f"{mountpoint}: mount point unusable: {err.strerror}") from err
+        raise MountError(
+            f"mount point unusable: {err.strerror}", path=mountpoint, errno=err.errno
+        ) from err
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{mountpoint}: mount point is not a directory")
+        raise MountError("mount point is not a directory", path=mountpoint, errno=errno.ENOTDIR)
     if os.path.ismount(mountpoint):
-        raise StoreError(f"{mountpoint}: something is already mounted there")
+        raise MountError("something is already mounted there", path=mountpoint, errno=errno.EBUSY)
 
 
 def _write_pid_file(path: Path) -> None:
@@ -309,7 +312,7 @@ def run_mount(
     or corrupt, bad mount point, swtpm failing).
     """
     if config.view not in VIEWS:
-        raise StoreError(f"{config.image}: unknown view {config.view!r} (file or dir)")
+        raise StoreError(f"unknown view {config.view!r} (file or dir)", path=config.image)
     mountpoint = os.path.abspath(config.mountpoint)
     _check_mountpoint(mountpoint)
     store = _open_store(config.image)
@@ -326,7 +329,7 @@ def run_mount(
         try:
             pyfuse3.init(fs, mountpoint, mount_options(os.path.abspath(config.image)))
         except RuntimeError as err:
-            raise StoreError(f"{mountpoint}: cannot mount: {err}") from err
+            raise MountError(f"cannot mount: {err}", path=mountpoint) from err
         try:
             trio.run(_serve, fs, config, mountpoint, on_ready, swtpm, io)
         finally:
@@ -555,7 +558,7 @@ def daemonize(run: Callable[[Callable[[], None]], None], log_file: str | None) -
     try:
         _redirect_stdio(log_file)
         run(pipe.ready)
-    except (VtpmQcowError, Qcow2Error) as err:
+    except HANDLED as err:
         log.error("%s", err)
         pipe.report(str(err))
         code = 1
@@ -723,7 +726,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     """``vtpm-qcow umount MOUNTPOINT``: unmount and wait until the daemon has exited."""
     source = _mount_source(args.mountpoint)
     if source is None:
-        raise StoreError(f"{args.mountpoint}: not a FUSE mount point")
+        raise MountError("not a FUSE mount point", path=args.mountpoint, errno=errno.EINVAL)
     pid = None
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_path_for(source).read_text().strip())
@@ -739,9 +742,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
             done = subprocess.CompletedProcess(done.args, 0)
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1:] or [f"status {done.returncode}"]
-        raise StoreError(f"{args.mountpoint}: unmount failed: {reason[0]}")
+        raise MountError(f"unmount failed: {reason[0]}", path=args.mountpoint)
     if pid is not None and not _wait_exit(pid, UMOUNT_TIMEOUT):
-        raise StoreError(f"{args.mountpoint}: daemon {pid} still running after unmount")
+        raise MountError(
+            f"daemon {pid} still running after unmount", path=args.mountpoint, errno=errno.EBUSY
+        )
     return 0
 
 
@@ -794,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (VtpmQcowError, Qcow2Error) as err:
+    except HANDLED as err:
         print(f"vtpm-qcow: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -47,9 +47,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT
 
-from qcow2.errors import Qcow2Error
-
-from ..errors import StateFormatError, StoreError, VtpmQcowError
+from ..errors import HANDLED, StateFormatError, StoreError
 from ..state.blob import check_stored_blob
 from ..state.linear import (
     EMPTY_SLOT,
@@ -85,20 +83,16 @@ MAX_FILE_SIZE = 64 * 1024 * 1024
 MAX_CUT_SCAN = 1024 * 1024
 #: Most in-memory files the dir view holds at once (bounds memory with MAX_FILE_SIZE).
 MAX_MEMORY_FILES = 64
-#: errno for failures of the vtpm_qcow layer (the qcow2 layer carries its own).
-_VTPM_ERRNO: dict[type[VtpmQcowError], int] = {StateFormatError: errno.EINVAL}
 
 
 def error_errno(err: BaseException) -> int:
-    """The errno a FUSE client should see for ``err``."""
+    """The errno a FUSE client should see for ``err`` (both error trees carry one)."""
     if isinstance(err, pyfuse3.FUSEError):
         return err.errno
-    if isinstance(err, Qcow2Error):
+    if isinstance(err, HANDLED):
         return err.errno
     if isinstance(err, OSError) and err.errno:
         return err.errno
-    if isinstance(err, VtpmQcowError):
-        return _VTPM_ERRNO.get(type(err), errno.EIO)
     return errno.EIO
 
 
@@ -1393,7 +1387,7 @@ def make_fs(store: Store, view: str, *, threaded: bool = False) -> StoreFS:
     try:
         namespace = namespaces[view](store)
     except KeyError:
-        raise StoreError(f"{store.path}: unknown view {view!r} (file or dir)") from None
+        raise StoreError(f"unknown view {view!r} (file or dir)", path=store.path) from None
     return StoreFS(store, namespace, threaded=threaded)
 
 

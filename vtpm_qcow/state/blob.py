@@ -128,17 +128,17 @@ def parse_blob(data: bytes, *, source: str = "state blob") -> BlobInfo:
     if header.totlen != size or header.min_version > BLOB_HEADER_VERSION:
         return BlobInfo(size, None, ())
     if not BLOB_HEADER_STRUCT.size <= header.hdrsize <= size:
-        raise StateFormatError(f"{source}: blob hdrsize {header.hdrsize} out of range")
+        raise StateFormatError(f"blob hdrsize {header.hdrsize} out of range", path=source)
     tlvs = []
     pos = header.hdrsize
     while pos < size:
         if pos + TLV_HEADER_STRUCT.size > size:
-            raise StateFormatError(f"{source}: truncated TLV header at offset {pos}")
+            raise StateFormatError(f"truncated TLV header at offset {pos}", path=source)
         tag, length = TLV_HEADER_STRUCT.unpack_from(data, pos)
         start = pos + TLV_HEADER_STRUCT.size
         if start + length > size:
             raise StateFormatError(
-                f"{source}: TLV tag {tag} length {length} at offset {pos} overruns the blob"
+                f"TLV tag {tag} length {length} at offset {pos} overruns the blob", path=source
             )
         tlvs.append(Tlv(tag, start, length))
         pos = start + length
@@ -155,19 +155,19 @@ def check_stored_blob(data: bytes, *, source: str = "state blob") -> BlobInfo:
     Raises :class:`StateFormatError` naming ``source`` and the offending field.
     """
     if len(data) < BLOB_HEADER_STRUCT.size:
-        raise StateFormatError(f"{source}: {len(data)} bytes, too short for a state blob")
+        raise StateFormatError(f"{len(data)} bytes, too short for a state blob", path=source)
     version, min_version, hdrsize, _flags, totlen = BLOB_HEADER_STRUCT.unpack_from(data)
     if totlen != len(data):
-        raise StateFormatError(f"{source}: blob totlen {totlen} != its length {len(data)}")
+        raise StateFormatError(f"blob totlen {totlen} != its length {len(data)}", path=source)
     if min_version > BLOB_HEADER_VERSION or version < min_version:
         raise StateFormatError(
-            f"{source}: blob version {version} (min_version {min_version}) not loadable"
+            f"blob version {version} (min_version {min_version}) not loadable", path=source
         )
     if hdrsize != BLOB_HEADER_STRUCT.size:
-        raise StateFormatError(f"{source}: blob hdrsize {hdrsize} != {BLOB_HEADER_STRUCT.size}")
+        raise StateFormatError(f"blob hdrsize {hdrsize} != {BLOB_HEADER_STRUCT.size}", path=source)
     info = parse_blob(data, source=source)
     if not info.tlvs:
-        raise StateFormatError(f"{source}: blob holds no TLV")
+        raise StateFormatError("blob holds no TLV", path=source)
     return info
 
 

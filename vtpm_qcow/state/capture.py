@@ -56,7 +56,7 @@ def layout_of(read: Callable[[int, int], bytes], size: int, source: str) -> byte
         return b""
     header = linear.parse_header(head, size=size, source=source)
     if header.end > MAX_LAYOUT:
-        raise StateFormatError(f"{source}: state sections end at {header.end}, beyond any TPM")
+        raise StateFormatError(f"state sections end at {header.end}, beyond any TPM", path=source)
     return head + bytes(read(linear.HEADER_SIZE, header.end - linear.HEADER_SIZE))
 
 
@@ -70,7 +70,7 @@ def capture_store(store: Store, *, tag: str | None = None, snapshots: bool = Tru
     if tag is not None:
         names = [entry.name for entry in image.snapshots]
         if tag not in names:
-            raise StoreError(f"{store.path}: no snapshot '{tag}'")
+            raise StoreError(f"no snapshot '{tag}'", path=store.path)
         view = image.snapshot(tag, name_only=True)
         layout = layout_of(view.read, min(int(view.virtual_size), size), f"{store.path}@{tag}")
         return StateCapture(store.path, size, layout, (), store.generation)

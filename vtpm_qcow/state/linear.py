@@ -170,7 +170,7 @@ def parse_header(
     """
     size = len(data) if size is None else size
     if len(data) < HEADER_SIZE:
-        raise StateFormatError(f"{source}: {len(data)} bytes, shorter than the linear header")
+        raise StateFormatError(f"{len(data)} bytes, shorter than the linear header", path=source)
     return _parse_header_bytes(bytes(data[:HEADER_SIZE]), size, source)
 
 
@@ -181,11 +181,11 @@ def _parse_header_bytes(data: bytes, size: int, source: str) -> LinearHeader:
     not cached)."""
     magic, version, _pad, hdrsize = HEADER_PREFIX_STRUCT.unpack_from(data)
     if magic != MAGIC:
-        raise StateFormatError(f"{source}: bad magic 0x{magic:016x} (not a swtpm linear file)")
+        raise StateFormatError(f"bad magic 0x{magic:016x} (not a swtpm linear file)", path=source)
     if version > VERSION or version == 0:
-        raise StateFormatError(f"{source}: unsupported linear format version {version}")
+        raise StateFormatError(f"unsupported linear format version {version}", path=source)
     if not HEADER_SIZE <= hdrsize <= size:
-        raise StateFormatError(f"{source}: hdrsize {hdrsize} out of range")
+        raise StateFormatError(f"hdrsize {hdrsize} out of range", path=source)
     slots = []
     for number in range(MAX_SLOTS):
         offset, data_length, section_length = SLOT_STRUCT.unpack_from(
@@ -209,7 +209,7 @@ def _parse_header_bytes(data: bytes, size: int, source: str) -> LinearHeader:
     for before, after in itertools.pairwise(used):
         if before.end > after.offset:
             raise StateFormatError(
-                f"{source}: sections at {before.offset} and {after.offset} overlap"
+                f"sections at {before.offset} and {after.offset} overlap", path=source
             )
     return LinearHeader(version, hdrsize, tuple(slots))
 
@@ -344,7 +344,7 @@ def store_section(
     """
     number = slot_number(name)
     if not 0 < len(blob) <= MAX_BLOB_SIZE:
-        raise StateFormatError(f"{source}: {name} blob of {len(blob)} bytes cannot be stored")
+        raise StateFormatError(f"{name} blob of {len(blob)} bytes cannot be stored", path=source)
     buf = _editable(data, source)
     slot = buf.header.slots[number]
     if not slot.allocated:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from ..errors import StateFormatError, SwtpmError
+from ..errors import StateFormatError, SwtpmError, TpmError, TpmResponseError
 from ..tpm.swtpm import Swtpm, find_tool
 from . import linear
 from .blob import (
@@ -206,7 +206,7 @@ def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeR
 
 
 def _dry_load(state: Path, workdir: Path, *, tpm2: bool, timeout: float) -> ProbeResult:
-    from ..tpm.client import SwtpmSocketTransport, Tpm, TpmError, TpmResponseError
+    from ..tpm.client import SwtpmSocketTransport, Tpm
 
     server = str(workdir / "data.sock")
     try:
@@ -246,7 +246,6 @@ def _dry_load(state: Path, workdir: Path, *, tpm2: bool, timeout: float) -> Prob
 
 def _tpm12_get_random(reply: bytes) -> None:
     """Raise TpmResponseError unless a TPM 1.2 response says success."""
-    from ..tpm.client import TpmResponseError
 
     rc = struct.unpack_from(">I", reply, 6)[0] if len(reply) >= 10 else -1
     if rc != 0:

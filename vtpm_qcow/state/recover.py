@@ -257,12 +257,12 @@ def restore(store: Store, candidate: Candidate, *, keep_as: str | None = None) -
     the snapshot (running the repair again finishes it).
     """
     if not store.writable:
-        raise StoreError(f"{store.path}: opened read-only, cannot restore a state")
+        raise StoreError("opened read-only, cannot restore a state", path=store.path)
     tag = keep_as or unloadable_tag(store)
     store.create_snapshot(tag)
     store.replace_layout(candidate.layout, source=candidate.description)
     if store.layout() != candidate.layout:
-        raise StoreError(f"{store.path}: restored state reads back differently")
+        raise StoreError("restored state reads back differently", path=store.path)
     return tag
 
 

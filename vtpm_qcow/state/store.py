@@ -115,8 +115,9 @@ def _parse_bounded(head: bytes, size: int, source: str) -> linear.LinearHeader:
     header = linear.parse_header(head, size=size, source=source)
     if header.end > MAX_LAYOUT:
         raise StateFormatError(
-            f"{source}: state sections end at {header.end} bytes, beyond the "
-            f"{MAX_LAYOUT >> 20} MiB any TPM state needs"
+            f"state sections end at {header.end} bytes, beyond the "
+            f"{MAX_LAYOUT >> 20} MiB any TPM state needs",
+            path=source,
         )
     return header
 
@@ -171,10 +172,10 @@ class Store:
         path = os.fspath(path)
         if not MIN_SIZE <= size <= MAX_SIZE or size % 512:
             raise StoreError(
-                f"{path}: size {size} must be a multiple of 512 from 512 bytes to 4 GiB"
+                f"size {size} must be a multiple of 512 from 512 bytes to 4 GiB", path=path
             )
         if os.path.exists(path):
-            raise StoreError(f"{path}: already exists")
+            raise StoreError("already exists", path=path)
         image = qcow2.create(path, size, cluster_size=cluster_size)
         store = cls(image, path, writable=True)
         try:
@@ -195,12 +196,12 @@ class Store:
         """
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise StoreError(f"{path}: no such file")
+            raise StoreError("no such file", path=path)
         image = qcow2.open(path, writable=writable, force_share=force_share)
         if image.virtual_size < MIN_SIZE:
             image.close()
             raise StoreError(
-                f"{path}: virtual size {image.virtual_size} too small for a linear state file"
+                f"virtual size {image.virtual_size} too small for a linear state file", path=path
             )
         return cls(image, path, writable=writable)
 
@@ -239,9 +240,9 @@ class Store:
 
     def _check_open(self, *, write: bool = False) -> None:
         if self._closed:
-            raise StoreError(f"{self.path}: store is closed")
+            raise StoreError("store is closed", path=self.path)
         if write and not self.writable:
-            raise StoreError(f"{self.path}: opened read-only")
+            raise StoreError("opened read-only", path=self.path)
 
     def _changed(self) -> None:
         self._generation += 1
@@ -270,7 +271,9 @@ class Store:
         with self._lock:
             self._check_open()
             if offset < 0 or length < 0:
-                raise StoreError(f"{self.path}: negative read offset {offset} or length {length}")
+                raise StoreError(
+                    f"negative read offset {offset} or length {length}", path=self.path
+                )
             length = max(0, min(length, self.linear_size - offset))
             if not length:
                 return b""
@@ -287,8 +290,9 @@ class Store:
             for offset, data in extents:
                 if offset < 0 or offset + len(data) > self.linear_size:
                     raise StoreError(
-                        f"{self.path}: write of {len(data)} bytes at {offset} beyond the "
-                        f"capacity of {self.linear_size} bytes"
+                        f"write of {len(data)} bytes at {offset} beyond the "
+                        f"capacity of {self.linear_size} bytes",
+                        path=self.path,
                     )
             if not extents:
                 return
@@ -310,8 +314,9 @@ class Store:
             self._check_open(write=True)
             if new_size < 0 or new_size > self.linear_size:
                 raise StoreError(
-                    f"{self.path}: cannot resize the state file to {new_size} bytes "
-                    f"(capacity {self.linear_size})"
+                    f"cannot resize the state file to {new_size} bytes "
+                    f"(capacity {self.linear_size})",
+                    path=self.path,
                 )
             if new_size < self.linear_size:
                 self._prefix = None  # also if the zeroing fails half-way
@@ -374,7 +379,7 @@ class Store:
     def _apply(self, update: linear.LinearUpdate, what: str) -> None:
         if update.size > self.linear_size:
             raise StoreError(
-                f"{self.path}: {what} needs {update.size} bytes, capacity is {self.linear_size}"
+                f"{what} needs {update.size} bytes, capacity is {self.linear_size}", path=self.path
             )
         self.commit_linear(update.writes)
 
@@ -397,7 +402,8 @@ class Store:
             self._check_open(write=True)
             if len(data) > self.linear_size:
                 raise StoreError(
-                    f"{self.path}: {source} needs {len(data)} bytes, capacity is {self.linear_size}"
+                    f"{source} needs {len(data)} bytes, capacity is {self.linear_size}",
+                    path=self.path,
                 )
             try:
                 header = self._header()
@@ -473,7 +479,7 @@ class Store:
             self._check_open(write=True)
             exists = tag in self._snapshot_names()
             if exists and not overwrite:
-                raise StoreError(f"{self.path}: snapshot '{tag}' already exists")
+                raise StoreError(f"snapshot '{tag}' already exists", path=self.path)
             self._image.create_snapshot(tag, replace=exists)
             self._changed()
 
@@ -496,7 +502,7 @@ class Store:
 
     def _require(self, tag: str) -> None:
         if tag not in self._snapshot_names():
-            raise StoreError(f"{self.path}: no snapshot '{tag}'")
+            raise StoreError(f"no snapshot '{tag}'", path=self.path)
 
     def snapshot_section(self, tag: str, name: str) -> bytes | None:
         """Section ``name`` as snapshot ``tag`` holds it (None if absent)."""
@@ -528,7 +534,7 @@ def check_tag(tag: str, path: str) -> None:
     at most 65535 bytes of UTF-8) on one line.  A tag is looked up by name only, never as
     a snapshot ID: the vTPM image's IDs are not the disks' IDs."""
     if not tag or len(tag.encode()) > 0xFFFF or "\n" in tag:
-        raise StoreError(f"{path}: invalid snapshot tag {tag!r}")
+        raise StoreError(f"invalid snapshot tag {tag!r}", path=path)
 
 
 __all__: Sequence[str] = (

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import VtpmQcowError
+from ..errors import TpmError, TpmResponseError, TpmTransportError
 
 # -- Constants (TPM 2.0 Part 2: Structures) ---------------------------------------------------
 
@@ -85,31 +85,6 @@ COMMAND_HEADER = struct.Struct(">HII")
 RESPONSE_HEADER = struct.Struct(">HII")
 #: Largest response we accept (TPM responses are at most a few KiB; 64 KiB bounds memory).
 MAX_RESPONSE_SIZE = 0x10000
-
-
-# -- Errors ------------------------------------------------------------------------------------
-
-
-class TpmError(VtpmQcowError):
-    """A TPM command could not be carried out (transport failure or malformed response)."""
-
-
-class TpmTransportError(TpmError):
-    """The transport to the TPM failed: connection refused, closed, or timed out."""
-
-
-class TpmResponseError(TpmError):
-    """The TPM answered with a non-zero response code.
-
-    :ivar rc: the TPM_RC value.
-    :ivar command: the command code that failed.
-    """
-
-    def __init__(self, command: int, rc: int) -> None:
-        self.command = command
-        self.rc = rc
-        name = COMMAND_NAMES.get(command, f"0x{command:x}")
-        super().__init__(f"TPM2_{name}: response code 0x{rc:03x}")
 
 
 COMMAND_NAMES = {
@@ -194,7 +169,7 @@ def parse_response(
     if size != len(data):
         raise TpmError(f"TPM response size field {size} does not match {len(data)} bytes read")
     if rc != TPM_RC_SUCCESS:
-        raise TpmResponseError(code, rc)
+        raise TpmResponseError(code, rc, name=COMMAND_NAMES.get(code))
     reader = Reader(data, RESPONSE_HEADER.size)
     handles = tuple(reader.u32() for _ in range(n_handles))
     with_sessions = sessions and tag == TPM_ST_SESSIONS
@@ -253,9 +228,9 @@ def recv_exact(sock: socket.socket, length: int, what: str) -> bytes:
         try:
             chunk = sock.recv(length - len(chunks))
         except OSError as err:
-            raise TpmTransportError(f"{what}: receive failed: {err}") from err
+            raise TpmTransportError(f"receive failed: {err}", path=what, errno=err.errno) from err
         if not chunk:
-            raise TpmTransportError(f"{what}: connection closed by the TPM")
+            raise TpmTransportError("connection closed by the TPM", path=what)
         chunks += chunk
     return bytes(chunks)
 
@@ -265,7 +240,7 @@ def read_framed_response(recv: ReceiveFn, what: str) -> bytes:
     header = recv(RESPONSE_HEADER.size)
     _, size, _ = RESPONSE_HEADER.unpack(header)
     if not RESPONSE_HEADER.size <= size <= MAX_RESPONSE_SIZE:
-        raise TpmTransportError(f"{what}: response size field {size} out of range")
+        raise TpmTransportError(f"response size field {size} out of range", path=what)
     return header + recv(size - RESPONSE_HEADER.size)
 
 
@@ -299,7 +274,9 @@ def connect(spec: str | int | tuple[str, int], timeout: float, what: str) -> soc
         sock.connect(address)
     except OSError as err:
         sock.close()
-        raise TpmTransportError(f"{what}: cannot connect to {address}: {err}") from err
+        raise TpmTransportError(
+            f"cannot connect to {address}: {err}", path=what, errno=err.errno
+        ) from err
     return sock
 
 
@@ -330,16 +307,16 @@ class SwtpmSocketTransport:
     def control(self, command: int, payload: bytes = b"") -> int:
         """Send one control-channel command; raise unless swtpm answers success (0)."""
         if self.ctrl is None:
-            raise TpmTransportError(f"{self.what}: no control channel given")
+            raise TpmTransportError("no control channel given", path=self.what)
         what = f"swtpm control {self.ctrl}"
         with connect(self.ctrl, self.timeout, what) as ctrl:
             try:
                 ctrl.sendall(struct.pack(">I", command) + payload)
             except OSError as err:
-                raise TpmTransportError(f"{what}: send failed: {err}") from err
+                raise TpmTransportError(f"send failed: {err}", path=what, errno=err.errno) from err
             (result,) = struct.unpack(">I", recv_exact(ctrl, 4, what))
         if result != 0:
-            raise TpmTransportError(f"{what}: command {command} returned 0x{result:x}")
+            raise TpmTransportError(f"command {command} returned 0x{result:x}", path=what)
         return int(result)
 
     def transmit(self, command: bytes) -> bytes:
@@ -347,7 +324,7 @@ class SwtpmSocketTransport:
         try:
             self.sock.sendall(command)
         except OSError as err:
-            raise TpmTransportError(f"{self.what}: send failed: {err}") from err
+            raise TpmTransportError(f"send failed: {err}", path=self.what, errno=err.errno) from err
         return read_framed_response(
             lambda length: recv_exact(self.sock, length, self.what), self.what
         )

@@ -20,7 +20,8 @@ from __future__ import annotations
 import socket
 import time
 
-from .client import MAX_RESPONSE_SIZE, RESPONSE_HEADER, TpmTransportError
+from ..errors import TpmTransportError
+from .client import MAX_RESPONSE_SIZE, RESPONSE_HEADER
 
 TIS_BASE = 0xFED40000
 TIS_REG_ACCESS = 0x00
@@ -55,7 +56,9 @@ class QtestConnection:
             self.sock.connect(path)
         except OSError as err:
             self.sock.close()
-            raise TpmTransportError(f"{path}: cannot connect to qtest socket: {err}") from err
+            raise TpmTransportError(
+                f"cannot connect to qtest socket: {err}", path=path, errno=err.errno
+            ) from err
         self.buffer = b""
 
     def command(self, line: str) -> str:
@@ -71,15 +74,17 @@ class QtestConnection:
                         continue  # asynchronous interrupt notification, not our answer
                     break
                 if len(self.buffer) > MAX_LINE:
-                    raise TpmTransportError(f"{self.path}: qtest reply line too long")
+                    raise TpmTransportError("qtest reply line too long", path=self.path)
                 chunk = self.sock.recv(4096)
                 if not chunk:
-                    raise TpmTransportError(f"{self.path}: qtest connection closed by QEMU")
+                    raise TpmTransportError("qtest connection closed by QEMU", path=self.path)
                 self.buffer += chunk
         except OSError as err:
-            raise TpmTransportError(f"{self.path}: qtest '{line}' failed: {err}") from err
+            raise TpmTransportError(
+                f"qtest '{line}' failed: {err}", path=self.path, errno=err.errno
+            ) from err
         if not text.startswith("OK"):
-            raise TpmTransportError(f"{self.path}: qtest '{line}' answered '{text}'")
+            raise TpmTransportError(f"qtest '{line}' answered '{text}'", path=self.path)
         return text[2:].strip()
 
     def read(self, width: str, address: int) -> int:
@@ -122,8 +127,9 @@ class QtestTisTransport:
                 return value
             if time.monotonic() > deadline:
                 raise TpmTransportError(
-                    f"{self.qtest.path}: TIS register 0x{register:x} = 0x{value:02x}, "
-                    f"{what} not reached within {self.timeout}s"
+                    f"TIS register 0x{register:x} = 0x{value:02x}, "
+                    f"{what} not reached within {self.timeout}s",
+                    path=self.qtest.path,
                 )
             time.sleep(0.0005)
 
@@ -140,19 +146,19 @@ class QtestTisTransport:
             burst = self.status() >> 8 & 0xFFFF
             if burst < len(command):
                 raise TpmTransportError(
-                    f"{self.qtest.path}: TIS burstCount {burst} < command size {len(command)}"
+                    f"TIS burstCount {burst} < command size {len(command)}", path=self.qtest.path
                 )
             for byte in command:
                 self.qtest.write("b", fifo, byte)
             if self.status() & TIS_STS_EXPECT:
-                raise TpmTransportError(f"{self.qtest.path}: TIS still expects command bytes")
+                raise TpmTransportError("TIS still expects command bytes", path=self.qtest.path)
             self.qtest.write("b", sts, TIS_STS_GO)
             self.wait_for(TIS_REG_STS, TIS_STS_VALID | TIS_STS_DATA_AVAILABLE, "dataAvail")
             response = bytearray()
             while self.status() & TIS_STS_DATA_AVAILABLE:
                 if len(response) > MAX_RESPONSE_SIZE:
                     raise TpmTransportError(
-                        f"{self.qtest.path}: TIS response exceeds {MAX_RESPONSE_SIZE} bytes"
+                        f"TIS response exceeds {MAX_RESPONSE_SIZE} bytes", path=self.qtest.path
                     )
                 burst = self.status() >> 8 & 0xFFFF
                 response += bytes(self.qtest.read("b", fifo) for _ in range(max(burst, 1)))
@@ -160,7 +166,7 @@ class QtestTisTransport:
         finally:
             self.qtest.write("b", access, TIS_ACCESS_ACTIVE_LOCALITY)
         if len(response) < RESPONSE_HEADER.size:
-            raise TpmTransportError(f"{self.qtest.path}: TIS response of {len(response)} bytes")
+            raise TpmTransportError(f"TIS response of {len(response)} bytes", path=self.qtest.path)
         return bytes(response)
 
     def close(self) -> None:

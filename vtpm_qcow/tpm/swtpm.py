@@ -43,7 +43,7 @@ def find_tool(name: str) -> str:
     """Absolute path of ``swtpm`` or ``swtpm_setup``; SwtpmError if it is not on PATH."""
     path = shutil.which(name)
     if path is None:
-        raise SwtpmError(f"{name}: not found on PATH (install swtpm / swtpm-tools)")
+        raise SwtpmError("not found on PATH (install swtpm / swtpm-tools)", path=name)
     return path
 
 
@@ -81,7 +81,9 @@ def run_setup(
     except subprocess.TimeoutExpired as err:
         raise SwtpmError(f"swtpm_setup on {tpmstate}: no result after {timeout:g}s") from err
     except OSError as err:
-        raise SwtpmError(f"swtpm_setup: cannot run {setup}: {err.strerror}") from err
+        raise SwtpmError(
+            f"swtpm_setup: cannot run {setup}: {err.strerror}", errno=err.errno
+        ) from err
     if done.returncode != 0:
         reason = _last_line(done.stdout, done.stderr) or f"exit status {done.returncode}"
         raise SwtpmError(f"swtpm_setup on {tpmstate} failed: {reason}")
@@ -119,7 +121,9 @@ def control_command(
                     break
                 reply += chunk
     except OSError as err:
-        raise SwtpmError(f"swtpm control channel {ctrl}: {err.strerror or err}") from err
+        raise SwtpmError(
+            f"swtpm control channel {ctrl}: {err.strerror or err}", errno=err.errno
+        ) from err
     if len(reply) < 4:
         raise SwtpmError(f"swtpm control channel {ctrl}: connection closed without a reply")
     return int(struct.unpack(">I", reply)[0])
@@ -178,7 +182,9 @@ class Swtpm:
                     cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
                 )
         except OSError as err:
-            raise SwtpmError(f"swtpm: cannot run {binary}: {err.strerror}") from err
+            raise SwtpmError(
+                f"swtpm: cannot run {binary}: {err.strerror}", errno=err.errno
+            ) from err
         instance = cls(proc, ctrl, server, pid_file, log, tpmstate)
         try:
             instance._wait_ready(timeout)

@@ -50,7 +50,14 @@ from qemu.qmp import QMPError as QmpLibError
 import qcow2
 from qcow2.errors import Qcow2Error
 
-from ..errors import QmpError, StoreError, VtpmQcowError
+from ..errors import (
+    HANDLED,
+    AlignmentError,
+    QmpDisconnectedError,
+    QmpError,
+    QmpJobError,
+    StoreError,
+)
 from ..export.control import ControlClient
 from ..state.store import Store
 
@@ -60,21 +67,6 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_JOB_TIMEOUT = 600.0
 
 _job_ids = itertools.count(1)
-
-
-# Section: errors
-
-
-class QmpDisconnectedError(QmpError):
-    """The QMP connection went away; the outcome of the command in flight is unknown."""
-
-
-class QmpJobError(QmpError):
-    """A snapshot job concluded with an error (``query-jobs[].error``)."""
-
-
-class AlignmentError(QmpError):
-    """An orchestrated operation failed; the message says which half and what was undone."""
 
 
 def quoted(tag: str) -> str:
@@ -158,20 +150,23 @@ class Monitor:
         try:
             mode = os.stat(self.address).st_mode
         except OSError as err:
-            raise QmpError(f"{self.address}: QMP socket: {err.strerror}") from err
+            raise QmpError(
+                f"QMP socket: {err.strerror}", path=self.address, errno=err.errno
+            ) from err
         if not stat.S_ISSOCK(mode):
-            raise QmpError(f"{self.address}: not a socket")
+            raise QmpError("not a socket", path=self.address)
         try:
             await asyncio.wait_for(self.client.connect(self.address), self.timeout)
         except TimeoutError as err:
             await self._drop()
             raise QmpError(
-                f"{self.address}: no QMP greeting within {self.timeout:g}s "
-                "(QEMU hung, or another client holds this monitor)"
+                f"no QMP greeting within {self.timeout:g}s "
+                "(QEMU hung, or another client holds this monitor)",
+                path=self.address,
             ) from err
         except (QmpLibError, OSError, EOFError) as err:
             await self._drop()
-            raise QmpError(f"{self.address}: cannot connect: {err}") from err
+            raise QmpError(f"cannot connect: {err}", path=self.address) from err
 
     async def reconnect(self) -> None:
         """Drop the current session and connect again."""
@@ -194,22 +189,22 @@ class Monitor:
         try:
             return await asyncio.wait_for(self.client.execute(command, arguments), self.timeout)
         except ExecuteError as err:
-            raise QmpError(f"{self.address}: {command}: {err}") from err
+            raise QmpError(f"{command}: {err}", path=self.address) from err
         except TimeoutError as err:
             raise QmpDisconnectedError(
-                f"{self.address}: {command}: no answer within {self.timeout:g}s; outcome unknown"
+                f"{command}: no answer within {self.timeout:g}s; outcome unknown", path=self.address
             ) from err
         except (ExecInterruptedError, QmpLibError, OSError, EOFError) as err:
             raise QmpDisconnectedError(
-                f"{self.address}: {command}: connection lost ({err or type(err).__name__}); "
-                "outcome unknown"
+                f"{command}: connection lost ({err or type(err).__name__}); outcome unknown",
+                path=self.address,
             ) from err
 
     async def hmp(self, command_line: str) -> str:
         """Run an HMP command; its text output (``Error: ...`` output raises QmpError)."""
         output = str(await self.execute("human-monitor-command", {"command-line": command_line}))
         if output.startswith("Error:"):
-            raise QmpError(f"{self.address}: {command_line}: {output.strip()}")
+            raise QmpError(f"{command_line}: {output.strip()}", path=self.address)
         return output
 
     async def run_state(self) -> RunState:
@@ -260,14 +255,14 @@ class Monitor:
                 with self.client.listen(events):
                     job = await self._finish_job(events, job_id)
         if job.get("error"):
-            raise QmpJobError(f"{self.address}: {command}: {job['error']}")
+            raise QmpJobError(f"{command}: {job['error']}", path=self.address)
 
     async def _finish_job(self, events: EventQueue, job_id: str) -> dict[str, Any]:
         """Wait for ``job_id`` to conclude, read its final state, dismiss it."""
         await self._wait_concluded(events, job_id)
         job = await self._query_job(job_id)
         if job is None:
-            raise QmpDisconnectedError(f"{self.address}: job {job_id} vanished; outcome unknown")
+            raise QmpDisconnectedError(f"job {job_id} vanished; outcome unknown", path=self.address)
         await self.execute("job-dismiss", {"id": job_id})
         return job
 
@@ -285,15 +280,15 @@ class Monitor:
             job = await self._query_job(job_id)
             if job is None:
                 raise QmpDisconnectedError(
-                    f"{self.address}: job {job_id} vanished; its outcome is unknown"
+                    f"job {job_id} vanished; its outcome is unknown", path=self.address
                 )
             if job.get("status") in ("concluded", "null"):
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise QmpError(
-                    f"{self.address}: job {job_id} still {job.get('status')} after "
-                    f"{self.job_timeout:g}s"
+                    f"job {job_id} still {job.get('status')} after {self.job_timeout:g}s",
+                    path=self.address,
                 )
             # Wake on the next status change of any job, or re-poll after a second.
             try:
@@ -301,7 +296,7 @@ class Monitor:
             except TimeoutError:
                 if self.client.runstate.name != "RUNNING":
                     raise QmpDisconnectedError(
-                        f"{self.address}: connection lost while job {job_id} ran"
+                        f"connection lost while job {job_id} ran", path=self.address
                     ) from None
 
 
@@ -433,7 +428,7 @@ def open_vtpm(image: str, control: str | None = None) -> VtpmSnapshots:
         if control:
             raise
         if not os.path.exists(image):
-            raise StoreError(f"{image}: no such vTPM image") from None
+            raise StoreError("no such vTPM image", path=image) from None
         return StoreVtpm(image)
     return DaemonVtpm(client, image)
 
@@ -525,7 +520,7 @@ async def _save_paused(
     # the TPM state in the vmstate.  overwrite: a watcher may have followed the disks already.
     try:
         vtpm.create(tag, overwrite=True)
-    except (VtpmQcowError, Qcow2Error) as err:
+    except HANDLED as err:
         try:
             await monitor.run_job("snapshot-delete", {"tag": tag, "devices": outcome.disks})
             undo = "the disks' snapshot was deleted again"
@@ -595,7 +590,7 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
 async def _snapshot_nodes(monitor: Monitor) -> list[DiskNode]:
     nodes = await monitor.disk_nodes()
     if not nodes:
-        raise AlignmentError(f"{monitor.address}: the VM has no writable disk for the vmstate")
+        raise AlignmentError("the VM has no writable disk for the vmstate", path=monitor.address)
     return nodes
 
 
@@ -615,7 +610,7 @@ def delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
     """Delete ``tag``; a tag already gone (another party deleted it first) is fine."""
     try:
         vtpm.delete(tag)
-    except (VtpmQcowError, Qcow2Error):
+    except HANDLED:
         if tag in vtpm.tags():
             raise
 
@@ -624,7 +619,7 @@ def _vtpm_half(action: Callable[[], None], verb: str, tag: str, *, after: str = 
     """Run the vTPM half; its failure becomes an AlignmentError naming the half."""
     try:
         action()
-    except (VtpmQcowError, Qcow2Error) as err:
+    except HANDLED as err:
         context = f" after {after}" if after else "; disks untouched"
         raise AlignmentError(f"{verb} {quoted(tag)}: vTPM half failed{context}: {err}") from err
 

@@ -39,17 +39,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from qcow2.errors import Qcow2Error
-
-from ..errors import QmpError, VtpmQcowError
-from .orchestrate import (
-    EventQueue,
-    Monitor,
-    QmpDisconnectedError,
-    VtpmSnapshots,
-    delete_if_present,
-    quoted,
-)
+from ..errors import HANDLED, QmpDisconnectedError, QmpError
+from .orchestrate import EventQueue, Monitor, VtpmSnapshots, delete_if_present, quoted
 
 #: Seconds between polls of the disks' snapshot lists.
 DEFAULT_POLL_INTERVAL = 1.0
@@ -61,6 +52,8 @@ DEFAULT_RECONNECT_TIMEOUT = 10.0
 T = TypeVar("T")
 
 WATCHED_EVENTS = ("STOP", "RESUME", "JOB_STATUS_CHANGE", "SHUTDOWN")
+#: What a vTPM-side action may fail with: reported, the watcher goes on.
+VTPM_FAILURES: tuple[type[Exception], ...] = (*HANDLED, OSError)
 
 
 class Watcher:
@@ -126,8 +119,8 @@ class Watcher:
             except QmpError as err:
                 if time.monotonic() > deadline:
                     raise QmpError(
-                        f"{self.monitor.address}: monitor gone and not back within "
-                        f"{self.reconnect_timeout:g}s: {err}"
+                        f"monitor gone and not back within {self.reconnect_timeout:g}s: {err}",
+                        path=self.monitor.address,
                     ) from cause
                 await asyncio.sleep(0.5)
 
@@ -144,7 +137,7 @@ class Watcher:
                 except TimeoutError:
                     if self.monitor.client.runstate.name != "RUNNING":
                         raise QmpDisconnectedError(
-                            f"{self.monitor.address}: connection lost"
+                            "connection lost", path=self.monitor.address
                         ) from None
                     await self.reconcile()
                     continue
@@ -242,7 +235,7 @@ class Watcher:
         """Run a vTPM-side action; report a failure (None) instead of stopping the watcher."""
         try:
             return action()
-        except (VtpmQcowError, Qcow2Error, OSError) as err:
+        except VTPM_FAILURES as err:
             self.report(f"error: vTPM {what}: {err}")
             return None
 
