@@ -8,6 +8,7 @@ image's sections from ``qemu-img convert`` + the linear codec.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import subprocess
 import time
@@ -28,12 +29,12 @@ from tests.vm.qemu_fixtures import (
     stop_process,
 )
 from tests.vtpm.mount_fixtures import vtpm_qcow
-from vtpm_qcow.cli.vm import WatcherThread
 from vtpm_qcow.errors import TpmResponseError
 from vtpm_qcow.state import linear
 from vtpm_qcow.tpm.client import Tpm, sha256
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
-from vtpm_qcow.vm.watch import DEFAULT_GRACE
+from vtpm_qcow.vm.orchestrate import open_vtpm
+from vtpm_qcow.vm.watch import DEFAULT_GRACE, WatcherThread
 
 NV_INDEX = 0x01500040
 NV_EXTRA = 0x01500041
@@ -192,7 +193,11 @@ def watcher_thread(
 ) -> Iterator[WatcherThread]:
     """A :class:`WatcherThread` on the stack's second monitor, stopped on exit."""
     thread = WatcherThread(
-        str(s.qemu.qmp2), str(s.image), report=report, poll_interval=poll_interval, grace=grace
+        str(s.qemu.qmp2),
+        functools.partial(open_vtpm, str(s.image)),
+        report=report,
+        poll_interval=poll_interval,
+        grace=grace,
     )
     thread.start()
     try:

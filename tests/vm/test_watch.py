@@ -19,7 +19,7 @@ from tests.vm.scenario import (
     wait_until,
     watcher_thread,
 )
-from vtpm_qcow.cli.vm import WatcherThread
+from vtpm_qcow.vm.watch import WatcherThread
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """``vtpm-qcow serve --qmp``: the daemon mirrors a real QEMU's HMP savevm/delvm in the image.
 
 QEMU runs with swtpm on the served mount (``-chardev socket`` on serve's ``--ctrl``); the
-watcher of :mod:`vtpm_qcow.cli.vm` runs inside serve on QEMU's second QMP monitor.
+watcher runs inside serve (:mod:`vtpm_qcow.vm.follow`) on QEMU's second QMP monitor.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ async def rounds(monitor: Monitor, vtpm: VtpmSnapshots, count: int) -> dict[str,
         times["vm load"].append(await timed(partial(load, monitor, vtpm, orch)))
         for tag in (bare, orch):
             await monitor.run_job("snapshot-delete", {"tag": tag, "devices": ["disk0"]})
-        vtpm.delete(orch)
+        await vtpm.delete(orch)
     return times
 
 

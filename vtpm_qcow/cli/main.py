@@ -2,8 +2,8 @@
 up, verify and restore vTPM images.
 
 Every failure is one line on stderr (``vtpm-qcow: IMAGE: what is wrong``) and a non-zero
-exit status; tracebacks are for bugs only.  ``mount``/``serve`` come from
-:mod:`vtpm_qcow.export.daemon` and ``vm ...`` from :mod:`vtpm_qcow.cli.vm`.
+exit status; tracebacks are for bugs only.  ``mount``/``serve``/``umount`` come from
+:mod:`vtpm_qcow.cli.mount` and ``vm ...`` from :mod:`vtpm_qcow.cli.vm`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from qcow2.errors import ImageLockedError
 from ..backup import archive, plainstate
 from ..errors import HANDLED, StateFormatError, StoreError
 from ..export.control import ControlClient, daemon_answers, held_image_error
-from ..export.daemon import add_mount_commands
 from ..state.blob import parse_blob, permall_tpm_version
 from ..state.store import (
     DEFAULT_CLUSTER_SIZE,
@@ -33,6 +32,7 @@ from ..state.store import (
     snapshot_digest,
 )
 from ..tpm.swtpm import find_tool, run_setup
+from .mount import add_mount_commands
 from .vm import add_vm_commands
 
 PROG: Final = "vtpm-qcow"
@@ -413,7 +413,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 # Section: parser
 
 #: Examples shown under each command's --help (mount/serve/umount/vm are registered by
-#: :mod:`vtpm_qcow.export.daemon` and :mod:`vtpm_qcow.cli.vm`; their examples are added here).
+#: :mod:`vtpm_qcow.cli.mount` and :mod:`vtpm_qcow.cli.vm`; their examples are added here).
 EXAMPLES: Final = {
     "create": """examples:
   vtpm-qcow create vm1-tpm.qcow2              # 4 MiB, like Proxmox VE's tpmstate0

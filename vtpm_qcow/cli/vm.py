@@ -11,8 +11,7 @@ Commands (registered on the main CLI by :func:`add_vm_commands`):
   (:mod:`vtpm_qcow.vm.watch`); give it its own ``-qmp`` monitor.
 
 The vTPM image is reached through its ``vtpm-qcow serve``/``mount`` daemon when one serves it
-(the normal case: swtpm runs on it), else opened directly.  :class:`WatcherThread` runs a
-watcher beside a non-asyncio program (the trio-based daemon's ``serve --qmp``).
+(the normal case: swtpm runs on it), else opened directly.
 """
 
 from __future__ import annotations
@@ -20,12 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import HANDLED, QmpError
 from ..export.control import to_json
 from ..vm.orchestrate import (
     DEFAULT_JOB_TIMEOUT,
@@ -94,7 +90,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 async def _table(monitor: Monitor, vtpm: VtpmSnapshots) -> tuple[str, list[Any], list[Any]]:
     state = await monitor.run_state()
     nodes = await monitor.disk_nodes()
-    return state.status, nodes, tag_table(nodes, vtpm.tags())
+    return state.status, nodes, tag_table(nodes, await vtpm.tags())
 
 
 def _print_rows(rows: list[Any]) -> None:
@@ -164,75 +160,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     _run(args, body)
     return 0
-
-
-class WatcherThread:
-    """A :class:`Watcher` on its own asyncio loop in a thread (for trio or sync programs).
-
-    ``start()`` begins watching; ``stop()`` ends it and joins the thread; ``error`` holds
-    what ended it unexpectedly (a :class:`QmpError` when QEMU vanished).
-    """
-
-    def __init__(
-        self,
-        qmp: str,
-        image: str,
-        *,
-        control: str | None = None,
-        report: Callable[[str], None] = print,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
-        grace: float = DEFAULT_GRACE,
-    ) -> None:
-        self.qmp, self.image, self.control = qmp, image, control
-        self.report = report
-        self.poll_interval, self.grace = poll_interval, grace
-        self.error: BaseException | None = None
-        #: The running :class:`Watcher` (None before :meth:`start`).
-        self.watcher: Watcher | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="vtpm-qcow-watch", daemon=True)
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start watching; returns after the first reconcile (or when the watcher failed)."""
-        self._thread.start()
-        self._ready.wait(timeout)
-
-    def _main(self) -> None:
-        try:
-            asyncio.run(self._watch())
-        except HANDLED as err:
-            self.error = err
-            self.report(f"error: watcher stopped: {err}")
-        finally:
-            self._ready.set()
-
-    async def _watch(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        vtpm = open_vtpm(self.image, self.control)
-        monitor = Monitor(self.qmp)
-        try:
-            self.watcher = Watcher(
-                monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
-                grace=self.grace, on_ready=self._ready.set,
-            )  # fmt: skip
-            await self.watcher.run(self._stop)
-        finally:
-            await monitor.close()
-            vtpm.close()
-
-    @property
-    def finished(self) -> bool:
-        """Whether the watcher has ended (QEMU shut down, :attr:`error`, or :meth:`stop`)."""
-        return self._ready.is_set() and not self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop watching and wait for the thread."""
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -323,16 +250,3 @@ def add_vm_commands(subparsers: Any) -> None:
     )
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.set_defaults(func=cmd_watch)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vtpm_qcow.cli.vm save|load|...``: the same as ``vtpm-qcow vm ...``."""
-    from .main import main as cli_main  # the CLI imports this module: import it late
-
-    return cli_main(["vm", *(sys.argv[1:] if argv is None else argv)])
-
-
-__all__ = ["QmpError", "WatcherThread", "add_vm_commands", "main"]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,8 +13,8 @@ under the file system lock: what backups and exports of a held image use; ``"tag
 snapshot's state instead, ``"snapshots": false`` leaves the snapshots out).
 The daemon (:mod:`vtpm_qcow.export.daemon`) serves it next to its FUSE mount;
 every op runs serialized with the file system's requests, so snapshots are safe while swtpm
-runs.  :class:`ControlClient` is the synchronous client used by the CLI and by the QMP
-alignment (:mod:`vtpm_qcow.cli.vm`).
+runs.  :class:`ControlClient` is the synchronous client used by the CLI, backups and the
+QMP alignment run from the command (:mod:`vtpm_qcow.vm.orchestrate`).
 
 The default socket of an image lives in :func:`runtime_dir` and is named after the image's
 real path (:func:`socket_path_for`), so ``ControlClient.for_image(path)`` finds it.

@@ -1,20 +1,20 @@
-"""The mount daemon: ``vtpm-qcow mount``, ``serve`` and ``umount``.
+"""The mount daemon: what ``vtpm-qcow mount``, ``serve`` and ``umount`` run.
 
-``mount IMAGE MOUNTPOINT`` opens the store (taking the image's QEMU-compatible lock), mounts
-its file view or dir view (:mod:`vtpm_qcow.export.fuse`) and serves the control socket
-(:mod:`vtpm_qcow.export.control`).  Without ``--foreground`` it detaches and the command returns
-only once the mount and the socket are usable (the daemon reports readiness, or its error,
-through a pipe).  SIGTERM/SIGINT, ``vtpm-qcow umount`` or ``fusermount3 -u`` commit buffered
+:func:`run_mount` opens the store (taking the image's QEMU-compatible lock), mounts its file
+view or dir view (:mod:`vtpm_qcow.export.fuse`) and serves the control socket
+(:mod:`vtpm_qcow.export.control`).  :func:`daemonize` detaches it; the command returns only
+once the mount and the socket are usable (the daemon reports readiness, or its error,
+through a pipe).  SIGTERM/SIGINT, :func:`unmount` or ``fusermount3 -u`` commit buffered
 writes, unmount, close the image (releasing its lock) and remove the socket and pid file.
 A daemon killed with -9 leaves the image consistent (every commit is atomic) and the
 mount point needing ``fusermount3 -u``.
 
-``serve IMAGE --ctrl SOCKET`` does the same on a private mount point and runs
-``swtpm socket --ctrl type=unixio,path=SOCKET`` on it for QEMU's ``-chardev socket``.
-swtpm exits when QEMU quits; serve then unmounts and exits, or with ``--keep-serving``
-starts a fresh swtpm for the next QEMU run.  With ``--qmp SOCKET`` (a QMP monitor of its
-own) it also runs :mod:`vtpm_qcow.cli.vm`'s snapshot watcher, so HMP ``savevm``/``delvm`` of
-the VM's disks are mirrored in the image.
+With a :class:`SwtpmConfig` (``serve``) it runs ``swtpm socket --ctrl
+type=unixio,path=SOCKET`` on a private mount point for QEMU's ``-chardev socket``.  swtpm
+exits when QEMU quits; the daemon then unmounts and exits, or with ``keep_serving`` starts
+a fresh swtpm for the next QEMU run.  ``SwtpmConfig.follower`` runs beside each swtpm run
+(``serve --qmp``: the snapshot watcher of :mod:`vtpm_qcow.vm.follow`, given this daemon's
+file system); the daemon knows nothing of QMP.
 
 Test hook: with ``$VTPM_QCOW_WRITE_LOG`` set, the daemon appends every write, flush and
 truncate of the image file and every commit point to that file (:func:`read_write_log`).
@@ -22,11 +22,9 @@ truncate of the image file and every commit point to that file (:func:`read_writ
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import errno
-import inspect
 import logging
 import os
 import shutil
@@ -34,9 +32,8 @@ import signal
 import stat
 import struct
 import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,10 +43,12 @@ import trio
 
 from qcow2.io.fileio import HostFile, WriteEvent
 
-from ..errors import HANDLED, MountError, StoreError, VtpmQcowError
+from ..errors import HANDLED, MountError, StoreError
+from . import VIEWS
 from .control import (
     ControlClient,
     ControlServer,
+    daemon_answers,
     pid_path_for,
     runtime_dir,
     socket_path_for,
@@ -63,12 +62,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("file", "dir")
 WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
 #: Test hook: the daemon SIGKILLs itself when its Nth fsync request arrives, before
 #: committing anything (the crash tests' "killed between swtpm's msyncs").
 KILL_AT_FSYNC_ENV = "VTPM_QCOW_TEST_KILL_AT_FSYNC"
-#: Seconds between checks that serve's swtpm still runs.
+#: Seconds between checks that QEMU is still on swtpm's control channel, and between
+#: looks for swtpm's exit where the kernel cannot signal it (no pidfd).
 SWTPM_POLL_INTERVAL = 0.2
 #: umount2() flags: abort a FUSE connection, detach lazily.
 MNT_FORCE, MNT_DETACH = 1, 2
@@ -112,8 +111,9 @@ class SwtpmConfig:
     options: tuple[str, ...] = ()
     tpm2: bool = True
     keep_serving: bool = False
-    #: QEMU's QMP socket to follow with a snapshot watcher (:class:`vtpm_qcow.cli.vm.WatcherThread`)
-    qmp: str | None = None
+    #: run beside each swtpm, given the file system; cancelled when that swtpm ends
+    #: (``serve --qmp``: :func:`vtpm_qcow.vm.follow.follow_qmp`)
+    follower: Callable[[StoreFS], Awaitable[None]] | None = None
     #: the swtpm running now (filled in while serving)
     current: Swtpm | None = None
 
@@ -366,7 +366,7 @@ async def _serve(
             nursery.start_soon(server.serve)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             if swtpm is not None:
-                await nursery.start(_run_swtpm, swtpm, fs.namespace.view, mountpoint, config)
+                await nursery.start(_run_swtpm, swtpm, fs, mountpoint)
             _write_pid_file(config.pid_path)
             on_ready()
             log.info("serving %s on %s (%s view)", config.image, mountpoint, config.view)
@@ -416,15 +416,14 @@ def swtpm_tpmstate(view: str, mountpoint: str) -> str:
 
 async def _run_swtpm(
     config: SwtpmConfig,
-    view: str,
+    fs: StoreFS,
     mountpoint: str,
-    mount: MountConfig,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run swtpm on the mount; when it exits stop serving, or restart it (keep_serving)."""
     workdir = runtime_dir() / f"swtpm-{os.getpid()}"
     try:
-        await _serve_swtpm(config, view, mountpoint, mount, workdir, task_status)
+        await _serve_swtpm(config, fs, mountpoint, workdir, task_status)
     finally:
         # swtpm's pid file and log: kept only when swtpm did not start or did not end well
         current = config.current
@@ -436,16 +435,15 @@ async def _run_swtpm(
 
 async def _serve_swtpm(
     config: SwtpmConfig,
-    view: str,
+    fs: StoreFS,
     mountpoint: str,
-    mount: MountConfig,
     workdir: Path,
     task_status: trio.TaskStatus[None],
 ) -> None:
     """The loop of :func:`_run_swtpm`: start swtpm, wait for it to end, maybe again."""
     from ..tpm.swtpm import Swtpm
 
-    tpmstate = swtpm_tpmstate(view, mountpoint)
+    tpmstate = swtpm_tpmstate(fs.namespace.view, mountpoint)
     started = False
     while True:
         # Blocking start in a thread: swtpm reads its state through this very event loop.
@@ -463,17 +461,10 @@ async def _serve_swtpm(
         if not started:
             task_status.started()
             started = True
-        peer = CtrlPeerWatch(config.ctrl)
         async with trio.open_nursery() as run:
-            if config.qmp:
-                run.start_soon(_follow_qmp, config.qmp, mount)
-            while instance.proc.poll() is None:  # one swtpm per QEMU run
-                await trio.sleep(SWTPM_POLL_INTERVAL)
-                if peer.client_gone(trio.current_time()) and instance.proc.poll() is None:
-                    # QEMU died without CMD_SHUTDOWN: end this swtpm run cleanly (its
-                    # state is written through the mount) as QEMU's shutdown would.
-                    log.info("swtpm %d: QEMU left the control channel; stopping", instance.pid)
-                    await trio.to_thread.run_sync(instance.stop)
+            if config.follower is not None:
+                run.start_soon(config.follower, fs)
+            await _wait_swtpm(instance, CtrlPeerWatch(config.ctrl))
             run.cancel_scope.cancel()
         log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
         if not config.keep_serving:
@@ -481,59 +472,42 @@ async def _serve_swtpm(
             return
 
 
-async def _run_in_thread_abandonable(fn: Callable[[], object]) -> None:
-    """Run blocking ``fn`` in a thread that a cancelled caller may leave behind.
+async def _wait_swtpm(instance: Swtpm, peer: CtrlPeerWatch) -> None:
+    """Until swtpm exits (one swtpm per QEMU run); stop it if QEMU left without a word.
 
-    trio renamed ``cancellable`` to ``abandon_on_cancel`` in 0.23 and later removed the old
-    name; pyproject allows both generations.
+    The exit is seen at once through a pidfd (the image is released as soon as QEMU's
+    CMD_SHUTDOWN ended swtpm); the control channel is looked at every
+    :data:`SWTPM_POLL_INTERVAL`.
     """
-    run_sync: Any = trio.to_thread.run_sync
-    if "abandon_on_cancel" in inspect.signature(run_sync).parameters:
-        await run_sync(fn, abandon_on_cancel=True)
-    else:
-        await run_sync(fn, cancellable=True)
-
-
-async def _follow_qmp(qmp: str, mount: MountConfig) -> None:
-    """Keep the store's snapshots aligned with QEMU's while this swtpm runs.
-
-    QEMU starts after serve (it needs swtpm's socket), so wait for its QMP socket, then run
-    the snapshot watcher of :mod:`vtpm_qcow.cli.vm` (its own asyncio loop, in a thread) against
-    this daemon's control socket.  A failed watcher is logged and retried.
-    """
-    from ..cli.vm import WatcherThread
-
-    while True:
-        while not os.path.exists(qmp):
-            await trio.sleep(SWTPM_POLL_INTERVAL)
-        watcher = WatcherThread(
-            qmp,
-            os.path.abspath(mount.image),
-            control=os.fspath(mount.control_path),
-            report=lambda line: log.info("qmp watcher: %s", line),
-        )
-        try:
-            await _run_in_thread_abandonable(watcher.start)
-            if watcher.error is None:
-                log.info("qmp watcher following %s", qmp)
-            while watcher.error is None:
-                await trio.sleep(SWTPM_POLL_INTERVAL)
-            log.warning("qmp watcher on %s stopped: %s; retrying", qmp, watcher.error)
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(watcher.stop)
-        await trio.sleep(1.0)
+    try:
+        exited: int | None = os.pidfd_open(instance.pid)
+    except OSError:  # no pidfd (kernel < 5.3): look at the process on every poll
+        exited = None
+    try:
+        while instance.proc.poll() is None:
+            with trio.move_on_after(SWTPM_POLL_INTERVAL):
+                if exited is None:
+                    await trio.sleep_forever()
+                await trio.lowlevel.wait_readable(exited)
+            if peer.client_gone(trio.current_time()) and instance.proc.poll() is None:
+                # QEMU died without CMD_SHUTDOWN: end this swtpm run cleanly (its state is
+                # written through the mount) as QEMU's shutdown would.
+                log.info("swtpm %d: QEMU left the control channel; stopping", instance.pid)
+                await trio.to_thread.run_sync(instance.stop)
+    finally:
+        if exited is not None:
+            os.close(exited)
 
 
 # Section: detaching
 
 
-def daemonize(run: Callable[[Callable[[], None]], None], log_file: str | None) -> int:
-    """Run ``run(on_ready)`` in a detached daemon; return once it is ready (0) or failed (1).
+def daemonize(run: Callable[[Callable[[], None]], None], log_file: str | None) -> None:
+    """Run ``run(on_ready)`` in a detached daemon; return once it is ready.
 
     Double fork: the daemon is a grandchild in its own session, so it never becomes a
     zombie of a long-lived caller.  It reports ``ok`` or its one-line error through a pipe;
-    the caller prints the error.  A daemon that dies without a word is reported too.
+    that error is raised here (StoreError), as is the silence of a daemon that died.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -542,10 +516,9 @@ def daemonize(run: Callable[[Callable[[], None]], None], log_file: str | None) -
         os.waitpid(pid, 0)  # the intermediate child exits as soon as it has forked
         with os.fdopen(read_end, "rb") as reader:
             message = reader.readline().decode(errors="replace").strip()
-        if message == "ok":
-            return 0
-        print(f"vtpm-qcow: {message or 'mount daemon exited before it was ready'}", file=sys.stderr)
-        return 1
+        if message != "ok":
+            raise StoreError(message or "mount daemon exited before it was ready")
+        return
     os.close(read_end)
     try:
         os.setsid()
@@ -597,84 +570,7 @@ def _redirect_stdio(log_file: str | None) -> None:
     os.dup2(out, 2)
 
 
-# Section: commands
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s vtpm-qcow[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--view", choices=VIEWS, default="file", help="file (default) or dir")
-    parser.add_argument("--control", metavar="SOCKET", help="control socket path")
-    parser.add_argument("--pid-file", metavar="FILE", help="pid file path")
-    parser.add_argument("--foreground", "-f", action="store_true", help="do not detach")
-    parser.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    parser.add_argument("--threads", action="store_true", help="run store calls in worker threads")
-
-
-def _start(args: argparse.Namespace, config: MountConfig, swtpm: SwtpmConfig | None) -> int:
-    def run(on_ready: Callable[[], None]) -> None:
-        _setup_logging(args.verbose)
-        run_mount(config, on_ready=on_ready, swtpm=swtpm)
-
-    if args.foreground:
-        _setup_logging(args.verbose)
-        run_mount(config, swtpm=swtpm)
-        return 0
-    return daemonize(run, args.log)
-
-
-def cmd_mount(args: argparse.Namespace) -> int:
-    """``vtpm-qcow mount IMAGE MOUNTPOINT``."""
-    config = MountConfig(
-        args.image, args.mountpoint, args.view, args.control, args.pid_file, args.threads
-    )
-    return _start(args, config, None)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """``vtpm-qcow serve IMAGE --ctrl SOCKET``."""
-    mountpoint = args.mountpoint
-    made = False
-    if mountpoint is None:
-        mountpoint = os.fspath(runtime_dir() / f"mnt-{os.getpid()}")
-        os.makedirs(mountpoint, mode=0o700, exist_ok=True)
-        made = True
-    config = MountConfig(
-        args.image, mountpoint, args.view, args.control, args.pid_file, args.threads
-    )
-    swtpm = SwtpmConfig(
-        ctrl=os.path.abspath(args.ctrl),
-        flags=tuple(f for f in (args.swtpm_flags or "").split(",") if f),
-        options=tuple(args.swtpm_option or ()),
-        tpm2=not args.tpm12,
-        keep_serving=args.keep_serving,
-        qmp=os.path.abspath(args.qmp) if args.qmp else None,
-    )
-
-    def run(on_ready: Callable[[], None]) -> None:
-        _setup_logging(args.verbose)
-        try:
-            run_mount(config, on_ready=on_ready, swtpm=swtpm)
-        finally:
-            if made:
-                with contextlib.suppress(OSError):
-                    os.rmdir(mountpoint)
-
-    if args.foreground:
-        run(lambda: None)
-        return 0
-    code = daemonize(run, args.log)
-    if code and made:
-        with contextlib.suppress(OSError):
-            os.rmdir(mountpoint)
-    return code
+# Section: unmounting
 
 
 def _mount_source(mountpoint: str) -> str | None:
@@ -713,98 +609,32 @@ def _wait_exit(pid: int, timeout: float) -> bool:
     return False
 
 
-def _daemon_answers(image: str) -> bool:
-    """True if the daemon serving ``image`` answers on its control socket."""
-    try:
-        with ControlClient.for_image(image, timeout=2.0) as client:
-            return bool(client.ping())
-    except (VtpmQcowError, OSError):
-        return False
-
-
-def cmd_umount(args: argparse.Namespace) -> int:
-    """``vtpm-qcow umount MOUNTPOINT``: unmount and wait until the daemon has exited."""
-    source = _mount_source(args.mountpoint)
+def unmount(mountpoint: str) -> None:
+    """Unmount a store's mount and wait until its daemon has exited (MountError if not)."""
+    source = _mount_source(mountpoint)
     if source is None:
-        raise MountError("not a FUSE mount point", path=args.mountpoint, errno=errno.EINVAL)
+        raise MountError("not a FUSE mount point", path=mountpoint, errno=errno.EINVAL)
     pid = None
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_path_for(source).read_text().strip())
     done = subprocess.run(
-        ["fusermount3", "-u", args.mountpoint], capture_output=True, text=True, check=False
+        ["fusermount3", "-u", mountpoint], capture_output=True, text=True, check=False
     )
-    if done.returncode != 0 and not _daemon_answers(source):
-        # A daemon killed while the kernel waited on it (a cache invalidation writing pages
-        # back) leaves the connection up and the mount busy: abort it, as umount -f does.
-        log.warning("%s: the daemon does not answer; aborting its FUSE connection", source)
-        _abort_mount(args.mountpoint)
-        if _mount_source(args.mountpoint) is None:
-            done = subprocess.CompletedProcess(done.args, 0)
+    if done.returncode != 0:
+        with ControlClient.for_image(source, timeout=2.0) as client:
+            answers = daemon_answers(client)
+        if not answers:
+            # A daemon killed while the kernel waited on it (a cache invalidation writing
+            # pages back) leaves the connection up and the mount busy: abort it, as
+            # umount -f does.
+            log.warning("%s: the daemon does not answer; aborting its FUSE connection", source)
+            _abort_mount(mountpoint)
+            if _mount_source(mountpoint) is None:
+                done = subprocess.CompletedProcess(done.args, 0)
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1:] or [f"status {done.returncode}"]
-        raise MountError(f"unmount failed: {reason[0]}", path=args.mountpoint)
+        raise MountError(f"unmount failed: {reason[0]}", path=mountpoint)
     if pid is not None and not _wait_exit(pid, UMOUNT_TIMEOUT):
         raise MountError(
-            f"daemon {pid} still running after unmount", path=args.mountpoint, errno=errno.EBUSY
+            f"daemon {pid} still running after unmount", path=mountpoint, errno=errno.EBUSY
         )
-    return 0
-
-
-def add_mount_commands(subparsers: Any) -> None:
-    """Register ``mount``, ``serve`` and ``umount`` on the CLI's subparsers.
-
-    Each sets ``func``: called with the parsed arguments, returns the exit status and
-    raises :class:`VtpmQcowError`/:class:`Qcow2Error` with a one-line message on failure.
-    """
-    mount = subparsers.add_parser("mount", help="mount a vTPM image (file or dir view)")
-    mount.add_argument("image", help="the vTPM qcow2 image")
-    mount.add_argument("mountpoint", help="an existing directory")
-    _add_common(mount)
-    mount.set_defaults(func=cmd_mount)
-
-    serve = subparsers.add_parser(
-        "serve",
-        help="mount a vTPM image and run swtpm on it for QEMU",
-        description="Runs swtpm socket --ctrl type=unixio,path=SOCKET on a private mount of "
-        "IMAGE; give QEMU -chardev socket,path=SOCKET.  Exits when swtpm exits (QEMU quit) "
-        "unless --keep-serving.",
-    )
-    serve.add_argument("image", help="the vTPM qcow2 image")
-    serve.add_argument("--ctrl", required=True, metavar="SOCKET", help="swtpm control socket")
-    serve.add_argument("--mountpoint", help="where to mount (default: a private directory)")
-    serve.add_argument("--keep-serving", action="store_true", help="restart swtpm when it exits")
-    serve.add_argument(
-        "--qmp",
-        metavar="SOCKET",
-        help="follow QEMU's savevm/loadvm/delvm on this QMP socket (give QEMU a -qmp of its "
-        "own for it) and keep the image's snapshots aligned",
-    )
-    serve.add_argument("--tpm12", action="store_true", help="run a TPM 1.2 (default TPM 2.0)")
-    serve.add_argument("--swtpm-flags", metavar="F,F", help="swtpm --flags (e.g. startup-clear)")
-    serve.add_argument(
-        "--swtpm-option", action="append", metavar="ARG", help="extra swtpm argument"
-    )
-    _add_common(serve)
-    serve.set_defaults(func=cmd_serve)
-
-    umount = subparsers.add_parser("umount", help="unmount a vTPM image mount")
-    umount.add_argument("mountpoint")
-    umount.set_defaults(func=cmd_umount)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vtpm_qcow.export.daemon mount|serve|umount ...`` (same as the CLI's commands)."""
-    parser = argparse.ArgumentParser(prog="vtpm-qcow")
-    add_mount_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except HANDLED as err:
-        print(f"vtpm-qcow: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

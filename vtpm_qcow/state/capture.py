@@ -68,8 +68,7 @@ def capture_store(store: Store, *, tag: str | None = None, snapshots: bool = Tru
     size = store.linear_size
     image = store.image
     if tag is not None:
-        names = [entry.name for entry in image.snapshots]
-        if tag not in names:
+        if tag not in store.snapshot_tags():
             raise StoreError(f"no snapshot '{tag}'", path=store.path)
         view = image.snapshot(tag, name_only=True)
         layout = layout_of(view.read, min(int(view.virtual_size), size), f"{store.path}@{tag}")

@@ -241,7 +241,7 @@ def unloadable_tag(store: Store, now: dt.datetime | None = None) -> str:
     """A free snapshot tag ``unloadable-YYYYMMDDTHHMMSSZ`` (``-2``... if taken)."""
     now = dt.datetime.now(dt.UTC) if now is None else now
     base = UNLOADABLE_PREFIX + now.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    taken = {entry.name for entry in store.image.snapshots}
+    taken = set(store.snapshot_tags())
     tag, n = base, 1
     while tag in taken:
         n += 1

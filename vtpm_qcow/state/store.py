@@ -464,8 +464,11 @@ class Store:
                 out.append(SnapshotInfo(entry.name, entry.id, date, entry.vm_state_size, sections))
             return out
 
-    def _snapshot_names(self) -> list[str]:
-        return [entry.name for entry in self._image.snapshots]
+    def snapshot_tags(self) -> list[str]:
+        """The snapshots' tags, oldest first (the snapshot table alone: nothing is read)."""
+        with self._lock:
+            self._check_open()
+            return [entry.name for entry in self._image.snapshots]
 
     def create_snapshot(self, tag: str, *, overwrite: bool = False) -> None:
         """Snapshot the current state as ``tag``; an existing tag needs ``overwrite=True``.
@@ -477,7 +480,7 @@ class Store:
         check_tag(tag, self.path)
         with self._lock:
             self._check_open(write=True)
-            exists = tag in self._snapshot_names()
+            exists = tag in self.snapshot_tags()
             if exists and not overwrite:
                 raise StoreError(f"snapshot '{tag}' already exists", path=self.path)
             self._image.create_snapshot(tag, replace=exists)
@@ -501,7 +504,7 @@ class Store:
             self._changed()
 
     def _require(self, tag: str) -> None:
-        if tag not in self._snapshot_names():
+        if tag not in self.snapshot_tags():
             raise StoreError(f"no snapshot '{tag}'", path=self.path)
 
     def snapshot_section(self, tag: str, name: str) -> bytes | None:

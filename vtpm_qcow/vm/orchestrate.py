@@ -37,12 +37,13 @@ re-queries the job by its id instead of guessing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient
 from qemu.qmp import QMPError as QmpLibError
@@ -67,6 +68,8 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_JOB_TIMEOUT = 600.0
 
 _job_ids = itertools.count(1)
+
+T = TypeVar("T")
 
 
 def quoted(tag: str) -> str:
@@ -304,32 +307,37 @@ class Monitor:
 
 
 class VtpmSnapshots(Protocol):
-    """Snapshot operations on the vTPM image (mounted by a daemon, or opened directly)."""
+    """Snapshot operations on the vTPM image (mounted by a daemon, or opened directly).
+
+    The operations are coroutines: they run on the caller's asyncio loop without blocking
+    it (a store operation or a control socket round trip runs in a worker thread, or on
+    the mount daemon's own event loop, :mod:`vtpm_qcow.vm.follow`).
+    """
 
     #: For messages: the image (and how it is reached).
     description: str
 
-    def tags(self) -> list[str]:
+    async def tags(self) -> list[str]:
         """Tags of the image's snapshots."""
         ...
 
-    def create(self, tag: str, *, overwrite: bool = False) -> None:
+    async def create(self, tag: str, *, overwrite: bool = False) -> None:
         """Snapshot the active layer as ``tag``."""
         ...
 
-    def apply(self, tag: str) -> None:
+    async def apply(self, tag: str) -> None:
         """Revert the active layer to ``tag``."""
         ...
 
-    def delete(self, tag: str) -> None:
+    async def delete(self, tag: str) -> None:
         """Delete snapshot ``tag``."""
         ...
 
-    def section_digests(self) -> dict[str, str]:
+    async def section_digests(self) -> dict[str, str]:
         """Digest of each state section of the active layer, by section name."""
         ...
 
-    def snapshot_digests(self) -> dict[str, dict[str, str]]:
+    async def snapshot_digests(self) -> dict[str, dict[str, str]]:
         """Section digests of every snapshot, by tag."""
         ...
 
@@ -346,7 +354,10 @@ class DaemonVtpm:
         self.image = image
         self.description = f"{image} (via {client.path})"
 
-    def tags(self) -> list[str]:
+    async def tags(self) -> list[str]:
+        return await asyncio.to_thread(self._tags)
+
+    def _tags(self) -> list[str]:
         """Snapshot tags read from the image's snapshot table, like ``qemu-img -U``.
 
         The daemon's ``snapshot-list`` digests every snapshot's sections (milliseconds);
@@ -359,23 +370,23 @@ class DaemonVtpm:
         except (Qcow2Error, OSError):
             return [str(s["tag"]) for s in self.client.snapshot_list()]
 
-    def create(self, tag: str, *, overwrite: bool = False) -> None:
-        self.client.snapshot_create(tag, overwrite=overwrite)
+    async def create(self, tag: str, *, overwrite: bool = False) -> None:
+        await asyncio.to_thread(self.client.snapshot_create, tag, overwrite=overwrite)
 
-    def apply(self, tag: str) -> None:
-        self.client.snapshot_apply(tag)
+    async def apply(self, tag: str) -> None:
+        await asyncio.to_thread(self.client.snapshot_apply, tag)
 
-    def delete(self, tag: str) -> None:
-        self.client.snapshot_delete(tag)
+    async def delete(self, tag: str) -> None:
+        await asyncio.to_thread(self.client.snapshot_delete, tag)
 
-    def section_digests(self) -> dict[str, str]:
-        sections = self.client.info()["sections"]
+    async def section_digests(self) -> dict[str, str]:
+        sections = (await asyncio.to_thread(self.client.info))["sections"]
         return {str(name): str(info["digest"]) for name, info in sections.items()}
 
-    def snapshot_digests(self) -> dict[str, dict[str, str]]:
+    async def snapshot_digests(self) -> dict[str, dict[str, str]]:
         return {
             str(snap["tag"]): {str(n): str(i["digest"]) for n, i in snap["sections"].items()}
-            for snap in self.client.snapshot_list()
+            for snap in await asyncio.to_thread(self.client.snapshot_list)
         }
 
     def close(self) -> None:
@@ -383,31 +394,41 @@ class DaemonVtpm:
 
 
 class StoreVtpm:
-    """A vTPM image nobody has mounted, opened directly (holds its qcow2 lock)."""
+    """A :class:`Store` as the vTPM side: each operation runs through :meth:`run`.
 
-    def __init__(self, image: str) -> None:
-        self.store = Store.open(image)
-        self.description = image
+    Here ``run`` is a worker thread (a store nobody has mounted, opened directly: it holds
+    the image's qcow2 lock); :class:`vtpm_qcow.vm.follow.MountedVtpm` runs the same
+    operations on the mount daemon's event loop instead.
+    """
 
-    def tags(self) -> list[str]:
-        return [s.tag for s in self.store.snapshots()]
+    def __init__(self, store: Store, description: str | None = None) -> None:
+        self.store = store
+        self.description = description or store.path
 
-    def create(self, tag: str, *, overwrite: bool = False) -> None:
-        self.store.create_snapshot(tag, overwrite=overwrite)
+    async def run(self, action: Callable[[], T]) -> T:
+        """Run the store operation ``action`` off this event loop; its result."""
+        return await asyncio.to_thread(action)
 
-    def apply(self, tag: str) -> None:
-        self.store.apply_snapshot(tag)
+    async def tags(self) -> list[str]:
+        return await self.run(self.store.snapshot_tags)
 
-    def delete(self, tag: str) -> None:
-        self.store.delete_snapshot(tag)
+    async def create(self, tag: str, *, overwrite: bool = False) -> None:
+        await self.run(functools.partial(self.store.create_snapshot, tag, overwrite=overwrite))
 
-    def section_digests(self) -> dict[str, str]:
-        return {name: info.digest for name, info in self.store.sections().items()}
+    async def apply(self, tag: str) -> None:
+        await self.run(functools.partial(self.store.apply_snapshot, tag))
 
-    def snapshot_digests(self) -> dict[str, dict[str, str]]:
+    async def delete(self, tag: str) -> None:
+        await self.run(functools.partial(self.store.delete_snapshot, tag))
+
+    async def section_digests(self) -> dict[str, str]:
+        sections = await self.run(self.store.sections)
+        return {name: info.digest for name, info in sections.items()}
+
+    async def snapshot_digests(self) -> dict[str, dict[str, str]]:
         return {
             snap.tag: {name: info.digest for name, info in snap.sections.items()}
-            for snap in self.store.snapshots()
+            for snap in await self.run(self.store.snapshots)
         }
 
     def close(self) -> None:
@@ -429,7 +450,7 @@ def open_vtpm(image: str, control: str | None = None) -> VtpmSnapshots:
             raise
         if not os.path.exists(image):
             raise StoreError("no such vTPM image", path=image) from None
-        return StoreVtpm(image)
+        return StoreVtpm(Store.open(image))
     return DaemonVtpm(client, image)
 
 
@@ -475,7 +496,7 @@ class PausedVm:
 async def save(monitor: Monitor, vtpm: VtpmSnapshots, tag: str, *, force: bool = False) -> Outcome:
     """Snapshot disks, VM state and vTPM image as ``tag`` (see the module docstring)."""
     state, nodes, vtpm_tags = await asyncio.gather(
-        monitor.run_state(), _snapshot_nodes(monitor), asyncio.to_thread(vtpm.tags)
+        monitor.run_state(), _snapshot_nodes(monitor), vtpm.tags()
     )
     on_disks = [n.node for n in nodes if tag in n.tags]
     holders = [*on_disks, *(["the vTPM image"] if tag in vtpm_tags else [])]
@@ -519,7 +540,7 @@ async def _save_paused(
     # command in flight before reading the TPM state, so the active layer now holds exactly
     # the TPM state in the vmstate.  overwrite: a watcher may have followed the disks already.
     try:
-        vtpm.create(tag, overwrite=True)
+        await vtpm.create(tag, overwrite=True)
     except HANDLED as err:
         try:
             await monitor.run_job("snapshot-delete", {"tag": tag, "devices": outcome.disks})
@@ -533,7 +554,7 @@ async def _save_paused(
 async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
     """Revert disks, VM state and vTPM image to ``tag`` (see the module docstring)."""
     state, nodes, vtpm_tags = await asyncio.gather(
-        monitor.run_state(), _snapshot_nodes(monitor), asyncio.to_thread(vtpm.tags)
+        monitor.run_state(), _snapshot_nodes(monitor), vtpm.tags()
     )
     missing = [n.node for n in nodes if tag not in n.tags]
     if tag not in vtpm_tags:
@@ -562,7 +583,7 @@ async def load(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         raise AlignmentError(
             f"load {quoted(tag)}: disk half failed: {err}; vTPM image untouched, VM left paused"
         ) from err
-    _vtpm_half(lambda: vtpm.apply(tag), "load", tag, after="the disks were loaded (VM paused)")
+    await _vtpm_half(vtpm.apply(tag), "load", tag, after="the disks were loaded (VM paused)")
     outcome.resumed = await vm.resume()
     return outcome
 
@@ -571,7 +592,7 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
     """Delete ``tag`` from the disks and the vTPM image (idempotent when half done)."""
     nodes = await monitor.disk_nodes()
     on_disks = [n.node for n in nodes if tag in n.tags]
-    on_vtpm = tag in vtpm.tags()
+    on_vtpm = tag in await vtpm.tags()
     if not on_disks and not on_vtpm:
         raise AlignmentError(
             f"delete {quoted(tag)}: no such snapshot on the disks or the vTPM image"
@@ -583,7 +604,7 @@ async def delete(monitor: Monitor, vtpm: VtpmSnapshots, tag: str) -> Outcome:
         )
     if on_vtpm:
         after = "the disks' snapshot was deleted (run delete again)" if on_disks else ""
-        _vtpm_half(lambda: delete_if_present(vtpm, tag), "delete", tag, after=after)
+        await _vtpm_half(delete_if_present(vtpm, tag), "delete", tag, after=after)
     return outcome
 
 
@@ -606,19 +627,19 @@ async def _disk_half(
         ) from err
 
 
-def delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
+async def delete_if_present(vtpm: VtpmSnapshots, tag: str) -> None:
     """Delete ``tag``; a tag already gone (another party deleted it first) is fine."""
     try:
-        vtpm.delete(tag)
+        await vtpm.delete(tag)
     except HANDLED:
-        if tag in vtpm.tags():
+        if tag in await vtpm.tags():
             raise
 
 
-def _vtpm_half(action: Callable[[], None], verb: str, tag: str, *, after: str = "") -> None:
+async def _vtpm_half(action: Awaitable[None], verb: str, tag: str, *, after: str = "") -> None:
     """Run the vTPM half; its failure becomes an AlignmentError naming the half."""
     try:
-        action()
+        await action
     except HANDLED as err:
         context = f" after {after}" if after else "; disks untouched"
         raise AlignmentError(f"{verb} {quoted(tag)}: vTPM half failed{context}: {err}") from err

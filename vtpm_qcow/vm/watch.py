@@ -34,9 +34,10 @@ Every action is reported as one line through the ``report`` callback.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ..errors import HANDLED, QmpDisconnectedError, QmpError
@@ -90,24 +91,21 @@ class Watcher:
         #: Number of reconciles done (observability: tests, status reports).
         self.reconciles = 0
 
-    async def run(self, stop: asyncio.Event | None = None, *, connected: bool = False) -> None:
-        """Watch until ``stop`` is set or QEMU shuts down; QmpError if QEMU vanished.
+    async def run(self, *, connected: bool = False) -> None:
+        """Watch until QEMU shuts down (or the task is cancelled); QmpError if QEMU vanished.
 
         Connects the monitor first unless ``connected``.
         """
-        stop = stop or asyncio.Event()
         if not connected:
             await self.monitor.connect()
-        while not stop.is_set():
+        while not self.shutdown_seen:
             try:
-                await self._session(stop)
+                await self._session()
             except QmpDisconnectedError as err:
-                if stop.is_set() or self.shutdown_seen:
+                if self.shutdown_seen:
                     return
                 self.report(f"monitor connection lost ({err}); reconnecting")
                 await self._reconnect(err)
-            if self.shutdown_seen:
-                return
 
     async def _reconnect(self, cause: QmpError) -> None:
         deadline = time.monotonic() + self.reconnect_timeout
@@ -124,14 +122,14 @@ class Watcher:
                     ) from cause
                 await asyncio.sleep(0.5)
 
-    async def _session(self, stop: asyncio.Event) -> None:
+    async def _session(self) -> None:
         events = EventQueue(WATCHED_EVENTS)
         with self.monitor.client.listen(events):
             await self.reconcile()
             if self.on_ready is not None:
                 self.on_ready()
                 self.on_ready = None
-            while not stop.is_set():
+            while not self.shutdown_seen:  # QEMU quits after SHUTDOWN: no wait for the poll
                 try:
                     event = await asyncio.wait_for(events.get(), self.poll_interval)
                 except TimeoutError:
@@ -147,7 +145,9 @@ class Watcher:
     async def on_event(self, name: str, data: dict[str, object]) -> None:
         """React to one QMP event."""
         if name == "STOP":
-            self.pause_digests = self._vtpm(self.vtpm.section_digests, "read section digests")
+            self.pause_digests = await self._vtpm(
+                self.vtpm.section_digests(), "read section digests"
+            )
         elif name == "RESUME":
             await self.reconcile()
             self.pause_digests = None
@@ -163,21 +163,22 @@ class Watcher:
         for node in await self.monitor.disk_nodes():
             for tag, identity in node.identities.items():
                 disk.setdefault(tag, identity)
-        vtpm_tags = set(self._vtpm(self.vtpm.tags, "list snapshots") or [])
+        vtpm_tags = set(await self._vtpm(self.vtpm.tags(), "list snapshots") or [])
         first = self.disk_snapshots is None
         known = self.disk_snapshots or {}
         current: dict[str, str] | None = None
 
-        def take(tag: str, verb: str, why: str) -> None:
+        async def take(tag: str, verb: str, why: str) -> None:
             """Snapshot the active layer as ``tag`` (the state of the pause, if any)."""
             nonlocal current
             if current is None:
-                current = self._vtpm(self.vtpm.section_digests, "read section digests") or {}
+                current = (
+                    await self._vtpm(self.vtpm.section_digests(), "read section digests") or {}
+                )
             note = ""
             if self.pause_digests is not None and current != self.pause_digests:
                 note = " (warning: the TPM state changed since the VM was paused)"
-            create = functools.partial(self.vtpm.create, tag, overwrite=True)
-            if self._vtpm_ok(create, f"snapshot {tag}"):
+            if await self._vtpm_ok(self.vtpm.create(tag, overwrite=True), f"snapshot {tag}"):
                 lines.append(f"{verb}: vTPM snapshot {quoted(tag)} ({why}){note}")
 
         for tag in sorted(disk.keys() - vtpm_tags):
@@ -186,10 +187,10 @@ class Watcher:
                     self.reported_missing.add(tag)
                     lines.append(f"missing: disk snapshot {quoted(tag)} has no vTPM snapshot")
                 continue
-            take(tag, "created", "disk snapshot appeared")
+            await take(tag, "created", "disk snapshot appeared")
         for tag in sorted(disk.keys() & vtpm_tags):
             if tag in known and known[tag] != disk[tag]:
-                take(tag, "replaced", "disk snapshot saved again")
+                await take(tag, "replaced", "disk snapshot saved again")
 
         now = time.monotonic()
         for tag in sorted(vtpm_tags - disk.keys()):
@@ -197,8 +198,7 @@ class Watcher:
             since = self.orphans_since.setdefault(tag, now)
             if not vanished and now - since < self.grace:
                 continue
-            delete = functools.partial(delete_if_present, self.vtpm, tag)
-            if self._vtpm_ok(delete, f"delete {tag}"):
+            if await self._vtpm_ok(delete_if_present(self.vtpm, tag), f"delete {tag}"):
                 why = "disk snapshot deleted" if vanished else "no disk snapshot"
                 lines.append(f"deleted: vTPM snapshot {quoted(tag)} ({why})")
             self.orphans_since.pop(tag, None)
@@ -208,42 +208,136 @@ class Watcher:
         self.reported_missing &= disk.keys()
 
         if self.pause_digests is not None:
-            lines += self._detect_load(current)
+            lines += await self._detect_load(current)
         self.disk_snapshots = disk
         self.reconciles += 1
         for line in lines:
             self.report(line)
         return lines
 
-    def _detect_load(self, current: dict[str, str] | None) -> list[str]:
+    async def _detect_load(self, current: dict[str, str] | None) -> list[str]:
         """Report a loadvm: permall changed during the pause and now equals a snapshot's."""
         if current is None:
-            current = self._vtpm(self.vtpm.section_digests, "read section digests") or {}
+            current = await self._vtpm(self.vtpm.section_digests(), "read section digests") or {}
         assert self.pause_digests is not None
         permall = current.get("permall")
         if permall is None or permall == self.pause_digests.get("permall"):
             return []
         self.pause_digests = current  # report this change once, not on every poll
-        snapshots = self._vtpm(self.vtpm.snapshot_digests, "list snapshots") or {}
+        snapshots = await self._vtpm(self.vtpm.snapshot_digests(), "list snapshots") or {}
         tags = sorted(t for t, d in snapshots.items() if d.get("permall") == permall)
         if tags:
             names = "/".join(quoted(t) for t in tags)
             return [f"loaded: TPM state of {names} (pushed by QEMU's loadvm)"]
         return ["changed: permall changed during the pause and matches no snapshot"]
 
-    def _vtpm(self, action: Callable[[], T], what: str) -> T | None:
-        """Run a vTPM-side action; report a failure (None) instead of stopping the watcher."""
+    async def _vtpm(self, action: Awaitable[T], what: str) -> T | None:
+        """Await a vTPM-side action; report a failure (None) instead of stopping the watcher."""
         try:
-            return action()
+            return await action
         except VTPM_FAILURES as err:
             self.report(f"error: vTPM {what}: {err}")
             return None
 
-    def _vtpm_ok(self, action: Callable[[], None], what: str) -> bool:
-        """Run a vTPM-side action with no result; whether it succeeded."""
+    async def _vtpm_ok(self, action: Awaitable[None], what: str) -> bool:
+        """Await a vTPM-side action with no result; whether it succeeded."""
 
-        def run() -> bool:
-            action()
+        async def done() -> bool:
+            await action
             return True
 
-        return self._vtpm(run, what) is True
+        return await self._vtpm(done(), what) is True
+
+
+class WatcherThread:
+    """A :class:`Watcher` on its own asyncio loop in a thread (for trio or sync programs).
+
+    :meth:`start` begins watching; :meth:`stop` cancels the watcher at once and joins the
+    thread; :attr:`error` holds what ended it unexpectedly (a :class:`QmpError` when QEMU
+    vanished).  ``vtpm`` opens the vTPM side, in the thread.  ``on_ready`` (after the first
+    reconcile) and ``on_exit`` (once the watcher has ended, for whatever reason) are called
+    in the thread.
+    """
+
+    def __init__(
+        self,
+        qmp: str,
+        vtpm: Callable[[], VtpmSnapshots],
+        *,
+        report: Callable[[str], None] = print,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        grace: float = DEFAULT_GRACE,
+        on_ready: Callable[[], None] = lambda: None,
+        on_exit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.qmp = qmp
+        self.open_vtpm = vtpm
+        self.report = report
+        self.poll_interval, self.grace = poll_interval, grace
+        self.on_ready, self.on_exit = on_ready, on_exit
+        self.error: BaseException | None = None
+        #: The running :class:`Watcher` (None before :meth:`start`).
+        self.watcher: Watcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="vtpm-qcow-watch", daemon=True)
+
+    def start(self, timeout: float | None = 30.0) -> None:
+        """Start watching; wait up to ``timeout`` seconds for the first reconcile (or the
+        watcher's end); ``None``: return at once."""
+        self._thread.start()
+        if timeout is not None:
+            self._ready.wait(timeout)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._watch())
+        except asyncio.CancelledError:
+            pass  # stop()
+        except HANDLED as err:
+            self.error = err
+            self.report(f"error: watcher stopped: {err}")
+        except Exception as err:  # a bug: say so, and let the owner see it ended
+            self.error = err
+            self.report(f"error: watcher failed: {err!r}")
+        finally:
+            self._ready.set()
+            self.on_exit()
+
+    def _became_ready(self) -> None:
+        self._ready.set()
+        self.on_ready()
+
+    async def _watch(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self._stopping:  # stop() came before there was a task to cancel
+            return
+        vtpm = self.open_vtpm()
+        monitor = Monitor(self.qmp)
+        try:
+            self.watcher = Watcher(
+                monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
+                grace=self.grace, on_ready=self._became_ready,
+            )  # fmt: skip
+            await self.watcher.run()
+        finally:
+            await monitor.close()
+            vtpm.close()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the watcher has ended (QEMU shut down, :attr:`error`, or :meth:`stop`)."""
+        return self._ready.is_set() and not self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the watcher (whatever it waits for) and wait for the thread."""
+        self._stopping = True
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to cancel
+                loop.call_soon_threadsafe(task.cancel)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)

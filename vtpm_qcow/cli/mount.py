@@ -1,0 +1,163 @@
+"""``vtpm-qcow mount``, ``serve`` and ``umount``: the command side of the mount daemon.
+
+The daemon itself (:mod:`vtpm_qcow.export.daemon`) and, for ``serve --qmp``, the snapshot
+watcher (:mod:`vtpm_qcow.vm.follow`) are imported by the commands that run them, not by
+the parser: every other ``vtpm-qcow`` command starts without trio, pyfuse3 or qemu.qmp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import os
+import sys
+
+from ..export import VIEWS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from ..export.daemon import MountConfig, SwtpmConfig
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s vtpm-qcow[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--view", choices=VIEWS, default="file", help="file (default) or dir")
+    parser.add_argument("--control", metavar="SOCKET", help="control socket path")
+    parser.add_argument("--pid-file", metavar="FILE", help="pid file path")
+    parser.add_argument("--foreground", "-f", action="store_true", help="do not detach")
+    parser.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--threads", action="store_true", help="run store calls in worker threads")
+
+
+def _start(
+    args: argparse.Namespace,
+    config: MountConfig,
+    swtpm: SwtpmConfig | None,
+    cleanup: Callable[[], None] = lambda: None,
+) -> int:
+    """Run the daemon in the foreground or detached; ``cleanup`` when it will not run."""
+    from ..export.daemon import daemonize, run_mount
+
+    def run(on_ready: Callable[[], None]) -> None:
+        _setup_logging(args.verbose)
+        try:
+            run_mount(config, on_ready=on_ready, swtpm=swtpm)
+        finally:
+            cleanup()
+
+    if args.foreground:
+        run(lambda: None)
+        return 0
+    try:
+        daemonize(run, args.log)
+    except BaseException:
+        cleanup()
+        raise
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    """``vtpm-qcow mount IMAGE MOUNTPOINT``."""
+    from ..export.daemon import MountConfig
+
+    config = MountConfig(
+        args.image, args.mountpoint, args.view, args.control, args.pid_file, args.threads
+    )
+    return _start(args, config, None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``vtpm-qcow serve IMAGE --ctrl SOCKET`` (with ``--qmp``: and the snapshot watcher)."""
+    from ..export.control import runtime_dir
+    from ..export.daemon import MountConfig, SwtpmConfig
+
+    mountpoint = args.mountpoint
+    made = False
+    if mountpoint is None:
+        mountpoint = os.fspath(runtime_dir() / f"mnt-{os.getpid()}")
+        os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+        made = True
+    config = MountConfig(
+        args.image, mountpoint, args.view, args.control, args.pid_file, args.threads
+    )
+    swtpm = SwtpmConfig(
+        ctrl=os.path.abspath(args.ctrl),
+        flags=tuple(f for f in (args.swtpm_flags or "").split(",") if f),
+        options=tuple(args.swtpm_option or ()),
+        tpm2=not args.tpm12,
+        keep_serving=args.keep_serving,
+    )
+    if args.qmp:
+        from ..vm.follow import follow_qmp
+
+        swtpm.follower = functools.partial(follow_qmp, os.path.abspath(args.qmp))
+
+    def remove_mountpoint() -> None:
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(mountpoint)
+
+    return _start(args, config, swtpm, remove_mountpoint)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    """``vtpm-qcow umount MOUNTPOINT``: unmount and wait until the daemon has exited."""
+    from ..export.daemon import unmount
+
+    unmount(args.mountpoint)
+    return 0
+
+
+def add_mount_commands(subparsers: Any) -> None:
+    """Register ``mount``, ``serve`` and ``umount`` on the CLI's subparsers.
+
+    Each sets ``func``: called with the parsed arguments, returns the exit status and
+    raises an error of :data:`vtpm_qcow.errors.HANDLED` with a one-line message on failure.
+    """
+    mount = subparsers.add_parser("mount", help="mount a vTPM image (file or dir view)")
+    mount.add_argument("image", help="the vTPM qcow2 image")
+    mount.add_argument("mountpoint", help="an existing directory")
+    _add_common(mount)
+    mount.set_defaults(func=cmd_mount)
+
+    serve = subparsers.add_parser(
+        "serve",
+        help="mount a vTPM image and run swtpm on it for QEMU",
+        description="Runs swtpm socket --ctrl type=unixio,path=SOCKET on a private mount of "
+        "IMAGE; give QEMU -chardev socket,path=SOCKET.  Exits when swtpm exits (QEMU quit) "
+        "unless --keep-serving.",
+    )
+    serve.add_argument("image", help="the vTPM qcow2 image")
+    serve.add_argument("--ctrl", required=True, metavar="SOCKET", help="swtpm control socket")
+    serve.add_argument("--mountpoint", help="where to mount (default: a private directory)")
+    serve.add_argument("--keep-serving", action="store_true", help="restart swtpm when it exits")
+    serve.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="follow QEMU's savevm/loadvm/delvm on this QMP socket (give QEMU a -qmp of its "
+        "own for it) and keep the image's snapshots aligned",
+    )
+    serve.add_argument("--tpm12", action="store_true", help="run a TPM 1.2 (default TPM 2.0)")
+    serve.add_argument("--swtpm-flags", metavar="F,F", help="swtpm --flags (e.g. startup-clear)")
+    serve.add_argument(
+        "--swtpm-option", action="append", metavar="ARG", help="extra swtpm argument"
+    )
+    _add_common(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    umount = subparsers.add_parser("umount", help="unmount a vTPM image mount")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(func=cmd_umount)
