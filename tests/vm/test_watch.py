@@ -129,3 +129,25 @@ def test_orchestrated_commands_beside_a_watcher_do_not_fight(
             assert snapshot_tags(image) == snapshot_tags(disk) == expected
     assert thread.error is None
     assert not [line for line in lines if line.startswith(("error:", "missing:"))], lines
+
+
+def test_a_save_whose_pause_saw_the_tpm_change_is_not_reported_as_a_load(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The TPM changes while the VM is paused (as a command in flight at the pause does),
+    then ``vm save``: the watcher must not take the new snapshot for a loadvm (issue 11)."""
+    image, disk = images
+    # polls only now and then: the events (STOP, the save job, RESUME) drive the reconciles
+    with watched_state_a(images, tmp_path, poll_interval=30) as (s, thread, lines):
+        watcher = thread.watcher
+        assert watcher is not None
+        hmp_over_qmp(s.qemu.qmp, "stop")
+        wait_until(lambda: watcher.pause_digests is not None, "the watcher to see the pause")
+        state_b(s.tpm)  # qtest drives the TIS while the vCPUs are stopped
+        s.vm("save", "T1")
+        target = watcher.reconciles + 1
+        hmp_over_qmp(s.qemu.qmp, "cont")
+        wait_until(lambda: watcher.reconciles >= target, "the reconcile at RESUME")
+        assert snapshot_tags(image) == snapshot_tags(disk) == ["T1"]
+        assert permall(image, "T1") == permall(image)
+    assert not [line for line in lines if line.startswith("loaded:")], lines

@@ -41,14 +41,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ..errors import HANDLED, QmpDisconnectedError, QmpError
+from . import DEFAULT_GRACE, DEFAULT_POLL_INTERVAL, DEFAULT_RECONNECT_TIMEOUT
 from .orchestrate import EventQueue, Monitor, VtpmSnapshots, delete_if_present, quoted
-
-#: Seconds between polls of the disks' snapshot lists.
-DEFAULT_POLL_INTERVAL = 1.0
-#: Seconds a vTPM-only tag is left alone before it counts as an orphan.
-DEFAULT_GRACE = 5.0
-#: Seconds to keep trying to reconnect after the monitor went away.
-DEFAULT_RECONNECT_TIMEOUT = 10.0
 
 T = TypeVar("T")
 
@@ -83,6 +77,8 @@ class Watcher:
         self.disk_snapshots: dict[str, str] | None = None
         #: Section digests of the active layer at the last STOP (None: none pending).
         self.pause_digests: dict[str, str] | None = None
+        #: A disk snapshot was saved during the current pause (so it was no loadvm).
+        self.saved_in_pause = False
         #: Monotonic time each vTPM-only tag was first seen vTPM-only.
         self.orphans_since: dict[str, float] = {}
         #: Disk tags already reported as lacking a vTPM snapshot.
@@ -145,6 +141,7 @@ class Watcher:
     async def on_event(self, name: str, data: dict[str, object]) -> None:
         """React to one QMP event."""
         if name == "STOP":
+            self.saved_in_pause = False
             self.pause_digests = await self._vtpm(
                 self.vtpm.section_digests(), "read section digests"
             )
@@ -207,7 +204,12 @@ class Watcher:
                 self.orphans_since.pop(tag)
         self.reported_missing &= disk.keys()
 
-        if self.pause_digests is not None:
+        # A pause in which a disk snapshot was saved is a save, not a load: the TPM state may
+        # have moved on during it (a command in flight at the pause), and the new snapshot
+        # then holds it, which would look like a load of that snapshot.
+        if not first and any(known.get(tag) != identity for tag, identity in disk.items()):
+            self.saved_in_pause = self.pause_digests is not None
+        if self.pause_digests is not None and not self.saved_in_pause:
             lines += await self._detect_load(current)
         self.disk_snapshots = disk
         self.reconciles += 1
@@ -315,7 +317,7 @@ class WatcherThread:
         self._task = asyncio.current_task()
         if self._stopping:  # stop() came before there was a task to cancel
             return
-        vtpm = self.open_vtpm()
+        vtpm = await asyncio.to_thread(self.open_vtpm)  # may connect or open: off the loop
         monitor = Monitor(self.qmp)
         try:
             self.watcher = Watcher(
@@ -325,7 +327,7 @@ class WatcherThread:
             await self.watcher.run()
         finally:
             await monitor.close()
-            vtpm.close()
+            await asyncio.to_thread(vtpm.close)
 
     @property
     def finished(self) -> bool:
