@@ -1,17 +1,17 @@
-"""The qcow2 package's import graph: layers as folders, no cycles, no runtime -> CLI import.
+"""The house, read from the code's imports: layers as folders, no cycles, no runtime -> CLI.
 
 Read from the source (ast), every import counted, at module level or inside a function,
 except those under ``if TYPE_CHECKING:`` (they never run).  The layers, bottom up:
 
-    errors          the error tree (every module may raise)
-    io/             the host file, locks, the table cache
-    format/         on-disk structures and their codecs
-    driver          qcow2/*.py: Image, the mapping, transactions, check, ...
-    tools/          what qemu-img does on top of an image
-    cli/            the ``qcow2`` command (and ``python -m qcow2``)
+    qcow2       errors; io/ (host file, locks, table cache); format/ (on-disk structures);
+                the driver (qcow2/*.py); tools/ (what qemu-img does); cli/ (the command)
+    vtpm_qcow   errors; tpm/ (swtpm, TPM commands); state/ (linear layout, store, probe);
+                export/ (FUSE views, daemon, control); backup/ and vm/ side by side;
+                cli/ (the command)
 
-A module imports only from its own layer or below, so no runtime module imports the
-command; within a layer, imports must not form a cycle.
+``qcow2`` knows nothing of TPMs: it never imports ``vtpm_qcow``.  Across folders a module
+imports only from folders below it (side by side: neither imports the other), so no
+runtime module imports a command; and no imports form a cycle.
 """
 
 from __future__ import annotations
@@ -21,30 +21,45 @@ from pathlib import Path
 
 import pytest
 
-import qcow2
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("qcow2", "vtpm_qcow")
 
-PACKAGE = Path(qcow2.__file__).resolve().parent
-
-#: Rank of each layer, bottom up.
-LAYERS = {"errors": 0, "io": 1, "format": 2, "driver": 3, "tools": 4, "cli": 5}
+#: Rank of each layer (package, layer name), bottom up; equal ranks are side by side.
+LAYERS = {
+    ("qcow2", "errors"): 0,
+    ("qcow2", "io"): 1,
+    ("qcow2", "format"): 2,
+    ("qcow2", "driver"): 3,
+    ("qcow2", "tools"): 4,
+    ("qcow2", "cli"): 5,
+    ("vtpm_qcow", "errors"): 0,
+    ("vtpm_qcow", "tpm"): 1,
+    ("vtpm_qcow", "state"): 2,
+    ("vtpm_qcow", "export"): 3,
+    ("vtpm_qcow", "backup"): 4,
+    ("vtpm_qcow", "vm"): 4,
+    ("vtpm_qcow", "cli"): 5,
+}
+FOLDERS = {name for _, name in LAYERS} - {"errors", "driver"}
 
 
 def module_name(path: Path) -> str:
-    parts = ["qcow2", *path.relative_to(PACKAGE).with_suffix("").parts]
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def layer_of(module: str) -> str:
-    parts = module.split(".")
-    if module in ("qcow2", "qcow2.errors"):
-        return "errors"  # the package's __init__ imports errors alone (names load lazily)
-    if module == "qcow2.__main__":
-        return "cli"
-    if len(parts) > 1 and parts[1] in ("io", "format", "tools", "cli"):
-        return parts[1]
-    return "driver"
+def layer_of(module: str) -> tuple[str, str]:
+    """(package, layer) of ``module``."""
+    package, *rest = module.split(".")
+    if not rest or rest == ["errors"]:
+        return package, "errors"  # a package's __init__ imports its errors alone
+    if rest == ["__main__"]:
+        return package, "cli"
+    if rest[0] in FOLDERS and (package, rest[0]) in LAYERS:
+        return package, rest[0]
+    return package, "driver"
 
 
 def _type_checking_only(node: ast.If) -> bool:
@@ -52,10 +67,13 @@ def _type_checking_only(node: ast.If) -> bool:
 
 
 def imports(path: Path, modules: set[str]) -> set[str]:
-    """The qcow2 modules ``path`` imports when it runs."""
+    """The project modules ``path`` imports when it runs."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: set[str] = set()
+
+    def ours(target: str) -> bool:
+        return target.split(".")[0] in PACKAGES
 
     def visit(node: ast.AST) -> None:
         if isinstance(node, ast.If) and _type_checking_only(node):
@@ -63,7 +81,7 @@ def imports(path: Path, modules: set[str]) -> set[str]:
                 visit(child)
             return
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("qcow2"))
+            found.update(a.name for a in node.names if ours(a.name))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -71,7 +89,7 @@ def imports(path: Path, modules: set[str]) -> set[str]:
                 target = ".".join([*base, node.module] if node.module else base)
             else:
                 target = node.module or ""
-            if target.startswith("qcow2"):
+            if ours(target):
                 for alias in node.names:
                     sub = f"{target}.{alias.name}"
                     found.add(sub if sub in modules else target)
@@ -84,18 +102,32 @@ def imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    paths = sorted(PACKAGE.rglob("*.py"))
+    paths = sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py"))
     modules = {module_name(p) for p in paths}
     return {module_name(p): imports(p, modules) for p in paths}
 
 
-def test_every_import_points_to_its_layer_or_below() -> None:
-    upward = [
-        f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
+def test_qcow2_knows_nothing_of_tpms() -> None:
+    offenders = [
+        f"{module} imports {target}"
         for module, targets in graph().items()
-        for target in sorted(targets)
-        if LAYERS[layer_of(target)] > LAYERS[layer_of(module)]
+        if module.startswith("qcow2")
+        for target in targets
+        if not target.startswith("qcow2")
     ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_import_points_to_its_layer_or_below() -> None:
+    upward = []
+    for module, targets in graph().items():
+        layer = layer_of(module)
+        for target in sorted(targets):
+            other = layer_of(target)
+            if other[0] != layer[0] or other == layer:
+                continue
+            if LAYERS[other] >= LAYERS[layer]:
+                upward.append(f"{module} {layer} imports {target} {other}")
     assert not upward, "\n".join(upward)
 
 
@@ -103,9 +135,9 @@ def test_no_runtime_module_imports_the_command() -> None:
     offenders = [
         f"{module} imports {target}"
         for module, targets in graph().items()
-        if layer_of(module) != "cli"
+        if layer_of(module)[1] != "cli"
         for target in targets
-        if layer_of(target) == "cli"
+        if layer_of(target)[1] == "cli"
     ]
     assert not offenders, "\n".join(offenders)
 
@@ -158,3 +190,12 @@ def test_the_graph_sees_function_level_imports_and_skips_type_checking_ones() ->
     assert "qcow2.clusters" in edges["qcow2.image"]  # imported on first use
     assert "qcow2.snapshots" in edges["qcow2.image"]  # imported inside a method
     assert "qcow2.image" not in edges["qcow2.transaction"]  # only under TYPE_CHECKING
+    assert "qcow2" in edges["vtpm_qcow.state.store"]  # across the packages too
+
+
+def test_layers_of_modules() -> None:
+    assert layer_of("qcow2.io.fileio") == ("qcow2", "io")
+    assert layer_of("qcow2.image") == ("qcow2", "driver")
+    assert layer_of("vtpm_qcow.export.daemon") == ("vtpm_qcow", "export")
+    assert layer_of("vtpm_qcow.__main__") == ("vtpm_qcow", "cli")
+    assert LAYERS[layer_of("vtpm_qcow.vm.watch")] == LAYERS[layer_of("vtpm_qcow.backup.archive")]
