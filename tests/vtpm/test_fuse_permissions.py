@@ -1,11 +1,10 @@
 """Permission checks of a mount, seen by other users.
 
-The mount has no ``default_permissions`` (it cost the dir view two GETATTR round trips per
-commit), so the handlers make the kernel's checks themselves (``fuse_export.Caller``).
-These tests pin the kernel's rules down: they pass with ``default_permissions`` and fail
-if the option is dropped without the handlers' checks.  A forked child switches to an
-unprivileged user (with or without a supplementary group) and reports each operation's
-errno.
+The mount has ``default_permissions``: the kernel checks every request against the modes
+and owners the file system reports (:func:`vtpm_qcow.export.fuse.mount_options`).  These
+tests pin the kernel's rules down: they fail if the option is dropped and nothing checks in
+its place.  A forked child switches to an unprivileged user (with or without a
+supplementary group) and reports each operation's errno.
 """
 
 from __future__ import annotations

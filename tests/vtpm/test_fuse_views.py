@@ -33,8 +33,8 @@ from tests.vtpm.mount_fixtures import (
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
 from vtpm_qcow.errors import StoreError
+from vtpm_qcow.export.content import MAX_FILE_SIZE, MAX_MEMORY_FILES
 from vtpm_qcow.export.control import MAX_LINE
-from vtpm_qcow.export.fuse import MAX_FILE_SIZE, MAX_MEMORY_FILES
 from vtpm_qcow.state import linear
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")

@@ -2,9 +2,9 @@
 
 A backup is taken from a :class:`~vtpm_qcow.state.capture.StateCapture`, which
 :func:`capture_image` reads consistently: through the mount daemon's ``capture`` control op
-when a daemon holds the image (one committed generation, read under its lock), directly
-when nobody holds it, and as a repeated shared read (until two reads agree) when another
-process such as QEMU's qemu-storage-daemon holds it.
+when a daemon holds the image (one committed generation, read between two FUSE requests),
+directly when nobody holds it, and as a repeated shared read (until two reads agree) when
+another process such as QEMU's qemu-storage-daemon holds it.
 
 Formats (``DEST`` is replaced atomically: temporary file or directory, fsync, rename):
 

@@ -39,7 +39,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--foreground", "-f", action="store_true", help="do not detach")
     parser.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    parser.add_argument("--threads", action="store_true", help="run store calls in worker threads")
 
 
 def _start(
@@ -73,9 +72,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     """``vtpm-qcow mount IMAGE MOUNTPOINT``."""
     from ..export.daemon import MountConfig
 
-    config = MountConfig(
-        args.image, args.mountpoint, args.view, args.control, args.pid_file, args.threads
-    )
+    config = MountConfig(args.image, args.mountpoint, args.view, args.control, args.pid_file)
     return _start(args, config, None)
 
 
@@ -90,9 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mountpoint = os.fspath(runtime_dir() / f"mnt-{os.getpid()}")
         os.makedirs(mountpoint, mode=0o700, exist_ok=True)
         made = True
-    config = MountConfig(
-        args.image, mountpoint, args.view, args.control, args.pid_file, args.threads
-    )
+    config = MountConfig(args.image, mountpoint, args.view, args.control, args.pid_file)
     swtpm = SwtpmConfig(
         ctrl=os.path.abspath(args.ctrl),
         flags=tuple(f for f in (args.swtpm_flags or "").split(",") if f),

@@ -23,9 +23,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..export.control import to_json
-from ..vm.orchestrate import (
+from ..vm import (
+    DEFAULT_GRACE,
     DEFAULT_JOB_TIMEOUT,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
+)
+from ..vm.orchestrate import (
     Monitor,
     VtpmSnapshots,
     delete,
@@ -35,12 +40,7 @@ from ..vm.orchestrate import (
     save,
     tag_table,
 )
-from ..vm.watch import (
-    DEFAULT_GRACE,
-    DEFAULT_POLL_INTERVAL,
-    DEFAULT_RECONNECT_TIMEOUT,
-    Watcher,
-)
+from ..vm.watch import Watcher
 
 T = TypeVar("T")
 

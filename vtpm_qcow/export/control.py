@@ -9,7 +9,7 @@ One request per line, one reply per line::
 
 Ops: ``ping``, ``info``, ``snapshot-list``, ``snapshot-create``, ``snapshot-apply``,
 ``snapshot-delete`` and ``capture`` (the committed state and its snapshots, read in one step
-under the file system lock: what backups and exports of a held image use; ``"tag"`` reads one
+between two FUSE requests: what backups and exports of a held image use; ``"tag"`` reads one
 snapshot's state instead, ``"snapshots": false`` leaves the snapshots out).
 The daemon (:mod:`vtpm_qcow.export.daemon`) serves it next to its FUSE mount;
 every op runs serialized with the file system's requests, so snapshots are safe while swtpm
@@ -406,17 +406,17 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
                 "sections": store.sections(),
             }
 
-        return {**describe(), **fs.status(), **await fs.run_locked(collect)}
+        return {**describe(), **fs.status(), **fs.run(collect)}
 
     async def snapshot_list(request: dict[str, Any]) -> Reply:
-        return {"snapshots": await fs.run_locked(store.snapshots)}
+        return {"snapshots": fs.run(store.snapshots)}
 
     async def snapshot_create(request: dict[str, Any]) -> Reply:
         overwrite = request.get("overwrite", False)
         if not isinstance(overwrite, bool):
             raise RequestError("'overwrite' must be true or false")
         tag = _tag(request)
-        await fs.run_locked(lambda: store.create_snapshot(tag, overwrite=overwrite))
+        fs.run(store.create_snapshot, tag, overwrite=overwrite)
         return {}
 
     async def snapshot_apply(request: dict[str, Any]) -> Reply:
@@ -424,7 +424,7 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         return {}
 
     async def snapshot_delete(request: dict[str, Any]) -> Reply:
-        await fs.run_locked(store.delete_snapshot, _tag(request))
+        fs.run(store.delete_snapshot, _tag(request))
         return {}
 
     async def capture(request: dict[str, Any]) -> Reply:
@@ -432,7 +432,7 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         snapshots = request.get("snapshots", True)
         if not isinstance(snapshots, bool):
             raise RequestError("'snapshots' must be true or false")
-        taken = await fs.run_locked(lambda: capture_store(store, tag=tag, snapshots=snapshots))
+        taken = fs.run(capture_store, store, tag=tag, snapshots=snapshots)
         return to_wire(taken)
 
     return {

@@ -45,6 +45,7 @@ from qcow2.io.fileio import HostFile, WriteEvent
 
 from ..errors import HANDLED, MountError, StoreError
 from . import VIEWS
+from .content import STATE_FILE_NAME
 from .control import (
     ControlClient,
     ControlServer,
@@ -54,7 +55,7 @@ from .control import (
     socket_path_for,
     store_handlers,
 )
-from .fuse import STATE_FILE_NAME, StoreFS, make_fs, mount_options
+from .fuse import StoreFS, make_fs, mount_options
 
 if TYPE_CHECKING:
     from ..state.store import Store
@@ -87,9 +88,6 @@ class MountConfig:
     view: str = "file"
     control: str | None = None
     pid_file: str | None = None
-    #: run store calls in worker threads (see StoreFS); inline is faster: a thread hop
-    #: costs more than most store calls (measured: file view 1.1 vs 1.6-3.0 ms/command)
-    threaded: bool = False
 
     @property
     def control_path(self) -> Path:
@@ -317,7 +315,7 @@ def run_mount(
     _check_mountpoint(mountpoint)
     store = _open_store(config.image)
     try:
-        fs = make_fs(store, config.view, threaded=config.threaded)
+        fs = make_fs(store, config.view)
         io = IoCounter()
         io.attach(_image_file(store))
         write_log = os.environ.get(WRITE_LOG_ENV)
@@ -374,18 +372,18 @@ async def _serve(
         with trio.CancelScope(shield=True):
             await _stop_swtpm(swtpm)  # normally done already, while the mount still served
             # Buffered writes were never committed by their writer; keep them anyway.
-            await fs.flush_all()
+            fs.flush_all()
             server.close()
 
 
 async def _run_fuse(scope: trio.CancelScope) -> None:
     """pyfuse3's loop; it returns on terminate() or an external unmount: stop the rest.
 
-    One worker task (``max_tasks=1``): every request takes the file system's one lock
-    anyway, and with the default (up to 99) pyfuse3 starts a second task that waits for
-    /dev/fuse beside the busy one, which costs each request a hand-over between the two
-    (measured: 32 -> 27 us per statfs round trip).  Nothing a handler awaits needs another
-    FUSE request served first: kernel cache invalidations run outside the lock.
+    One worker task (``max_tasks=1``): the handlers' bodies are synchronous
+    (:mod:`vtpm_qcow.export.fuse`), so a second task would only wait for /dev/fuse beside
+    the busy one, and the hand-over between the two costs each request time
+    (docs/BENCHMARKS.md).  No handler waits for another FUSE request: kernel cache
+    invalidations run in system tasks, after the handler has answered.
     """
     await pyfuse3.main(min_tasks=1, max_tasks=1)
     scope.cancel()

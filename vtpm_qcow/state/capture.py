@@ -1,9 +1,9 @@
 """A consistent capture of a store's TPM state: the current layout and its snapshots' layouts.
 
-:func:`capture_store` reads everything in one call; run under the mount daemon's file system
-lock (the control socket's ``capture`` op) it sees one committed generation, never a state
-half way through an update: the store only holds committed states, and the lock keeps
-commits, snapshot changes and FUSE writes out while it reads.  :func:`to_wire` /
+:func:`capture_store` reads everything in one call; run by the mount daemon between two FUSE
+requests (the control socket's ``capture`` op) it sees one committed generation, never a
+state half way through an update: the store only holds committed states, and no commit,
+snapshot change or FUSE write runs while it reads (:mod:`vtpm_qcow.export.fuse`).  :func:`to_wire` /
 :func:`from_wire` carry a capture over the control socket as JSON.
 """
 

@@ -58,10 +58,18 @@ class TrioBridge:
         #: for messages: what the trio loop serves
         self.what = what
 
-    async def call(self, action: Callable[[], Awaitable[T]]) -> T:
+    async def run_sync(self, action: Callable[[], T]) -> T:
         """Run ``action`` on the trio loop; await its result without blocking this loop."""
+        return await self._hand_over(trio.from_thread.run_sync, action)
+
+    async def run(self, action: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`run_sync` for a coroutine function (run as a task of the trio loop)."""
+        return await self._hand_over(trio.from_thread.run, action)
+
+    async def _hand_over(self, enter: Callable[..., T], action: object) -> T:
+        # A worker thread of this asyncio loop waits for trio: this loop goes on meanwhile.
         try:
-            return await asyncio.to_thread(trio.from_thread.run, action, trio_token=self.token)
+            return await asyncio.to_thread(enter, action, trio_token=self.token)
         except trio.RunFinishedError:
             raise StoreError("the mount daemon is shutting down", path=self.what) from None
 
@@ -80,11 +88,11 @@ class MountedVtpm(StoreVtpm):
         self.bridge = bridge
 
     async def run(self, action: Callable[[], T]) -> T:
-        return await self.bridge.call(functools.partial(self.fs.run_locked, action))
+        return await self.bridge.run_sync(functools.partial(self.fs.run, action))
 
     async def apply(self, tag: str) -> None:
         # through the file system: readers must see the reverted state at once
-        await self.bridge.call(functools.partial(self.fs.apply_snapshot, tag))
+        await self.bridge.run(functools.partial(self.fs.apply_snapshot, tag))
 
     def close(self) -> None:
         """Nothing to release: the daemon owns the store."""

@@ -61,11 +61,7 @@ from ..errors import (
 )
 from ..export.control import ControlClient
 from ..state.store import Store
-
-#: Seconds to wait for a QMP answer (connect, greeting, one command).
-DEFAULT_TIMEOUT = 10.0
-#: Seconds to wait for a snapshot job (large guests need longer to write their RAM).
-DEFAULT_JOB_TIMEOUT = 600.0
+from . import DEFAULT_JOB_TIMEOUT, DEFAULT_TIMEOUT
 
 _job_ids = itertools.count(1)
 
