@@ -29,7 +29,7 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
 )
 from tests.vtpm.swtpm_fixtures import need_swtpm, running_swtpm, tpm_client
-from vtpm_qcow.export.daemon import WRITE_LOG_ENV, read_write_log
+from vtpm_qcow.export.instruments import WRITE_LOG_ENV, read_write_log
 from vtpm_qcow.state import linear
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")

@@ -30,7 +30,7 @@ from tests.vtpm.mount_fixtures import (
     runtime_dir,  # noqa: F401  (fixture)
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
-from vtpm_qcow.export.daemon import WRITE_LOG_ENV, read_write_log
+from vtpm_qcow.export.instruments import WRITE_LOG_ENV, read_write_log
 from vtpm_qcow.state import linear
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")

@@ -77,6 +77,7 @@ from tests.vtpm.mount_fixtures import (
 from tests.vtpm.swtpm_fixtures import need_swtpm, setup_state
 from vtpm_qcow.errors import SwtpmError, TpmError, TpmResponseError, VtpmQcowError
 from vtpm_qcow.export.control import RUNTIME_DIR_ENV
+from vtpm_qcow.export.instruments import KILL_AT_FSYNC_ENV
 from vtpm_qcow.state import linear
 from vtpm_qcow.state.probe import NO_STATE, layout_problem
 from vtpm_qcow.state.store import Store
@@ -103,7 +104,7 @@ TPM_RC_FAILURE, TPM_RC_INITIALIZE, TPM_RC_NV_UNINITIALIZED = 0x101, 0x100, 0x14A
 VARIANTS = 6
 MAX_JUDGED = 150
 SEED = 9
-KILL_ENV = "VTPM_QCOW_TEST_KILL_AT_FSYNC"
+KILL_ENV = KILL_AT_FSYNC_ENV
 
 
 def need_tools() -> None:

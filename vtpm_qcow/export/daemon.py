@@ -16,8 +16,7 @@ a fresh swtpm for the next QEMU run.  ``SwtpmConfig.follower`` runs beside each 
 (``serve --qmp``: the snapshot watcher of :mod:`vtpm_qcow.vm.follow`, given this daemon's
 file system); the daemon knows nothing of QMP.
 
-Test hook: with ``$VTPM_QCOW_WRITE_LOG`` set, the daemon appends every write, flush and
-truncate of the image file and every commit point to that file (:func:`read_write_log`).
+What the daemon measures and the crash tests' hooks are :mod:`vtpm_qcow.export.instruments`.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import os
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -40,8 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
-
-from qcow2.io.fileio import HostFile, WriteEvent
 
 from ..errors import HANDLED, MountError, StoreError
 from . import VIEWS
@@ -56,6 +52,7 @@ from .control import (
     store_handlers,
 )
 from .fuse import StoreFS, make_fs, mount_options
+from .instruments import IoCounter, instrument
 
 if TYPE_CHECKING:
     from ..state.store import Store
@@ -63,10 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
-#: Test hook: the daemon SIGKILLs itself when its Nth fsync request arrives, before
-#: committing anything (the crash tests' "killed between swtpm's msyncs").
-KILL_AT_FSYNC_ENV = "VTPM_QCOW_TEST_KILL_AT_FSYNC"
 #: Seconds between checks that QEMU is still on swtpm's control channel, and between
 #: looks for swtpm's exit where the kernel cannot signal it (no pidfd).
 SWTPM_POLL_INTERVAL = 0.2
@@ -166,101 +159,6 @@ class CtrlPeerWatch:
         return self.attached
 
 
-# Section: the write log (crash tests)
-
-_RECORD = struct.Struct(">cQI")  # kind, offset, length of the data that follows
-_KINDS = {"write": b"W", "flush": b"F", "truncate": b"T", "commit": b"C"}
-
-
-class WriteLog:
-    """Appends image mutations and commit points to a file (``$VTPM_QCOW_WRITE_LOG``)."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-
-    def record(self, kind: str, offset: int = 0, data: bytes = b"") -> None:
-        """Append one record (written at once, so a killed daemon leaves whole records)."""
-        os.write(self.fd, _RECORD.pack(_KINDS[kind], offset, len(data)) + data)
-
-    def observe(self, event: WriteEvent) -> None:
-        """A :class:`HostFile` observer."""
-        self.record(event.kind, event.offset, event.data)
-
-
-def read_write_log(path: str | os.PathLike[str]) -> list[tuple[str, int, bytes]]:
-    """The records of a write log: ``(kind, offset, data)``, kind as in :class:`WriteEvent`
-    or ``"commit"`` (data: the view)."""
-    names = {v: k for k, v in _KINDS.items()}
-    raw = Path(path).read_bytes()
-    records, pos = [], 0
-    while pos + _RECORD.size <= len(raw):
-        kind, offset, length = _RECORD.unpack_from(raw, pos)
-        pos += _RECORD.size
-        records.append((names[kind], offset, raw[pos : pos + length]))
-        pos += length
-    return records
-
-
-@dataclass
-class IoCounter:
-    """Counts the image file's writes and flushes (for ``info`` and the benchmarks)."""
-
-    writes: int = 0
-    bytes_written: int = 0
-    flushes: int = 0
-    #: microseconds spent in the image's flushes (fdatasync), for per-commit budgets
-    flush_us: int = 0
-
-    def observe(self, event: WriteEvent) -> None:
-        """A :class:`HostFile` observer."""
-        if event.kind == "flush":
-            self.flushes += 1
-        elif event.kind == "write":
-            self.writes += 1
-            self.bytes_written += len(event.data)
-
-    def attach(self, host_file: HostFile) -> None:
-        """Observe ``host_file`` and time its flushes."""
-        host_file.observers.append(self.observe)
-        flush = host_file.flush
-
-        def timed_flush() -> None:
-            start = time.perf_counter_ns()
-            try:
-                flush()
-            finally:
-                self.flush_us += (time.perf_counter_ns() - start) // 1000
-
-        host_file.flush = timed_flush  # type: ignore[method-assign]
-
-
-def _image_file(store: Store) -> HostFile:
-    host_file = getattr(store.image, "file", None)
-    if not isinstance(host_file, HostFile):
-        raise StoreError("the image has no host file to observe", path=store.path)
-    return host_file
-
-
-def _attach_write_log(store: Store, fs: StoreFS, path: str) -> None:
-    write_log = WriteLog(path)
-    _image_file(store).observers.append(write_log.observe)
-    fs.commit_observers.append(lambda view: write_log.record("commit", 0, view.encode()))
-
-
-def _attach_kill_at_fsync(fs: StoreFS, value: str) -> None:
-    try:
-        target = int(value)
-    except ValueError:
-        raise StoreError(f"{KILL_AT_FSYNC_ENV}={value!r}: not a number") from None
-
-    def observe(count: int) -> None:
-        if count == target:
-            log.warning("%s=%d: killing the daemon at this fsync", KILL_AT_FSYNC_ENV, target)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    fs.fsync_observers.append(observe)
-
-
 # Section: running a mount
 
 
@@ -316,14 +214,7 @@ def run_mount(
     store = _open_store(config.image)
     try:
         fs = make_fs(store, config.view)
-        io = IoCounter()
-        io.attach(_image_file(store))
-        write_log = os.environ.get(WRITE_LOG_ENV)
-        if write_log:
-            _attach_write_log(store, fs, write_log)
-        kill_at_fsync = os.environ.get(KILL_AT_FSYNC_ENV)
-        if kill_at_fsync:
-            _attach_kill_at_fsync(fs, kill_at_fsync)
+        io = instrument(store, fs)
         try:
             pyfuse3.init(fs, mountpoint, mount_options(os.path.abspath(config.image)))
         except RuntimeError as err:
@@ -349,7 +240,7 @@ async def _serve(
 ) -> None:
     def describe() -> dict[str, Any]:
         return {
-            "image_io": io,
+            "image_io": io.counts(),
             "image": os.path.abspath(config.image),
             "mountpoint": mountpoint,
             "pid": os.getpid(),
