@@ -33,8 +33,9 @@ from vtpm_qcow.errors import TpmResponseError
 from vtpm_qcow.state import linear
 from vtpm_qcow.tpm.client import Tpm, sha256
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
+from vtpm_qcow.vm import DEFAULT_GRACE
 from vtpm_qcow.vm.orchestrate import open_vtpm
-from vtpm_qcow.vm.watch import DEFAULT_GRACE, WatcherThread
+from vtpm_qcow.vm.watch import WatcherThread
 
 NV_INDEX = 0x01500040
 NV_EXTRA = 0x01500041

@@ -19,7 +19,8 @@ import pytest
 from tests.helpers import need
 from tests.vm.qemu_fixtures import QemuProcess, create_disk, qemu_vm, run_tool, swtpm_process
 from vtpm_qcow.errors import QmpDisconnectedError, QmpError, QmpJobError
-from vtpm_qcow.vm.orchestrate import DEFAULT_TIMEOUT, Monitor
+from vtpm_qcow.vm import DEFAULT_TIMEOUT
+from vtpm_qcow.vm.orchestrate import Monitor
 
 T = TypeVar("T")
 

@@ -17,7 +17,14 @@ Our commands run with a bytecode cache (``PYTHONPYCACHEPREFIX`` in the temporary
 directory, ``PYTHONDONTWRITEBYTECODE`` removed) after one warm-up run, as an installed
 package would: without it every start recompiles the modules.
 
+The ``vtpm-qcow`` command's read-only subcommands (``info``, ``snapshot -l``) are timed the
+same way beside ``qemu-img info``/``snapshot -l`` on vTPM images (a TPM manufactured by
+swtpm_setup) with a few and with many snapshots: the paired runs alternate the two commands,
+and the ratio is the median of the pairs' ratios.  ``vtpm-qcow`` is the installed console
+script (it starts Python with ``site``).
+
 Usage: python3 tools/bench/bench_qcow2_cli.py [--size-mib 1024] [--snapshots 50] [--rounds 5]
+       [--vtpm-snapshots 5,400]
 """
 
 from __future__ import annotations
@@ -58,6 +65,46 @@ def wall(argv: list[str], rounds: int, env: dict[str, str] | None = None) -> flo
     return statistics.median(times)
 
 
+def paired(
+    theirs: list[str], ours: list[str], rounds: int, env: dict[str, str]
+) -> tuple[float, float, float]:
+    """Median wall times of ``theirs`` and ``ours`` run alternately, and the median ratio."""
+    pairs = [(wall(theirs, 1), wall(ours, 1, env)) for _ in range(rounds)]
+    return (
+        statistics.median(t for t, _ in pairs),
+        statistics.median(o for _, o in pairs),
+        statistics.median(o / t for t, o in pairs),
+    )
+
+
+def make_vtpm_image(path: Path, snapshots: int) -> None:
+    """A vTPM image holding a manufactured TPM 2.0 and ``snapshots`` snapshots."""
+    sh("vtpm-qcow", "setup", "--create", str(path))
+    for i in range(snapshots):
+        sh("qemu-img", "snapshot", "-c", f"tag{i}", str(path))
+
+
+def vtpm_rows(tmp: Path, counts: list[int], rounds: int, env: dict[str, str]) -> list[str]:
+    """Markdown rows: ``vtpm-qcow info``/``snapshot -l`` beside qemu-img's, per image."""
+    script = Path(sysconfig.get_path("scripts")) / "vtpm-qcow"
+    if not script.is_file():
+        raise SystemExit(f"{script} is missing: run tools/setup-system")
+    rows = []
+    for count in counts:
+        img = tmp / f"vtpm-{count}.qcow2"
+        make_vtpm_image(img, count)
+        for command in (("info",), ("snapshot", "-l")):
+            ours = [str(script), *command, str(img)]
+            wall(ours, 1, env)  # warm-up: fills the bytecode cache
+            theirs, mine, ratio = paired(["qemu-img", *command, str(img)], ours, rounds, env)
+            modules = imported_modules(ours, env)
+            rows.append(
+                f"| {' '.join(command)} | {count} | {theirs:.3f} | {mine:.3f} | {ratio:.1f}x "
+                f"| {modules} |"
+            )
+    return rows
+
+
 def imported_modules(argv: list[str], env: dict[str, str]) -> int:
     """How many modules ``python3 -X importtime ARGV`` imports."""
     proc = subprocess.run(
@@ -75,6 +122,9 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--snapshots", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--vtpm-snapshots", default="5,400", help="snapshot counts of the vTPM images"
+    )
     args = parser.parse_args()
     launcher = Path(sysconfig.get_path("scripts")) / "qcow2"
     if not launcher.is_file():
@@ -104,6 +154,8 @@ def main() -> int:
         mine = wall([*ours, "convert", "-O", "raw", str(img), str(raw_o)], 1, env)
         if raw_q.read_bytes() != raw_o.read_bytes():
             raise SystemExit("convert outputs differ")
+        counts = [int(n) for n in args.vtpm_snapshots.split(",") if n]
+        vtpm = vtpm_rows(Path(tmp), counts, args.rounds, env)
     print(
         f"Image: {args.size_mib} MiB, {args.size_mib * 16} allocated 64 KiB clusters, "
         f"{args.snapshots} snapshots; median of {args.rounds} runs.\n"
@@ -120,6 +172,10 @@ def main() -> int:
         f"| convert -O raw ({mib} MiB) | {theirs:.2f} ({mib / theirs:.0f} MiB/s) | "
         f"{mine:.2f} ({mib / mine:.0f} MiB/s) | {mine / theirs:.1f}x | | |"
     )
+    print(f"\nvTPM images (TPM 2.0 from swtpm_setup); paired runs, median of {args.rounds}.\n")
+    print("| command | snapshots | qemu-img (s) | vtpm-qcow (s) | ratio | modules |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(vtpm))
     return 0
 
 

@@ -49,6 +49,7 @@ from ..state.capture import (
     state_digest_of,
 )
 from ..state.store import DEFAULT_SIZE, Store
+from . import FORMATS
 from .plainstate import (
     copy_atomically,
     fsync_dir,
@@ -60,7 +61,6 @@ from .plainstate import (
     write_state_files,
 )
 
-FORMATS: Final = ("qcow2", "raw", "dir")
 MANIFEST_SUFFIX: Final = ".manifest.json"
 MANIFEST_VERSION: Final = 1
 #: Shared reads of an image another process holds, until two consecutive ones agree.

@@ -13,16 +13,14 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from qcow2.errors import ImageLockedError
 
-from ..backup import archive, plainstate
+from ..backup import FORMATS
 from ..errors import HANDLED, StateFormatError, StoreError
-from ..export.control import ControlClient, daemon_answers, held_image_error
 from ..state.blob import parse_blob, permall_tpm_version
 from ..state.store import (
     DEFAULT_CLUSTER_SIZE,
@@ -31,9 +29,13 @@ from ..state.store import (
     Store,
     snapshot_digest,
 )
-from ..tpm.swtpm import find_tool, run_setup
 from .mount import add_mount_commands
 from .vm import add_vm_commands
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..backup.archive import Progress
+    from ..export.control import ControlClient
 
 PROG: Final = "vtpm-qcow"
 _SIZE_RE: Final = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
@@ -77,6 +79,11 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_setup(args: argparse.Namespace) -> int:
     """Run swtpm_setup on a temporary linear file, then import it atomically."""
+    import tempfile
+
+    from ..backup import plainstate
+    from ..tpm.swtpm import find_tool, run_setup
+
     options = [option for option in args.extra if option != "--"]
     exists = os.path.exists(args.image)
     if not exists and not args.create:
@@ -125,10 +132,14 @@ def _open_writable(image: str, what: str) -> Store:
     try:
         return Store.open(image)
     except ImageLockedError as err:
+        from ..export.control import held_image_error
+
         raise held_image_error(image, what) from err
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from ..backup import plainstate
+
     with _open_writable(args.image, "an import") as store:
         sizes = plainstate.import_state(store, args.source)
     _say(args, f"Imported {args.source} into {args.image}: {_sections_text(sizes)}")
@@ -137,6 +148,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A consistent read (through the mount daemon if one holds the image), then write."""
+    from ..backup import archive, plainstate
+
     taken = archive.capture_image(args.image, snapshots=False, control=args.control)
     as_dir = True if args.dir else None
     tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
@@ -150,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # Section: backup / verify / restore
 
 
-def _progress(args: argparse.Namespace) -> archive.Progress:
+def _progress(args: argparse.Namespace) -> Progress:
     """Progress on stderr when it is a terminal (and not --quiet); else silent."""
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         return lambda done, total, what: None
@@ -163,6 +176,8 @@ def _progress(args: argparse.Namespace) -> archive.Progress:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    from ..backup import archive
+
     taken = archive.capture_image(
         args.image, tag=args.snapshot, snapshots=args.format == "qcow2", control=args.control
     )
@@ -178,6 +193,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ..backup import archive
+
     found = archive.verify_backup(args.backup)
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))
@@ -190,6 +207,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from ..backup import archive
+
     result = archive.restore_backup(args.backup, args.image, snapshot=args.snapshot)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -245,6 +264,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def _daemon_for(image: str, control: str | None, locked: ImageLockedError) -> ControlClient:
     """The mount daemon holding ``image``; if none answers, explain who holds the image."""
+    from ..export.control import ControlClient, daemon_answers, held_image_error
+
     client = ControlClient(control) if control else ControlClient.for_image(image)
     if control:
         client.ping()  # the user named a daemon: its own error if it does not answer
@@ -763,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST", help="the backup file or directory to write")
     p.add_argument(
         "--format",
-        choices=archive.FORMATS,
+        choices=FORMATS,
         default="qcow2",
         help="qcow2 (default: image with snapshots), raw (linear file) or dir",
     )

@@ -17,12 +17,10 @@ The vTPM image is reached through its ``vtpm-qcow serve``/``mount`` daemon when 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..export.control import to_json
 from ..vm import (
     DEFAULT_GRACE,
     DEFAULT_JOB_TIMEOUT,
@@ -30,17 +28,10 @@ from ..vm import (
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
 )
-from ..vm.orchestrate import (
-    Monitor,
-    VtpmSnapshots,
-    delete,
-    load,
-    open_vtpm,
-    quoted,
-    save,
-    tag_table,
-)
-from ..vm.watch import Watcher
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..vm.orchestrate import Monitor, VtpmSnapshots
 
 T = TypeVar("T")
 
@@ -50,6 +41,10 @@ EXIT_MISALIGNED = 3
 
 def _run(args: argparse.Namespace, body: Callable[[Monitor, VtpmSnapshots], Awaitable[T]]) -> T:
     """Open the vTPM side and a QMP session, run ``body``, close both."""
+    import asyncio
+
+    from ..vm.orchestrate import Monitor, open_vtpm
+
     vtpm = open_vtpm(args.store, args.control)
     try:
 
@@ -68,6 +63,8 @@ def _run(args: argparse.Namespace, body: Callable[[Monitor, VtpmSnapshots], Awai
 
 def cmd_save(args: argparse.Namespace) -> int:
     """``vm save``."""
+    from ..vm.orchestrate import save
+
     outcome = _run(args, lambda m, v: save(m, v, args.tag, force=args.force))
     print(outcome.summary("saved"))
     return 0
@@ -75,6 +72,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     """``vm load``."""
+    from ..vm.orchestrate import load
+
     outcome = _run(args, lambda m, v: load(m, v, args.tag))
     print(outcome.summary("loaded"))
     return 0
@@ -82,18 +81,24 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     """``vm delete``."""
+    from ..vm.orchestrate import delete
+
     outcome = _run(args, lambda m, v: delete(m, v, args.tag))
     print(outcome.summary("deleted"))
     return 0
 
 
 async def _table(monitor: Monitor, vtpm: VtpmSnapshots) -> tuple[str, list[Any], list[Any]]:
+    from ..vm.orchestrate import tag_table
+
     state = await monitor.run_state()
     nodes = await monitor.disk_nodes()
     return state.status, nodes, tag_table(nodes, await vtpm.tags())
 
 
 def _print_rows(rows: list[Any]) -> None:
+    from ..vm.orchestrate import quoted
+
     width = max([len("TAG"), *(len(quoted(r.tag)) - 2 for r in rows)])
     print(f"{'TAG':<{width}}  {'DISKS':<24}  {'VTPM':<4}  STATE")
     for row in rows:
@@ -105,6 +110,8 @@ def _print_rows(rows: list[Any]) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """``vm list``."""
+    from ..export.control import to_json
+
     _, _, rows = _run(args, _table)
     if args.json:
         print(json.dumps({"tags": to_json(rows)}, indent=2))
@@ -115,6 +122,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``vm status``: exit 0 when aligned, 3 when not."""
+    from ..export.control import to_json
+    from ..vm.orchestrate import quoted
+
     status, nodes, rows = _run(args, _table)
     aligned = all(row.aligned for row in rows)
     if args.json:
@@ -139,6 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """``vm watch``: runs until QEMU shuts down (or Ctrl-C)."""
+    from ..vm.watch import Watcher
 
     def report(line: str) -> None:
         print(line, flush=True)

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyfuse3
 import trio
@@ -42,18 +42,12 @@ import trio
 from ..errors import HANDLED, MountError, StoreError
 from . import VIEWS
 from .content import STATE_FILE_NAME
-from .control import (
-    ControlClient,
-    ControlServer,
-    daemon_answers,
-    pid_path_for,
-    runtime_dir,
-    socket_path_for,
-    store_handlers,
-)
+from .control import ControlClient, daemon_answers, pid_path_for, runtime_dir, socket_path_for
+from .control_server import ControlServer, store_handlers
 from .fuse import StoreFS, make_fs, mount_options
 from .instruments import IoCounter, instrument
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..state.store import Store
     from ..tpm.swtpm import Swtpm
