@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import pyfuse3
 
@@ -37,6 +36,7 @@ from ..state.linear import (
     section_of_file_name,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..state.store import Store
 

@@ -43,7 +43,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -63,6 +63,7 @@ from .content import (
     same_section,
 )
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..state.store import Store
 

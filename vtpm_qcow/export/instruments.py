@@ -26,12 +26,12 @@ import signal
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qcow2.io.fileio import HostFile, WriteEvent
 
 from ..errors import StoreError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -16,9 +16,7 @@ The default cluster size is 4 KiB: swtpm rewrites a whole ~6-9 KiB permall per s
 command, so each atomic commit copies two or three data clusters plus one 4 KiB L2 table
 instead of 64 KiB ones, and a snapshot only un-shares the few clusters a later write touches.
 It is also the page size swtpm msyncs with, so file view writes map onto whole clusters.
-Measured with ``tools/bench/bench_store.py``: about 20 KiB written to the host per permall
-commit with 4 KiB clusters against about 190 KiB with 64 KiB ones, at the same commit rate,
-and a tenth of the file size after a few hundred commits.
+``tools/bench/bench_store.py`` measures it (docs/BENCHMARKS.md, "vTPM store write path").
 
 Every change goes through one ``Image.commit_atomically`` call: a section replace (the
 dir view's rename) or a file view write is all-or-nothing across a crash and durable on
@@ -62,8 +60,8 @@ def _whole_clusters(
 ) -> list[tuple[int, bytes]]:
     """``extents`` as the whole clusters they touch, completed from ``prefix`` (the cached
     start of the linear file), so that the commit does not read those clusters back
-    through the image (measured in the daemon: 15 us of a dir view commit); ``extents``
-    itself when the prefix does not cover them.  Later extents win, as in
+    through the image (docs/BENCHMARKS.md); ``extents`` itself when the prefix does not
+    cover them.  Later extents win, as in
     :meth:`qcow2.Image.commit_atomically`."""
     if prefix is None:
         return extents

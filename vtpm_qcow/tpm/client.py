@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import TpmError, TpmResponseError, TpmTransportError
+from .swtpm import CMD_INIT
 
 # -- Constants (TPM 2.0 Part 2: Structures) ---------------------------------------------------
 
@@ -250,12 +251,6 @@ class ReceiveFn(Protocol):
     def __call__(self, length: int) -> bytes: ...
 
 
-# swtpm control channel (swtpm's tpm_ioctl.h): u32 command, payload; reply u32 TPM result.
-SWTPM_CMD_GET_CAPABILITY = 1
-SWTPM_CMD_INIT = 2
-SWTPM_CMD_SHUTDOWN = 3
-
-
 def socket_address(spec: str | int | tuple[str, int]) -> tuple[int, str | tuple[str, int]]:
     """(family, address) for a TCP port, a (host, port) pair, or a unix socket path."""
     if isinstance(spec, int):
@@ -301,7 +296,7 @@ class SwtpmSocketTransport:
         self.timeout = timeout
         self.ctrl = ctrl
         if init:
-            self.control(SWTPM_CMD_INIT, struct.pack(">I", 0))
+            self.control(CMD_INIT, struct.pack(">I", 0))
         self.sock = connect(server, timeout, self.what)
 
     def control(self, command: int, payload: bytes = b"") -> int:

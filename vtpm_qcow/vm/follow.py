@@ -29,7 +29,7 @@ import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -37,6 +37,7 @@ from ..errors import StoreError
 from .orchestrate import StoreVtpm
 from .watch import WatcherThread
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..export.fuse import StoreFS
 
