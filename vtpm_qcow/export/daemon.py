@@ -190,6 +190,14 @@ def _write_pid_file(path: Path) -> None:
     tmp.replace(path)
 
 
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception inside (nested) ``group``, or ``group`` itself if there are more."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+        inner = inner.exceptions[0]
+    return inner
+
+
 def run_mount(
     config: MountConfig,
     *,
@@ -215,6 +223,10 @@ def run_mount(
             raise MountError(f"cannot mount: {err}", path=mountpoint) from err
         try:
             trio.run(_serve, fs, config, mountpoint, on_ready, swtpm, io)
+        except BaseExceptionGroup as group:
+            # trio >= 0.25 wraps what a nursery task raised in a group: one failure is
+            # still one failure, with its own one-line message
+            raise _sole(group) from None
         finally:
             pyfuse3.close(unmount=True)
     finally:
