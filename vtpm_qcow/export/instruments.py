@@ -49,7 +49,8 @@ class IoCounter:
 
     A flush is timed from its event (which comes just before the fdatasync) to the next
     event on the file or the end of the store operation, whichever comes first: the
-    fdatasync and a few microseconds of Python.
+    fdatasync and the Python around it, a little more than the fdatasync alone
+    (docs/BENCHMARKS.md).
     """
 
     def __init__(self) -> None:
