@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .image import Image
 
 
-def _merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int, bytearray]:
+def merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int, bytearray]:
     """Full new content of every touched guest cluster (old content + writes, in order)."""
     size = image.header.size
     cluster_size = image.header.cluster_size
@@ -68,7 +68,7 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
     if not writes:
         image.flush()  # "durable on return" holds for an empty commit too
         return
-    new_content = _merge_writes(image, writes)
+    new_content = merge_writes(image, writes)
     cluster_size = header.cluster_size
     entry_size = header.l2_entry_size
     l2_entries = header.l2_entries

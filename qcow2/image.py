@@ -640,18 +640,28 @@ class Image:
         self.l2_cache.clear()
         self._compressed_cache = None
 
-    def create_snapshot(self, name: str, *, replace: bool = False) -> SnapshotEntry:
+    def create_snapshot(
+        self,
+        name: str,
+        *,
+        replace: bool = False,
+        content: Sequence[tuple[int, bytes]] = (),
+    ) -> SnapshotEntry:
         """Create internal snapshot ``name`` (``qemu-img snapshot -c``).
 
         ``replace=True`` drops every snapshot named ``name`` in the same metadata switch
         (QEMU's savevm over an existing tag, but a crash keeps the old one or the new one).
+        ``content`` (``(guest_offset, data)`` extents) makes the snapshot hold the active
+        state with those writes applied, leaving the active state unchanged.
         """
         from .snapshots import create_snapshot
 
         self._check_writable()
+        for offset, data in content:
+            self._check_range(offset, len(data))
         self._before_metadata_rewrite()
         try:
-            return create_snapshot(self, name, replace=replace)
+            return create_snapshot(self, name, replace=replace, content=content)
         finally:
             self._after_metadata_rewrite()
 

@@ -34,6 +34,8 @@ from .transaction import MetadataTransaction
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .image import Image
 
 
@@ -51,8 +53,18 @@ def _commit(txn: MetadataTransaction, what: str) -> None:
         raise SnapshotError(f"{what}: {err.message}", path=image.path) from err
 
 
-def create_snapshot(image: Image, name: str, *, replace: bool = False) -> SnapshotEntry:
+def create_snapshot(
+    image: Image,
+    name: str,
+    *,
+    replace: bool = False,
+    content: Sequence[tuple[int, bytes]] = (),
+) -> SnapshotEntry:
     """Create snapshot ``name`` (ID = max + 1) of the active state; returns its entry.
+
+    With ``content`` (``(guest_offset, data)`` extents, later ones win), the snapshot holds
+    the active state with those extents applied, while the active state stays as it is:
+    a past state can be filed under a tag in the same single header switch.
 
     Names need not be unique (qemu allows duplicates).  With ``replace``, every snapshot
     named ``name`` is deleted in the same transaction (one header switch: a crash leaves
@@ -101,10 +113,66 @@ def create_snapshot(image: Image, name: str, *, replace: bool = False) -> Snapsh
     )
     # The snapshot's L1 copy references the whole active tree once more.
     txn.reference_tree(l1[:l1_size], 1)
+    if content:
+        snap_l1 = _divert(txn, [e & ~layout.OFLAG_COPIED for e in l1[:l1_size]], content)
+        txn.stage(l1_offset, _pack_l1(snap_l1))
     txn.set_active_l1(l1)
     txn.set_snapshots([*entries, entry])
     _commit(txn, f"Could not create snapshot '{name}'")
     return entry
+
+
+def _divert(
+    txn: MetadataTransaction, snap_l1: list[int], content: Sequence[tuple[int, bytes]]
+) -> list[int]:
+    """Point the snapshot's L1 ``snap_l1`` (a copy of the active one, whose tree has been
+    referenced once more) at new copies of the L2 tables that ``content`` changes, with new
+    data clusters for the changed guest clusters; returns the new snapshot L1.
+
+    References move from the shared tables to the copies: the shared L2 table loses the
+    snapshot's path (-1) and so do the data clusters the copy replaces; the copy's other
+    entries keep the +1 they got through the shared table.  No entry of a copy carries
+    COPIED (the table belongs to a snapshot only).
+    """
+    from .commit import merge_writes
+
+    image = txn.image
+    header = image.header
+    cluster_size, entry_size = header.cluster_size, header.l2_entry_size
+    l2_entries = header.l2_entries
+    new_content = merge_writes(image, content)
+    by_l1: dict[int, list[int]] = {}
+    for index in sorted(new_content):
+        by_l1.setdefault(index // l2_entries, []).append(index)
+    for l1_index, indexes in by_l1.items():
+        if l1_index >= len(snap_l1):
+            raise SnapshotError(
+                f"Could not create snapshot: guest cluster {indexes[0]} beyond the L1 table",
+                path=image.path,
+            )
+        old_l2 = image.clusters.l2_offset(l1_index)
+        table = bytearray(image.l2_cache.get(old_l2)) if old_l2 else bytearray(cluster_size)
+        if old_l2:
+            txn.add(old_l2, cluster_size, -1)
+        for index in indexes:
+            data_offset = txn.alloc(cluster_size)
+            txn.stage(data_offset, image.encrypt_data(data_offset, bytes(new_content[index])))
+            pos = (index % l2_entries) * entry_size
+            old_entry = int.from_bytes(table[pos : pos + 8], "big")
+            if old_entry & ~layout.OFLAG_COPIED:
+                for offset, length in image.clusters.decoder.host_ranges(old_entry):
+                    txn.add(offset, length, -1)
+            table[pos : pos + 8] = data_offset.to_bytes(8, "big")
+            if entry_size == layout.L2_ENTRY_SIZE_EXTENDED:
+                table[pos + 8 : pos + 16] = layout.L2_BITMAP_ALL_ALLOC.to_bytes(8, "big")
+        for pos in range(0, cluster_size, entry_size):
+            word = int.from_bytes(table[pos : pos + 8], "big")
+            if word & layout.OFLAG_COPIED:
+                table[pos : pos + 8] = (word & ~layout.OFLAG_COPIED).to_bytes(8, "big")
+        new_l2 = txn.alloc(cluster_size)
+        txn.stage(new_l2, bytes(table))
+        snap_l1[l1_index] = new_l2
+    return snap_l1
 
 
 def apply_snapshot(image: Image, key: str, *, name_only: bool = False) -> SnapshotEntry:
