@@ -162,6 +162,34 @@ def test_seed_scenario_snapshot_apply_delete(tmp_path: Path, tpm_states: dict[st
     assert_disk_is(path, tpm_states["B"])
 
 
+@pytest.mark.parametrize(("past", "now"), [("A", "B"), ("B", "A")])
+def test_a_past_state_is_filed_under_a_tag_and_the_active_state_stays(
+    tmp_path: Path, tpm_states: dict[str, bytes], past: str, now: str
+) -> None:
+    """create_snapshot(layout=) files another state under the tag (the watcher's state of
+    a pause): the snapshot reads exactly that layout, the active state does not move."""
+    path = tmp_path / "vtpm.qcow2"
+    with Store.create(path) as store:
+        store.replace_layout(tpm_states[now])
+        store.create_snapshot("then", layout=tpm_states[past])
+        assert store.layout() == tpm_states[now]
+        store.create_snapshot("then", overwrite=True, layout=tpm_states[past])
+        (snap,) = store.snapshots()
+        assert snap.tag == "then"
+        assert store.snapshot_section("then", "permall") == linear.read_section(
+            tpm_states[past], "permall"
+        )
+        with pytest.raises(StateFormatError):
+            store.create_snapshot("bad", layout=b"not a linear file")
+    oracle.assert_clean(path)
+    assert_disk_is(path, tpm_states[past], snapshot="then")
+    assert_disk_is(path, tpm_states[now])
+    with Store.open(path) as store:
+        store.apply_snapshot("then")
+        assert store.layout() == tpm_states[past]
+    assert [s["name"] for s in oracle.snapshot_list(path)] == ["then"]
+
+
 def test_snapshot_tags_agree_with_qemu_img(tmp_path: Path, tpm_states: dict[str, bytes]) -> None:
     path = tmp_path / "vtpm.qcow2"
     with Store.create(path) as store:

@@ -398,22 +398,33 @@ class Store:
             linear.parse_header(data, source=source)
         with self._lock:
             self._check_open(write=True)
-            if len(data) > self.linear_size:
-                raise StoreError(
-                    f"{source} needs {len(data)} bytes, capacity is {self.linear_size}",
-                    path=self.path,
-                )
             try:
-                header = self._header()
-                used, known = (header.end if header else linear.HEADER_SIZE), True
+                self._header()
+                known = True
             except StateFormatError:
-                used, known = linear.HEADER_SIZE, False
-            used = min(used, self.linear_size)
-            self.commit_linear([(0, data + bytes(max(0, used - len(data))))])
-            end = max(used, len(data))
+                known = False
+            extent = self._whole_layout(data, source=source)
+            self.commit_linear([extent])
+            end = len(extent[1])
             if not known and end < self.linear_size:
                 self._image.write_zeroes(end, self.linear_size - end)
                 self._image.flush()
+
+    def _whole_layout(self, data: bytes, *, source: str = "linear file") -> tuple[int, bytes]:
+        """The extent that makes the linear file exactly ``data``: zeros over whatever
+        the current layout uses beyond its end (all of the header if that is unreadable)."""
+        if len(data) > self.linear_size:
+            raise StoreError(
+                f"{source} needs {len(data)} bytes, capacity is {self.linear_size}",
+                path=self.path,
+            )
+        try:
+            header = self._header()
+            used = header.end if header else linear.HEADER_SIZE
+        except StateFormatError:
+            used = linear.HEADER_SIZE
+        used = min(used, self.linear_size)
+        return (0, data + bytes(max(0, used - len(data))))
 
     def layout(self) -> bytes:
         """The linear file's meaningful bytes: up to the end of its last section (export).
@@ -468,20 +479,27 @@ class Store:
             self._check_open()
             return [entry.name for entry in self._image.snapshots]
 
-    def create_snapshot(self, tag: str, *, overwrite: bool = False) -> None:
+    def create_snapshot(
+        self, tag: str, *, overwrite: bool = False, layout: bytes | None = None
+    ) -> None:
         """Snapshot the current state as ``tag``; an existing tag needs ``overwrite=True``.
 
         Overwriting replaces the old snapshot in one metadata transaction (the result of
         QEMU's savevm delete + create, but a crash leaves the old snapshot or the new one,
-        never neither).
+        never neither).  With ``layout`` (a linear file, as :meth:`layout` returns), the
+        snapshot holds that state instead of the current one, which stays as it is: a
+        state of the past gets its tag in the same single transaction.
         """
         check_tag(tag, self.path)
+        if layout:
+            linear.parse_header(layout, source=f"state for snapshot '{tag}'")
         with self._lock:
             self._check_open(write=True)
             exists = tag in self.snapshot_tags()
             if exists and not overwrite:
                 raise StoreError(f"snapshot '{tag}' already exists", path=self.path)
-            self._image.create_snapshot(tag, replace=exists)
+            content = [] if layout is None else [self._whole_layout(layout)]
+            self._image.create_snapshot(tag, replace=exists, content=content)
             self._changed()
 
     def apply_snapshot(self, tag: str) -> None:
