@@ -13,6 +13,7 @@
      +-- RefcountRangeError         a refcount would exceed its width or drop below 0
      +-- SnapshotError              duplicate or invalid tag, too many snapshots, ...
      |    +-- SnapshotNotFoundError no snapshot has that ID or name
+     |    +-- NoVmStateError        a disk-only snapshot: no VM state to read
      +-- BackingChainError          a backing chain that loops or is too deep
      |    +-- BackingOpenError      a backing file that does not open (cause nests, as QEMU's)
      +-- Qcow2IOError               the host file failed (wraps the OSError, keeps errno)
@@ -157,6 +158,12 @@ class SnapshotNotFoundError(SnapshotError):
     """No snapshot has the requested ID or name."""
 
     errno = _errno.ENOENT
+
+
+class NoVmStateError(SnapshotError):
+    """The snapshot holds no VM state (``vm_state_size`` 0: a disk-only snapshot)."""
+
+    errno = _errno.ENODATA
 
 
 class BackingChainError(Qcow2Error):

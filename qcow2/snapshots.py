@@ -14,6 +14,11 @@ qemu's:
 * apply: the active L1 becomes a copy of the snapshot's (+1 on its tree, -1 on the old
   active tree), the disk size switches back to the snapshot's in the same write;
 * delete: the table without the entry, -1 on the snapshot's tree and its L1.
+
+A snapshot saved by QEMU's ``savevm`` also holds the VM state (the migration stream):
+ordinary guest data past the end of the snapshot's disk, at :func:`vm_state_offset`,
+reachable only through the snapshot's own L1 table (QEMU drops it from the active one);
+:meth:`SnapshotView.read_vmstate` reads it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import errno
 import struct
 import time
 
-from .errors import RefcountRangeError, SnapshotError
+from .errors import EncryptionKeyError, NoVmStateError, RefcountRangeError, SnapshotError
 from .format import layout
 from .format.snapshot_table import (
     SnapshotEntry,
@@ -265,8 +270,63 @@ class SnapshotView:
             return b""
         return self.image.read_with_l1(self._l1, offset, end - offset)
 
+    @property
+    def vm_state_size(self) -> int:
+        """Bytes of VM state the snapshot holds (0: a disk-only snapshot).  The 64-bit
+        ``vm_state_size_large`` of the extra data when present, else the entry's 32-bit
+        field."""
+        return self.entry.vm_state_size
+
+    @property
+    def vm_state_offset(self) -> int:
+        """Guest offset of the VM state in the snapshot's L1 (QEMU's
+        ``qcow2_vm_state_offset`` for the snapshot's own disk size)."""
+        h = self.image.header
+        return vm_state_offset(h.cluster_size, h.l2_entries, self.virtual_size)
+
+    def read_vmstate(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the snapshot's VM state at ``offset`` (clipped at its end):
+        what QEMU's ``bdrv_load_vmstate`` reads after ``loadvm`` applied the snapshot.
+
+        Raises :class:`NoVmStateError` for a disk-only snapshot and
+        :class:`EncryptionKeyError` when the image is encrypted and opened without its
+        key (the VM state goes through the encrypted data path).  The caller bounds the
+        length: this reads what it asks for in one piece.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid read range {offset}+{length}")
+        size = self.vm_state_size
+        entry = self.entry
+        if size <= 0:
+            raise NoVmStateError(
+                f"snapshot '{entry.name}' (ID {entry.id}) holds no VM state "
+                "(vm_state_size 0: a disk-only snapshot)",
+                path=self.image.path,
+            )
+        image = self.image
+        if image.encrypted and image.cipher is None:
+            raise EncryptionKeyError(
+                f"snapshot '{entry.name}': the VM state is encrypted with the image; "
+                f"{EncryptionKeyError.MISSING_KEY}",
+                path=image.path,
+            )
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        base = self.vm_state_offset
+        return image.read_with_l1(self._l1, base + offset, end - offset)
+
 
 # Section: small helpers
+
+
+def vm_state_offset(cluster_size: int, l2_entries: int, disk_size: int) -> int:
+    """Where QEMU keeps a snapshot's VM state in the guest address space: the first L1
+    entry past the disk (``size_to_l1(disk_size) << (cluster_bits + l2_bits)``), so an L2
+    table never holds both disk and VM state.  ``l2_entries`` is half as many with
+    extended L2 (16-byte entries), which doubles the granularity."""
+    span = cluster_size * l2_entries
+    return layout.size_to_clusters(span, disk_size) * span
 
 
 def _read_l1(image: Image, offset: int, size: int) -> list[int]:

@@ -12,6 +12,9 @@
      +-- TpmError                 a TPM command could not be carried out
      |    +-- TpmTransportError   the transport failed: connection refused, closed, timed out
      |    +-- TpmResponseError    the TPM answered with a non-zero response code (command, rc)
+     +-- VmstateError             a disk snapshot's VM state holds no readable TPM state
+     |                            (no such tag, disk-only snapshot, no tpm-emulator
+     |                            section, no JSON description, encrypted disk, malformed)
      +-- QmpError                 QEMU's monitor refused, went away or a job failed
           +-- QmpDisconnectedError  the connection went away: the outcome of the command in
           |                         flight is unknown
@@ -104,6 +107,13 @@ class TpmResponseError(TpmError):
         self.command = command
         self.rc = rc
         super().__init__(f"TPM2_{name or f'0x{command:x}'}: response code 0x{rc:03x}")
+
+
+class VmstateError(VtpmQcowError):
+    """The TPM state of a disk snapshot's VM state cannot be read (``path``: the disk, or
+    ``DISK@TAG`` for the stream); the message says why, in one line."""
+
+    errno = _errno.ENODATA
 
 
 class QmpError(VtpmQcowError):
