@@ -284,20 +284,12 @@ def snapshot_under_load(rig: Rig, path: str, tag: str) -> LoadRound:
     return round_
 
 
-#: Issue 11, open: the watcher snapshots the vTPM image when the VM resumes, so under TPM
-#: load a followed snapshot can hold a later state than the one QEMU saved.  These are the
-#: tests of that fix; they fail today about half the time per snapshot (so not strict).
-WATCHER_AT_RESUME = pytest.mark.xfail(
-    reason="issue 11: followed snapshots are taken at RESUME, not at the pause", strict=False
-)
-
-
 @pytest.mark.parametrize(
     ("path", "prefix"),
     [
         ("vm save", "L-vm"),
-        pytest.param("HMP savevm", "L-hmp", marks=WATCHER_AT_RESUME),
-        pytest.param("snapshot-save job", "L-job", marks=WATCHER_AT_RESUME),
+        ("HMP savevm", "L-hmp"),
+        ("snapshot-save job", "L-job"),
     ],
 )
 def test_snapshots_under_load_hold_the_state_of_the_pause(rig: Rig, path: str, prefix: str) -> None:
@@ -314,7 +306,6 @@ def test_snapshots_under_load_hold_the_state_of_the_pause(rig: Rig, path: str, p
     )
 
 
-@WATCHER_AT_RESUME
 def test_cold_boot_after_offline_revert_reads_the_counter_of_the_pause(rig: Rig) -> None:
     """Stop the load, revert offline to a tag a watcher followed under load (one whose vTPM
     snapshot differs from its vmstate, if any), cold boot: the guest reads the load counter

@@ -9,6 +9,8 @@ from pathlib import Path
 from tests.vm.qemu_fixtures import hmp_over_qmp, qmp_job, quit_qemu
 from tests.vm.scenario import (
     Stack,
+    assert_permanent_state_a,
+    assert_permanent_state_b,
     orphan_vtpm_snapshot,
     permall,
     save_a_then_change_to_b,
@@ -19,7 +21,7 @@ from tests.vm.scenario import (
     wait_until,
     watcher_thread,
 )
-from vtpm_qcow.vm.watch import WatcherThread
+from vtpm_qcow.vm.watch import Watcher, WatcherThread
 
 
 @contextlib.contextmanager
@@ -105,7 +107,8 @@ def test_hmp_savevm_over_an_existing_tag_replaces_the_vtpm_snapshot(
         wait_until(lambda: any(x.startswith("replaced:") for x in lines), "the replacement")
     assert snapshot_tags(image) == ["T1"] and snapshot_tags(disk) == ["T1"]
     assert permall(image, "T1") == permall(image) != permall_a
-    assert "replaced: vTPM snapshot 'T1' (disk snapshot saved again)" in lines
+    why = "disk snapshot saved again; TPM state from its vmstate"
+    assert f"replaced: vTPM snapshot 'T1' ({why})" in lines
 
 
 def test_orchestrated_commands_beside_a_watcher_do_not_fight(
@@ -151,3 +154,67 @@ def test_a_save_whose_pause_saw_the_tpm_change_is_not_reported_as_a_load(
         assert snapshot_tags(image) == snapshot_tags(disk) == ["T1"]
         assert permall(image, "T1") == permall(image)
     assert not [line for line in lines if line.startswith("loaded:")], lines
+
+
+def _save_while_paused_then_change(s: Stack, watcher: Watcher, tag: str) -> None:
+    """Pause, HMP ``savevm`` (no event on a paused VM), the TPM moves on to state B (as a
+    guest's first commands after the resume do before the watcher hears of it), resume."""
+    hmp_over_qmp(s.qemu.qmp, "stop")
+    wait_until(lambda: watcher.pause_layout is not None, "the watcher to see the pause")
+    hmp_over_qmp(s.qemu.qmp, f"savevm {tag}")
+    state_b(s.tpm)
+    target = watcher.reconciles + 1
+    hmp_over_qmp(s.qemu.qmp, "cont")
+    wait_until(lambda: watcher.reconciles >= target, "the reconcile at RESUME")
+
+
+def test_a_followed_savevm_files_the_state_qemu_saved_not_the_later_one(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Issue 11: the TPM state changed between the save and the watcher's reconcile; the
+    vTPM snapshot must hold the state in the disk snapshot's vmstate, and the active state
+    must keep the later changes."""
+    image, disk = images
+    with watched_state_a(images, tmp_path, poll_interval=30) as (s, thread, lines):
+        watcher = thread.watcher
+        assert watcher is not None
+        saved = permall(image)
+        _save_while_paused_then_change(s, watcher, "T1")
+        assert snapshot_tags(image) == snapshot_tags(disk) == ["T1"]
+        assert permall(image, "T1") == saved != permall(image)
+        assert_permanent_state_b(s.tpm)  # the active state was not touched
+    assert any("created: vTPM snapshot 'T1'" in x and "from its vmstate" in x for x in lines)
+    # QEMU agrees: loading T1 pushes the vmstate's state, which is the one filed
+    with stack(tmp_path / "run2", image, disk) as s2:
+        hmp_over_qmp(s2.qemu.qmp, "loadvm T1")
+        assert permall(image) == saved
+        assert_permanent_state_a(s2.tpm)
+
+
+def test_without_a_readable_vmstate_a_changed_state_is_not_filed(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """No vmstate description to read (suppress-vmdesc): the state of the pause is unknown
+    once the TPM changed, so the tag is refused with the reason, never filed with a later
+    state; an unchanged state is filed."""
+    image, disk = images
+    extra = ["-machine", "suppress-vmdesc=on"]
+    lines: list[str] = []
+    with stack(tmp_path / "run", image, disk, extra=extra) as s:
+        state_a(s.tpm)
+        with watcher_thread(s, lines.append, poll_interval=30) as thread:
+            watcher = thread.watcher
+            assert watcher is not None
+            _save_while_paused_then_change(s, watcher, "T1")
+            assert snapshot_tags(disk) == ["T1"] and snapshot_tags(image) == []
+            hmp_over_qmp(s.qemu.qmp, "stop")
+            wait_until(lambda: watcher.pause_layout is not None, "the watcher to see the pause")
+            hmp_over_qmp(s.qemu.qmp, "savevm T2")
+            target = watcher.reconciles + 1
+            hmp_over_qmp(s.qemu.qmp, "cont")
+            wait_until(lambda: watcher.reconciles >= target, "the reconcile at RESUME")
+            assert snapshot_tags(image) == ["T2"]
+            assert permall(image, "T2") == permall(image)
+    text = "\n".join(lines)
+    assert "not filed: vTPM snapshot 'T1'" in text and "changed after the pause" in text, text
+    assert "created: vTPM snapshot 'T2'" in text and "unchanged since the pause" in text, text

@@ -11,6 +11,8 @@ Ops: ``ping``, ``info``, ``snapshot-list``, ``snapshot-create``, ``snapshot-appl
 ``snapshot-delete`` and ``capture`` (the committed state and its snapshots, read in one step
 between two FUSE requests: what backups and exports of a held image use; ``"tag"`` reads one
 snapshot's state instead, ``"snapshots": false`` leaves the snapshots out).
+``snapshot-create`` with ``"layout"`` (a base64 linear file) files that state under the tag
+and leaves the committed state as it is (the state of a VM's pause, tagged later).
 The daemon (:mod:`vtpm_qcow.export.daemon`) serves it next to its FUSE mount
 (:mod:`vtpm_qcow.export.control_server`); every op runs between two of the file system's
 requests, so snapshots are safe while swtpm runs.  :class:`ControlClient` is the
@@ -24,6 +26,7 @@ real path (:func:`socket_path_for`), so ``ControlClient.for_image(path)`` finds 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -180,9 +183,15 @@ class ControlClient:
         snapshots: list[dict[str, Any]] = self.request("snapshot-list")["snapshots"]
         return snapshots
 
-    def snapshot_create(self, tag: str, *, overwrite: bool = False) -> Reply:
-        """Snapshot the committed state as ``tag``."""
-        return self.request("snapshot-create", tag=tag, overwrite=overwrite)
+    def snapshot_create(
+        self, tag: str, *, overwrite: bool = False, layout: bytes | None = None
+    ) -> Reply:
+        """Snapshot the committed state as ``tag`` (or the state ``layout``, a linear
+        file, leaving the committed state as it is)."""
+        args: dict[str, Any] = {"tag": tag, "overwrite": overwrite}
+        if layout is not None:
+            args["layout"] = base64.b64encode(layout).decode("ascii")
+        return self.request("snapshot-create", **args)
 
     def snapshot_apply(self, tag: str) -> Reply:
         """Revert the mounted store to ``tag`` (readers see it at once)."""

@@ -7,6 +7,8 @@ daemon's trio loop between two FUSE requests, so it never meets a commit half do
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import json
 import logging
@@ -182,7 +184,15 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         if not isinstance(overwrite, bool):
             raise RequestError("'overwrite' must be true or false")
         tag = _tag(request)
-        fs.run(store.create_snapshot, tag, overwrite=overwrite)
+        layout = request.get("layout")
+        if layout is not None:
+            if not isinstance(layout, str):
+                raise RequestError("'layout' must be a base64 string")
+            try:
+                layout = base64.b64decode(layout, validate=True)
+            except binascii.Error:
+                raise RequestError("'layout' is not valid base64") from None
+        fs.run(store.create_snapshot, tag, overwrite=overwrite, layout=layout)
         return {}
 
     async def snapshot_apply(request: dict[str, Any]) -> Reply:

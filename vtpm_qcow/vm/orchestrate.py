@@ -110,6 +110,8 @@ class DiskNode:
     identities: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     #: Snapshot ID -> name: QEMU's qcow2 driver resolves a loadvm tag as an ID first.
     names_by_id: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: The image file QEMU opened (``query-block``'s ``file``: a path, or ``json:{...}``).
+    filename: str = field(default="", compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,7 @@ class Monitor:
                 frozenset(identities),
                 identities,
                 names_by_id,
+                str(inserted.get("file", "")),
             )
             nodes.append(node)
         return nodes
@@ -317,8 +320,15 @@ class VtpmSnapshots(Protocol):
         """Tags of the image's snapshots."""
         ...
 
-    async def create(self, tag: str, *, overwrite: bool = False) -> None:
-        """Snapshot the active layer as ``tag``."""
+    async def create(
+        self, tag: str, *, overwrite: bool = False, layout: bytes | None = None
+    ) -> None:
+        """Snapshot the active layer as ``tag`` (with ``layout``: that state, as
+        :meth:`layout` returned it, while the active layer stays as it is)."""
+        ...
+
+    async def layout(self) -> bytes:
+        """The committed state of the active layer (the linear file; ``b""`` if none)."""
         ...
 
     async def apply(self, tag: str) -> None:
@@ -366,8 +376,15 @@ class DaemonVtpm:
         except (Qcow2Error, OSError):
             return [str(s["tag"]) for s in self.client.snapshot_list()]
 
-    async def create(self, tag: str, *, overwrite: bool = False) -> None:
-        await asyncio.to_thread(self.client.snapshot_create, tag, overwrite=overwrite)
+    async def create(
+        self, tag: str, *, overwrite: bool = False, layout: bytes | None = None
+    ) -> None:
+        await asyncio.to_thread(
+            self.client.snapshot_create, tag, overwrite=overwrite, layout=layout
+        )
+
+    async def layout(self) -> bytes:
+        return (await asyncio.to_thread(self.client.capture, snapshots=False)).layout
 
     async def apply(self, tag: str) -> None:
         await asyncio.to_thread(self.client.snapshot_apply, tag)
@@ -408,8 +425,16 @@ class StoreVtpm:
     async def tags(self) -> list[str]:
         return await self.run(self.store.snapshot_tags)
 
-    async def create(self, tag: str, *, overwrite: bool = False) -> None:
-        await self.run(functools.partial(self.store.create_snapshot, tag, overwrite=overwrite))
+    async def create(
+        self, tag: str, *, overwrite: bool = False, layout: bytes | None = None
+    ) -> None:
+        create = functools.partial(
+            self.store.create_snapshot, tag, overwrite=overwrite, layout=layout
+        )
+        await self.run(create)
+
+    async def layout(self) -> bytes:
+        return await self.run(self.store.layout)
 
     async def apply(self, tag: str) -> None:
         await self.run(functools.partial(self.store.apply_snapshot, tag))

@@ -3,17 +3,24 @@
 The watcher holds its own QMP monitor (QEMU accepts several ``-qmp`` options; one monitor
 serves one client at a time).  It does not drive QEMU; it reacts:
 
-* ``STOP``: record the vTPM image's section digests -- the TPM state at the pause.  HMP
-  ``savevm``/``loadvm`` and ``snapshot-save`` on a running VM all pause it first.
+* ``STOP``: record the vTPM image's committed state (and its section digests) -- the TPM
+  state at the pause.  HMP ``savevm``/``loadvm`` and ``snapshot-save`` on a running VM all
+  pause it first.
 * ``RESUME``, a snapshot job ``concluded``, and a periodic poll (HMP ``delvm`` emits no event
   at all, HMP ``savevm`` on a paused VM neither): *reconcile* -- compare the disks' snapshot
   tags with the vTPM image's:
 
-  - a tag that appeared on the disks while watching gets a vTPM snapshot of the active layer.
-    QEMU resumes the VM only after its savevm finished, and reconciling starts right at
-    ``RESUME``, so the active layer still holds the state of the pause; the digests
-    recorded at ``STOP`` confirm it, and a mismatch (the guest changed the TPM in between)
-    is reported.
+  - a tag that appeared on the disks while watching gets a vTPM snapshot of the TPM state
+    QEMU saved, which is the state of the pause, not the active one: by the time the watcher
+    hears ``RESUME`` the guest may have changed the TPM again.  The exact state comes from
+    the disk snapshot itself: its vmstate holds the TPM's permanent state as swtpm handed it
+    to QEMU (:mod:`vtpm_qcow.vm.vmstate`); it replaces ``permall`` in the state recorded at
+    ``STOP`` and the result is filed under the tag while the active state stays as it is
+    (``Store.create_snapshot(layout=)``).  Without a readable vmstate (a disk the watcher
+    cannot open, a migration-key-encrypted blob), the state recorded at ``STOP`` is used
+    only if the state has not changed since (then it is the pause's for sure), or, when no
+    pause was seen, the state of a VM that is paused now; otherwise the tag is not filed
+    and the report says why: a later state is never stored silently.
   - a tag saved again on the disks (HMP ``savevm`` silently replaces an existing tag: the
     snapshot's id and date change) gets its vTPM snapshot replaced the same way.
   - a tag that vanished from the disks while watching (delvm) is deleted from the vTPM image.
@@ -40,11 +47,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ..errors import HANDLED, QmpDisconnectedError, QmpError
+from ..errors import HANDLED, QmpDisconnectedError, QmpError, VmstateError
+from ..state import linear
 from . import DEFAULT_GRACE, DEFAULT_POLL_INTERVAL, DEFAULT_RECONNECT_TIMEOUT
 from .orchestrate import EventQueue, Monitor, VtpmSnapshots, delete_if_present, quoted
+from .vmstate import read_tpm_vmstate
 
 T = TypeVar("T")
+
+
+class _NotFiled(Exception):
+    """The TPM state a disk snapshot saved is not known for sure (the message says why)."""
+
 
 WATCHED_EVENTS = ("STOP", "RESUME", "JOB_STATUS_CHANGE", "SHUTDOWN")
 #: What a vTPM-side action may fail with: reported, the watcher goes on.
@@ -77,6 +91,8 @@ class Watcher:
         self.disk_snapshots: dict[str, str] | None = None
         #: Section digests of the active layer at the last STOP (None: none pending).
         self.pause_digests: dict[str, str] | None = None
+        #: The committed state (linear file) at the last STOP (None: none pending).
+        self.pause_layout: bytes | None = None
         #: A disk snapshot was saved during the current pause (so it was no loadvm).
         self.saved_in_pause = False
         #: Monotonic time each vTPM-only tag was first seen vTPM-only.
@@ -142,12 +158,13 @@ class Watcher:
         """React to one QMP event."""
         if name == "STOP":
             self.saved_in_pause = False
+            self.pause_layout = await self._vtpm(self.vtpm.layout(), "read the state")
             self.pause_digests = await self._vtpm(
                 self.vtpm.section_digests(), "read section digests"
             )
         elif name == "RESUME":
             await self.reconcile()
-            self.pause_digests = None
+            self.pause_digests = self.pause_layout = None
         elif name == "JOB_STATUS_CHANGE" and data.get("status") == "concluded":
             await self.reconcile()
         elif name == "SHUTDOWN":
@@ -157,26 +174,31 @@ class Watcher:
         """Align the vTPM tags with the disks' now; return the report lines."""
         lines: list[str] = []
         disk: dict[str, str] = {}
+        files: list[str] = []  # qcow2 images that may hold a snapshot's vmstate
         for node in await self.monitor.disk_nodes():
             for tag, identity in node.identities.items():
                 disk.setdefault(tag, identity)
+            if node.driver == "qcow2" and node.filename and node.tags:
+                files.append(node.filename)
         vtpm_tags = set(await self._vtpm(self.vtpm.tags(), "list snapshots") or [])
         first = self.disk_snapshots is None
         known = self.disk_snapshots or {}
-        current: dict[str, str] | None = None
 
         async def take(tag: str, verb: str, why: str) -> None:
-            """Snapshot the active layer as ``tag`` (the state of the pause, if any)."""
-            nonlocal current
-            if current is None:
-                current = (
-                    await self._vtpm(self.vtpm.section_digests(), "read section digests") or {}
-                )
-            note = ""
-            if self.pause_digests is not None and current != self.pause_digests:
-                note = " (warning: the TPM state changed since the VM was paused)"
-            if await self._vtpm_ok(self.vtpm.create(tag, overwrite=True), f"snapshot {tag}"):
-                lines.append(f"{verb}: vTPM snapshot {quoted(tag)} ({why}){note}")
+            """File the TPM state the disk snapshot ``tag`` saved as vTPM snapshot ``tag``."""
+            try:
+                state = await self._saved_state(tag, files)
+            except _NotFiled as err:
+                lines.append(f"not filed: vTPM snapshot {quoted(tag)} ({why}): {err}")
+                self.reported_missing.add(tag)
+                return
+            except VTPM_FAILURES as err:
+                lines.append(f"error: vTPM snapshot {tag}: {err}")
+                return
+            layout, source = state
+            create = self.vtpm.create(tag, overwrite=True, layout=layout)
+            if await self._vtpm_ok(create, f"snapshot {tag}"):
+                lines.append(f"{verb}: vTPM snapshot {quoted(tag)} ({why}; {source})")
 
         for tag in sorted(disk.keys() - vtpm_tags):
             if first or tag in known:
@@ -210,17 +232,50 @@ class Watcher:
         if not first and any(known.get(tag) != identity for tag, identity in disk.items()):
             self.saved_in_pause = self.pause_digests is not None
         if self.pause_digests is not None and not self.saved_in_pause:
-            lines += await self._detect_load(current)
+            lines += await self._detect_load()
         self.disk_snapshots = disk
         self.reconciles += 1
         for line in lines:
             self.report(line)
         return lines
 
-    async def _detect_load(self, current: dict[str, str] | None) -> list[str]:
+    async def _saved_state(self, tag: str, files: list[str]) -> tuple[bytes | None, str]:
+        """The TPM state that disk snapshot ``tag`` saved, as a linear file (None: the
+        active state is it) and where it came from; :class:`_NotFiled` if it is unknown.
+
+        Raises what the vTPM side fails with (VTPM_FAILURES).
+        """
+        current = await self.vtpm.layout()
+        try:
+            saved = await asyncio.to_thread(read_tpm_vmstate, files, tag)
+        except VmstateError as err:
+            unreadable = str(err)
+        else:
+            if saved.permanent is not None and not saved.encrypted:
+                base = self.pause_layout or current
+                update = linear.store_section(base, "permall", saved.permanent)
+                state = linear.apply_update(base, update)
+                return (None if state == current else state), "TPM state from its vmstate"
+            unreadable = (
+                f"{saved.disk}: the TPM blobs of snapshot {quoted(tag)} are encrypted "
+                "with a migration key"
+                if saved.encrypted
+                else f"{saved.disk}: snapshot {quoted(tag)} saved no permanent TPM state"
+            )
+        if self.pause_layout is not None:
+            if self.pause_layout == current:
+                return None, "TPM state unchanged since the pause"
+            raise _NotFiled(
+                "the TPM state changed after the pause and the vmstate cannot tell which "
+                f"state was saved ({unreadable})"
+            )
+        if not (await self.monitor.run_state()).running:
+            return None, "TPM state of the paused VM"
+        raise _NotFiled(f"the pause was not seen and the vmstate is unreadable ({unreadable})")
+
+    async def _detect_load(self) -> list[str]:
         """Report a loadvm: permall changed during the pause and now equals a snapshot's."""
-        if current is None:
-            current = await self._vtpm(self.vtpm.section_digests(), "read section digests") or {}
+        current = await self._vtpm(self.vtpm.section_digests(), "read section digests") or {}
         assert self.pause_digests is not None
         permall = current.get("permall")
         if permall is None or permall == self.pause_digests.get("permall"):
