@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 import qcow2
 from tests.helpers import need
@@ -94,3 +97,71 @@ def test_savevm_snapshot_survives_our_create_and_delete(tmp_path: Path) -> None:
     oracle.assert_clean(disk)  # no leaks: the VM state clusters were freed with vm1
     with qcow2.open(str(disk)) as image:
         assert image.read(0, 4 * MiB) == vm1_disk
+
+
+def vmstate_by_qemu_io(tmp_path: Path, disk: Path, tag: str, size: int) -> bytes:
+    """The VM state of snapshot ``tag`` as QEMU reads it: on a copy reverted to the
+    snapshot (``qemu-img snapshot -a``), qemu-io's ``read -v -b`` of the active VM state
+    (512-aligned, so the tail of the last sector is cut off)."""
+    copy = tmp_path / f"{disk.stem}-{tag}-copy.qcow2"
+    shutil.copyfile(disk, copy)
+    oracle.snapshot(copy, "apply", tag)
+    length = size // 512 * 512
+    dump = oracle.qemu_io(copy, f"read -v -b 0 {length}")
+    copy.unlink()
+    out = bytearray()
+    for line in dump.splitlines():
+        head, sep, rest = line.partition(":  ")
+        if sep and len(head) == 8 and all(c in "0123456789abcdef" for c in head):
+            out += bytes.fromhex(rest[: 16 * 3])
+    assert len(out) == length, (len(out), length)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("size", "options", "expected_offset"),
+    [
+        # The reference's measured table (shared/reference/vmstate-tpm.md).
+        (64 * MiB, {"cluster_size": 65536}, 0x20000000),
+        (64 * MiB, {"cluster_size": 131072, "extended_l2": True}, 0x40000000),
+        (64 * MiB + 512, {"cluster_size": 512}, 0x4008000),
+        (64 * MiB, {"cluster_size": 2 * MiB}, 0x8000000000),
+    ],
+    ids=["64k", "128k-extl2", "512", "2M"],
+)
+def test_read_vmstate_is_what_qemu_reads(
+    tmp_path: Path, size: int, options: dict[str, object], expected_offset: int
+) -> None:
+    disk = oracle.create(tmp_path / "disk.qcow2", size, **options)
+    with qemu_with_disk(tmp_path, disk) as qmp:
+        assert hmp(qmp, "savevm vm1", "quit")[0] == ""
+    (listed,) = oracle.snapshot_list(disk)
+    with qcow2.open(str(disk)) as image:
+        view = image.snapshot("vm1", name_only=True)
+        assert view.vm_state_offset == expected_offset
+        assert view.vm_state_size == listed["vm-state-size"] > 0
+        stream = view.read_vmstate(0, view.vm_state_size)
+        # Clipped at the end, bounded pieces read the same bytes.
+        assert view.read_vmstate(view.vm_state_size - 10, 100) == stream[-10:]
+        assert view.read_vmstate(view.vm_state_size, 100) == b""
+        assert view.read_vmstate(12345, 4096) == stream[12345 : 12345 + 4096]
+    assert stream[:8] == b"QEVM\x00\x00\x00\x03"
+    expected = vmstate_by_qemu_io(tmp_path, disk, "vm1", len(stream))
+    assert stream[: len(expected)] == expected
+    # After a resize the VM state stays where the snapshot's own disk size puts it (the
+    # new size would put it one L1 entry further).
+    oracle.qemu_img("resize", "-q", str(disk), str(expected_offset + MiB))
+    with qcow2.open(str(disk)) as image:
+        view = image.snapshot("vm1", name_only=True)
+        assert view.vm_state_offset == expected_offset
+        assert view.read_vmstate(0, len(stream)) == stream
+
+
+def test_disk_only_snapshot_has_no_vm_state(tmp_path: Path) -> None:
+    disk = oracle.create(tmp_path / "disk.qcow2", 4 * MiB)
+    oracle.snapshot(disk, "create", "cold")
+    with qcow2.open(str(disk)) as image:
+        view = image.snapshot("cold", name_only=True)
+        assert view.vm_state_size == 0
+        with pytest.raises(qcow2.NoVmStateError, match=r"disk.qcow2: snapshot 'cold' \(ID 1\)"):
+            view.read_vmstate(0, 8)

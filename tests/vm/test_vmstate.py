@@ -7,14 +7,17 @@ The oracle for the vTPM side is ``qemu-img convert -l`` + the linear codec
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import need
-from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, run_tool
+from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, qmp_job, run_tool
 from tests.vm.scenario import permall, snapshot_tags, stack, state_a, state_b
+from tests.vtpm.mount_fixtures import vtpm_qcow
 from vtpm_qcow.errors import VmstateError
 from vtpm_qcow.state.blob import parse_blob
 from vtpm_qcow.state.store import Store
@@ -74,3 +77,117 @@ def test_errors_name_the_file_and_the_reason(images: tuple[Path, Path], tmp_path
             read_tpm_vmstate([str(disk)], "1")
         # The disk holding the VM state is found among several.
         assert read_tpm_vmstate([str(other), str(disk)], "T1").disk == str(disk)
+
+
+def verify(*args: str) -> subprocess.CompletedProcess[str]:
+    """``vtpm-qcow vm verify ARGS`` (never raises on its exit status)."""
+    return vtpm_qcow("vm", "verify", *args, check=False)
+
+
+def rows(done: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
+    """The human table: tag -> [result, first detail word, ...]."""
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["TAG", "RESULT", "DETAIL"], done.stdout
+    return {line.split()[0]: line.split()[1:] for line in lines[1:]}
+
+
+def test_verify_match_missing_and_a_swapped_snapshot(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, disk = images
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        s.vm("save", "T1")
+        state_b(s.tpm)
+        s.vm("save", "T2")
+        hmp_over_qmp(s.qemu.qmp, "savevm H1")  # the disks only
+        vtpm_qcow("snapshot", "-c", "V1", str(image))  # the vTPM image only
+        done = verify("-U", "--disk", str(disk), str(image))
+        assert done.returncode == 1, done.stderr
+        table = rows(done)
+        assert table["T1"][0] == "match" and table["T2"][0] == "match"
+        assert table["H1"][0] == "MISSING-VTPM" and table["V1"][0] == "MISSING-DISK"
+        # QEMU holds the disk: without -U the check cannot run (exit 2, one line).
+        locked = verify("--disk", str(disk), str(image))
+        assert locked.returncode == 2 and locked.stdout == ""
+        assert len(locked.stderr.strip().splitlines()) == 1 and "lock" in locked.stderr
+        assert "Traceback" not in locked.stderr
+        hmp_over_qmp(s.qemu.qmp, "delvm H1")
+        vtpm_qcow("snapshot", "-d", "V1", str(image))
+        done = verify("-U", "--disk", str(disk), str(image))
+        assert done.returncode == 0, done.stdout
+        assert [r[0] for r in rows(done).values()] == ["match", "match"]
+    # Offline: T1 re-filed with T2's TPM state (applied, then snapshotted over T1).
+    vtpm_qcow("snapshot", "-a", "T2", str(image))
+    vtpm_qcow("snapshot", "-c", "T1", "--overwrite", str(image))
+    done = verify("--disk", str(disk), str(image))
+    assert done.returncode == 1
+    table = rows(done)
+    assert table["T1"][0] == "MISMATCH" and table["T1"][1:3] == ["permanent", "blob"]
+    assert table["T2"][0] == "match"
+    fields = json.loads(verify("--json", "--disk", str(disk), str(image)).stdout)
+    assert fields["ok"] is False and fields["vtpm"] == str(image)
+    by_tag = {row["tag"]: row for row in fields["tags"]}
+    assert by_tag["T1"]["result"] == "mismatch" and by_tag["T1"]["differs"] == ["permanent"]
+    assert by_tag["T2"]["result"] == "match" and by_tag["T2"]["disk"] == str(disk)
+    assert by_tag["T2"]["blob_sizes"]["permanent"] == len(permall(image, "T2") or b"")
+
+
+def test_verify_usage_and_unreadable_images(images: tuple[Path, Path], tmp_path: Path) -> None:
+    image, disk = images
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"not a qcow2 image" * 100)
+    for args in (
+        ("--disk", str(disk), str(tmp_path / "nope.qcow2")),
+        ("--disk", str(tmp_path / "gone.qcow2"), str(image)),
+        ("--disk", str(raw), str(image)),
+        (str(image),),  # no --disk
+    ):
+        done = verify(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert verify("--disk", str(disk), str(image)).returncode == 0  # nothing to compare
+    run_tool(need("qemu-img"), "snapshot", "-c", "COLD", str(disk))
+    vtpm_qcow("snapshot", "-c", "COLD", str(image))
+    done = verify("--disk", str(disk), str(image))
+    assert done.returncode == 0 and rows(done)["COLD"][0] == "no-vmstate"
+
+
+def test_cluster_sizes_extended_l2_resize_and_a_deleted_snapshot(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """One TPM state saved by QEMU's snapshot-save job into disks of every layout: the
+    same permanent blob from each, also after a resize and a delete in the middle."""
+    image, disk = images
+    layouts = {
+        "c512": "cluster_size=512",
+        "c2m": "cluster_size=2M",
+        "extl2": "cluster_size=128k,extended_l2=on",
+    }
+    paths = {"disk0": disk}
+    extra: list[str] = []
+    for node, options in layouts.items():
+        path = tmp_path / f"{node}.qcow2"
+        run_tool(need("qemu-img"), "create", "-q", "-f", "qcow2", "-o", options, str(path), "16M")
+        paths[node] = path
+        extra += ["-drive", f"if=none,id=d{node},file={path},format=qcow2,node-name={node}"]
+    with stack(tmp_path / "run", image, disk, extra=extra) as s:
+        state_a(s.tpm)
+        for node in paths:
+            for tag in ("S1", "S2", "S3"):
+                job = {"tag": tag, "vmstate": node, "devices": [node]}
+                assert qmp_job(s.qemu.qmp, "snapshot-save", job) is None
+        active = permall(image)
+    assert active is not None
+    before = {node: read_tpm_vmstate([str(p)], "S3") for node, p in paths.items()}
+    assert all(vm.permanent == active for vm in before.values())
+    run_tool(need("qemu-img"), "resize", "-q", str(paths["c2m"]), "600G")
+    run_tool(need("qemu-img"), "resize", "-q", str(disk), "+1G")
+    for path in paths.values():
+        run_tool(need("qemu-img"), "snapshot", "-d", "S2", str(path))
+    for node, path in paths.items():
+        assert snapshot_tags(path) == ["S1", "S3"]
+        assert read_tpm_vmstate([str(path)], "S3") == before[node]
+        assert read_tpm_vmstate([str(path)], "S1").permanent == active
+    # All disks at once: the first holding S1 answers.
+    assert read_tpm_vmstate([str(p) for p in paths.values()], "S1").disk == str(disk)

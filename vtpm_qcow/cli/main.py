@@ -531,6 +531,22 @@ QEMU's HMP savevm).
 
 examples:
   vtpm-qcow vm watch --qmp /run/vm1-watch.qmp --store vm1-tpm.qcow2 &""",
+    "vm verify": """results per tag:
+  match         the VM state's permanent TPM blob is the vTPM snapshot's permall
+  MISMATCH      it is not (the blob that differs is named)
+  MISSING-DISK  the tag is on the vTPM image only
+  MISSING-VTPM  the tag is on the disks only
+  no-vmstate    a disk-only snapshot (no VM state): nothing to compare
+  UNREADABLE    the VM state holds no readable TPM state (the reason is given)
+
+exit status:
+  0  every tag matches (or has no VM state)
+  1  a tag mismatches, is missing on one side or is unreadable
+  2  the check could not run (bad arguments, an image that does not open, held without -U)
+
+examples:
+  vtpm-qcow vm verify --disk vm1.qcow2 vm1-tpm.qcow2
+  vtpm-qcow vm verify -U --json --disk vm1.qcow2 --disk data.qcow2 vm1-tpm.qcow2""",
 }
 
 

@@ -9,6 +9,9 @@ Commands (registered on the main CLI by :func:`add_vm_commands`):
   (exit status 3 when not aligned).
 * ``vm watch``: follow HMP ``savevm``/``loadvm``/``delvm`` and snapshot jobs of others
   (:mod:`vtpm_qcow.vm.watch`); give it its own ``-qmp`` monitor.
+* ``vm verify --disk DISK [--disk ...] IMAGE [-U] [--json]``: offline, no QMP: the TPM
+  state in each disk snapshot's VM state against the vTPM snapshot of the same tag
+  (:mod:`vtpm_qcow.vm.verify`); exit 0 all match, 1 a mismatch or missing tag, 2 error.
 
 The vTPM image is reached through its ``vtpm-qcow serve``/``mount`` daemon when one serves it
 (the normal case: swtpm runs on it), else opened directly.
@@ -37,6 +40,9 @@ T = TypeVar("T")
 
 #: ``vm status`` exit status when disk and vTPM tags differ.
 EXIT_MISALIGNED = 3
+#: ``vm verify`` exit statuses: a tag mismatches or is missing / the check could not run.
+EXIT_VERIFY_FAILED = 1
+EXIT_VERIFY_ERROR = 2
 
 
 def _run(args: argparse.Namespace, body: Callable[[Monitor, VtpmSnapshots], Awaitable[T]]) -> T:
@@ -173,6 +179,41 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``vm verify``: exit 0 when every tag matches (or has no VM state), 1 when one does
+    not, 2 when the images cannot be read at all."""
+    import sys
+
+    from ..errors import HANDLED
+    from ..export.control import to_json
+    from ..vm.orchestrate import quoted
+    from ..vm.verify import verify
+
+    try:
+        results = verify(args.disk, args.image, shared=args.force_share)
+    except HANDLED as err:
+        print(f"vtpm-qcow: {err}", file=sys.stderr)
+        return EXIT_VERIFY_ERROR
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"vtpm-qcow: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_VERIFY_ERROR
+    ok = not any(r.failed for r in results)
+    if args.json:
+        fields = {"disks": args.disk, "vtpm": args.image, "tags": results, "ok": ok}
+        print(json.dumps(to_json(fields), indent=2))
+    else:
+        width = max([len("TAG"), *(len(quoted(r.tag)) - 2 for r in results)])
+        print(f"{'TAG':<{width}}  {'RESULT':<12}  DETAIL")
+        for r in results:
+            shown = r.result.upper() if r.failed else r.result
+            detail = r.detail or f"permanent = permall ({r.blob_sizes['permanent']} bytes)"
+            print(f"{quoted(r.tag)[1:-1]:<{width}}  {shown:<12}  {detail}")
+        if not results:
+            print("(no snapshots on the disks or the vTPM image)")
+    return 0 if ok else EXIT_VERIFY_FAILED
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP socket")
     parser.add_argument("--store", required=True, metavar="IMAGE", help="the vTPM image")
@@ -199,7 +240,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_vm_commands(subparsers: Any) -> None:
-    """Register ``vm save|load|delete|list|status|watch`` on the CLI's subparsers.
+    """Register ``vm save|load|delete|list|status|watch|verify`` on the CLI's subparsers.
 
     Each sets ``func`` (parsed arguments -> exit status); failures raise
     :class:`~vtpm_qcow.errors.QmpError` / :class:`~vtpm_qcow.errors.StoreError` with one line.
@@ -261,3 +302,27 @@ def add_vm_commands(subparsers: Any) -> None:
     )
     p.add_argument("--once", action="store_true", help="reconcile once and exit")
     p.set_defaults(func=cmd_watch)
+    p = sub.add_parser(
+        "verify",
+        help="offline: the TPM state in the disks' snapshots vs the vTPM image's snapshots",
+        description="For every snapshot tag of the disks or IMAGE: read the TPM blobs QEMU "
+        "saved in the disk snapshot's VM state and compare the permanent one with the "
+        "permall of IMAGE's snapshot of the same tag, byte for byte (volatile and save "
+        "state belong with the snapshot's RAM: reported, not compared).  Read-only; no QMP.",
+    )
+    p.add_argument(
+        "--disk",
+        action="append",
+        required=True,
+        metavar="DISK",
+        help="a qcow2 disk of the VM (repeat for each; the VM state is on one of them)",
+    )
+    p.add_argument("image", metavar="IMAGE", help="the vTPM image")
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open without QEMU's locks (the VM may be running, as qemu-img -U)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=cmd_verify)
