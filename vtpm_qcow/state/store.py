@@ -498,7 +498,10 @@ class Store:
             exists = tag in self.snapshot_tags()
             if exists and not overwrite:
                 raise StoreError(f"snapshot '{tag}' already exists", path=self.path)
-            content = [] if layout is None else [self._whole_layout(layout)]
+            # The current state needs no copy: the plain snapshot shares its clusters.
+            content = []
+            if layout is not None and layout != self.layout():
+                content = [self._whole_layout(layout)]
             self._image.create_snapshot(tag, replace=exists, content=content)
             self._changed()
 

@@ -239,11 +239,12 @@ class Watcher:
             self.report(line)
         return lines
 
-    async def _saved_state(self, tag: str, files: list[str]) -> tuple[bytes | None, str]:
-        """The TPM state that disk snapshot ``tag`` saved, as a linear file (None: the
-        active state is it) and where it came from; :class:`_NotFiled` if it is unknown.
+    async def _saved_state(self, tag: str, files: list[str]) -> tuple[bytes, str]:
+        """The TPM state that disk snapshot ``tag`` saved, as a linear file, and where it
+        came from; :class:`_NotFiled` if it is unknown.
 
-        Raises what the vTPM side fails with (VTPM_FAILURES).
+        Always the bytes, never "the active state": the guest may change that before the
+        snapshot is taken.  Raises what the vTPM side fails with (VTPM_FAILURES).
         """
         current = await self.vtpm.layout()
         try:
@@ -255,7 +256,7 @@ class Watcher:
                 base = self.pause_layout or current
                 update = linear.store_section(base, "permall", saved.permanent)
                 state = linear.apply_update(base, update)
-                return (None if state == current else state), "TPM state from its vmstate"
+                return state, "TPM state from its vmstate"
             unreadable = (
                 f"{saved.disk}: the TPM blobs of snapshot {quoted(tag)} are encrypted "
                 "with a migration key"
@@ -264,13 +265,13 @@ class Watcher:
             )
         if self.pause_layout is not None:
             if self.pause_layout == current:
-                return None, "TPM state unchanged since the pause"
+                return current, "TPM state unchanged since the pause"
             raise _NotFiled(
                 "the TPM state changed after the pause and the vmstate cannot tell which "
                 f"state was saved ({unreadable})"
             )
         if not (await self.monitor.run_state()).running:
-            return None, "TPM state of the paused VM"
+            return current, "TPM state of the paused VM"
         raise _NotFiled(f"the pause was not seen and the vmstate is unreadable ({unreadable})")
 
     async def _detect_load(self) -> list[str]:
