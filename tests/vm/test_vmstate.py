@@ -8,20 +8,25 @@ The oracle for the vTPM side is ``qemu-img convert -l`` + the linear codec
 from __future__ import annotations
 
 import json
+import random
+import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import qcow2
 from tests.helpers import need
+from tests.qcow2.test_snapshots_vmstate import hmp, qemu_with_disk
 from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, qmp_job, run_tool
 from tests.vm.scenario import permall, snapshot_tags, stack, state_a, state_b
 from tests.vtpm.mount_fixtures import vtpm_qcow
 from vtpm_qcow.errors import VmstateError
 from vtpm_qcow.state.blob import parse_blob
 from vtpm_qcow.state.store import Store
-from vtpm_qcow.vm.vmstate import read_tpm_vmstate
+from vtpm_qcow.vm.vmstate import find_tpm_section, read_tpm_vmstate, tpm_vmstate
 
 
 def test_orchestrated_save_permanent_is_the_vtpm_snapshots_permall(
@@ -59,6 +64,11 @@ def test_hmp_savevm_of_a_running_vm(images: tuple[Path, Path], tmp_path: Path) -
         vm = read_tpm_vmstate([str(disk)], "H1")
         assert vm.permanent == permall(image)
         assert snapshot_tags(image) == []  # nobody filed it on the vTPM side
+        done = verify("-U", "--disk", str(disk), str(image))
+        assert done.returncode == 1 and rows(done)["H1"][0] == "MISSING-VTPM"
+        vtpm_qcow("snapshot", "-c", "H1", str(image))  # filed now: the TPM stayed idle
+        done = verify("-U", "--disk", str(disk), str(image))
+        assert done.returncode == 0 and rows(done)["H1"][0] == "match", done.stdout
 
 
 def test_errors_name_the_file_and_the_reason(images: tuple[Path, Path], tmp_path: Path) -> None:
@@ -191,3 +201,117 @@ def test_cluster_sizes_extended_l2_resize_and_a_deleted_snapshot(
         assert read_tpm_vmstate([str(path)], "S1").permanent == active
     # All disks at once: the first holding S1 answers.
     assert read_tpm_vmstate([str(p) for p in paths.values()], "S1").disk == str(disk)
+
+
+def _set_vm_state_size(disk: Path, size: int) -> None:
+    """Rewrite both VM state size fields of the disk's first snapshot table entry."""
+    with disk.open("r+b") as f:
+        header = f.read(72)
+        (table,) = struct.unpack_from(">Q", header, 64)
+        f.seek(table + 32)
+        f.write(struct.pack(">I", size & 0xFFFFFFFF))
+        f.seek(table + 40)
+        f.write(struct.pack(">Q", size))
+
+
+def _patched(disk: Path, name: str, patch: Callable[[bytearray], None]) -> Path:
+    copy = disk.with_name(name)
+    data = bytearray(disk.read_bytes())
+    patch(data)
+    copy.write_bytes(data)
+    return copy
+
+
+def test_hostile_vm_states_are_one_line_errors(images: tuple[Path, Path], tmp_path: Path) -> None:
+    image, disk = images
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        s.vm("save", "T1")
+    good = read_tpm_vmstate([str(disk)], "T1")
+    with qcow2.open(str(disk)) as qimage:
+        view = qimage.snapshot("T1", name_only=True)
+        size = view.vm_state_size
+        stream = view.read_vmstate(0, size)
+    # The snapshot table lies about the size: shorter, longer, tiny, absurd.
+    for wrong in (size - 1000, size + 4096, 5, 1 << 40):
+        copy = _patched(disk, f"size-{wrong}.qcow2", lambda data: None)
+        _set_vm_state_size(copy, wrong)
+        with pytest.raises(VmstateError) as caught:
+            read_tpm_vmstate([str(copy)], "T1")
+        assert str(copy) in str(caught.value) and "\n" not in str(caught.value)
+        done = verify("--disk", str(copy), str(image))
+        assert done.returncode == 1 and rows(done)["T1"][0] == "UNREADABLE", done.stdout
+        assert "Traceback" not in done.stderr
+    # The section itself damaged where the description puts it.
+    marker = b"\x0ctpm-emulator"
+    at = disk.read_bytes().index(marker)
+
+    def wrong_type(data: bytearray) -> None:
+        data[at - 5] = 0x05
+
+    def huge_blob(data: bytearray) -> None:
+        data[at + len(marker) + 12 : at + len(marker) + 16] = b"\xff\xff\xff\xf0"
+
+    for name, patch, reason in (
+        ("type.qcow2", wrong_type, "no section header"),
+        ("blob.qcow2", huge_blob, "overruns the section"),
+    ):
+        copy = _patched(disk, name, patch)
+        with pytest.raises(VmstateError, match=reason):
+            read_tpm_vmstate([str(copy)], "T1")
+    # Random damage to the stream's tail and cuts anywhere: a result or VmstateError.
+    rng = random.Random(15)
+    tail = max(0, len(stream) - 65536)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(300):
+        data = bytearray(stream)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randrange(1, 8)):
+                data[rng.randrange(tail, len(data))] = rng.randrange(256)
+        blob = bytes(data)
+        try:
+            section = find_tpm_section(
+                lambda offset, length, b=blob: b[offset : offset + length], len(blob), source="x"
+            )
+        except VmstateError:
+            outcomes["error"] += 1
+        else:
+            outcomes["ok"] += 1
+            tpm_vmstate("T1", "x", section)  # decodes, or VmstateError (not caught: fails)
+    assert outcomes["error"] > 50 and outcomes["ok"] > 0, outcomes
+    assert read_tpm_vmstate([str(disk)], "T1") == good  # the original is untouched
+
+
+def test_no_description_and_no_tpm_are_refused_with_the_reason(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, disk = images
+    with stack(tmp_path / "run", image, disk, extra=["-machine", "suppress-vmdesc=on"]) as s:
+        state_a(s.tpm)
+        s.vm("save", "T1")
+    with pytest.raises(VmstateError, match="suppress-vmdesc=on"):
+        read_tpm_vmstate([str(disk)], "T1")
+    done = verify("--disk", str(disk), str(image))
+    assert done.returncode == 1 and rows(done)["T1"][0] == "UNREADABLE"
+    assert "suppress-vmdesc" in done.stdout
+    plain = create_disk(tmp_path / "plain.qcow2")
+    with qemu_with_disk(tmp_path, plain) as qmp:  # a VM without a TPM
+        assert hmp(qmp, "savevm N1", "quit")[0] == ""
+    with pytest.raises(VmstateError, match="no tpm-emulator section"):
+        read_tpm_vmstate([str(plain)], "N1")
+
+
+def test_machine_type_without_section_footers(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """Machine types before 2.4 write no section footers: the walk is retried without."""
+    image, disk = images
+    with stack(tmp_path / "run", image, disk, extra=["-machine", "pc-i440fx-2.3"]) as s:
+        state_a(s.tpm)
+        s.vm("save", "T1")
+    assert read_tpm_vmstate([str(disk)], "T1").permanent == permall(image, "T1")
+    with qcow2.open(str(disk)) as qimage:
+        view = qimage.snapshot("T1", name_only=True)
+        section = find_tpm_section(view.read_vmstate, view.vm_state_size, source="x")
+    assert section.footer is False
+    assert verify("--disk", str(disk), str(image)).returncode == 0

@@ -269,8 +269,8 @@ def _find_description(read: Reader, size: int, source: str) -> tuple[int, dict[s
             break
         if length >= min(size, MAX_TAIL):
             raise VmstateError(
-                "the VM state has no JSON device description (saved with "
-                "suppress-vmdesc=on?): the TPM section cannot be located",
+                "no JSON device description at the end of the VM state (saved with "
+                "suppress-vmdesc=on, or truncated): the TPM section cannot be located",
                 path=source,
             )
         length = min(size, length * 4, MAX_TAIL)
