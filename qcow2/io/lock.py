@@ -120,3 +120,15 @@ def lock_image(fd: int, path: str, *, writable: bool) -> None:
         acquire(fd, path, perms=WRITER_PERMS, shared=WRITER_SHARED)
     else:
         acquire(fd, path, perms=READER_PERMS, shared=READER_SHARED)
+
+
+def writer_would_lock(fd: int, path: str) -> bool:
+    """Whether a QEMU writer (``qemu-img snapshot``, ``qemu-system``) opening ``path`` now
+    would get its locks: tried on ``fd`` (an open file description of ``path``), then
+    released again."""
+    try:
+        acquire(fd, path, perms=WRITER_PERMS, shared=WRITER_SHARED)
+    except ImageLockedError:
+        return False
+    release(fd)
+    return True

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 PROG: Final = "vtpm-qcow"
 _SIZE_RE: Final = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
 _UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: Seconds between two looks at an image lock (vtpm-qcow wait).
+WAIT_POLL_INTERVAL: Final = 0.01
 
 #: A subcommand: ``set_defaults(func=...)``, called with the parsed arguments (plus
 #: ``args.extra``, the options passed through to swtpm_setup), returns the exit status.
@@ -410,6 +412,26 @@ def _open_for_check(args: argparse.Namespace) -> Store:
         ) from err
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait until no process holds IMAGE for writing (qemu-img may then open it)."""
+    import time
+
+    from qcow2.io.lock import writer_would_lock
+
+    deadline = time.monotonic() + args.timeout
+    with open(args.image, "rb") as f:
+        while not writer_would_lock(f.fileno(), args.image):
+            if time.monotonic() >= deadline:
+                print(
+                    f"{PROG}: {args.image}: still in use after {args.timeout:g}s "
+                    "(a mount daemon, swtpm or QEMU holds its write lock)",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(WAIT_POLL_INTERVAL)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Check the image and its current state; with --repair, restore a loadable one."""
     from ..state import checkup
@@ -442,6 +464,9 @@ EXAMPLES: Final = {
     "setup": """examples:
   vtpm-qcow setup --create vm1-tpm.qcow2 --create-ek-cert --create-platform-cert
   vtpm-qcow setup --overwrite vm1-tpm.qcow2 --pcr-banks sha256""",
+    "wait": """examples:
+  virsh destroy vm1; vtpm-qcow wait vm1-tpm.qcow2 && qemu-img snapshot -l vm1-tpm.qcow2
+  vtpm-qcow wait --timeout 5 vm1-tpm.qcow2 || echo "still in use\"""",
     "snapshot": """examples:
   vtpm-qcow snapshot -l vm1-tpm.qcow2                 # also while swtpm runs on it
   vtpm-qcow snapshot -c before-update vm1-tpm.qcow2   # via the mount daemon if mounted
@@ -747,6 +772,26 @@ def build_parser() -> argparse.ArgumentParser:
     assert isinstance(p, _Parser)
     p.usage_status = 1  # exit 2 means "state not loadable" here
     p.set_defaults(usage_status=1)
+
+    p = _command(
+        sub,
+        cmd_wait,
+        "wait",
+        help="wait until IMAGE is released (no daemon, swtpm or QEMU writes it)",
+        description="Wait until no process holds IMAGE's write lock, so that qemu-img, a "
+        "backup job or the next 'vtpm-qcow serve' can open it: a 'serve' daemon releases "
+        "the image within tens of milliseconds of QEMU quitting, but a script that runs "
+        "qemu-img right after stopping a VM should not race it.  Exit 0 once released, 1 "
+        "after --timeout.",
+    )
+    _image_arg(p)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up after this long (default 30)",
+    )
 
     p = _command(
         sub,
