@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,3 +166,31 @@ def test_disk_only_snapshot_has_no_vm_state(tmp_path: Path) -> None:
         assert view.vm_state_size == 0
         with pytest.raises(qcow2.NoVmStateError, match=r"disk.qcow2: snapshot 'cold' \(ID 1\)"):
             view.read_vmstate(0, 8)
+
+
+def test_vm_state_of_an_encrypted_image_needs_its_key(tmp_path: Path) -> None:
+    """QEMU 7.2 aborts a savevm onto a LUKS qcow2, so the VM state size of a qemu-img
+    snapshot is set by hand: the VM state goes through the encrypted data path."""
+    from tests.qcow2.test_luks import _OBJECT, SECRET, _image_opts, q_create
+
+    disk = tmp_path / "luks.qcow2"
+    q_create(disk, 4 * MiB)
+    oracle.qemu_img("snapshot", *_OBJECT, "--image-opts", "-c", "S1", _image_opts(disk))
+    set_vm_state_size(disk, 65536)
+    with qcow2.open(str(disk)) as image:
+        view = image.snapshot("S1", name_only=True)
+        with pytest.raises(qcow2.EncryptionKeyError, match="'S1': the VM state is encrypted"):
+            view.read_vmstate(0, 512)
+    with qcow2.open(str(disk), key_secret=SECRET) as image:
+        view = image.snapshot("S1", name_only=True)
+        assert view.read_vmstate(0, 512) == bytes(512)  # never written: zeros
+
+
+def set_vm_state_size(disk: Path, size: int) -> None:
+    """Rewrite both VM state size fields of the first snapshot table entry of ``disk``."""
+    with disk.open("r+b") as f:
+        (table,) = struct.unpack(">Q", f.read(72)[64:72])
+        f.seek(table + 32)
+        f.write(struct.pack(">I", size & 0xFFFFFFFF))
+        f.seek(table + 40)
+        f.write(struct.pack(">Q", size))

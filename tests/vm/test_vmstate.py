@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import pytest
 
 import qcow2
 from tests.helpers import need
-from tests.qcow2.test_snapshots_vmstate import hmp, qemu_with_disk
+from tests.qcow2.test_snapshots_vmstate import hmp, qemu_with_disk, set_vm_state_size
 from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, qmp_job, run_tool
 from tests.vm.scenario import permall, snapshot_tags, stack, state_a, state_b
 from tests.vtpm.mount_fixtures import vtpm_qcow
@@ -203,17 +202,6 @@ def test_cluster_sizes_extended_l2_resize_and_a_deleted_snapshot(
     assert read_tpm_vmstate([str(p) for p in paths.values()], "S1").disk == str(disk)
 
 
-def _set_vm_state_size(disk: Path, size: int) -> None:
-    """Rewrite both VM state size fields of the disk's first snapshot table entry."""
-    with disk.open("r+b") as f:
-        header = f.read(72)
-        (table,) = struct.unpack_from(">Q", header, 64)
-        f.seek(table + 32)
-        f.write(struct.pack(">I", size & 0xFFFFFFFF))
-        f.seek(table + 40)
-        f.write(struct.pack(">Q", size))
-
-
 def _patched(disk: Path, name: str, patch: Callable[[bytearray], None]) -> Path:
     copy = disk.with_name(name)
     data = bytearray(disk.read_bytes())
@@ -235,7 +223,7 @@ def test_hostile_vm_states_are_one_line_errors(images: tuple[Path, Path], tmp_pa
     # The snapshot table lies about the size: shorter, longer, tiny, absurd.
     for wrong in (size - 1000, size + 4096, 5, 1 << 40):
         copy = _patched(disk, f"size-{wrong}.qcow2", lambda data: None)
-        _set_vm_state_size(copy, wrong)
+        set_vm_state_size(copy, wrong)
         with pytest.raises(VmstateError) as caught:
             read_tpm_vmstate([str(copy)], "T1")
         assert str(copy) in str(caught.value) and "\n" not in str(caught.value)
@@ -301,6 +289,17 @@ def test_no_description_and_no_tpm_are_refused_with_the_reason(
         assert hmp(qmp, "savevm N1", "quit")[0] == ""
     with pytest.raises(VmstateError, match="no tpm-emulator section"):
         read_tpm_vmstate([str(plain)], "N1")
+
+
+def test_an_encrypted_disk_is_refused(tmp_path: Path) -> None:
+    from tests.qcow2.test_luks import _OBJECT, _image_opts, q_create
+
+    disk = tmp_path / "luks.qcow2"
+    q_create(disk, 4 * 1024 * 1024)
+    run_tool(need("qemu-img"), "snapshot", *_OBJECT, "--image-opts", "-c", "S1", _image_opts(disk))
+    set_vm_state_size(disk, 65536)  # QEMU 7.2 aborts a savevm onto a LUKS qcow2
+    with pytest.raises(VmstateError, match=r"luks.qcow2: snapshot 'S1': the disk is encrypted"):
+        read_tpm_vmstate([str(disk)], "S1")
 
 
 def test_machine_type_without_section_footers(images: tuple[Path, Path], tmp_path: Path) -> None:
