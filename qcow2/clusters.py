@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import struct
 
-from .errors import EncryptionKeyError, Qcow2Error, UnsupportedFeatureError, signal_corruption
+from .errors import (
+    EncryptionKeyError,
+    Qcow2Error,
+    UnsupportedFeatureError,
+    c_hex,
+    signal_corruption,
+)
 from .format import layout
 from .format.header import write_header_fields
 from .format.layout import ClusterType, SubclusterType, subcluster_range_bits
@@ -85,6 +91,9 @@ class ClusterMap:
         #: Called with (offset, length) before data or a new table is written to the
         #: host file; raises CorruptImageError if that would hit live metadata.
         self.overlap_check: Callable[[int, int], None] | None = None
+        #: Told about non-fatal corruption events (QEMU's ``qcow2_signal_corruption``
+        #: with fatal=false): the request goes on.
+        self.nonfatal_corruption: Callable[[str], None] | None = None
         self.accurate_refcounts = True
         #: Data clusters are encrypted (LUKS); ``cipher`` is None while no key was given.
         self.encrypted = header.crypt_method != layout.CRYPT_NONE
@@ -132,13 +141,6 @@ class ClusterMap:
         if self.extended:
             return entry, int.from_bytes(table[pos + 8 : pos + 16], "big")
         return entry, 0
-
-    def checked_entry(self, table: bytearray, index: int, l2_offset: int) -> tuple[int, int]:
-        """:meth:`get_entry` refusing what QEMU treats as fatal corruption before a
-        change: the zero flag in a v2 image, unaligned data cluster offsets."""
-        entry, bitmap = self.get_entry(table, index)
-        self.decoder.check(entry, bitmap, l2_offset, index, bitmap_checked=False)
-        return entry, bitmap
 
     def set_entry(self, table: bytearray, index: int, entry: int, bitmap: int = 0) -> None:
         """Store an L2 entry (and bitmap with extended L2) into a cached table."""
@@ -335,7 +337,16 @@ class ClusterMap:
     # Section: freeing
 
     def free_any_cluster(self, entry: int) -> None:
-        """Drop the reference an L2 entry held (QEMU's ``qcow2_free_any_cluster``)."""
+        """Drop the reference an L2 entry held (QEMU's ``qcow2_free_any_cluster``).  An
+        unaligned cluster is not freed: a non-fatal corruption event, as in QEMU."""
+        host = entry & layout.L2E_OFFSET_MASK
+        if (
+            self.decoder.cluster_type(entry) in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+            and host % self.cluster_size
+        ):
+            if self.nonfatal_corruption is not None:
+                self.nonfatal_corruption(f"Cannot free unaligned cluster {host:#x}")
+            return
         for offset, length in self.decoder.host_ranges(entry):
             self.refcounts.free(offset, length)
 
@@ -358,12 +369,11 @@ class ClusterMap:
         cur = offset
         while cur < end:
             l1_index = cur // cs // self.l2_entries
-            l2_offset, table = self.l2_for_write(l1_index)
             first = cur // cs
             last = min((end - 1) // cs, (l1_index + 1) * self.l2_entries - 1)
+            self._check_write(l1_index, first, last, offset, end)
+            l2_offset, table = self.l2_for_write(l1_index)
             cluster = first
-            for index in range(first % self.l2_entries, last % self.l2_entries + 1):
-                self.checked_entry(table, index, l2_offset)
             while cluster <= last:
                 entry, bitmap = self.get_entry(table, cluster % self.l2_entries)
                 if self._in_place(entry):
@@ -380,6 +390,37 @@ class ClusterMap:
                 self._write_new(cluster, run_end, l2_offset, table, offset, view, guest_read)
                 cluster = run_end + 1
             cur = (last + 1) * cs
+
+    def _check_write(self, l1_index: int, first: int, last: int, offset: int, end: int) -> None:
+        """What QEMU finds wrong with the entries of clusters ``first..last`` (one L2
+        table) when it writes guest ``[offset, end)``, signaled before anything changes:
+        the zero flag in a v2 image; an unaligned cluster written in place (``Data
+        cluster offset ...``, ``Preallocated zero cluster offset ...``); an unaligned
+        cluster a partial write copies from (what the copy's read finds).  An unaligned
+        cluster overwritten whole is only leaked (a non-fatal event when it is freed)."""
+        l2_offset = self.l2_offset(l1_index)
+        if not l2_offset:
+            return
+        table = self.l2_table(l2_offset)
+        cs = self.cluster_size
+        for cluster in range(first, last + 1):
+            index = cluster % self.l2_entries
+            entry, bitmap = self.get_entry(table, index)
+            host = entry & layout.L2E_OFFSET_MASK
+            if entry & layout.OFLAG_ZERO and self.header.version < 3:
+                self.decoder.check(entry, bitmap, l2_offset, index, bitmap_checked=False)
+            if self._in_place(entry):
+                if host % cs:
+                    kind = "Preallocated zero" if entry & layout.OFLAG_ZERO else "Data"
+                    guest = max(offset, cluster * cs)
+                    where = f"(guest offset: {c_hex(guest)})"
+                    signal_corruption(
+                        f"{kind} cluster offset {host:#x} unaligned {where}",
+                        path=self._path(),
+                        offset=host,
+                    )
+            elif cluster * cs < offset or (cluster + 1) * cs > end:
+                self.decoder.check(entry, bitmap, l2_offset, index)
 
     def _write_in_place(
         self,
@@ -520,11 +561,7 @@ class ClusterMap:
             l1_index, index = divmod(cluster, self.l2_entries)
             seg_end = min(end, (cluster + 1) * cs)
             l2_offset = self.l2_offset(l1_index)
-            entry, bitmap = (
-                self.checked_entry(self.l2_table(l2_offset), index, l2_offset)
-                if l2_offset
-                else (0, 0)
-            )
+            entry, bitmap = self.get_entry(self.l2_table(l2_offset), index) if l2_offset else (0, 0)
             new_entry, new_bitmap = decide(
                 entry, bitmap, cur - cluster * cs, seg_end - cluster * cs
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import zlib
 
 from .errors import (
+    CorruptImageError,
     InvalidImageError,
     Qcow2IOError,
     ReadOnlyError,
@@ -43,9 +44,12 @@ def decompress(
         else:
             raise UnsupportedFeatureError(f"unknown compression type: {compression_type}")
     except (zlib.error, zstandard.ZstdError) as err:
-        signal_corruption(f"compressed cluster {where} does not decompress: {err}", path=path)
+        # an I/O error for QEMU, not a corruption event: the image is not marked
+        raise CorruptImageError(
+            f"compressed cluster {where} does not decompress: {err}", path=path
+        ) from err
     if len(out) != cluster_size:
-        signal_corruption(
+        raise CorruptImageError(
             f"compressed cluster {where} decompresses to {len(out)} bytes, not {cluster_size}",
             path=path,
         )

@@ -38,6 +38,7 @@ import errno as _errno
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 
@@ -74,9 +75,15 @@ class InvalidImageError(Qcow2Error):
 
 
 class CorruptImageError(InvalidImageError):
-    """Metadata is inconsistent.  ``offset``/``size`` locate the offending structure."""
+    """Metadata is inconsistent.  ``offset``/``size`` locate the offending structure.
+
+    :ivar signaled: True for an inconsistency found while the image is in use (raised by
+        :func:`signal_corruption`): the image then reacts as QEMU does (corrupt bit, no
+        further writes); False for a refusal while opening.
+    """
 
     errno = _errno.EIO
+    signaled = False
 
     def __init__(
         self,
@@ -227,12 +234,55 @@ def signal_corruption(
 
     QEMU's ``qcow2_signal_corruption(fatal=true)``, and the only place the driver raises
     :class:`CorruptImageError` for what it finds in use (an unaligned table or cluster
-    offset, an invalid L2 entry, a write that would hit metadata, ...).  ``Image`` then
-    stops accepting writes and drops its unwritten metadata.  Setting the image's corrupt
-    bit on disk, as QEMU does on a writable image, belongs here too (not done yet).
+    offset, an invalid L2 entry, a write that would hit metadata, ...).  The request
+    fails; ``Image`` reports the event once (:func:`corruption_line`, through
+    :func:`report_corruption`), sets the corrupt bit on disk when the image is writable
+    (version 3; a version 2 image has no field for it), and stops accepting writes.
     Validation while opening an image raises its own errors, as QEMU's open does.
     """
-    raise CorruptImageError(message, path=path, offset=offset, size=size)
+    err = CorruptImageError(message, path=path, offset=offset, size=size)
+    err.signaled = True
+    raise err
+
+
+def corruption_line(message: str, *, fatal: bool) -> str:
+    """QEMU 7.2's stderr line for a corruption event (``qcow2_signal_corruption``)."""
+    if fatal:
+        return (
+            f"qcow2: Marking image as corrupt: {message}; further corruption events will be "
+            "suppressed"
+        )
+    return (
+        f"qcow2: Image is corrupt: {message}; further non-fatal corruption events will be "
+        "suppressed"
+    )
+
+
+#: Where corruption events go (see :func:`set_corruption_reporter`); None: the
+#: ``qcow2`` logger at WARNING level.
+_reporter: Callable[[str, str | None], None] | None = None
+
+
+def set_corruption_reporter(
+    reporter: Callable[[str, str | None], None] | None,
+) -> Callable[[str, str | None], None] | None:
+    """Send corruption events to ``reporter(line, path)`` (None: the ``qcow2`` logger);
+    returns the previous reporter.  The ``qcow2`` command prints the line on stderr, as
+    QEMU does."""
+    global _reporter
+    previous, _reporter = _reporter, reporter
+    return previous
+
+
+def report_corruption(line: str, path: str | None) -> None:
+    """Hand one corruption event (QEMU's stderr ``line``, about image ``path``) to the
+    reporter."""
+    if _reporter is not None:
+        _reporter(line, path)
+        return
+    import logging
+
+    logging.getLogger("qcow2").warning("%s", line)
 
 
 def c_hex(value: int) -> str:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import struct
 
+from . import overlap
 from .errors import (
     BackingChainError,
     BackingOpenError,
@@ -41,7 +43,7 @@ from .io.lock import lock_image
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import TracebackType
     from typing import TypeAlias
 
@@ -96,7 +98,9 @@ def backing_path(image_path: str, name: str) -> str:
 
 
 class _GuestDataChange:
-    """The context of :meth:`Image._mutating` (a class: ``contextlib`` costs start-up)."""
+    """The context of :meth:`Image._mutating` and of every metadata change: a corruption
+    found inside is signaled (QEMU's ``qcow2_signal_corruption``) and stops the image
+    (a class: ``contextlib`` costs start-up)."""
 
     __slots__ = ("image",)
 
@@ -113,6 +117,8 @@ class _GuestDataChange:
         tb: TracebackType | None,
     ) -> None:
         if isinstance(exc, CorruptImageError):
+            if exc.signaled:
+                self.image._signal_corruption(exc.message, fatal=True)
             self.image._stop_after_corruption(exc)
 
 
@@ -138,6 +144,7 @@ class Image:
         *,
         force_share: bool,
         cipher: DataCipher | None = None,
+        overlap_checks: int = overlap.DEFAULT,
     ) -> None:
         self.file = f
         #: Data cluster cipher of an encrypted image (None: plain, or no key given).
@@ -151,6 +158,11 @@ class Image:
         self._closed = False
         #: Why the image stopped accepting writes (a corruption was detected), if it did.
         self._broken: str | None = None
+        #: A corruption event was reported (QEMU's ``signaled_corruption``).
+        self._signaled = False
+        #: The structures writes are checked against (:mod:`qcow2.overlap` flags: QEMU's
+        #: ``overlap-check`` option, "cached" by default).
+        self.overlap_checks = overlap_checks
         self._compressed_cache: tuple[int, bytes] | None = None
         self._load_metadata()
 
@@ -176,6 +188,7 @@ class Image:
             table = RefcountTable(self.file, self.header, self.refblock_cache)
             table.decrement_dependency = self.l2_cache
             table.freed_hook = self._cluster_freed
+            table.overlap_check = self._overlap_check
             self._refcounts = table
         return table
 
@@ -189,6 +202,7 @@ class Image:
             mapping = ClusterMap(self.file, self.header, self.refcounts, self.l2_cache)
             mapping.before_metadata_change = self._before_metadata_change
             mapping.overlap_check = self._overlap_check
+            mapping.nonfatal_corruption = self._nonfatal_corruption
             mapping.accurate_refcounts = not self.header.dirty
             mapping.cipher = self.cipher
             self._clusters = mapping
@@ -294,9 +308,44 @@ class Image:
         return _GuestDataChange(self)
 
     def _stop_after_corruption(self, err: CorruptImageError) -> None:
+        if not self.writable:
+            return  # nothing cached to drop, no write to refuse
         self._broken = err.message
         self.l2_cache.clear()
         self.refblock_cache.clear()
+
+    def _signal_corruption(self, message: str, *, fatal: bool) -> None:
+        """QEMU 7.2's ``qcow2_signal_corruption``: report the event once (a fatal one on a
+        writable image always, unless the corrupt bit is already set), and for a fatal
+        one on a writable image set the corrupt bit (on disk for version 3; a version 2
+        header has no field for it, QEMU's header rewrite leaves it unchanged), so that
+        later read-write opens are refused.  A fatal event on a read-only image is
+        reported as non-fatal.  The caller fails the request (fatal) or goes on."""
+        h = self.header
+        fatal = fatal and self.writable
+        if self._signaled and (not fatal or h.corrupt):
+            return
+        from .errors import corruption_line, report_corruption
+
+        report_corruption(corruption_line(message, fatal=fatal), self.path)
+        self._signaled = True
+        if fatal:
+            h.incompatible_features |= layout.INCOMPAT_CORRUPT
+            if h.version >= 3:
+                try:
+                    write_header_fields(self.file, incompatible_features=h.incompatible_features)
+                    self.file.flush()
+                except Qcow2Error:
+                    pass  # QEMU ignores a failure to mark the image, too
+
+    def _nonfatal_corruption(self, message: str) -> None:
+        self._signal_corruption(message, fatal=False)
+
+    def _read_guard(self, err: CorruptImageError) -> None:
+        """A read found a corruption: signal it (fatal on a writable image)."""
+        if err.signaled:
+            self._signal_corruption(err.message, fatal=True)
+            self._stop_after_corruption(err)
 
     def _guest_data_changes(self) -> None:
         """Called before guest data changes.  Persistent dirty bitmaps record guest
@@ -309,11 +358,22 @@ class Image:
             write_header_fields(self.file, autoclear_features=h.autoclear_features)
             self.file.flush()
 
-    def _overlap_check(self, offset: int, length: int) -> None:
-        """QEMU's metadata overlap check ("cached" mode, plus snapshot L1 tables): data or
-        a new table must not land on live metadata (possible only in a corrupt image)."""
+    def _overlap_check(self, offset: int, length: int, ignore: int = 0) -> None:
+        """QEMU's ``qcow2_pre_write_overlap_check``: a write of ``[offset, +length)``
+        (data, or a table of the kind ``ignore`` names: :mod:`qcow2.overlap` flags) must
+        not land on live metadata, which only a corrupt image makes possible.  Which
+        structures are checked is the ``overlap-check`` open option (QEMU's "cached" by
+        default: inactive L2 tables are not looked at), in QEMU's order; a hit is a fatal
+        corruption "Preventing invalid write on metadata (overlaps with ...)"."""
+        ol = overlap
+        chk = self.overlap_checks & ~ignore
+        if not length:
+            return
         h = self.header
         cs = h.cluster_size
+        what = 0
+        if chk & ol.MAIN_HEADER and offset < cs:
+            what = ol.MAIN_HEADER
         # The clusters the write touches, as a byte range [low, high) of whole clusters.
         low = offset // cs * cs
         high = ((offset + length - 1) // cs + 1) * cs
@@ -322,37 +382,61 @@ class Image:
             return size > 0 and start < high and low < start + size
 
         clusters = range(low, high, cs)
-        what = None
-        if hits(0, cs):
-            what = "qcow2_header"
-        elif hits(h.l1_table_offset, h.l1_size * layout.L1_ENTRY_SIZE):
-            what = "active L1 table"
-        elif hits(h.refcount_table_offset, h.refcount_table_clusters * cs):
-            what = "refcount table"
-        elif not self.refcounts.block_offsets.isdisjoint(clusters):
-            what = "refcount block"
-        elif not self.clusters.l2_offsets().isdisjoint(clusters):
-            what = "active L2 table"
-        elif h.crypto_header is not None and hits(*h.crypto_header):
+        snapshots = self.snapshot_entries
+        if what:
+            pass
+        elif chk & ol.ACTIVE_L1 and hits(h.l1_table_offset, h.l1_size * layout.L1_ENTRY_SIZE):
+            what = ol.ACTIVE_L1
+        elif chk & ol.REFCOUNT_TABLE and hits(
+            h.refcount_table_offset, h.refcount_table_clusters * cs
+        ):
+            what = ol.REFCOUNT_TABLE
+        elif chk & ol.SNAPSHOT_TABLE and snapshots and self._snapshot_table_hit(hits):
+            what = ol.SNAPSHOT_TABLE
+        elif chk & ol.INACTIVE_L1 and any(
+            hits(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE) for e in snapshots
+        ):
+            what = ol.INACTIVE_L1
+        elif chk & ol.ACTIVE_L2 and not self.clusters.l2_offsets().isdisjoint(clusters):
+            what = ol.ACTIVE_L2
+        elif chk & ol.REFCOUNT_BLOCK and not self.refcounts.block_offsets.isdisjoint(clusters):
+            what = ol.REFCOUNT_BLOCK
+        elif chk & ol.INACTIVE_L2 and snapshots and self._inactive_l2_hit(hits):
+            what = ol.INACTIVE_L2
+        elif (
+            chk & ol.BITMAP_DIRECTORY
+            and h.autoclear_features & layout.AUTOCLEAR_BITMAPS
+            and h.bitmaps_extension is not None
+            and hits(h.bitmaps_extension[2], h.bitmaps_extension[1])
+        ):
+            what = ol.BITMAP_DIRECTORY
+        name = ol.NAMES.get(what)
+        if name is None and h.crypto_header is not None and hits(*h.crypto_header):
             # not in QEMU's list: losing the LUKS key slots would lose all data
-            what = "crypto header"
-        elif self.snapshot_entries:
-            from .format.snapshot_table import table_length
-
-            if hits(h.snapshots_offset, table_length(self.snapshot_entries)):
-                what = "snapshot table"
-            elif any(
-                hits(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE)
-                for e in self.snapshot_entries
-            ):
-                what = "inactive L1 table"
-        if what is not None:
+            name = "crypto header"
+        if name is not None:
             signal_corruption(
-                f"Preventing invalid write on metadata (overlaps with {what}) at {offset:#x}",
+                f"Preventing invalid write on metadata (overlaps with {name})",
                 path=self.path,
                 offset=offset,
                 size=length,
             )
+
+    def _snapshot_table_hit(self, hits: Callable[[int, int], bool]) -> bool:
+        from .format.snapshot_table import table_length
+
+        return hits(self.header.snapshots_offset, table_length(self.snapshot_entries))
+
+    def _inactive_l2_hit(self, hits: Callable[[int, int], bool]) -> bool:
+        """The ``all`` mode's disk reads: the L2 tables the snapshots' L1 tables name."""
+        cs = self.header.cluster_size
+        for e in self.snapshot_entries:
+            raw = self.file.pread(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE)
+            for (entry,) in struct.iter_unpack(">Q", raw[: len(raw) // 8 * 8]):
+                l2 = entry & layout.L1E_OFFSET_MASK
+                if l2 and hits(l2, cs):
+                    return True
+        return False
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.header.size:
@@ -379,17 +463,25 @@ class Image:
         """``length`` guest bytes at ``offset`` (backing file and zeros included)."""
         self._check_io()
         self._check_range(offset, length)
-        runs = self.clusters.map_range(offset, length)
-        if len(runs) == 1 and runs[0][2] == SubclusterType.NORMAL:
-            host = runs[0][3]
-            assert host is not None
-            return self.clusters.read_data(host, length, offset)  # one read
-        return bytes(self._read_runs(offset, length, runs))
+        try:
+            runs = self.clusters.map_range(offset, length)
+            if len(runs) == 1 and runs[0][2] == SubclusterType.NORMAL:
+                host = runs[0][3]
+                assert host is not None
+                return self.clusters.read_data(host, length, offset)  # one read
+            return bytes(self._read_runs(offset, length, runs))
+        except CorruptImageError as err:
+            self._read_guard(err)
+            raise
 
     def read_with_l1(self, l1: list[int], offset: int, length: int) -> bytes:
         """Guest bytes as seen through another L1 table (snapshot views)."""
         self._check_io()
-        return bytes(self._read_guest(offset, length, l1))
+        try:
+            return bytes(self._read_guest(offset, length, l1))
+        except CorruptImageError as err:
+            self._read_guard(err)
+            raise
 
     def _read_guest(self, offset: int, length: int, l1: list[int] | None = None) -> bytearray:
         return self._read_runs(offset, length, self.clusters.map_range(offset, length, l1))
@@ -661,7 +753,8 @@ class Image:
             self._check_range(offset, len(data))
         self._before_metadata_rewrite()
         try:
-            return create_snapshot(self, name, replace=replace, content=content)
+            with _GuestDataChange(self):
+                return create_snapshot(self, name, replace=replace, content=content)
         finally:
             self._after_metadata_rewrite()
 
@@ -676,7 +769,8 @@ class Image:
             raise SnapshotError("Device has active dirty bitmaps", path=self.path)
         self._before_metadata_rewrite()
         try:
-            return apply_snapshot(self, name, name_only=name_only)
+            with _GuestDataChange(self):
+                return apply_snapshot(self, name, name_only=name_only)
         finally:
             self._after_metadata_rewrite()
 
@@ -688,7 +782,8 @@ class Image:
         self._check_writable()
         self._before_metadata_rewrite()
         try:
-            return delete_snapshot(self, name, name_only=name_only)
+            with _GuestDataChange(self):
+                return delete_snapshot(self, name, name_only=name_only)
         finally:
             self._after_metadata_rewrite()
 
@@ -722,7 +817,8 @@ class Image:
             self._check_range(offset, len(data))
         self._compressed_cache = None
         self._guest_data_changes()
-        commit_atomically(self, writes)
+        with _GuestDataChange(self):
+            commit_atomically(self, writes)
 
     def check(self, repair: str | None = None) -> CheckResult:
         """``qemu-img check [-r leaks|all]``."""

@@ -36,6 +36,13 @@ def _err(message: str) -> None:
     sys.stderr.write(f"{PROG}: {message}\n")
 
 
+def _print_corruption(line: str, path: str | None) -> None:
+    """The corruption reporter of the command: QEMU's line on stderr."""
+    del path
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _open_error(path: str, err: BaseException) -> CommandError:
     """qemu-img's "Could not open 'PATH': REASON" for an open failure."""
     from ..errors import ImageLockedError, Qcow2Error
@@ -286,8 +293,10 @@ def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
 
 
 def _snapshot_reason(verb: str, err: BaseException) -> str:
-    from ..errors import SnapshotNotFoundError
+    from ..errors import CorruptImageError, SnapshotNotFoundError
 
+    if isinstance(err, CorruptImageError) and err.signaled:
+        return "-5 (Input/output error)"  # QEMU's -EIO after the corruption line
     if isinstance(err, SnapshotNotFoundError):
         return {
             "apply": "Failed to load snapshot: No such file or directory",
@@ -999,6 +1008,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reconfigure is not None:
             reconfigure(errors="surrogateescape")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from ..errors import set_corruption_reporter
+
+    # QEMU prints corruption events on stderr as they happen.
+    set_corruption_reporter(_print_corruption)
     if (
         argv[:1] == ["resize"]
         and len(argv) >= 3

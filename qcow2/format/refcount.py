@@ -15,6 +15,9 @@ from ..io.fileio import HostFile, fault_point
 from . import layout
 from .header import Header, write_header_fields
 
+#: qcow2.overlap.REFCOUNT_BLOCK (a new refcount block is no overlap with refcount blocks)
+_OL_REFCOUNT_BLOCK = 1 << 4
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, KeysView, Sequence
@@ -81,6 +84,9 @@ class RefcountTable:
         self.max_refcount = (1 << self.bits) - 1
         self.entries_per_block = header.refblock_entries
         self.freed_hook: Callable[[int], None] | None = None
+        #: Called with (offset, length, ignore) before a new refcount structure is written
+        #: (the image's metadata overlap check; ``ignore``: qcow2.overlap flags).
+        self.overlap_check: Callable[[int, int, int], None] | None = None
         #: The cache holding the references (L2 tables): written before decrements.
         self.decrement_dependency: TableCache | None = None
         #: Lowest cluster index that may be free (QEMU's ``free_cluster_index``).
@@ -291,6 +297,13 @@ class RefcountTable:
         if home == index:
             write_refcount(block, cluster % self.entries_per_block, self.bits, 1)
         offset = cluster * self.cluster_size
+        if offset == 0:
+            signal_corruption(
+                "Preventing invalid allocation of refcount block at offset 0",
+                path=self.file.path,
+            )
+        if self.overlap_check is not None:
+            self.overlap_check(offset, self.cluster_size, _OL_REFCOUNT_BLOCK)
         fault_point("refblock_alloc.write")
         self.file.pwrite(offset, bytes(block))
         self.cache.put(offset, block, dirty=False)
@@ -336,6 +349,8 @@ class RefcountTable:
         for k, index in enumerate(needed):
             new_table[index] = (area + k) * cs
         table_offset = (area + nblocks) * cs
+        if self.overlap_check is not None:
+            self.overlap_check(area * cs, (nblocks + nclusters) * cs, 0)
         fault_point("refblock_alloc.write_blocks")
         self.file.pwrite(area * cs, b"".join(bytes(blocks[i]) for i in needed))
         fault_point("refblock_alloc.write_table")

@@ -416,13 +416,18 @@ def test_corrupt_metadata_raises_typed_error_without_writing(tmp_path: Path, cas
             coffset = entry & layout.compressed_offset_mask(16)
             data[coffset : coffset + 64] = b"\xff" * 64
     path.write_bytes(bytes(data))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    before = path.read_bytes()
     with qcow2.open(str(path), writable=True) as image:
         with pytest.raises(qcow2.CorruptImageError):
             image.read(0, 65536)
         with pytest.raises(qcow2.CorruptImageError):
             image.write(0, b"x" * 100)
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    if case in ("l2_unaligned", "data_unaligned"):
+        # QEMU marks a v3 image corrupt (incompatible bit 1), and changes nothing else
+        marked = bytearray(before)
+        marked[layout.field_offset("incompatible_features") + 7] |= layout.INCOMPAT_CORRUPT
+        before = bytes(marked)
+    assert path.read_bytes() == before
 
 
 def read_header_offset(path: Path) -> int:
@@ -513,11 +518,12 @@ def test_writes_never_land_on_metadata(tmp_path: Path, target: str) -> None:
         }[target]
         struct.pack_into(">Q", data, l2, host | layout.OFLAG_COPIED)
     path.write_bytes(bytes(data))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     with qcow2.open(str(path), writable=True) as image:
         offset = 0 if target != "freed_l1" else 4 * 65536  # an unallocated cluster
         with pytest.raises(qcow2.CorruptImageError, match="Preventing invalid write on metadata"):
             image.write(offset, b"evil" * 100)
         with pytest.raises(qcow2.CorruptImageError, match="unusable"):
             image.write(MiB - 512, b"more")
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    # nothing changed but the corrupt bit QEMU sets
+    data[layout.field_offset("incompatible_features") + 7] |= layout.INCOMPAT_CORRUPT
+    assert path.read_bytes() == bytes(data)

@@ -1,0 +1,130 @@
+"""Damaged images rebuilt from the qemu-iotests' corruption scenarios (060, 080, ...).
+
+Each :class:`Case` makes its image with ``qemu-img create`` and ``qemu-io`` writes, then
+patches metadata with ``struct`` as the iotests' ``poke_file`` does, and names one request
+to make on it: the same request is run through ``qemu-io`` (the oracle) and through the
+library, on identical copies.  Layout of every base image (64 KiB clusters, 1 MiB disk,
+``write -P 7 0 64k``): header 0, reftable 0x10000, refblock 0x20000, L1 0x30000, L2
+0x40000, data 0x50000.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.qcow2 import oracle
+
+KiB = 1024
+CS = 64 * KiB
+REFTABLE, REFBLOCK, L1, L2, DATA = 0x10000, 0x20000, 0x30000, 0x40000, 0x50000
+COPIED = 1 << 63
+ZERO = 1
+
+
+def poke(path: Path, offset: int, fmt: str, value: int) -> None:
+    """iotests' ``poke_file``: one big-endian value at ``offset``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">" + fmt, value))
+
+
+def peek(path: Path, offset: int, fmt: str = "Q") -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        value: int = struct.unpack(">" + fmt, f.read(struct.calcsize(fmt)))[0]
+        return value
+
+
+@dataclass(frozen=True)
+class Case:
+    """A damaged image and one request on it.
+
+    ``op`` is a qemu-io command (``read``/``write``/``write -z``/``write -z -u``/
+    ``discard`` with offset and length); ``compat`` the image version; ``damage`` patches
+    the base image; ``setup`` are qemu-io commands run before the damage; ``opts`` are
+    qcow2 open options (``overlap-check`` ...).
+    """
+
+    name: str
+    damage: Callable[[Path], None]
+    op: str
+    compat: str = "1.1"
+    setup: tuple[str, ...] = ("write -P 7 0 64k",)
+    snapshot: bool = False
+    opts: dict[str, str] = field(default_factory=dict)
+
+    def build(self, path: Path) -> Path:
+        oracle.create(path, 1024 * KiB, compat=self.compat)
+        if self.setup:
+            oracle.qemu_io(path, *self.setup)
+        if self.snapshot:
+            oracle.qemu_img("snapshot", "-c", "snap", os.fspath(path))
+        self.damage(path)
+        return path
+
+
+def _l1(value: int) -> Callable[[Path], None]:
+    return lambda p: poke(p, L1, "Q", value)
+
+
+def _l2(value: int, index: int = 0) -> Callable[[Path], None]:
+    return lambda p: poke(p, L2 + 8 * index, "Q", value)
+
+
+def _refcount(cluster: int, value: int) -> Callable[[Path], None]:
+    return lambda p: poke(p, REFBLOCK + 2 * cluster, "H", value)
+
+
+def _reftable(value: int) -> Callable[[Path], None]:
+    return lambda p: poke(p, REFTABLE, "Q", value)
+
+
+def _zero_refblock(p: Path) -> None:
+    with open(p, "r+b") as f:
+        f.seek(REFBLOCK)
+        f.write(bytes(CS))
+
+
+CASES = [
+    # 060 "unaligned L2 table": fatal on any access of a writable image
+    Case("l2_unaligned_read", _l1(COPIED | L2 + 0x200), "read 0 4k"),
+    Case("l2_unaligned_write", _l1(COPIED | L2 + 0x200), "write 0 4k"),
+    Case("l2_unaligned_read_v2", _l1(COPIED | L2 + 0x200), "read 0 4k", compat="0.10"),
+    Case("l2_unaligned_write_v2", _l1(COPIED | L2 + 0x200), "write 0 4k", compat="0.10"),
+    # 060 "unaligned L2 entry"
+    Case("data_unaligned_read", _l2(COPIED | DATA + 0x200), "read 0 4k"),
+    Case("data_unaligned_write", _l2(COPIED | DATA + 0x200), "write 0 4k"),
+    Case("data_unaligned_write_v2", _l2(COPIED | DATA + 0x200), "write 0 4k", compat="0.10"),
+    Case("data_unaligned_cow", _l2(DATA + 0x200), "write 0 4k"),
+    # 060 "non-fatal corruption on freeing": the request succeeds
+    Case("data_unaligned_discard", _l2(COPIED | DATA + 0x200), "discard 0 64k"),
+    Case("data_unaligned_unmap", _l2(COPIED | DATA + 0x200), "write -z -u 0 64k"),
+    Case("data_unaligned_overwrite", _l2(DATA + 0x200), "write 0 64k"),
+    # 060 "unaligned pre-allocated zero cluster"
+    Case("zero_alloc_unaligned_write", _l2(COPIED | DATA + 0x200 | ZERO), "write 0 4k"),
+    Case("zero_alloc_unaligned_read", _l2(COPIED | DATA + 0x200 | ZERO), "read 0 4k"),
+    # 060 "L2 reference into L1" and friends: writes in place onto metadata
+    Case("l2_into_l1", _l2(COPIED | L1), "write 0 512"),
+    Case("l2_into_reftable", _l2(COPIED | REFTABLE), "write 0 512"),
+    Case("l2_into_refblock", _l2(COPIED | REFBLOCK), "write 0 512"),
+    Case("l2_into_l1_v2", _l2(COPIED | L1), "write 0 512", compat="0.10"),
+    # refcount 0 for metadata in use: the allocator hands it out again
+    Case("l1_refcount_zero", _refcount(L1 // CS, 0), "write 256k 4k"),
+    Case("l2_refcount_zero", _refcount(L2 // CS, 0), "write 128k 4k"),
+    Case("refblock_refcount_zero", _refcount(REFBLOCK // CS, 0), "write 128k 4k"),
+    # 060 "empty refcount table" / "unaligned reftable entry"
+    Case("reftable_entry_zero", _reftable(0), "write 128k 4k"),
+    Case("reftable_entry_zero_v2", _reftable(0), "write 128k 4k", compat="0.10"),
+    Case("refblock_zeroed", _zero_refblock, "write 128k 4k"),
+    Case("reftable_unaligned", _reftable(REFBLOCK + 0x200), "write 128k 4k"),
+    Case("reftable_unaligned_read", _reftable(REFBLOCK + 0x200), "read 0 4k"),
+    # v2 zero flag (080-like): fatal on use
+    Case("v2_zero_flag_read", _l2(COPIED | DATA | ZERO), "read 0 4k", compat="0.10"),
+    Case("v2_zero_flag_write", _l2(COPIED | DATA | ZERO), "write 0 4k", compat="0.10"),
+]
+
+BY_NAME = {case.name: case for case in CASES}

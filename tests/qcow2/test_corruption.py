@@ -1,0 +1,206 @@
+"""Fatal and non-fatal corruption events, as QEMU 7.2 reacts to them (issue 13).
+
+Every case of :mod:`tests.qcow2.corrupt_corpus` is an image damaged as the qemu-iotests
+damage theirs and one request; the request runs through ``qemu-io`` on one copy and through
+the library on another.  Compared: the corruption line (QEMU's stderr; the library's
+reporter), whether the request fails, the file afterwards (byte for byte: QEMU's file and
+ours), the corrupt bit, the refusal of a later read-write open, read-only opens, and what
+``check -r all`` makes of both files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import qcow2
+from qcow2.errors import set_corruption_reporter
+from qcow2.format import layout
+from tests.helpers import need
+from tests.qcow2 import oracle
+from tests.qcow2.corrupt_corpus import CASES, Case
+
+INCOMPAT = layout.field_offset("incompatible_features")
+
+
+def _num(text: str) -> int:
+    units = {"k": 1024, "M": 1 << 20}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def qemu_io_command(op: str) -> str:
+    """The qemu-io spelling of ``op`` (writes of pattern 0x2a, as :func:`library_op`)."""
+    if op.startswith("write ") and not op.startswith("write -z"):
+        return "write -P 42 " + op.removeprefix("write ")
+    return op
+
+
+def library_op(image: qcow2.Image, op: str) -> None:
+    """Run qemu-io command ``op`` through the library."""
+    words = op.split()
+    offset, length = _num(words[-2]), _num(words[-1])
+    if words[0] == "read":
+        image.read(offset, length)
+    elif words[0] == "discard":
+        image.discard(offset, length)
+    elif words[:2] == ["write", "-z"]:
+        image.write_zeroes(offset, length, unmap="-u" in words)
+    else:
+        image.write(offset, b"\x2a" * length)
+
+
+@pytest.fixture
+def reported() -> Iterator[list[str]]:
+    """The corruption lines the library reports while the test runs."""
+    lines: list[str] = []
+    previous = set_corruption_reporter(lambda line, path: lines.append(line))
+    try:
+        yield lines
+    finally:
+        set_corruption_reporter(previous)
+
+
+def _with_corrupt_bit(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[INCOMPAT + 7] |= layout.INCOMPAT_CORRUPT
+    return bytes(out)
+
+
+def _corruption_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("qcow2: ")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_corruption_as_qemu(tmp_path: Path, case: Case, reported: list[str]) -> None:
+    need("qemu-io")
+    base = case.build(tmp_path / "base.qcow2")
+    original = base.read_bytes()
+    theirs, ours = tmp_path / "qemu.qcow2", tmp_path / "lib.qcow2"
+    shutil.copy(base, theirs)
+    shutil.copy(base, ours)
+    proc = subprocess.run(
+        [need("qemu-io"), "-c", qemu_io_command(case.op), str(theirs)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    qemu_failed = "failed:" in proc.stdout
+    failure: qcow2.Qcow2Error | None = None
+    with qcow2.open(str(ours), writable=True) as image:
+        try:
+            library_op(image, case.op)
+        except qcow2.Qcow2Error as err:
+            failure = err
+    # the same event, worded the same, once
+    assert reported == _corruption_lines(proc.stderr)
+    assert (failure is not None) == qemu_failed, failure
+    if failure is not None:
+        # the request fails as QEMU's does (EIO), with a typed error
+        assert isinstance(failure, qcow2.CorruptImageError)
+        assert failure.errno == 5
+        # a refused request changed nothing but the corrupt bit (v3 only: a v2 header
+        # has no field for it)
+        fatal = reported[0].startswith("qcow2: Marking image as corrupt")
+        expected = _with_corrupt_bit(original) if fatal and case.compat != "0.10" else original
+        assert ours.read_bytes() == expected
+    # byte for byte what QEMU leaves (the data written is the same pattern)
+    assert ours.read_bytes() == theirs.read_bytes()
+    corrupt = bool(ours.read_bytes()[INCOMPAT + 7] & layout.INCOMPAT_CORRUPT)
+    if corrupt:
+        with pytest.raises(qcow2.ReadOnlyError, match="Image is corrupt; cannot be opened"):
+            qcow2.open(str(ours), writable=True)
+        with qcow2.open(str(ours)) as image:  # read-only opens work
+            assert image.virtual_size == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "name", ["l2_into_l1", "l2_refcount_zero", "data_unaligned_write", "reftable_entry_zero"]
+)
+def test_repair_after_corruption_as_qemu(tmp_path: Path, name: str) -> None:
+    """``check -r all`` of the image the library marked corrupt ends as qemu-img's repair
+    of the image QEMU marked: same report, same corrupt bit (cleared once repaired)."""
+    case = next(c for c in CASES if c.name == name)
+    theirs, ours = tmp_path / "qemu.qcow2", tmp_path / "lib.qcow2"
+    case.build(theirs)
+    shutil.copy(theirs, ours)
+    subprocess.run([need("qemu-io"), "-c", qemu_io_command(case.op), str(theirs)], check=False)
+    set_corruption_reporter(lambda line, path: None)
+    try:
+        with (
+            qcow2.open(str(ours), writable=True) as image,
+            pytest.raises(qcow2.CorruptImageError),
+        ):
+            library_op(image, case.op)
+    finally:
+        set_corruption_reporter(None)
+    assert ours.read_bytes() == theirs.read_bytes()
+    expected = oracle.check(theirs, repair="all")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qcow2", "check", "-r", "all", str(ours)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == expected["exit-code"], proc.stderr
+    after_theirs, after_ours = oracle.check(theirs), oracle.check(ours)
+    for result in (after_theirs, after_ours):
+        del result["filename"], result["stderr"]
+    assert after_ours == after_theirs
+    corrupt = oracle.info(theirs)["format-specific"]["data"]["corrupt"]
+    assert oracle.info(ours)["format-specific"]["data"]["corrupt"] is corrupt
+    if name != "data_unaligned_write":  # that one qemu-img cannot repair either
+        assert corrupt is False
+        with qcow2.open(str(ours), writable=True):  # repaired: read-write again
+            pass
+
+
+def test_command_prints_the_corruption_line(tmp_path: Path) -> None:
+    """The ``qcow2`` command prints the library's corruption events as qemu-img does."""
+    case = next(c for c in CASES if c.name == "l2_unaligned_read")
+    results = []
+    for tool in ("qemu-img", "qcow2"):
+        (tmp_path / tool).mkdir()
+        path = case.build(tmp_path / tool / "img.qcow2")
+        argv = [need("qemu-img")] if tool == "qemu-img" else [sys.executable, "-m", "qcow2"]
+        runs = [
+            subprocess.run(
+                [*argv, *args],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=tmp_path / tool,
+            )
+            for args in (["snapshot", "-c", "s", "img.qcow2"], ["resize", "img.qcow2", "2M"])
+        ]
+        results.append([(run.returncode, run.stderr) for run in runs])
+        results[-1].append(path.read_bytes()[INCOMPAT + 7])
+    assert results[0] == results[1]
+    assert results[1][0][1].startswith("qcow2: Marking image as corrupt: L2 table offset")
+    assert "Image is corrupt; cannot be opened read/write" in results[1][1][1]
+
+
+def test_read_only_open_reports_non_fatal_once(tmp_path: Path, reported: list[str]) -> None:
+    """On a read-only image a fatal inconsistency is reported as non-fatal, once, and
+    the file is left alone; the request still fails."""
+    case = next(c for c in CASES if c.name == "l2_unaligned_read")
+    path = case.build(tmp_path / "ro.qcow2")
+    before = path.read_bytes()
+    with qcow2.open(str(path)) as image:
+        for _ in range(2):
+            with pytest.raises(qcow2.CorruptImageError):
+                image.read(0, 4096)
+    proc = subprocess.run(
+        [need("qemu-io"), "-r", "-c", "read 0 4k", "-c", "read 0 4k", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert reported == _corruption_lines(proc.stderr)
+    assert len(reported) == 1 and "further non-fatal" in reported[0]
+    assert path.read_bytes() == before
