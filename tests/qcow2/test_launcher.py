@@ -56,10 +56,29 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_installed_command_is_this_launcher() -> None:
-    """tools/setup-system installs bin/qcow2 as the ``qcow2`` command (pip copies it)."""
-    installed = Path(sysconfig.get_path("scripts")) / "qcow2"
+@pytest.mark.parametrize("command", ["qcow2", "vtpm-qcow"])
+def test_installed_command_is_this_launcher(command: str) -> None:
+    """tools/setup-system installs bin/qcow2 as the ``qcow2`` and ``vtpm-qcow`` commands
+    (pip copies it; bin/vtpm-qcow is a link to it)."""
+    installed = Path(sysconfig.get_path("scripts")) / command
     assert filecmp.cmp(installed, LAUNCHER, shallow=False), installed
+    assert (REPO / "bin" / command).resolve() == LAUNCHER
+
+
+def test_the_launcher_named_vtpm_qcow_runs_vtpm_qcow(tmp_path: Path) -> None:
+    """The name it is started by picks the command, without site (no .pth code runs)."""
+    bin_dir, site = make_venv(tmp_path / "venv", system_site_packages=True)
+    marker = tmp_path / "pth-code-ran"
+    (site / "aaa_marker.pth").write_text(
+        f"import os; open({str(marker)!r}, 'w').close()\n", encoding="utf-8"
+    )
+    shutil.copy2(LAUNCHER, bin_dir / "vtpm-qcow")
+    proc = run([str(bin_dir / "vtpm-qcow"), "wait", "--help"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: vtpm-qcow wait"), proc
+    assert not marker.exists()
+    bad = run([str(bin_dir / "vtpm-qcow"), "info", str(tmp_path / "missing.qcow2")], tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("vtpm-qcow: "), bad.stderr
+    assert bad.stderr.count("\n") == 1
 
 
 def test_installed_command_matches_qemu_img(image: Path) -> None:
@@ -89,7 +108,9 @@ def test_pth_code_is_skipped_and_path_lines_kept(tmp_path: Path, image: Path) ->
 
     probe = "import qcow2; print(qcow2.__file__, sys.flags.no_site); main = lambda: 0"
     script = bin_dir / "probe"
-    script.write_text(LAUNCHER.read_text().replace("from qcow2.cli.main import main", probe))
+    entry = 'main = __import__(f"{package}.cli.main", fromlist=["main"]).main'
+    assert entry in LAUNCHER.read_text()
+    script.write_text(LAUNCHER.read_text().replace(entry, probe))
     script.chmod(0o755)
     proc = run([str(script)], tmp_path)
     assert proc.returncode == 0, proc.stderr

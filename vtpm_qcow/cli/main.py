@@ -465,7 +465,7 @@ EXAMPLES: Final = {
   vtpm-qcow setup --create vm1-tpm.qcow2 --create-ek-cert --create-platform-cert
   vtpm-qcow setup --overwrite vm1-tpm.qcow2 --pcr-banks sha256""",
     "wait": """examples:
-  virsh destroy vm1; vtpm-qcow wait vm1-tpm.qcow2 && qemu-img snapshot -l vm1-tpm.qcow2
+  vtpm-qcow wait vm1-tpm.qcow2 && qemu-img snapshot -l vm1-tpm.qcow2   # after virsh destroy
   vtpm-qcow wait --timeout 5 vm1-tpm.qcow2 || echo "still in use\"""",
     "snapshot": """examples:
   vtpm-qcow snapshot -l vm1-tpm.qcow2                 # also while swtpm runs on it
