@@ -129,7 +129,9 @@ def test_verify_match_missing_and_a_swapped_snapshot(
     # Offline: T1 re-filed with T2's TPM state (applied, then snapshotted over T1).
     vtpm_qcow("snapshot", "-a", "T2", str(image))
     vtpm_qcow("snapshot", "-c", "T1", "--overwrite", str(image))
+    files = {path: path.read_bytes() for path in (image, disk)}
     done = verify("--disk", str(disk), str(image))
+    assert {path: path.read_bytes() for path in files} == files  # read-only
     assert done.returncode == 1
     table = rows(done)
     assert table["T1"][0] == "MISMATCH" and table["T1"][1:3] == ["permanent", "blob"]
