@@ -275,8 +275,34 @@ def lv(libvirtd: Libvirtd) -> Iterator[Libvirtd]:
         libvirtd.defined.clear()
 
 
-def domain_xml(name: str, tpm: str, *, uuid: str | None = None, disk: Path | None = None) -> str:
-    """A small TCG domain (64 MiB, SeaBIOS, no display) with the ``<tpm>`` element ``tpm``."""
+def guest_side(daemon: Libvirtd) -> Path:
+    """A directory QEMU (``libvirt-qemu``) can create its qtest socket in, with a firmware of
+    HLT instructions (``halt.bin``): a guest whose TPM only the test drives, through qtest."""
+    path = daemon.base / "guest"
+    if not path.exists():
+        path.mkdir(mode=0o755)
+        shutil.chown(path, "libvirt-qemu", "libvirt-qemu")
+        halt = path / "halt.bin"
+        halt.write_bytes(b"\xf4" * 65536)  # SeaBIOS would talk to the TPM on its own
+        halt.chmod(0o644)
+    return path
+
+
+def domain_xml(
+    name: str,
+    tpm: str,
+    *,
+    uuid: str | None = None,
+    disk: Path | None = None,
+    qtest: Path | None = None,
+) -> str:
+    """A small TCG domain (64 MiB, no display) with the ``<tpm>`` element ``tpm``.
+
+    With ``qtest`` (a socket path in :func:`guest_side`'s directory) the firmware is the HLT
+    one and QEMU gets a qtest socket there (``<qemu:commandline>``: the domain is tainted,
+    as a test-only monitor may be), through which the test drives the TPM as a guest would
+    (:class:`vtpm_qcow.tpm.qtest_tis.QtestTisTransport`).
+    """
     uuid_xml = f"<uuid>{uuid}</uuid>" if uuid else ""
     disk_xml = (
         f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
@@ -284,18 +310,29 @@ def domain_xml(name: str, tpm: str, *, uuid: str | None = None, disk: Path | Non
         if disk
         else ""
     )
+    loader = f"<loader type='rom'>{qtest.parent / 'halt.bin'}</loader>" if qtest else ""
+    commandline = (
+        "<qemu:commandline>"
+        "<qemu:arg value='-qtest'/>"
+        f"<qemu:arg value='unix:{qtest},server=on,wait=off'/>"
+        "<qemu:arg value='-qtest-log'/><qemu:arg value='/dev/null'/>"
+        "</qemu:commandline>"
+        if qtest
+        else ""
+    )
     return textwrap.dedent(
         f"""\
-        <domain type='qemu'>
+        <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
           <name>{name}</name>{uuid_xml}
           <memory unit='MiB'>64</memory><vcpu>1</vcpu>
-          <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+          <os><type arch='x86_64' machine='pc'>hvm</type>{loader}<boot dev='hd'/></os>
           <devices>
             <emulator>/usr/bin/qemu-system-x86_64</emulator>
             {disk_xml}
             {tpm}
             <memballoon model='none'/>
           </devices>
+          {commandline}
         </domain>
         """
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import grp
 import logging
 import os
+import pwd
 import sys
 
 from ..export import VIEWS
@@ -30,6 +32,37 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s vtpm-qcow[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def parse_user(text: str) -> int:
+    """A user name or numeric id -> uid (argparse type)."""
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        if text.isdigit():
+            return int(text)
+        raise argparse.ArgumentTypeError(f"no such user {text!r}") from None
+
+
+def parse_group(text: str) -> int:
+    """A group name or numeric id -> gid (argparse type)."""
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        if text.isdigit():
+            return int(text)
+        raise argparse.ArgumentTypeError(f"no such group {text!r}") from None
+
+
+def parse_mode(text: str) -> int:
+    """An octal permission mode such as ``0660`` -> int (argparse type)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"invalid mode {text!r} (octal, e.g. 0660)")
+    return mode
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +112,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """``vtpm-qcow serve IMAGE --ctrl SOCKET`` (with ``--qmp``: and the snapshot watcher)."""
     from ..export.control import runtime_dir
-    from ..export.daemon import MountConfig, SwtpmConfig
+    from ..export.daemon import CTRL_MODE, MountConfig, SwtpmConfig
 
     mountpoint = args.mountpoint
     made = False
@@ -94,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options=tuple(args.swtpm_option or ()),
         tpm2=not args.tpm12,
         keep_serving=args.keep_serving,
+        ctrl_owner=args.socket_owner,
+        ctrl_group=args.socket_group,
+        ctrl_mode=CTRL_MODE if args.socket_mode is None else args.socket_mode,
     )
     if args.qmp:
         from ..vm.follow import follow_qmp
@@ -133,12 +169,30 @@ def add_mount_commands(subparsers: Any) -> None:
         help="mount a vTPM image and run swtpm on it for QEMU",
         description="Runs swtpm socket --ctrl type=unixio,path=SOCKET on a private mount of "
         "IMAGE; give QEMU -chardev socket,path=SOCKET.  Exits when swtpm exits (QEMU quit) "
-        "unless --keep-serving.",
+        "unless --keep-serving.  For libvirt's <backend type='external'>, QEMU runs as "
+        "libvirt-qemu: --socket-owner libvirt-qemu (or --socket-group and --socket-mode 0660).",
     )
     serve.add_argument("image", help="the vTPM qcow2 image")
     serve.add_argument("--ctrl", required=True, metavar="SOCKET", help="swtpm control socket")
+    serve.add_argument(
+        "--socket-owner", type=parse_user, metavar="USER", help="owner of the control socket"
+    )
+    serve.add_argument(
+        "--socket-group", type=parse_group, metavar="GROUP", help="group of the control socket"
+    )
+    serve.add_argument(
+        "--socket-mode",
+        type=parse_mode,
+        metavar="MODE",
+        help="mode of the control socket (octal, default 0770)",
+    )
     serve.add_argument("--mountpoint", help="where to mount (default: a private directory)")
-    serve.add_argument("--keep-serving", action="store_true", help="restart swtpm when it exits")
+    serve.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="restart swtpm as soon as it exits (the socket stays: a QEMU started meanwhile "
+        "waits for the new swtpm)",
+    )
     serve.add_argument(
         "--qmp",
         metavar="SOCKET",

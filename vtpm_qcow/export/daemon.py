@@ -9,12 +9,17 @@ writes, unmount, close the image (releasing its lock) and remove the socket and 
 A daemon killed with -9 leaves the image consistent (every commit is atomic) and the
 mount point needing ``fusermount3 -u``.
 
-With a :class:`SwtpmConfig` (``serve``) it runs ``swtpm socket --ctrl
-type=unixio,path=SOCKET`` on a private mount point for QEMU's ``-chardev socket``.  swtpm
-exits when QEMU quits; the daemon then unmounts and exits, or with ``keep_serving`` starts
-a fresh swtpm for the next QEMU run.  ``SwtpmConfig.follower`` runs beside each swtpm run
-(``serve --qmp``: the snapshot watcher of :mod:`vtpm_qcow.vm.follow`, given this daemon's
-file system); the daemon knows nothing of QMP.
+With a :class:`SwtpmConfig` (``serve``) it runs ``swtpm socket`` on a private mount point
+for QEMU's ``-chardev socket``.  The daemon binds the control socket itself, once, with the
+owner, group and mode asked for (QEMU under libvirt runs as ``libvirt-qemu``), and hands it
+to each swtpm (``--ctrl type=unixio,fd=N``): the socket stays in place between two swtpm
+runs, and a QEMU connecting meanwhile waits in its backlog for the next swtpm instead of
+being refused.  swtpm runs with ``--terminate``, so it exits when QEMU quits or dies (its
+data channel closes); the daemon sees the exit at once through a pidfd, then unmounts and
+exits, or with ``keep_serving`` starts a fresh swtpm for the next QEMU run.
+``SwtpmConfig.follower`` runs beside each swtpm run (``serve --qmp``: the snapshot watcher
+of :mod:`vtpm_qcow.vm.follow`, given this daemon's file system); the daemon knows nothing
+of QMP.
 
 What the daemon measures and the crash tests' hooks are :mod:`vtpm_qcow.export.instruments`.
 """
@@ -28,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -54,16 +60,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds between checks that QEMU is still on swtpm's control channel, and between
-#: looks for swtpm's exit where the kernel cannot signal it (no pidfd).
+#: Seconds between looks for swtpm's exit where the kernel cannot signal it (no pidfd).
 SWTPM_POLL_INTERVAL = 0.2
+#: Mode of serve's control socket unless given (swtpm's own default for a unixio socket).
+CTRL_MODE = 0o770
+#: Connections the control socket queues while no swtpm accepts (between two runs).
+CTRL_BACKLOG = 16
 #: umount2() flags: abort a FUSE connection, detach lazily.
 MNT_FORCE, MNT_DETACH = 1, 2
 #: Seconds ``umount`` waits for the daemon to exit.
 UMOUNT_TIMEOUT = 30.0
-#: Seconds a control channel connection must last to count as QEMU's (shorter ones are
-#: probes such as ``control_command``), see :class:`CtrlPeerWatch`.
-CTRL_ATTACH_SECONDS = 1.0
 
 
 @dataclass
@@ -96,61 +102,15 @@ class SwtpmConfig:
     options: tuple[str, ...] = ()
     tpm2: bool = True
     keep_serving: bool = False
+    #: the control socket's owner and group (ids; None: the daemon's) and mode
+    ctrl_owner: int | None = None
+    ctrl_group: int | None = None
+    ctrl_mode: int = CTRL_MODE
     #: run beside each swtpm, given the file system; cancelled when that swtpm ends
     #: (``serve --qmp``: :func:`vtpm_qcow.vm.follow.follow_qmp`)
     follower: Callable[[StoreFS], Awaitable[None]] | None = None
     #: the swtpm running now (filled in while serving)
     current: Swtpm | None = None
-
-
-# Section: noticing that QEMU went away
-
-
-def ctrl_connections(path: str, table: str = "/proc/net/unix") -> int:
-    """Connected sockets bound to the unix socket ``path``: the connections swtpm accepted
-    on its control channel (accepted sockets carry the listener's name; the listening
-    socket itself is unconnected and not counted)."""
-    count = 0
-    try:
-        with open(table, encoding="utf-8", errors="replace") as lines:
-            next(lines, None)  # the column titles
-            for line in lines:
-                # Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces)
-                fields = line.rstrip("\n").split(maxsplit=7)
-                if len(fields) == 8 and fields[5] == "03" and fields[7] == path:
-                    count += 1
-    except OSError:
-        return 0
-    return count
-
-
-class CtrlPeerWatch:
-    """Notices QEMU going away from swtpm's control channel (QEMU killed with -9).
-
-    swtpm without ``--terminate`` (unusable: the readiness probe of :meth:`Swtpm.start` is
-    a control connection too) closes the lost connection and waits for the next one.  A
-    connection that lasts :data:`CTRL_ATTACH_SECONDS` is QEMU's; once none is left, QEMU
-    is gone.  Brief probes are not mistaken for QEMU.
-    """
-
-    def __init__(self, path: str, attach_seconds: float = CTRL_ATTACH_SECONDS) -> None:
-        self.path = path
-        self.attach_seconds = attach_seconds
-        #: a long-lived client (QEMU) has been seen
-        self.attached = False
-        self._since: float | None = None
-
-    def client_gone(self, now: float) -> bool:
-        """Check the socket table once; True if QEMU was attached and is gone now."""
-        if ctrl_connections(self.path):
-            if self._since is None:
-                self._since = now
-            elif now - self._since >= self.attach_seconds and not self.attached:
-                self.attached = True
-                log.info("swtpm control channel %s: client attached", self.path)
-            return False
-        self._since = None
-        return self.attached
 
 
 # Section: running a mount
@@ -309,6 +269,58 @@ def swtpm_tpmstate(view: str, mountpoint: str) -> str:
     return f"backend-uri=file://{mountpoint}/{STATE_FILE_NAME}"
 
 
+def bind_ctrl_socket(config: SwtpmConfig) -> tuple[socket.socket, int]:
+    """The listening control socket at ``config.ctrl`` and the inode of its path, with its
+    owner, group and mode set before it listens (no client can connect earlier).  A stale
+    socket there is replaced; anything else is refused."""
+    path = config.ctrl
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        else:
+            raise MountError(
+                "control socket path exists and is not a socket", path=path, errno=errno.EEXIST
+            )
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise MountError(
+            f"control socket unusable: {err.strerror}", path=path, errno=err.errno
+        ) from err
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, config.ctrl_mode)
+        if config.ctrl_owner is not None or config.ctrl_group is not None:
+            os.chown(
+                path,
+                -1 if config.ctrl_owner is None else config.ctrl_owner,
+                -1 if config.ctrl_group is None else config.ctrl_group,
+            )
+        inode = os.lstat(path).st_ino
+        listener.listen(CTRL_BACKLOG)
+    except OSError as err:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise MountError(
+            f"cannot create the control socket: {err.strerror}", path=path, errno=err.errno
+        ) from err
+    return listener, inode
+
+
+def _remove_ctrl_socket(path: str, listener: socket.socket, inode: int) -> None:
+    """Close the control socket and remove its path, if the path is still this socket."""
+    try:
+        ours = os.lstat(path).st_ino == inode
+    except OSError:
+        ours = False
+    listener.close()
+    if ours:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 async def _run_swtpm(
     config: SwtpmConfig,
     fs: StoreFS,
@@ -317,9 +329,11 @@ async def _run_swtpm(
 ) -> None:
     """Run swtpm on the mount; when it exits stop serving, or restart it (keep_serving)."""
     workdir = runtime_dir() / f"swtpm-{os.getpid()}"
+    listener, inode = bind_ctrl_socket(config)
     try:
-        await _serve_swtpm(config, fs, mountpoint, workdir, task_status)
+        await _serve_swtpm(config, fs, mountpoint, workdir, listener, task_status)
     finally:
+        _remove_ctrl_socket(config.ctrl, listener, inode)
         # swtpm's pid file and log: kept only when swtpm did not start or did not end well
         current = config.current
         if current is None or current.proc.poll() != 0:
@@ -333,12 +347,19 @@ async def _serve_swtpm(
     fs: StoreFS,
     mountpoint: str,
     workdir: Path,
+    listener: socket.socket,
     task_status: trio.TaskStatus[None],
 ) -> None:
     """The loop of :func:`_run_swtpm`: start swtpm, wait for it to end, maybe again."""
     from ..tpm.swtpm import Swtpm
 
     tpmstate = swtpm_tpmstate(fs.namespace.view, mountpoint)
+    options = config.options
+    if not any(option.startswith("--server") for option in options):
+        # QEMU's data channel is a socket it passes over the control channel: swtpm ends
+        # when it closes, that is when QEMU quits or dies.  (A --server data channel is a
+        # plain TPM client's, which may come and go.)
+        options = (*options, "--terminate")
     started = False
     while True:
         # Blocking start in a thread: swtpm reads its state through this very event loop.
@@ -347,9 +368,10 @@ async def _serve_swtpm(
                 tpmstate,
                 workdir,
                 ctrl=config.ctrl,
+                ctrl_fd=listener.fileno(),
                 tpm2=config.tpm2,
                 flags=config.flags,
-                options=config.options,
+                options=options,
             )
         )
         config.current = instance
@@ -359,7 +381,7 @@ async def _serve_swtpm(
         async with trio.open_nursery() as run:
             if config.follower is not None:
                 run.start_soon(config.follower, fs)
-            await _wait_swtpm(instance, CtrlPeerWatch(config.ctrl))
+            await _wait_swtpm(instance)
             run.cancel_scope.cancel()
         log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
         if not config.keep_serving:
@@ -367,31 +389,24 @@ async def _serve_swtpm(
             return
 
 
-async def _wait_swtpm(instance: Swtpm, peer: CtrlPeerWatch) -> None:
-    """Until swtpm exits (one swtpm per QEMU run); stop it if QEMU left without a word.
+async def _wait_swtpm(instance: Swtpm) -> None:
+    """Until swtpm exits (one swtpm per QEMU run: ``--terminate`` ends it with QEMU).
 
-    The exit is seen at once through a pidfd (the image is released as soon as QEMU's
-    CMD_SHUTDOWN ended swtpm); the control channel is looked at every
+    The exit is seen at once through a pidfd, so the image is released, or the next swtpm
+    started, as soon as swtpm is gone; without pidfds (kernel < 5.3) every
     :data:`SWTPM_POLL_INTERVAL`.
     """
     try:
-        exited: int | None = os.pidfd_open(instance.pid)
-    except OSError:  # no pidfd (kernel < 5.3): look at the process on every poll
-        exited = None
-    try:
+        exited = os.pidfd_open(instance.pid)
+    except OSError:
         while instance.proc.poll() is None:
-            with trio.move_on_after(SWTPM_POLL_INTERVAL):
-                if exited is None:
-                    await trio.sleep_forever()
-                await trio.lowlevel.wait_readable(exited)
-            if peer.client_gone(trio.current_time()) and instance.proc.poll() is None:
-                # QEMU died without CMD_SHUTDOWN: end this swtpm run cleanly (its state is
-                # written through the mount) as QEMU's shutdown would.
-                log.info("swtpm %d: QEMU left the control channel; stopping", instance.pid)
-                await trio.to_thread.run_sync(instance.stop)
+            await trio.sleep(SWTPM_POLL_INTERVAL)
+        return
+    try:
+        await trio.lowlevel.wait_readable(exited)
     finally:
-        if exited is not None:
-            os.close(exited)
+        os.close(exited)
+    instance.proc.wait()
 
 
 # Section: detaching

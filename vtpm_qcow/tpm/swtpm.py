@@ -151,6 +151,7 @@ class Swtpm:
         workdir: Path,
         *,
         ctrl: str | int | None = None,
+        ctrl_fd: int | None = None,
         server: str | int | None = None,
         tpm2: bool = True,
         flags: Sequence[str] = ("not-need-init", "startup-clear"),
@@ -160,16 +161,20 @@ class Swtpm:
         """Start swtpm on ``tpmstate`` (``dir=DIR`` or ``backend-uri=file://PATH``).
 
         ``ctrl`` defaults to a unix socket in ``workdir``; ``server`` (data channel) is
-        optional.  Returns once swtpm answers on the control channel.
+        optional.  With ``ctrl_fd``, a listening unix socket bound at ``ctrl`` by the
+        caller, swtpm serves that socket (``--ctrl type=unixio,fd=N``) and the caller keeps
+        its path, owner and mode.  Returns once swtpm answers on the control channel.
         """
         binary = find_tool("swtpm")
         workdir.mkdir(parents=True, exist_ok=True)
         ctrl = str(workdir / "swtpm-ctrl.sock") if ctrl is None else ctrl
         pid_file, log = workdir / "swtpm.pid", workdir / "swtpm.log"
-        for stale in (pid_file, *(Path(p) for p in (ctrl, server) if isinstance(p, str))):
+        ours = (ctrl, server) if ctrl_fd is None else (server,)
+        for stale in (pid_file, *(Path(p) for p in ours if isinstance(p, str))):
             stale.unlink(missing_ok=True)
+        ctrl_spec = _channel_spec(ctrl) if ctrl_fd is None else f"type=unixio,fd={ctrl_fd}"
         cmd = [binary, "socket", *(["--tpm2"] if tpm2 else []), "--tpmstate", tpmstate]
-        cmd += ["--ctrl", _channel_spec(ctrl), "--pid", f"file={pid_file}"]
+        cmd += ["--ctrl", ctrl_spec, "--pid", f"file={pid_file}"]
         cmd += ["--log", f"file={log},level=1"]
         if server is not None:
             cmd += ["--server", _channel_spec(server)]
@@ -179,7 +184,11 @@ class Swtpm:
         try:
             with open(workdir / "swtpm.stderr", "wb") as stderr:
                 proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    pass_fds=() if ctrl_fd is None else (ctrl_fd,),
                 )
         except OSError as err:
             raise SwtpmError(
