@@ -15,12 +15,19 @@
      +-- VmstateError             a disk snapshot's VM state holds no readable TPM state
      |                            (no such tag, disk-only snapshot, no tpm-emulator
      |                            section, no JSON description, encrypted disk, malformed)
-     +-- QmpError                 QEMU's monitor refused, went away or a job failed
-          +-- QmpDisconnectedError  the connection went away: the outcome of the command in
-          |                         flight is unknown
-          +-- QmpJobError         a snapshot job concluded with an error
-          +-- AlignmentError      an orchestrated VM snapshot failed; says which half and
-                                  what was undone
+     +-- MonitorError             the VM's management side (QEMU's QMP, libvirt) refused or
+          |                       went away
+          +-- MonitorDisconnectedError  the connection went away (what the watcher
+          |                       reconnects after)
+          +-- QmpError            QEMU's monitor refused, went away or a job failed
+          |    +-- QmpDisconnectedError  the connection went away: the outcome of the command
+          |    |                  in flight is unknown (also a MonitorDisconnectedError)
+          |    +-- QmpJobError    a snapshot job concluded with an error
+          |    +-- AlignmentError an orchestrated VM snapshot failed; says which half and
+          |                       what was undone
+          +-- LibvirtError        libvirt refused, or has no such domain
+               +-- LibvirtDisconnectedError  the connection to libvirtd went away (also a
+                                  MonitorDisconnectedError)
 
 Every constructor takes the message and, by keyword, where it happened: ``path`` (the
 image, mount point, socket or QMP address concerned) and ``errno`` (when it differs from
@@ -116,11 +123,20 @@ class VmstateError(VtpmQcowError):
     errno = _errno.ENODATA
 
 
-class QmpError(VtpmQcowError):
+class MonitorError(VtpmQcowError):
+    """The VM's management side failed: QEMU's QMP monitor or libvirt (``path``: the QMP
+    socket or the libvirt URI and domain)."""
+
+
+class MonitorDisconnectedError(MonitorError):
+    """The connection to the VM's management side went away."""
+
+
+class QmpError(MonitorError):
     """A QMP command, job or connection failed (``path``: the QMP socket)."""
 
 
-class QmpDisconnectedError(QmpError):
+class QmpDisconnectedError(QmpError, MonitorDisconnectedError):
     """The QMP connection went away; the outcome of the command in flight is unknown."""
 
 
@@ -130,6 +146,14 @@ class QmpJobError(QmpError):
 
 class AlignmentError(QmpError):
     """An orchestrated operation failed; the message says which half and what was undone."""
+
+
+class LibvirtError(MonitorError):
+    """libvirt refused a call, or has no such domain (``path``: URI and domain)."""
+
+
+class LibvirtDisconnectedError(LibvirtError, MonitorDisconnectedError):
+    """The connection to libvirtd went away (libvirtd stopped or restarted)."""
 
 
 #: What the places that report any failure as one line catch: both packages' trees.

@@ -42,6 +42,7 @@ import itertools
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -178,6 +179,14 @@ class Monitor:
     async def close(self) -> None:
         """Disconnect (idempotent; never raises)."""
         await self._drop()
+
+    def listen(self, events: EventQueue) -> AbstractContextManager[None]:
+        """Deliver QEMU's events to ``events`` while the context is open."""
+        return self.client.listen(events)
+
+    def connected(self) -> bool:
+        """Whether the session is up (False once QEMU hung up)."""
+        return self.client.runstate.name == "RUNNING"
 
     async def _drop(self) -> None:
         try:

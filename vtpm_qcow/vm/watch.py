@@ -42,18 +42,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
 
-from ..errors import HANDLED, QmpDisconnectedError, QmpError, VmstateError
+from ..errors import HANDLED, MonitorDisconnectedError, MonitorError, VmstateError
 from ..state import linear
 from . import DEFAULT_GRACE, DEFAULT_POLL_INTERVAL, DEFAULT_RECONNECT_TIMEOUT
-from .orchestrate import EventQueue, Monitor, VtpmSnapshots, delete_if_present, quoted
+from .orchestrate import (
+    DiskNode,
+    EventQueue,
+    Monitor,
+    RunState,
+    VtpmSnapshots,
+    delete_if_present,
+    quoted,
+)
 from .vmstate import read_tpm_vmstate
 
 T = TypeVar("T")
+
+
+class WatchedVm(Protocol):
+    """The VM side of a watcher: QEMU's QMP monitor (:class:`~vtpm_qcow.vm.orchestrate
+    .Monitor`) or libvirt (:class:`vtpm_qcow.libvirt.domain.LibvirtVm`).
+
+    Events are QMP's names (``STOP``, ``RESUME``, ``JOB_STATUS_CHANGE``, ``SHUTDOWN``); a
+    lost connection surfaces as :class:`~vtpm_qcow.errors.MonitorDisconnectedError`.
+    """
+
+    #: For messages: the QMP socket, or the libvirt URI and domain.
+    address: str
+
+    async def connect(self) -> None: ...
+
+    async def reconnect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def listen(self, events: EventQueue) -> AbstractContextManager[None]:
+        """Deliver the VM's events to ``events`` while the context is open."""
+        ...
+
+    def connected(self) -> bool: ...
+
+    async def disk_nodes(self) -> list[DiskNode]: ...
+
+    async def run_state(self) -> RunState: ...
 
 
 class _NotFiled(Exception):
@@ -70,7 +108,7 @@ class Watcher:
 
     def __init__(
         self,
-        monitor: Monitor,
+        monitor: WatchedVm,
         vtpm: VtpmSnapshots,
         *,
         report: Callable[[str], None] = print,
@@ -104,7 +142,8 @@ class Watcher:
         self.reconciles = 0
 
     async def run(self, *, connected: bool = False) -> None:
-        """Watch until QEMU shuts down (or the task is cancelled); QmpError if QEMU vanished.
+        """Watch until QEMU shuts down (or the task is cancelled); MonitorError if the VM's
+        monitor vanished for good.
 
         Connects the monitor first unless ``connected``.
         """
@@ -113,22 +152,22 @@ class Watcher:
         while not self.shutdown_seen:
             try:
                 await self._session()
-            except QmpDisconnectedError as err:
+            except MonitorDisconnectedError as err:
                 if self.shutdown_seen:
                     return
                 self.report(f"monitor connection lost ({err}); reconnecting")
                 await self._reconnect(err)
 
-    async def _reconnect(self, cause: QmpError) -> None:
+    async def _reconnect(self, cause: MonitorError) -> None:
         deadline = time.monotonic() + self.reconnect_timeout
         while True:
             try:
                 await self.monitor.reconnect()
                 self.disk_snapshots = None  # what happened meanwhile is unknown
                 return
-            except QmpError as err:
+            except MonitorError as err:
                 if time.monotonic() > deadline:
-                    raise QmpError(
+                    raise MonitorError(
                         f"monitor gone and not back within {self.reconnect_timeout:g}s: {err}",
                         path=self.monitor.address,
                     ) from cause
@@ -136,7 +175,7 @@ class Watcher:
 
     async def _session(self) -> None:
         events = EventQueue(WATCHED_EVENTS)
-        with self.monitor.client.listen(events):
+        with self.monitor.listen(events):
             await self.reconcile()
             if self.on_ready is not None:
                 self.on_ready()
@@ -145,8 +184,8 @@ class Watcher:
                 try:
                     event = await asyncio.wait_for(events.get(), self.poll_interval)
                 except TimeoutError:
-                    if self.monitor.client.runstate.name != "RUNNING":
-                        raise QmpDisconnectedError(
+                    if not self.monitor.connected():
+                        raise MonitorDisconnectedError(
                             "connection lost", path=self.monitor.address
                         ) from None
                     await self.reconcile()
@@ -311,15 +350,17 @@ class WatcherThread:
     """A :class:`Watcher` on its own asyncio loop in a thread (for trio or sync programs).
 
     :meth:`start` begins watching; :meth:`stop` cancels the watcher at once and joins the
-    thread; :attr:`error` holds what ended it unexpectedly (a :class:`QmpError` when QEMU
-    vanished).  ``vtpm`` opens the vTPM side, in the thread.  ``on_ready`` (after the first
+    thread; :attr:`error` holds what ended it unexpectedly (a :class:`MonitorError` when the
+    VM's monitor vanished).  ``vm`` is a QMP socket path, or makes the VM side (in the
+    thread: libvirt's, :class:`vtpm_qcow.libvirt.domain.LibvirtVm`); ``vtpm`` opens the
+    vTPM side, in the thread.  ``on_ready`` (after the first
     reconcile) and ``on_exit`` (once the watcher has ended, for whatever reason) are called
     in the thread.
     """
 
     def __init__(
         self,
-        qmp: str,
+        vm: str | Callable[[], WatchedVm],
         vtpm: Callable[[], VtpmSnapshots],
         *,
         report: Callable[[str], None] = print,
@@ -328,7 +369,9 @@ class WatcherThread:
         on_ready: Callable[[], None] = lambda: None,
         on_exit: Callable[[], None] = lambda: None,
     ) -> None:
-        self.qmp = qmp
+        self.open_vm: Callable[[], WatchedVm] = (
+            functools.partial(Monitor, vm) if isinstance(vm, str) else vm
+        )
         self.open_vtpm = vtpm
         self.report = report
         self.poll_interval, self.grace = poll_interval, grace
@@ -374,7 +417,7 @@ class WatcherThread:
         if self._stopping:  # stop() came before there was a task to cancel
             return
         vtpm = await asyncio.to_thread(self.open_vtpm)  # may connect or open: off the loop
-        monitor = Monitor(self.qmp)
+        monitor = self.open_vm()
         try:
             self.watcher = Watcher(
                 monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
