@@ -316,3 +316,22 @@ def test_machine_type_without_section_footers(images: tuple[Path, Path], tmp_pat
         section = find_tpm_section(view.read_vmstate, view.vm_state_size, source="x")
     assert section.footer is False
     assert verify("--disk", str(disk), str(image)).returncode == 0
+
+
+def test_an_overlay_disk_is_read_without_its_backing_file(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """savevm writes the VM state into the top image: the backing file is not needed."""
+    image, _ = images
+    base = create_disk(tmp_path / "base.qcow2")
+    overlay = tmp_path / "overlay.qcow2"
+    run_tool(
+        need("qemu-img"), "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+        str(overlay),
+    )  # fmt: skip
+    with stack(tmp_path / "run", image, overlay) as s:
+        state_a(s.tpm)
+        s.vm("save", "T1")
+    base.unlink()
+    assert read_tpm_vmstate([str(overlay)], "T1").permanent == permall(image, "T1")
+    assert verify("--disk", str(overlay), str(image)).returncode == 0

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import qcow2
 from qcow2.errors import Qcow2Error
+from qcow2.image import open_chain
 
 from ..errors import VmstateError
 from ..state.blob import (
@@ -129,8 +130,12 @@ class DiskSnapshot:
 
 
 def _open(disk: str, shared: bool) -> qcow2.Image:
+    """The disk alone: savevm writes the VM state into the top image, so its backing
+    chain is not opened (nor needed: it may be elsewhere, or gone)."""
     try:
-        return qcow2.open(disk, force_share=shared)
+        image = open_chain(disk, "qcow2", force_share=shared, backing=False)
+        assert isinstance(image, qcow2.Image)
+        return image
     except Qcow2Error as err:
         raise VmstateError(f"cannot open the disk: {err.message}", path=disk) from err
     except OSError as err:
