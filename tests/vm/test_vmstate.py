@@ -23,9 +23,9 @@ from tests.vm.qemu_fixtures import create_disk, hmp_over_qmp, qmp_job, run_tool
 from tests.vm.scenario import permall, snapshot_tags, stack, state_a, state_b
 from tests.vtpm.mount_fixtures import vtpm_qcow
 from vtpm_qcow.errors import VmstateError
-from vtpm_qcow.state.blob import parse_blob
+from vtpm_qcow.state.blob import TAG_DATA, check_stored_blob, parse_blob
 from vtpm_qcow.state.store import Store
-from vtpm_qcow.vm.vmstate import find_tpm_section, read_tpm_vmstate, tpm_vmstate
+from vtpm_qcow.vm.vmstate import find_tpm_section, read_tpm_vmstate, tpm_vmstate, unwrap_blob
 
 
 def test_orchestrated_save_permanent_is_the_vtpm_snapshots_permall(
@@ -44,6 +44,10 @@ def test_orchestrated_save_permanent_is_the_vtpm_snapshots_permall(
             assert store.snapshot_section("T1", "permall") == vm.permanent
         assert vm.tag == "T1" and vm.disk == str(disk) and not vm.encrypted
         assert vm.volatile is not None and parse_blob(vm.volatile).header is not None
+        # The volatile blob unwraps the same way, to what swtpm would store for it.
+        volatile, encrypted = unwrap_blob(vm.volatile, source="x", what="volatile")
+        assert volatile is not None and not encrypted
+        assert [t.tag for t in check_stored_blob(volatile).tlvs] == [TAG_DATA]
         assert vm.savestate is None  # TPM 2.0 has no save state
         assert elapsed < 2.0, elapsed  # the tail only, while the VM runs
         state_b(s.tpm)  # the TPM moves on: a second snapshot holds the new state

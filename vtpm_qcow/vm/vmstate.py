@@ -406,25 +406,32 @@ def unwrap_permanent(blob: bytes, *, source: str) -> tuple[bytes | None, bool]:
     migration key.  The migration blob is ``header(flags 0x04) + TLV(4, inner)``; the stored
     file is ``header(flags 0) + inner`` (swtpm's ``SWTPM_NVRAM_PrependHeader``).
     """
+    return unwrap_blob(blob, source=source, what="permanent")
+
+
+def unwrap_blob(blob: bytes, *, source: str, what: str) -> tuple[bytes | None, bool]:
+    """Any of swtpm's migration blobs (``what``: permanent, volatile) -> the bytes swtpm
+    stores for that state (``tpm2-00.permall``, ``tpm2-00.volatilestate``); see
+    :func:`unwrap_permanent`."""
     if len(blob) < BLOB_HEADER_STRUCT.size:
-        raise _malformed(source, f"permanent blob of {len(blob)} bytes has no header")
+        raise _malformed(source, f"{what} blob of {len(blob)} bytes has no header")
     version, min_version, hdrsize, flags, totlen = BLOB_HEADER_STRUCT.unpack_from(blob)
     if totlen != len(blob) or min_version > BLOB_HEADER_VERSION or version < min_version:
         raise _malformed(
-            source, f"permanent blob header (version {version}, totlen {totlen}) not swtpm's"
+            source, f"{what} blob header (version {version}, totlen {totlen}) not swtpm's"
         )
     if not BLOB_HEADER_STRUCT.size <= hdrsize <= len(blob):
-        raise _malformed(source, f"permanent blob hdrsize {hdrsize} out of range")
+        raise _malformed(source, f"{what} blob hdrsize {hdrsize} out of range")
     if flags & BLOB_FLAG_MIGRATION_ENCRYPTED:
         return None, True
     if not flags & BLOB_FLAG_MIGRATION_DATA:
-        raise _malformed(source, f"permanent blob flags 0x{flags:x} lack migration-data")
+        raise _malformed(source, f"{what} blob flags 0x{flags:x} lack migration-data")
     pos = hdrsize
     while pos + TLV_HEADER_STRUCT.size <= len(blob):
         tag, length = TLV_HEADER_STRUCT.unpack_from(blob, pos)
         start = pos + TLV_HEADER_STRUCT.size
         if start + length > len(blob):
-            raise _malformed(source, f"permanent blob TLV {tag} overruns the blob")
+            raise _malformed(source, f"{what} blob TLV {tag} overruns the blob")
         if tag == TAG_MIGRATION_DATA:
             inner = blob[start : start + length]
             header = BLOB_HEADER_STRUCT.pack(
@@ -436,7 +443,7 @@ def unwrap_permanent(blob: bytes, *, source: str) -> tuple[bytes | None, bool]:
             )
             return header + inner, False
         pos = start + length
-    raise _malformed(source, "permanent blob has no migration-data TLV")
+    raise _malformed(source, f"{what} blob has no migration-data TLV")
 
 
 __all__: Sequence[str] = (
@@ -447,5 +454,6 @@ __all__: Sequence[str] = (
     "find_tpm_section",
     "read_tpm_vmstate",
     "tpm_vmstate",
+    "unwrap_blob",
     "unwrap_permanent",
 )
