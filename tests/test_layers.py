@@ -38,7 +38,8 @@ LAYERS = {
     ("vtpm_qcow", "export"): 3,
     ("vtpm_qcow", "backup"): 4,
     ("vtpm_qcow", "vm"): 4,
-    ("vtpm_qcow", "cli"): 5,
+    ("vtpm_qcow", "libvirt"): 5,
+    ("vtpm_qcow", "cli"): 6,
 }
 FOLDERS = {name for _, name in LAYERS} - {"errors", "driver"}
 
