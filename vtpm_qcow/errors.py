@@ -6,6 +6,8 @@
      +-- StateFormatError         bytes that are not swtpm's linear layout or a state blob
      +-- StoreError               the vTPM image cannot do what was asked (locked, no such tag...)
      |    +-- MountError          a mount point that cannot be used, mounted or unmounted
+     +-- SecretError              a secret (an encrypted image's passphrase) that cannot be
+     |                            read: unsafe file mode, no such key, empty, bad fd
      +-- RequestError             a control socket request the daemon refuses (bad JSON,
      |                            unknown op, missing or malformed argument)
      +-- SwtpmError               swtpm / swtpm_setup missing, failed or exited early
@@ -83,6 +85,12 @@ class StoreError(VtpmQcowError):
 
 class MountError(StoreError):
     """A mount point that cannot be used, or a mount that cannot be made or undone."""
+
+
+class SecretError(VtpmQcowError):
+    """A secret cannot be read from where it was said to be (never holds the secret)."""
+
+    errno = _errno.EACCES
 
 
 class RequestError(VtpmQcowError):

@@ -1,0 +1,139 @@
+"""Secret sources (vtpm_qcow.state.secret): a private file, an fd, the kernel keyring, a
+systemd credential; refusals name the source, never the secret."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import need
+from vtpm_qcow.errors import SecretError
+from vtpm_qcow.state.secret import MAX_SECRET, SecretSource, read_secret
+
+#: a secret with bytes a text-minded reader would lose: spaces, a NUL, a trailing newline
+SECRET = b"correct horse \x00battery staple\n"
+
+
+def private_file(path: Path, data: bytes = SECRET, mode: int = 0o600) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+@contextlib.contextmanager
+def user_key(data: bytes) -> Iterator[str]:
+    """A ``user`` key in the user keyring, added by the real keyctl (payload on stdin)."""
+    keyctl = need("keyctl")
+    name = f"vtpm-qcow-test-{uuid.uuid4().hex[:12]}"
+    done = subprocess.run(
+        [keyctl, "padd", "user", name, "@u"], input=data, capture_output=True, check=True
+    )
+    key_id = done.stdout.decode().strip()
+    try:
+        yield name
+    finally:
+        subprocess.run([keyctl, "unlink", key_id, "@u"], capture_output=True, check=False)
+
+
+def test_file_is_read_verbatim(tmp_path: Path) -> None:
+    source = SecretSource("file", str(private_file(tmp_path / "key")))
+    assert source.read() == SECRET
+    assert read_secret([source]) == SECRET
+    assert read_secret([]) is None
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644, 0o610])
+def test_file_others_may_access_is_refused_like_ssh(tmp_path: Path, mode: int) -> None:
+    path = private_file(tmp_path / "key", mode=mode)
+    with pytest.raises(SecretError) as caught:
+        SecretSource("file", str(path)).read()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(path) in message and f"{mode:04o}" in message
+    assert b"horse" not in message.encode()
+
+
+def test_owner_only_modes_are_accepted(tmp_path: Path) -> None:
+    for mode in (0o400, 0o600, 0o700):
+        path = private_file(tmp_path / f"key{mode:o}", mode=mode)
+        assert SecretSource("file", str(path)).read() == SECRET
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    for path, words in (
+        (tmp_path / "missing", ["cannot open", "No such file"]),
+        (tmp_path, ["not a regular file"]),
+        (Path("/dev/null"), ["not a regular file"]),
+        (private_file(tmp_path / "empty", b""), ["is empty", "--secret-file"]),
+        (private_file(tmp_path / "big", b"x" * (MAX_SECRET + 1)), ["not a passphrase"]),
+    ):
+        with pytest.raises(SecretError) as caught:
+            SecretSource("file", str(path)).read()
+        assert str(path) in str(caught.value)
+        for word in words:
+            assert word in str(caught.value)
+
+
+def test_fd_is_read_to_its_end_then_closed() -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, SECRET)
+    os.close(write_end)
+    assert SecretSource("fd", str(read_end)).read() == SECRET
+    with pytest.raises(OSError):
+        os.fstat(read_end)  # closed
+
+
+def test_bad_fds_are_refused() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    for text, words in (
+        (str(read_end), ["not an open file descriptor"]),
+        ("-1", ["not a file descriptor number"]),
+        ("three", ["not a file descriptor number"]),
+    ):
+        with pytest.raises(SecretError) as caught:
+            SecretSource("fd", text).read()
+        for word in words:
+            assert word in str(caught.value)
+
+
+def test_kernel_keyring_user_key() -> None:
+    with user_key(SECRET) as name:
+        assert SecretSource("keyring", name).read() == SECRET
+    with pytest.raises(SecretError) as caught:  # unlinked: gone
+        SecretSource("keyring", name).read()
+    assert f"--secret-keyring {name}: no such user key" in str(caught.value)
+
+
+def test_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    private_file(creds / "vtpm-key", mode=0o400)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert SecretSource("credential", "vtpm-key").read() == SECRET
+    for name, words in (
+        ("other", ["cannot open", "other"]),
+        ("../x", ["not a credential name"]),
+    ):
+        with pytest.raises(SecretError) as caught:
+            SecretSource("credential", name).read()
+        for word in words:
+            assert word in str(caught.value)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(SecretError) as caught:
+        SecretSource("credential", "vtpm-key").read()
+    assert "$CREDENTIALS_DIRECTORY is not set" in str(caught.value)
+
+
+def test_two_sources_are_refused(tmp_path: Path) -> None:
+    path = private_file(tmp_path / "key")
+    with pytest.raises(SecretError) as caught:
+        read_secret([SecretSource("file", str(path)), SecretSource("keyring", "k")])
+    assert "give one secret" in str(caught.value)
