@@ -339,3 +339,25 @@ def test_an_overlay_disk_is_read_without_its_backing_file(
     base.unlink()
     assert read_tpm_vmstate([str(overlay)], "T1").permanent == permall(image, "T1")
     assert verify("--disk", str(overlay), str(image)).returncode == 0
+
+
+def test_only_the_tail_is_read(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """48 MiB of guest RAM that is not zero makes a stream of some 50 MiB; finding the TPM
+    reads its first bytes, its last MiB and the section, whatever the RAM size."""
+    image, disk = images
+    with stack(tmp_path / "run", image, disk) as s:
+        state_a(s.tpm)
+        s.tis.qtest.command(f"memset 0x100000 0x{48 * 1024 * 1024:x} 0x5a")
+        s.vm("save", "T1")
+    read_bytes = []
+    with qcow2.open(str(disk)) as qimage:
+        view = qimage.snapshot("T1", name_only=True)
+
+        def counting(offset: int, length: int) -> bytes:
+            read_bytes.append(length)
+            return view.read_vmstate(offset, length)
+
+        assert view.vm_state_size > 48 * 1024 * 1024
+        section = find_tpm_section(counting, view.vm_state_size, source="x")
+    assert sum(read_bytes) <= 8 + 1024 * 1024 + len(section.permanent) + len(section.volatile) + 64
+    assert tpm_vmstate("T1", str(disk), section).permanent == permall(image, "T1")
