@@ -26,6 +26,7 @@ from .errors import (
     ImageLockedError,
     InvalidImageError,
     NoVmStateError,
+    OpenOptionError,
     OutOfRangeError,
     Qcow2Error,
     Qcow2IOError,
@@ -59,6 +60,7 @@ __all__ = [  # noqa: RUF022 - ordered by importance, as qemu.qmp does
     "EncryptionKeyError",
     "Qcow2IOError",
     "OutOfRangeError",
+    "OpenOptionError",
 ]
 
 #: Public names defined outside :mod:`qcow2.errors`, and the submodule defining each.

@@ -10,6 +10,7 @@
      +-- ReadOnlyError              a write on an image opened read-only or marked corrupt
      +-- EncryptionKeyError         an encrypted image without its key, or a wrong key
      +-- OutOfRangeError            a request outside the virtual disk (also a ValueError)
+     +-- OpenOptionError            an open option QEMU refuses (also a ValueError)
      +-- RefcountRangeError         a refcount would exceed its width or drop below 0
      +-- SnapshotError              duplicate or invalid tag, too many snapshots, ...
      |    +-- SnapshotNotFoundError no snapshot has that ID or name
@@ -141,6 +142,12 @@ class EncryptionKeyError(Qcow2Error):
 
 class OutOfRangeError(Qcow2Error, ValueError):
     """A request outside the virtual disk, or an invalid size argument."""
+
+    errno = _errno.EINVAL
+
+
+class OpenOptionError(Qcow2Error, ValueError):
+    """An open option (``overlap-check`` ...) QEMU refuses; the message is QEMU's."""
 
     errno = _errno.EINVAL
 

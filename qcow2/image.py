@@ -26,6 +26,7 @@ from .errors import (
     CorruptImageError,
     EncryptionKeyError,
     InvalidImageError,
+    OpenOptionError,
     OutOfRangeError,
     Qcow2Error,
     Qcow2IOError,
@@ -43,7 +44,7 @@ from .io.lock import lock_image
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
     from typing import TypeAlias
 
@@ -173,6 +174,12 @@ class Image:
         capacity = max(16, _CACHE_BYTES // header.cluster_size)
         self.refblock_cache = TableCache(self.file, header.cluster_size, capacity, "refblock")
         self.l2_cache = TableCache(self.file, header.cluster_size, capacity, "l2")
+        for cache, kind in (
+            (self.refblock_cache, overlap.REFCOUNT_BLOCK),
+            (self.l2_cache, overlap.ACTIVE_L2),
+        ):
+            cache.overlap_check = self._overlap_check
+            cache.overlap_ignore = kind
         self._refcounts: RefcountTable | None = None
         self._clusters: ClusterMap | None = None
         #: Parsed snapshot table; qcow2.snapshots replaces it when it rewrites the table.
@@ -650,10 +657,11 @@ class Image:
         self._check_open()
         if not self.writable or self._broken is not None:
             return
-        self.l2_cache.flush()
-        self.refblock_cache.flush()
-        self.l2_cache.flush()
-        self.file.flush()
+        with _GuestDataChange(self):  # a table write may hit metadata (overlap check)
+            self.l2_cache.flush()
+            self.refblock_cache.flush()
+            self.l2_cache.flush()
+            self.file.flush()
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the virtual disk as ``qemu-img resize [--shrink]`` does."""
@@ -874,6 +882,7 @@ def open(
     writable: bool = False,
     force_share: bool = False,
     key_secret: bytes | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> Image:
     """Open a qcow2 image and its backing chain; use as a context manager.
 
@@ -882,6 +891,10 @@ def open(
     ``key_secret`` is the passphrase of a LUKS-encrypted image (``encrypt.key-secret``):
     a wrong one raises :class:`~qcow2.errors.EncryptionKeyError`; without one the image
     opens for ``info`` and snapshot listing, and guest I/O raises that error.
+    ``options`` are QEMU's qcow2 open options, as ``qemu-io -c 'open -o ...'`` takes them:
+    ``overlap-check`` (``none``, ``constant``, ``cached`` the default, ``all``) and the
+    per-structure ``overlap-check.<name>`` booleans (:mod:`qcow2.overlap`); anything
+    else raises :class:`~qcow2.errors.OpenOptionError` with QEMU's message.
     """
     path = os.fspath(path)
     if writable and force_share:
@@ -889,7 +902,12 @@ def open(
             "force-share=on can only be used with read-only images", path=path
         )
     image = open_chain(
-        path, "qcow2", writable=writable, force_share=force_share, key_secret=key_secret
+        path,
+        "qcow2",
+        writable=writable,
+        force_share=force_share,
+        key_secret=key_secret,
+        options=options,
     )
     assert isinstance(image, Image)
     return image
@@ -905,6 +923,7 @@ def open_chain(
     mode: OpenMode = "strict",
     io: bool = True,
     backing: bool = True,
+    options: Mapping[str, str] | None = None,
 ) -> Layer:
     """Open the image ``path`` (``fmt`` "qcow2" or "raw", None: probe) and, with
     ``backing``, its backing chain: each image's ``backing`` is the next one, and closing
@@ -915,10 +934,18 @@ def open_chain(
     a writable open clears unknown autoclear bits and repairs a dirty image), ``"qemu"``
     qemu-img's, which with ``io`` needs what guest I/O needs (the key of an encrypted
     image, an external data file); ``io=False`` opens for metadata only (``qemu-img
-    info``).  Images below the top are opened read-only, without a key.
+    info``).  Images below the top are opened read-only, without a key.  ``options``
+    are the top image's open options (see :func:`open`).
     """
     top = _open_layer(
-        path, fmt, writable=writable, force_share=force_share, key=key_secret, mode=mode, io=io
+        path,
+        fmt,
+        writable=writable,
+        force_share=force_share,
+        key=key_secret,
+        mode=mode,
+        io=io,
+        options=options,
     )
     if backing and isinstance(top, Image):
         try:
@@ -1016,6 +1043,7 @@ def _open_layer(
     key: bytes | None,
     mode: OpenMode,
     io: bool,
+    options: Mapping[str, str] | None = None,
 ) -> Layer:
     """One image of a chain, opened as :func:`open_chain` describes (no backing yet)."""
     if writable and mode != "strict":
@@ -1025,16 +1053,22 @@ def _open_layer(
         if not force_share:
             lock_image(f.fd, path, writable=writable)
         if fmt == "raw" or (fmt is None and f.pread(0, 4) != layout.MAGIC_BYTES):
+            if options:
+                raise OpenOptionError(
+                    f"Block format 'raw' does not support the option '{next(iter(options))}'",
+                    path=path,
+                )
             return RawImage(f)
         if fmt not in (None, "qcow2"):
             raise UnsupportedFeatureError(f"Unsupported image format '{fmt}'", path=path)
         header = read_header(f, writable=writable, mode=mode, io=io)
+        checks = overlap.parse_options(options) if options else overlap.DEFAULT
         cipher = None
         if mode == "strict":
             cipher, header = _open_for_library(f, header, key)
         elif io:
             cipher = require_io_resources(f, header, key)
-        return Image(f, header, force_share=force_share, cipher=cipher)
+        return Image(f, header, force_share=force_share, cipher=cipher, overlap_checks=checks)
     except BaseException:
         f.close()
         raise

@@ -10,6 +10,8 @@ tables to check those too.  :meth:`qcow2.image.Image._overlap_check` does the ch
 
 from __future__ import annotations
 
+from .errors import OpenOptionError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -58,32 +60,37 @@ TEMPLATES = {"none": 0, "constant": CONSTANT, "cached": CACHED, "all": ALL}
 DEFAULT = CACHED
 
 
-class OverlapOptionError(ValueError):
-    """An ``overlap-check`` option QEMU refuses; the message is QEMU's."""
+#: every open option this module reads
+OPTIONS = frozenset({"overlap-check", "overlap-check.template", *OPTION_FLAGS})
 
 
 def _bool(name: str, value: str) -> bool:
-    if value == "on":
+    """QEMU's ``qapi_bool_parse``."""
+    if value in ("on", "yes", "true", "y"):
         return True
-    if value == "off":
+    if value in ("off", "no", "false", "n"):
         return False
-    raise OverlapOptionError(f"Parameter '{name}' expects 'on' or 'off'")
+    raise OpenOptionError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def parse_options(options: Mapping[str, str]) -> int:
-    """The overlap-check flags QEMU derives from the open options ``options`` (only the
-    ``overlap-check`` ones are looked at; ``overlap-check.template`` is the template's
-    other spelling)."""
+    """The overlap-check flags QEMU derives from the open options ``options``
+    (``overlap-check.template`` is the template's other spelling); raises
+    :class:`~qcow2.errors.OpenOptionError` with QEMU's message for a bad value or an option
+    the qcow2 driver does not have."""
+    for key in options:
+        if key not in OPTIONS:
+            raise OpenOptionError(f"Block format 'qcow2' does not support the option '{key}'")
     main = options.get("overlap-check")
     template = options.get("overlap-check.template")
     if main is not None and template is not None and main != template:
-        raise OverlapOptionError(
+        raise OpenOptionError(
             f"Conflicting values for qcow2 options 'overlap-check' ('{main}') and "
             f"'overlap-check.template' ('{template}')"
         )
     name = main if main is not None else template if template is not None else "cached"
     if name not in TEMPLATES:
-        raise OverlapOptionError(
+        raise OpenOptionError(
             f"Unsupported value '{name}' for qcow2 option 'overlap-check'. Allowed are any "
             "of the following: none, constant, cached, all"
         )

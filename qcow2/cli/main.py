@@ -283,7 +283,13 @@ def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
 
     key = _key(spec)
     try:
-        image = _api().open(spec.path, writable=writable, force_share=force_share, key_secret=key)
+        image = _api().open(
+            spec.path,
+            writable=writable,
+            force_share=force_share,
+            key_secret=key,
+            options=spec.options,
+        )
     except (Qcow2Error, OSError) as err:
         raise _open_error(spec.arg, err) from err
     if image.encrypted and key is None:

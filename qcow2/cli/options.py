@@ -126,9 +126,10 @@ class ImageSpec:
     ``path`` is the file to open; ``arg`` is the argument as given (qemu-img's name in
     "Could not open '...'"); ``display`` is the name ``info`` shows; ``fmt`` the format
     (None: probe); ``key_id`` the ``encrypt.key-secret`` id and ``key`` its secret (None
-    if no secret of that id was given)."""
+    if no secret of that id was given); ``options`` the qcow2 open options given
+    (``overlap-check`` ...), validated, for :func:`qcow2.open`."""
 
-    __slots__ = ("arg", "display", "fmt", "key", "key_id", "path")
+    __slots__ = ("arg", "display", "fmt", "key", "key_id", "options", "path")
 
     def __init__(
         self,
@@ -138,8 +139,10 @@ class ImageSpec:
         fmt: str | None = None,
         key_id: str | None = None,
         key: bytes | None = None,
+        options: dict[str, str] | None = None,
     ) -> None:
         self.path = path
+        self.options = options or {}
         self.arg = arg
         self.display = display
         self.fmt = fmt
@@ -170,11 +173,22 @@ def image_spec(
         raise OptionError(
             f"Could not open '{arg}': Cannot find device='{arg}' nor node-name='{arg}'"
         )
+    from ..overlap import OPTIONS
+
     for key in opts:
-        if key not in _IMAGE_OPTS:
+        if key not in _IMAGE_OPTS and key not in OPTIONS:
             raise OptionError(
                 f"Could not open '{arg}': Block format does not support option '{key}'"
             )
+    open_options = {key: value for key, value in opts.items() if key in OPTIONS}
+    if open_options:
+        from ..errors import OpenOptionError
+        from ..overlap import parse_options
+
+        try:
+            parse_options(open_options)
+        except OpenOptionError as err:
+            raise OptionError(f"Could not open '{arg}': {err.message}") from err
     filename = opts.get("file.filename")
     if filename is None:
         raise OptionError(f"Could not open '{arg}': A block device must be specified for \"file\"")
@@ -198,6 +212,7 @@ def image_spec(
         fmt=driver,
         key_id=key_id,
         key=secrets.get(key_id) if key_id is not None else None,
+        options=open_options,
     )
 
 

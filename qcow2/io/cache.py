@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from .fileio import HostFile, fault_point
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 class TableCache:
     """Cluster-sized tables keyed by host offset, LRU, write-back."""
@@ -28,6 +32,12 @@ class TableCache:
         #: Set when data written since the last flush must be durable before the tables
         #: (QEMU's ``qcow2_cache_depends_on_flush``: COW data before the L2 entry).
         self.flush_before_write = False
+        #: Called with (offset, length, ignore) before tables are written back (the
+        #: image's metadata overlap check, QEMU's ``qcow2_cache_entry_flush``); raising
+        #: stops the write-back before any of those tables is written.
+        self.overlap_check: Callable[[int, int, int], None] | None = None
+        #: The structure kind this cache holds (qcow2.overlap flag): no overlap with itself.
+        self.overlap_ignore = 0
 
     def set_dependency(self, other: TableCache) -> None:
         """Write ``other`` (and flush the file) before writing any table of this cache.
@@ -62,6 +72,8 @@ class TableCache:
 
     def put(self, offset: int, table: bytearray, *, dirty: bool) -> None:
         """Insert a table built in memory (a new or copied table)."""
+        if dirty:
+            self._check_overlap(offset)
         self._insert(offset, table)
         if dirty:
             self._dirty.add(offset)
@@ -70,7 +82,16 @@ class TableCache:
         """Record that the cached table at ``offset`` was modified."""
         if offset not in self._tables:
             raise KeyError(f"table at {offset:#x} is not cached (use put)")
+        if offset not in self._dirty:
+            self._check_overlap(offset)
         self._dirty.add(offset)
+
+    def _check_overlap(self, offset: int) -> None:
+        """A table about to change must not be other metadata as well: checked when it
+        is first marked dirty (the request fails before anything is written) and again
+        before it is written back."""
+        if self.overlap_check is not None:
+            self.overlap_check(offset, self.table_size, self.overlap_ignore)
 
     def is_dirty(self) -> bool:
         """True if some table waits to be written."""
@@ -96,6 +117,8 @@ class TableCache:
             # refcounts before the L2 entries using them; L2 entries gone before the
             # refcounts they held drop): make those durable first.
             self.flush_dependency()
+        for offset in offsets:
+            self._check_overlap(offset)
         if self.flush_before_write:
             self.file.flush()
             self.flush_before_write = False

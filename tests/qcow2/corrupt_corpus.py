@@ -45,8 +45,8 @@ class Case:
 
     ``op`` is a qemu-io command (``read``/``write``/``write -z``/``write -z -u``/
     ``discard`` with offset and length); ``compat`` the image version; ``damage`` patches
-    the base image; ``setup`` are qemu-io commands run before the damage; ``opts`` are
-    qcow2 open options (``overlap-check`` ...).
+    the base image; ``setup`` are qemu-io commands run before the damage (``snapshot``
+    adds one); ``opts`` are qcow2 open options (``overlap-check`` ...).
     """
 
     name: str
@@ -56,15 +56,24 @@ class Case:
     setup: tuple[str, ...] = ("write -P 7 0 64k",)
     snapshot: bool = False
     opts: dict[str, str] = field(default_factory=dict)
+    #: QEMU writes the new data cluster past the old end of the file before it refuses
+    qemu_grows: bool = False
 
     def build(self, path: Path) -> Path:
         oracle.create(path, 1024 * KiB, compat=self.compat)
         if self.setup:
             oracle.qemu_io(path, *self.setup)
         if self.snapshot:
+            # a snapshot, then a write that gives the active L1 its own L2 table
             oracle.qemu_img("snapshot", "-c", "snap", os.fspath(path))
+            oracle.qemu_io(path, "write -P 8 0 4k")
         self.damage(path)
         return path
+
+    def image_opts(self, path: Path) -> str:
+        """qemu-io's ``--image-opts`` for ``path`` with this case's open options."""
+        opts = "".join(f",{key}={value}" for key, value in self.opts.items())
+        return f"driver=qcow2,file.filename={os.fspath(path)}{opts}"
 
 
 def _l1(value: int) -> Callable[[Path], None]:
@@ -81,6 +90,34 @@ def _refcount(cluster: int, value: int) -> Callable[[Path], None]:
 
 def _reftable(value: int) -> Callable[[Path], None]:
     return lambda p: poke(p, REFTABLE, "Q", value)
+
+
+def _snapshot_l1(p: Path) -> int:
+    """Host offset of the first snapshot's L1 table."""
+    return peek(p, peek(p, 64))
+
+
+def _active_l2(p: Path) -> int:
+    return peek(p, L1) & 0x00FFFFFFFFFFFE00
+
+
+def _into_inactive_l2(p: Path) -> None:
+    """Active L2[1] points (COPIED) at the snapshot's own L2 table."""
+    poke(p, _active_l2(p) + 8, "Q", COPIED | peek(p, _snapshot_l1(p)) & 0x00FFFFFFFFFFFE00)
+
+
+def _into_inactive_l1(p: Path) -> None:
+    poke(p, _active_l2(p) + 8, "Q", COPIED | _snapshot_l1(p))
+
+
+def _into_snapshot_table(p: Path) -> None:
+    poke(p, _active_l2(p) + 8, "Q", COPIED | peek(p, 64))
+
+
+def unref_inactive_l2(p: Path) -> None:
+    """Refcount 0 for the snapshot's own L2 table: the next allocation takes it."""
+    l2 = peek(p, _snapshot_l1(p)) & 0x00FFFFFFFFFFFE00
+    poke(p, REFBLOCK + 2 * (l2 // CS), "H", 0)
 
 
 def _zero_refblock(p: Path) -> None:
@@ -126,5 +163,66 @@ CASES = [
     Case("v2_zero_flag_read", _l2(COPIED | DATA | ZERO), "read 0 4k", compat="0.10"),
     Case("v2_zero_flag_write", _l2(COPIED | DATA | ZERO), "write 0 4k", compat="0.10"),
 ]
+
+# 060 "L1 reference into a refcount block": the allocation's refcount update would
+# write the block that is also the L2 table (QEMU also writes the data cluster past the
+# old end of the file first; we refuse before that)
+CASES.append(Case("l1_into_refblock", _l1(COPIED | REFBLOCK), "write 128k 4k", qemu_grows=True))
+
+# overlap-check modes and toggles: "cached" (the default) does not see inactive L2 tables
+OVERLAP_CASES = [
+    Case("inactive_l2_cached", _into_inactive_l2, "write 64k 512", snapshot=True),
+    Case(
+        "inactive_l2_all",
+        _into_inactive_l2,
+        "write 64k 512",
+        snapshot=True,
+        opts={"overlap-check": "all"},
+    ),
+    Case(
+        "inactive_l2_on",
+        _into_inactive_l2,
+        "write 64k 512",
+        snapshot=True,
+        opts={"overlap-check": "cached", "overlap-check.inactive-l2": "on"},
+    ),
+    Case(
+        "inactive_l2_all_off",
+        _into_inactive_l2,
+        "write 64k 512",
+        snapshot=True,
+        opts={"overlap-check": "all", "overlap-check.inactive-l2": "off"},
+    ),
+    Case(
+        "inactive_l2_template",
+        _into_inactive_l2,
+        "write 64k 512",
+        snapshot=True,
+        opts={"overlap-check.template": "all"},
+    ),
+    Case("inactive_l1", _into_inactive_l1, "write 64k 512", snapshot=True),
+    Case(
+        "inactive_l1_off",
+        _into_inactive_l1,
+        "write 64k 512",
+        snapshot=True,
+        opts={"overlap-check.inactive-l1": "off"},
+    ),
+    Case("snapshot_table", _into_snapshot_table, "write 64k 512", snapshot=True),
+    Case("l2_into_l1_none", _l2(COPIED | L1), "write 0 512", opts={"overlap-check": "none"}),
+    Case(
+        "l2_into_l1_no_active_l1",
+        _l2(COPIED | L1),
+        "write 0 512",
+        opts={"overlap-check.active-l1": "off"},
+    ),
+    Case(
+        "l2_refcount_zero_constant",
+        _refcount(L2 // CS, 0),
+        "write 128k 4k",
+        opts={"overlap-check": "constant"},
+    ),
+]
+CASES.extend(OVERLAP_CASES)
 
 BY_NAME = {case.name: case for case in CASES}
