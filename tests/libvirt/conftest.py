@@ -4,8 +4,10 @@
 in a private mount namespace: ``/etc/libvirt``, ``/run/libvirt``, ``/var/lib/libvirt``,
 ``/var/cache/libvirt``, ``/var/log/libvirt`` and ``/var/log/swtpm`` are bind mounts of
 directories under one private base directory, so the daemon has its own configuration,
-sockets, domain definitions, swtpm state and logs, and never touches a system libvirt's
-(the system's swtpm local CA and binaries are shared, as they would be).  The same files
+sockets, domain definitions, swtpm state and logs, and never touches a system libvirt's.
+The swtpm local CA (``/var/lib/swtpm-localca``) is private too and starts empty, ``tss:root
+0750`` as swtpm-tools' postinst makes it: a fresh machine's.  Commands that must see what
+libvirt sees run through :meth:`Libvirtd.in_namespace`.  The same files
 are visible to the tests at ``daemon.base / ...`` (the client socket is
 ``daemon.base / "run/libvirt-sock"``).
 
@@ -41,6 +43,7 @@ PRIVATE_DIRS = {
     "/var/cache/libvirt": "cache",
     "/var/log/libvirt": "log",
     "/var/log/swtpm": "swtpmlog",
+    "/var/lib/swtpm-localca": "localca",
 }
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
@@ -129,6 +132,9 @@ def _make_base() -> Path:
     qemu_dir.mkdir(mode=0o750)
     shutil.chown(qemu_dir, "libvirt-qemu", "libvirt-qemu")
     (base / "cache").chmod(0o711)
+    localca = base / "localca"
+    localca.chmod(0o750)
+    shutil.chown(localca, "tss", "root")
     return base
 
 

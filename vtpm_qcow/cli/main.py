@@ -101,7 +101,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             state = Path(tmp) / "state.lin"
             kind = "TPM 1.2" if args.tpm12 else "TPM 2.0"
             _say(args, f"Manufacturing a {kind} with swtpm_setup")
-            run_setup(f"file://{state}", tpm2=not args.tpm12, options=options)
+            run_setup(f"file://{state}", tpm2=not args.tpm12, options=options, ca_dir=args.ca_dir)
             data = plainstate.layout_from_file(state)
         if store is None:
             store = Store.create(args.image, size=args.size, cluster_size=args.cluster_size)
@@ -703,6 +703,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true", help="create IMAGE if it does not exist")
     p.add_argument("--overwrite", action="store_true", help="replace existing TPM state")
     p.add_argument("--tpm12", action="store_true", help="a TPM 1.2 (default: TPM 2.0)")
+    p.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help="sign the certificates with a local CA in DIR (created if missing) instead of "
+        "the system's (/var/lib/swtpm-localca, which is signed with as its owner, so that "
+        "libvirt's swtpm_setup as tss keeps working)",
+    )
     _size_args(p)
     p.set_defaults(passthrough=True)
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from types import TracebackType
 from typing import Final
 
 from ..errors import SwtpmError
+from . import localca
 
 #: swtpm control channel commands (swtpm's ``tpm_ioctl.h``).
 CMD_GET_CAPABILITY: Final = 0x01
@@ -67,15 +69,25 @@ def run_setup(
     options: Sequence[str] = (),
     overwrite: bool = True,
     timeout: float = SETUP_TIMEOUT,
+    ca_dir: str | None = None,
 ) -> str:
     """Run ``swtpm_setup`` on ``tpmstate`` (a directory or ``file://PATH``), return its output.
 
-    ``options`` pass through (``--create-ek-cert``, ``--create-platform-cert``, ...).
+    ``options`` pass through (``--create-ek-cert``, ``--create-platform-cert``, ...).  The
+    certificates come from the system's local CA, signed as the CA's owner, or from a CA in
+    ``ca_dir`` (:mod:`vtpm_qcow.tpm.localca`): the system's CA is never left with files of
+    another owner.
     """
     setup = find_tool("swtpm_setup")
-    cmd = [setup, "--tpmstate", tpmstate, *(["--tpm2"] if tpm2 else []), *options]
-    if overwrite and "--overwrite" not in options and "--not-overwrite" not in options:
-        cmd.append("--overwrite")
+    with tempfile.TemporaryDirectory(prefix="vtpm-qcow-swtpm-setup-") as workdir:
+        config = localca.setup_options(options, Path(workdir), ca_dir)
+        cmd = [setup, "--tpmstate", tpmstate, *(["--tpm2"] if tpm2 else []), *config, *options]
+        if overwrite and "--overwrite" not in options and "--not-overwrite" not in options:
+            cmd.append("--overwrite")
+        return _run_setup(setup, cmd, tpmstate, timeout)
+
+
+def _run_setup(setup: str, cmd: list[str], tpmstate: str, timeout: float) -> str:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as err:
