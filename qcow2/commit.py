@@ -53,8 +53,11 @@ def merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int,
     return clusters
 
 
-def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None:
-    """Apply all ``(guest_offset, data)`` extents as one atomic, durable update.
+def commit_atomically(
+    image: Image, writes: Sequence[tuple[int, bytes]]
+) -> dict[int, bytearray]:
+    """Apply all ``(guest_offset, data)`` extents as one atomic, durable update; returns
+    the new content of every guest cluster written, by index.
 
     Called by :meth:`Image.commit_atomically`, which has checked that the image is
     writable and every extent lies inside the virtual disk.  After a crash at any point
@@ -67,7 +70,7 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
     writes = [(offset, bytes(data)) for offset, data in writes if data]
     if not writes:
         image.flush()  # "durable on return" holds for an empty commit too
-        return
+        return {}
     new_content = merge_writes(image, writes)
     cluster_size = header.cluster_size
     entry_size = header.l2_entry_size
@@ -94,3 +97,4 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> None
         # stay as they are (their clusters' refcounts do not change).
         txn.replace_l2(l1_index, table, [index % l2_entries for index in indexes])
     txn.commit()
+    return new_content

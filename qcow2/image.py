@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .format.header import OpenMode
     from .format.refcount import RefcountTable
     from .format.snapshot_table import SnapshotEntry
+    from .io.datacache import DataCache
     from .l2 import Run
     from .snapshots import SnapshotView
 
@@ -165,6 +166,8 @@ class Image:
         #: ``overlap-check`` option, "cached" by default).
         self.overlap_checks = overlap_checks
         self._compressed_cache: tuple[int, bytes] | None = None
+        #: Guest clusters kept in memory (None: off; :meth:`enable_data_cache`).
+        self.data_cache: DataCache | None = None
         self._load_metadata()
 
     # Section: metadata setup
@@ -220,6 +223,7 @@ class Image:
 
     def _reload_metadata(self) -> None:
         """Re-read everything after another module rewrote metadata behind the caches."""
+        self._forget_data()
         self.header = read_header(self.file, writable=self.writable)
         self._load_metadata()
 
@@ -312,6 +316,7 @@ class Image:
         further writes) so nothing more reaches the file."""
         self._check_writable()
         self._guest_data_changes()
+        self._forget_data()
         return _GuestDataChange(self)
 
     def _stop_after_corruption(self, err: CorruptImageError) -> None:
@@ -470,6 +475,29 @@ class Image:
         """``length`` guest bytes at ``offset`` (backing file and zeros included)."""
         self._check_io()
         self._check_range(offset, length)
+        cache = self.data_cache
+        if cache is not None and length:
+            return cache.read(offset, length, self._read_within)
+        return self._read(offset, length)
+
+    def enable_data_cache(self, limit: int, *, readahead: int = 0) -> None:
+        """Keep up to ``limit`` bytes of guest clusters in memory (:mod:`qcow2.io.datacache`),
+        reading at least ``readahead`` bytes on a miss: for images read and rewritten in
+        small pieces through :meth:`commit_atomically`."""
+        from .io.datacache import DataCache
+
+        self.data_cache = DataCache(self.header.cluster_size, limit, readahead)
+
+    def _forget_data(self) -> None:
+        if self.data_cache is not None:
+            self.data_cache.clear()
+
+    def _read_within(self, offset: int, length: int) -> bytes:
+        """:meth:`_read`, cut at the disk's end (the data cache reads whole clusters)."""
+        length = min(length, self.header.size - offset)
+        return self._read(offset, length) if length > 0 else b""
+
+    def _read(self, offset: int, length: int) -> bytes:
         try:
             runs = self.clusters.map_range(offset, length)
             if len(runs) == 1 and runs[0][2] == SubclusterType.NORMAL:
@@ -732,6 +760,7 @@ class Image:
 
     def _before_metadata_rewrite(self) -> None:
         """Other modules read and write tables directly: start them from a clean state."""
+        self._forget_data()
         self.flush()
         self._compressed_cache = None
 
@@ -826,7 +855,13 @@ class Image:
         self._compressed_cache = None
         self._guest_data_changes()
         with _GuestDataChange(self):
-            commit_atomically(self, writes)
+            try:
+                written = commit_atomically(self, writes)
+            except BaseException:
+                self._forget_data()
+                raise
+        if self.data_cache is not None:
+            self.data_cache.store(written)
 
     def check(self, repair: str | None = None) -> CheckResult:
         """``qemu-img check [-r leaks|all]``."""

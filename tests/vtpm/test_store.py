@@ -373,9 +373,10 @@ def test_oversized_layouts_are_refused_not_read(tmp_path: Path) -> None:
 def test_a_writable_store_commits_sections_without_reading_the_image_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The store keeps the linear file's start it read or committed (dir view commits
-    read the layout and the clusters around their writes), and the kept bytes follow
-    every commit, snapshot apply and resize."""
+    """A writable store keeps the linear file's clusters it read or committed in qcow2's
+    data cache (dir view commits read the layout and the clusters around their writes):
+    no guest data is read from the image file again, and the kept bytes follow every
+    commit, snapshot apply and resize."""
     path = tmp_path / "vtpm.qcow2"
     blob_a, blob_b, blob_c = b"A" * 3000, b"B" * 5000, b"C" * 1500
     with Store.create(path) as store:
@@ -384,13 +385,13 @@ def test_a_writable_store_commits_sections_without_reading_the_image_back(
         store.create_snapshot("s1")
         assert store.read_section("permall") == blob_a  # one read of the start: kept
         reads: list[tuple[int, int]] = []
-        image_read = store.image.read
+        uncached_read = store.image._read  # what the data cache fills itself with
 
         def counted(offset: int, length: int) -> bytes:
             reads.append((offset, length))
-            return bytes(image_read(offset, length))
+            return bytes(uncached_read(offset, length))
 
-        monkeypatch.setattr(store.image, "read", counted)
+        monkeypatch.setattr(store.image, "_read", counted)
         store.write_section("permall", blob_c)
         store.write_section("permall", blob_a + b"x")
         assert store.read_section("permall") == blob_a + b"x"

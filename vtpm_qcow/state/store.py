@@ -49,36 +49,12 @@ MAX_SIZE: Final = 1 << 32
 #: Layouts ending beyond this are refused rather than read into memory (swtpm's state with
 #: EK certificates is about 30 KiB; libtpms caps its NV memory far below this).
 MAX_LAYOUT: Final = 64 * 1024 * 1024
-#: How much of the linear file a writable store keeps in memory (swtpm's state is about
-#: 30 KiB with EK certificates), read in steps of at least PREFIX_CACHE_STEP.
-PREFIX_CACHE_LIMIT: Final = 1024 * 1024
-PREFIX_CACHE_STEP: Final = 64 * 1024
-
-
-def _whole_clusters(
-    extents: list[tuple[int, bytes]], prefix: bytearray | None, image: qcow2.Image
-) -> list[tuple[int, bytes]]:
-    """``extents`` as the whole clusters they touch, completed from ``prefix`` (the cached
-    start of the linear file), so that the commit does not read those clusters back
-    through the image (docs/BENCHMARKS.md); ``extents`` itself when the prefix does not
-    cover them.  Later extents win, as in
-    :meth:`qcow2.Image.commit_atomically`."""
-    if prefix is None:
-        return extents
-    cs = image.cluster_size
-    first = min(offset for offset, _ in extents) // cs * cs
-    end = -(-max(offset + len(data) for offset, data in extents) // cs) * cs
-    if end > len(prefix):
-        return extents
-    window = bytearray(prefix[first:end])
-    touched: set[int] = set()
-    for offset, data in extents:
-        window[offset - first : offset - first + len(data)] = data
-        touched.update(range(offset // cs, (offset + len(data) - 1) // cs + 1))
-    return [
-        (index * cs, bytes(window[index * cs - first : (index + 1) * cs - first]))
-        for index in sorted(touched)
-    ]
+#: How much of the linear file a writable store keeps in memory, in qcow2's data cache
+#: (swtpm's state is about 30 KiB with EK certificates): reads and the completion of a
+#: commit's partly written clusters come from there (docs/BENCHMARKS.md).
+DATA_CACHE_LIMIT: Final = 1024 * 1024
+#: What a cache miss reads at least: the whole state and the room after it, in one read.
+DATA_CACHE_READAHEAD: Final = 64 * 1024
 
 
 def digest(data: bytes) -> str:
@@ -149,12 +125,10 @@ class Store:
         self._generation = 0
         self._lock = threading.RLock()
         self._closed = False
-        #: The linear file's first bytes (a multiple of the cluster size or all of it), as
-        #: last read or committed; None when unknown.  Only for writable stores: they hold
-        #: the image's write lock, so every change goes through this object (a shared
-        #: reader must see other writers' changes).  A dir view commit reads the layout
-        #: and the clusters around its writes: from here instead of through qcow2.
-        self._prefix: bytearray | None = None
+        if writable:
+            # Only a writer holds the image's write lock, so every change goes through it;
+            # a shared reader must see other writers' changes.
+            image.enable_data_cache(DATA_CACHE_LIMIT, readahead=DATA_CACHE_READAHEAD)
 
     # Section: life cycle
 
@@ -244,23 +218,6 @@ class Store:
 
     def _changed(self) -> None:
         self._generation += 1
-        self._prefix = None
-
-    def _cached(self, offset: int, length: int) -> bytearray | None:
-        """The cached prefix, extended to cover ``[offset, +length)`` if that lies within
-        :data:`PREFIX_CACHE_LIMIT`; None if it does not (read through the image)."""
-        end = offset + length
-        if not self.writable or end > PREFIX_CACHE_LIMIT:
-            return None
-        prefix = self._prefix
-        if prefix is None:
-            prefix = bytearray()
-        if end > len(prefix):
-            step = max(PREFIX_CACHE_STEP, self._image.cluster_size)
-            new_end = min(self.linear_size, -(-end // step) * step)
-            prefix += self._image.read(len(prefix), new_end - len(prefix))
-        self._prefix = prefix
-        return prefix
 
     # Section: the linear file (file view)
 
@@ -275,9 +232,6 @@ class Store:
             length = max(0, min(length, self.linear_size - offset))
             if not length:
                 return b""
-            prefix = self._cached(offset, length)
-            if prefix is not None:
-                return bytes(prefix[offset : offset + length])
             return bytes(self._image.read(offset, length))
 
     def commit_linear(self, writes: Iterable[tuple[int, bytes]]) -> None:
@@ -294,14 +248,8 @@ class Store:
                     )
             if not extents:
                 return
-            prefix, self._prefix = self._prefix, None  # unknown until the commit returns
-            self._image.commit_atomically(_whole_clusters(extents, prefix, self._image))
+            self._image.commit_atomically(extents)
             self._changed()
-            if prefix is not None:
-                for offset, data in extents:
-                    if offset < len(prefix):
-                        prefix[offset : offset + len(data)] = data[: len(prefix) - offset]
-                self._prefix = prefix
 
     def resize_linear(self, new_size: int) -> None:
         """The file view's ftruncate: bytes from ``new_size`` on read as zeros afterwards.
@@ -317,7 +265,6 @@ class Store:
                     path=self.path,
                 )
             if new_size < self.linear_size:
-                self._prefix = None  # also if the zeroing fails half-way
                 self._image.write_zeroes(new_size, self.linear_size - new_size)
                 self._image.flush()
                 self._changed()
@@ -510,7 +457,6 @@ class Store:
         with self._lock:
             self._check_open(write=True)
             self._require(tag)
-            self._prefix = None  # also if the apply fails after its switch
             self._image.apply_snapshot(tag, name_only=True)
             self._changed()
 
