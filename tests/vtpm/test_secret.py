@@ -16,8 +16,8 @@ from tests.helpers import need
 from vtpm_qcow.errors import SecretError
 from vtpm_qcow.state.secret import MAX_SECRET, SecretSource, read_secret
 
-#: a secret with bytes a text-minded reader would lose: spaces, a NUL, a trailing newline
-SECRET = b"correct horse \x00battery staple\n"
+#: a secret with what a careless reader would lose: spaces, non-ASCII, a trailing newline
+SECRET = "correct horse battery staple \u00e9\n".encode()
 
 
 def private_file(path: Path, data: bytes = SECRET, mode: int = 0o600) -> Path:
@@ -130,6 +130,15 @@ def test_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(SecretError) as caught:
         SecretSource("credential", "vtpm-key").read()
     assert "$CREDENTIALS_DIRECTORY is not set" in str(caught.value)
+
+
+@pytest.mark.parametrize("data", [b"nul\x00inside", b"latin-1 \xe9"])
+def test_what_qemu_would_refuse_is_refused(tmp_path: Path, data: bytes) -> None:
+    path = private_file(tmp_path / "key", data)
+    with pytest.raises(SecretError) as caught:
+        SecretSource("file", str(path)).read()
+    assert "not UTF-8 text without NUL bytes" in str(caught.value)
+    assert str(path) in str(caught.value)
 
 
 def test_two_sources_are_refused(tmp_path: Path) -> None:

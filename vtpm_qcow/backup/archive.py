@@ -48,6 +48,7 @@ from ..state.capture import (
     section_digests,
     state_digest_of,
 )
+from ..state.secret import OPTIONS_HINT
 from ..state.store import DEFAULT_SIZE, Store
 from . import FORMATS
 from .plainstate import (
@@ -87,13 +88,15 @@ def capture_image(
     tag: str | None = None,
     snapshots: bool = True,
     control: str | None = None,
+    key: bytes | None = None,
 ) -> StateCapture:
-    """A consistent capture of ``image``'s state (see the module docstring for how)."""
+    """A consistent capture of ``image``'s state (see the module docstring for how);
+    ``key`` unlocks an encrypted image opened here (a daemon holding it has its own)."""
     path = os.fspath(image)
     try:
-        store = Store.open(path, writable=False)
+        store = Store.open(path, writable=False, key=key)
     except ImageLockedError:
-        return _capture_held(path, tag=tag, snapshots=snapshots, control=control)
+        return _capture_held(path, tag=tag, snapshots=snapshots, control=control, key=key)
     with store:
         return _undated(capture_store(store, tag=tag, snapshots=snapshots))
 
@@ -104,7 +107,7 @@ def _undated(capture: StateCapture) -> StateCapture:
 
 
 def _capture_held(
-    path: str, *, tag: str | None, snapshots: bool, control: str | None
+    path: str, *, tag: str | None, snapshots: bool, control: str | None, key: bytes | None
 ) -> StateCapture:
     """Through the mount daemon holding ``path``; without one, a repeated shared read."""
     client = ControlClient(control) if control else ControlClient.for_image(path)
@@ -112,17 +115,19 @@ def _capture_held(
         if control:
             client.ping()  # the user named a daemon: its own error if it does not answer
         elif not daemon_answers(client):
-            return _capture_shared(path, tag=tag, snapshots=snapshots)
+            return _capture_shared(path, tag=tag, snapshots=snapshots, key=key)
         return client.capture(tag=tag, snapshots=snapshots)
 
 
-def _capture_shared(path: str, *, tag: str | None, snapshots: bool) -> StateCapture:
+def _capture_shared(
+    path: str, *, tag: str | None, snapshots: bool, key: bytes | None
+) -> StateCapture:
     """Read an image another process (QEMU) holds until two reads agree."""
     previous: StateCapture | None = None
     failure: Qcow2Error | StateFormatError | None = None
     for _ in range(SHARED_READ_ATTEMPTS):
         try:
-            with Store.open(path, writable=False, force_share=True) as store:
+            with Store.open(path, writable=False, force_share=True, key=key) as store:
                 current = _undated(capture_store(store, tag=tag, snapshots=snapshots))
         except (Qcow2Error, StateFormatError) as err:
             previous, failure = None, err  # read mid-update (or damaged): try again
@@ -172,10 +177,21 @@ def write_backup(
     fmt: str = "qcow2",
     overwrite: bool = False,
     progress: Progress = _no_progress,
+    key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Write ``capture`` as a backup in ``fmt`` at ``dest`` plus its manifest; the manifest."""
+    """Write ``capture`` as a backup in ``fmt`` at ``dest`` plus its manifest; the manifest.
+
+    ``key`` (the capture of an encrypted image): the backup stays encrypted, a qcow2 image
+    LUKS-encrypted with the same passphrase; raw and dir backups (plain state) are refused.
+    """
     if fmt not in FORMATS:
         raise StoreError(f"unknown backup format {fmt!r} (one of {', '.join(FORMATS)})", path=dest)
+    if key is not None and fmt != "qcow2":
+        raise StoreError(
+            f"is encrypted: its backup stays encrypted (--format qcow2), a {fmt} backup "
+            "would hold the plain state ('vtpm-qcow export' writes that on purpose)",
+            path=capture.source,
+        )
     path = Path(str(dest).rstrip("/") or "/")
     sections = layout_sections(capture.layout, capture.source)
     if not sections:
@@ -192,7 +208,7 @@ def write_backup(
         elif fmt == "dir":
             files = _write_dir_backup(path, sections, tpm2=tpm2)
         else:
-            _write_qcow2_backup(capture, path, progress)
+            _write_qcow2_backup(capture, path, progress, key)
             files = _file_digests(path, [""])
     except OSError as err:
         raise StoreError(
@@ -253,7 +269,9 @@ def _write_dir_backup(
     return files
 
 
-def _write_qcow2_backup(capture: StateCapture, path: Path, progress: Progress) -> None:
+def _write_qcow2_backup(
+    capture: StateCapture, path: Path, progress: Progress, key: bytes | None
+) -> None:
     """A standalone vTPM image: each snapshot's state then snapshotted, then the current."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -261,7 +279,7 @@ def _write_qcow2_backup(capture: StateCapture, path: Path, progress: Progress) -
     tmp.unlink()
     total = len(capture.snapshots) + 1
     try:
-        with Store.create(tmp, size=capture.linear_size) as store:
+        with Store.create(tmp, size=capture.linear_size, key=key) as store:
             for number, snap in enumerate(capture.snapshots, 1):
                 progress(number - 1, total, f"snapshot {snap.tag}")
                 store.replace_layout(snap.layout, source=f"{capture.source}@{snap.tag}")
@@ -290,6 +308,8 @@ class Verification:
     format: str = ""
     problems: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    #: what could not be checked and why (an encrypted backup verified without its key)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -304,6 +324,7 @@ class Verification:
             "ok": self.ok,
             "checked": self.checked,
             "problems": self.problems,
+            "notes": self.notes,
         }
 
 
@@ -332,7 +353,7 @@ def read_manifest(backup: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def read_backup(backup: str | os.PathLike[str], fmt: str) -> StateCapture:
+def read_backup(backup: str | os.PathLike[str], fmt: str, key: bytes | None = None) -> StateCapture:
     """The state a backup holds (current layout, and snapshots for qcow2)."""
     path = Path(str(backup).rstrip("/") or "/")
     if fmt == "raw":
@@ -342,7 +363,7 @@ def read_backup(backup: str | os.PathLike[str], fmt: str) -> StateCapture:
             raise StoreError("not a directory (a dir backup)", path=path)
         layout, _tpm2 = layout_from_dir(path)
         return StateCapture(str(path), 0, layout, ())
-    with Store.open(path, writable=False) as store:
+    with Store.open(path, writable=False, key=key) as store:
         return capture_store(store)
 
 
@@ -352,8 +373,9 @@ def _compare(found: Verification, what: str, expected: Any, actual: Any) -> None
         found.problems.append(f"{found.backup}: {what} differs from the manifest")
 
 
-def verify_backup(backup: str | os.PathLike[str]) -> Verification:
-    """Re-check a backup against its manifest: files, sections, snapshots, qcow2 check."""
+def verify_backup(backup: str | os.PathLike[str], key: bytes | None = None) -> Verification:
+    """Re-check a backup against its manifest: files, sections, snapshots, qcow2 check
+    (``key``: the passphrase of an encrypted qcow2 backup, for its sections)."""
     path = Path(str(backup).rstrip("/") or "/")
     manifest = read_manifest(path)
     fmt = str(manifest["format"])
@@ -371,9 +393,15 @@ def verify_backup(backup: str | os.PathLike[str]) -> Verification:
     for name in sorted(set(manifest["files"]) | set(actual_files)):
         _compare(found, f"file {name}", manifest["files"].get(name), actual_files.get(name))
     if fmt == "qcow2":
-        _check_qcow2(found, path)
+        _check_qcow2(found, path, key)
+        if key is None and Store.is_encrypted(path):
+            found.notes.append(
+                f"{path}: LUKS-encrypted: its files and qcow2 structure were checked; give "
+                f"its secret ({OPTIONS_HINT}) to check the TPM state inside"
+            )
+            return found
     try:
-        held = read_backup(path, fmt)
+        held = read_backup(path, fmt, key)
     except HANDLED as err:
         found.problems.append(str(err))
         return found
@@ -387,12 +415,19 @@ def verify_backup(backup: str | os.PathLike[str]) -> Verification:
     return found
 
 
-def _check_qcow2(found: Verification, path: Path) -> None:
-    """``qemu-img check`` through the qcow2 library: no corruption, leak or error."""
+def _check_qcow2(found: Verification, path: Path, key: bytes | None) -> None:
+    """``qemu-img check`` through the qcow2 library: no corruption, leak or error.  An
+    encrypted image's metadata is not encrypted: without the key its structure is checked
+    all the same (the library's check reads no guest data)."""
     found.checked.append("qcow2 check")
     try:
-        with qcow2.open(str(path)) as image:
-            result = image.check()
+        with qcow2.open(str(path), key_secret=key) as image:
+            if image.encrypted and key is None:
+                from qcow2.check import check_image
+
+                result = check_image(image, None)
+            else:
+                result = image.check()
     except Qcow2Error as err:
         found.problems.append(str(err))
         return
@@ -411,18 +446,20 @@ def restore_backup(
     image: str | os.PathLike[str],
     *,
     snapshot: str | None = None,
+    key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Verify ``backup``, then make its state ``image``'s current state.
+    """Verify ``backup``, then make its state ``image``'s current state (``key``: the
+    passphrase of an encrypted backup and of an encrypted image).
 
     An existing image keeps its snapshots and gets the backup's state in one atomic commit
     (like ``import``); ``snapshot`` picks the state of one of a qcow2 backup's snapshots.  A
     missing image is created: a copy of a qcow2 backup (with its snapshots) or a new image
     holding a raw/dir backup's state.  Returns the verification and the restored sections.
     """
-    found = verify_backup(backup)
+    found = verify_backup(backup, key)
     if not found.ok:
         raise StoreError(found.problems[0])
-    held = read_backup(backup, found.format)
+    held = read_backup(backup, found.format, key)
     layout = held.layout
     if snapshot is not None:
         chosen = [s for s in held.snapshots if s.tag == snapshot]
@@ -436,11 +473,11 @@ def restore_backup(
         size = read_manifest(backup).get("linear_size")
         if not isinstance(size, int) or size < len(layout):
             size = max(DEFAULT_SIZE, len(layout))  # not covered by the digests: sanitized
-        with Store.create(target, size=size) as new:
+        with Store.create(target, size=size, key=key) as new:
             new.replace_layout(layout, source=str(backup))
     else:
         try:
-            store = Store.open(target)
+            store = Store.open(target, key=key)
         except ImageLockedError as err:
             raise held_image_error(target, "a restore") from err
         with store:

@@ -9,6 +9,7 @@ exit status; tracebacks are for bugs only.  ``mount``/``serve``/``umount`` come 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -20,16 +21,19 @@ from typing import Any, Final, NoReturn
 from qcow2.errors import ImageLockedError
 
 from ..backup import FORMATS
-from ..errors import HANDLED, StateFormatError, StoreError
+from ..errors import HANDLED, SecretError, StateFormatError, StoreError
 from ..state.blob import parse_blob, permall_tpm_version
+from ..state.secret import OPTIONS_HINT
 from ..state.store import (
     DEFAULT_CLUSTER_SIZE,
+    DEFAULT_ITER_TIME,
     DEFAULT_SIZE,
     SnapshotInfo,
     Store,
     snapshot_digest,
 )
 from .mount import add_mount_commands
+from .secrets import add_secret_options, secret_key
 from .vm import add_vm_commands
 
 TYPE_CHECKING = False
@@ -72,10 +76,31 @@ def _human(size: int) -> str:
 # Section: create / setup
 
 
+def _new_key(args: argparse.Namespace) -> bytes | None:
+    """The key a new image is encrypted with: the secret, with --encrypt only."""
+    key = secret_key(args)
+    if args.encrypt and key is None:
+        raise SecretError(f"--encrypt needs the passphrase: give {OPTIONS_HINT}")
+    if key is not None and not args.encrypt:
+        raise SecretError("a secret was given for a new image without --encrypt")
+    return key
+
+
+def _create_store(args: argparse.Namespace) -> Store:
+    return Store.create(
+        args.image,
+        size=args.size,
+        cluster_size=args.cluster_size,
+        key=_new_key(args),
+        iter_time=args.iter_time,
+    )
+
+
 def cmd_create(args: argparse.Namespace) -> int:
-    with Store.create(args.image, size=args.size, cluster_size=args.cluster_size):
+    with _create_store(args):
         pass
-    _say(args, f"Created {args.image}: empty vTPM state image, {_human(args.size)} capacity")
+    what = "LUKS-encrypted" if args.encrypt else "empty"
+    _say(args, f"Created {args.image}: {what} vTPM state image, {_human(args.size)} capacity")
     return 0
 
 
@@ -93,7 +118,9 @@ def cmd_setup(args: argparse.Namespace) -> int:
     find_tool("swtpm_setup")  # fail before any progress output
     find_tool("swtpm")
     # An existing image is opened (and locked) first, so nothing is manufactured in vain.
-    store = _open_writable(args.image, "setup") if exists else None
+    if not exists:
+        _new_key(args)  # refused before swtpm_setup runs
+    store = _open_writable(args.image, "setup", secret_key(args)) if exists else None
     try:
         if store is not None and not args.overwrite and _holds_state(store):
             raise StoreError("already holds TPM state (use --overwrite)", path=args.image)
@@ -104,7 +131,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
             run_setup(f"file://{state}", tpm2=not args.tpm12, options=options, ca_dir=args.ca_dir)
             data = plainstate.layout_from_file(state)
         if store is None:
-            store = Store.create(args.image, size=args.size, cluster_size=args.cluster_size)
+            store = _create_store(args)
         store.replace_layout(data, source="swtpm_setup output")
         sizes = {name: info.size for name, info in store.sections().items()}
     finally:
@@ -129,10 +156,10 @@ def _sections_text(sizes: dict[str, int]) -> str:
 # Section: import / export
 
 
-def _open_writable(image: str, what: str) -> Store:
+def _open_writable(image: str, what: str, key: bytes | None) -> Store:
     """Open for writing; if the image is held, a one-line error saying by whom."""
     try:
-        return Store.open(image)
+        return Store.open(image, key=key)
     except ImageLockedError as err:
         from ..export.control import held_image_error
 
@@ -142,7 +169,7 @@ def _open_writable(image: str, what: str) -> Store:
 def cmd_import(args: argparse.Namespace) -> int:
     from ..backup import plainstate
 
-    with _open_writable(args.image, "an import") as store:
+    with _open_writable(args.image, "an import", secret_key(args)) as store:
         sizes = plainstate.import_state(store, args.source)
     _say(args, f"Imported {args.source} into {args.image}: {_sections_text(sizes)}")
     return 0
@@ -152,7 +179,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A consistent read (through the mount daemon if one holds the image), then write."""
     from ..backup import archive, plainstate
 
-    taken = archive.capture_image(args.image, snapshots=False, control=args.control)
+    taken = archive.capture_image(
+        args.image, snapshots=False, control=args.control, key=secret_key(args)
+    )
     as_dir = True if args.dir else None
     tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
     sizes = plainstate.export_layout(
@@ -180,11 +209,27 @@ def _progress(args: argparse.Namespace) -> Progress:
 def cmd_backup(args: argparse.Namespace) -> int:
     from ..backup import archive
 
+    key = secret_key(args)
+    encrypted = Store.is_encrypted(args.image)
+    if encrypted and key is None:  # a daemon would hand over the state: encrypt it again
+        raise StoreError(
+            f"is LUKS-encrypted: its backup is encrypted with its secret ({OPTIONS_HINT})",
+            path=args.image,
+        )
     taken = archive.capture_image(
-        args.image, tag=args.snapshot, snapshots=args.format == "qcow2", control=args.control
+        args.image,
+        tag=args.snapshot,
+        snapshots=args.format == "qcow2",
+        control=args.control,
+        key=key,
     )
     manifest = archive.write_backup(
-        taken, args.dest, fmt=args.format, overwrite=args.overwrite, progress=_progress(args)
+        taken,
+        args.dest,
+        fmt=args.format,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+        key=key if encrypted else None,
     )
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -197,11 +242,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..backup import archive
 
-    found = archive.verify_backup(args.backup)
+    found = archive.verify_backup(args.backup, key=secret_key(args))
     if args.json:
         print(json.dumps(found.to_dict(), indent=2))
     for problem in found.problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
+    for note in found.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if found.ok:
         _say(args, f"{args.backup}: {found.format} backup OK ({len(found.checked)} checks)")
         return 0
@@ -211,7 +258,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from ..backup import archive
 
-    result = archive.restore_backup(args.backup, args.image, snapshot=args.snapshot)
+    result = archive.restore_backup(
+        args.backup, args.image, snapshot=args.snapshot, key=secret_key(args)
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     sizes = {name: s["size"] for name, s in result["sections"].items()}
@@ -219,12 +268,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_readonly(image: str) -> Store:
+def _open_readonly(image: str, key: bytes | None, *, require_key: bool = True) -> Store:
     """Open read-only; if a daemon or QEMU holds the image, read it shared (like -U)."""
     try:
-        return Store.open(image, writable=False)
+        return Store.open(image, writable=False, key=key, require_key=require_key)
     except ImageLockedError:
-        return Store.open(image, writable=False, force_share=True)
+        return Store.open(image, writable=False, force_share=True, key=key, require_key=require_key)
 
 
 # Section: snapshots
@@ -240,7 +289,7 @@ _SNAPSHOT_CHANGES: Final = {
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.list:  # reading needs no daemon: a held image is read shared, like info
-        with _open_readonly(args.image) as store:
+        with _open_readonly(args.image, secret_key(args)) as store:
             snapshots = [_snapshot_dict(s) for s in store.snapshots()]
         if args.json:
             print(json.dumps(snapshots, indent=2))
@@ -252,7 +301,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     past, store_method, client_method = _SNAPSHOT_CHANGES[action]
     kwargs = {"overwrite": args.overwrite} if action == "create" else {}
     try:
-        store = Store.open(args.image)
+        store = Store.open(args.image, key=secret_key(args))
     except ImageLockedError as err:
         with _daemon_for(args.image, args.control, err) as client:
             getattr(client, client_method)(tag, **kwargs)
@@ -301,6 +350,38 @@ def _print_snapshots(snapshots: list[dict[str, Any]]) -> None:
 # Section: info
 
 
+def _encryption_text(encryption: dict[str, Any]) -> str:
+    """One line on a LUKS header: ``LUKS (aes-256 xts, sha256), key slots 0``."""
+    if encryption.get("format") != "luks":
+        return str(encryption.get("format", "unknown"))
+    slots = [str(i) for i, slot in enumerate(encryption.get("slots", ())) if slot.get("active")]
+    return (
+        f"LUKS ({encryption.get('cipher-alg')} {encryption.get('cipher-mode')}-"
+        f"{encryption.get('ivgen-alg')}, {encryption.get('hash-alg')}), "
+        f"key slots {', '.join(slots) or 'none'}"
+    )
+
+
+def locked_info_dict(store: Store) -> dict[str, Any]:
+    """What ``info`` shows of an encrypted image without its key: the header only."""
+    return {
+        "image": store.path,
+        "virtual_size": store.linear_size,
+        "cluster_size": int(store.image.cluster_size),
+        "encryption": store.encryption(),
+        "locked": True,
+        "snapshots": [
+            {
+                "tag": s.name,
+                "id": s.id,
+                "date": dt.datetime.fromtimestamp(s.date_sec, tz=dt.UTC).isoformat(),
+                "vm_state_size": s.vm_state_size,
+            }
+            for s in store.image.snapshots
+        ],
+    }
+
+
 def info_dict(store: Store) -> dict[str, Any]:
     """Everything ``info`` shows, JSON-ready."""
     image = store.image
@@ -335,6 +416,8 @@ def info_dict(store: Store) -> dict[str, Any]:
         "virtual_size": store.linear_size,
         "tpm_version": permall_tpm_version(permall) if permall else None,
         "cluster_size": int(image.cluster_size),
+        "encryption": store.encryption(),
+        "locked": False,
         "formatted": bool(found) or layout_error is not None or bool(store.layout()),
         "layout_error": layout_error,
         "state_digest": store.state_digest() if layout_error is None else None,
@@ -351,13 +434,22 @@ def _without_path(message: str, path: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with _open_readonly(args.image) as store:
-        info = info_dict(store)
+    key = secret_key(args)
+    with _open_readonly(args.image, key, require_key=False) as store:
+        info = locked_info_dict(store) if store.encrypted and key is None else info_dict(store)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"image: {info['image']}")
     print(f"capacity: {_human(info['virtual_size'])}, cluster size {info['cluster_size']}")
+    if info["encryption"]:
+        print(f"encryption: {_encryption_text(info['encryption'])}")
+    if info["locked"]:
+        print(f"state: LUKS-encrypted (give {OPTIONS_HINT} to read it)")
+        print(f"snapshots: {len(info['snapshots'])}")
+        for snap in info["snapshots"]:
+            print(f"  {snap['id']:<4} {snap['tag']:<24} {snap['date']}")
+        return 0
     if info["layout_error"]:
         print(f"state: unreadable: {info['layout_error']}")
     elif not info["sections"]:
@@ -401,9 +493,11 @@ def _open_for_check(args: argparse.Namespace) -> Store:
                 "--repair restores only a state a real swtpm loads; drop --no-load",
                 path=args.image,
             )
-        return _open_writable(args.image, "a repair")
+        return _open_writable(args.image, "a repair", secret_key(args))
     try:
-        return Store.open(args.image, writable=False, force_share=args.force_share)
+        return Store.open(
+            args.image, writable=False, force_share=args.force_share, key=secret_key(args)
+        )
     except ImageLockedError as err:
         raise StoreError(
             "in use by another process (swtpm/QEMU/a mount daemon); "
@@ -658,6 +752,25 @@ def _size_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _encrypt_args(p: argparse.ArgumentParser) -> None:
+    """--encrypt and --iter-time of a command that creates an image, and the secret."""
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="make a LUKS-encrypted image (encrypt.format=luks, aes-256-xts-plain64, as "
+        "qemu-img makes it; QEMU opens it with --object secret + encrypt.key-secret) with "
+        "the passphrase of --secret-file/--secret-fd/--secret-keyring/--secret-credential",
+    )
+    p.add_argument(
+        "--iter-time",
+        type=int,
+        default=DEFAULT_ITER_TIME,
+        metavar="MS",
+        help=f"PBKDF2 time of the key slot, in milliseconds (default {DEFAULT_ITER_TIME})",
+    )
+    add_secret_options(p)
+
+
 def _command(
     sub: Any, func: Handler, name: str, *, help: str, description: str
 ) -> argparse.ArgumentParser:
@@ -689,6 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _image_arg(p)
     _size_args(p)
+    _encrypt_args(p)
 
     p = _command(
         sub,
@@ -711,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
         "libvirt's swtpm_setup as tss keeps working)",
     )
     _size_args(p)
+    _encrypt_args(p)
     p.set_defaults(passthrough=True)
 
     p = _command(
@@ -732,6 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with -c: replace an existing TAG")
     _json_arg(p)
     _control_arg(p)
+    add_secret_options(p)
 
     p = _command(
         sub,
@@ -742,10 +858,12 @@ def build_parser() -> argparse.ArgumentParser:
         "savestate) with their blob headers and xxh3-128 digests, and each snapshot's state "
         "digest.  A state swtpm would refuse by its own structural checks shows as 'not "
         "loadable' ('vtpm-qcow check' also dry-loads it in a real swtpm).  A held image "
-        "(swtpm or QEMU running) is read shared.",
+        "(swtpm or QEMU running) is read shared.  Of an encrypted image without its "
+        "secret: the LUKS header and the snapshot table.",
     )
     _image_arg(p)
     _json_arg(p)
+    add_secret_options(p)
 
     p = _command(
         sub,
@@ -764,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     _image_arg(p)
     _json_arg(p)
     p.add_argument("--no-load", action="store_true", help="skip the dry load (no swtpm is started)")
+    add_secret_options(p)
     p.add_argument(
         "-U",
         "--force-share",
@@ -812,6 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", metavar="DIR|FILE", help="swtpm state dir (tpm2-00.permall...) or linear file"
     )
+    add_secret_options(p)
 
     p = _command(
         sub,
@@ -833,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
     names.add_argument("--tpm2", action="store_true", help="name dir files tpm2-00.* (TPM 2.0)")
     _control_arg(p)
+    add_secret_options(p)
 
     p = _command(
         sub,
@@ -862,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     _json_arg(p)
     _control_arg(p)
+    add_secret_options(p)
 
     p = _command(
         sub,
@@ -874,6 +996,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("backup", metavar="BACKUP", help="a backup written by 'vtpm-qcow backup'")
     _json_arg(p)
+    add_secret_options(p)
 
     p = _command(
         sub,
@@ -891,6 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot", metavar="TAG", help="restore the state of the backup's snapshot TAG"
     )
     _json_arg(p)
+    add_secret_options(p)
 
     _add_hooks(sub)
     _finish_help(sub)

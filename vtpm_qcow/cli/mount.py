@@ -17,6 +17,7 @@ import pwd
 import sys
 
 from ..export import VIEWS
+from .secrets import add_secret_options, secret_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--foreground", "-f", action="store_true", help="do not detach")
     parser.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    add_secret_options(parser)
 
 
 def _start(
@@ -105,7 +107,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     """``vtpm-qcow mount IMAGE MOUNTPOINT``."""
     from ..export.daemon import MountConfig
 
-    config = MountConfig(args.image, args.mountpoint, args.view, args.control, args.pid_file)
+    config = MountConfig(
+        args.image, args.mountpoint, args.view, args.control, args.pid_file, key=secret_key(args)
+    )
     return _start(args, config, None)
 
 
@@ -120,7 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mountpoint = os.fspath(runtime_dir() / f"mnt-{os.getpid()}")
         os.makedirs(mountpoint, mode=0o700, exist_ok=True)
         made = True
-    config = MountConfig(args.image, mountpoint, args.view, args.control, args.pid_file)
+    config = MountConfig(
+        args.image, mountpoint, args.view, args.control, args.pid_file, key=secret_key(args)
+    )
     swtpm = SwtpmConfig(
         ctrl=os.path.abspath(args.ctrl),
         flags=tuple(f for f in (args.swtpm_flags or "").split(",") if f),

@@ -31,6 +31,7 @@ from ..vm import (
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
 )
+from .secrets import add_secret_options, secret_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def _run(args: argparse.Namespace, body: Callable[[Monitor, VtpmSnapshots], Awai
 
     from ..vm.orchestrate import Monitor, open_vtpm
 
-    vtpm = open_vtpm(args.store, args.control)
+    vtpm = open_vtpm(args.store, args.control, secret_key(args))
     try:
 
         async def session() -> T:
@@ -190,7 +191,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ..vm.verify import verify
 
     try:
-        results = verify(args.disk, args.image, shared=args.force_share)
+        results = verify(args.disk, args.image, shared=args.force_share, key=secret_key(args))
     except HANDLED as err:
         print(f"vtpm-qcow: {err}", file=sys.stderr)
         return EXIT_VERIFY_ERROR
@@ -237,6 +238,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seconds to wait for a snapshot job (default {DEFAULT_JOB_TIMEOUT:g})",
     )
+    add_secret_options(parser)
 
 
 def add_vm_commands(subparsers: Any) -> None:
@@ -325,4 +327,5 @@ def add_vm_commands(subparsers: Any) -> None:
         help="open without QEMU's locks (the VM may be running, as qemu-img -U)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_secret_options(p)
     p.set_defaults(func=cmd_verify)

@@ -38,7 +38,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class MountConfig:
     view: str = "file"
     control: str | None = None
     pid_file: str | None = None
+    #: the passphrase of an encrypted image, read by the command before the daemon
+    #: detaches (a fork keeps it: never on a command line or in the environment)
+    key: bytes | None = field(default=None, repr=False)
 
     @property
     def control_path(self) -> Path:
@@ -116,12 +119,12 @@ class SwtpmConfig:
 # Section: running a mount
 
 
-def _open_store(image: str) -> Store:
+def _open_store(image: str, key: bytes | None) -> Store:
     from ..state.store import Store  # the store module is the layer this daemon serves
 
     if not os.path.exists(image):
         raise StoreError("no such image", path=image)
-    return Store.open(image, writable=True)
+    return Store.open(image, writable=True, key=key)
 
 
 def _check_mountpoint(mountpoint: str) -> None:
@@ -173,7 +176,7 @@ def run_mount(
         raise StoreError(f"unknown view {config.view!r} (file or dir)", path=config.image)
     mountpoint = os.path.abspath(config.mountpoint)
     _check_mountpoint(mountpoint)
-    store = _open_store(config.image)
+    store = _open_store(config.image, config.key)
     try:
         fs = make_fs(store, config.view)
         io = instrument(store, fs)
@@ -474,7 +477,10 @@ class _ReadyPipe:
 
 def _redirect_stdio(log_file: str | None) -> None:
     null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    try:
+        out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else null
+    except OSError as err:
+        raise StoreError(f"cannot open the log file: {err.strerror}", path=log_file) from None
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)

@@ -13,6 +13,9 @@ Four sources, one per command-line option (:mod:`vtpm_qcow.cli.secrets` adds the
 * ``--secret-credential NAME``: systemd's credential ``$CREDENTIALS_DIRECTORY/NAME``
   (``LoadCredential=``/``LoadCredentialEncrypted=`` of the unit).
 
+A secret must be UTF-8 text without NUL bytes, as QEMU requires of a key secret; a trailing
+newline is part of it (QEMU reads the file verbatim too).
+
 The secret never travels on a command line or in the environment and no message holds it:
 errors name the source (file, descriptor, key or credential), never the bytes.
 """
@@ -73,7 +76,24 @@ class SecretSource:
             raise SecretError(f"unknown secret source {self.kind!r}")
         if not data:
             raise SecretError(f"the secret from {self.describe()} is empty")
+        if not _qemu_accepts(data):
+            raise SecretError(
+                f"the secret from {self.describe()} is not UTF-8 text without NUL bytes, "
+                "which QEMU requires of an encryption secret"
+            )
         return data
+
+
+def _qemu_accepts(data: bytes) -> bool:
+    """QEMU takes a passphrase as UTF-8 without NUL (``qcrypto_secret_lookup_as_utf8``):
+    a key QEMU's tools could not give would lock the image away from them."""
+    if b"\0" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_all(fd: int, where: str, path: str | None) -> bytes:

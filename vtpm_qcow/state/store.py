@@ -26,6 +26,7 @@ return.  The store holds the image's write lock (QEMU-compatible) while open.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -39,9 +40,12 @@ import qcow2
 
 from ..errors import StateFormatError, StoreError
 from . import linear
+from .secret import OPTIONS_HINT
 
 DEFAULT_SIZE: Final = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE: Final = 4096
+#: PBKDF2 time of an encrypted store's key slot, in milliseconds (qemu-img's default).
+DEFAULT_ITER_TIME: Final = 2000
 #: The store must at least hold the linear header.
 MIN_SIZE: Final = linear.HEADER_SIZE
 #: swtpm's linear layout uses u32 offsets: a larger state file is pointless.
@@ -139,16 +143,37 @@ class Store:
         *,
         size: int = DEFAULT_SIZE,
         cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        key: bytes | None = None,
+        iter_time: int = DEFAULT_ITER_TIME,
     ) -> Store:
-        """Create a new image holding an empty linear layout (no sections); open for writing."""
+        """Create a new image holding an empty linear layout (no sections); open for writing.
+
+        With ``key`` the image is LUKS-encrypted as ``qemu-img create -o
+        encrypt.format=luks,encrypt.key-secret=...,encrypt.iter-time=MS`` makes it
+        (aes-256-xts-plain64, PBKDF2-SHA256 for ``iter_time`` milliseconds): QEMU's tools
+        open it with the same secret."""
         path = os.fspath(path)
         if not MIN_SIZE <= size <= MAX_SIZE or size % 512:
             raise StoreError(
                 f"size {size} must be a multiple of 512 from 512 bytes to 4 GiB", path=path
             )
+        if key is not None and not key:
+            raise StoreError("an empty secret cannot encrypt an image", path=path)
+        if iter_time < 1:
+            raise StoreError(f"iteration time {iter_time} ms must be at least 1", path=path)
         if os.path.exists(path):
             raise StoreError("already exists", path=path)
-        image = qcow2.create(path, size, cluster_size=cluster_size)
+        if key is None:
+            image = qcow2.create(path, size, cluster_size=cluster_size)
+        else:
+            image = qcow2.create(
+                path,
+                size,
+                cluster_size=cluster_size,
+                encrypt_key_secret=key,
+                encrypt_format="luks",
+                encrypt_iter_time=iter_time,
+            )
         store = cls(image, path, writable=True)
         try:
             store.commit_linear([(0, linear.empty_layout())])
@@ -159,23 +184,49 @@ class Store:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, writable: bool = True, force_share: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        writable: bool = True,
+        force_share: bool = False,
+        key: bytes | None = None,
+        require_key: bool = True,
     ) -> Store:
         """Open an existing image; writable opens take the image's write lock.
 
         ``force_share`` (read-only only) reads an image another process holds, like
-        ``qemu-img -U``: what is read may be mid-update.
+        ``qemu-img -U``: what is read may be mid-update.  ``key`` is the passphrase of a
+        LUKS-encrypted image (a wrong one raises :class:`qcow2.errors.EncryptionKeyError`);
+        without it an encrypted image is refused, naming the options that give it, unless
+        ``require_key`` is False (then only its metadata can be read: ``info``).
         """
         path = os.fspath(path)
         if not os.path.exists(path):
             raise StoreError("no such file", path=path)
-        image = qcow2.open(path, writable=writable, force_share=force_share)
+        image = qcow2.open(path, writable=writable, force_share=force_share, key_secret=key)
+        if image.encrypted and key is None and require_key:
+            image.close()
+            raise StoreError(
+                f"is LUKS-encrypted: give its secret ({OPTIONS_HINT})",
+                path=path,
+                errno=errno.EACCES,
+            )
         if image.virtual_size < MIN_SIZE:
             image.close()
             raise StoreError(
                 f"virtual size {image.virtual_size} too small for a linear state file", path=path
             )
         return cls(image, path, writable=writable)
+
+    @staticmethod
+    def is_encrypted(path: str | os.PathLike[str]) -> bool:
+        """True if the image at ``path`` is encrypted (its header, read without a lock:
+        also while a daemon or QEMU holds it)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise StoreError("no such file", path=path)
+        with qcow2.open(path, force_share=True) as image:
+            return bool(image.encrypted)
 
     def close(self) -> None:
         """Release the image (and its lock).  Idempotent."""
@@ -199,6 +250,22 @@ class Store:
     def image(self) -> qcow2.Image:
         """The underlying :class:`qcow2.Image` (for inspection)."""
         return self._image
+
+    @property
+    def encrypted(self) -> bool:
+        """True if the image's data is encrypted (LUKS or QEMU's legacy AES)."""
+        return bool(self._image.encrypted)
+
+    def encryption(self) -> dict[str, object] | None:
+        """What ``qemu-img info`` shows of the image's encryption, read from the LUKS
+        header (no key needed): format, cipher, hash, key slots; None if not encrypted."""
+        if not self._image.encrypted:
+            return None
+        from qcow2.tools.info import image_info
+
+        data = image_info(self._image)["format-specific"]["data"]
+        found: dict[str, object] = data["encrypt"]
+        return found
 
     @property
     def generation(self) -> int:

@@ -465,11 +465,12 @@ class StoreVtpm:
         self.store.close()
 
 
-def open_vtpm(image: str, control: str | None = None) -> VtpmSnapshots:
+def open_vtpm(image: str, control: str | None = None, key: bytes | None = None) -> VtpmSnapshots:
     """The vTPM side of ``image``: its daemon if one serves it, else the image itself.
 
     ``control`` names the daemon's control socket; by default the daemon's standard socket
-    for ``image`` is tried (``ControlClient.for_image``).
+    for ``image`` is tried (``ControlClient.for_image``).  ``key`` unlocks an encrypted
+    image opened here (a daemon has its own).
     """
     client = ControlClient(control) if control else ControlClient.for_image(image)
     try:
@@ -480,7 +481,7 @@ def open_vtpm(image: str, control: str | None = None) -> VtpmSnapshots:
             raise
         if not os.path.exists(image):
             raise StoreError("no such vTPM image", path=image) from None
-        return StoreVtpm(Store.open(image))
+        return StoreVtpm(Store.open(image, key=key))
     return DaemonVtpm(client, image)
 
 

@@ -53,12 +53,15 @@ class TagResult:
         return self.result in FAILING
 
 
-def verify(disks: Sequence[str], vtpm: str, *, shared: bool = False) -> list[TagResult]:
-    """Compare every tag of ``disks`` and the vTPM image ``vtpm``; disk tags first (in disk
-    and table order), then the vTPM image's own.  Raises :class:`VmstateError` /
-    :class:`StoreError` / qcow2 errors when an image cannot be opened at all."""
+def verify(
+    disks: Sequence[str], vtpm: str, *, shared: bool = False, key: bytes | None = None
+) -> list[TagResult]:
+    """Compare every tag of ``disks`` and the vTPM image ``vtpm`` (``key``: its passphrase
+    if encrypted); disk tags first (in disk and table order), then the vTPM image's own.
+    Raises :class:`VmstateError` / :class:`StoreError` / qcow2 errors when an image cannot
+    be opened at all."""
     on_disks = disk_snapshots(disks, shared=shared)
-    with Store.open(vtpm, writable=False, force_share=shared) as store:
+    with Store.open(vtpm, writable=False, force_share=shared, key=key) as store:
         vtpm_tags = store.snapshot_tags()
         order = list(dict.fromkeys([s.tag for s in on_disks] + vtpm_tags))
         return [_one(tag, on_disks, store, disks, shared) for tag in order]

@@ -1,0 +1,68 @@
+"""The secret options every command that opens an image takes, added by one helper.
+
+``--secret-file FILE``, ``--secret-fd N``, ``--secret-keyring NAME`` and
+``--secret-credential NAME`` (:mod:`vtpm_qcow.state.secret` reads them); at most one.  The
+secret is read once per command (:func:`secret_key`) and handed to the code that opens the
+image as bytes: never as an argument or environment variable of a process we start.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..state.secret import SecretSource, read_secret
+
+_HELP = {
+    "file": (
+        "FILE",
+        "the passphrase of a LUKS-encrypted image: FILE's bytes, verbatim (what "
+        "QEMU's --object secret,file=FILE reads); FILE must be private (mode 0600 or "
+        "0400)",
+    ),
+    "fd": ("N", "read the passphrase from inherited file descriptor N, to its end"),
+    "keyring": (
+        "NAME",
+        "the passphrase is the kernel key 'user' NAME (keyctl padd user NAME "
+        "@u), in the session or user keyring",
+    ),
+    "credential": (
+        "NAME",
+        "the passphrase is the systemd credential NAME "
+        "($CREDENTIALS_DIRECTORY/NAME, LoadCredential=)",
+    ),
+}
+
+
+def add_secret_options(parser: argparse.ArgumentParser) -> None:
+    """Add the four secret options to ``parser`` (one at most: :func:`secret_key` refuses
+    several; not an argparse exclusive group, whose usage line does not wrap)."""
+    group = parser.add_argument_group("encrypted images (LUKS)")
+    for kind, (metavar, text) in _HELP.items():
+        group.add_argument(
+            f"--secret-{kind}",
+            dest=f"secret_{kind}",
+            metavar=metavar,
+            help=text,
+        )
+
+
+def secret_sources(args: argparse.Namespace) -> list[SecretSource]:
+    """The secret sources given on the command line."""
+    sources = []
+    for kind in _HELP:
+        name = getattr(args, f"secret_{kind}", None)
+        if name is not None:
+            sources.append(SecretSource(kind, name))
+    return sources
+
+
+def secret_key(args: argparse.Namespace) -> bytes | None:
+    """The secret given on the command line (None if none), read on first use and kept on
+    ``args`` (a descriptor can be read only once)."""
+    if not hasattr(args, "_secret_key"):
+        args._secret_key = read_secret(secret_sources(args))
+    key: bytes | None = args._secret_key
+    return key
+
+
+__all__ = ["add_secret_options", "secret_key", "secret_sources"]
