@@ -35,6 +35,7 @@ kernel's entries, attributes and pages explicitly.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import functools
 import logging
@@ -50,6 +51,7 @@ import trio
 from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT
 
 from ..errors import HANDLED, StoreError
+from . import attrs
 from .content import (
     MAX_FILE_SIZE,
     MAX_MEMORY_FILES,
@@ -179,10 +181,17 @@ class StoreFS(pyfuse3.Operations):
         self.handles: dict[FileHandleT, Handle] = {}
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._next_handle = 1
-        self.root_ctime_ns = time.time_ns()
-        #: The root directory's mode: fixed (chmod/chown of it are accepted and change
-        #: nothing); the kernel checks creates, renames and unlinks against it.
-        self.root_mode = stat.S_IFDIR | 0o755
+        now = time.time_ns()
+        #: The root directory's attributes; the kernel checks creates, renames and unlinks
+        #: against them.  The dir view keeps them, and those of the store's files, in the
+        #: image (:mod:`vtpm_qcow.export.attrs`): chmod/chown/utimens are real and survive
+        #: a remount.
+        self.root = attrs.Attrs(0o755, self.uid, self.gid, now, now, now)
+        self.keeps_attrs = namespace.view == "dir"
+        #: the attributes as the image holds them now
+        self.kept: dict[str, attrs.Attrs] = attrs.load(store) if self.keeps_attrs else {}
+        if attrs.DIRECTORY in self.kept:
+            self.root = dataclasses.replace(self.kept[attrs.DIRECTORY])
         #: requests that changed the store (for the control socket's info and benchmarks)
         self.commits = 0
         #: FUSE requests served, by handler name
@@ -196,7 +205,7 @@ class StoreFS(pyfuse3.Operations):
         #: called with the running count of fsync requests as each arrives (test hook)
         self.fsync_observers: list[Callable[[int], None]] = []
         for name, content in namespace.initial_names().items():
-            self._link(name, content, 0o640)
+            self._restore_attrs(self._link(name, content, 0o640))
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -239,6 +248,48 @@ class StoreFS(pyfuse3.Operations):
             node.content = MemoryContent(kept or b"")
         self._maybe_forget(node)
 
+    def _restore_attrs(self, node: Node) -> None:
+        """Give a store-backed ``node`` the attributes the image keeps for its name."""
+        kept = self.kept.get(node.name or "")
+        if kept is not None and node.content.store_backed:
+            node.mode = stat.S_IFREG | (kept.mode & 0o7777)
+            node.uid, node.gid = kept.uid, kept.gid
+            node.atime_ns, node.mtime_ns, node.ctime_ns = (
+                kept.atime_ns,
+                kept.mtime_ns,
+                kept.ctime_ns,
+            )
+
+    def _attrs_now(self) -> dict[str, attrs.Attrs]:
+        """The attributes the image should keep: the directory's and its store's files'."""
+        files = {attrs.DIRECTORY: dataclasses.replace(self.root)}
+        for name, node in self.names.items():
+            if node.content.store_backed:
+                files[name] = attrs.Attrs(
+                    node.mode & 0o7777,
+                    node.uid,
+                    node.gid,
+                    node.atime_ns,
+                    node.mtime_ns,
+                    node.ctime_ns,
+                )
+        return files
+
+    def _keep_attrs(self, *, unless_only_times: bool = False) -> None:
+        """Write the attributes into the image if they changed (with ``unless_only_times``:
+        only if more than times changed, so that swtpm's renames cost no extra commit)."""
+        if not self.keeps_attrs:
+            return
+        files = self._attrs_now()
+
+        def identity(table: dict[str, attrs.Attrs]) -> dict[str, tuple[int, int, int]]:
+            return {n: (a.mode, a.uid, a.gid) for n, a in table.items()}
+
+        if files == self.kept or (unless_only_times and identity(files) == identity(self.kept)):
+            return
+        attrs.save(self.store, files)
+        self.kept = files
+
     def _maybe_forget(self, node: Node) -> None:
         if node.name is None and node.lookups <= 0 and node.opens <= 0:
             self.nodes.pop(node.inode, None)
@@ -271,15 +322,16 @@ class StoreFS(pyfuse3.Operations):
         return attrs
 
     def _root_attrs(self) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = pyfuse3.ROOT_INODE
-        attrs.st_mode = ModeT(self.root_mode)
-        attrs.st_nlink = 2
-        attrs.st_uid, attrs.st_gid = self.uid, self.gid
-        attrs.st_blksize = PAGE_SIZE
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.root_ctime_ns
-        attrs.entry_timeout = attrs.attr_timeout = CACHE_TIMEOUT
-        return attrs
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = pyfuse3.ROOT_INODE
+        entry.st_mode = ModeT(stat.S_IFDIR | (self.root.mode & 0o7777))
+        entry.st_nlink = 2
+        entry.st_uid, entry.st_gid = self.root.uid, self.root.gid
+        entry.st_blksize = PAGE_SIZE
+        entry.st_atime_ns, entry.st_mtime_ns = self.root.atime_ns, self.root.mtime_ns
+        entry.st_ctime_ns = self.root.ctime_ns
+        entry.entry_timeout = entry.attr_timeout = CACHE_TIMEOUT
+        return entry
 
     @staticmethod
     def _name(name: FileNameT) -> str:
@@ -340,12 +392,25 @@ class StoreFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         # The kernel has checked the caller may (default_permissions: setattr_prepare), and
         # cleared a set-group-ID bit the caller may not set.
+        now = time.time_ns()
         if inode == pyfuse3.ROOT_INODE:
             if fields.update_size:
                 raise _refuse(errno.EISDIR)
+            root = self.root
+            if fields.update_mode:
+                root.mode = attr.st_mode & 0o7777
+            if fields.update_uid:
+                root.uid = attr.st_uid
+            if fields.update_gid:
+                root.gid = attr.st_gid
+            if fields.update_atime:
+                root.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                root.mtime_ns = attr.st_mtime_ns
+            root.ctime_ns = now
+            self._keep_attrs()
             return self._root_attrs()
         node = self._node(inode)
-        now = time.time_ns()
         if fields.update_size:
             node.content.truncate(attr.st_size)
             node.mtime_ns = now
@@ -369,6 +434,8 @@ class StoreFS(pyfuse3.Operations):
             # daemon and waits for them in the kernel, so a daemon killed meanwhile could not
             # exit.  swtpm's own truncates (after a whole-file msync) never cut any.
             trio.lowlevel.spawn_system_task(self.invalidate, [inode], False)
+        if node.name is not None and node.content.store_backed and not fields.update_size:
+            self._keep_attrs()
         return self._attrs(node)
 
     # -- directory -----------------------------------------------------------------------
@@ -556,6 +623,10 @@ class StoreFS(pyfuse3.Operations):
         node.content = content
         node.ctime_ns = time.time_ns()
         self.names[new] = node
+        if content.store_backed:
+            # swtpm renames a file of its own making over the section each time: one more
+            # commit only the first time (a new owner or mode), none for new times
+            self._keep_attrs(unless_only_times=True)
 
     # -- what the daemon, its control socket and serve --qmp's watcher use --------------
 
@@ -571,6 +642,11 @@ class StoreFS(pyfuse3.Operations):
     def _apply(self, tag: str) -> list[InodeT]:
         self.store.apply_snapshot(tag)
         changed: list[InodeT] = []
+        if self.keeps_attrs:  # the snapshot's attributes come back with its state
+            changed.append(pyfuse3.ROOT_INODE)
+            self.kept = attrs.load(self.store)
+            if attrs.DIRECTORY in self.kept:
+                self.root = dataclasses.replace(self.kept[attrs.DIRECTORY])
         for name, content in self.namespace.names_after_apply().items():
             node = self.names.get(name)
             if node is not None and content is None:
@@ -581,9 +657,10 @@ class StoreFS(pyfuse3.Operations):
                 node.content.discard()
                 node.content = content
                 node.touch()
+                self._restore_attrs(node)
                 changed.append(node.inode)
             elif content is not None:
-                self._link(name, content, 0o640)
+                self._restore_attrs(self._link(name, content, 0o640))
         return changed
 
     async def apply_snapshot(self, tag: str) -> None:

@@ -46,6 +46,12 @@ assert HEADER_SIZE == 192
 #: Section names (libtpms' TPM_PERMANENT_ALL_NAME, ...) and their slot numbers.
 SECTION_SLOTS: Final[dict[str, int]] = {"permall": 0, "volatilestate": 1, "savestate": 2}
 SECTION_NAMES: Final = tuple(SECTION_SLOTS)
+#: The last slot holds the dir view's file attributes (:mod:`vtpm_qcow.export.attrs`), not
+#: TPM state: swtpm neither reads nor frees it, and moves its section along with the others
+#: as it does every allocated slot's (``SWTPM_NVRAM_Linear_RemoveFile``).  It is no
+#: section of ``SECTION_NAMES``: nothing that lists the TPM's state shows it.
+ATTRS_SECTION: Final = "vtpm-qcow-attrs"
+ATTRS_SLOT: Final = MAX_SLOTS - 1
 
 #: Largest blob a slot can describe: its section (next power of two) must fit in a u32.
 MAX_BLOB_SIZE: Final = 1 << 31
@@ -130,7 +136,9 @@ class LinearUpdate:
 
 
 def slot_number(name: str) -> int:
-    """Slot number of a section name; ValueError for names swtpm does not know."""
+    """Slot number of a section name (or :data:`ATTRS_SECTION`); ValueError for others."""
+    if name == ATTRS_SECTION:
+        return ATTRS_SLOT
     try:
         return SECTION_SLOTS[name]
     except KeyError:
