@@ -289,8 +289,11 @@ class ServedStore:
 
 
 @contextlib.contextmanager
-def served_store(image: Path, workdir: Path, *, view: str = "file") -> Iterator[ServedStore]:
-    """``vtpm-qcow serve IMAGE`` in the foreground; killed and unmounted on exit.
+def served_store(
+    image: Path, workdir: Path, *, view: str = "file", extra: list[str] | None = None
+) -> Iterator[ServedStore]:
+    """``vtpm-qcow serve IMAGE`` in the foreground (``extra``: more options, e.g. a
+    secret); killed and unmounted on exit.
 
     The daemon's control socket lands in ``$VTPM_QCOW_RUNTIME_DIR`` (set it to a short
     directory: unix socket paths are limited to 108 bytes).
@@ -302,7 +305,7 @@ def served_store(image: Path, workdir: Path, *, view: str = "file") -> Iterator[
     log = workdir / "serve.log"
     cmd = [
         need("vtpm-qcow"), "serve", str(image), "--ctrl", str(swtpm_ctrl),
-        "--mountpoint", str(mountpoint), "--view", view, "--foreground",
+        "--mountpoint", str(mountpoint), "--view", view, "--foreground", *(extra or []),
     ]  # fmt: skip
     with log.open("ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
