@@ -59,7 +59,7 @@ def _connect_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_libvirt_commands(subparsers: Any) -> None:
-    """Register ``libvirt follow`` on the CLI's subparsers."""
+    """Register ``libvirt follow|install|enable|disable|status|hook``."""
     lv = subparsers.add_parser(
         "libvirt",
         help="libvirt-managed VMs: keep the vTPM image's snapshots with the domain's",
@@ -101,3 +101,150 @@ def add_libvirt_commands(subparsers: Any) -> None:
         help="how long to wait for libvirtd to come back after losing it (default 120)",
     )
     p.set_defaults(func=cmd_follow)
+
+    p = sub.add_parser(
+        "install",
+        help="install the libvirt hook that mounts and follows enabled domains",
+        description="Write the qemu hook (HOOKS_DIR/qemu.d/vtpm-qcow).  It acts only on "
+        "domains enabled with 'vtpm-qcow libvirt enable': it mounts the domain's vTPM image "
+        "at libvirt's TPM state directory before each start, follows its snapshots while it "
+        "runs, and unmounts it when the domain stops.  libvirtd discovers hooks when it "
+        "starts: restart it once afterwards.",
+    )
+    _hooks_arg(p)
+    p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser(
+        "enable",
+        help="keep a (shut-off) domain's TPM in a vTPM image from its next start",
+        description="Move the domain's TPM state into IMAGE (libvirt's existing state is "
+        "imported and its directory kept beside, renamed; without one, a TPM is "
+        "manufactured with the options libvirt's swtpm_setup uses: EK, EK and platform "
+        "certificates, locked NVRAM), and record IMAGE in the domain's <metadata>.  An "
+        "existing IMAGE is used as it is.  The domain must be shut off and have an "
+        "emulator TPM (<tpm><backend type='emulator'/></tpm>).",
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("--image", required=True, metavar="IMAGE", help="the vTPM image to use")
+    _connect_arg(p)
+    _hooks_arg(p)
+    p.set_defaults(func=cmd_enable)
+
+    p = sub.add_parser(
+        "disable",
+        help="give a (shut-off) domain its plain libvirt TPM state back",
+        description="Write the image's current TPM state into libvirt's state directory "
+        "(owned by tss, as libvirt makes it) and remove the opt-in.  The image and its "
+        "snapshots stay where they are.",
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    _connect_arg(p)
+    p.set_defaults(func=cmd_disable)
+
+    p = sub.add_parser(
+        "status",
+        help="enabled domains: image, follower, whether the snapshot tags agree",
+        description="One line per enabled domain (or DOMAIN): its image, whether it runs, "
+        "its follower, and whether the disks' snapshot tags and the image's agree.  Exit 3 "
+        "when they do not.",
+    )
+    p.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain")
+    _connect_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "hook",
+        help="what libvirtd runs (installed by 'libvirt install')",
+        description="libvirt's qemu hook: DOMAIN OP SUBOP EXTRA, the domain XML on stdin.  "
+        "prepare/begin mounts an enabled domain's image at its TPM state directory, "
+        "started/begin and reconnect/begin start its follower, release/end stops the "
+        "follower and unmounts.  Other domains and calls: nothing.",
+    )
+    p.add_argument("domain", metavar="DOMAIN", help="domain name")
+    p.add_argument("op", metavar="OP", help="prepare, start, started, stopped, release, ...")
+    p.add_argument("subop", metavar="SUBOP", help="begin or end")
+    p.add_argument("extra", metavar="EXTRA", nargs="*", help="ignored")
+    p.set_defaults(func=cmd_hook)
+
+
+def _hooks_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--hooks-dir",
+        default="/etc/libvirt/hooks",
+        metavar="DIR",
+        help="libvirt's hook directory (default /etc/libvirt/hooks)",
+    )
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """``libvirt install``: the hook script, and what libvirtd needs to pick it up."""
+    from pathlib import Path
+
+    from ..libvirt.manage import install_hook
+
+    path, changed = install_hook(Path(args.hooks_dir))
+    print(f"{'installed' if changed else 'already installed'}: {path}")
+    if changed:
+        print(
+            "libvirtd discovers hooks when it starts: restart it once "
+            "(systemctl restart libvirtd, or virtqemud with modular daemons)"
+        )
+    return 0
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..libvirt.manage import enable, hook_path
+
+    for line in enable(args.connect, args.domain, args.image):
+        print(line)
+    if not hook_path(Path(args.hooks_dir)).exists():
+        print("note: the hook is not installed yet: run 'vtpm-qcow libvirt install'")
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    from ..libvirt.manage import disable
+
+    for line in disable(args.connect, args.domain):
+        print(line)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``libvirt status``: exit 3 when an enabled domain's tags and its image's differ."""
+    import json
+
+    from ..libvirt.manage import status
+
+    domains = status(args.connect, args.domain)
+    if args.json:
+        print(json.dumps([{**d.__dict__, "aligned": d.aligned} for d in domains], indent=2))
+    for d in [] if args.json else domains:
+        state = "running" if d.running else "shut off"
+        follower = f"follower {d.follower}" if d.follower else "no follower"
+        tags = (
+            "tags aligned"
+            if d.aligned
+            else (f"tags differ: disks {list(d.disk_tags)}, vTPM {list(d.vtpm_tags)}")
+        )
+        print(f"{d.name}: {d.image or 'not enabled'}; {state}; {follower}; {tags}")
+    if not domains and not args.json:
+        print("no domain is enabled")
+    return 0 if all(d.aligned for d in domains) else 3
+
+
+def cmd_hook(args: argparse.Namespace) -> int:
+    """``libvirt hook``: what libvirtd runs (the domain XML on stdin)."""
+    import sys
+
+    from ..libvirt.domain import parse_domain
+    from ..libvirt.hook import handle
+
+    info = parse_domain(sys.stdin.read(), source=f"hook input for {args.domain}")
+    done = handle(info, args.op, args.subop)
+    if done:
+        print(f"vtpm-qcow: {info.name}: {done}", file=sys.stderr)
+    return 0

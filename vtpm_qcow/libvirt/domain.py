@@ -29,7 +29,7 @@ import contextlib
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import qcow2
@@ -67,7 +67,8 @@ class DomainInfo:
     tpm_version: str
     #: The vTPM image named by the vtpm-qcow opt-in in ``<metadata>`` (None: not enabled).
     image: str | None
-    extra: dict[str, str] = field(default_factory=dict)
+    #: The libvirt URI recorded with the opt-in (the hook's follower connects to it).
+    uri: str | None = None
 
     @property
     def qcow2_files(self) -> list[str]:
@@ -101,10 +102,10 @@ def parse_domain(xml: str, *, source: str = "domain XML") -> DomainInfo:
             )
         )
     backend = root.find("devices/tpm/backend")
-    image = None
+    image = uri = None
     for element in root.iterfind("metadata/*"):
         if element.tag == f"{{{METADATA_URI}}}vtpm":
-            image = element.get("image")
+            image, uri = element.get("image"), element.get("uri")
     return DomainInfo(
         name=name,
         uuid=uuid,
@@ -112,12 +113,13 @@ def parse_domain(xml: str, *, source: str = "domain XML") -> DomainInfo:
         tpm_backend=backend.get("type") if backend is not None else None,
         tpm_version=(backend.get("version") if backend is not None else None) or "2.0",
         image=image,
+        uri=uri,
     )
 
 
-def metadata_xml(image: str) -> str:
+def metadata_xml(image: str, uri: str) -> str:
     """The element :func:`parse_domain` reads the opt-in from (``virDomainSetMetadata``)."""
-    return ET.tostring(ET.Element("vtpm", image=image), encoding="unicode")
+    return ET.tostring(ET.Element("vtpm", image=image, uri=uri), encoding="unicode")
 
 
 def disk_node(disk: DomainDisk) -> DiskNode:
@@ -146,7 +148,7 @@ _event_loop_lock = threading.Lock()
 _event_loop_started = False
 
 
-def _libvirt() -> Any:
+def libvirt_api() -> Any:
     """The libvirt module (libvirt-python), with its event loop running in a thread."""
     global _event_loop_started
     try:
@@ -193,7 +195,7 @@ class LibvirtVm:
         self._callback: int | None = None
 
     def _error(self, what: str, err: Exception) -> LibvirtError:
-        lv = _libvirt()
+        lv = libvirt_api()
         code = err.get_error_code() if isinstance(err, lv.libvirtError) else None
         gone = code in (lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC, lv.VIR_ERR_NO_CONNECT)
         message = err.get_error_message() if isinstance(err, lv.libvirtError) else str(err)
@@ -202,7 +204,7 @@ class LibvirtVm:
         return LibvirtError(f"{what}: {message}", path=self.address)
 
     def _open(self) -> None:
-        lv = _libvirt()
+        lv = libvirt_api()
         self._closed.clear()
         try:
             conn = lv.open(self.uri)
@@ -228,7 +230,7 @@ class LibvirtVm:
 
     def _on_lifecycle(self, _conn: Any, _dom: Any, event: int, detail: int, _opaque: Any) -> None:
         """In libvirt's event loop thread: hand the event to every listening queue."""
-        lv = _libvirt()
+        lv = libvirt_api()
         names = {getattr(lv, f"VIR_DOMAIN_EVENT_{n}"): q for n, q in _LIFECYCLE_EVENTS.items()}
         name = names.get(event)
         if name is None:
@@ -242,7 +244,7 @@ class LibvirtVm:
         conn, self._conn, self._dom = self._conn, None, None
         if conn is None:
             return
-        lv = _libvirt()
+        lv = libvirt_api()
         with contextlib.suppress(lv.libvirtError):
             if self._callback is not None:
                 conn.domainEventDeregisterAny(self._callback)
@@ -288,7 +290,7 @@ class LibvirtVm:
     def _info(self) -> DomainInfo:
         try:
             xml = self._domain().XMLDesc(0)
-        except _libvirt().libvirtError as err:
+        except libvirt_api().libvirtError as err:
             raise self._error("domain XML", err) from None
         return parse_domain(xml, source=self.address)
 
@@ -303,7 +305,7 @@ class LibvirtVm:
 
     async def run_state(self) -> RunState:
         def query() -> RunState:
-            lv = _libvirt()
+            lv = libvirt_api()
             try:
                 state, _reason = self._domain().state()
             except lv.libvirtError as err:

@@ -1,0 +1,236 @@
+"""``vtpm-qcow libvirt install|enable|status|disable`` and the hook, with a real libvirtd.
+
+A libvirtd of the tests' own starts with the hook installed (libvirtd discovers hooks at
+start).  A TCG domain with an emulator TPM (libvirt's own swtpm, as ``tss``) is enabled:
+its TPM is manufactured into a vTPM image, which the hook mounts at libvirt's state
+directory for each start and releases at each stop, following the domain's snapshots in
+between through libvirt's API.  The guest's TPM is driven through qtest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import need, need_root
+from tests.libvirt.conftest import (
+    PREFIX,
+    Libvirtd,
+    _make_base,
+    _start,
+    _stop,
+    domain_xml,
+    guest_side,
+)
+from tests.vm.scenario import permall, snapshot_tags
+from tests.vtpm.mount_fixtures import NV_INDEX, qemu_img_check, vtpm_qcow
+from vtpm_qcow.tpm.client import Tpm
+from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
+
+EMULATOR_TPM = "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>"
+UUID = "0d9a7c64-3f8e-4b52-a1c7-5e2f9b8d6a10"
+
+
+@pytest.fixture(scope="module")
+def hooked() -> Iterator[Libvirtd]:
+    """A private libvirtd started after ``vtpm-qcow libvirt install`` put the hook in place."""
+    need_root("libvirtd runs QEMU as libvirt-qemu and swtpm as tss")
+    base = _make_base()
+    try:
+        done = vtpm_qcow("libvirt", "install", "--hooks-dir", str(base / "etc" / "hooks"))
+        assert "installed:" in done.stdout and "restart" in done.stdout
+        again = vtpm_qcow("libvirt", "install", "--hooks-dir", str(base / "etc" / "hooks"))
+        assert again.stdout.startswith("already installed:")
+        daemon = _start(base)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    try:
+        yield daemon
+    finally:
+        _stop(daemon)
+
+
+def guest_tpm(qtest: Path) -> Tpm:
+    deadline = time.monotonic() + 30
+    while not qtest.exists():
+        assert time.monotonic() < deadline, "QEMU made no qtest socket"
+        time.sleep(0.05)
+    return Tpm(QtestTisTransport(str(qtest)))
+
+
+def wait_for(condition: object, what: str, lv: Libvirtd, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            logs = "\n".join(
+                f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                for p in (lv.base / "log" / "qemu").glob("*vtpm-qcow*.log")
+            )
+            raise AssertionError(f"timed out waiting for {what}\n{logs}{lv.log_tail()}")
+        time.sleep(0.1)
+
+
+def test_enable_start_snapshot_revert_delete_undefine(hooked: Libvirtd) -> None:
+    lv = hooked
+    work = lv.base / "vtpm"
+    work.mkdir(mode=0o755, exist_ok=True)
+    image, disk = work / "hooked-tpm.qcow2", work / "hooked-disk.qcow2"
+    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    qtest = guest_side(lv) / "hooked.qtest"
+    name = lv.define(domain_xml(PREFIX + "hooked", EMULATOR_TPM, uuid=UUID, disk=disk, qtest=qtest))
+
+    enabled = vtpm_qcow(
+        "libvirt", "enable", name, "--image", str(image), "--connect", lv.uri,
+        "--hooks-dir", str(lv.base / "etc" / "hooks"),
+    )  # fmt: skip
+    assert "manufactured a TPM" in enabled.stdout and "enabled:" in enabled.stdout
+    assert "vtpm-qcow" in lv.virsh("dumpxml", name).stdout  # the opt-in in <metadata>
+    manufactured = permall(image)
+    assert manufactured
+
+    lv.virsh("start", name)
+    state_dir = lv.base / "lib" / "swtpm" / UUID / "tpm2"
+    tpm = guest_tpm(qtest)
+    try:
+        tpm.startup()
+        tpm.nv_define_space(NV_INDEX, 8)
+        tpm.nv_write(NV_INDEX, b"before-1")
+    finally:
+        tpm.transport.close()
+    assert permall(image) != manufactured  # libvirt's swtpm wrote through the image
+    wait_for(lambda: "following domain" in _follow_log(lv, name), "the follower", lv)
+
+    lv.virsh("snapshot-create-as", name, "s1")
+    tpm = guest_tpm(qtest)
+    try:
+        tpm.nv_write(NV_INDEX, b"after--1")
+    finally:
+        tpm.transport.close()
+    wait_for(lambda: snapshot_tags(image) == ["s1"], "vTPM snapshot s1", lv)
+    proof = vtpm_qcow("vm", "verify", "--disk", str(disk), str(image), "-U", check=False)
+    assert proof.returncode == 0, proof.stdout + proof.stderr
+    status = vtpm_qcow("libvirt", "status", "--connect", lv.uri, check=False)
+    assert status.returncode == 0 and "running" in status.stdout, status.stdout
+
+    # a revert of a running domain: libvirt kills QEMU, the hook releases and mounts
+    # again, and the new QEMU's -loadvm pushes s1's TPM state into the image
+    qtest.unlink(missing_ok=True)
+    lv.virsh("snapshot-revert", name, "s1")
+    tpm = guest_tpm(qtest)
+    try:
+        assert tpm.nv_read(NV_INDEX, 8) == b"before-1"
+    finally:
+        tpm.transport.close()
+    assert permall(image) == permall(image, "s1")
+    wait_for(lambda: _follow_log(lv, name).count("following domain") >= 2, "a new follower", lv)
+
+    lv.virsh("snapshot-delete", name, "s1")
+    wait_for(lambda: snapshot_tags(image) == [], "vTPM snapshot s1 to go", lv)
+
+    lv.virsh("destroy", name)
+    # released: nothing holds the image, nothing is mounted at the state directory
+    assert vtpm_qcow("wait", "--timeout", "20", str(image)).returncode == 0
+    mounted = subprocess.run(
+        lv.in_namespace("findmnt", "-n", str(state_dir).replace(str(lv.base / "lib"),
+                                                                 "/var/lib/libvirt")),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert mounted.stdout.strip() == "", mounted.stdout
+    qemu_img_check(image)
+
+    # undefine removes libvirt's TPM state directory: the image and its state stay
+    before = permall(image)
+    lv.virsh("undefine", name, "--tpm")
+    lv.defined.remove(name)
+    assert permall(image) == before and before is not None
+    text = _follow_log(lv, name)
+    assert "created: vTPM snapshot 's1'" in text and "from its vmstate" in text, text
+    assert "deleted: vTPM snapshot 's1' (disk snapshot deleted)" in text, text
+
+
+def _follow_log(lv: Libvirtd, name: str) -> str:
+    path = lv.base / "log" / "qemu" / f"{name}-vtpm-qcow-follow.log"
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def test_enable_refuses_a_running_domain_or_one_without_an_emulator_tpm(hooked: Libvirtd) -> None:
+    lv = hooked
+    name = lv.define(domain_xml(PREFIX + "notpm", ""))
+    done = vtpm_qcow(
+        "libvirt", "enable", name, "--image", str(lv.base / "x.qcow2"), "--connect", lv.uri,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 1 and "no <tpm>" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert not (lv.base / "x.qcow2").exists()
+
+
+def test_disable_gives_the_state_back_as_a_plain_directory(hooked: Libvirtd) -> None:
+    lv = hooked
+    uuid = "7b0e3d21-96c4-4f0a-8e55-3c1d2b4a5f60"
+    name = lv.define(domain_xml(PREFIX + "disable", EMULATOR_TPM, uuid=uuid))
+    image = lv.base / "vtpm-disable.qcow2"
+    vtpm_qcow("libvirt", "enable", name, "--image", str(image), "--connect", lv.uri)
+    # in libvirtd's namespace: its /var/lib/libvirt is the tests' private one
+    done = subprocess.run(
+        lv.in_namespace(need("vtpm-qcow"), "libvirt", "disable", name, "--connect", lv.uri),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "disabled:" in done.stdout, done.stderr
+    plain = lv.base / "lib" / "swtpm" / uuid / "tpm2"
+    assert (plain / "tpm2-00.permall").read_bytes() == permall(image)
+    assert plain.stat().st_uid == plain.parent.stat().st_uid != 0  # tss's, as libvirt makes it
+    assert "vtpm-qcow" not in lv.virsh("dumpxml", name).stdout
+    status = vtpm_qcow("libvirt", "status", name, "--connect", lv.uri, check=False)
+    assert "not enabled" in status.stdout
+
+
+def test_enable_moves_libvirts_own_state_into_the_image(hooked: Libvirtd) -> None:
+    """A domain that ran with libvirt's plain state: enable imports it (the EK stays the
+    same), keeps the directory beside, and the next start runs on the image."""
+    lv = hooked
+    uuid = "3e8f1a90-2b7c-4d6e-9f01-a2b3c4d5e6f7"
+    qtest = guest_side(lv) / "moved.qtest"
+    name = lv.define(domain_xml(PREFIX + "moved", EMULATOR_TPM, uuid=uuid, qtest=qtest))
+    lv.virsh("start", name)  # libvirt's swtpm_setup manufactures the plain state
+    tpm = guest_tpm(qtest)
+    try:
+        tpm.startup()
+        tpm.nv_define_space(NV_INDEX, 8)
+        tpm.nv_write(NV_INDEX, b"plain-st")
+    finally:
+        tpm.transport.close()
+    lv.virsh("destroy", name)
+    plain = lv.base / "lib" / "swtpm" / uuid / "tpm2"
+    plain_permall = (plain / "tpm2-00.permall").read_bytes()
+    image = lv.base / "vtpm-moved.qcow2"
+    done = subprocess.run(
+        lv.in_namespace(need("vtpm-qcow"), "libvirt", "enable", name, "--image", str(image),
+                        "--connect", lv.uri),
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "moved libvirt's TPM state" in done.stdout and "kept" in done.stdout, done.stdout
+    assert permall(image) == plain_permall
+    assert (plain.with_name("tpm2.before-vtpm-qcow") / "tpm2-00.permall").exists()
+    qtest.unlink(missing_ok=True)
+    lv.virsh("start", name)
+    tpm = guest_tpm(qtest)
+    try:
+        tpm.startup()  # a cold boot
+        assert tpm.nv_read(NV_INDEX, 8) == b"plain-st"
+        tpm.nv_write(NV_INDEX, b"in-image")
+    finally:
+        tpm.transport.close()
+    lv.virsh("destroy", name)
+    assert vtpm_qcow("wait", "--timeout", "20", str(image)).returncode == 0
+    assert permall(image) != plain_permall  # the write went to the image
