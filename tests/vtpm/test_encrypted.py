@@ -335,6 +335,59 @@ def test_mount_and_serve_refuse_a_missing_or_wrong_secret(
     assert digest(tpm_image) == before
 
 
+# Section: plaintext TPM state never staged on a disk
+
+
+@contextlib.contextmanager
+def created_in(directory: Path) -> Iterator[list[str]]:
+    """Names of what is created in ``directory`` meanwhile (inotify; filled in on exit)."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    in_create, in_nonblock = 0x100, os.O_NONBLOCK
+    fd = libc.inotify_init1(in_nonblock)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    names: list[str] = []
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(directory), in_create) >= 0
+        yield names
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            data = b""
+        while data:
+            _wd, _mask, _cookie, size = struct.unpack_from("iIII", data)
+            names.append(data[16 : 16 + size].rstrip(b"\0").decode())
+            data = data[16 + size :]
+    finally:
+        os.close(fd)
+
+
+def test_setup_and_the_dry_load_stage_plaintext_in_memory_not_in_tmpdir(
+    tmp_path: Path, key: Path
+) -> None:
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    image = tmp_path / "vtpm.qcow2"
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    with created_in(tmpdir) as names:
+        for argv in (
+            ["setup", "--create", "--encrypt", "--iter-time", ITER, "--secret-file", str(key)],
+            ["check", "--secret-file", str(key)],  # a real swtpm dry-loads a copy
+        ):
+            done = subprocess.run(
+                [need("vtpm-qcow"), *argv, str(image)],
+                capture_output=True, text=True, timeout=120, env=env, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+    assert "state: loads" in done.stdout
+    # swtpm_setup's configuration directory and swtpm_setup's own scratch directory may
+    # be there; the state directories of setup and of the dry load may not
+    staged = [name for name in names if name.startswith(("vtpm-qcow-setup-", "vtpm-qcow-probe-"))]
+    assert staged == [], f"TPM state staged in $TMPDIR: {staged}"
+
+
 # Section: every command takes the secret; refusals are one line
 
 

@@ -23,7 +23,7 @@ from qcow2.errors import ImageLockedError
 from ..backup import FORMATS
 from ..errors import HANDLED, SecretError, StateFormatError, StoreError
 from ..state.blob import parse_blob, permall_tpm_version
-from ..state.secret import OPTIONS_HINT
+from ..state.secret import OPTIONS_HINT, staging_dir
 from ..state.store import (
     DEFAULT_CLUSTER_SIZE,
     DEFAULT_ITER_TIME,
@@ -124,7 +124,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
     try:
         if store is not None and not args.overwrite and _holds_state(store):
             raise StoreError("already holds TPM state (use --overwrite)", path=args.image)
-        with tempfile.TemporaryDirectory(prefix="vtpm-qcow-setup-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="vtpm-qcow-setup-", dir=staging_dir()) as tmp:
             state = Path(tmp) / "state.lin"
             kind = "TPM 1.2" if args.tpm12 else "TPM 2.0"
             _say(args, f"Manufacturing a {kind} with swtpm_setup")

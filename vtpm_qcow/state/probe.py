@@ -37,6 +37,7 @@ from .blob import (
     TLV_HEADER_STRUCT,
     TPM2_PERMALL_MAGIC,
 )
+from .secret import staging_dir
 
 #: libtpms' TPM_RC_FAILURE: the TPM is in failure mode (its state did not unmarshal).
 TPM_RC_FAILURE: Final = 0x101
@@ -193,7 +194,7 @@ def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeR
     if _is_encrypted(layout):
         return ProbeResult(True, "encrypted state: not dry-loaded (swtpm needs its key)", False)
     tpm2 = not _is_tpm12(layout)
-    tmp = Path(tempfile.mkdtemp(prefix="vtpm-qcow-probe-"))
+    tmp = Path(tempfile.mkdtemp(prefix="vtpm-qcow-probe-", dir=staging_dir()))
     try:
         os.chmod(tmp, 0o700)
         state = tmp / "state.lin"

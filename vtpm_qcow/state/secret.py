@@ -242,6 +242,20 @@ def _read_key(name: str) -> bytes:
         ctypes.memset(buf, 0, size)
 
 
+#: A memory file system for plaintext TPM state staged for swtpm (Linux's shared memory).
+MEMORY_TMP: Final = "/dev/shm"
+
+
+def staging_dir() -> str | None:
+    """Where TPM state is staged in the clear for swtpm (swtpm_setup's output, a dry
+    load's copy): a memory file system when there is one, so that the state of an encrypted
+    image never reaches a disk in the clear; None (the default temporary directory) when
+    there is none."""
+    if os.path.isdir(MEMORY_TMP) and os.access(MEMORY_TMP, os.W_OK | os.X_OK):
+        return MEMORY_TMP
+    return None
+
+
 def read_secret(sources: list[SecretSource]) -> bytes | None:
     """The secret of the one source given (None if none); more than one is refused."""
     if not sources:
@@ -252,4 +266,4 @@ def read_secret(sources: list[SecretSource]) -> bytes | None:
     return sources[0].read()
 
 
-__all__ = ["KINDS", "MAX_SECRET", "OPTIONS_HINT", "SecretSource", "read_secret"]
+__all__ = ["KINDS", "MAX_SECRET", "OPTIONS_HINT", "SecretSource", "read_secret", "staging_dir"]
