@@ -32,6 +32,7 @@ from ..state.store import (
     Store,
     snapshot_digest,
 )
+from .libvirt import add_libvirt_commands
 from .mount import add_mount_commands
 from .secrets import add_secret_options, secret_key
 from .vm import add_vm_commands
@@ -638,6 +639,23 @@ examples:
 
 examples:
   vtpm-qcow vm delete --qmp /run/vm1.qmp --store vm1-tpm.qcow2 before-update""",
+    "libvirt": """examples:
+  vtpm-qcow libvirt follow vm1 --image /var/lib/vtpm/vm1-tpm.qcow2""",
+    "libvirt install": """examples:
+  vtpm-qcow libvirt install && systemctl restart libvirtd""",
+    "libvirt enable": """examples:
+  vtpm-qcow libvirt enable vm1 --image /var/lib/vtpm/vm1-tpm.qcow2
+  virsh start vm1 && virsh snapshot-create-as vm1 before-update   # the TPM follows""",
+    "libvirt disable": """examples:
+  vtpm-qcow libvirt disable vm1""",
+    "libvirt status": """examples:
+  vtpm-qcow libvirt status
+  vtpm-qcow libvirt status vm1 --json""",
+    "libvirt hook": """examples:
+  vtpm-qcow libvirt hook vm1 prepare begin - < vm1.xml   # what libvirtd runs""",
+    "libvirt follow": """examples:
+  vtpm-qcow libvirt follow vm1                          # the image recorded by 'libvirt enable'
+  vtpm-qcow libvirt follow vm1 --image vm1-tpm.qcow2 -c qemu:///system""",
     "vm list": """examples:
   vtpm-qcow vm list --qmp /run/vm1.qmp --store vm1-tpm.qcow2""",
     "vm status": """Exit status 0 when the disks' and the vTPM image's tags agree,
@@ -679,6 +697,7 @@ def _add_hooks(subparsers: Any) -> None:
     """The daemon's ``mount``/``serve``/``umount`` and the QMP alignment's ``vm`` commands."""
     add_mount_commands(subparsers)
     add_vm_commands(subparsers)
+    add_libvirt_commands(subparsers)
 
 
 def _finish_help(subparsers: Any, prefix: str = "") -> None:
