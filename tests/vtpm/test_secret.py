@@ -146,3 +146,15 @@ def test_two_sources_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SecretError) as caught:
         read_secret([SecretSource("file", str(path)), SecretSource("keyring", "k")])
     assert "give one secret" in str(caught.value)
+
+
+def test_the_parsed_arguments_never_show_the_secret(tmp_path: Path) -> None:
+    from vtpm_qcow.cli.main import build_parser
+    from vtpm_qcow.cli.secrets import secret_key
+
+    path = private_file(tmp_path / "key")
+    args = build_parser().parse_args(["info", "--secret-file", str(path), "image.qcow2"])
+    assert secret_key(args) == SECRET
+    assert secret_key(args) == SECRET  # read once, kept
+    assert b"horse" not in repr(args).encode() and "horse" not in str(vars(args))
+    assert "<secret withheld>" in repr(args)

@@ -56,13 +56,27 @@ def secret_sources(args: argparse.Namespace) -> list[SecretSource]:
     return sources
 
 
+class _Withheld:
+    """The secret kept on the parsed arguments; its repr (and so the Namespace's, should
+    anything print or log it) never shows the bytes."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes | None) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "<secret withheld>" if self.key is not None else "None"
+
+
 def secret_key(args: argparse.Namespace) -> bytes | None:
     """The secret given on the command line (None if none), read on first use and kept on
     ``args`` (a descriptor can be read only once)."""
-    if not hasattr(args, "_secret_key"):
-        args._secret_key = read_secret(secret_sources(args))
-    key: bytes | None = args._secret_key
-    return key
+    held = getattr(args, "_secret", None)
+    if not isinstance(held, _Withheld):
+        held = _Withheld(read_secret(secret_sources(args)))
+        args._secret = held
+    return held.key
 
 
 __all__ = ["add_secret_options", "secret_key", "secret_sources"]
