@@ -319,6 +319,12 @@ class Image:
         self._forget_data()
         return _GuestDataChange(self)
 
+    def corruption_guard(self) -> _GuestDataChange:
+        """``with image.corruption_guard(): ...`` around metadata changes made outside
+        this class (``amend``): a corruption found inside is signaled as QEMU does (the
+        corrupt bit, no further writes through this image)."""
+        return _GuestDataChange(self)
+
     def _stop_after_corruption(self, err: CorruptImageError) -> None:
         if not self.writable:
             return  # nothing cached to drop, no write to refuse

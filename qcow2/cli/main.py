@@ -594,7 +594,7 @@ def _cmd_resize(args: Arguments) -> int:
 
 
 def _cmd_amend(args: Arguments) -> int:
-    from ..errors import Qcow2Error, UnsupportedFeatureError
+    from ..errors import CorruptImageError, Qcow2Error, UnsupportedFeatureError
     from ..format.header import read_header
     from ..io.fileio import HostFile
     from ..io.lock import lock_image
@@ -628,6 +628,13 @@ def _cmd_amend(args: Arguments) -> int:
             amend_image(f, header, version=version, lazy_refcounts=lazy)
         except UnsupportedFeatureError as err:
             raise CommandError(err.message) from err  # QEMU's refusal, as it words it
+        except CorruptImageError as err:
+            # QEMU's downgrade: what it found (a corruption event was printed already),
+            # then why the zero clusters could not be expanded
+            failed = f"Failed to turn zero into data clusters: {os.strerror(err.errno)}"
+            if not err.signaled:
+                failed = f"{err.message}\n{PROG}: {failed}"
+            raise CommandError(failed) from err
         except Qcow2Error as err:
             raise CommandError(f"Error while amending options: {err.message}") from err
     finally:

@@ -13,21 +13,26 @@ failures are the package's usual errors.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 
+from .. import overlap
 from ..check import repair_image_file
-from ..errors import UnsupportedFeatureError
+from ..errors import CorruptImageError, UnsupportedFeatureError, c_hex, signal_corruption
 from ..format import layout
 from ..format.header import rewrite_cluster0
 from ..format.layout import ClusterType
-from ..format.refcount import RefcountTable
 from ..format.snapshot_table import read_snapshot_table
-from ..io.cache import TableCache
 from ..l2 import L2Decoder
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ..format.header import Header
+    from ..format.snapshot_table import SnapshotEntry
+    from ..image import Image
     from ..io.fileio import HostFile
 
 #: QEMU's refusal of lazy refcounts below compat 1.1.
@@ -85,9 +90,7 @@ def _switch_version(f: HostFile, h: Header, target: int) -> None:
                 path=f.path,
                 bits=incompatible,
             )
-        l1_tables = [(h.l1_table_offset, h.l1_size)]
-        l1_tables += [(sn.l1_table_offset, sn.l1_size) for sn in snapshots]
-        compressed = expand_zero_clusters(f, h, l1_tables)
+        compressed = expand_zero_clusters(f, h, snapshots)
         if h.compression_type != layout.COMPRESSION_ZLIB and compressed:
             raise UnsupportedFeatureError(
                 "Cannot downgrade an image with zstd compression type and existing "
@@ -118,48 +121,119 @@ def _switch_lazy_refcounts(f: HostFile, h: Header, enable: bool) -> None:
     rewrite_cluster0(f, h)
 
 
-def expand_zero_clusters(f: HostFile, h: Header, l1_tables: list[tuple[int, int]]) -> bool:
-    """QEMU's ``qcow2_expand_zero_clusters`` for what needs no allocation, over the L1
-    tables ``(offset, entries)``: zero clusters that own a host cluster get zeros written
-    there; plain zero clusters of an image without backing file become unallocated.
-    Returns whether compressed clusters exist.  Standard (not extended) L2 entries only:
-    a downgrade refuses extended L2 before."""
+#: Entries of an L1 table read at once (bounds the memory of a downgrade).
+_L1_CHUNK = 128 * 1024
+
+
+def _validate_snapshot_l1(f: HostFile, offset: int, entries: int, cluster_size: int) -> None:
+    """QEMU's ``qcow2_validate_table(..., "Snapshot L1 table")`` before a downgrade walks a
+    snapshot's L1 table."""
+    if entries > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
+        err = CorruptImageError("Snapshot L1 table too large", path=f.path)
+        err.errno = errno.EFBIG
+        raise err
+    if (1 << 63) - 1 - entries * layout.L1_ENTRY_SIZE < offset or offset % cluster_size:
+        err = CorruptImageError("Snapshot L1 table offset invalid", path=f.path)
+        err.errno = errno.EINVAL
+        raise err
+
+
+def _l1_entries(f: HostFile, offset: int, entries: int) -> Iterator[tuple[int, int]]:
+    """``(index, entry)`` of the non-zero entries of an L1 table, read in chunks and only
+    where the file holds data (past its end and in holes every entry reads as 0): memory
+    and time stay bounded by the file's real size, whatever size the table claims."""
+    size = layout.L1_ENTRY_SIZE
+    end = min(offset + entries * size, max(f.size(), offset))
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(f.fd, pos, os.SEEK_DATA)
+        except OSError:
+            return  # nothing but a hole up to the end of the file
+        if data > pos:
+            pos = offset + (data - offset) // size * size
+            if pos >= end:
+                return
+        count = min(_L1_CHUNK, (end - pos) // size)
+        first = (pos - offset) // size
+        chunk = f.pread(pos, count * size)
+        pos += count * size
+        if not chunk.strip(b"\0"):
+            continue  # all unallocated (the usual tail of a table claiming a huge size)
+        for k, (entry,) in enumerate(struct.iter_unpack(">Q", chunk)):
+            if entry:
+                yield first + k, entry
+
+
+def expand_zero_clusters(f: HostFile, h: Header, snapshots: list[SnapshotEntry]) -> bool:
+    """QEMU's ``qcow2_expand_zero_clusters`` for what needs no allocation: the active L1
+    table, then each snapshot's (validated first, as QEMU does when it gets there).  Zero
+    clusters that own a host cluster get zeros written there; plain zero clusters of an
+    image without backing file become unallocated.  Returns whether compressed clusters
+    exist.  Standard (not extended) L2 entries only: a downgrade refuses extended L2
+    before.
+
+    What QEMU treats as fatal corruption (an unaligned L2 table or zero cluster, a write
+    that would hit metadata) is signaled as the driver signals it: the corrupt bit is set
+    and :class:`~qcow2.errors.CorruptImageError` raised."""
+    from ..image import Image
+
+    image = Image(f, h, force_share=False)
+    done: set[int] = set()
+    with image.corruption_guard():
+        compressed = _expand(image, h.l1_table_offset, h.l1_size, done, active=True)
+    for sn in snapshots:
+        _validate_snapshot_l1(f, sn.l1_table_offset, sn.l1_size, h.cluster_size)
+        with image.corruption_guard():
+            compressed |= _expand(image, sn.l1_table_offset, sn.l1_size, done, active=False)
+    f.flush()
+    return compressed
+
+
+def _expand(image: Image, l1_offset: int, l1_size: int, done: set[int], *, active: bool) -> bool:
+    """:func:`expand_zero_clusters` for one L1 table (QEMU's ``expand_zero_clusters_in_l1``);
+    ``done``: the L2 tables already handled."""
+    f, h = image.file, image.header
     cs = h.cluster_size
     n = cs // 8
     decoder = L2Decoder(h, f.path)
-    refcounts = RefcountTable(f, h, TableCache(f, cs, 16, "refblock"))
-    done: set[int] = set()
     compressed = False
-    for l1_offset, l1_size in l1_tables:
-        l1 = struct.unpack(f">{l1_size}Q", f.pread(l1_offset, l1_size * 8)) if l1_size else ()
-        for l1_index, l1_entry in enumerate(l1):
-            l2_offset = decoder.l2_table_offset(l1_entry, l1_index)
-            if not l2_offset or l2_offset in done:
-                continue
-            done.add(l2_offset)
-            words = list(struct.unpack(f">{n}Q", f.pread(l2_offset, cs)))
-            shared = refcounts.get(l2_offset // cs) > 1
-            dirty = False
-            for j, entry in enumerate(words):
-                ctype = decoder.cluster_type(entry)
-                if ctype == ClusterType.COMPRESSED:
-                    compressed = True
-                elif ctype == ClusterType.ZERO_PLAIN:
-                    if h.backing_file:
-                        raise UnsupportedFeatureError(
-                            "Failed to turn zero into data clusters: zero clusters over a "
-                            "backing file need new clusters (not supported by this tool)",
-                            path=f.path,
-                        )
-                    words[j] = 0
-                    dirty = True
-                elif ctype == ClusterType.ZERO_ALLOC:
-                    host = entry & layout.L2E_OFFSET_MASK
-                    f.pwrite(host, bytes(cs))
-                    words[j] = host if shared else host | layout.OFLAG_COPIED
-                    dirty = True
-            if dirty:
-                f.flush()
-                f.pwrite(l2_offset, struct.pack(f">{n}Q", *words))
-    f.flush()
+    for l1_index, l1_entry in _l1_entries(f, l1_offset, l1_size):
+        l2_offset = decoder.l2_table_offset(l1_entry, l1_index)  # signals unaligned
+        if not l2_offset or l2_offset in done:
+            continue
+        done.add(l2_offset)
+        words = list(struct.unpack(f">{n}Q", f.pread(l2_offset, cs)))
+        shared = image.refcounts.get(l2_offset // cs) > 1
+        dirty = False
+        for j, entry in enumerate(words):
+            ctype = decoder.cluster_type(entry)
+            if ctype == ClusterType.COMPRESSED:
+                compressed = True
+            elif ctype == ClusterType.ZERO_PLAIN:
+                if h.backing_file:
+                    raise UnsupportedFeatureError(
+                        "Failed to turn zero into data clusters: zero clusters over a "
+                        "backing file need new clusters (not supported by this tool)",
+                        path=f.path,
+                    )
+                words[j] = 0
+                dirty = True
+            elif ctype == ClusterType.ZERO_ALLOC:
+                host = entry & layout.L2E_OFFSET_MASK
+                if host % cs:
+                    signal_corruption(
+                        f"Cluster allocation offset {host:#x} unaligned (L2 offset: "
+                        f"{c_hex(l2_offset)}, L2 index: {c_hex(j)})",
+                        path=f.path,
+                    )
+                image._overlap_check(host, cs)
+                f.pwrite(host, bytes(cs))
+                words[j] = host if shared else host | layout.OFLAG_COPIED
+                dirty = True
+        if dirty:
+            ignore = overlap.ACTIVE_L2 | (0 if active else overlap.INACTIVE_L2)
+            image._overlap_check(l2_offset, cs, ignore)
+            f.flush()
+            f.pwrite(l2_offset, struct.pack(f">{n}Q", *words))
     return compressed
