@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import struct
 import subprocess
@@ -168,4 +169,39 @@ def test_a_non_socket_at_the_ctrl_path_is_refused(tmp_path: Path) -> None:
     assert_one_line_error(done, str(ctrl), "not a socket")
     assert ctrl.read_text() == "not a socket"
     assert opens_writable(image)
+    qemu_img_check(image)
+
+
+def test_a_client_queued_during_the_restart_does_not_block_the_next_swtpm(tmp_path: Path) -> None:
+    """libvirt's revert starts the next QEMU at once: it may connect while no swtpm runs.
+    The next swtpm accepts it first, and QEMU keeps its control connection open, so serve's
+    readiness probe waits behind it; serve must still see that swtpm serves."""
+    image = create_image(tmp_path / "vtpm.qcow2")
+    ctrl = tmp_path / "swtpm.sock"
+    vtpm_qcow("serve", str(image), "--ctrl", str(ctrl), "--keep-serving", "--view", "dir")
+    pid = int(pid_path_for(image).read_text())
+    try:
+        with ControlClient.for_image(image) as client:
+            first = client.info()["swtpm_pid"]
+        request = struct.pack(">I", CMD_GET_CAPABILITY)
+        with socket.socket(socket.AF_UNIX) as quitting, socket.socket(socket.AF_UNIX) as qemu:
+            quitting.connect(str(ctrl))  # accepted by the first swtpm, which serves it alone
+            quitting.sendall(request)
+            assert len(quitting.recv(64)) >= 4
+            qemu.connect(str(ctrl))  # waits in the backlog
+            qemu.sendall(request)
+            quitting.sendall(struct.pack(">I", CMD_SHUTDOWN))  # the first swtpm ends
+            assert quitting.recv(4) == b"\0\0\0\0"
+            qemu.settimeout(20)
+            assert qemu.recv(4) == b"\0\0\0\0", "the next swtpm did not answer the queued client"
+            with ControlClient.for_image(image) as client:
+                deadline = time.monotonic() + 10
+                while client.info()["swtpm_pid"] in (first, None):
+                    assert time.monotonic() < deadline, "serve did not see the next swtpm ready"
+                    time.sleep(0.05)
+            assert os.path.exists(f"/proc/{pid}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
     qemu_img_check(image)
