@@ -107,6 +107,44 @@ class Libvirtd:
     def state(self, name: str) -> str:
         return self.virsh("domstate", name).stdout.strip()
 
+    def wait_answer(self) -> None:
+        """Until libvirtd answers on its socket (AssertionError if it exits or times out)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"libvirtd exited with {self.proc.returncode}{self.log_tail()}"
+                )
+            if self.socket.exists() and self.virsh("version", check=False).returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"libvirtd did not answer within {START_TIMEOUT:g}s")
+            time.sleep(0.1)
+
+    def restart(self) -> None:
+        """Stop libvirtd (running domains keep running) and start it again in the same
+        namespace: the new daemon reconnects to them and discovers hooks anew."""
+        keeper = int((self.base / "virtlogd.pid").read_text())  # virtlogd holds the namespace
+        self.proc.terminate()
+        self.proc.wait(STOP_TIMEOUT)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    need("nsenter"),
+                    f"--mount=/proc/{keeper}/ns/mnt",
+                    "--",
+                    need("libvirtd"),
+                    "-p",
+                    str(self.base / "libvirtd.pid"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.wait_answer()
+        assert _mnt_ns(self.proc.pid) == self.mnt_ns
+
     def log_tail(self, lines: int = 15) -> str:
         """The end of libvirtd's own log, for failure messages."""
         try:
@@ -195,15 +233,7 @@ def _start(base: Path) -> Libvirtd:
             start_new_session=True,
         )
     daemon = Libvirtd(base, proc, 0)
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"libvirtd exited with {proc.returncode}{daemon.log_tail()}")
-        if daemon.socket.exists() and daemon.virsh("version", check=False).returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"libvirtd did not answer within {START_TIMEOUT:g}s")
-        time.sleep(0.1)
+    daemon.wait_answer()
     daemon.mnt_ns = _mnt_ns(proc.pid)
     assert daemon.mnt_ns != _mnt_ns(os.getpid()), "libvirtd is not in a namespace of its own"
     return daemon

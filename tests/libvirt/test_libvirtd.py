@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from tests.helpers import need
@@ -63,3 +64,25 @@ def test_teardown_leaves_no_domain_process_or_directory() -> None:
         check=False,
     )
     assert done.returncode != 0
+
+
+def test_restart_keeps_a_running_domain(lv: Libvirtd) -> None:
+    name = lv.define(domain_xml(PREFIX + "restart", ""))
+    lv.virsh("start", name)
+    qemu = int((lv.base / "run" / "qemu" / f"{name}.pid").read_text())
+    old = lv.proc.pid
+    lv.restart()
+    assert lv.proc.pid != old and not os.path.exists(f"/proc/{old}")
+    assert lv.state(name) == "running"  # reconnected to the same QEMU
+    assert int((lv.base / "run" / "qemu" / f"{name}.pid").read_text()) == qemu
+    lv.virsh("destroy", name)
+    assert not os.path.exists(f"/proc/{qemu}") or _wait_gone(qemu)
+
+
+def _wait_gone(pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
