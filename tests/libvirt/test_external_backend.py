@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import need
 from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side
 from tests.vtpm.mount_fixtures import (
     NV_INDEX,
@@ -28,6 +30,7 @@ from tests.vtpm.mount_fixtures import (
     vtpm_qcow,
     wait_gone,
 )
+from vtpm_qcow.errors import TpmResponseError
 from vtpm_qcow.export.control import ControlClient, pid_path_for
 from vtpm_qcow.tpm.client import Tpm
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
@@ -140,3 +143,52 @@ def test_without_socket_options_qemu_is_refused(lv: Libvirtd) -> None:
             os.kill(pid, signal.SIGTERM)
         wait_gone(pid)
         image.unlink(missing_ok=True)
+
+
+def test_snapshot_revert_of_a_running_domain_reaches_the_next_swtpm(
+    lv: Libvirtd, served: tuple[Path, Path, int]
+) -> None:
+    """libvirt 9.0 reverts a running domain by killing QEMU and starting a new one with
+    ``-loadvm`` at once; serve (``--keep-serving``) must have the socket and a swtpm for
+    it.  The new QEMU pushes the snapshot's TPM state into that swtpm, which writes it
+    through serve into the image: the NV index made after the snapshot is gone."""
+    image, ctrl, serve = served
+    disk = lv.base / "vtpm" / "revert-disk.qcow2"
+    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    qtest = guest_side(lv) / "revert.qtest"
+    name = lv.define(domain_xml(PREFIX + "revert", external_tpm(ctrl), disk=disk, qtest=qtest))
+    try:
+        lv.virsh("start", name)
+        tpm = guest_tpm(qtest)
+        try:
+            tpm.startup()
+            tpm.nv_define_space(NV_INDEX, 8)
+            tpm.nv_write(NV_INDEX, b"before!!")
+        finally:
+            tpm.transport.close()
+        lv.virsh("snapshot-create-as", name, "s1")
+        tpm = guest_tpm(qtest)
+        try:
+            tpm.nv_define_space(NV_INDEX + 1, 8)
+        finally:
+            tpm.transport.close()
+        after_s1 = raw_sections(image)["permall"]
+        first = swtpm_pid(image)
+        qtest.unlink(missing_ok=True)
+        lv.virsh("snapshot-revert", name, "s1")
+        assert lv.state(name) == "running"
+        assert first is not None and wait_gone(first, 10), "the first swtpm outlived its QEMU"
+        assert os.path.exists(f"/proc/{serve}")
+        tpm = guest_tpm(qtest)
+        try:
+            assert tpm.nv_read(NV_INDEX, 8) == b"before!!"
+            with pytest.raises(TpmResponseError):
+                tpm.nv_read_public(NV_INDEX + 1)
+        finally:
+            tpm.transport.close()
+        assert raw_sections(image)["permall"] != after_s1  # the reverted state, in the image
+        lv.virsh("destroy", name)
+    finally:
+        lv.virsh("destroy", name, check=False)
+        lv.virsh("undefine", name, "--snapshots-metadata", check=False)
+        disk.unlink(missing_ok=True)
