@@ -24,6 +24,7 @@ import struct
 from .errors import (
     EncryptionKeyError,
     Qcow2Error,
+    RefcountRangeError,
     UnsupportedFeatureError,
     c_hex,
     signal_corruption,
@@ -348,7 +349,18 @@ class ClusterMap:
                 self.nonfatal_corruption(f"Cannot free unaligned cluster {host:#x}")
             return
         for offset, length in self.decoder.host_ranges(entry):
+            self.free_clusters(offset, length)
+
+    def free_clusters(self, offset: int, length: int) -> None:
+        """QEMU's ``qcow2_free_clusters``: a refcount that would drop below 0 (a corrupt
+        image) frees nothing, is reported (``qcow2_free_clusters failed: Invalid
+        argument``) and does not fail the request: the cluster leaks, as in QEMU."""
+        try:
             self.refcounts.free(offset, length)
+        except RefcountRangeError:
+            from .errors import report_corruption
+
+            report_corruption("qcow2_free_clusters failed: Invalid argument", self._path())
 
     # Section: writes
 
@@ -396,8 +408,10 @@ class ClusterMap:
         table) when it writes guest ``[offset, end)``, signaled before anything changes:
         the zero flag in a v2 image; an unaligned cluster written in place (``Data
         cluster offset ...``, ``Preallocated zero cluster offset ...``); an unaligned
-        cluster a partial write copies from (what the copy's read finds).  An unaligned
-        cluster overwritten whole is only leaked (a non-fatal event when it is freed)."""
+        cluster a partial write copies from (what the copy's read finds); with extended L2,
+        an invalid entry (QEMU's ``calculate_l2_meta``: "Invalid cluster entry found",
+        one space where the read path has two).  An unaligned cluster overwritten whole is
+        only leaked (a non-fatal event when it is freed)."""
         l2_offset = self.l2_offset(l1_index)
         if not l2_offset:
             return
@@ -409,17 +423,26 @@ class ClusterMap:
             host = entry & layout.L2E_OFFSET_MASK
             if entry & layout.OFLAG_ZERO and self.header.version < 3:
                 self.decoder.check(entry, bitmap, l2_offset, index, bitmap_checked=False)
-            if self._in_place(entry):
-                if host % cs:
-                    kind = "Preallocated zero" if entry & layout.OFLAG_ZERO else "Data"
-                    guest = max(offset, cluster * cs)
-                    where = f"(guest offset: {c_hex(guest)})"
+            in_place = self._in_place(entry)
+            if in_place and host % cs:
+                kind = "Preallocated zero" if entry & layout.OFLAG_ZERO else "Data"
+                guest = max(offset, cluster * cs)
+                where = f"(guest offset: {c_hex(guest)})"
+                signal_corruption(
+                    f"{kind} cluster offset {host:#x} unaligned {where}",
+                    path=self._path(),
+                    offset=host,
+                )
+            if self.extended and not entry & layout.OFLAG_COMPRESSED:
+                invalid = bitmap & (bitmap >> _ZERO_SHIFT) if host else bitmap & _ALL_ALLOC
+                if invalid:
                     signal_corruption(
-                        f"{kind} cluster offset {host:#x} unaligned {where}",
+                        f"Invalid cluster entry found (L2 offset: {c_hex(l2_offset)}, "
+                        f"L2 index: {c_hex(index)})",
                         path=self._path(),
-                        offset=host,
+                        offset=l2_offset,
                     )
-            elif cluster * cs < offset or (cluster + 1) * cs > end:
+            if not in_place and (cluster * cs < offset or (cluster + 1) * cs > end):
                 self.decoder.check(entry, bitmap, l2_offset, index)
 
     def _write_in_place(

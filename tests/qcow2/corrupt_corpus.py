@@ -58,9 +58,11 @@ class Case:
     opts: dict[str, str] = field(default_factory=dict)
     #: QEMU writes the new data cluster past the old end of the file before it refuses
     qemu_grows: bool = False
+    #: more ``qemu-img create -o`` options (``extended_l2``)
+    create: dict[str, str] = field(default_factory=dict)
 
     def build(self, path: Path) -> Path:
-        oracle.create(path, 1024 * KiB, compat=self.compat)
+        oracle.create(path, 1024 * KiB, compat=self.compat, **self.create)
         if self.setup:
             oracle.qemu_io(path, *self.setup)
         if self.snapshot:
@@ -112,6 +114,21 @@ def _into_inactive_l1(p: Path) -> None:
 
 def _into_snapshot_table(p: Path) -> None:
     poke(p, _active_l2(p) + 8, "Q", COPIED | peek(p, 64))
+
+
+def _ext_l2(entry: int, bitmap: int) -> Callable[[Path], None]:
+    """Extended L2 entry 0 (entry and subcluster bitmap)."""
+
+    def damage(p: Path) -> None:
+        poke(p, L2, "Q", entry)
+        poke(p, L2 + 8, "Q", bitmap)
+
+    return damage
+
+
+def _compressed_past_eof(p: Path) -> None:
+    """The compressed entry 0 now points at data far past the end of the file."""
+    poke(p, L2, "Q", peek(p, L2) & ~((1 << 54) - 1) | 0x3000000)
 
 
 def unref_inactive_l2(p: Path) -> None:
@@ -224,5 +241,37 @@ OVERLAP_CASES = [
     ),
 ]
 CASES.extend(OVERLAP_CASES)
+
+_EXTL2 = {"extended_l2": "on"}
+CASES += [
+    # 060-like: two cases write other messages than reads ("found (" vs "found  (")
+    Case(
+        "ext_alloc_and_zero_read", _ext_l2(COPIED | DATA, 1 << 32 | 1), "read 0 4k", create=_EXTL2
+    ),
+    Case(
+        "ext_alloc_and_zero_write", _ext_l2(COPIED | DATA, 1 << 32 | 1), "write 0 4k", create=_EXTL2
+    ),
+    Case("ext_unallocated_bits_read", _ext_l2(0, 1), "read 0 4k", create=_EXTL2),
+    Case("ext_unallocated_bits_write", _ext_l2(0, 1), "write 0 4k", create=_EXTL2),
+    # a refcount that would drop below 0 on discard: reported, the discard succeeds
+    Case(
+        "compressed_discard_past_eof",
+        _compressed_past_eof,
+        "discard 0 64k",
+        setup=("write -c -P 7 0 64k",),
+    ),
+    # more clusters: the one at fault is named, nothing is written before it
+    Case(
+        "data_unaligned_second_cluster",
+        _l2(COPIED | 0x60200, 1),
+        "write 0 128k",
+        setup=("write -P 7 0 128k",),
+    ),
+    Case("data_unaligned_discard_v2", _l2(COPIED | DATA + 0x200), "discard 0 64k", compat="0.10"),
+    # not corruption for QEMU: reserved bits, clusters past the end of the file
+    Case("l2_reserved_bits", _l2(COPIED | DATA | 0x3F00000000000000), "write 0 4k"),
+    Case("data_past_eof_write", _l2(COPIED | 0x1000000), "write 0 4k"),
+    Case("l2_past_eof_write", _l1(COPIED | 0x1000000), "write 0 4k"),
+]
 
 BY_NAME = {case.name: case for case in CASES}
