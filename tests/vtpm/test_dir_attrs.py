@@ -148,3 +148,31 @@ def test_swtpm_through_the_file_view_moves_the_record_along(open_dir: Path) -> N
         tpm_client(swtpm) as tpm,
     ):
         assert tpm.nv_read_public(NV_INDEX + 3).data_size == 1024
+
+
+def test_swtpms_stores_cost_no_extra_commit_and_a_snapshot_keeps_its_attributes(
+    open_dir: Path,
+) -> None:
+    need_root("chown to tss")
+    image = create_image(open_dir / "vtpm.qcow2")
+    mnt = open_dir / "tpm2"
+    store = f"cat > {mnt}/TMP2-00.permall && mv {mnt}/TMP2-00.permall {mnt}/tpm2-00.permall"
+    with mounted(image, mnt, view="dir") as mount, mount.control() as client:
+        os.chown(mnt, pwd.getpwnam(OWNER).pw_uid, -1)
+        os.chmod(mnt, 0o700)
+
+        def changes() -> int:
+            return int(client.info()["generation"])  # one per store change
+
+        assert as_user(OWNER, store, state_blob(b"first")).returncode == 0
+        start = changes()
+        for i in range(3):  # as swtpm stores: same owner and mode each time
+            assert as_user(OWNER, store, state_blob(b"store %d" % i)).returncode == 0
+        assert changes() == start + 3, "a store cost more than its own commit"
+        client.snapshot_create("s1")
+        os.chmod(mnt, 0o750)
+        client.snapshot_apply("s1")
+        assert identity(mnt)[:2] == (OWNER, "0o700")  # the snapshot's, seen at once
+    with mounted(image, mnt, view="dir"):
+        assert identity(mnt)[:2] == (OWNER, "0o700")
+    qemu_img_check(image)
