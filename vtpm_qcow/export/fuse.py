@@ -396,7 +396,7 @@ class StoreFS(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE:
             if fields.update_size:
                 raise _refuse(errno.EISDIR)
-            root = self.root
+            before, root = self.root, dataclasses.replace(self.root)
             if fields.update_mode:
                 root.mode = attr.st_mode & 0o7777
             if fields.update_uid:
@@ -408,9 +408,15 @@ class StoreFS(pyfuse3.Operations):
             if fields.update_mtime:
                 root.mtime_ns = attr.st_mtime_ns
             root.ctime_ns = now
-            self._keep_attrs()
+            self.root = root
+            try:
+                self._keep_attrs()
+            except BaseException:
+                self.root = before  # not in the image: not changed at all
+                raise
             return self._root_attrs()
         node = self._node(inode)
+        saved = (node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns, node.ctime_ns)
         if fields.update_size:
             node.content.truncate(attr.st_size)
             node.mtime_ns = now
@@ -435,7 +441,11 @@ class StoreFS(pyfuse3.Operations):
             # exit.  swtpm's own truncates (after a whole-file msync) never cut any.
             trio.lowlevel.spawn_system_task(self.invalidate, [inode], False)
         if node.name is not None and node.content.store_backed and not fields.update_size:
-            self._keep_attrs()
+            try:
+                self._keep_attrs()
+            except BaseException:
+                node.mode, node.uid, node.gid, node.atime_ns, node.mtime_ns, node.ctime_ns = saved
+                raise
         return self._attrs(node)
 
     # -- directory -----------------------------------------------------------------------
@@ -625,8 +635,13 @@ class StoreFS(pyfuse3.Operations):
         self.names[new] = node
         if content.store_backed:
             # swtpm renames a file of its own making over the section each time: one more
-            # commit only the first time (a new owner or mode), none for new times
-            self._keep_attrs(unless_only_times=True)
+            # commit only the first time (a new owner or mode), none for new times.  The
+            # rename itself is done (committed): a failure here leaves the attributes to
+            # the next save.
+            try:
+                self._keep_attrs(unless_only_times=True)
+            except HANDLED as err:
+                log.warning("%s: attributes not kept: %s", new, err)
 
     # -- what the daemon, its control socket and serve --qmp's watcher use --------------
 
