@@ -47,8 +47,10 @@ PRIVATE_DIRS = {
 }
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-#: Domains the tests define are named with this prefix.
-PREFIX = "vtpmtest-"
+#: Domains the tests define are named with this prefix: unique to this test run, since
+#: libvirt names a domain's cgroups after it (and its id, the same in every daemon) and two
+#: runs on one machine each have a libvirtd of their own.
+PREFIX = f"vtpmtest-{os.getpid()}-"
 
 
 @dataclass
