@@ -22,6 +22,7 @@ from __future__ import annotations
 import struct
 
 from .errors import (
+    CorruptImageError,
     EncryptionKeyError,
     Qcow2Error,
     RefcountRangeError,
@@ -234,7 +235,11 @@ class ClusterMap:
             l1_index = cur // span
             base = l1_index * span
             table_end = min(end, base + span)
-            l2_offset = self.l2_offset(l1_index, l1)
+            try:
+                l2_offset = self.l2_offset(l1_index, l1)
+            except CorruptImageError as err:
+                err.guest_offset = base
+                raise
             if not l2_offset:
                 _merge(out, cur, table_end, SubclusterType.UNALLOCATED_PLAIN, None)
                 cur = table_end
@@ -244,7 +249,12 @@ class ClusterMap:
             table = self.l2_table(l2_offset)
             runs, problem = self.decoder.runs(table, l2_offset, first, stop, base)
             if problem is not None:
-                signal_corruption(problem[0], path=self._path(), offset=problem[1])
+                signal_corruption(
+                    problem[0],
+                    path=self._path(),
+                    offset=problem[1],
+                    guest_offset=runs[-1][1] if runs else base + first * cs,
+                )
             for start, run_end, kind, host in runs:
                 lo, hi = max(start, cur), min(run_end, table_end)
                 if lo >= hi:

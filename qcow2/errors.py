@@ -81,10 +81,14 @@ class CorruptImageError(InvalidImageError):
     :ivar signaled: True for an inconsistency found while the image is in use (raised by
         :func:`signal_corruption`): the image then reacts as QEMU does (corrupt bit, no
         further writes); False for a refusal while opening.
+    :ivar guest_offset: where a walk of the guest range met the inconsistency (the start
+        of the cluster, or of the L2 table's range, QEMU's block-status query stops at),
+        if it was found by one.
     """
 
     errno = _errno.EIO
     signaled = False
+    guest_offset: int | None = None
 
     def __init__(
         self,
@@ -235,7 +239,12 @@ class OptionError(CommandError):
 
 
 def signal_corruption(
-    message: str, *, path: str | None, offset: int | None = None, size: int | None = None
+    message: str,
+    *,
+    path: str | None,
+    offset: int | None = None,
+    size: int | None = None,
+    guest_offset: int | None = None,
 ) -> NoReturn:
     """Report a fatal inconsistency found in an image's metadata while using it.
 
@@ -249,6 +258,7 @@ def signal_corruption(
     """
     err = CorruptImageError(message, path=path, offset=offset, size=size)
     err.signaled = True
+    err.guest_offset = guest_offset
     raise err
 
 

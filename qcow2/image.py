@@ -365,6 +365,36 @@ class Image:
             self._signal_corruption(err.message, fatal=True)
             self._stop_after_corruption(err)
 
+    def report_corruption(self, err: CorruptImageError) -> None:
+        """Signal a corruption a tool found reading this image's metadata itself (``map``)
+        as a read through the image would (once; non-fatal on a read-only image)."""
+        self._read_guard(err)
+
+    def detect_metadata_preallocation(self) -> bool:
+        """QEMU's ``qcow2_detect_metadata_preallocation``, run by its first block-status
+        query of an image (``qemu-img map``, ``convert``, ``compare``): whether more clusters
+        have a refcount than the file has allocated blocks for.  It reads the refcounts of
+        the clusters up to the end of the file (at most ~10/9 of the allocated ones); a
+        corruption found there (an unaligned refcount block) is signaled and otherwise
+        ignored, as QEMU ignores the error."""
+        cs = self.header.cluster_size
+        try:
+            real_clusters = os.fstat(self.file.fd).st_blocks * 512 // cs
+        except OSError:
+            return False
+        threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+        end = layout.size_to_clusters(cs, self.file.size())
+        count = 0
+        try:
+            for cluster in range(end):
+                if count >= threshold:
+                    break
+                count += bool(self.refcounts.get(cluster))
+        except CorruptImageError as err:
+            self._read_guard(err)
+            return False
+        return count >= threshold
+
     def _guest_data_changes(self) -> None:
         """Called before guest data changes.  Persistent dirty bitmaps record guest
         writes, which this library does not do: the first change marks them inconsistent

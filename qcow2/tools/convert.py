@@ -40,6 +40,8 @@ class GuestSource:
         self.size = layer.virtual_size
         self._read: Callable[[int, int], bytes] = layer.read
         if snapshot is None:
+            if isinstance(layer, Image):
+                layer.detect_metadata_preallocation()  # QEMU's first block-status query
             return
         if not isinstance(layer, Image):
             raise UnsupportedFeatureError(

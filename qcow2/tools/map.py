@@ -271,6 +271,8 @@ def map_entries(
     If the walk reaches corrupt metadata, the records found so far are returned with the
     error (qemu-img prints all but the last, still open, record before failing).  An
     empty range gives qemu-img's single empty record."""
+    if isinstance(layers[0], Image):
+        layers[0].detect_metadata_preallocation()  # QEMU's first block-status query does
     statuses = [_qcow2_runs(x) if isinstance(x, Image) else _raw_runs(x) for x in layers]
     starts = [[r.start for r in runs] for runs in statuses]
     length = sectors_size(layers[0])
@@ -284,6 +286,9 @@ def map_entries(
         try:
             entry = _block_status(layers, statuses, starts, pos, length - pos)
         except CorruptImageError as err:
+            for layer in layers:
+                if isinstance(layer, Image) and layer.path == err.path:
+                    layer.report_corruption(err)
             return entries, err
         if entries and _mergeable(entries[-1], entry):
             entries[-1].length += entry.length

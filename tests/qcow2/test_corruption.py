@@ -267,3 +267,37 @@ def test_bad_open_options_refused_as_qemu(tmp_path: Path, opts: dict[str, str]) 
             qcow2.open(str(path), writable=writable, options=opts)
         assert caught.value.message == expected
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "reftable_unaligned",
+        "l2_unaligned_read",
+        "data_unaligned_read",
+        "data_unaligned_second_cluster",
+    ],
+)
+@pytest.mark.parametrize("command", ["map", "convert", "compare"])
+def test_read_only_commands_report_as_qemu_img(tmp_path: Path, name: str, command: str) -> None:
+    """``map``, ``convert`` and ``compare`` of a damaged image: the non-fatal corruption
+    line (also the one QEMU's first block-status query prints for an unaligned refcount
+    block), the error QEMU words from its block-status query, the exit code, the output."""
+    case = next(c for c in CASES if c.name == name)
+    results = []
+    for tool in ("qemu-img", "qcow2"):
+        (tmp_path / tool).mkdir()
+        path = case.build(tmp_path / tool / "img.qcow2")
+        before = path.read_bytes()
+        argv = [need("qemu-img")] if tool == "qemu-img" else [sys.executable, "-m", "qcow2"]
+        args = {
+            "map": ["map", "--output=json", "img.qcow2"],
+            "convert": ["convert", "-O", "raw", "img.qcow2", "out.raw"],
+            "compare": ["compare", "img.qcow2", "img.qcow2"],
+        }[command]
+        run = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, check=False, cwd=tmp_path / tool
+        )
+        results.append((run.returncode, run.stdout, run.stderr))
+        assert path.read_bytes() == before  # read-only: nothing written, no corrupt bit
+    assert results[1] == results[0]
