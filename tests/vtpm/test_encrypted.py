@@ -555,3 +555,101 @@ def test_backup_of_an_encrypted_store_stays_encrypted(
     ):
         assert copy.state_digest() == original.state_digest()
         assert copy.snapshot_tags() == ["s1"]
+
+
+# Section: swtpm's own state key, as libvirt passes it
+
+
+def _blob_encrypted(image: Path, *secret: str) -> bool:
+    info = json.loads(vtpm_qcow("info", "--json", *secret, str(image)).stdout)
+    return bool(info["sections"]["permall"]["blob"]["encrypted"])
+
+
+def test_swtpm_state_key_through_setup_and_serve_survives_restart(
+    tmp_path: Path, key: Path
+) -> None:
+    image = tmp_path / "vtpm.qcow2"
+    secret = ["--secret-file", str(key)]
+    vtpm_qcow("setup", "--create", "--swtpm-key", *secret, str(image))
+    assert not Store.is_encrypted(image)  # the image is plain: swtpm encrypts its blobs
+    assert _blob_encrypted(image)
+    # check dry-loads it only with the key; a wrong key is a state swtpm does not load
+    wrong = private_file(tmp_path / "wrong.key", b"not the passphrase")
+    done = vtpm_qcow("check", str(image))
+    assert "encrypted state: not dry-loaded (swtpm needs its key)" in done.stdout
+    done = vtpm_qcow("check", "--swtpm-key", *secret, str(image))
+    assert "state: loads: a real swtpm started on it" in done.stdout
+    done = vtpm_qcow("check", "--swtpm-key", "--secret-file", str(wrong), str(image), check=False)
+    assert done.returncode == 2 and "not loadable: dry load: swtpm exited" in done.stdout
+    assert_one_line(
+        vtpm_qcow("check", "--repair", "--swtpm-key", *secret, str(image), check=False),
+        "--repair cannot tell a wrong --swtpm-key",
+    )
+    payload = b"swtpmkey"
+    with serving(image, tmp_path, "--swtpm-key", *secret) as (pid, port):
+        with ControlClient.for_image(image) as client:
+            swtpm_pid = client.info()["swtpm_pid"]
+        cmdline = Path(f"/proc/{swtpm_pid}/cmdline").read_bytes()
+        assert b"--key\0pwdfd=" in cmdline and b"--migration-key\0pwdfd=" in cmdline
+        _no_secret_in(pid)
+        _no_secret_in(swtpm_pid)
+        with SwtpmSocketTransport(port) as transport:
+            tpm = Tpm(transport)
+            tpm.nv_define_space(NV_INDEX, len(payload))
+            tpm.nv_write(NV_INDEX, payload)
+    assert _blob_encrypted(image)
+    assert payload not in image.read_bytes()
+    read_end, write_end = os.pipe()
+    os.write(write_end, SECRET)
+    os.close(write_end)
+    try:
+        with (
+            serving(
+                image, tmp_path, "--swtpm-key", "--secret-fd", str(read_end), pass_fds=(read_end,)
+            ) as (_pid, port),
+            SwtpmSocketTransport(port) as transport,
+        ):
+            assert Tpm(transport).nv_read(NV_INDEX, len(payload)) == payload
+    finally:
+        os.close(read_end)
+    # without the key, or with another one, swtpm cannot load the state: one line
+    before = digest(image)
+    ctrl = str(tmp_path / "ctrl")
+    assert_one_line(
+        vtpm_qcow("serve", str(image), "--ctrl", ctrl, check=False),
+        "encrypted with its own key",
+        "--swtpm-key",
+    )
+    done = vtpm_qcow(
+        "serve", str(image), "--ctrl", ctrl, "--swtpm-key", "--secret-file", str(wrong),
+        "--swtpm-flags", "not-need-init,startup-clear", check=False,
+    )  # fmt: skip
+    assert_one_line(done, "swtpm")
+    assert_one_line(
+        vtpm_qcow("serve", str(image), "--ctrl", ctrl, "--swtpm-key", check=False),
+        "--swtpm-key needs the passphrase",
+    )
+    assert digest(image) == before
+
+
+def test_libvirt_style_encrypted_state_dir_imports_and_serves(tmp_path: Path, key: Path) -> None:
+    state = tmp_path / "tpm2"
+    state.mkdir()
+    fd = os.open(key, os.O_RDONLY)
+    try:  # what libvirt runs for <encryption secret=...>
+        subprocess.run(
+            [need("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--pwdfile-fd", str(fd),
+             "--cipher", "aes-256-cbc", "--overwrite"],
+            capture_output=True, timeout=120, check=True, pass_fds=(fd,),
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    image = tmp_path / "vtpm.qcow2"
+    vtpm_qcow("create", str(image))
+    vtpm_qcow("import", str(image), str(state))
+    assert _blob_encrypted(image)
+    with (
+        serving(image, tmp_path, "--swtpm-key", "--secret-file", str(key)) as (_pid, port),
+        SwtpmSocketTransport(port) as transport,
+    ):
+        assert len(Tpm(transport).get_random(8)) == 8

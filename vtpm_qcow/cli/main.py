@@ -34,7 +34,7 @@ from ..state.store import (
 )
 from .libvirt import add_libvirt_commands
 from .mount import add_mount_commands
-from .secrets import add_secret_options, secret_key
+from .secrets import add_secret_options, add_swtpm_key_option, secret_key, swtpm_state_key
 from .vm import add_vm_commands
 
 TYPE_CHECKING = False
@@ -83,6 +83,8 @@ def _new_key(args: argparse.Namespace) -> bytes | None:
     if args.encrypt and key is None:
         raise SecretError(f"--encrypt needs the passphrase: give {OPTIONS_HINT}")
     if key is not None and not args.encrypt:
+        if getattr(args, "swtpm_key", False):
+            return None  # the secret is swtpm's, the image stays plain
         raise SecretError("a secret was given for a new image without --encrypt")
     return key
 
@@ -129,7 +131,13 @@ def cmd_setup(args: argparse.Namespace) -> int:
             state = Path(tmp) / "state.lin"
             kind = "TPM 1.2" if args.tpm12 else "TPM 2.0"
             _say(args, f"Manufacturing a {kind} with swtpm_setup")
-            run_setup(f"file://{state}", tpm2=not args.tpm12, options=options, ca_dir=args.ca_dir)
+            run_setup(
+                f"file://{state}",
+                tpm2=not args.tpm12,
+                options=options,
+                ca_dir=args.ca_dir,
+                state_key=swtpm_state_key(args),
+            )
             data = plainstate.layout_from_file(state)
         if store is None:
             store = _create_store(args)
@@ -494,6 +502,12 @@ def _open_for_check(args: argparse.Namespace) -> Store:
                 "--repair restores only a state a real swtpm loads; drop --no-load",
                 path=args.image,
             )
+        if args.swtpm_key:
+            raise StoreError(
+                "--repair cannot tell a wrong --swtpm-key from a damaged state; check "
+                "without --repair",
+                path=args.image,
+            )
         return _open_writable(args.image, "a repair", secret_key(args))
     try:
         return Store.open(
@@ -532,7 +546,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..state import checkup
 
     with _open_for_check(args) as store:
-        report = checkup.check_store(store, load=not args.no_load)
+        report = checkup.check_store(store, load=not args.no_load, state_key=swtpm_state_key(args))
         if args.force_share:
             report.add("note", "note", "read shared (-U): a state caught mid-update may look torn")
         status = report.exit_status
@@ -845,6 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _size_args(p)
     _encrypt_args(p)
+    add_swtpm_key_option(p)
     p.set_defaults(passthrough=True)
 
     p = _command(
@@ -902,6 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(p)
     p.add_argument("--no-load", action="store_true", help="skip the dry load (no swtpm is started)")
     add_secret_options(p)
+    add_swtpm_key_option(p)
     p.add_argument(
         "-U",
         "--force-share",

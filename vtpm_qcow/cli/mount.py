@@ -17,7 +17,7 @@ import pwd
 import sys
 
 from ..export import VIEWS
-from .secrets import add_secret_options, secret_key
+from .secrets import add_secret_options, add_swtpm_key_option, secret_key, swtpm_state_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ctrl_owner=args.socket_owner,
         ctrl_group=args.socket_group,
         ctrl_mode=CTRL_MODE if args.socket_mode is None else args.socket_mode,
+        state_key=swtpm_state_key(args),
     )
     if args.qmp:
         from ..vm.follow import follow_qmp
@@ -206,6 +207,7 @@ def add_mount_commands(subparsers: Any) -> None:
         "own for it) and keep the image's snapshots aligned",
     )
     serve.add_argument("--tpm12", action="store_true", help="run a TPM 1.2 (default TPM 2.0)")
+    add_swtpm_key_option(serve)
     serve.add_argument("--swtpm-flags", metavar="F,F", help="swtpm --flags (e.g. startup-clear)")
     serve.add_argument(
         "--swtpm-option", action="append", metavar="ARG", help="extra swtpm argument"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..state.secret import SecretSource, read_secret
+from ..errors import SecretError
+from ..state.secret import OPTIONS_HINT, SecretSource, read_secret
 
 _HELP = {
     "file": (
@@ -46,6 +47,27 @@ def add_secret_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_swtpm_key_option(parser: argparse.ArgumentParser) -> None:
+    """``--swtpm-key``: the secret is also swtpm's own state encryption passphrase."""
+    parser.add_argument(
+        "--swtpm-key",
+        action="store_true",
+        help="the secret is also swtpm's state encryption passphrase, as libvirt's "
+        "<encryption secret=...> has it (swtpm --key/--migration-key pwdfd=, swtpm_setup "
+        "--pwdfile-fd, aes-256-cbc), handed over through pipes",
+    )
+
+
+def swtpm_state_key(args: argparse.Namespace) -> bytes | None:
+    """The passphrase for swtpm's own state encryption (with ``--swtpm-key``), else None."""
+    if not getattr(args, "swtpm_key", False):
+        return None
+    key = secret_key(args)
+    if key is None:
+        raise SecretError(f"--swtpm-key needs the passphrase: give {OPTIONS_HINT}")
+    return key
+
+
 def secret_sources(args: argparse.Namespace) -> list[SecretSource]:
     """The secret sources given on the command line."""
     sources = []
@@ -79,4 +101,10 @@ def secret_key(args: argparse.Namespace) -> bytes | None:
     return held.key
 
 
-__all__ = ["add_secret_options", "secret_key", "secret_sources"]
+__all__ = [
+    "add_secret_options",
+    "add_swtpm_key_option",
+    "secret_key",
+    "secret_sources",
+    "swtpm_state_key",
+]

@@ -45,7 +45,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from ..errors import HANDLED, MountError, StoreError
+from ..errors import HANDLED, MountError, StateFormatError, StoreError
 from . import VIEWS
 from .content import STATE_FILE_NAME
 from .control import ControlClient, daemon_answers, pid_path_for, runtime_dir, socket_path_for
@@ -114,6 +114,9 @@ class SwtpmConfig:
     follower: Callable[[StoreFS], Awaitable[None]] | None = None
     #: the swtpm running now (filled in while serving)
     current: Swtpm | None = None
+    #: the passphrase of swtpm's own state encryption (``--key``/``--migration-key``
+    #: pwdfd=), handed to each swtpm through pipes
+    state_key: bytes | None = field(default=None, repr=False)
 
 
 # Section: running a mount
@@ -125,6 +128,24 @@ def _open_store(image: str, key: bytes | None) -> Store:
     if not os.path.exists(image):
         raise StoreError("no such image", path=image)
     return Store.open(image, writable=True, key=key)
+
+
+def _refuse_keyless_swtpm(store: Store) -> None:
+    """A state swtpm encrypted with its own key (libvirt's ``<encryption>``) needs that
+    key: refused now, not when QEMU initializes the TPM."""
+    from ..state.blob import parse_blob
+
+    try:
+        permall = store.read_section("permall")
+        encrypted = bool(permall) and parse_blob(permall or b"").encrypted
+    except StateFormatError:
+        return  # swtpm says what is wrong with it
+    if encrypted:
+        raise StoreError(
+            "swtpm's state is encrypted with its own key (libvirt's <encryption>): "
+            "give --swtpm-key and the secret",
+            path=store.path,
+        )
 
 
 def _check_mountpoint(mountpoint: str) -> None:
@@ -178,6 +199,9 @@ def run_mount(
     _check_mountpoint(mountpoint)
     store = _open_store(config.image, config.key)
     try:
+        own_key = swtpm is not None and any(o.startswith("--key") for o in swtpm.options)
+        if swtpm is not None and swtpm.state_key is None and not own_key:
+            _refuse_keyless_swtpm(store)
         fs = make_fs(store, config.view)
         io = instrument(store, fs)
         try:
@@ -375,6 +399,7 @@ async def _serve_swtpm(
                 tpm2=config.tpm2,
                 flags=config.flags,
                 options=options,
+                state_key=config.state_key,
             )
         )
         config.current = instance

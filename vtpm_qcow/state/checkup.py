@@ -121,7 +121,14 @@ def check_qcow2(store: Store, report: Report) -> None:
         report.add("qcow2", "ok", "no errors (as 'qemu-img check' counts them)")
 
 
-def check_state(store: Store, report: Report, *, load: bool, timeout: float = 20.0) -> None:
+def check_state(
+    store: Store,
+    report: Report,
+    *,
+    load: bool,
+    timeout: float = 20.0,
+    state_key: bytes | None = None,
+) -> None:
     """The linear header, every section's blob and (``load``) a dry load in swtpm."""
     source = store.path
     try:
@@ -166,7 +173,7 @@ def check_state(store: Store, report: Report, *, load: bool, timeout: float = 20
         report.loadable = True
         report.add("state", "ok", "passes swtpm's structural checks (not dry-loaded: --no-load)")
         return
-    result = probe_layout(layout, source=source, timeout=timeout)
+    result = probe_layout(layout, source=source, timeout=timeout, state_key=state_key)
     if not result.dry_loaded:
         report.add("state", "unknown", f"structural checks pass; {result.reason}")
         return
@@ -186,12 +193,15 @@ def _not_loadable(report: Report, topic: str, reason: str) -> None:
         report.add("state", "not-loadable", f"not loadable: {reason}")
 
 
-def check_store(store: Store, *, load: bool = True, timeout: float = 20.0) -> Report:
-    """Check ``store``'s image and current state (read-only)."""
+def check_store(
+    store: Store, *, load: bool = True, timeout: float = 20.0, state_key: bytes | None = None
+) -> Report:
+    """Check ``store``'s image and current state (read-only); ``state_key``: the passphrase
+    of swtpm's own state encryption, for the dry load."""
     report = Report(store.path)
     check_qcow2(store, report)
     try:
-        check_state(store, report, load=load, timeout=timeout)
+        check_state(store, report, load=load, timeout=timeout, state_key=state_key)
     except Qcow2Error as err:
         report.damaged = True
         report.add("state", "damaged", f"unreadable: {err}")

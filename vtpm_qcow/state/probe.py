@@ -172,7 +172,9 @@ def _is_tpm12(layout: bytes) -> bool:
     return payload is not None and payload[2:6] != TPM2_PERMALL_MAGIC and _looks_tpm12(payload)
 
 
-def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeResult:
+def probe_layout(
+    layout: bytes, *, source: str, timeout: float = 20.0, state_key: bytes | None = None
+) -> ProbeResult:
     """Dry-load ``layout`` in a real swtpm and say whether the TPM works on it.
 
     The layout goes to a private temporary file (mode 0600, its directory removed
@@ -180,7 +182,8 @@ def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeR
     GetRandom.  swtpm is always stopped.  A missing swtpm raises
     :class:`~vtpm_qcow.errors.SwtpmError`; so does a swtpm that neither answers nor exits
     within ``timeout`` seconds.  Layouts without a permall are not loadable without
-    starting swtpm (it would manufacture a new TPM).
+    starting swtpm (it would manufacture a new TPM).  A state swtpm encrypted with its own
+    key is dry-loaded only with ``state_key``, its passphrase.
     """
     if not linear.is_formatted(layout):
         return ProbeResult(False, NO_STATE)
@@ -191,7 +194,7 @@ def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeR
     if not header.slot("permall").allocated:
         return ProbeResult(False, NO_STATE)
     find_tool("swtpm")
-    if _is_encrypted(layout):
+    if _is_encrypted(layout) and state_key is None:
         return ProbeResult(True, "encrypted state: not dry-loaded (swtpm needs its key)", False)
     tpm2 = not _is_tpm12(layout)
     tmp = Path(tempfile.mkdtemp(prefix="vtpm-qcow-probe-", dir=staging_dir()))
@@ -201,12 +204,14 @@ def probe_layout(layout: bytes, *, source: str, timeout: float = 20.0) -> ProbeR
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(layout)
-        return _dry_load(state, tmp / "run", tpm2=tpm2, timeout=timeout)
+        return _dry_load(state, tmp / "run", tpm2=tpm2, timeout=timeout, state_key=state_key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _dry_load(state: Path, workdir: Path, *, tpm2: bool, timeout: float) -> ProbeResult:
+def _dry_load(
+    state: Path, workdir: Path, *, tpm2: bool, timeout: float, state_key: bytes | None = None
+) -> ProbeResult:
     from ..tpm.client import SwtpmSocketTransport, Tpm
 
     server = str(workdir / "data.sock")
@@ -218,6 +223,7 @@ def _dry_load(state: Path, workdir: Path, *, tpm2: bool, timeout: float) -> Prob
             tpm2=tpm2,
             flags=("not-need-init", "startup-clear"),
             timeout=timeout,
+            state_key=state_key,
         )
     except SwtpmError as err:
         if "exited early" in str(err):

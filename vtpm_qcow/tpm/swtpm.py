@@ -41,6 +41,35 @@ INIT_FLAG_DELETE_VOLATILE: Final = 1
 
 STARTUP_TIMEOUT: Final = 20.0
 SETUP_TIMEOUT: Final = 300.0
+#: swtpm's state cipher as libvirt has swtpm use it (``<encryption secret=...>``): the key is
+#: derived (PBKDF2) from the passphrase swtpm reads from a descriptor.
+STATE_CIPHER: Final = "aes-256-cbc"
+
+
+def _key_pipe(key: bytes) -> int:
+    """The read end of a pipe holding ``key`` and then EOF: what swtpm's ``pwdfd=`` and
+    swtpm_setup's ``--pwdfile-fd`` read.  Never a file, an argument or the environment."""
+    read_end, write_end = os.pipe()
+    try:
+        view = memoryview(key)
+        while view:  # a pipe holds 64 KiB: a passphrase fits before anyone reads
+            view = view[os.write(write_end, view) :]
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    return read_end
+
+
+def state_key_options(key_fds: Sequence[int]) -> list[str]:
+    """swtpm's ``--key`` (the state) and ``--migration-key`` (the state QEMU migrates) on
+    the passphrase pipes ``key_fds``, as libvirt passes them."""
+    state, migration = key_fds
+    return [
+        "--key", f"pwdfd={state},mode={STATE_CIPHER}",
+        "--migration-key", f"pwdfd={migration},mode={STATE_CIPHER}",
+    ]  # fmt: skip
 
 
 def find_tool(name: str) -> str:
@@ -72,13 +101,15 @@ def run_setup(
     overwrite: bool = True,
     timeout: float = SETUP_TIMEOUT,
     ca_dir: str | None = None,
+    state_key: bytes | None = None,
 ) -> str:
     """Run ``swtpm_setup`` on ``tpmstate`` (a directory or ``file://PATH``), return its output.
 
     ``options`` pass through (``--create-ek-cert``, ``--create-platform-cert``, ...).  The
     certificates come from the system's local CA, signed as the CA's owner, or from a CA in
     ``ca_dir`` (:mod:`vtpm_qcow.tpm.localca`): the system's CA is never left with files of
-    another owner.
+    another owner.  ``state_key``: swtpm encrypts the state with a key derived from this
+    passphrase (``--pwdfile-fd``, ``--cipher aes-256-cbc``), as libvirt has it do.
     """
     setup = find_tool("swtpm_setup")
     with tempfile.TemporaryDirectory(prefix="vtpm-qcow-swtpm-setup-") as workdir:
@@ -86,12 +117,23 @@ def run_setup(
         cmd = [setup, "--tpmstate", tpmstate, *(["--tpm2"] if tpm2 else []), *config, *options]
         if overwrite and "--overwrite" not in options and "--not-overwrite" not in options:
             cmd.append("--overwrite")
-        return _run_setup(setup, cmd, tpmstate, timeout)
+        if state_key is None:
+            return _run_setup(setup, cmd, tpmstate, timeout)
+        key_fd = _key_pipe(state_key)
+        try:
+            cmd += ["--pwdfile-fd", str(key_fd), "--cipher", STATE_CIPHER]
+            return _run_setup(setup, cmd, tpmstate, timeout, pass_fds=(key_fd,))
+        finally:
+            os.close(key_fd)
 
 
-def _run_setup(setup: str, cmd: list[str], tpmstate: str, timeout: float) -> str:
+def _run_setup(
+    setup: str, cmd: list[str], tpmstate: str, timeout: float, pass_fds: Sequence[int] = ()
+) -> str:
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, pass_fds=pass_fds
+        )
     except subprocess.TimeoutExpired as err:
         raise SwtpmError(f"swtpm_setup on {tpmstate}: no result after {timeout:g}s") from err
     except OSError as err:
@@ -171,13 +213,16 @@ class Swtpm:
         flags: Sequence[str] = ("not-need-init", "startup-clear"),
         options: Sequence[str] = (),
         timeout: float = STARTUP_TIMEOUT,
+        state_key: bytes | None = None,
     ) -> Swtpm:
         """Start swtpm on ``tpmstate`` (``dir=DIR`` or ``backend-uri=file://PATH``).
 
         ``ctrl`` defaults to a unix socket in ``workdir``; ``server`` (data channel) is
         optional.  With ``ctrl_fd``, a listening unix socket bound at ``ctrl`` by the
         caller, swtpm serves that socket (``--ctrl type=unixio,fd=N``) and the caller keeps
-        its path, owner and mode.  Returns once swtpm answers on the control channel.
+        its path, owner and mode.  ``state_key``: the passphrase of swtpm's own state
+        encryption (:func:`state_key_options`), given through pipes.  Returns once swtpm
+        answers on the control channel.
         """
         binary = find_tool("swtpm")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +240,9 @@ class Swtpm:
         if flags:
             cmd += ["--flags", ",".join(flags)]
         cmd += list(options)
+        key_fds = [] if state_key is None else [_key_pipe(state_key), _key_pipe(state_key)]
+        if key_fds:
+            cmd += state_key_options(key_fds)
         try:
             with open(workdir / "swtpm.stderr", "wb") as stderr:
                 proc = subprocess.Popen(
@@ -202,12 +250,15 @@ class Swtpm:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=stderr,
-                    pass_fds=() if ctrl_fd is None else (ctrl_fd,),
+                    pass_fds=(*(() if ctrl_fd is None else (ctrl_fd,)), *key_fds),
                 )
         except OSError as err:
             raise SwtpmError(
                 f"swtpm: cannot run {binary}: {err.strerror}", errno=err.errno
             ) from err
+        finally:
+            for fd in key_fds:
+                os.close(fd)
         instance = cls(proc, ctrl, server, pid_file, log, tpmstate)
         try:
             instance._wait_ready(timeout)
