@@ -573,6 +573,13 @@ def test_swtpm_state_key_through_setup_and_serve_survives_restart(
     vtpm_qcow("setup", "--create", "--swtpm-key", *secret, str(image))
     assert not Store.is_encrypted(image)  # the image is plain: swtpm encrypts its blobs
     assert _blob_encrypted(image)
+    assert "encrypted layers: swtpm state key\n" in vtpm_qcow("info", str(image)).stdout
+    both = tmp_path / "both.qcow2"
+    vtpm_qcow("setup", "--create", "--encrypt", "--iter-time", ITER, "--swtpm-key", *secret,
+              str(both))  # fmt: skip
+    info = json.loads(vtpm_qcow("info", "--json", *secret, str(both)).stdout)
+    assert info["encrypted_layers"] == ["qcow2 LUKS", "swtpm state key"]
+    assert "encrypted layers: qcow2 LUKS\n" in vtpm_qcow("info", str(both)).stdout  # locked
     # check dry-loads it only with the key; a wrong key is a state swtpm does not load
     wrong = private_file(tmp_path / "wrong.key", b"not the passphrase")
     done = vtpm_qcow("check", str(image))

@@ -371,6 +371,21 @@ def _encryption_text(encryption: dict[str, Any]) -> str:
     )
 
 
+def _encrypted_layers(store: Store, sections: dict[str, Any]) -> list[str]:
+    """Which encryption layers the image and its state blobs show: the qcow2 image's LUKS,
+    swtpm's state key (``--key``), swtpm's migration key (``--migration-key``)."""
+    layers = ["qcow2 LUKS"] if store.encrypted else []
+    flags = set()
+    for section in sections.values():
+        header = section["blob"].get("header") or {}
+        flags.update(header.get("flag_names", ()))
+    if "encrypted" in flags:
+        layers.append("swtpm state key")
+    if "migration-encrypted" in flags:
+        layers.append("swtpm migration key")
+    return layers
+
+
 def locked_info_dict(store: Store) -> dict[str, Any]:
     """What ``info`` shows of an encrypted image without its key: the header only."""
     return {
@@ -378,6 +393,7 @@ def locked_info_dict(store: Store) -> dict[str, Any]:
         "virtual_size": store.linear_size,
         "cluster_size": int(store.image.cluster_size),
         "encryption": store.encryption(),
+        "encrypted_layers": ["qcow2 LUKS"],
         "locked": True,
         "snapshots": [
             {
@@ -427,6 +443,7 @@ def info_dict(store: Store) -> dict[str, Any]:
         "cluster_size": int(image.cluster_size),
         "encryption": store.encryption(),
         "locked": False,
+        "encrypted_layers": _encrypted_layers(store, sections),
         "formatted": bool(found) or layout_error is not None or bool(store.layout()),
         "layout_error": layout_error,
         "state_digest": store.state_digest() if layout_error is None else None,
@@ -453,6 +470,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"capacity: {_human(info['virtual_size'])}, cluster size {info['cluster_size']}")
     if info["encryption"]:
         print(f"encryption: {_encryption_text(info['encryption'])}")
+    if info["encrypted_layers"]:
+        print(f"encrypted layers: {', '.join(info['encrypted_layers'])}")
     if info["locked"]:
         print(f"state: LUKS-encrypted (give {OPTIONS_HINT} to read it)")
         print(f"snapshots: {len(info['snapshots'])}")
