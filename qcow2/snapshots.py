@@ -261,6 +261,11 @@ class SnapshotView:
         """The snapshot's name."""
         return self.entry.name
 
+    @property
+    def l1_table(self) -> list[int]:
+        """The snapshot's L1 entries (a copy)."""
+        return list(self._l1)
+
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the snapshot's disk at ``offset`` (clipped at its end)."""
         if offset < 0 or length < 0:

@@ -29,11 +29,16 @@ from tests.libvirt.conftest import (
 )
 from tests.vm.scenario import permall, snapshot_tags
 from tests.vtpm.mount_fixtures import NV_INDEX, qemu_img_check, vtpm_qcow
+from vtpm_qcow.libvirt.offline import RECORD_DIR
 from vtpm_qcow.tpm.client import Tpm
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 EMULATOR_TPM = "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>"
 UUID = "0d9a7c64-3f8e-4b52-a1c7-5e2f9b8d6a10"
+UUID_DISABLE = "7b0e3d21-96c4-4f0a-8e55-3c1d2b4a5f60"
+UUID_MOVED = "3e8f1a90-2b7c-4d6e-9f01-a2b3c4d5e6f7"
+UUID_OFFLINE = "9c2d4e6f-8a1b-4c3d-9e5f-6a7b8c9d0e1f"
+UUIDS = (UUID, UUID_DISABLE, UUID_MOVED, UUID_OFFLINE)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,8 @@ def hooked() -> Iterator[Libvirtd]:
         yield daemon
     finally:
         _stop(daemon)
+        for uuid in UUIDS:  # what the hook recorded at each release
+            (RECORD_DIR / f"{uuid}.json").unlink(missing_ok=True)
 
 
 def guest_tpm(qtest: Path) -> Tpm:
@@ -176,7 +183,7 @@ def test_enable_refuses_a_running_domain_or_one_without_an_emulator_tpm(hooked: 
 
 def test_disable_gives_the_state_back_as_a_plain_directory(hooked: Libvirtd) -> None:
     lv = hooked
-    uuid = "7b0e3d21-96c4-4f0a-8e55-3c1d2b4a5f60"
+    uuid = UUID_DISABLE
     name = lv.define(domain_xml(PREFIX + "disable", EMULATOR_TPM, uuid=uuid))
     image = lv.base / "vtpm-disable.qcow2"
     vtpm_qcow("libvirt", "enable", name, "--image", str(image), "--connect", lv.uri)
@@ -198,7 +205,7 @@ def test_enable_moves_libvirts_own_state_into_the_image(hooked: Libvirtd) -> Non
     """A domain that ran with libvirt's plain state: enable imports it (the EK stays the
     same), keeps the directory beside, and the next start runs on the image."""
     lv = hooked
-    uuid = "3e8f1a90-2b7c-4d6e-9f01-a2b3c4d5e6f7"
+    uuid = UUID_MOVED
     qtest = guest_side(lv) / "moved.qtest"
     name = lv.define(domain_xml(PREFIX + "moved", EMULATOR_TPM, uuid=uuid, qtest=qtest))
     lv.virsh("start", name)  # libvirt's swtpm_setup manufactures the plain state
@@ -234,3 +241,75 @@ def test_enable_moves_libvirts_own_state_into_the_image(hooked: Libvirtd) -> Non
     lv.virsh("destroy", name)
     assert vtpm_qcow("wait", "--timeout", "20", str(image)).returncode == 0
     assert permall(image) != plain_permall  # the write went to the image
+
+
+def _cold_boot(lv: Libvirtd, name: str, qtest: Path) -> Tpm:
+    qtest.unlink(missing_ok=True)
+    lv.virsh("start", name)
+    tpm = guest_tpm(qtest)
+    tpm.startup()
+    return tpm
+
+
+def test_snapshots_of_the_shut_off_domain_are_followed_at_the_next_start(
+    hooked: Libvirtd,
+) -> None:
+    """libvirt snapshots a shut-off domain with qemu-img on its disks; the hook files,
+    deletes and reverts the vTPM image's snapshots to match before the next start."""
+    lv = hooked
+    uuid = UUID_OFFLINE
+    work = lv.base / "vtpm"
+    work.mkdir(mode=0o755, exist_ok=True)
+    image, disk = work / "offline-tpm.qcow2", work / "offline-disk.qcow2"
+    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    qtest = guest_side(lv) / "offline.qtest"
+    name = lv.define(
+        domain_xml(PREFIX + "offline", EMULATOR_TPM, uuid=uuid, disk=disk, qtest=qtest)
+    )
+    try:
+        vtpm_qcow("libvirt", "enable", name, "--image", str(image), "--connect", lv.uri)
+        tpm = _cold_boot(lv, name, qtest)
+        try:
+            tpm.nv_define_space(NV_INDEX, 8)
+            tpm.nv_write(NV_INDEX, b"run-1...")
+        finally:
+            tpm.transport.close()
+        lv.virsh("destroy", name)
+        at_shutdown = permall(image)
+
+        lv.virsh("snapshot-create-as", name, "off1")  # shut off: qemu-img snapshot -c
+        assert snapshot_tags(image) == []  # nobody followed it yet
+        tpm = _cold_boot(lv, name, qtest)  # the hook files it before swtpm starts
+        try:
+            assert snapshot_tags(image) == ["off1"]
+            assert permall(image, "off1") == at_shutdown
+            tpm.nv_write(NV_INDEX, b"run-2...")
+        finally:
+            tpm.transport.close()
+        lv.virsh("destroy", name)
+        at_shutdown_2 = permall(image)
+        lv.virsh("snapshot-create-as", name, "off2")
+        tpm = _cold_boot(lv, name, qtest)
+        tpm.transport.close()
+        assert snapshot_tags(image) == ["off1", "off2"]
+        assert permall(image, "off2") == at_shutdown_2 != permall(image, "off1")
+        lv.virsh("destroy", name)
+
+        lv.virsh("snapshot-revert", name, "off1")  # shut off: qemu-img snapshot -a
+        tpm = _cold_boot(lv, name, qtest)  # the TPM starts where the disks do
+        hook_log = (lv.base / "log" / "qemu" / f"{name}-vtpm-qcow-hook.log").read_text()
+        try:
+            assert tpm.nv_read(NV_INDEX, 8) == b"run-1...", hook_log
+        finally:
+            tpm.transport.close()
+        lv.virsh("destroy", name)
+
+        lv.virsh("snapshot-delete", name, "off1")
+        tpm = _cold_boot(lv, name, qtest)
+        tpm.transport.close()
+        assert snapshot_tags(image) == ["off2"]
+        lv.virsh("destroy", name)
+        assert vtpm_qcow("wait", "--timeout", "20", str(image)).returncode == 0
+        qemu_img_check(image)
+    finally:
+        lv.virsh("destroy", name, check=False)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import LibvirtError
+from ..errors import HANDLED, LibvirtError
 from ..export.control import runtime_dir
 from . import DEFAULT_URI
 from .domain import DomainInfo
@@ -156,18 +156,49 @@ def release(info: DomainInfo, *, root: Path = STATE_ROOT) -> None:
         run(["umount", str(target)])
 
 
+def hook_log(info: DomainInfo) -> Path:
+    """Where the hook notes what it did for the domain (beside libvirt's QEMU log)."""
+    return LOG_DIR / f"{info.name}-vtpm-qcow-hook.log"
+
+
 def handle(info: DomainInfo, op: str, subop: str) -> str | None:
-    """Act on hook call ``op subop`` for an enabled domain; what was done, for the log."""
+    """Act on hook call ``op subop`` for an enabled domain; what was done (also appended
+    to :func:`hook_log`), None for a call that needs nothing."""
     if info.image is None:
         return None
+    try:
+        done = _handle(info, op, subop)
+    except HANDLED as err:
+        _note(info, f"{op} {subop}: error: {err}")
+        raise
+    if done:
+        _note(info, f"{op} {subop}: {done}")
+    return done
+
+
+def _note(info: DomainInfo, line: str) -> None:
+    with contextlib.suppress(OSError):
+        LOG_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(hook_log(info), "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
+def _handle(info: DomainInfo, op: str, subop: str) -> str | None:
+    assert info.image is not None
     uri = info.uri or DEFAULT_URI
     if (op, subop) == ("prepare", "begin"):
+        from .offline import reconcile
+
+        done = reconcile(info)
         prepare(info)
-        return f"mounted {info.image} at {state_dir(info)}"
+        return "; ".join([*done, f"mounted {info.image} at {state_dir(info)}"])
     if (op, subop) in (("started", "begin"), ("reconnect", "begin")):
         pid = start_follower(info, uri)
         return f"follower {pid} for {info.image}"
     if (op, subop) == ("release", "end"):
+        from .offline import record
+
         release(info)
+        record(info)
         return f"released {info.image}"
     return None

@@ -25,6 +25,7 @@ from ..errors import LibvirtError
 from . import METADATA_PREFIX, METADATA_URI
 from .domain import DomainInfo, libvirt_api, metadata_xml, parse_domain
 from .hook import STATE_ROOT, SWTPM_USER, _pid, follower_pid_file, run, self_command, state_dir
+from .offline import record
 
 #: Where libvirtd looks for hooks.
 HOOKS_DIR = Path("/etc/libvirt/hooks")
@@ -143,6 +144,8 @@ def enable(uri: str, name: str, image: str, *, state_root: Path = STATE_ROOT) ->
             METADATA_URI,
             lv.VIR_DOMAIN_AFFECT_CONFIG,
         )
+        current = dom.snapshotCurrent().getName() if dom.hasCurrentSnapshot() else None
+        record(parse_domain(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)), current=current)
         lines.append(f"enabled: domain {name} keeps its TPM in {image}")
         return lines
     finally:
