@@ -8,12 +8,15 @@ is the **host file** sector number (``crypto/block-luks.c``, ``block/qcow2.c``).
 * :func:`unlock` turns a passphrase into the master key (PBKDF2, AF-merge, digest check);
 * :class:`SectorCipher` encrypts/decrypts sector-aligned byte ranges at host offsets;
 * :func:`build_luks_area` lays out a fresh LUKS area (one active key slot) for ``create``;
+* :func:`add_key_slot` / :func:`erase_key_slots`: ``qemu-img amend``'s ``encrypt.state``
+  ``active`` / ``inactive`` (a passphrase more, or fewer), with QEMU's messages;
 * :class:`LegacyAesCipher` reads legacy qcow AES images (``crypt_method`` 1: AES-128-CBC,
   plain64 IVs of the **guest** sector, the key is the passphrase's first 16 bytes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import time
@@ -390,8 +393,26 @@ def unlock(f: HostFile, area_offset: int, header: LuksHeader, secret: bytes) -> 
     raise EncryptionKeyError(EncryptionKeyError.WRONG_KEY, path=f.path)
 
 
-def open_cipher(f: HostFile, area: tuple[int, int] | None, secret: bytes) -> SectorCipher:
-    """Validate the LUKS area ``(offset, length)`` and unlock it with ``secret``."""
+def _slot_opens(
+    f: HostFile, area_offset: int, header: LuksHeader, index: int, secret: bytes
+) -> bool:
+    """True if ``secret`` opens key slot ``index``."""
+    one = tuple(slot if i == index else _disabled(slot) for i, slot in enumerate(header.slots))
+    try:
+        unlock(f, area_offset, dataclasses.replace(header, slots=one), secret)
+    except EncryptionKeyError:
+        return False
+    return True
+
+
+def _disabled(slot: LuksKeySlot) -> LuksKeySlot:
+    return LuksKeySlot(
+        layout.LUKS_KEY_SLOT_DISABLED, 0, bytes(layout.LUKS_SALT_LEN), slot.key_offset, slot.stripes
+    )
+
+
+def _checked_area(f: HostFile, area: tuple[int, int] | None) -> tuple[int, int]:
+    """The LUKS area ``(offset, length)``, validated against the file."""
     if area is None:
         raise InvalidImageError("Missing CRYPTO header for crypt method 2", path=f.path)
     offset, length = area
@@ -400,8 +421,142 @@ def open_cipher(f: HostFile, area: tuple[int, int] | None, secret: bytes) -> Sec
             f"LUKS area {offset:#x}+{length:#x} invalid (file of {f.size():#x} bytes)",
             path=f.path,
         )
+    return offset, length
+
+
+def open_cipher(f: HostFile, area: tuple[int, int] | None, secret: bytes) -> SectorCipher:
+    """Validate the LUKS area ``(offset, length)`` and unlock it with ``secret``."""
+    offset, length = _checked_area(f, area)
     header = read_luks_header(f, offset, length)
     return SectorCipher(unlock(f, offset, header, secret))
+
+
+# Section: key slots (qemu-img amend -o encrypt.state=active|inactive)
+
+
+def _slot_index(header: LuksHeader, keyslot: int, path: str) -> int:
+    last = layout.LUKS_NUM_KEY_SLOTS - 1
+    if not 0 <= keyslot <= last:
+        raise UnsupportedFeatureError(
+            f"Invalid keyslot {keyslot} specified, must be between 0 and {last}", path=path
+        )
+    return keyslot
+
+
+def add_key_slot(
+    f: HostFile,
+    area: tuple[int, int] | None,
+    secret: bytes,
+    new_secret: bytes,
+    *,
+    keyslot: int | None = None,
+    iter_time_ms: int = 2000,
+    random: Callable[[int], bytes] = os.urandom,
+) -> int:
+    """Make ``new_secret`` open the image too, like ``qemu-img amend -o
+    encrypt.state=active,encrypt.new-secret=...``: ``secret`` unlocks the master key, which
+    is AF-split into key slot ``keyslot`` (the first free one by default) under a key
+    derived from ``new_secret``.  The key material is written and flushed before the
+    header that enables the slot (a crash leaves the slot unused).  Returns the slot."""
+    offset, length = _checked_area(f, area)
+    header = read_luks_header(f, offset, length)
+    master = unlock(f, offset, header, secret)
+    if keyslot is None:
+        free = [i for i, slot in enumerate(header.slots) if not slot.enabled]
+        if not free:
+            raise UnsupportedFeatureError(
+                "Can't add a keyslot - all keyslots are in use", path=f.path
+            )
+        keyslot = free[0]
+    index = _slot_index(header, keyslot, f.path)
+    slot = header.slots[index]
+    if slot.enabled:
+        raise UnsupportedFeatureError(
+            f"Refusing to overwrite active keyslot {index} - please erase it first", path=f.path
+        )
+    if iter_time_ms < 0:
+        raise UnsupportedFeatureError(f"encrypt.iter-time {iter_time_ms} must not be negative")
+    digest_size = HASHES[header.hash_spec]().digest_size
+    blocks = -(-header.key_bytes // digest_size)
+    iterations = max(
+        int(_iterations_per_ms(header.hash_spec) * iter_time_ms / blocks),
+        layout.LUKS_MIN_SLOT_KEY_ITERS,
+    )
+    padded = layout.align_up(header.material_length, SECTOR_SIZE)
+    start = slot.key_offset * SECTOR_SIZE
+    if start < LUKS_HEADER_LENGTH or start + padded > length:
+        raise InvalidImageError(
+            f"LUKS key slot {index} key material offset {start:#x} outside the LUKS area "
+            f"({length:#x} bytes)",
+            path=f.path,
+        )
+    salt = random(layout.LUKS_SALT_LEN)
+    slot_key = pbkdf2(header.hash_spec, new_secret, salt, iterations, header.key_bytes)
+    split = af_split(header.hash_spec, master, layout.LUKS_STRIPES, random)
+    material = SectorCipher(slot_key).encrypt(0, split + bytes(padded - header.material_length))
+    f.pwrite(offset + start, material)
+    f.flush()
+    active = LuksKeySlot(
+        layout.LUKS_KEY_SLOT_ENABLED, iterations, salt, slot.key_offset, layout.LUKS_STRIPES
+    )
+    slots = tuple(active if i == index else old for i, old in enumerate(header.slots))
+    f.pwrite(offset, dataclasses.replace(header, slots=slots).pack())
+    f.flush()
+    return index
+
+
+def erase_key_slots(
+    f: HostFile,
+    area: tuple[int, int] | None,
+    *,
+    old_secret: bytes | None = None,
+    keyslot: int | None = None,
+    random: Callable[[int], bytes] = os.urandom,
+) -> list[int]:
+    """Erase key slots, like ``qemu-img amend -o encrypt.state=inactive`` with
+    ``encrypt.old-secret`` (every slot it opens) or ``encrypt.keyslot``; refused, as QEMU
+    refuses it, when no active slot would remain.  Each slot's key material is overwritten
+    with random bytes and flushed before the header disables it.  Returns the slots."""
+    offset, length = _checked_area(f, area)
+    header = read_luks_header(f, offset, length)
+    if (old_secret is None) == (keyslot is None):
+        raise UnsupportedFeatureError(
+            "erasing key slots needs either encrypt.old-secret or encrypt.keyslot", path=f.path
+        )
+    if keyslot is not None:
+        index = _slot_index(header, keyslot, f.path)
+        if not header.slots[index].enabled:
+            raise UnsupportedFeatureError(
+                f"Given keyslot {index} is already erased (inactive)", path=f.path
+            )
+        erase = [index]
+    else:
+        assert old_secret is not None
+        erase = [
+            i
+            for i, slot in enumerate(header.slots)
+            if slot.enabled and _slot_opens(f, offset, header, i, old_secret)
+        ]
+        if not erase:
+            raise UnsupportedFeatureError(
+                "No keyslots match given (old) password for erase operation", path=f.path
+            )
+    active = [i for i, slot in enumerate(header.slots) if slot.enabled]
+    if set(active) <= set(erase):
+        raise UnsupportedFeatureError(
+            f"Attempt to erase the only active keyslot {active[0]} which will erase all the "
+            "data in the image irreversibly - refusing operation",
+            path=f.path,
+        )
+    padded = layout.align_up(header.material_length, SECTOR_SIZE)
+    slots = list(header.slots)
+    for index in erase:
+        f.pwrite(offset + slots[index].key_offset * SECTOR_SIZE, random(padded))
+        f.flush()
+        slots[index] = _disabled(slots[index])
+        f.pwrite(offset, dataclasses.replace(header, slots=tuple(slots)).pack())
+        f.flush()
+    return erase
 
 
 # Section: creation

@@ -660,3 +660,69 @@ def test_libvirt_style_encrypted_state_dir_imports_and_serves(tmp_path: Path, ke
         SwtpmSocketTransport(port) as transport,
     ):
         assert len(Tpm(transport).get_random(8)) == 8
+
+
+# Section: rekey (qemu-img amend's encrypt.state parity)
+
+
+def _opens_in_qemu(image: Path, key: Path) -> bool:
+    done = run(need("qemu-io"), *qemu_secret(key), "--image-opts", image_opts(image),
+               "-c", "read 0 512", ok=False)  # fmt: skip
+    return done.returncode == 0 and b"Invalid password" not in done.stderr
+
+
+def _slots(image: Path) -> list[int]:
+    info = json.loads(run(need("qemu-img"), "info", "--output=json", str(image)).stdout)
+    slots = info["format-specific"]["data"]["encrypt"]["slots"]
+    return [i for i, slot in enumerate(slots) if slot["active"]]
+
+
+def test_rekey_adds_and_erases_key_slots_as_qemu_img_amend_does(
+    tmp_path: Path, key: Path, tpm_image: Path
+) -> None:
+    second = private_file(tmp_path / "second.key", b"second passphrase")
+    third = private_file(tmp_path / "third.key", b"third passphrase")
+    with Store.open(tpm_image, writable=False, key=SECRET) as store:
+        state = store.state_digest()
+    raw = qemu_raw(tpm_image, key, tmp_path / "before.raw")
+    # ours adds, QEMU opens with the new passphrase
+    vtpm_qcow("rekey", "--add", "--iter-time", ITER, "--secret-file", str(key),
+              "--new-secret-file", str(second), str(tpm_image))  # fmt: skip
+    assert _slots(tpm_image) == [0, 1]
+    assert qemu_raw(tpm_image, second, tmp_path / "second.raw") == raw
+    # QEMU adds, we open with its new passphrase
+    run(need("qemu-img"), "amend", *qemu_secret(key), "--object", f"secret,id=s1,file={third}",
+        "-o", f"encrypt.state=active,encrypt.new-secret=s1,encrypt.iter-time={ITER}",
+        "--image-opts", image_opts(tpm_image))  # fmt: skip
+    assert _slots(tpm_image) == [0, 1, 2]
+    with Store.open(tpm_image, writable=False, key=third.read_bytes()) as store:
+        assert store.state_digest() == state
+    # an occupied slot is not overwritten; ours erases every slot a passphrase opens
+    done = vtpm_qcow("rekey", "--add", "--keyslot", "1", "--secret-file", str(key),
+                     "--new-secret-file", str(third), str(tpm_image), check=False)  # fmt: skip
+    assert_one_line(done, "Refusing to overwrite active keyslot 1")
+    vtpm_qcow("rekey", "--remove", "--secret-file", str(key), str(tpm_image))
+    assert _slots(tpm_image) == [1, 2]
+    assert not _opens_in_qemu(tpm_image, key) and _opens_in_qemu(tpm_image, second)
+    assert_one_line(
+        vtpm_qcow("info", "--secret-file", str(key), str(tpm_image), check=False),
+        "Invalid password",
+    )
+    # QEMU erases slot 1 (the second passphrase): we refuse it then
+    run(need("qemu-img"), "amend", "--object", f"secret,id=s0,file={third}",
+        "-o", "encrypt.state=inactive,encrypt.keyslot=1",
+        "--image-opts", image_opts(tpm_image))  # fmt: skip
+    assert _slots(tpm_image) == [2]
+    assert_one_line(
+        vtpm_qcow("info", "--secret-file", str(second), str(tpm_image), check=False),
+        "Invalid password",
+    )
+    # the last slot stays, as QEMU keeps it
+    before = digest(tpm_image)
+    done = vtpm_qcow("rekey", "--remove", "--secret-file", str(third), str(tpm_image), check=False)
+    assert_one_line(done, "Attempt to erase the only active keyslot 2")
+    done = vtpm_qcow("rekey", "--add", "--secret-file", str(third), str(tpm_image), check=False)
+    assert_one_line(done, "--add needs the new passphrase")
+    assert digest(tpm_image) == before
+    qemu_check(tpm_image, third)
+    assert qemu_raw(tpm_image, third, tmp_path / "after.raw") == raw

@@ -34,7 +34,14 @@ from ..state.store import (
 )
 from .libvirt import add_libvirt_commands
 from .mount import add_mount_commands
-from .secrets import add_secret_options, add_swtpm_key_option, secret_key, swtpm_state_key
+from .secrets import (
+    add_new_secret_options,
+    add_secret_options,
+    add_swtpm_key_option,
+    new_secret_key,
+    secret_key,
+    swtpm_state_key,
+)
 from .vm import add_vm_commands
 
 TYPE_CHECKING = False
@@ -540,6 +547,34 @@ def _open_for_check(args: argparse.Namespace) -> Store:
         ) from err
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """Add or erase LUKS key slots of an encrypted image (qemu-img amend's encrypt.state)."""
+    key = secret_key(args)
+    if key is None:
+        raise SecretError(f"rekey needs the image's current passphrase: give {OPTIONS_HINT}")
+    new_key = new_secret_key(args)
+    if args.add and new_key is None:
+        raise SecretError(
+            "--add needs the new passphrase: give --new-secret-file, --new-secret-fd, "
+            "--new-secret-keyring or --new-secret-credential"
+        )
+    if not args.add and (new_key is not None or args.keyslot is not None):
+        raise SecretError("a new passphrase and --keyslot go with --add only")
+    with _open_writable(args.image, "a rekey", key) as store:
+        if args.add:
+            slot = store.add_key(
+                key, new_key or b"", keyslot=args.keyslot, iter_time=args.iter_time
+            )
+            _say(args, f"Added key slot {slot} to {args.image}")
+        else:
+            if args.remove:
+                slots = store.erase_keys(old_key=key)
+            else:
+                slots = store.erase_keys(keyslot=args.remove_keyslot)
+            _say(args, f"Erased key slot {', '.join(map(str, slots))} of {args.image}")
+    return 0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     """Wait until no process holds IMAGE for writing (qemu-img may then open it)."""
     import time
@@ -592,6 +627,10 @@ EXAMPLES: Final = {
     "setup": """examples:
   vtpm-qcow setup --create vm1-tpm.qcow2 --create-ek-cert --create-platform-cert
   vtpm-qcow setup --overwrite vm1-tpm.qcow2 --pcr-banks sha256""",
+    "rekey": """examples:
+  vtpm-qcow rekey --add --secret-file old.key --new-secret-file new.key vm1-tpm.qcow2
+  vtpm-qcow rekey --remove --secret-file old.key vm1-tpm.qcow2      # new.key must open it
+  vtpm-qcow rekey --remove-keyslot 0 --secret-file new.key vm1-tpm.qcow2""",
     "wait": """examples:
   vtpm-qcow wait vm1-tpm.qcow2 && qemu-img snapshot -l vm1-tpm.qcow2   # after virsh destroy
   vtpm-qcow wait --timeout 5 vm1-tpm.qcow2 || echo "still in use\"""",
@@ -952,6 +991,37 @@ def build_parser() -> argparse.ArgumentParser:
     assert isinstance(p, _Parser)
     p.usage_status = 1  # exit 2 means "state not loadable" here
     p.set_defaults(usage_status=1)
+
+    p = _command(
+        sub,
+        cmd_rekey,
+        "rekey",
+        help="add or erase a passphrase (LUKS key slot) of an encrypted image",
+        description="Like 'qemu-img amend -o encrypt.state=active|inactive' on IMAGE's LUKS "
+        "header: --add lets the --new-secret-* passphrase open IMAGE too (a new key slot), "
+        "--remove erases every key slot the --secret-* passphrase opens, --remove-keyslot N "
+        "erases slot N.  The data and its master key stay as they are; the last active key "
+        "slot is never erased.  IMAGE must not be in use.",
+    )
+    _image_arg(p)
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument(
+        "--add", action="store_true", help="add the new passphrase in a free key slot"
+    )
+    action.add_argument(
+        "--remove", action="store_true", help="erase every key slot the passphrase opens"
+    )
+    action.add_argument("--remove-keyslot", type=int, metavar="N", help="erase key slot N (0 to 7)")
+    p.add_argument("--keyslot", type=int, metavar="N", help="with --add: the key slot to fill")
+    p.add_argument(
+        "--iter-time",
+        type=int,
+        default=DEFAULT_ITER_TIME,
+        metavar="MS",
+        help=f"PBKDF2 time of the new key slot, in milliseconds (default {DEFAULT_ITER_TIME})",
+    )
+    add_secret_options(p)
+    add_new_secret_options(p)
 
     p = _command(
         sub,

@@ -47,6 +47,32 @@ def add_secret_options(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_new_secret_options(parser: argparse.ArgumentParser) -> None:
+    """``--new-secret-file/-fd/-keyring/-credential``: a second passphrase (``rekey``)."""
+    group = parser.add_argument_group("the new passphrase (one of)")
+    for kind, (metavar, _text) in _HELP.items():
+        group.add_argument(
+            f"--new-secret-{kind}",
+            dest=f"new_secret_{kind}",
+            metavar=metavar,
+            help=f"like --secret-{kind}, for the passphrase to add",
+        )
+
+
+def new_secret_key(args: argparse.Namespace) -> bytes | None:
+    """The passphrase of the ``--new-secret-*`` option given (None if none), read once."""
+    held = getattr(args, "_new_secret", None)
+    if not isinstance(held, _Withheld):
+        sources = [
+            SecretSource(kind, name, "--new-secret")
+            for kind in _HELP
+            if (name := getattr(args, f"new_secret_{kind}", None)) is not None
+        ]
+        held = _Withheld(read_secret(sources))
+        args._new_secret = held
+    return held.key
+
+
 def add_swtpm_key_option(parser: argparse.ArgumentParser) -> None:
     """``--swtpm-key``: the secret is also swtpm's own state encryption passphrase."""
     parser.add_argument(
@@ -102,8 +128,10 @@ def secret_key(args: argparse.Namespace) -> bytes | None:
 
 
 __all__ = [
+    "add_new_secret_options",
     "add_secret_options",
     "add_swtpm_key_option",
+    "new_secret_key",
     "secret_key",
     "secret_sources",
     "swtpm_state_key",

@@ -56,10 +56,17 @@ class SecretSource:
 
     kind: str
     name: str
+    #: the options' prefix: ``--secret`` (``--secret-file``), ``--new-secret`` (rekey)
+    prefix: str = "--secret"
+
+    @property
+    def option(self) -> str:
+        """The option that names this source (``--secret-file``)."""
+        return f"{self.prefix}-{self.kind}"
 
     def describe(self) -> str:
         """The option that named this source, as given (``--secret-file /etc/k``)."""
-        return f"--secret-{self.kind} {self.name}"
+        return f"{self.option} {self.name}"
 
     def read(self) -> bytes:
         """The secret's bytes; :class:`SecretError` (naming the source) if they cannot be
@@ -67,11 +74,11 @@ class SecretSource:
         if self.kind == "file":
             data = _read_file(self.name, check_mode=True)
         elif self.kind == "fd":
-            data = _read_fd(self.name)
+            data = _read_fd(self.name, self.option)
         elif self.kind == "keyring":
-            data = _read_key(self.name)
+            data = _read_key(self.name, self.option)
         elif self.kind == "credential":
-            data = _read_credential(self.name)
+            data = _read_credential(self.name, self.option)
         else:
             raise SecretError(f"unknown secret source {self.kind!r}")
         if not data:
@@ -141,34 +148,34 @@ def _read_file(path: str, *, check_mode: bool) -> bytes:
         os.close(fd)
 
 
-def _read_fd(text: str) -> bytes:
+def _read_fd(text: str, option: str) -> bytes:
     """Everything readable from descriptor ``text`` (a number), which is then closed."""
     try:
         fd = int(text)
     except ValueError:
         fd = -1
     if fd < 0 or str(fd) != text.strip():
-        raise SecretError(f"--secret-fd {text!r}: not a file descriptor number")
+        raise SecretError(f"{option} {text!r}: not a file descriptor number")
     try:
         os.fstat(fd)
     except OSError as err:
         raise SecretError(
-            f"--secret-fd {fd}: not an open file descriptor ({err.strerror})", errno=err.errno
+            f"{option} {fd}: not an open file descriptor ({err.strerror})", errno=err.errno
         ) from None
     try:
-        return _read_all(fd, f"--secret-fd {fd}", None)
+        return _read_all(fd, f"{option} {fd}", None)
     finally:
         os.close(fd)
 
 
-def _read_credential(name: str) -> bytes:
+def _read_credential(name: str, option: str) -> bytes:
     """systemd's credential ``name`` of the running unit."""
     if not name or "/" in name or name in (".", ".."):
-        raise SecretError(f"--secret-credential {name!r}: not a credential name")
+        raise SecretError(f"{option} {name!r}: not a credential name")
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     if not directory:
         raise SecretError(
-            f"--secret-credential {name}: $CREDENTIALS_DIRECTORY is not set (run from a "
+            f"{option} {name}: $CREDENTIALS_DIRECTORY is not set (run from a "
             f"systemd unit with LoadCredential={name}:...)"
         )
     # systemd makes credentials readable by the unit only (a private, read-only directory)
@@ -183,12 +190,12 @@ def _keyctl() -> Callable[..., int]:
     return cast("Callable[..., int]", func)
 
 
-def _read_key(name: str) -> bytes:
+def _read_key(name: str, option: str) -> bytes:
     """The payload of the ``user`` key ``name`` (session keyring, then user keyring)."""
     number = _SYS_KEYCTL.get(platform.machine())
     if number is None:
         raise SecretError(
-            f"--secret-keyring {name}: no keyctl system call known on {platform.machine()}"
+            f"{option} {name}: no keyctl system call known on {platform.machine()}"
         )
     syscall = _keyctl()
     key_id = -1
@@ -213,10 +220,10 @@ def _read_key(name: str) -> bytes:
                 errno.EKEYREVOKED: "the key was revoked",
             }[err]
             raise SecretError(
-                f"--secret-keyring {name}: {why} (add it with: keyctl padd user {name} @u)",
+                f"{option} {name}: {why} (add it with: keyctl padd user {name} @u)",
                 errno=err,
             )
-        raise SecretError(f"--secret-keyring {name}: {os.strerror(err)}", errno=err)
+        raise SecretError(f"{option} {name}: {os.strerror(err)}", errno=err)
     size = MAX_SECRET
     buf = ctypes.create_string_buffer(size)
     length = syscall(
@@ -230,12 +237,12 @@ def _read_key(name: str) -> bytes:
         if length < 0:
             err = ctypes.get_errno()
             raise SecretError(
-                f"--secret-keyring {name}: cannot read key {key_id}: {os.strerror(err)}",
+                f"{option} {name}: cannot read key {key_id}: {os.strerror(err)}",
                 errno=err,
             )
         if length > size:
             raise SecretError(
-                f"--secret-keyring {name}: more than {MAX_SECRET >> 10} KiB: not a passphrase"
+                f"{option} {name}: more than {MAX_SECRET >> 10} KiB: not a passphrase"
             )
         return buf.raw[:length]
     finally:

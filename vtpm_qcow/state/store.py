@@ -267,6 +267,45 @@ class Store:
         found: dict[str, object] = data["encrypt"]
         return found
 
+    def add_key(
+        self, key: bytes, new_key: bytes, *, keyslot: int | None = None, iter_time: int = 2000
+    ) -> int:
+        """Let ``new_key`` open the encrypted image too (``qemu-img amend -o
+        encrypt.state=active,encrypt.new-secret=...``): a new LUKS key slot, unlocked by
+        ``key``; returns its number.  The data and the master key stay as they are."""
+        from qcow2.crypto import add_key_slot
+
+        with self._lock:
+            self._check_open(write=True)
+            self._check_luks()
+            return add_key_slot(
+                self._image.file,
+                self._image.header.crypto_header,
+                key,
+                new_key,
+                keyslot=keyslot,
+                iter_time_ms=iter_time,
+            )
+
+    def erase_keys(self, *, old_key: bytes | None = None, keyslot: int | None = None) -> list[int]:
+        """Erase the LUKS key slots ``old_key`` opens, or slot ``keyslot`` (``qemu-img amend
+        -o encrypt.state=inactive``); never the last active one.  Returns the slots."""
+        from qcow2.crypto import erase_key_slots
+
+        with self._lock:
+            self._check_open(write=True)
+            self._check_luks()
+            return erase_key_slots(
+                self._image.file,
+                self._image.header.crypto_header,
+                old_secret=old_key,
+                keyslot=keyslot,
+            )
+
+    def _check_luks(self) -> None:
+        if not self._image.encrypted or self._image.header.crypto_header is None:
+            raise StoreError("is not LUKS-encrypted: it has no key slots", path=self.path)
+
     @property
     def generation(self) -> int:
         """Bumped by every change of content or snapshots (cache invalidation)."""
