@@ -194,9 +194,7 @@ def _read_key(name: str, option: str) -> bytes:
     """The payload of the ``user`` key ``name`` (session keyring, then user keyring)."""
     number = _SYS_KEYCTL.get(platform.machine())
     if number is None:
-        raise SecretError(
-            f"{option} {name}: no keyctl system call known on {platform.machine()}"
-        )
+        raise SecretError(f"{option} {name}: no keyctl system call known on {platform.machine()}")
     syscall = _keyctl()
     key_id = -1
     err = errno.ENOKEY
