@@ -38,7 +38,8 @@ UUID = "0d9a7c64-3f8e-4b52-a1c7-5e2f9b8d6a10"
 UUID_DISABLE = "7b0e3d21-96c4-4f0a-8e55-3c1d2b4a5f60"
 UUID_MOVED = "3e8f1a90-2b7c-4d6e-9f01-a2b3c4d5e6f7"
 UUID_OFFLINE = "9c2d4e6f-8a1b-4c3d-9e5f-6a7b8c9d0e1f"
-UUIDS = (UUID, UUID_DISABLE, UUID_MOVED, UUID_OFFLINE)
+UUID_RESTART = "c4a1e2b3-5d6f-4a7b-8c9d-0e1f2a3b4c5d"
+UUIDS = (UUID, UUID_DISABLE, UUID_MOVED, UUID_OFFLINE, UUID_RESTART)
 
 
 @pytest.fixture(scope="module")
@@ -313,3 +314,30 @@ def test_snapshots_of_the_shut_off_domain_are_followed_at_the_next_start(
         qemu_img_check(image)
     finally:
         lv.virsh("destroy", name, check=False)
+
+
+def test_the_follower_survives_a_libvirtd_restart(hooked: Libvirtd) -> None:
+    """libvirtd restarts while the domain runs: the follower reconnects (and the hook's
+    reconnect call finds it running), so later snapshots are still followed."""
+    lv = hooked
+    uuid = UUID_RESTART
+    work = lv.base / "vtpm"
+    work.mkdir(mode=0o755, exist_ok=True)
+    image, disk = work / "restart-tpm.qcow2", work / "restart-disk.qcow2"
+    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    qtest = guest_side(lv) / "restart.qtest"
+    name = lv.define(
+        domain_xml(PREFIX + "restart", EMULATOR_TPM, uuid=uuid, disk=disk, qtest=qtest)
+    )
+    vtpm_qcow("libvirt", "enable", name, "--image", str(image), "--connect", lv.uri)
+    tpm = _cold_boot(lv, name, qtest)
+    tpm.transport.close()
+    wait_for(lambda: "following domain" in _follow_log(lv, name), "the follower", lv)
+    lv.restart()
+    assert lv.state(name) == "running"
+    lv.virsh("snapshot-create-as", name, "after-restart")
+    wait_for(lambda: snapshot_tags(image) == ["after-restart"], "the snapshot to be followed", lv)
+    text = _follow_log(lv, name)
+    assert "reconnecting" in text or "connection lost" in text, text
+    assert _follow_log(lv, name).count("following domain") == 1  # the same follower
+    lv.virsh("destroy", name)

@@ -43,15 +43,23 @@ def test_reconcile_at_connect_reports_missing_and_deletes_orphans(
     image, disk = images
     with stack(tmp_path / "run", image, disk) as s:
         orphan_vtpm_snapshot(s)  # the disks lose T1, the vTPM image keeps it
-        hmp_over_qmp(s.qemu.qmp, "savevm T2")  # unwatched: no vTPM snapshot T2
+        hmp_over_qmp(s.qemu.qmp, "savevm T2")  # unwatched: no vTPM snapshot T2 ...
+        saved = permall(image)
+        state_b(s.tpm)
+        # ... and a disk-only T3, whose TPM state nothing records
+        hmp_over_qmp(s.qemu.qmp, "snapshot_blkdev_internal disk0 T3")
         done = s.vm("watch", "--once", "--grace", "0")
-        assert "missing: disk snapshot 'T2' has no vTPM snapshot" in done.stdout
+        # T2's vmstate says which TPM state goes with it; T3 is reported, not invented
+        created = "created: vTPM snapshot 'T2' (found at connect; TPM state from its vmstate)"
+        assert created in done.stdout, done.stdout
+        assert permall(image, "T2") == saved != permall(image)
+        assert "missing: disk snapshot 'T3' has no vTPM snapshot" in done.stdout
         assert "deleted: vTPM snapshot 'T1' (no disk snapshot)" in done.stdout
-        assert snapshot_tags(image) == [] and snapshot_tags(disk) == ["T2"]
+        assert snapshot_tags(image) == ["T2"] and snapshot_tags(disk) == ["T2", "T3"]
         status = s.vm("status", check=False)
         assert (
-            status.returncode == 3 and "mismatch: 'T2' is on the disks disk0 only" in status.stdout
-        )
+            status.returncode == 3 and "mismatch: 'T3' is on the disks disk0 only" in status.stdout
+        ), status.stdout
 
 
 def test_watcher_thread_follows_snapshot_jobs_of_another_client(

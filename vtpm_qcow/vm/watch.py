@@ -24,8 +24,9 @@ serves one client at a time).  It does not drive QEMU; it reacts:
   - a tag saved again on the disks (HMP ``savevm`` silently replaces an existing tag: the
     snapshot's id and date change) gets its vTPM snapshot replaced the same way.
   - a tag that vanished from the disks while watching (delvm) is deleted from the vTPM image.
-  - at (re)connect, disk tags without a vTPM snapshot are *reported*, not invented (their
-    TPM state is known only to the vmstate), and vTPM-only tags (never seen on the disks,
+  - at (re)connect, disk tags without a vTPM snapshot are filed from their vmstate when
+    they have one (a snapshot taken while nobody watched, e.g. during a libvirtd restart),
+    else *reported*, not invented; vTPM-only tags (never seen on the disks,
     e.g. made with ``vtpm-qcow snapshot -c``) are deleted once they have been vTPM-only for
     ``grace`` seconds (room for another tool's operation in progress).
   - an orchestrated ``vm save`` running beside the watcher is harmless: it snapshots the
@@ -223,13 +224,17 @@ class Watcher:
         first = self.disk_snapshots is None
         known = self.disk_snapshots or {}
 
-        async def take(tag: str, verb: str, why: str) -> None:
-            """File the TPM state the disk snapshot ``tag`` saved as vTPM snapshot ``tag``."""
+        async def take(tag: str, verb: str, why: str, *, unseen: bool = False) -> None:
+            """File the TPM state the disk snapshot ``tag`` saved as vTPM snapshot ``tag``
+            (``unseen``: saved while nobody watched, so only its vmstate can tell)."""
             try:
-                state = await self._saved_state(tag, files)
+                state = await self._saved_state(tag, files, vmstate_only=unseen)
             except _NotFiled as err:
-                lines.append(f"not filed: vTPM snapshot {quoted(tag)} ({why}): {err}")
                 self.reported_missing.add(tag)
+                if unseen:
+                    lines.append(f"missing: disk snapshot {quoted(tag)} has no vTPM snapshot")
+                else:
+                    lines.append(f"not filed: vTPM snapshot {quoted(tag)} ({why}): {err}")
                 return
             except VTPM_FAILURES as err:
                 lines.append(f"error: vTPM snapshot {tag}: {err}")
@@ -242,8 +247,7 @@ class Watcher:
         for tag in sorted(disk.keys() - vtpm_tags):
             if first or tag in known:
                 if tag not in self.reported_missing:
-                    self.reported_missing.add(tag)
-                    lines.append(f"missing: disk snapshot {quoted(tag)} has no vTPM snapshot")
+                    await take(tag, "created", "found at connect", unseen=True)
                 continue
             await take(tag, "created", "disk snapshot appeared")
         for tag in sorted(disk.keys() & vtpm_tags):
@@ -278,9 +282,12 @@ class Watcher:
             self.report(line)
         return lines
 
-    async def _saved_state(self, tag: str, files: list[str]) -> tuple[bytes, str]:
+    async def _saved_state(
+        self, tag: str, files: list[str], *, vmstate_only: bool = False
+    ) -> tuple[bytes, str]:
         """The TPM state that disk snapshot ``tag`` saved, as a linear file, and where it
-        came from; :class:`_NotFiled` if it is unknown.
+        came from; :class:`_NotFiled` if it is unknown (``vmstate_only``: unless its
+        vmstate holds it).
 
         Always the bytes, never "the active state": the guest may change that before the
         snapshot is taken.  Raises what the vTPM side fails with (VTPM_FAILURES).
@@ -302,6 +309,8 @@ class Watcher:
                 if saved.encrypted
                 else f"{saved.disk}: snapshot {quoted(tag)} saved no permanent TPM state"
             )
+        if vmstate_only:
+            raise _NotFiled(unreadable)
         if self.pause_layout is not None:
             if self.pause_layout == current:
                 return current, "TPM state unchanged since the pause"
