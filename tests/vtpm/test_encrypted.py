@@ -653,7 +653,8 @@ def test_libvirt_style_encrypted_state_dir_imports_and_serves(tmp_path: Path, ke
         os.close(fd)
     image = tmp_path / "vtpm.qcow2"
     vtpm_qcow("create", str(image))
-    vtpm_qcow("import", str(image), str(state))
+    done = vtpm_qcow("import", str(image), str(state))
+    assert "encrypted with swtpm's own key" in done.stderr and "--swtpm-key" in done.stderr
     assert _blob_encrypted(image)
     with (
         serving(image, tmp_path, "--swtpm-key", "--secret-file", str(key)) as (_pid, port),

@@ -187,8 +187,22 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     with _open_writable(args.image, "an import", secret_key(args)) as store:
         sizes = plainstate.import_state(store, args.source)
+        permall = store.read_section("permall")
     _say(args, f"Imported {args.source} into {args.image}: {_sections_text(sizes)}")
+    if permall and _swtpm_encrypted(permall, args.source):
+        _say(
+            args,
+            "The state is encrypted with swtpm's own key (libvirt's <encryption>): serve, "
+            f"setup and check it with --swtpm-key and that secret ({OPTIONS_HINT})",
+        )
     return 0
+
+
+def _swtpm_encrypted(permall: bytes, source: str) -> bool:
+    try:
+        return parse_blob(permall, source=source).encrypted
+    except StateFormatError:
+        return False
 
 
 def cmd_export(args: argparse.Namespace) -> int:
