@@ -67,7 +67,9 @@ def add_libvirt_commands(subparsers: Any) -> None:
         "the domain's snapshots through libvirt's own API (no extra QMP monitor, no tainted "
         "domain).",
     )
-    sub = lv.add_subparsers(dest="libvirt_command", metavar="ACTION", required=True)
+    sub = lv.add_subparsers(
+        dest="libvirt_command", metavar="ACTION", required=True, help="what to do"
+    )
     p = sub.add_parser(
         "follow",
         help="follow a running domain's snapshots (until it stops)",
