@@ -245,6 +245,7 @@ def signal_corruption(
     offset: int | None = None,
     size: int | None = None,
     guest_offset: int | None = None,
+    errno: int | None = None,
 ) -> NoReturn:
     """Report a fatal inconsistency found in an image's metadata while using it.
 
@@ -259,6 +260,8 @@ def signal_corruption(
     err = CorruptImageError(message, path=path, offset=offset, size=size)
     err.signaled = True
     err.guest_offset = guest_offset
+    if errno is not None:
+        err.errno = errno  # what QEMU's caller reports (EIO unless told)
     raise err
 
 

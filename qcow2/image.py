@@ -776,16 +776,37 @@ class Image:
             )
         self.clusters.shrink_l1(layout.size_to_clusters(cs * h.l2_entries, new_size))
         self.flush()
+        # As QEMU: refcount blocks left unused leave the table, the space after the last
+        # cluster still in use goes back to the host, then the size changes.
+        self._shrink_step("Failed to discard unused refblocks", self.refcounts.shrink_table)
+        self.flush()
+        file_size = self.file.size()
+        last = self.refcounts.last_used_cluster(file_size)
+        if last < 0:
+            self._shrink_step("Failed to find the last cluster", self._no_references)
+        if (last + 1) * cs < file_size:
+            fault_point("shrink.truncate")
+            self.file.truncate((last + 1) * cs)
         write_header_fields(self.file, size=new_size)
         self.file.flush()
         h.size = new_size
         self._compressed_cache = None
-        # Like QEMU, give the space after the last cluster still in use back to the host.
-        file_size = self.file.size()
-        end = (self.refcounts.last_used_cluster(file_size) + 1) * cs
-        if end < file_size:
-            fault_point("shrink.truncate")
-            self.file.truncate(end)
+
+    def _shrink_step(self, what: str, step: Callable[[], None]) -> None:
+        """Run one step of a shrink; a corruption it finds is signaled, and the shrink
+        fails as QEMU's does: ``what: <strerror>``."""
+        try:
+            step()
+        except CorruptImageError as err:
+            if not err.signaled:
+                raise
+            self._signal_corruption(err.message, fatal=True)
+            failure = CorruptImageError(f"{what}: {os.strerror(err.errno)}", path=self.path)
+            failure.signaled = True  # reported above
+            raise failure from err
+
+    def _no_references(self) -> None:
+        signal_corruption("There are no references in the refcount table.", path=self.path)
 
     def grow_l1(self, min_size: int) -> None:
         """Grow the active L1 to at least ``min_size`` entries (snapshot apply)."""

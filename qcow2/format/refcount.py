@@ -7,6 +7,7 @@ each byte for widths 1, 2 and 4.
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from ..errors import RefcountRangeError, c_hex, signal_corruption
@@ -372,6 +373,81 @@ class RefcountTable:
             self.cache.put((area + k) * cs, blocks[index], dirty=False)
         # Only now that nothing points at the old table can it be freed.
         self.free(old_offset, old_clusters * cs)
+
+    def shrink_table(self) -> None:
+        """QEMU's ``qcow2_shrink_reftable`` (after a shrinking resize): refcount blocks
+        that count nothing (but, for a block in the range it covers, itself) leave the
+        refcount table, which is rewritten in place, and are freed.  What QEMU finds
+        wrong on the way is a fatal corruption: an unaligned refcount block, a freed
+        block whose own refcount is not 1 (``Invalid refcount: ...``, EINVAL), one no
+        refcount block covers."""
+        cs = self.cluster_size
+        per_block = self.entries_per_block
+        old = self.table
+        new = list(old)
+        for i, entry in enumerate(old):
+            offset = entry & layout.REFT_OFFSET_MASK
+            if not offset:
+                new[i] = 0
+                continue
+            if offset % cs:
+                signal_corruption(
+                    f"Cannot get entry from refcount block cache: Offset {offset:#x} is unaligned",
+                    path=self.file.path,
+                    offset=offset,
+                )
+            block = bytearray(self.cache.get(offset))
+            if i == offset // cs // per_block:  # the block counts itself
+                write_refcount(block, offset // cs % per_block, self.bits, 0)
+            if block.count(0) == len(block):
+                new[i] = 0
+        if new == old:
+            return  # QEMU rewrites the table with the same bytes
+        self.file.pwrite(self.header.refcount_table_offset, struct.pack(f">{len(new)}Q", *new))
+        self.file.flush()
+        unused = [i for i, entry in enumerate(old) if entry and not new[i]]
+        try:
+            for i in unused:
+                self._discard_refblock(old[i] & layout.REFT_OFFSET_MASK)
+                self._set_entry(i, 0)
+        finally:
+            for i in unused:  # QEMU drops them from the table in memory in any case
+                self._set_entry(i, 0)
+
+    def _set_entry(self, index: int, entry: int) -> None:
+        entries = list(self._table)
+        entries[index] = entry
+        self.adopt_table(entries, [index])
+
+    def _discard_refblock(self, offset: int) -> None:
+        """QEMU's ``qcow2_discard_refcount_block``: the refcount of the unused refcount
+        block at ``offset`` (1, or the image is corrupt) drops to 0."""
+        cs = self.cluster_size
+        cluster = offset // cs
+        index = cluster // self.entries_per_block
+        covering = self._table[index] & layout.REFT_OFFSET_MASK if index < len(self._table) else 0
+        if not covering:
+            signal_corruption(
+                f"Refblock at {c_hex(covering)} is not covered by the refcount structures",
+                path=self.file.path,
+            )
+        block = self.cache.get(covering)
+        slot = cluster % self.entries_per_block
+        refcount = read_refcount(block, slot, self.bits)
+        if refcount != 1:
+            signal_corruption(
+                f"Invalid refcount: refblock offset {c_hex(covering)}, reftable index "
+                f"{index}, block offset {c_hex(offset)}, refcount {c_hex(refcount)}",
+                path=self.file.path,
+                offset=offset,
+                errno=errno.EINVAL,
+            )
+        write_refcount(block, slot, self.bits, 0)
+        self.cache.mark_dirty(covering)
+        self.free_cluster_index = min(self.free_cluster_index, cluster)
+        self.cache.forget(offset)
+        if self.freed_hook is not None:
+            self.freed_hook(offset)
 
     def last_used_cluster(self, file_size: int) -> int:
         """Index of the highest cluster below ``file_size`` with a non-zero refcount

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -182,11 +182,12 @@ def test_command_prints_the_corruption_line(tmp_path: Path) -> None:
             )
             for args in (["snapshot", "-c", "s", "img.qcow2"], ["resize", "img.qcow2", "2M"])
         ]
-        results.append([(run.returncode, run.stderr) for run in runs])
-        results[-1].append(path.read_bytes()[INCOMPAT + 7])
+        results.append(([(run.returncode, run.stderr) for run in runs], path.read_bytes()[79]))
     assert results[0] == results[1]
-    assert results[1][0][1].startswith("qcow2: Marking image as corrupt: L2 table offset")
-    assert "Image is corrupt; cannot be opened read/write" in results[1][1][1]
+    (snapshot, resize), corrupt = results[1]
+    assert snapshot[1].startswith("qcow2: Marking image as corrupt: L2 table offset")
+    assert "Image is corrupt; cannot be opened read/write" in resize[1]
+    assert corrupt & layout.INCOMPAT_CORRUPT
 
 
 def test_read_only_open_reports_non_fatal_once(tmp_path: Path, reported: list[str]) -> None:
@@ -301,3 +302,50 @@ def test_read_only_commands_report_as_qemu_img(tmp_path: Path, name: str, comman
         results.append((run.returncode, run.stdout, run.stderr))
         assert path.read_bytes() == before  # read-only: nothing written, no corrupt bit
     assert results[1] == results[0]
+
+
+def _run_both(
+    tmp_path: Path, build: Callable[[Path], object], *args: str
+) -> list[tuple[int, str, str, bytes]]:
+    """``args`` run by qemu-img and by the ``qcow2`` command, each in a directory of its
+    own on ``img.qcow2`` made by ``build``: exit code, stdout, stderr and the file after."""
+    results = []
+    for tool in ("qemu-img", "qcow2"):
+        (tmp_path / tool).mkdir()
+        path = tmp_path / tool / "img.qcow2"
+        build(path)
+        argv = [need("qemu-img")] if tool == "qemu-img" else [sys.executable, "-m", "qcow2"]
+        run = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, check=False, cwd=tmp_path / tool
+        )
+        results.append((run.returncode, run.stdout, run.stderr, path.read_bytes()))
+    return results
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["reftable_entry_zero", "reftable_entry_zero_v2", "refblock_zeroed", "reftable_unaligned"],
+)
+def test_shrink_of_damaged_refcounts_as_qemu_img(tmp_path: Path, name: str) -> None:
+    """A shrinking resize where the refcounts are damaged: QEMU's reftable shrink and
+    last-cluster search signal the corruption and fail; the file is left as QEMU leaves
+    it (the library cut such a file to 0 bytes)."""
+    case = next(c for c in CASES if c.name == name)
+    base = case.build(tmp_path / "base.qcow2")
+    theirs, ours = _run_both(
+        tmp_path, lambda p: shutil.copy(base, p), "resize", "--shrink", "img.qcow2", "512k"
+    )
+    assert ours == theirs
+    assert ours[0] == 1
+
+
+def test_shrink_frees_unused_refcount_blocks_as_qemu_img(tmp_path: Path) -> None:
+    """QEMU's shrink drops refcount blocks left counting nothing and gives the file's
+    tail back: the result is byte-identical."""
+    base = oracle.create(tmp_path / "base.qcow2", 64 << 20, cluster_size=4096)
+    oracle.qemu_io(base, "write -P 1 0 1M", "write -P 2 30M 10M")
+    theirs, ours = _run_both(
+        tmp_path, lambda p: shutil.copy(base, p), "resize", "--shrink", "img.qcow2", "1M"
+    )
+    assert ours == theirs
+    assert len(ours[3]) < 2 << 20
