@@ -112,6 +112,8 @@ def test_enable_start_snapshot_revert_delete_undefine(hooked: Libvirtd) -> None:
     finally:
         tpm.transport.close()
     assert permall(image) != manufactured  # libvirt's swtpm wrote through the image
+    # qtest's <qemu:commandline> taints it (custom-argv, test only); nothing of ours does
+    assert "custom-monitor" not in lv.log.read_text(errors="replace")
     wait_for(lambda: "following domain" in _follow_log(lv, name), "the follower", lv)
 
     lv.virsh("snapshot-create-as", name, "s1")
@@ -180,6 +182,11 @@ def test_enable_refuses_a_running_domain_or_one_without_an_emulator_tpm(hooked: 
     assert done.returncode == 1 and "no <tpm>" in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1
     assert not (lv.base / "x.qcow2").exists()
+    inside = vtpm_qcow(
+        "libvirt", "enable", name, "--image", "/var/lib/libvirt/swtpm/x.qcow2",
+        "--connect", lv.uri, check=False,
+    )  # fmt: skip
+    assert inside.returncode == 1 and "undefine" in inside.stderr, inside.stderr
 
 
 def test_disable_gives_the_state_back_as_a_plain_directory(hooked: Libvirtd) -> None:

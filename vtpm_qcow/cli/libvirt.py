@@ -127,7 +127,13 @@ def add_libvirt_commands(subparsers: Any) -> None:
         "emulator TPM (<tpm><backend type='emulator'/></tpm>).",
     )
     p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
-    p.add_argument("--image", required=True, metavar="IMAGE", help="the vTPM image to use")
+    p.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="the vTPM image to use (default: /var/lib/libvirt/images/DOMAIN-vtpm.qcow2, "
+        "beside libvirt's default disk pool; never inside libvirt's TPM state directory, "
+        "which undefine deletes)",
+    )
     _connect_arg(p)
     _hooks_arg(p)
     p.set_defaults(func=cmd_enable)
@@ -200,7 +206,8 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
     from ..libvirt.manage import enable, hook_path
 
-    for line in enable(args.connect, args.domain, args.image):
+    image = args.image or f"/var/lib/libvirt/images/{args.domain}-vtpm.qcow2"
+    for line in enable(args.connect, args.domain, image):
         print(line)
     if not hook_path(Path(args.hooks_dir)).exists():
         print("note: the hook is not installed yet: run 'vtpm-qcow libvirt install'")

@@ -108,6 +108,11 @@ def _chown_tree(path: Path, user: str) -> None:
 def enable(uri: str, name: str, image: str, *, state_root: Path = STATE_ROOT) -> list[str]:
     """Opt domain ``name`` in with ``image``; the report lines."""
     image = os.path.abspath(image)
+    if Path(image).is_relative_to(state_root):
+        raise LibvirtError(
+            f"{image} lies in libvirt's TPM state directory, which 'virsh undefine' deletes: "
+            "choose another place"
+        )
     conn = _connect(uri)
     try:
         dom = _domain(conn, uri, name)
