@@ -553,10 +553,13 @@ def _cmd_resize(args: Arguments) -> int:
     from ..errors import Qcow2Error
 
     text = args.size
+    spec = _spec(args)
     try:
-        image = qcow2.open(args.image, writable=True, force_share=False)
+        image = qcow2.open(
+            spec.path, writable=True, force_share=False, key_secret=spec.key, options=spec.options
+        )
     except (Qcow2Error, OSError) as err:
-        raise _open_error(args.image, err) from err
+        raise _open_error(spec.arg, err) from err
     with image:
         current = image.virtual_size
         if text[:1] in "+-":
@@ -963,7 +966,13 @@ def commands() -> list[Command]:
             "resize",
             "change the virtual size ([+|-]SIZE)",
             _cmd_resize,
-            [_format("qcow2"), _QUIET, Option("--shrink", help="allow shrinking")],
+            [
+                _format("qcow2"),
+                _QUIET,
+                Option("--shrink", help="allow shrinking"),
+                _OBJECT,
+                _IMAGE_OPTS,
+            ],
             ["image", "size"],
             "Not enough arguments",
             "Expecting image file name and size",

@@ -349,3 +349,15 @@ def test_shrink_frees_unused_refcount_blocks_as_qemu_img(tmp_path: Path) -> None
     )
     assert ours == theirs
     assert len(ours[3]) < 2 << 20
+
+
+@pytest.mark.parametrize(
+    "spec_tail", [",overlap-check=bogus", ",overlap-check=all", ",overlap-check.main-header=off"]
+)
+def test_resize_takes_image_opts_as_qemu_img(tmp_path: Path, spec_tail: str) -> None:
+    base = oracle.create(tmp_path / "base.qcow2", 1 << 20)
+    spec = f"driver=qcow2,file.filename=img.qcow2{spec_tail}"
+    theirs, ours = _run_both(
+        tmp_path, lambda p: shutil.copy(base, p), "resize", "--image-opts", spec, "2M"
+    )
+    assert ours == theirs
