@@ -23,8 +23,10 @@ swtpm_setup) with a few and with many snapshots: the paired runs alternate the t
 and the ratio is the median of the pairs' ratios.  ``vtpm-qcow`` is the installed console
 script (it starts Python with ``site``).
 
+Small and medium images (``--images``) are timed the same way, in paired runs.
+
 Usage: python3 tools/bench/bench_qcow2_cli.py [--size-mib 1024] [--snapshots 50] [--rounds 5]
-       [--vtpm-snapshots 5,400]
+       [--vtpm-snapshots 5,400] [--images small:64:16:5,medium:1024:256:5]
 """
 
 from __future__ import annotations
@@ -46,11 +48,22 @@ def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
 
 
-def make_image(path: Path, size_mib: int, snapshots: int) -> None:
+def make_image(path: Path, size_mib: int, snapshots: int, written_mib: int | None = None) -> None:
+    written = size_mib if written_mib is None else written_mib
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{size_mib}M")
-    sh("qemu-io", "-c", f"write -P 0x5a 0 {size_mib}M", str(path))
+    if written:
+        sh("qemu-io", "-c", f"write -P 0x5a 0 {written}M", str(path))
     for i in range(snapshots):
         sh("qemu-img", "snapshot", "-c", f"snap{i}", str(path))
+
+
+def parse_images(spec: str) -> list[tuple[str, int, int, int]]:
+    """``name:size_mib:written_mib:snapshots,...``"""
+    out = []
+    for item in spec.split(","):
+        name, size, written, snaps = item.split(":")
+        out.append((name, int(size), int(written), int(snaps)))
+    return out
 
 
 def wall(argv: list[str], rounds: int, env: dict[str, str] | None = None) -> float:
@@ -125,6 +138,11 @@ def main() -> int:
     parser.add_argument(
         "--vtpm-snapshots", default="5,400", help="snapshot counts of the vTPM images"
     )
+    parser.add_argument(
+        "--images",
+        default="small:64:16:5,medium:1024:256:5",
+        help="smaller images timed too: name:size_mib:written_mib:snapshots,...",
+    )
     args = parser.parse_args()
     launcher = Path(sysconfig.get_path("scripts")) / "qcow2"
     if not launcher.is_file():
@@ -149,6 +167,20 @@ def main() -> int:
             as_module = wall([*module, *command, str(img)], args.rounds, env)
             modules = imported_modules(["-S", str(launcher), *command, str(img)], env)
             rows.append((" ".join(command), theirs, mine, as_module, modules))
+        sized: list[str] = []
+        for name, size, written, snaps in parse_images(args.images):
+            small = Path(tmp) / f"{name}.qcow2"
+            make_image(small, size, snaps, written)
+            for command in COMMANDS:
+                argv = [*ours, *command, str(small)]
+                wall(argv, 1, env)
+                theirs_s, mine_s, ratio = paired(
+                    ["qemu-img", *command, str(small)], argv, args.rounds, env
+                )
+                sized.append(
+                    f"| {name} ({size} MiB, {written} MiB written, {snaps} snapshots) "
+                    f"| {' '.join(command)} | {theirs_s:.4f} | {mine_s:.4f} | {ratio:.1f}x |"
+                )
         raw_q, raw_o = Path(tmp) / "q.raw", Path(tmp) / "o.raw"
         theirs = wall(["qemu-img", "convert", "-O", "raw", str(img), str(raw_q)], 1)
         mine = wall([*ours, "convert", "-O", "raw", str(img), str(raw_o)], 1, env)
@@ -172,6 +204,12 @@ def main() -> int:
         f"| convert -O raw ({mib} MiB) | {theirs:.2f} ({mib / theirs:.0f} MiB/s) | "
         f"{mine:.2f} ({mib / mine:.0f} MiB/s) | {mine / theirs:.1f}x | | |"
     )
+    print(
+        f"\nSmaller images; paired runs (qemu-img and qcow2 alternate), median of {args.rounds}.\n"
+    )
+    print("| image | command | qemu-img (s) | qcow2 (s) | ratio |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(sized))
     print(f"\nvTPM images (TPM 2.0 from swtpm_setup); paired runs, median of {args.rounds}.\n")
     print("| command | snapshots | qemu-img (s) | vtpm-qcow (s) | ratio | modules |")
     print("|---|---:|---:|---:|---:|---:|")
