@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +159,38 @@ def test_the_parsed_arguments_never_show_the_secret(tmp_path: Path) -> None:
     assert secret_key(args) == SECRET  # read once, kept
     assert b"horse" not in repr(args).encode() and "horse" not in str(vars(args))
     assert "<secret withheld>" in repr(args)
+
+
+def test_a_process_holding_a_secret_is_not_dumpable(tmp_path: Path) -> None:
+    """Under another group, /proc/PID/environ belongs to that group while the process is
+    dumpable and to root once it is not (the kernel's task_dump_owner)."""
+    setpriv = need("setpriv")
+    image = tmp_path / "missing.qcow2"
+    proc = subprocess.Popen(
+        [setpriv, "--regid=65534", "--clear-groups", need("vtpm-qcow"), "info",
+         "--secret-fd", "0", str(image)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        # setpriv itself is not dumpable between its setregid and its exec: look once
+        # vtpm-qcow runs and waits for the secret on the pipe
+        wchan = Path(f"/proc/{proc.pid}/wchan")
+        deadline = time.monotonic() + 30
+        while not (
+            b"vtpm-qcow" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            and "pipe" in wchan.read_text()
+        ):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "vtpm-qcow did not wait for the secret"
+            time.sleep(0.02)
+        assert Path(f"/proc/{proc.pid}/environ").stat().st_gid == 0, "dumpable"
+        proc.stdin.write(SECRET)
+        proc.stdin.close()
+        assert proc.wait(60) == 1
+        assert b"missing.qcow2: no such file" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -261,14 +261,38 @@ def staging_dir() -> str | None:
     return None
 
 
+#: prctl(2)'s PR_SET_DUMPABLE (linux/prctl.h)
+_PR_SET_DUMPABLE: Final = 4
+
+
+def protect_process() -> None:
+    """Make this process non-dumpable before it holds a secret: no core dump, and no
+    other process of the same user may read its memory (ptrace, /proc/PID/mem) or its
+    /proc files; programs it starts are dumpable again (the flag resets at exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise SecretError(f"cannot protect the secret from core dumps: {os.strerror(err)}")
+
+
 def read_secret(sources: list[SecretSource]) -> bytes | None:
-    """The secret of the one source given (None if none); more than one is refused."""
+    """The secret of the one source given (None if none); more than one is refused.  The
+    process is made non-dumpable first (:func:`protect_process`)."""
     if not sources:
         return None
     if len(sources) > 1:
         named = ", ".join(source.describe() for source in sources)
         raise SecretError(f"give one secret, not several ({named})")
+    protect_process()
     return sources[0].read()
 
 
-__all__ = ["KINDS", "MAX_SECRET", "OPTIONS_HINT", "SecretSource", "read_secret", "staging_dir"]
+__all__ = [
+    "KINDS",
+    "MAX_SECRET",
+    "OPTIONS_HINT",
+    "SecretSource",
+    "protect_process",
+    "read_secret",
+    "staging_dir",
+]
