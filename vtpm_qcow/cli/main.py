@@ -32,6 +32,7 @@ from ..state.store import (
     Store,
     snapshot_digest,
 )
+from .adopt import add_adopt_commands
 from .libvirt import add_libvirt_commands
 from .mount import add_mount_commands
 from .secrets import (
@@ -784,6 +785,7 @@ def _add_hooks(subparsers: Any) -> None:
     add_mount_commands(subparsers)
     add_vm_commands(subparsers)
     add_libvirt_commands(subparsers)
+    add_adopt_commands(subparsers)
 
 
 def _finish_help(subparsers: Any, prefix: str = "") -> None:
