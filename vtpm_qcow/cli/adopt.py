@@ -1,4 +1,5 @@
-"""``vtpm-qcow adopt``: move an existing VM's TPM history in (:mod:`vtpm_qcow.vm.adopt`)."""
+"""``vtpm-qcow adopt`` and ``vtpm-qcow clone``: move an existing VM's TPM history in
+(:mod:`vtpm_qcow.vm.adopt`), copy a vTPM image (:mod:`vtpm_qcow.backup.clone`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ examples:
   vtpm-qcow adopt --disk vm1.qcow2 --state /var/lib/libvirt/swtpm/UUID/tpm2 vm1-tpm.qcow2
   vtpm-qcow adopt --disk vm1.qcow2 --disk data.qcow2 --state tpmstate.lin vm1-tpm.qcow2
   vtpm-qcow vm verify --disk vm1.qcow2 vm1-tpm.qcow2        # every adopted tag matches"""
+
+CLONE_EPILOG: Final = """examples:
+  vtpm-qcow clone vm1-tpm.qcow2 vm2-tpm.qcow2               # all snapshots, also while served
+  vtpm-qcow clone --flatten vm1-tpm.qcow2 vm2-tpm.qcow2     # the current state only
+  vtpm-qcow clone --new-identity template-tpm.qcow2 vm3-tpm.qcow2
+  vtpm-qcow clone --new-identity template-tpm.qcow2 vm3-tpm.qcow2 --create-ek-cert"""
+
+#: swtpm_setup options of ``clone --new-identity`` when none are given.
+IDENTITY_OPTIONS: Final = ("--create-ek-cert", "--create-platform-cert")
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -70,8 +80,61 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if done.partial else 0
 
 
+def cmd_clone(args: argparse.Namespace) -> int:
+    """Copy SRC to DST; with --new-identity, manufacture DST's TPM afresh."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ..backup import plainstate
+    from ..backup.clone import clone
+    from ..errors import StoreError
+    from ..state.secret import staging_dir
+    from ..tpm.swtpm import find_tool, run_setup
+
+    options = [option for option in args.extra if option != "--"]
+    if options and not args.new_identity:
+        raise StoreError(f"unrecognized arguments: {' '.join(options)} (swtpm_setup options "
+                         "go with --new-identity)")  # fmt: skip
+    if args.new_identity and args.flatten:
+        raise StoreError("--new-identity copies no state at all: --flatten says nothing more")
+    if os.path.lexists(args.dest):
+        raise StoreError("already exists: a clone never overwrites", path=args.dest)
+    key = secret_key(args)
+    identity = None
+    if args.new_identity:
+        find_tool("swtpm_setup")
+        with tempfile.TemporaryDirectory(prefix="vtpm-qcow-clone-", dir=staging_dir()) as tmp:
+            state = Path(tmp) / "state.lin"
+            _say(args, "Manufacturing a new TPM 2.0 identity with swtpm_setup")
+            run_setup(f"file://{state}", options=options or IDENTITY_OPTIONS, ca_dir=args.ca_dir)
+            identity = plainstate.layout_from_file(state)
+    done = clone(
+        args.source,
+        args.dest,
+        flatten=args.flatten,
+        identity=identity,
+        control=args.control,
+        key=key,
+    )
+    if done.new_identity:
+        _say(
+            args,
+            f"Cloned {args.source} to {args.dest} with a NEW TPM identity: a new EK and new "
+            "certificates.  Data sealed to the source's TPM, its EK and its NV indices do not "
+            "follow, nor its snapshots (they hold the old identity).",
+        )
+    elif done.snapshots:
+        _say(args, f"Cloned {args.source} to {args.dest}: the current state and "
+                   f"{len(done.snapshots)} snapshots ({', '.join(done.snapshots)})")  # fmt: skip
+    else:
+        what = " (flattened)" if args.flatten else ""
+        _say(args, f"Cloned {args.source} to {args.dest}: the current state{what}")
+    return 0
+
+
 def add_adopt_commands(subparsers: Any) -> None:
-    """Register ``adopt``."""
+    """Register ``adopt`` and ``clone``."""
     p = subparsers.add_parser(
         "adopt",
         help="move a VM with snapshots in: one vTPM snapshot per disk snapshot's TPM state",
@@ -110,3 +173,37 @@ def add_adopt_commands(subparsers: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
     add_secret_options(p)
     p.set_defaults(func=cmd_adopt)
+
+    p = subparsers.add_parser(
+        "clone",
+        help="an independent copy of a vTPM image (also while served)",
+        description="Copy SRC to the new image DST: every snapshot (same tags, same order) "
+        "and the current state, read consistently through the mount daemon when SRC is "
+        "served.  DST shares nothing with SRC; it is never overwritten.  --new-identity "
+        "re-manufactures the TPM instead (swtpm_setup, like 'vtpm-qcow setup'; options "
+        f"after it go to swtpm_setup, default {' '.join(IDENTITY_OPTIONS)}): a new EK and "
+        "new certificates for a VM made from a template.  Sealed data, the old EK and NV "
+        "indices do not follow, nor do the snapshots.",
+        epilog=CLONE_EPILOG,
+    )
+    p.add_argument("source", metavar="SRC", help="the vTPM image to copy")
+    p.add_argument("dest", metavar="DST", help="the new vTPM image (must not exist)")
+    p.add_argument("--flatten", action="store_true", help="copy the current state only")
+    p.add_argument(
+        "--new-identity",
+        action="store_true",
+        help="a freshly manufactured TPM (new EK, certificates); no state or snapshot follows",
+    )
+    p.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        help="with --new-identity: sign the certificates with the CA in DIR (as setup does)",
+    )
+    p.add_argument(
+        "--control",
+        metavar="SOCKET",
+        help="the control socket of the mount daemon serving SRC, if it was given one",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    add_secret_options(p)
+    p.set_defaults(func=cmd_clone, passthrough=True)
