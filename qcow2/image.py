@@ -162,6 +162,12 @@ class Image:
         self._broken: str | None = None
         #: A corruption event was reported (QEMU's ``signaled_corruption``).
         self._signaled = False
+        self._snapshot_areas_cache: (
+            tuple[
+                list[SnapshotEntry], tuple[int, int], tuple[tuple[int, int], list[tuple[int, int]]]
+            ]
+            | None
+        ) = None
         #: The structures writes are checked against (:mod:`qcow2.overlap` flags: QEMU's
         #: ``overlap-check`` option, "cached" by default).
         self.overlap_checks = overlap_checks
@@ -439,11 +445,9 @@ class Image:
             h.refcount_table_offset, h.refcount_table_clusters * cs
         ):
             what = ol.REFCOUNT_TABLE
-        elif chk & ol.SNAPSHOT_TABLE and snapshots and self._snapshot_table_hit(hits):
+        elif chk & ol.SNAPSHOT_TABLE and snapshots and hits(*self._snapshot_areas()[0]):
             what = ol.SNAPSHOT_TABLE
-        elif chk & ol.INACTIVE_L1 and any(
-            hits(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE) for e in snapshots
-        ):
+        elif chk & ol.INACTIVE_L1 and any(hits(*area) for area in self._snapshot_areas()[1]):
             what = ol.INACTIVE_L1
         elif chk & ol.ACTIVE_L2 and not self.clusters.l2_offsets().isdisjoint(clusters):
             what = ol.ACTIVE_L2
@@ -470,10 +474,22 @@ class Image:
                 size=length,
             )
 
-    def _snapshot_table_hit(self, hits: Callable[[int, int], bool]) -> bool:
+    def _snapshot_areas(self) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        """``(offset, length)`` of the snapshot table and of the snapshots' L1 tables,
+        computed once per snapshot table (the overlap check asks at every table write)."""
+        entries = self.snapshot_entries
+        key = (len(entries), self.header.snapshots_offset)
+        cached = self._snapshot_areas_cache
+        if cached is not None and cached[0] is entries and cached[1] == key:
+            return cached[2]
         from .format.snapshot_table import table_length
 
-        return hits(self.header.snapshots_offset, table_length(self.snapshot_entries))
+        areas = (
+            (self.header.snapshots_offset, table_length(entries)),
+            [(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE) for e in entries],
+        )
+        self._snapshot_areas_cache = (entries, key, areas)
+        return areas
 
     def _inactive_l2_hit(self, hits: Callable[[int, int], bool]) -> bool:
         """The ``all`` mode's disk reads: the L2 tables the snapshots' L1 tables name."""
