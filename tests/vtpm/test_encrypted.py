@@ -727,3 +727,23 @@ def test_rekey_adds_and_erases_key_slots_as_qemu_img_amend_does(
     assert digest(tpm_image) == before
     qemu_check(tpm_image, third)
     assert qemu_raw(tpm_image, third, tmp_path / "after.raw") == raw
+
+
+def test_check_repair_restores_an_encrypted_store(
+    tmp_path: Path, key: Path, tpm_image: Path
+) -> None:
+    secret = ["--secret-file", str(key)]
+    vtpm_qcow("snapshot", "-c", "good", *secret, str(tpm_image))
+    with Store.open(tpm_image, key=SECRET) as store:
+        good = store.state_digest()
+        permall = store.sections()["permall"]
+        store.commit_linear([(permall.offset + 100, b"\xff" * 64)])  # libtpms refuses it
+    done = vtpm_qcow("check", *secret, str(tpm_image), check=False)
+    assert done.returncode == 2 and "not loadable: dry load" in done.stdout
+    done = vtpm_qcow("check", "--repair", *secret, str(tpm_image))
+    assert "repair: restored" in done.stdout
+    assert "(reach it with 'vtpm-qcow backup --snapshot unloadable-" in done.stdout
+    assert "state: loads" in vtpm_qcow("check", *secret, str(tpm_image)).stdout
+    with Store.open(tpm_image, writable=False, key=SECRET) as store:
+        assert store.state_digest() == good
+    qemu_check(tpm_image, key)

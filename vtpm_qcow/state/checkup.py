@@ -246,7 +246,7 @@ def repair(store: Store, report: Report) -> tuple[dict[str, Any], int]:
         "repair",
         "ok",
         f"kept the refused state as snapshot '{kept}' (reach it with 'vtpm-qcow backup "
-        f"--format raw --snapshot {kept}' or 'snapshot -a')",
+        f"{'' if store.encrypted else '--format raw '}--snapshot {kept}' or 'snapshot -a')",
     )
     after = store.image.check()
     if after.exit_code == 0:
