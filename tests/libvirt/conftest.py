@@ -27,13 +27,15 @@ import subprocess
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import need, need_root
+from vtpm_qcow.tpm.client import Tpm
+from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 #: What the private namespace gets of its own: system path -> directory under the base.
 PRIVATE_DIRS = {
@@ -283,12 +285,16 @@ def _stop(daemon: Libvirtd) -> None:
         shutil.rmtree(daemon.base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def libvirtd() -> Iterator[Libvirtd]:
-    """A private libvirtd (root, no systemd) for the libvirt tests; stopped at the end."""
+@contextlib.contextmanager
+def private_libvirtd(
+    before_start: Callable[[Path], None] = lambda base: None,
+) -> Iterator[Libvirtd]:
+    """A private libvirtd (root, no systemd), stopped at the end; ``before_start(base)``
+    prepares its tree first (hooks are discovered when libvirtd starts)."""
     need_root("libvirtd runs QEMU as libvirt-qemu and swtpm as tss")
     base = _make_base()
     try:
+        before_start(base)
         daemon = _start(base)
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
@@ -297,6 +303,13 @@ def libvirtd() -> Iterator[Libvirtd]:
         yield daemon
     finally:
         _stop(daemon)
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[Libvirtd]:
+    """A private libvirtd for the libvirt tests; stopped at the end."""
+    with private_libvirtd() as daemon:
+        yield daemon
 
 
 @pytest.fixture
@@ -311,6 +324,15 @@ def lv(libvirtd: Libvirtd) -> Iterator[Libvirtd]:
                 "undefine", name, "--snapshots-metadata", "--nvram", "--tpm", check=False
             )
         libvirtd.defined.clear()
+
+
+def guest_tpm(qtest: Path) -> Tpm:
+    """The running domain's TPM, as its guest sees it (TIS registers through qtest)."""
+    deadline = time.monotonic() + 30
+    while not qtest.exists():
+        assert time.monotonic() < deadline, "QEMU made no qtest socket"
+        time.sleep(0.05)
+    return Tpm(QtestTisTransport(str(qtest)))
 
 
 def guest_side(daemon: Libvirtd) -> Path:

@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import pwd
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import need
-from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side
+from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side, guest_tpm
 from tests.vtpm.mount_fixtures import (
     NV_INDEX,
     qemu_img_check,
     raw_sections,
     runtime_dir,  # noqa: F401  (fixture)
 )
-from vtpm_qcow.tpm.client import Tpm
-from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 
@@ -42,15 +39,6 @@ def in_ns(lv: Libvirtd, *argv: str, check: bool = True) -> subprocess.CompletedP
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr}")
     return done
-
-
-def guest_tpm(qtest: Path) -> Tpm:
-    """The running domain's TPM, as its guest sees it (TIS registers through qtest)."""
-    deadline = time.monotonic() + 30
-    while not qtest.exists():
-        assert time.monotonic() < deadline, "QEMU made no qtest socket"
-        time.sleep(0.05)
-    return Tpm(QtestTisTransport(str(qtest)))
 
 
 def swtpm_user(lv: Libvirtd) -> str:

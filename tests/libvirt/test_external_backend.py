@@ -14,14 +14,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import need
-from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side
+from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side, guest_tpm
 from tests.vtpm.mount_fixtures import (
     NV_INDEX,
     qemu_img_check,
@@ -32,8 +31,6 @@ from tests.vtpm.mount_fixtures import (
 )
 from vtpm_qcow.errors import TpmResponseError
 from vtpm_qcow.export.control import ControlClient, pid_path_for
-from vtpm_qcow.tpm.client import Tpm
-from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 
@@ -68,15 +65,6 @@ def served(lv: Libvirtd) -> Iterator[tuple[Path, Path, int]]:
         assert wait_gone(pid), "serve ignored SIGTERM"
         qemu_img_check(image)
         image.unlink(missing_ok=True)
-
-
-def guest_tpm(qtest: Path) -> Tpm:
-    """The running domain's TPM, as its guest sees it (TIS registers through qtest)."""
-    deadline = time.monotonic() + 30
-    while not qtest.exists():
-        assert time.monotonic() < deadline, "QEMU made no qtest socket"
-        time.sleep(0.05)
-    return Tpm(QtestTisTransport(str(qtest)))
 
 
 def swtpm_pid(image: Path) -> int | None:

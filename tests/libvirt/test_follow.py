@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import need
-from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side
-from tests.libvirt.test_external_backend import external_tpm, guest_tpm, served
+from tests.libvirt.conftest import PREFIX, Libvirtd, domain_xml, guest_side, guest_tpm
+from tests.libvirt.test_external_backend import external_tpm, served
 from tests.vm.qemu_fixtures import stop_process
 from tests.vm.scenario import permall, snapshot_tags
 from tests.vtpm.mount_fixtures import NV_INDEX, runtime_dir, vtpm_qcow  # noqa: F401

@@ -9,7 +9,6 @@ between through libvirt's API.  The guest's TPM is driven through qtest.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,21 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import need, need_root
+from tests.helpers import need
 from tests.libvirt.conftest import (
     PREFIX,
     Libvirtd,
-    _make_base,
-    _start,
-    _stop,
     domain_xml,
     guest_side,
+    guest_tpm,
+    private_libvirtd,
 )
 from tests.vm.scenario import permall, snapshot_tags
 from tests.vtpm.mount_fixtures import NV_INDEX, qemu_img_check, vtpm_qcow
 from vtpm_qcow.libvirt.offline import RECORD_DIR
 from vtpm_qcow.tpm.client import Tpm
-from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 EMULATOR_TPM = "<tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>"
 UUID = "0d9a7c64-3f8e-4b52-a1c7-5e2f9b8d6a10"
@@ -45,31 +42,31 @@ UUIDS = (UUID, UUID_DISABLE, UUID_MOVED, UUID_OFFLINE, UUID_RESTART)
 @pytest.fixture(scope="module")
 def hooked() -> Iterator[Libvirtd]:
     """A private libvirtd started after ``vtpm-qcow libvirt install`` put the hook in place."""
-    need_root("libvirtd runs QEMU as libvirt-qemu and swtpm as tss")
-    base = _make_base()
-    try:
+
+    def install(base: Path) -> None:
         done = vtpm_qcow("libvirt", "install", "--hooks-dir", str(base / "etc" / "hooks"))
         assert "installed:" in done.stdout and "restart" in done.stdout
         again = vtpm_qcow("libvirt", "install", "--hooks-dir", str(base / "etc" / "hooks"))
         assert again.stdout.startswith("already installed:")
-        daemon = _start(base)
-    except BaseException:
-        shutil.rmtree(base, ignore_errors=True)
-        raise
+
     try:
-        yield daemon
+        with private_libvirtd(install) as daemon:
+            yield daemon
     finally:
-        _stop(daemon)
         for uuid in UUIDS:  # what the hook recorded at each release
             (RECORD_DIR / f"{uuid}.json").unlink(missing_ok=True)
 
 
-def guest_tpm(qtest: Path) -> Tpm:
-    deadline = time.monotonic() + 30
-    while not qtest.exists():
-        assert time.monotonic() < deadline, "QEMU made no qtest socket"
-        time.sleep(0.05)
-    return Tpm(QtestTisTransport(str(qtest)))
+def emulator_domain(lv: Libvirtd, label: str, uuid: str) -> tuple[str, Path, Path, Path]:
+    """A domain with a 64 MiB qcow2 disk, an emulator TPM and a qtest socket: (name, the
+    vTPM image path to enable it with, the disk, the qtest socket)."""
+    work = lv.base / "vtpm"
+    work.mkdir(mode=0o755, exist_ok=True)
+    image, disk = work / f"{label}-tpm.qcow2", work / f"{label}-disk.qcow2"
+    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    qtest = guest_side(lv) / f"{label}.qtest"
+    xml = domain_xml(PREFIX + label, EMULATOR_TPM, uuid=uuid, disk=disk, qtest=qtest)
+    return lv.define(xml), image, disk, qtest
 
 
 def wait_for(condition: object, what: str, lv: Libvirtd, timeout: float = 60.0) -> None:
@@ -86,12 +83,7 @@ def wait_for(condition: object, what: str, lv: Libvirtd, timeout: float = 60.0) 
 
 def test_enable_start_snapshot_revert_delete_undefine(hooked: Libvirtd) -> None:
     lv = hooked
-    work = lv.base / "vtpm"
-    work.mkdir(mode=0o755, exist_ok=True)
-    image, disk = work / "hooked-tpm.qcow2", work / "hooked-disk.qcow2"
-    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    qtest = guest_side(lv) / "hooked.qtest"
-    name = lv.define(domain_xml(PREFIX + "hooked", EMULATOR_TPM, uuid=UUID, disk=disk, qtest=qtest))
+    name, image, disk, qtest = emulator_domain(lv, "hooked", UUID)
 
     enabled = vtpm_qcow(
         "libvirt", "enable", name, "--image", str(image), "--connect", lv.uri,
@@ -266,14 +258,7 @@ def test_snapshots_of_the_shut_off_domain_are_followed_at_the_next_start(
     deletes and reverts the vTPM image's snapshots to match before the next start."""
     lv = hooked
     uuid = UUID_OFFLINE
-    work = lv.base / "vtpm"
-    work.mkdir(mode=0o755, exist_ok=True)
-    image, disk = work / "offline-tpm.qcow2", work / "offline-disk.qcow2"
-    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    qtest = guest_side(lv) / "offline.qtest"
-    name = lv.define(
-        domain_xml(PREFIX + "offline", EMULATOR_TPM, uuid=uuid, disk=disk, qtest=qtest)
-    )
+    name, image, _disk, qtest = emulator_domain(lv, "offline", uuid)
     try:
         vtpm_qcow("libvirt", "enable", name, "--image", str(image), "--connect", lv.uri)
         tpm = _cold_boot(lv, name, qtest)
@@ -328,14 +313,7 @@ def test_the_follower_survives_a_libvirtd_restart(hooked: Libvirtd) -> None:
     reconnect call finds it running), so later snapshots are still followed."""
     lv = hooked
     uuid = UUID_RESTART
-    work = lv.base / "vtpm"
-    work.mkdir(mode=0o755, exist_ok=True)
-    image, disk = work / "restart-tpm.qcow2", work / "restart-disk.qcow2"
-    subprocess.run([need("qemu-img"), "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
-    qtest = guest_side(lv) / "restart.qtest"
-    name = lv.define(
-        domain_xml(PREFIX + "restart", EMULATOR_TPM, uuid=uuid, disk=disk, qtest=qtest)
-    )
+    name, image, _disk, qtest = emulator_domain(lv, "restart", uuid)
     vtpm_qcow("libvirt", "enable", name, "--image", str(image), "--connect", lv.uri)
     tpm = _cold_boot(lv, name, qtest)
     tpm.transport.close()
