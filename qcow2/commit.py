@@ -53,9 +53,7 @@ def merge_writes(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int,
     return clusters
 
 
-def commit_atomically(
-    image: Image, writes: Sequence[tuple[int, bytes]]
-) -> dict[int, bytearray]:
+def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict[int, bytearray]:
     """Apply all ``(guest_offset, data)`` extents as one atomic, durable update; returns
     the new content of every guest cluster written, by index.
 
