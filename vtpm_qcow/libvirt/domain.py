@@ -155,7 +155,8 @@ def libvirt_api() -> Any:
         import libvirt
     except ImportError:
         raise LibvirtError(
-            "libvirt-python is not installed (Debian: python3-libvirt; pip: libvirt-python)"
+            "libvirt-python is not installed (pip install 'vtpm-qcow[libvirt]', or Debian's "
+            "python3-libvirt for the system Python)"
         ) from None
     with _event_loop_lock:
         if not _event_loop_started:
