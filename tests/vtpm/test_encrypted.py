@@ -311,6 +311,25 @@ def test_serve_with_the_secret_in_the_kernel_keyring(tmp_path: Path, tpm_image: 
             assert len(Tpm(transport).get_random(8)) == 8
 
 
+def refused_daemon(
+    image: Path, *argv: str, mountpoint: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a ``mount``/``serve`` that must be refused; should it start a daemon anyway, that
+    daemon is stopped (and its mount undone) before the test looks at the result."""
+    done = vtpm_qcow(*argv, check=False)
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_path_for(image).read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_gone(pid, 20):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_gone(pid)
+    if mountpoint is not None:
+        force_unmount(mountpoint)
+    return done
+
+
 def test_mount_and_serve_refuse_a_missing_or_wrong_secret(
     tmp_path: Path, key: Path, tpm_image: Path
 ) -> None:
@@ -324,13 +343,14 @@ def test_mount_and_serve_refuse_a_missing_or_wrong_secret(
         ["mount", str(tpm_image), str(mountpoint)],
         ["serve", str(tpm_image), "--ctrl", ctrl],
     ):
-        assert_one_line(vtpm_qcow(*command, check=False), "LUKS-encrypted", "--secret-file")
-        assert_one_line(
-            vtpm_qcow(*command, "--secret-file", str(wrong), check=False), "Invalid password"
-        )
-        assert_one_line(
-            vtpm_qcow(*command, "--secret-file", str(loose), check=False), str(loose), "0640"
-        )
+        for extra, words in (
+            ([], ["LUKS-encrypted", "--secret-file"]),
+            (["--secret-file", str(wrong)], ["Invalid password"]),
+            (["--secret-file", str(loose)], [str(loose), "0640"]),
+        ):
+            assert not is_mounted(mountpoint)
+            done = refused_daemon(tpm_image, *command, *extra, mountpoint=mountpoint)
+            assert_one_line(done, *words)
     assert not is_mounted(mountpoint)
     assert digest(tpm_image) == before
 
@@ -623,17 +643,17 @@ def test_swtpm_state_key_through_setup_and_serve_survives_restart(
     before = digest(image)
     ctrl = str(tmp_path / "ctrl")
     assert_one_line(
-        vtpm_qcow("serve", str(image), "--ctrl", ctrl, check=False),
+        refused_daemon(image, "serve", str(image), "--ctrl", ctrl),
         "encrypted with its own key",
         "--swtpm-key",
     )
-    done = vtpm_qcow(
-        "serve", str(image), "--ctrl", ctrl, "--swtpm-key", "--secret-file", str(wrong),
-        "--swtpm-flags", "not-need-init,startup-clear", check=False,
+    done = refused_daemon(
+        image, "serve", str(image), "--ctrl", ctrl, "--swtpm-key", "--secret-file", str(wrong),
+        "--swtpm-flags", "not-need-init,startup-clear",
     )  # fmt: skip
     assert_one_line(done, "swtpm")
     assert_one_line(
-        vtpm_qcow("serve", str(image), "--ctrl", ctrl, "--swtpm-key", check=False),
+        refused_daemon(image, "serve", str(image), "--ctrl", ctrl, "--swtpm-key"),
         "--swtpm-key needs the passphrase",
     )
     assert digest(image) == before
