@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -63,12 +64,89 @@ def layout_from_dir(directory: Path) -> tuple[bytes, bool]:
 
 
 def layout_from_file(path: Path) -> bytes:
-    """A linear state file's bytes up to the end of its last section, validated."""
-    data = _read_bounded(path)
-    header = linear.parse_header(data, source=str(path))
+    """A linear state file's bytes up to the end of its last section, validated.
+
+    ``path`` may be a block device (a Proxmox VE ``tpmstate0`` volume on LVM, ZFS or
+    Ceph): its size is its end, and only the header and the sections are read, so a
+    volume of any size costs a few reads.
+    """
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(0)
+            head = file.read(linear.HEADER_SIZE)
+            header = linear.parse_header(head, size=size, source=str(path))
+            if header.end > MAX_STATE_FILE:
+                raise StateFormatError(
+                    f"sections end at {header.end} bytes, too large for TPM state", path=path
+                )
+            data = head + file.read(max(0, header.end - len(head)))
+    except OSError as err:
+        raise StoreError(f"cannot read: {err.strerror}", path=path, errno=err.errno) from err
     if header.slot("permall").allocated is False:
         raise StateFormatError("linear file holds no permall section", path=path)
+    if len(data) < header.end:
+        raise StateFormatError(f"{len(data)} bytes, sections end at {header.end}", path=path)
     return data[: header.end]
+
+
+def is_block_device(path: Path) -> bool:
+    """True if ``path`` is a block device (a raw volume of LVM, ZFS, Ceph...)."""
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def padded(layout: bytes, size: int | None, *, target: Path) -> bytes:
+    """``layout`` zero-filled to ``size`` bytes (a raw volume's size); None: as it is."""
+    if size is None:
+        return layout
+    if size < len(layout):
+        raise StoreError(
+            f"the state needs {len(layout)} bytes, more than the volume's {size}", path=target
+        )
+    return layout + bytes(size - len(layout))
+
+
+def write_volume(device: Path, layout: bytes, *, expect: int | None = None) -> int:
+    """Write ``layout`` over block device ``device`` in place, the rest of the device zeroed
+    (no old TPM state left behind), and flush; returns the device's size (``expect``:
+    refused unless it is that).
+
+    A device node is never replaced by a file (a rename would do that); the write is not
+    atomic: stop whatever uses the volume first.  A device larger than
+    :data:`MAX_STATE_FILE` is refused (a TPM state volume is a few MiB: a bigger one is
+    the wrong device), and so is one the kernel holds (``O_EXCL``: mounted, in a VG...).
+    """
+    try:
+        fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC | os.O_EXCL)
+    except OSError as err:
+        raise StoreError(f"cannot open: {err.strerror}", path=device, errno=err.errno) from err
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size > MAX_STATE_FILE:
+            raise StoreError(
+                f"is a block device of {size} bytes, far larger than a TPM state volume: "
+                "not written (the wrong device?)",
+                path=device,
+            )
+        if expect is not None and expect != size:
+            raise StoreError(f"is a block device of {size} bytes, not {expect}", path=device)
+        data = padded(layout, size, target=device)
+        pos = 0
+        while pos < size:
+            chunk = data[pos : pos + (1 << 20)]
+            written = os.pwrite(fd, chunk, pos)
+            if written <= 0:
+                raise StoreError(f"short write at {pos}", path=device)
+            pos += written
+        os.fsync(fd)
+    except OSError as err:
+        raise StoreError(f"cannot write: {err.strerror}", path=device, errno=err.errno) from err
+    finally:
+        os.close(fd)
+    return size
 
 
 def import_state(store: Store, source: str | os.PathLike[str]) -> dict[str, int]:
@@ -157,13 +235,16 @@ def export_layout(
     source: str,
     as_dir: bool | None = None,
     tpm2: bool | None = None,
+    raw_size: int | None = None,
 ) -> dict[str, int]:
     """Write a linear layout (read consistently from ``source``) as a dir or a linear file.
 
     ``as_dir=None`` decides by the target: an existing directory (or a path ending in
     ``/``) gets state files, anything else a linear file.  Dir file names follow the TPM
     version (``tpm2-00.*`` or ``tpm-00.*``): ``tpm2=None`` reads it from the permall blob
-    (TPM 2.0 if it is encrypted).  Returns section sizes.
+    (TPM 2.0 if it is encrypted).  A linear file is zero-filled to ``raw_size`` (a raw
+    volume's size, e.g. Proxmox VE's 4 MiB ``tpmstate0``); a block device is written in
+    place, filled to its own size (:func:`write_volume`).  Returns section sizes.
     """
     path = Path(target)
     if as_dir is None:
@@ -173,12 +254,16 @@ def export_layout(
         raise StoreError("holds no TPM state to export", path=source)
     if tpm2 is None:
         tpm2 = is_tpm2(sections)
+    if raw_size is not None and as_dir:
+        raise StoreError("a directory has no volume size: --size is for a linear file", path=path)
     try:
         if as_dir:
             path.mkdir(parents=True, exist_ok=True)
             write_state_files(path, sections, tpm2=tpm2)
+        elif is_block_device(path):
+            write_volume(path, layout, expect=raw_size)
         else:
-            write_atomically(path, layout)
+            write_atomically(path, padded(layout, raw_size, target=path))
     except OSError as err:
         raise StoreError(f"cannot write: {err.strerror}", path=path, errno=err.errno) from err
     return {name: len(blob) for name, blob in sections.items()}

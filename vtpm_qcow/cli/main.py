@@ -216,8 +216,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     as_dir = True if args.dir else None
     tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
     sizes = plainstate.export_layout(
-        taken.layout, args.target, source=args.image, as_dir=as_dir, tpm2=tpm2
-    )
+        taken.layout, args.target, source=args.image, as_dir=as_dir, tpm2=tpm2,
+        raw_size=args.size,
+    )  # fmt: skip
     _say(args, f"Exported {args.image} to {args.target}: {_sections_text(sizes)}")
     return 0
 
@@ -672,10 +673,13 @@ examples:
       vm1-tpm.qcow2 refused.lin                  # the state a repair set aside""",
     "import": """examples:
   vtpm-qcow import vm1-tpm.qcow2 /var/lib/swtpm/vm1/     # swtpm --tpmstate dir=... files
-  vtpm-qcow import vm1-tpm.qcow2 tpmstate.lin            # backend-uri=file:// file""",
+  vtpm-qcow import vm1-tpm.qcow2 tpmstate.lin            # backend-uri=file:// file
+  vtpm-qcow import vm1-tpm.qcow2 /dev/pve/vm-100-disk-1  # a Proxmox VE tpmstate0 volume""",
     "export": """examples:
   vtpm-qcow export vm1-tpm.qcow2 /tmp/vm1-state/         # then swtpm --tpmstate dir=...
-  vtpm-qcow export vm1-tpm.qcow2 vm1.lin                 # swtpm backend-uri=file://vm1.lin""",
+  vtpm-qcow export vm1-tpm.qcow2 vm1.lin                 # swtpm backend-uri=file://vm1.lin
+  vtpm-qcow export --size 4M vm1-tpm.qcow2 vm-100-disk-1.raw   # a Proxmox VE tpmstate0
+  vtpm-qcow export vm1-tpm.qcow2 /dev/pve/vm-100-disk-1        # written in place (VM stopped)""",
     "backup": """examples:
   vtpm-qcow backup vm1-tpm.qcow2 /backup/vm1-tpm.qcow2           # image + all snapshots
   vtpm-qcow backup --format raw vm1-tpm.qcow2 /backup/vm1.lin    # swtpm linear file
@@ -1092,6 +1096,13 @@ def build_parser() -> argparse.ArgumentParser:
     names = p.add_mutually_exclusive_group()
     names.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
     names.add_argument("--tpm2", action="store_true", help="name dir files tpm2-00.* (TPM 2.0)")
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        metavar="SIZE",
+        help="zero-fill the linear file to SIZE, a raw volume's size (4M: a Proxmox VE "
+        "tpmstate0); a block device is written in place, filled to its own size",
+    )
     _control_arg(p)
     add_secret_options(p)
 
