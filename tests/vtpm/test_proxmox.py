@@ -155,3 +155,27 @@ def test_qcow2_volume_filled_through_qemu_storage_daemon_is_a_vtpm_image(tmp_pat
     state = tmp_path / "state.lin"
     vtpm_qcow("export", str(volume), str(state))
     assert read_counter(f"backend-uri=file://{state}", tmp_path / "r") == 5
+
+
+def test_block_device_export_refuses_the_wrong_or_a_held_device(tmp_path: Path) -> None:
+    """A device far larger than a TPM state volume is the wrong one; a device the kernel
+    holds (here: opened exclusively, as a mount or a VG does) is busy.  Neither is written."""
+    need_swtpm()
+    image = tmp_path / "vtpm.qcow2"
+    vtpm_qcow("setup", "--create", str(image))
+    big = tmp_path / "big.img"
+    with open(big, "wb") as file:
+        file.truncate(128 * 1024 * 1024)  # sparse: a data disk, not a tpmstate0
+    with loop_device(big) as device:
+        assert "wrong device" in one_line_failure("export", str(image), str(device))
+    with open(big, "rb") as file:
+        assert file.read(1 << 20) == bytes(1 << 20)
+    small = tmp_path / "lv.img"
+    small.write_bytes(b"\xa5" * PVE_TPMSTATE_SIZE)
+    with loop_device(small) as device:
+        held = os.open(device, os.O_RDONLY | os.O_EXCL)
+        try:
+            assert "busy" in one_line_failure("export", str(image), str(device)).lower()
+        finally:
+            os.close(held)
+    assert small.read_bytes() == b"\xa5" * PVE_TPMSTATE_SIZE
