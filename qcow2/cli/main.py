@@ -249,7 +249,7 @@ def _cmd_snapshot(args: Arguments) -> int:
         if layer.snapshots:
             sys.stdout.write("Snapshot list:\n" + format_snapshot_table(layer.snapshots))
         return 0
-    from ..errors import Qcow2Error
+    from ..errors import CorruptImageError, Qcow2Error
 
     tag = getattr(args, action)
     spec = _spec(args)
@@ -265,6 +265,11 @@ def _cmd_snapshot(args: Arguments) -> int:
                 image.delete_snapshot(tag)
     except Qcow2Error as err:
         prefix = f"Could not {verb} snapshot '{tag}': "
+        if verb == "apply" and isinstance(err, CorruptImageError) and not err.signaled:
+            # QEMU's goto reports what it refuses, then fails the load with its errno
+            raise CommandError(
+                f"{err.message}\n{PROG}: {prefix}Failed to load snapshot: {os.strerror(err.errno)}"
+            ) from err
         reason = _snapshot_reason(verb, err).removeprefix(prefix)  # the library's own words
         raise CommandError(prefix + reason) from err
     return 0
@@ -646,6 +651,7 @@ def _open_source(spec: Any, snapshot: tuple[str, str] | None = None, *, force_sh
     """The :class:`~qcow2.tools.convert.GuestSource` of an image argument, opened as
     qemu-img opens it for I/O (an encrypted image needs its key)."""
     from ..errors import (
+        CorruptImageError,
         EncryptionKeyError,
         Qcow2Error,
         SnapshotNotFoundError,
@@ -666,7 +672,8 @@ def _open_source(spec: Any, snapshot: tuple[str, str] | None = None, *, force_sh
     except SnapshotNotFoundError as err:
         layer.close()
         raise CommandError("Failed to load snapshot: Can't find snapshot") from err
-    except UnsupportedFeatureError as err:  # a snapshot of a raw image
+    except (UnsupportedFeatureError, CorruptImageError) as err:
+        # a snapshot of a raw image, or one whose L1 table QEMU refuses
         layer.close()
         raise CommandError(f"Failed to load snapshot: {err.message}") from err
     except BaseException:

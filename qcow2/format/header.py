@@ -14,6 +14,8 @@ Reading mirrors ``qcow2_do_open`` / ``qcow2_read_extensions`` in QEMU's ``block/
 
 from __future__ import annotations
 
+import errno as _errno
+
 from ..errors import CorruptImageError, InvalidImageError, ReadOnlyError, UnsupportedFeatureError
 from . import layout
 
@@ -349,9 +351,13 @@ def validate_table(
     lies inside the file.
     """
     if entries > max_bytes // entry_size:
-        raise CorruptImageError(f"{name} too large", path=path, offset=offset)
+        err = CorruptImageError(f"{name} too large", path=path, offset=offset)
+        err.errno = _errno.EFBIG  # QEMU's return value, which some callers print
+        raise err
     if (1 << 63) - 1 - entries * entry_size < offset or offset % cluster_size:
-        raise CorruptImageError(f"{name} offset invalid", path=path, offset=offset)
+        err = CorruptImageError(f"{name} offset invalid", path=path, offset=offset)
+        err.errno = _errno.EINVAL
+        raise err
     if file_size is not None and entries and offset + entries * entry_size > file_size:
         # QEMU would read zeros there; we refuse, so that a lying size field never makes
         # us allocate memory for bytes the file does not have.

@@ -13,17 +13,16 @@ failures are the package's usual errors.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 
 from .. import overlap
 from ..check import repair_image_file
-from ..errors import CorruptImageError, UnsupportedFeatureError, c_hex, signal_corruption
+from ..errors import UnsupportedFeatureError, c_hex, signal_corruption
 from ..format import layout
 from ..format.header import rewrite_cluster0
 from ..format.layout import ClusterType
-from ..format.snapshot_table import read_snapshot_table
+from ..format.snapshot_table import read_snapshot_table, validate_snapshot_l1
 from ..l2 import L2Decoder
 
 TYPE_CHECKING = False
@@ -125,19 +124,6 @@ def _switch_lazy_refcounts(f: HostFile, h: Header, enable: bool) -> None:
 _L1_CHUNK = 128 * 1024
 
 
-def _validate_snapshot_l1(f: HostFile, offset: int, entries: int, cluster_size: int) -> None:
-    """QEMU's ``qcow2_validate_table(..., "Snapshot L1 table")`` before a downgrade walks a
-    snapshot's L1 table."""
-    if entries > layout.MAX_L1_BYTES // layout.L1_ENTRY_SIZE:
-        err = CorruptImageError("Snapshot L1 table too large", path=f.path)
-        err.errno = errno.EFBIG
-        raise err
-    if (1 << 63) - 1 - entries * layout.L1_ENTRY_SIZE < offset or offset % cluster_size:
-        err = CorruptImageError("Snapshot L1 table offset invalid", path=f.path)
-        err.errno = errno.EINVAL
-        raise err
-
-
 def _l1_entries(f: HostFile, offset: int, entries: int) -> Iterator[tuple[int, int]]:
     """``(index, entry)`` of the non-zero entries of an L1 table, read in chunks and only
     where the file holds data (past its end and in holes every entry reads as 0): memory
@@ -183,7 +169,7 @@ def expand_zero_clusters(f: HostFile, h: Header, snapshots: list[SnapshotEntry])
     with image.corruption_guard():
         compressed = _expand(image, h.l1_table_offset, h.l1_size, done, active=True)
     for sn in snapshots:
-        _validate_snapshot_l1(f, sn.l1_table_offset, sn.l1_size, h.cluster_size)
+        validate_snapshot_l1(sn, cluster_size=h.cluster_size, path=f.path)
         with image.corruption_guard():
             compressed |= _expand(image, sn.l1_table_offset, sn.l1_size, done, active=False)
     f.flush()

@@ -182,3 +182,37 @@ def test_huge_snapshot_l1_claims_cost_what_the_file_holds(tmp_path: Path) -> Non
     assert code == 0
     assert max_rss_kib < 64 * 1024, max_rss_kib  # 40 x 32 MiB claimed
     assert seconds < 10, seconds
+
+
+@pytest.mark.parametrize("case", ["snapshot_l1_offset_unaligned", "snapshot_l1_too_large"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", "-l", "s0", "-O", "raw", "img.qcow2", "out.raw"],
+        ["convert", "-l", "snapshot.name=s0", "-O", "raw", "img.qcow2", "out.raw"],
+        ["snapshot", "-a", "s0", "img.qcow2"],
+        ["snapshot", "-d", "s0", "img.qcow2"],
+    ],
+)
+def test_damaged_snapshot_l1_refused_as_qemu_img(
+    tmp_path: Path, case: str, args: list[str]
+) -> None:
+    """A snapshot whose L1 table QEMU's validation refuses: the same words (``Failed to
+    load snapshot: ...``; apply prints the reason, then the load's errno), the same exit
+    code, the file as qemu-img leaves it."""
+    image = tmp_path / "base.qcow2"
+    _base(image)
+    data = bytearray(image.read_bytes())
+    CASES[case](data)
+    image.write_bytes(bytes(data))
+    results = []
+    for tool in ("qemu-img", "qcow2"):
+        (tmp_path / tool).mkdir()
+        _copy(image, tmp_path / tool / "img.qcow2")
+        argv = [need("qemu-img")] if tool == "qemu-img" else [sys.executable, "-m", "qcow2"]
+        run = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, check=False, cwd=tmp_path / tool
+        )
+        results.append((run.returncode, run.stderr, (tmp_path / tool / "img.qcow2").read_bytes()))
+    assert results[1] == results[0]
+    assert results[1][0] == 1
