@@ -25,6 +25,7 @@ from tests.vtpm.mount_fixtures import (
 )
 from tests.vtpm.swtpm_fixtures import need_swtpm, running_swtpm, tpm2_tool, tpm_client
 from vtpm_qcow.state import linear
+from vtpm_qcow.state.store import Store
 
 pytestmark = pytest.mark.usefixtures("runtime_dir")
 
@@ -147,3 +148,26 @@ def test_clone_new_identity_gets_a_new_ek_and_no_snapshots(tmp_path: Path) -> No
     assert "--flatten" in one_line_failure(
         "clone", "--new-identity", "--flatten", str(src), str(tmp_path / "z.qcow2")
     )
+
+
+def test_clone_of_an_encrypted_image_stays_encrypted(tmp_path: Path) -> None:
+    from tests.vtpm.test_secret import private_file
+
+    need_swtpm()
+    key = private_file(tmp_path / "vtpm.key")
+    src = tmp_path / "src.qcow2"
+    vtpm_qcow("setup", "--create", "--encrypt", "--iter-time", "10", "--secret-file", str(key),
+              str(src))  # fmt: skip
+    vtpm_qcow("snapshot", "-c", "S1", "--secret-file", str(key), str(src))
+    # Without the secret: refused (a plain copy of the TPM's secrets would leak them).
+    assert "LUKS-encrypted" in one_line_failure("clone", str(src), str(tmp_path / "plain.qcow2"))
+    assert not (tmp_path / "plain.qcow2").exists()
+    dst = tmp_path / "dst.qcow2"
+    vtpm_qcow("clone", "--secret-file", str(key), str(src), str(dst))
+    with Store.open(dst, writable=False, key=key.read_bytes()) as copy:
+        assert copy.encrypted and copy.snapshot_tags() == ["S1"]
+        with Store.open(src, writable=False, key=key.read_bytes()) as original:
+            assert copy.layout() == original.layout()
+            assert copy.snapshot_section("S1", "permall") == original.snapshot_section(
+                "S1", "permall"
+            )
