@@ -173,6 +173,24 @@ def test_adopt_into_an_imported_image_and_from_a_linear_file(tmp_path: Path) -> 
         assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
     leftovers = {p.name for p in tmp_path.iterdir() if p.name.startswith((".", "a.", "b.", "c."))}
     assert not leftovers
+    # Encrypted: --encrypt with a secret makes a LUKS image; vm verify opens it with it.
+    from tests.vtpm.test_secret import private_file
+
+    key = private_file(tmp_path / "vtpm.key")
+    enc = tmp_path / "enc.qcow2"
+    secret = ("--secret-file", str(key))
+    vtpm_qcow("adopt", "--encrypt", "--iter-time", "10", *secret, "--disk", str(disk), str(enc))
+    assert Store.is_encrypted(str(enc))
+    done = vtpm_qcow("vm", "verify", *secret, "--disk", str(disk), str(enc))
+    assert done.stdout.split()[3:5] == ["S1", "match"], done.stdout
+    for args, words in (
+        (("--encrypt", "--disk", str(disk), str(tmp_path / "e1.qcow2")), "passphrase"),
+        ((*secret, "--disk", str(disk), str(tmp_path / "e2.qcow2")), "without --encrypt"),
+        (("--encrypt", *secret, "--disk", str(disk), str(enc)), "new image"),
+    ):
+        failed = vtpm_qcow("adopt", *args, check=False)
+        assert failed.returncode == 1 and words in failed.stderr, (args, failed.stderr)
+    assert not (tmp_path / "e1.qcow2").exists() and not (tmp_path / "e2.qcow2").exists()
     # Without --state, a new image's current state is the last adopted snapshot's.
     bare = tmp_path / "bare.qcow2"
     done = vtpm_qcow("adopt", "--disk", str(disk), str(bare))

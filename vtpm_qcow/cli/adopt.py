@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any, Final
 
+from ..state.store import DEFAULT_ITER_TIME
 from .secrets import add_secret_options, secret_key
 
 #: ``adopt`` exit status when a disk snapshot was not adopted (the image was written).
@@ -22,6 +23,7 @@ ADOPT_EPILOG: Final = """exit status:
 examples:
   vtpm-qcow adopt --disk vm1.qcow2 --state /var/lib/libvirt/swtpm/UUID/tpm2 vm1-tpm.qcow2
   vtpm-qcow adopt --disk vm1.qcow2 --disk data.qcow2 --state tpmstate.lin vm1-tpm.qcow2
+  vtpm-qcow adopt --encrypt --secret-file vm1.key --disk vm1.qcow2 --state DIR vm1-tpm.qcow2
   vtpm-qcow vm verify --disk vm1.qcow2 vm1-tpm.qcow2        # every adopted tag matches"""
 
 CLONE_EPILOG: Final = """examples:
@@ -41,10 +43,12 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 def cmd_adopt(args: argparse.Namespace) -> int:
     """Read the current state (if given), adopt the disks' history, report per tag."""
+    import os
     from pathlib import Path
 
     from ..backup import plainstate
-    from ..errors import StoreError
+    from ..errors import SecretError, StoreError
+    from ..state.secret import OPTIONS_HINT
     from ..vm.adopt import ADOPTED, adopt
 
     current = None
@@ -56,13 +60,22 @@ def cmd_adopt(args: argparse.Namespace) -> int:
             current = plainstate.layout_from_file(state)
         else:
             raise StoreError("no such file or directory", path=state)
+    key = secret_key(args)
+    if not os.path.lexists(args.image):  # a new image: encrypted with --encrypt only
+        if args.encrypt and key is None:
+            raise SecretError(f"--encrypt needs the passphrase: give {OPTIONS_HINT}")
+        if key is not None and not args.encrypt:
+            raise SecretError("a secret was given for a new image without --encrypt")
+    elif args.encrypt:
+        raise StoreError("exists: --encrypt is for a new image", path=args.image)
     done = adopt(
         args.disk,
         args.image,
         current=current,
         current_source=args.state or "",
         shared=args.force_share,
-        key=secret_key(args),
+        key=key,
+        iter_time=args.iter_time,
     )
     if args.json:
         print(json.dumps(done.to_dict(), indent=2))
@@ -171,6 +184,19 @@ def add_adopt_commands(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="make the new IMAGE LUKS-encrypted (as 'vtpm-qcow create --encrypt') with the "
+        "passphrase of --secret-file/--secret-fd/--secret-keyring/--secret-credential",
+    )
+    p.add_argument(
+        "--iter-time",
+        type=int,
+        default=DEFAULT_ITER_TIME,
+        metavar="MS",
+        help=f"with --encrypt: PBKDF2 time of the key slot, in ms (default {DEFAULT_ITER_TIME})",
+    )
     add_secret_options(p)
     p.set_defaults(func=cmd_adopt)
 

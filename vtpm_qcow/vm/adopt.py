@@ -40,7 +40,7 @@ from qcow2.errors import ImageLockedError
 from ..errors import StateFormatError, StoreError, VmstateError
 from ..export.control import held_image_error
 from ..state import linear
-from ..state.store import DEFAULT_SIZE, Store, check_tag
+from ..state.store import DEFAULT_ITER_TIME, DEFAULT_SIZE, Store, check_tag
 from .vmstate import disk_snapshots, read_tpm_vmstate
 
 #: Results per disk snapshot.
@@ -148,6 +148,7 @@ def adopt(
     shared: bool = False,
     size: int = DEFAULT_SIZE,
     key: bytes | None = None,
+    iter_time: int = DEFAULT_ITER_TIME,
 ) -> Adoption:
     """Adopt the disks' snapshot history into vTPM image ``image`` (see the module).
 
@@ -191,7 +192,7 @@ def adopt(
     tmp = Path(name)
     tmp.unlink()
     try:
-        with Store.create(tmp, size=needed, key=key) as store:
+        with Store.create(tmp, size=needed, key=key, iter_time=iter_time) as store:
             done.current = _fill(store, outcomes, layouts, current, current_source)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
