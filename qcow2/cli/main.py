@@ -298,10 +298,14 @@ def _open_image(spec: Any, *, writable: bool, force_share: bool) -> Any:
 
 
 def _snapshot_reason(verb: str, err: BaseException) -> str:
+    import errno
+
     from ..errors import CorruptImageError, SnapshotNotFoundError
 
     if isinstance(err, CorruptImageError) and err.signaled:
         return "-5 (Input/output error)"  # QEMU's -EIO after the corruption line
+    if verb == "create" and getattr(err, "errno", None) == errno.EFBIG:
+        return "-27 (File too large)"  # QEMU's -EFBIG: the table holds 65536 snapshots
     if isinstance(err, SnapshotNotFoundError):
         return {
             "apply": "Failed to load snapshot: No such file or directory",

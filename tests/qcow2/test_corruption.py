@@ -11,6 +11,7 @@ ours), the corrupt bit, the refusal of a later read-write open, read-only opens,
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -361,3 +362,37 @@ def test_resize_takes_image_opts_as_qemu_img(tmp_path: Path, spec_tail: str) -> 
         tmp_path, lambda p: shutil.copy(base, p), "resize", "--image-opts", spec, "2M"
     )
     assert ours == theirs
+
+
+def _with_65536_snapshots(path: Path) -> None:
+    """An image whose snapshot table holds QEMU's maximum of 65536 entries (copies of one
+    qemu-img snapshot entry, all naming its L1 table)."""
+    oracle.create(path, 1 << 20)
+    oracle.qemu_img("snapshot", "-c", "s", str(path))
+    data = bytearray(path.read_bytes())
+    first = struct.unpack_from(">Q", data, 64)[0]
+    extra = struct.unpack_from(">I", data, first + 36)[0]
+    head = bytes(data[first : first + 40 + extra])
+    entries = []
+    for i in range(65536):
+        ident, name = str(i + 1).encode(), f"s{i}".encode()
+        entry = bytearray(head)
+        struct.pack_into(">HH", entry, 12, len(ident), len(name))
+        entry += ident + name
+        entries.append(bytes(entry + bytes(-len(entry) % 8)))
+    offset = layout.align_up(len(data), 65536)
+    data += bytes(offset - len(data)) + b"".join(entries)
+    struct.pack_into(">IQ", data, 60, 65536, offset)
+    path.write_bytes(bytes(data))
+
+
+def test_snapshot_create_beyond_the_table_limit_as_qemu_img(tmp_path: Path) -> None:
+    """The 65537th snapshot: qemu-img's ``-27 (File too large)``, nothing written."""
+    base = tmp_path / "base.qcow2"
+    _with_65536_snapshots(base)
+    theirs, ours = _run_both(
+        tmp_path, lambda p: shutil.copy(base, p), "snapshot", "-c", "x", "img.qcow2"
+    )
+    assert ours == theirs
+    assert ours[2] == "qemu-img: Could not create snapshot 'x': -27 (File too large)\n"
+    assert ours[3] == base.read_bytes()
