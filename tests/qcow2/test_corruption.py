@@ -396,3 +396,26 @@ def test_snapshot_create_beyond_the_table_limit_as_qemu_img(tmp_path: Path) -> N
     assert ours == theirs
     assert ours[2] == "qemu-img: Could not create snapshot 'x': -27 (File too large)\n"
     assert ours[3] == base.read_bytes()
+
+
+def _check_json(path: Path) -> tuple[int, dict[str, object]]:
+    result = oracle.check(path)
+    code = result.pop("exit-code")
+    for key in ("filename", "stderr"):
+        result.pop(key, None)
+    return code, result
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_repair_of_damaged_image_judged_as_qemu_img(tmp_path: Path, case: Case, mode: str) -> None:
+    """``check -r leaks|all`` of every damaged image: the same exit code as qemu-img's
+    repair, and ``qemu-img check`` says of our result what it says of qemu-img's."""
+    base = case.build(tmp_path / "base.qcow2")
+    theirs, ours = _run_both(
+        tmp_path, lambda p: shutil.copy(base, p), "check", "-r", mode, "img.qcow2"
+    )
+    assert ours[0] == theirs[0]
+    assert _check_json(tmp_path / "qcow2" / "img.qcow2") == _check_json(
+        tmp_path / "qemu-img" / "img.qcow2"
+    )
