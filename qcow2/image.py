@@ -494,9 +494,12 @@ class Image:
     def _inactive_l2_hit(self, hits: Callable[[int, int], bool]) -> bool:
         """The ``all`` mode's disk reads: the L2 tables the snapshots' L1 tables name."""
         cs = self.header.cluster_size
+        file_size = self.file.size()
         for e in self.snapshot_entries:
-            raw = self.file.pread(e.l1_table_offset, e.l1_size * layout.L1_ENTRY_SIZE)
-            for (entry,) in struct.iter_unpack(">Q", raw[: len(raw) // 8 * 8]):
+            # past the end of the file an L1 table reads as zeros: nothing to read there
+            length = min(e.l1_size * layout.L1_ENTRY_SIZE, max(0, file_size - e.l1_table_offset))
+            raw = self.file.pread(e.l1_table_offset, length // 8 * 8)
+            for (entry,) in struct.iter_unpack(">Q", raw):
                 l2 = entry & layout.L1E_OFFSET_MASK
                 if l2 and hits(l2, cs):
                     return True
