@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Final
 
 from ..state.store import DEFAULT_ITER_TIME
+from .output import print_json
 from .secrets import add_secret_options, secret_key
 
 #: ``adopt`` exit status when a disk snapshot was not adopted (the image was written).
@@ -78,7 +78,7 @@ def cmd_adopt(args: argparse.Namespace) -> int:
         iter_time=args.iter_time,
     )
     if args.json:
-        print(json.dumps(done.to_dict(), indent=2))
+        print_json(done.to_dict())
     else:
         width = max([len("TAG"), *(len(t.tag) for t in done.tags)])
         print(f"{'TAG':<{width}}  {'RESULT':<8}  DETAIL")

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..libvirt import DEFAULT_URI
+from .output import print_json
 
 
 def cmd_follow(args: argparse.Namespace) -> int:
@@ -224,13 +225,12 @@ def cmd_disable(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``libvirt status``: exit 3 when an enabled domain's tags and its image's differ."""
-    import json
 
     from ..libvirt.manage import status
 
     domains = status(args.connect, args.domain)
     if args.json:
-        print(json.dumps([{**d.__dict__, "aligned": d.aligned} for d in domains], indent=2))
+        print_json([{**d.__dict__, "aligned": d.aligned} for d in domains])
     for d in [] if args.json else domains:
         state = "running" if d.running else "shut off"
         follower = f"follower {d.follower}" if d.follower else "no follower"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from ..state.store import (
 from .adopt import add_adopt_commands
 from .libvirt import add_libvirt_commands
 from .mount import add_mount_commands
+from .output import print_json
 from .secrets import (
     add_new_secret_options,
     add_secret_options,
@@ -264,7 +264,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         key=key if encrypted else None,
     )
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print_json(manifest)
     snaps = len(manifest["snapshots"])
     what = f"state {manifest['state']['state_digest']}" + (f", {snaps} snapshots" if snaps else "")
     _say(args, f"Backed up {args.image} to {args.dest} ({args.format}, {what})")
@@ -276,7 +276,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     found = archive.verify_backup(args.backup, key=secret_key(args))
     if args.json:
-        print(json.dumps(found.to_dict(), indent=2))
+        print_json(found.to_dict())
     for problem in found.problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
     for note in found.notes:
@@ -294,7 +294,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         args.backup, args.image, snapshot=args.snapshot, key=secret_key(args)
     )
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
     sizes = {name: s["size"] for name, s in result["sections"].items()}
     _say(args, f"Restored {args.backup} into {args.image}: {_sections_text(sizes)}")
     return 0
@@ -324,7 +324,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         with _open_readonly(args.image, secret_key(args)) as store:
             snapshots = [_snapshot_dict(s) for s in store.snapshots()]
         if args.json:
-            print(json.dumps(snapshots, indent=2))
+            print_json(snapshots)
         else:
             _print_snapshots(snapshots)
         return 0
@@ -487,7 +487,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     with _open_readonly(args.image, key, require_key=False) as store:
         info = locked_info_dict(store) if store.encrypted and key is None else info_dict(store)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print_json(info)
         return 0
     print(f"image: {info['image']}")
     print(f"capacity: {_human(info['virtual_size'])}, cluster size {info['cluster_size']}")
@@ -624,7 +624,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if args.repair:
             repair, status = checkup.repair(store, report)
     if args.json:
-        print(json.dumps({**report.to_dict(), "repair": repair, "exit_status": status}, indent=2))
+        print_json({**report.to_dict(), "repair": repair, "exit_status": status})
     else:
         print(f"image: {args.image}")
         for finding in report.findings:

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import functools
 import grp
-import logging
 import os
 import pwd
 import sys
@@ -28,6 +27,8 @@ if TYPE_CHECKING:
 
 
 def _setup_logging(verbose: bool) -> None:
+    import logging
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s vtpm-qcow[%(process)d] %(levelname)s %(name)s: %(message)s",

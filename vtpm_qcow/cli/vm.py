@@ -20,7 +20,6 @@ The vTPM image is reached through its ``vtpm-qcow serve``/``mount`` daemon when 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -31,6 +30,7 @@ from ..vm import (
     DEFAULT_RECONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
 )
+from .output import print_json
 from .secrets import add_secret_options, secret_key
 
 TYPE_CHECKING = False
@@ -121,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     _, _, rows = _run(args, _table)
     if args.json:
-        print(json.dumps({"tags": to_json(rows)}, indent=2))
+        print_json({"tags": to_json(rows)})
     else:
         _print_rows(rows)
     return 0
@@ -136,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     aligned = all(row.aligned for row in rows)
     if args.json:
         fields = {"vm": status, "disks": nodes, "vtpm": args.store, "tags": rows}
-        print(json.dumps(to_json({**fields, "aligned": aligned}), indent=2))
+        print_json(to_json({**fields, "aligned": aligned}))
         return 0 if aligned else EXIT_MISALIGNED
     print(f"vm: {status}")
     for node in nodes:
@@ -202,7 +202,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     ok = not any(r.failed for r in results)
     if args.json:
         fields = {"disks": args.disk, "vtpm": args.image, "tags": results, "ok": ok}
-        print(json.dumps(to_json(fields), indent=2))
+        print_json(to_json(fields))
     else:
         width = max([len("TAG"), *(len(quoted(r.tag)) - 2 for r in results)])
         print(f"{'TAG':<{width}}  {'RESULT':<12}  DETAIL")

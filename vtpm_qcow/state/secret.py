@@ -22,10 +22,8 @@ errors name the source (file, descriptor, key or credential), never the bytes.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import platform
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,6 +182,8 @@ def _read_credential(name: str, option: str) -> bytes:
 
 def _keyctl() -> Callable[..., int]:
     """libc's ``syscall`` (returns a C long; errno kept for ctypes.get_errno)."""
+    import ctypes  # only for --secret-keyring: the other commands do not pay for it
+
     libc = ctypes.CDLL(None, use_errno=True)
     func = libc.syscall
     func.restype = ctypes.c_long
@@ -192,6 +192,9 @@ def _keyctl() -> Callable[..., int]:
 
 def _read_key(name: str, option: str) -> bytes:
     """The payload of the ``user`` key ``name`` (session keyring, then user keyring)."""
+    import ctypes
+    import platform
+
     number = _SYS_KEYCTL.get(platform.machine())
     if number is None:
         raise SecretError(f"{option} {name}: no keyctl system call known on {platform.machine()}")
@@ -269,6 +272,8 @@ def protect_process() -> None:
     """Make this process non-dumpable before it holds a secret: no core dump, and no
     other process of the same user may read its memory (ptrace, /proc/PID/mem) or its
     /proc files; programs it starts are dumpable again (the flag resets at exec)."""
+    import ctypes  # only once a secret is read: the other commands do not pay for it
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         err = ctypes.get_errno()
