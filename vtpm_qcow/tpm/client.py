@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import TpmError, TpmResponseError, TpmTransportError
-from .swtpm import CMD_INIT
+from ..errors import SwtpmError, TpmError, TpmResponseError, TpmTransportError
+from .swtpm import CMD_INIT, connect_channel, control_command, socket_address
 
 # -- Constants (TPM 2.0 Part 2: Structures) ---------------------------------------------------
 
@@ -251,28 +251,15 @@ class ReceiveFn(Protocol):
     def __call__(self, length: int) -> bytes: ...
 
 
-def socket_address(spec: str | int | tuple[str, int]) -> tuple[int, str | tuple[str, int]]:
-    """(family, address) for a TCP port, a (host, port) pair, or a unix socket path."""
-    if isinstance(spec, int):
-        return socket.AF_INET, ("127.0.0.1", spec)
-    if isinstance(spec, tuple):
-        return socket.AF_INET, spec
-    return socket.AF_UNIX, spec
-
-
 def connect(spec: str | int | tuple[str, int], timeout: float, what: str) -> socket.socket:
     """A connected stream socket with ``timeout``, or :class:`TpmTransportError`."""
-    family, address = socket_address(spec)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(address)
+        return connect_channel(spec, timeout)
     except OSError as err:
-        sock.close()
+        address = socket_address(spec)[1]
         raise TpmTransportError(
             f"cannot connect to {address}: {err}", path=what, errno=err.errno
         ) from err
-    return sock
 
 
 class SwtpmSocketTransport:
@@ -304,12 +291,10 @@ class SwtpmSocketTransport:
         if self.ctrl is None:
             raise TpmTransportError("no control channel given", path=self.what)
         what = f"swtpm control {self.ctrl}"
-        with connect(self.ctrl, self.timeout, what) as ctrl:
-            try:
-                ctrl.sendall(struct.pack(">I", command) + payload)
-            except OSError as err:
-                raise TpmTransportError(f"send failed: {err}", path=what, errno=err.errno) from err
-            (result,) = struct.unpack(">I", recv_exact(ctrl, 4, what))
+        try:
+            result = control_command(self.ctrl, command, payload, timeout=self.timeout)
+        except SwtpmError as err:
+            raise TpmTransportError(err.message, path=what, errno=err.errno) from err
         if result != 0:
             raise TpmTransportError(f"command {command} returned 0x{result:x}", path=what)
         return int(result)

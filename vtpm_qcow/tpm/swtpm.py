@@ -146,17 +146,23 @@ def _run_setup(
     return done.stdout + done.stderr
 
 
-def _connect(address: str | int, timeout: float) -> socket.socket:
-    """A connected socket to a unix path or a 127.0.0.1 TCP port (OSError if refused)."""
-    if isinstance(address, int):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        target: str | tuple[str, int] = ("127.0.0.1", address)
-    else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target = address
+def socket_address(spec: str | int | tuple[str, int]) -> tuple[int, str | tuple[str, int]]:
+    """(family, address) for a TCP port on 127.0.0.1, a (host, port) pair, or a unix socket
+    path: how swtpm's ``--ctrl``/``--server`` channels are named throughout."""
+    if isinstance(spec, int):
+        return socket.AF_INET, ("127.0.0.1", spec)
+    if isinstance(spec, tuple):
+        return socket.AF_INET, spec
+    return socket.AF_UNIX, spec
+
+
+def connect_channel(spec: str | int | tuple[str, int], timeout: float) -> socket.socket:
+    """A connected stream socket to ``spec`` (OSError if refused)."""
+    family, address = socket_address(spec)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(target)
+        sock.connect(address)
     except OSError:
         sock.close()
         raise
@@ -164,11 +170,13 @@ def _connect(address: str | int, timeout: float) -> socket.socket:
 
 
 def control_command(
-    ctrl: str | int, command: int, payload: bytes = b"", timeout: float = 10.0
+    ctrl: str | int | tuple[str, int], command: int, payload: bytes = b"", timeout: float = 10.0
 ) -> int:
-    """Send one control channel command, return swtpm's result code (0 = success)."""
+    """Send one control channel command, return swtpm's result code (0 = success); the one
+    control channel client (the TPM transports use it too).  SwtpmError if the channel
+    fails or closes without a reply."""
     try:
-        with _connect(ctrl, timeout) as sock:
+        with connect_channel(ctrl, timeout) as sock:
             sock.sendall(struct.pack(">I", command) + payload)
             reply = b""
             while len(reply) < 4:
