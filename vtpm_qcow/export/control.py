@@ -32,12 +32,16 @@ import hashlib
 import json
 import os
 import socket
+import struct
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
 from ..state.capture import StateCapture, from_wire
+
+#: ``struct ucred`` (pid, uid, gid) of ``SO_PEERCRED``.
+_PEERCRED = struct.Struct("3i")
 
 #: Longest request line accepted (bounds memory on garbage input).
 MAX_LINE = 1 << 20
@@ -137,6 +141,18 @@ class ControlClient:
                 ) from err
             self._sock = sock
         return self._sock
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process serving the socket (the kernel's ``SO_PEERCRED``), or
+        None when it cannot be told."""
+        try:
+            creds = self._connect().getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size
+            )
+        except (OSError, StoreError):
+            return None
+        pid: int = _PEERCRED.unpack(creds)[0]
+        return pid or None
 
     def request(self, op: str, **args: Any) -> Reply:
         """Send ``op`` with ``args``; the reply without ``ok`` (StoreError if refused)."""
@@ -242,8 +258,10 @@ def held_image_error(
     client = ControlClient(control) if control else ControlClient.for_image(image)
     with client:
         if daemon_answers(client):
+            pid = client.peer_pid()
+            who = f"pid {pid}, {client.path}" if pid else str(client.path)
             return StoreError(
-                f"held by a vtpm-qcow mount daemon ({client.path}); "
+                f"held by a vtpm-qcow mount daemon ({who}); "
                 f"{what} needs it stopped first (vtpm-qcow umount)",
                 path=os.fspath(image),
             )

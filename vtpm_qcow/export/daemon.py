@@ -45,10 +45,19 @@ from typing import Any
 import pyfuse3
 import trio
 
+from qcow2.errors import ImageLockedError
+
 from ..errors import HANDLED, MountError, StateFormatError, StoreError
 from . import VIEWS
 from .content import STATE_FILE_NAME
-from .control import ControlClient, daemon_answers, pid_path_for, runtime_dir, socket_path_for
+from .control import (
+    ControlClient,
+    daemon_answers,
+    held_image_error,
+    pid_path_for,
+    runtime_dir,
+    socket_path_for,
+)
 from .control_server import ControlServer, store_handlers
 from .fuse import StoreFS, make_fs, mount_options
 from .instruments import IoCounter, instrument
@@ -127,7 +136,10 @@ def _open_store(image: str, key: bytes | None) -> Store:
 
     if not os.path.exists(image):
         raise StoreError("no such image", path=image)
-    return Store.open(image, writable=True, key=key)
+    try:
+        return Store.open(image, writable=True, key=key)
+    except ImageLockedError as err:  # one image, one TPM: say who has it
+        raise held_image_error(image, "serving it here") from err
 
 
 def _refuse_keyless_swtpm(store: Store) -> None:
