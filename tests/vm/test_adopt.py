@@ -33,12 +33,14 @@ from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
 
 @contextlib.contextmanager
-def plain_vm(workdir: Path, statedir: Path, disk: Path, *extra: str) -> Iterator[tuple[Path, Tpm]]:
-    """swtpm on the plain directory ``statedir`` + QEMU on it and ``disk``: (QMP, TPM)."""
+def plain_vm(
+    workdir: Path, statedir: Path, disks: list[Path], *extra: str
+) -> Iterator[tuple[Path, Tpm]]:
+    """swtpm on the plain directory ``statedir`` + QEMU on it and ``disks``: (QMP, TPM)."""
     workdir.mkdir()
     with (
         swtpm_process(f"dir={statedir}", workdir, data_channel=False) as swtpm,
-        qemu_vm(workdir, str(swtpm.ctrl), [disk], running=True, extra=list(extra)) as qemu,
+        qemu_vm(workdir, str(swtpm.ctrl), disks, running=True, extra=list(extra)) as qemu,
         QtestTisTransport(str(qemu.qtest)) as tis,
     ):
         yield qemu.qmp, Tpm(tis)
@@ -71,33 +73,41 @@ def verify_rows(disk: Path, image: Path) -> tuple[int, dict[str, str]]:
 def test_adopt_the_history_of_a_vm_on_a_plain_swtpm_directory(tmp_path: Path) -> None:
     statedir = tmp_path / "tpm2"
     statedir.mkdir()
-    disk = create_disk(tmp_path / "disk.qcow2")
+    disk = create_disk(tmp_path / "disk.qcow2")  # QEMU saves the VM state on this one
+    data = create_disk(tmp_path / "data.qcow2")
+    disks = [disk, data]
     # An early snapshot saved without a device description: its TPM state is unreadable.
-    with plain_vm(tmp_path / "run1", statedir, disk, "-machine", "suppress-vmdesc=on") as (
+    with plain_vm(tmp_path / "run1", statedir, disks, "-machine", "suppress-vmdesc=on") as (
         qmp,
         tpm,
     ):
         tpm.startup()
         assert hmp_over_qmp(qmp, "savevm NODESC") == ""
-    with plain_vm(tmp_path / "run2", statedir, disk) as (qmp, tpm):
+    with plain_vm(tmp_path / "run2", statedir, disks) as (qmp, tpm):
         state_a(tpm)  # NV holds A
         assert hmp_over_qmp(qmp, "savevm H1") == ""
         assert hmp_over_qmp(qmp, "snapshot_blkdev_internal drive0 DISKONLY") == ""
         state_b(tpm)  # owner password set, NV holds B
         assert hmp_over_qmp(qmp, "savevm H2") == ""
+        assert hmp_over_qmp(qmp, "savevm GONE") == ""  # deleted in the middle
+        assert hmp_over_qmp(qmp, "delvm GONE") == ""
         tpm.nv_write(NV_INDEX, b"C" * NV_SIZE, owner=True, auth=OWNER_B)
         assert hmp_over_qmp(qmp, "savevm H3") == ""
         tpm.nv_write(NV_INDEX, b"D" * NV_SIZE, owner=True, auth=OWNER_B)  # the current state
     assert snapshot_tags(disk) == ["NODESC", "H1", "DISKONLY", "H2", "H3"]
+    assert snapshot_tags(data) == ["NODESC", "H1", "H2", "H3"]
     image = tmp_path / "vtpm.qcow2"
-    disk_before = disk.read_bytes()
+    before = {path: path.read_bytes() for path in disks}
+    # The data disk first: tags in disk order then table order, the VM state found on disk.
     done = vtpm_qcow(
-        "adopt", "--disk", str(disk), "--state", str(statedir), str(image), check=False
-    )
+        "adopt", "--disk", str(data), "--disk", str(disk), "--state", str(statedir),
+        str(image), check=False,
+    )  # fmt: skip
     assert done.returncode == 3, done.stderr  # partial: two snapshots were not adopted
-    assert disk.read_bytes() == disk_before  # the disk is only read
+    assert {path: path.read_bytes() for path in disks} == before  # the disks are only read
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:-1]}
-    assert list(rows) == ["NODESC", "H1", "DISKONLY", "H2", "H3"]
+    assert list(rows) == ["NODESC", "H1", "H2", "H3", "DISKONLY"]
+    assert all(rows[t][-1] == f"({disk})" for t in ("H1", "H2", "H3"))
     assert rows["NODESC"][0] == "SKIPPED" and "suppress-vmdesc" in " ".join(rows["NODESC"])
     assert rows["DISKONLY"][0] == "SKIPPED" and "disk-only" in " ".join(rows["DISKONLY"])
     assert all(rows[t][0] == "adopted" for t in ("H1", "H2", "H3"))
@@ -137,7 +147,7 @@ def test_adopt_into_an_imported_image_and_from_a_linear_file(tmp_path: Path) -> 
     statedir = tmp_path / "tpm2"
     statedir.mkdir()
     disk = create_disk(tmp_path / "disk.qcow2")
-    with plain_vm(tmp_path / "run", statedir, disk) as (qmp, tpm):
+    with plain_vm(tmp_path / "run", statedir, [disk]) as (qmp, tpm):
         state_a(tpm)
         assert hmp_over_qmp(qmp, "savevm S1") == ""
         tpm.nv_write(NV_INDEX, b"E" * NV_SIZE)
