@@ -179,3 +179,60 @@ def test_block_device_export_refuses_the_wrong_or_a_held_device(tmp_path: Path) 
         finally:
             os.close(held)
     assert small.read_bytes() == b"\xa5" * PVE_TPMSTATE_SIZE
+
+
+def set_counter(image: Path, value: int, workdir: Path, *, define: bool = False) -> None:
+    """The image's current state with the NV counter at ``value``, written by a real swtpm
+    (exported, changed, imported back)."""
+    workdir.mkdir()
+    lin = workdir / "state.lin"
+    vtpm_qcow("export", str(image), str(lin))
+    write_counter(f"backend-uri=file://{lin}", workdir / "swtpm", value, define=define)
+    vtpm_qcow("import", str(image), str(lin))
+
+
+def counter_of(image: Path, workdir: Path, *snapshot: str) -> int:
+    """The NV counter swtpm reads from the image's state (``--snapshot TAG``'s if given)."""
+    workdir.mkdir()
+    raw = workdir / "volume.raw"
+    vtpm_qcow("export", *(("--snapshot", *snapshot) if snapshot else ()), "--size", "4M",
+              str(image), str(raw))  # fmt: skip
+    return read_counter(f"backend-uri=file://{raw}", workdir / "swtpm")
+
+
+def test_snapshots_move_as_plain_volumes_import_and_export_snapshot(tmp_path: Path) -> None:
+    """A history kept as plain states (a storage's snapshots of a tpmstate0 volume) moves
+    in with ``import --snapshot TAG`` and out with ``export --snapshot TAG``."""
+    need_swtpm()
+    image = tmp_path / "vtpm.qcow2"
+    vtpm_qcow("setup", "--create", str(image))
+    set_counter(image, 1, tmp_path / "c1", define=True)
+    vtpm_qcow("snapshot", "-c", "S1", str(image))
+    set_counter(image, 2, tmp_path / "c2")
+    # Out: each state as a PVE-sized raw volume.
+    s1, now = tmp_path / "vm-100-disk-1@S1.raw", tmp_path / "vm-100-disk-1.raw"
+    vtpm_qcow("export", "--snapshot", "S1", "--size", "4M", str(image), str(s1))
+    vtpm_qcow("export", "--size", "4M", str(image), str(now))
+    assert s1.stat().st_size == now.stat().st_size == PVE_TPMSTATE_SIZE
+    # In: the current state, then the snapshot filed under its tag; the current one stays.
+    moved = tmp_path / "moved.qcow2"
+    vtpm_qcow("create", str(moved))
+    vtpm_qcow("import", str(moved), str(now))
+    done = vtpm_qcow("import", "--snapshot", "S1", str(moved), str(s1))
+    assert "snapshot 'S1'" in done.stderr
+    with Store.open(moved, writable=False) as new, Store.open(image, writable=False) as old:
+        assert new.snapshot_tags() == ["S1"]
+        assert new.layout() == old.layout()
+        assert new.snapshot_section("S1", "permall") == old.snapshot_section("S1", "permall")
+    assert counter_of(moved, tmp_path / "m-now") == 2
+    assert counter_of(moved, tmp_path / "m-s1", "S1") == 1
+    # An existing tag is replaced only with --overwrite; --overwrite alone is refused.
+    before = moved.read_bytes()
+    assert "already exists" in one_line_failure("import", "--snapshot", "S1", str(moved), str(now))
+    assert "--snapshot" in one_line_failure("import", "--overwrite", str(moved), str(now))
+    assert moved.read_bytes() == before
+    vtpm_qcow("import", "--snapshot", "S1", "--overwrite", str(moved), str(now))
+    assert counter_of(moved, tmp_path / "m-s1b", "S1") == 2
+    assert "no snapshot 'nope'" in one_line_failure(
+        "export", "--snapshot", "nope", str(moved), str(tmp_path / "x.raw")
+    )

@@ -149,17 +149,37 @@ def write_volume(device: Path, layout: bytes, *, expect: int | None = None) -> i
     return size
 
 
-def import_state(store: Store, source: str | os.PathLike[str]) -> dict[str, int]:
-    """Replace the store's state with a dir or linear file's; returns section sizes."""
+def read_state(source: str | os.PathLike[str]) -> bytes:
+    """The linear layout of plain state: a dir backend directory or a linear file (or a
+    raw volume: a block device)."""
     path = Path(source)
     if path.is_dir():
-        data, _tpm2 = layout_from_dir(path)
-    elif path.exists():
-        data = layout_from_file(path)
-    else:
-        raise StoreError("no such file or directory", path=path)
-    store.replace_layout(data, source=str(path))
-    return {name: info.size for name, info in store.sections().items()}
+        return layout_from_dir(path)[0]
+    if path.exists():
+        return layout_from_file(path)
+    raise StoreError("no such file or directory", path=path)
+
+
+def import_state(
+    store: Store,
+    source: str | os.PathLike[str],
+    *,
+    snapshot: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Replace the store's state with a dir or linear file's; returns section sizes.
+
+    With ``snapshot``, the state is filed as snapshot ``snapshot`` instead (one atomic
+    commit; the current state and the other snapshots stay; an existing tag needs
+    ``overwrite``): how a history kept as plain states (a storage's snapshots of a
+    Proxmox VE ``tpmstate0`` volume, copies of a state directory) moves in.
+    """
+    data = read_state(source)
+    if snapshot is None:
+        store.replace_layout(data, source=os.fspath(source))
+        return {name: info.size for name, info in store.sections().items()}
+    store.create_snapshot(snapshot, layout=data, overwrite=overwrite)
+    return {name: len(blob) for name, blob in layout_sections(data, os.fspath(source)).items()}
 
 
 def replace_atomically(

@@ -186,10 +186,15 @@ def _open_writable(image: str, what: str, key: bytes | None) -> Store:
 def cmd_import(args: argparse.Namespace) -> int:
     from ..backup import plainstate
 
+    if args.overwrite and args.snapshot is None:
+        raise StoreError("--overwrite replaces a snapshot: it goes with --snapshot TAG")
     with _open_writable(args.image, "an import", secret_key(args)) as store:
-        sizes = plainstate.import_state(store, args.source)
+        sizes = plainstate.import_state(
+            store, args.source, snapshot=args.snapshot, overwrite=args.overwrite
+        )
         permall = store.read_section("permall")
-    _say(args, f"Imported {args.source} into {args.image}: {_sections_text(sizes)}")
+    where = f"snapshot '{args.snapshot}' of {args.image}" if args.snapshot else args.image
+    _say(args, f"Imported {args.source} into {where}: {_sections_text(sizes)}")
     if permall and _swtpm_encrypted(permall, args.source):
         _say(
             args,
@@ -211,8 +216,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..backup import archive, plainstate
 
     taken = archive.capture_image(
-        args.image, snapshots=False, control=args.control, key=secret_key(args)
-    )
+        args.image, tag=args.snapshot, snapshots=False, control=args.control,
+        key=secret_key(args),
+    )  # fmt: skip
     as_dir = True if args.dir else None
     tpm2 = False if args.tpm12 else (True if args.tpm2 else None)
     sizes = plainstate.export_layout(
@@ -674,12 +680,15 @@ examples:
     "import": """examples:
   vtpm-qcow import vm1-tpm.qcow2 /var/lib/swtpm/vm1/     # swtpm --tpmstate dir=... files
   vtpm-qcow import vm1-tpm.qcow2 tpmstate.lin            # backend-uri=file:// file
-  vtpm-qcow import vm1-tpm.qcow2 /dev/pve/vm-100-disk-1  # a Proxmox VE tpmstate0 volume""",
+  vtpm-qcow import vm1-tpm.qcow2 /dev/pve/vm-100-disk-1  # a Proxmox VE tpmstate0 volume
+  vtpm-qcow import --snapshot before-update vm1-tpm.qcow2 \\
+      /dev/zvol/rpool/data/vm-100-disk-1@before-update   # a volume's snapshot, as TAG""",
     "export": """examples:
   vtpm-qcow export vm1-tpm.qcow2 /tmp/vm1-state/         # then swtpm --tpmstate dir=...
   vtpm-qcow export vm1-tpm.qcow2 vm1.lin                 # swtpm backend-uri=file://vm1.lin
   vtpm-qcow export --size 4M vm1-tpm.qcow2 vm-100-disk-1.raw   # a Proxmox VE tpmstate0
-  vtpm-qcow export vm1-tpm.qcow2 /dev/pve/vm-100-disk-1        # written in place (VM stopped)""",
+  vtpm-qcow export vm1-tpm.qcow2 /dev/pve/vm-100-disk-1        # written in place (VM stopped)
+  vtpm-qcow export --snapshot before-update vm1-tpm.qcow2 before-update.lin""",
     "backup": """examples:
   vtpm-qcow backup vm1-tpm.qcow2 /backup/vm1-tpm.qcow2           # image + all snapshots
   vtpm-qcow backup --format raw vm1-tpm.qcow2 /backup/vm1.lin    # swtpm linear file
@@ -1075,6 +1084,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "source", metavar="DIR|FILE", help="swtpm state dir (tpm2-00.permall...) or linear file"
     )
+    p.add_argument(
+        "--snapshot",
+        metavar="TAG",
+        help="file the state as snapshot TAG instead (the current state and the other "
+        "snapshots stay): e.g. a storage snapshot of a Proxmox VE tpmstate0 volume",
+    )
+    p.add_argument("--overwrite", action="store_true", help="with --snapshot: replace TAG")
     add_secret_options(p)
 
     p = _command(
@@ -1096,6 +1112,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = p.add_mutually_exclusive_group()
     names.add_argument("--tpm12", action="store_true", help="name dir files tpm-00.* (TPM 1.2)")
     names.add_argument("--tpm2", action="store_true", help="name dir files tpm2-00.* (TPM 2.0)")
+    p.add_argument("--snapshot", metavar="TAG", help="export snapshot TAG's state")
     p.add_argument(
         "--size",
         type=parse_size,
