@@ -44,22 +44,13 @@ def _say(args: argparse.Namespace, message: str) -> None:
 def cmd_adopt(args: argparse.Namespace) -> int:
     """Read the current state (if given), adopt the disks' history, report per tag."""
     import os
-    from pathlib import Path
 
     from ..backup import plainstate
     from ..errors import SecretError, StoreError
     from ..state.secret import OPTIONS_HINT
     from ..vm.adopt import ADOPTED, adopt
 
-    current = None
-    if args.state is not None:
-        state = Path(args.state)
-        if state.is_dir():
-            current, _tpm2 = plainstate.layout_from_dir(state)
-        elif state.exists():
-            current = plainstate.layout_from_file(state)
-        else:
-            raise StoreError("no such file or directory", path=state)
+    current = None if args.state is None else plainstate.read_state(args.state)
     key = secret_key(args)
     if not os.path.lexists(args.image):  # a new image: encrypted with --encrypt only
         if args.encrypt and key is None:
