@@ -604,6 +604,7 @@ def _cmd_amend(args: Arguments) -> int:
     from ..format.header import read_header
     from ..io.fileio import HostFile
     from ..io.lock import lock_image
+    from ..overlap import parse_options as parse_overlap_options
     from ..tools.amend import amend_image
 
     if not args.o:
@@ -620,18 +621,20 @@ def _cmd_amend(args: Arguments) -> int:
     if compat is not None and compat not in ("0.10", "v2", "1.1", "v3"):
         raise CommandError(f"Unknown compatibility level {compat}")
     version = None if compat is None else 2 if compat in ("0.10", "v2") else 3
+    spec = _spec(args)
     try:
-        f = HostFile(args.image, writable=True)
+        f = HostFile(spec.path, writable=True)
     except (Qcow2Error, OSError) as err:
-        raise _open_error(args.image, err) from err
+        raise _open_error(spec.arg, err) from err
     try:
         try:
-            lock_image(f.fd, args.image, writable=True)
+            lock_image(f.fd, spec.path, writable=True)
             header = read_header(f, writable=True)
+            checks = parse_overlap_options(spec.options)
         except Qcow2Error as err:
-            raise _open_error(args.image, err) from err
+            raise _open_error(spec.arg, err) from err
         try:
-            amend_image(f, header, version=version, lazy_refcounts=lazy)
+            amend_image(f, header, version=version, lazy_refcounts=lazy, overlap_checks=checks)
         except UnsupportedFeatureError as err:
             raise CommandError(err.message) from err  # QEMU's refusal, as it words it
         except CorruptImageError as err:
@@ -1012,6 +1015,8 @@ def commands() -> list[Command]:
                 _format("qcow2"),
                 Option("-o", kind="append", metavar="OPTIONS", help="compat=0.10 or compat=1.1"),
                 _QUIET,
+                _OBJECT,
+                _IMAGE_OPTS,
             ],
             ["image"],
             "Expecting one image file name",

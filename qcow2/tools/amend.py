@@ -42,22 +42,28 @@ LAZY_REFCOUNTS_NEED_V3 = (
 
 
 def amend_image(
-    f: HostFile, header: Header, *, version: int | None = None, lazy_refcounts: bool | None = None
+    f: HostFile,
+    header: Header,
+    *,
+    version: int | None = None,
+    lazy_refcounts: bool | None = None,
+    overlap_checks: int = overlap.DEFAULT,
 ) -> None:
     """Amend the image open (writable, locked) as ``f`` whose header is ``header``:
     switch to qcow2 ``version`` (2 or 3) and turn lazy refcounts on or off (None: keep).
-    ``header`` follows the image."""
+    ``header`` follows the image; ``overlap_checks`` are the metadata overlap checks of
+    the writes (:mod:`qcow2.overlap` flags, QEMU's ``overlap-check`` open option)."""
     target = header.version if version is None else version
     change_lazy = lazy_refcounts is not None and lazy_refcounts != header.lazy_refcounts
     if change_lazy and lazy_refcounts and target < 3:
         raise UnsupportedFeatureError(LAZY_REFCOUNTS_NEED_V3, path=f.path)
     if target != header.version:
-        _switch_version(f, header, target)
+        _switch_version(f, header, target, overlap_checks)
     if change_lazy and lazy_refcounts is not None:
         _switch_lazy_refcounts(f, header, lazy_refcounts)
 
 
-def _switch_version(f: HostFile, h: Header, target: int) -> None:
+def _switch_version(f: HostFile, h: Header, target: int, overlap_checks: int) -> None:
     """QEMU's version switch in ``qcow2_amend_options``: an upgrade rewrites the header;
     a downgrade (``qcow2_downgrade``) first refuses what v2 cannot hold and turns zero
     clusters into data clusters (zero-filled) or, without a backing file, holes."""
@@ -89,7 +95,7 @@ def _switch_version(f: HostFile, h: Header, target: int) -> None:
                 path=f.path,
                 bits=incompatible,
             )
-        compressed = expand_zero_clusters(f, h, snapshots)
+        compressed = expand_zero_clusters(f, h, snapshots, overlap_checks)
         if h.compression_type != layout.COMPRESSION_ZLIB and compressed:
             raise UnsupportedFeatureError(
                 "Cannot downgrade an image with zstd compression type and existing "
@@ -151,7 +157,12 @@ def _l1_entries(f: HostFile, offset: int, entries: int) -> Iterator[tuple[int, i
                 yield first + k, entry
 
 
-def expand_zero_clusters(f: HostFile, h: Header, snapshots: list[SnapshotEntry]) -> bool:
+def expand_zero_clusters(
+    f: HostFile,
+    h: Header,
+    snapshots: list[SnapshotEntry],
+    overlap_checks: int = overlap.DEFAULT,
+) -> bool:
     """QEMU's ``qcow2_expand_zero_clusters`` for what needs no allocation: the active L1
     table, then each snapshot's (validated first, as QEMU does when it gets there).  Zero
     clusters that own a host cluster get zeros written there; plain zero clusters of an
@@ -164,7 +175,7 @@ def expand_zero_clusters(f: HostFile, h: Header, snapshots: list[SnapshotEntry])
     and :class:`~qcow2.errors.CorruptImageError` raised."""
     from ..image import Image
 
-    image = Image(f, h, force_share=False)
+    image = Image(f, h, force_share=False, overlap_checks=overlap_checks)
     done: set[int] = set()
     with image.corruption_guard():
         compressed = _expand(image, h.l1_table_offset, h.l1_size, done, active=True)

@@ -216,3 +216,33 @@ def test_damaged_snapshot_l1_refused_as_qemu_img(
         results.append((run.returncode, run.stderr, (tmp_path / tool / "img.qcow2").read_bytes()))
     assert results[1] == results[0]
     assert results[1][0] == 1
+
+
+@pytest.mark.parametrize("opts", ["", ",overlap-check=all", ",overlap-check=bogus"])
+def test_downgrade_takes_overlap_check_options(tmp_path: Path, opts: str) -> None:
+    """A preallocated zero cluster aimed at a snapshot's own L2 table: the downgrade
+    writes its zeros there under the default "cached" checks (QEMU's blind spot) and is
+    refused under "all", as qemu-img amend --image-opts is."""
+    image = tmp_path / "base.qcow2"
+    _base(image)
+    oracle.qemu_io(image, "write -P 8 0 4k")  # the active L1 gets its own L2 table
+    data = bytearray(image.read_bytes())
+    snapshot_l2 = _u64(data, _u64(data, _snapshot_entries(data)[0])) & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", data, _l2(data) + 8 * 2, snapshot_l2 | 1 | 1 << 63)
+    image.write_bytes(bytes(data))
+    results = []
+    for tool in ("qemu-img", "qcow2"):
+        (tmp_path / tool).mkdir()
+        _copy(image, tmp_path / tool / "img.qcow2")
+        argv = [need("qemu-img")] if tool == "qemu-img" else [sys.executable, "-m", "qcow2"]
+        spec = f"driver=qcow2,file.filename=img.qcow2{opts}"
+        run = subprocess.run(
+            [*argv, "amend", "-o", "compat=0.10", "--image-opts", spec],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=tmp_path / tool,
+        )
+        results.append((run.returncode, run.stderr, (tmp_path / tool / "img.qcow2").read_bytes()))
+    assert results[1] == results[0]
+    assert (results[1][0] == 0) == (opts == "")
