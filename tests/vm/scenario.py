@@ -74,11 +74,13 @@ def stack(
     running: bool = True,
     extra: list[str] | None = None,
     view: str = "file",
+    serve_options: list[str] | None = None,
 ) -> Iterator[Stack]:
-    """Serve ``image`` (file or dir view), start QEMU on it with ``disk``; all stopped on exit."""
+    """Serve ``image`` (file or dir view; ``serve_options``: more serve options), start QEMU
+    on it with ``disk`` (``extra``: more QEMU options); all stopped on exit."""
     workdir.mkdir(exist_ok=True)
     with (
-        served_store(image, workdir, view=view) as served,
+        served_store(image, workdir, view=view, extra=serve_options) as served,
         qemu_vm(workdir, str(served.swtpm_ctrl), [disk], running=running, extra=extra) as qemu,
         QtestTisTransport(str(qemu.qtest)) as tis,
     ):

@@ -21,6 +21,7 @@ from tests.vm.scenario import (
     wait_until,
     watcher_thread,
 )
+from vtpm_qcow.state.blob import parse_blob
 from vtpm_qcow.vm.watch import Watcher, WatcherThread
 
 
@@ -226,3 +227,29 @@ def test_without_a_readable_vmstate_a_changed_state_is_not_filed(
     text = "\n".join(lines)
     assert "not filed: vTPM snapshot 'T1'" in text and "changed after the pause" in text, text
     assert "created: vTPM snapshot 'T2'" in text and "unchanged since the pause" in text, text
+
+
+def test_a_vmstate_in_the_clear_is_not_filed_for_an_swtpm_with_a_state_key(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """swtpm run with --key but no --migration-key keeps permall encrypted while QEMU's
+    vmstate holds it in the clear: filing the vmstate's would leave a snapshot that swtpm
+    cannot load, so the tag is refused with the reason (it changed after the pause)."""
+    image, disk = images
+    key = tmp_path / "state.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    options = ["--swtpm-option=--key", f"--swtpm-option=file={key},format=binary,mode=aes-256-cbc"]
+    lines: list[str] = []
+    with stack(tmp_path / "run", image, disk, serve_options=options) as s:
+        state_a(s.tpm)
+        stored = permall(image)
+        assert stored is not None and parse_blob(stored).encrypted  # swtpm's key is in use
+        with watcher_thread(s, lines.append, poll_interval=30) as thread:
+            watcher = thread.watcher
+            assert watcher is not None
+            _save_while_paused_then_change(s, watcher, "T1")
+            assert snapshot_tags(disk) == ["T1"] and snapshot_tags(image) == []
+    text = "\n".join(lines)
+    assert "not filed: vTPM snapshot 'T1'" in text, text
+    assert "swtpm encrypts its state, the vmstate does not" in text, text
