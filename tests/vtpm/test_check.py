@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -361,3 +362,39 @@ def test_digest_of_a_repaired_state_is_the_earlier_one(states: States, tmp_path:
     assert report["exit_status"] == 0
     with Store.open(image, writable=False) as store:
         assert store.state_digest() == wanted and digest(store.layout()) == wanted_layout
+
+
+def test_serve_refuses_a_state_swtpm_would_reject_with_the_reason(
+    states: States, tmp_path: Path
+) -> None:
+    """serve runs check's quick part before starting swtpm: a torn permall is refused in
+    one line naming the section, before anything is mounted or written; after --repair
+    the same command serves."""
+    image = imported(tmp_path, states.volatile)
+    tear(image, States.layout(states.grown))
+    before = image.read_bytes()
+    sock = tmp_path / "swtpm.sock"
+    done = subprocess.run(
+        [need("vtpm-qcow"), "serve", str(image), "--ctrl", str(sock), "--foreground"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    out = done.stderr.strip()
+    assert done.returncode == 1 and len(out.splitlines()) == 1, (done.returncode, out)
+    assert "swtpm would not load this state" in out and "permall" in out, out
+    assert "check --repair" in out
+    assert image.read_bytes() == before
+    assert not sock.exists()
+    ok("check", "--repair", str(image), status=0)
+    proc = subprocess.Popen(
+        [need("vtpm-qcow"), "serve", str(image), "--ctrl", str(sock), "--foreground"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "serve did not start swtpm"
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -142,20 +142,35 @@ def _open_store(image: str, key: bytes | None) -> Store:
         raise held_image_error(image, "serving it here") from err
 
 
-def _refuse_keyless_swtpm(store: Store) -> None:
-    """A state swtpm encrypted with its own key (libvirt's ``<encryption>``) needs that
-    key: refused now, not when QEMU initializes the TPM."""
+def _refuse_unloadable_state(store: Store, *, has_key: bool, tpm2: bool) -> None:
+    """Refuse now, not when QEMU initializes the TPM, a state swtpm would not load: one
+    encrypted with swtpm's own key (libvirt's ``<encryption>``) when no key is given, or
+    one that fails the checks swtpm makes before libtpms reads it (``vtpm-qcow check``'s
+    quick part).  No state at all is fine: swtpm manufactures a TPM."""
     from ..state.blob import parse_blob
+    from ..state.probe import NO_STATE, layout_problem
 
     try:
         permall = store.read_section("permall")
         encrypted = bool(permall) and parse_blob(permall or b"").encrypted
     except StateFormatError:
-        return  # swtpm says what is wrong with it
-    if encrypted:
+        encrypted = False
+    if encrypted and not has_key:
         raise StoreError(
             "swtpm's state is encrypted with its own key (libvirt's <encryption>): "
             "give --swtpm-key and the secret",
+            path=store.path,
+        )
+    if encrypted:
+        return  # its payload is swtpm's to decrypt
+    try:
+        problem = layout_problem(store.layout(), source="state", tpm2=tpm2)
+    except StateFormatError as err:
+        problem = str(err)
+    if problem is not None and not problem.endswith(NO_STATE):
+        raise StoreError(
+            f"swtpm would not load this state ({problem}); 'vtpm-qcow check --repair' "
+            "restores the newest one it loads",
             path=store.path,
         )
 
@@ -211,9 +226,10 @@ def run_mount(
     _check_mountpoint(mountpoint)
     store = _open_store(config.image, config.key)
     try:
-        own_key = swtpm is not None and any(o.startswith("--key") for o in swtpm.options)
-        if swtpm is not None and swtpm.state_key is None and not own_key:
-            _refuse_keyless_swtpm(store)
+        if swtpm is not None:
+            own_key = any(o.startswith("--key") for o in swtpm.options)
+            has_key = swtpm.state_key is not None or own_key
+            _refuse_unloadable_state(store, has_key=has_key, tpm2=swtpm.tpm2)
         fs = make_fs(store, config.view)
         io = instrument(store, fs)
         try:
