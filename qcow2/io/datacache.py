@@ -28,34 +28,42 @@ class DataCache:
         """``length`` guest bytes at ``offset``; missing clusters are read whole with
         ``fill(offset, length)`` (one call per run of missing clusters, read ahead to at
         least ``readahead`` clusters; ``fill`` may return less at the disk's end).  A
-        request larger than the cache bypasses it."""
+        request larger than the cache bypasses it.  Eviction is first in, first out: the
+        working sets this cache is for fit in it whole."""
         cs = self.cluster_size
         first, last = offset // cs, (offset + length - 1) // cs
-        if last - first + 1 > self.capacity:
-            return fill(offset, length)
         clusters = self._clusters
-        parts: dict[int, bytes] = {}
-        for i in range(first, last + 1):
-            data = clusters.pop(i, None)
+        if first == last:  # the common case: no joining
+            data = clusters.get(first)
             if data is not None:
-                clusters[i] = parts[i] = data  # re-inserted: most recently used
-        missing = [i for i in range(first, last + 1) if i not in parts]
+                start = offset - first * cs
+                return data[start : start + length]
+        elif last - first + 1 > self.capacity:
+            return fill(offset, length)
+        missing = [i for i in range(first, last + 1) if i not in clusters]
         if missing:  # read ahead after the last miss, up to what is cached already
             more = missing[-1] + 1
             while more < missing[0] + self.readahead and more not in clusters:
                 missing.append(more)
                 more += 1
+        fetched: dict[int, bytes] = {}
         while missing:
             run = 1
             while run < len(missing) and missing[run] == missing[0] + run:
                 run += 1
             data = fill(missing[0] * cs, run * cs)
             for k in range(run):
-                parts[missing[k]] = self._insert(missing[k], data[k * cs : (k + 1) * cs])
+                fetched[missing[k]] = self._insert(missing[k], data[k * cs : (k + 1) * cs])
             missing = missing[run:]
-        joined = b"".join(parts[i] for i in range(first, last + 1))
-        start = offset - first * cs
-        return joined[start : start + length]
+        out = bytearray(length)
+        pos = 0
+        for i in range(first, last + 1):
+            data = fetched.get(i) or clusters[i]
+            start = max(offset - i * cs, 0)
+            end = min(offset + length - i * cs, cs)
+            out[pos : pos + end - start] = memoryview(data)[start:end]
+            pos += end - start
+        return bytes(out)
 
     def store(self, clusters: Mapping[int, bytes | bytearray]) -> None:
         """The new content of whole clusters (written by a commit that succeeded)."""
