@@ -140,3 +140,20 @@ def test_bad_arguments_give_one_line_and_exit_1(tmp_path: Path) -> None:
     proc = run([str(installed), "info", str(tmp_path / "missing.qcow2")], tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_the_installed_modules_have_bytecode() -> None:
+    """tools/setup-system compiles the checkout (pip does it for a wheel): with
+    PYTHONDONTWRITEBYTECODE set, the commands would otherwise compile every module at
+    every start."""
+    import importlib.util
+
+    import vtpm_qcow
+
+    missing = [
+        str(path)
+        for package in (qcow2, vtpm_qcow)
+        for path in Path(package.__file__).parent.rglob("*.py")
+        if not Path(importlib.util.cache_from_source(str(path))).exists()
+    ]
+    assert not missing, f"no bytecode for {missing[:5]} (run tools/setup-system)"
