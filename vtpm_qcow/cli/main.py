@@ -15,7 +15,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, overload
 
 from qcow2.errors import ImageLockedError
 
@@ -900,8 +900,51 @@ def _command(
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``vtpm-qcow`` argument parser."""
+class _Unbuilt:
+    """Stands in for the parser of a subcommand not being run: every call is accepted and
+    does nothing (building all 30-odd subparsers costs a command more than its own work)."""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unbuilt]:
+        return lambda *args, **kwargs: self
+
+
+class _OnlySubcommand:
+    """The subparsers action of a parser built for subcommand ``wanted`` alone."""
+
+    def __init__(self, real: Any, wanted: str) -> None:
+        self.real = real
+        self.wanted = wanted
+        self.found = False
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if name != self.wanted:
+            return _Unbuilt()
+        self.found = True
+        return self.real.add_parser(name, **kwargs)
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser, with only the subparser of the subcommand ``argv`` names (the first word
+    that is no option); the whole parser for --help, a bad command or none."""
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    if wanted is not None:
+        parser = build_parser(only=wanted)
+        if parser is not None:
+            return parser
+    return build_parser()
+
+
+@overload
+def build_parser() -> argparse.ArgumentParser: ...
+
+
+@overload
+def build_parser(*, only: str) -> argparse.ArgumentParser | None: ...
+
+
+def build_parser(*, only: str | None = None) -> argparse.ArgumentParser | None:
+    """The ``vtpm-qcow`` argument parser (``only``: just that subcommand's subparser; None
+    if there is no such subcommand)."""
     parser = _Parser(
         prog=PROG,
         description="Keep a virtual TPM's state (swtpm) in a qcow2 image whose internal "
@@ -909,7 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'vtpm-qcow COMMAND --help' for a command's options and examples.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    real_sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub: Any = real_sub if only is None else _OnlySubcommand(real_sub, only)
 
     p = _command(
         sub,
@@ -1017,8 +1061,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the newest state swtpm loads current, keeping the refused one as a "
         "snapshot (the image must not be in use)",
     )
-    assert isinstance(p, _Parser)
-    p.usage_status = 1  # exit 2 means "state not loadable" here
+    if isinstance(p, _Parser):  # (not when only another subcommand is built)
+        p.usage_status = 1  # exit 2 means "state not loadable" here
     p.set_defaults(usage_status=1)
 
     p = _command(
@@ -1185,13 +1229,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_secret_options(p)
 
     _add_hooks(sub)
-    _finish_help(sub)
+    if isinstance(sub, _OnlySubcommand) and not sub.found:
+        return None
+    _finish_help(real_sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command, print errors as one line, return the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser_for(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "passthrough", False):
         if isinstance(parser, _Parser):  # check: exit 1, its 2 means "not loadable"

@@ -19,15 +19,12 @@ data pages), leaving a permall whose first page is new and whose rest is old.  T
 from __future__ import annotations
 
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from ..errors import StateFormatError, SwtpmError, TpmError, TpmResponseError
-from ..tpm.swtpm import Swtpm, find_tool
 from . import linear
 from .blob import (
     BLOB_FLAG_ENCRYPTED,
@@ -38,6 +35,10 @@ from .blob import (
     TPM2_PERMALL_MAGIC,
 )
 from .secret import staging_dir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..tpm.swtpm import Swtpm
 
 #: libtpms' TPM_RC_FAILURE: the TPM is in failure mode (its state did not unmarshal).
 TPM_RC_FAILURE: Final = 0x101
@@ -193,6 +194,12 @@ def probe_layout(
         return ProbeResult(False, str(err))
     if not header.slot("permall").allocated:
         return ProbeResult(False, NO_STATE)
+    # only a dry load needs these (info and serve's quick check do not)
+    import shutil
+    import tempfile
+
+    from ..tpm.swtpm import find_tool
+
     find_tool("swtpm")
     if _is_encrypted(layout) and state_key is None:
         return ProbeResult(True, "encrypted state: not dry-loaded (swtpm needs its key)", False)
@@ -213,6 +220,7 @@ def _dry_load(
     state: Path, workdir: Path, *, tpm2: bool, timeout: float, state_key: bytes | None = None
 ) -> ProbeResult:
     from ..tpm.client import SwtpmSocketTransport, Tpm
+    from ..tpm.swtpm import Swtpm
 
     server = str(workdir / "data.sock")
     try:
