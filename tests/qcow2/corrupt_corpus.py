@@ -275,3 +275,78 @@ CASES += [
 ]
 
 BY_NAME = {case.name: case for case in CASES}
+
+
+# Hostile sizes and counts (issue 13, "bounded memory and time"): headers and tables that
+# claim far more than the file holds.  Not requests to compare with qemu-io: images that
+# ``info``/``check``/``map``/``convert``/``amend`` must refuse or get through in bounded
+# memory and time.  Base: the snapshot layout of :data:`OVERLAP_CASES` (a snapshot, then a
+# write), so the snapshot table has an entry to damage.
+HEADER_L1_SIZE, HEADER_REFTABLE_CLUSTERS, HEADER_NB_SNAPSHOTS = 36, 56, 60
+SNAPSHOT_L1_SIZE, SNAPSHOT_NAME_SIZE, SNAPSHOT_VMSTATE, SNAPSHOT_EXTRA = 8, 14, 32, 36
+
+
+def _header(offset: int, fmt: str, value: int) -> Callable[[Path], None]:
+    return lambda p: poke(p, offset, fmt, value)
+
+
+def _snapshot_entry(offset: int, fmt: str, value: int) -> Callable[[Path], None]:
+    return lambda p: poke(p, peek(p, 64) + offset, fmt, value)
+
+
+def _many(*damages: Callable[[Path], None]) -> Callable[[Path], None]:
+    def damage(p: Path) -> None:
+        for one in damages:
+            one(p)
+
+    return damage
+
+
+def _reftable_all_same(p: Path) -> None:
+    """Every entry of the refcount table names the one refcount block."""
+    with open(p, "r+b") as f:
+        f.seek(REFTABLE)
+        f.write(struct.pack(">Q", REFBLOCK) * (CS // 8))
+
+
+def _compressed_huge(p: Path) -> None:
+    """Active L2[1]: a compressed cluster of the largest size the entry can say."""
+    poke(p, _active_l2(p) + 8, "Q", 1 << 62 | ((1 << 54) - 1) & ~0xFFFF | DATA)
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A snapshot-bearing image whose metadata ``damage`` makes claim huge sizes."""
+
+    name: str
+    damage: Callable[[Path], None]
+
+    def build(self, path: Path) -> Path:
+        oracle.create(path, 1024 * KiB, compat="1.1")
+        oracle.qemu_io(path, "write -P 7 0 64k")
+        oracle.qemu_img("snapshot", "-c", "snap", os.fspath(path))
+        oracle.qemu_io(path, "write -P 8 0 4k")
+        self.damage(path)
+        return path
+
+
+HOSTILE = [
+    Hostile("l1_size_max", _header(HEADER_L1_SIZE, "I", 0x7FFFFFFF)),
+    Hostile("l1_size_past_eof", _many(_header(24, "Q", 1 << 50), _header(36, "I", 1 << 21))),
+    Hostile("virtual_size_max", _header(24, "Q", (1 << 63) - 1)),
+    Hostile("reftable_clusters_max", _header(HEADER_REFTABLE_CLUSTERS, "I", 0xFFFFFFFF)),
+    Hostile("reftable_clusters_1m", _header(HEADER_REFTABLE_CLUSTERS, "I", 1 << 20)),
+    Hostile("nb_snapshots_max", _header(HEADER_NB_SNAPSHOTS, "I", 0xFFFFFFFF)),
+    Hostile("nb_snapshots_65536", _header(HEADER_NB_SNAPSHOTS, "I", 65536)),
+    Hostile("snapshot_l1_size_max", _snapshot_entry(SNAPSHOT_L1_SIZE, "I", 0x7FFFFFFF)),
+    Hostile("snapshot_l1_size_16m", _snapshot_entry(SNAPSHOT_L1_SIZE, "I", 1 << 24)),
+    Hostile("snapshot_extra_max", _snapshot_entry(SNAPSHOT_EXTRA, "I", 0xFFFFFFFF)),
+    Hostile("snapshot_name_max", _snapshot_entry(SNAPSHOT_NAME_SIZE, "H", 0xFFFF)),
+    Hostile("snapshot_vmstate_max", _snapshot_entry(SNAPSHOT_VMSTATE, "I", 0xFFFFFFFF)),
+    Hostile("backing_name_max", _many(_header(8, "Q", 0x200), _header(16, "I", 0xFFFFFFFF))),
+    Hostile("header_length_max", _header(100, "I", 0xFFFFFFFF)),
+    Hostile("cluster_bits_30", _header(20, "I", 30)),
+    Hostile("refcount_order_6", _header(96, "I", 6)),
+    Hostile("compressed_size_max", _compressed_huge),
+    Hostile("reftable_all_same", _reftable_all_same),
+]
