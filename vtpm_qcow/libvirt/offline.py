@@ -36,11 +36,10 @@ from qcow2.errors import Qcow2Error
 from qcow2.format.layout import L1E_OFFSET_MASK
 
 from ..errors import LibvirtError, VmstateError
-from ..state import linear
 from ..state.capture import capture_store
 from ..state.store import Store
 from ..vm.orchestrate import quoted
-from ..vm.vmstate import read_tpm_vmstate
+from ..vm.vmstate import read_tpm_vmstate, state_with_saved_permall
 from .domain import DomainInfo
 
 #: Where the hook keeps, per domain, what the disks looked like when it last stopped.
@@ -195,11 +194,7 @@ def _state_of(
     """The TPM state disk snapshot ``tag`` goes with, and how it was found."""
     if vm_state_size > 0:
         saved = read_tpm_vmstate(files, tag)
-        if saved.permanent is None or saved.encrypted:
-            raise LibvirtError("its vmstate holds no readable permanent TPM state")
-        base = store.layout()
-        update = linear.store_section(base, "permall", saved.permanent)
-        return linear.apply_update(base, update), "TPM state from its vmstate"
+        return state_with_saved_permall(store.layout(), saved), "TPM state from its vmstate"
     fingerprint = disks_fingerprint(files, tag)
     if left is not None and fingerprint == left.disks:
         return store.layout(), "the TPM state the domain was shut down with"

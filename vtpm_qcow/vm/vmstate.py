@@ -41,7 +41,8 @@ import qcow2
 from qcow2.errors import Qcow2Error
 from qcow2.image import open_chain
 
-from ..errors import VmstateError
+from ..errors import StateFormatError, VmstateError
+from ..state import linear
 from ..state.blob import (
     BLOB_FLAG_MIGRATION_DATA,
     BLOB_FLAG_MIGRATION_ENCRYPTED,
@@ -49,6 +50,7 @@ from ..state.blob import (
     BLOB_HEADER_VERSION,
     TAG_MIGRATION_DATA,
     TLV_HEADER_STRUCT,
+    parse_blob,
 )
 
 #: The stream's magic and the only version QEMU writes since 0.1x.
@@ -193,6 +195,27 @@ def read_tpm_vmstate(disks: Sequence[str], tag: str, *, shared: bool = True) -> 
     raise VmstateError(
         f"snapshot '{tag}' holds no VM state on {_names(seen_on)} (a disk-only snapshot)"
     )
+
+
+def state_with_saved_permall(base: bytes, saved: TpmVmstate) -> bytes:
+    """Linear file ``base`` (the vTPM state the other sections come from) with the
+    permanent state ``saved`` holds as its permall: the TPM state QEMU saved, as swtpm
+    would store it.  VmstateError (one line: why) when ``saved`` cannot give it: no
+    permanent blob, blobs encrypted with a migration key, or a clear blob for an swtpm that
+    keeps its state encrypted with its own key (it could not load what would be filed)."""
+    where = f"{saved.disk}@{saved.tag}"
+    if saved.encrypted:
+        raise VmstateError("the TPM blobs are encrypted with a migration key", path=where)
+    if saved.permanent is None:
+        raise VmstateError("the snapshot saved no permanent TPM state", path=where)
+    try:
+        permall = linear.read_section(base, "permall") if base else None
+        state_key = permall is not None and parse_blob(permall).encrypted
+    except StateFormatError:
+        state_key = False
+    if state_key:
+        raise VmstateError("swtpm encrypts its state, the vmstate does not", path=where)
+    return linear.apply_update(base, linear.store_section(base, "permall", saved.permanent))
 
 
 def _names(disks: Sequence[str]) -> str:

@@ -54,11 +54,8 @@ from ..errors import (
     HANDLED,
     MonitorDisconnectedError,
     MonitorError,
-    StateFormatError,
     VmstateError,
 )
-from ..state import linear
-from ..state.blob import parse_blob
 from . import DEFAULT_GRACE, DEFAULT_POLL_INTERVAL, DEFAULT_RECONNECT_TIMEOUT
 from .orchestrate import (
     DiskNode,
@@ -69,7 +66,7 @@ from .orchestrate import (
     delete_if_present,
     quoted,
 )
-from .vmstate import read_tpm_vmstate
+from .vmstate import read_tpm_vmstate, state_with_saved_permall
 
 T = TypeVar("T")
 
@@ -100,15 +97,6 @@ class WatchedVm(Protocol):
     async def disk_nodes(self) -> list[DiskNode]: ...
 
     async def run_state(self) -> RunState: ...
-
-
-def _state_key_used(layout: bytes) -> bool:
-    """Whether the permall of linear file ``layout`` is encrypted with swtpm's state key."""
-    try:
-        permall = linear.read_section(layout, "permall") if layout else None
-        return permall is not None and parse_blob(permall).encrypted
-    except StateFormatError:
-        return False
 
 
 class _NotFiled(Exception):
@@ -311,26 +299,11 @@ class Watcher:
         current = await self.vtpm.layout()
         try:
             saved = await asyncio.to_thread(read_tpm_vmstate, files, tag)
+            state = state_with_saved_permall(self.pause_layout or current, saved)
         except VmstateError as err:
             unreadable = str(err)
         else:
-            base = self.pause_layout or current
-            if saved.permanent is not None and not saved.encrypted:
-                if _state_key_used(base):
-                    # swtpm keeps permall encrypted with its state key; QEMU got it in the
-                    # clear: filing that would leave a state this swtpm cannot load
-                    unreadable = f"{saved.disk}: swtpm encrypts its state, the vmstate does not"
-                else:
-                    update = linear.store_section(base, "permall", saved.permanent)
-                    state = linear.apply_update(base, update)
-                    return state, "TPM state from its vmstate"
-            else:
-                unreadable = (
-                    f"{saved.disk}: the TPM blobs of snapshot {quoted(tag)} are encrypted "
-                    "with a migration key"
-                    if saved.encrypted
-                    else f"{saved.disk}: snapshot {quoted(tag)} saved no permanent TPM state"
-                )
+            return state, "TPM state from its vmstate"
         if vmstate_only:
             raise _NotFiled(unreadable)
         if self.pause_layout is not None:
