@@ -292,6 +292,7 @@ class ClusterMap:
         fault_point("l1_grow.alloc_table")
         new_offset = self.refcounts.alloc(new_size * layout.L1_ENTRY_SIZE)
         self._check_overlap(new_offset, new_size * layout.L1_ENTRY_SIZE)
+        switched = False
         try:
             # Refcounts of the new table durable before anything points at it.
             self.refcounts.flush()
@@ -301,8 +302,15 @@ class ClusterMap:
             self.file.flush()
             fault_point("l1_grow.activate_table")
             write_header_fields(self.file, l1_size=new_size, l1_table_offset=new_offset)
+            switched = True
             self.file.flush()
         except BaseException:
+            if switched:
+                # Only the flush after the header write failed: the file may name either
+                # table.  Follow the file we wrote (the new table) and keep the old one
+                # allocated: a leak at worst, never a table in use with refcount 0.
+                self._adopt_l1(new_l1, new_offset)
+                raise
             # The header still points at the old table: the new clusters are unused.
             try:
                 self.refcounts.free(new_offset, new_size * layout.L1_ENTRY_SIZE)
@@ -310,11 +318,15 @@ class ClusterMap:
                 pass
             raise
         old_offset = self.header.l1_table_offset
-        self.header.l1_size = new_size
-        self.header.l1_table_offset = new_offset
-        self.l1[:] = new_l1
+        self._adopt_l1(new_l1, new_offset)
         if old_size:
             self.refcounts.free(old_offset, old_size * layout.L1_ENTRY_SIZE)
+
+    def _adopt_l1(self, new_l1: list[int], new_offset: int) -> None:
+        """The header names ``new_l1`` at ``new_offset`` now: follow it in memory."""
+        self.header.l1_size = len(new_l1)
+        self.header.l1_table_offset = new_offset
+        self.l1[:] = new_l1
 
     def l2_for_write(self, l1_index: int) -> tuple[int, bytearray]:
         """The L2 table of ``l1_index`` ready to be modified: allocated if missing, copied

@@ -8,6 +8,9 @@ gives tests two hooks without mocking anything:
 * ``fault_point(name)``: named points before each metadata commit step (QEMU's
   ``BLKDBG_EVENT``).  A test arms one with :func:`inject_fault` to make it raise, then
   checks the image with ``qemu-img check``.
+* :func:`fail_host_io`: the n-th write, flush or truncate of the host file fails as the
+  host would fail it (ENOSPC, EIO, ...), once or from then on, like the ``blkdebug``
+  rules of qemu-iotest 026.
 """
 
 from __future__ import annotations
@@ -75,6 +78,60 @@ def fault_point(name: str) -> None:
         raise OSError(err, f"injected fault at {name}")
 
 
+_host_faults: list[_HostFault] = []
+
+
+def fail_host_io(kind: str, nth: int, err: int = errno.EIO, *, once: bool = True) -> _HostFault:
+    """Make the ``nth`` (1-based) host-file ``kind`` call ("write", "flush" or "truncate")
+    inside the ``with`` block fail with ``OSError(err)``, and with ``once=False`` every
+    later one too.  A failed write writes nothing; a failed flush leaves the writes
+    unsynced.  Counted over every :class:`HostFile` (flushes with nothing to sync are not
+    calls); the returned object's ``seen`` is the number of calls so far, so ``nth=0``
+    only counts them."""
+    if kind not in ("write", "flush", "truncate"):
+        raise ValueError(f"no host file call {kind!r}")
+    return _HostFault(kind, nth, err, once)
+
+
+class _HostFault:
+    """The context manager :func:`fail_host_io` returns (armed on entry, disarmed on exit)."""
+
+    __slots__ = ("err", "kind", "nth", "once", "seen")
+
+    def __init__(self, kind: str, nth: int, err: int, once: bool) -> None:
+        self.kind = kind
+        self.nth = nth
+        self.err = err
+        self.once = once
+        self.seen = 0
+
+    @property
+    def fired(self) -> bool:
+        """Whether the armed call was reached."""
+        return 0 < self.nth <= self.seen
+
+    def __enter__(self) -> _HostFault:
+        _host_faults.append(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _host_faults.remove(self)
+
+
+def _host_fault(kind: str) -> None:
+    """Count one host-file ``kind`` call; raise if an armed :func:`fail_host_io` says so."""
+    for fault in _host_faults:
+        if fault.kind == kind:
+            fault.seen += 1
+            if fault.seen == fault.nth or (not fault.once and fault.fired):
+                raise OSError(fault.err, os.strerror(fault.err))
+
+
 class HostFile:
     """An image file opened for positioned I/O.
 
@@ -119,6 +176,11 @@ class HostFile:
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data`` (any bytes-like object, not copied) at ``offset``."""
+        if _host_faults:
+            try:
+                _host_fault("write")
+            except OSError as err:
+                raise self._fail(f"write of {len(data)} bytes at {offset:#x}", err) from err
         for observer in self.observers:
             observer(WriteEvent("write", offset, bytes(data)))
         self.unsynced = True
@@ -139,6 +201,11 @@ class HostFile:
         """
         if not self.unsynced:
             return
+        if _host_faults:
+            try:
+                _host_fault("flush")
+            except OSError as err:
+                raise self._fail("flush", err) from err
         for observer in self.observers:
             observer(WriteEvent("flush"))
         try:
@@ -150,6 +217,11 @@ class HostFile:
 
     def truncate(self, length: int) -> None:
         """Set the file's length."""
+        if _host_faults:
+            try:
+                _host_fault("truncate")
+            except OSError as err:
+                raise self._fail(f"truncate to {length}", err) from err
         for observer in self.observers:
             observer(WriteEvent("truncate", length))
         self.unsynced = True
