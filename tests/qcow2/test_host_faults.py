@@ -4,7 +4,8 @@ As qemu-iotest 026 arms one ``blkdebug`` rule at a time, :func:`qcow2.io.fileio.
 makes the n-th write (flush, truncate) of the host file fail, for every n an operation
 makes: EIO once, and ENOSPC from then on (a full disk stays full, also for ``close``).
 The operations: ``commit_atomically``, snapshot create and delete, resize (grow and
-shrink) and ``amend -o compat=0.10``.  Each time the operation fails with one typed,
+shrink) and ``amend -o compat=0.10``; and a commit and a resize that allocate refcount
+blocks and move the refcount table.  Each time the operation fails with one typed,
 one-line :class:`~qcow2.errors.Qcow2Error`; the image is then ``qemu-img check`` clean
 (leaks at most), opens again (read-write, through the library), and holds the state of
 before or of after the operation: content, snapshot names and snapshot contents, as
@@ -135,10 +136,33 @@ def _calls(op: Callable[[Path], None], path: Path) -> dict[str, int]:
     return {"write": writes.seen, "flush": flushes.seen, "truncate": truncates.seen}
 
 
-@pytest.mark.parametrize("name", list(OPERATIONS))
+def near_refcount_table_end(path: Path) -> Path:
+    """512-byte clusters, data up to just below 8 MiB of file: the end of what the
+    one-cluster refcount table covers, so the next allocations need a new refcount block
+    and a bigger refcount table."""
+    img = oracle.create(path, 16 << 20, cluster_size=512)
+    oracle.qemu_io(img, "write -P 0x41 0 7900k")
+    return img
+
+
+#: Operations that also allocate refcount blocks and grow the refcount table: a commit
+#: (one metadata transaction) and a resize whose bigger L1 table crosses the table's end.
+GROWING: dict[str, Callable[[Path], None]] = {
+    "commit_new_reftable": _on_image(
+        lambda i: i.commit_atomically([(9 << 20, b"\x42" * 300 * KiB)])
+    ),
+    "resize_new_reftable": _on_image(lambda i: i.resize(1 << 30)),
+}
+
+
+@pytest.mark.parametrize("name", [*OPERATIONS, *GROWING])
 def test_fault_at_every_host_call(tmp_path: Path, name: str) -> None:
-    op = OPERATIONS[name]
-    base = prepared_image(tmp_path / "base.qcow2").read_bytes()
+    if name in GROWING:
+        op = GROWING[name]
+        base = near_refcount_table_end(tmp_path / "base.qcow2").read_bytes()
+    else:
+        op = OPERATIONS[name]
+        base = prepared_image(tmp_path / "base.qcow2").read_bytes()
     before_path = tmp_path / "before.qcow2"
     before_path.write_bytes(base)
     before = state(before_path)
@@ -148,6 +172,8 @@ def test_fault_at_every_host_call(tmp_path: Path, name: str) -> None:
     after = state(after_path)
     assert before != after
     oracle.assert_clean(after_path)
+    if name in GROWING:  # the refcount table did move
+        assert after_path.read_bytes()[48:56] != base[48:56]
     assert calls["write"] > 1 and calls["flush"] > 1, calls
     img = tmp_path / "img.qcow2"
     tried = 0
