@@ -41,6 +41,7 @@ from .format.snapshot_table import (
     table_length,
 )
 from .io.cache import TableCache
+from .io.fileio import MAX_OFFSET
 from .l2 import L2Decoder
 
 TYPE_CHECKING = False
@@ -342,9 +343,9 @@ class _Checker:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; zeros past the end of the file (also for offsets
         no file can reach)."""
-        if offset >= self.file_len:
+        if offset >= self.file_len and offset <= MAX_OFFSET - length:
             return bytes(length)
-        return self.f.pread(offset, length)
+        return self.f.pread(offset, length)  # EIO past QEMU's limit, as bdrv_pread says
 
     def _refresh_file_len(self) -> None:
         self.file_len = self.f.size()
@@ -771,9 +772,12 @@ class _Pass:
                     f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is outside image"
                 )
                 if fixing:
+                    if offset > MAX_OFFSET - c.cluster_size:
+                        # QEMU: -EINVAL before any truncate, so no "Could not resize" line
+                        rebuild = True
+                        self.msg(f"ERROR could not resize image: {os.strerror(errno.EINVAL)}")
+                        continue
                     try:
-                        if offset > (1 << 63) - 1 - c.cluster_size:
-                            raise Qcow2IOError("offset too large", errno=errno.EINVAL)
                         c.f.truncate(offset + c.cluster_size)
                         c._refresh_file_len()
                     except Qcow2IOError as err:
@@ -806,9 +810,10 @@ class _Pass:
         for i in range(self.nb_clusters):
             try:
                 refcount1 = stored(i)
-            except CorruptImageError as err:
-                self._signal_corruption(err)
-                self.msg(f"Can't get refcount for cluster {i}: Input/output error")
+            except (CorruptImageError, Qcow2IOError) as err:
+                if isinstance(err, CorruptImageError):
+                    self._signal_corruption(err)
+                self.msg(f"Can't get refcount for cluster {i}: {os.strerror(err.errno)}")
                 self.res.check_errors += 1
                 continue
             refcount2 = imrt[i]
@@ -1067,7 +1072,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
             continue
         try:
             refcount = stored(l2_offset >> c.cluster_bits)
-        except CorruptImageError:
+        except (CorruptImageError, Qcow2IOError):  # QEMU: skipped, not counted
             continue
         if (refcount == 1) != bool(l1_entry & layout.OFLAG_COPIED):
             res.corruptions += 1
@@ -1110,7 +1115,7 @@ def _check_oflag_copied(c: _Checker, res: CheckResult) -> None:
             else:
                 try:
                     refcount = stored((entry & layout.L2E_OFFSET_MASK) >> c.cluster_bits)
-                except CorruptImageError:
+                except (CorruptImageError, Qcow2IOError):
                     continue
             if (refcount == 1) != bool(entry & layout.OFLAG_COPIED):
                 res.corruptions += 1

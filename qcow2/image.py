@@ -399,6 +399,8 @@ class Image:
         except CorruptImageError as err:
             self._read_guard(err)
             return False
+        except Qcow2IOError:
+            return False  # a refcount block QEMU cannot read either: the error is ignored
         return count >= threshold
 
     def _guest_data_changes(self) -> None:

@@ -587,7 +587,10 @@ def read_header(
                 "Backing file name too long", path=path, field="backing_file_size"
             )
         raw = cluster0[h.backing_file_offset : h.backing_file_offset + length]
-        h.backing_file = bytes(raw).decode("utf-8", "surrogateescape")
+        # A C string to QEMU: the name ends at the first NUL, and an empty one means no
+        # backing file (bdrv_open_backing_file skips it; info shows none).
+        name = bytes(raw).split(b"\0", 1)[0]
+        h.backing_file = name.decode("utf-8", "surrogateescape") if name else None
     return h
 
 

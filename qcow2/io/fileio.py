@@ -132,6 +132,19 @@ def _host_fault(kind: str) -> None:
                 raise OSError(fault.err, os.strerror(fault.err))
 
 
+#: QEMU's BDRV_MAX_LENGTH: no request reaches past it (a file offset is an off_t).
+MAX_OFFSET = (1 << 63) - 1
+
+
+def _host_offset(offset: int, length: int) -> int:
+    """``offset`` if a host request of ``length`` bytes there is possible; else EIO, as
+    QEMU's ``bdrv_check_request`` refuses it (an offset from hostile metadata with bit 63
+    set, say: not a ValueError or OverflowError from the os module)."""
+    if offset < 0 or length < 0 or offset > MAX_OFFSET - length:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    return offset
+
+
 class HostFile:
     """An image file opened for positioned I/O.
 
@@ -167,7 +180,7 @@ class HostFile:
     def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``; the part past end of file reads as zeros."""
         try:
-            data = os.pread(self.fd, length, offset)
+            data = os.pread(self.fd, length, _host_offset(offset, length))
         except OSError as err:
             raise self._fail(f"read of {length} bytes at {offset:#x}", err) from err
         if len(data) < length:
@@ -186,6 +199,7 @@ class HostFile:
         self.unsynced = True
         view = memoryview(data)
         try:
+            _host_offset(offset, len(data))
             while view:
                 done = os.pwrite(self.fd, view, offset)
                 view = view[done:]
