@@ -350,3 +350,28 @@ HOSTILE = [
     Hostile("compressed_size_max", _compressed_huge),
     Hostile("reftable_all_same", _reftable_all_same),
 ]
+
+
+def _backing_name(name: bytes) -> Callable[[Path], None]:
+    """The header names a backing file ``name`` (raw bytes, stored at 0x800)."""
+
+    def damage(p: Path) -> None:
+        with open(p, "r+b") as f:
+            f.seek(0x800)
+            f.write(name)
+        poke(p, 8, "Q", 0x800)
+        poke(p, 16, "I", len(name))
+
+    return damage
+
+
+#: Images on which the fuzzer (tests/qcow2/test_fuzz.py) found a failure, rebuilt.
+FUZZ_FINDINGS: list[Hostile] = [
+    # a backing file name with a NUL: "internal error: ValueError: embedded null byte";
+    # QEMU reads it as a C string ("" is no backing file, "ab\0cd" is "ab")
+    Hostile("backing_name_nul", _backing_name(b"\0")),
+    Hostile("backing_name_nul_inside", _backing_name(b"ab\0cd")),
+    # a refcount table entry with bit 63 set: OverflowError from os.pread; QEMU's reads
+    # fail with EIO there ("Can't get refcount for cluster N: Input/output error")
+    Hostile("reftable_entry_bit63", lambda p: poke(p, REFTABLE, "Q", peek(p, REFTABLE) | 1 << 63)),
+]

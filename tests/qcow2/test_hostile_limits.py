@@ -1,12 +1,13 @@
 """Hostile images cost bounded memory and time (issue 13).
 
 Every damaged image of :mod:`tests.qcow2.corrupt_corpus` (the iotests' corruption cases and
-the :data:`~tests.qcow2.corrupt_corpus.HOSTILE` headers and tables that claim huge sizes)
+the :data:`~tests.qcow2.corrupt_corpus.HOSTILE` headers and tables that claim huge sizes,
+the fuzzer's :data:`~tests.qcow2.corrupt_corpus.FUZZ_FINDINGS`)
 goes through the ``qcow2`` command's ``info``, ``check``, ``map --output=json``, ``convert
 -O raw`` and ``amend -o compat=0.10`` in a child limited to 512 MiB of address space
 (RLIMIT_AS) and 20 s.  Each must exit with a code qemu-img uses (the same code as
-qemu-img for the read-only commands), without a traceback: a MemoryError, a kill by the
-limit or a timeout fails the test.
+qemu-img for the read-only commands), without a traceback or the command's "internal
+error" line: a MemoryError, a kill by the limit or a timeout fails the test.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import need
-from tests.qcow2.corrupt_corpus import CASES, HOSTILE
+from tests.qcow2.corrupt_corpus import CASES, FUZZ_FINDINGS, HOSTILE
 
 LIMIT = 512 << 20
 TIMEOUT = 20
 
-_IMAGES = [(case.name, case.build) for case in CASES] + [
-    (f"hostile_{h.name}", h.build) for h in HOSTILE
-]
+_IMAGES = (
+    [(case.name, case.build) for case in CASES]
+    + [(f"hostile_{h.name}", h.build) for h in HOSTILE]
+    + [(f"fuzz_{h.name}", h.build) for h in FUZZ_FINDINGS]
+)
 
 
 def _limit_memory() -> None:
@@ -53,6 +56,7 @@ def _assert_clean_exit(args: list[str], result: subprocess.CompletedProcess[str]
     assert result.returncode in (0, 1, 2, 3), what
     assert "Traceback" not in result.stderr, what
     assert "MemoryError" not in result.stderr, what
+    assert "internal error" not in result.stderr, what
     assert len(result.stderr.strip().splitlines()) <= 3 or args[1] == "check", what
 
 
