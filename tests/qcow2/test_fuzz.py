@@ -28,7 +28,7 @@ from tests.helpers import need
 from tests.qcow2 import fuzz
 from tests.qcow2.corrupt_corpus import FUZZ_FINDINGS, Hostile
 
-EXAMPLES = int(os.environ.get("VTPM_QCOW_FUZZ_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("VTPM_QCOW_FUZZ_EXAMPLES", "800"))
 
 _seeds: list[fuzz.Seed] = []
 
