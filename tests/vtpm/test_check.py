@@ -29,6 +29,7 @@ import pytest
 
 from tests.helpers import held_by_qemu_io, need
 from tests.qcow2 import oracle
+from tests.vm.qemu_fixtures import stop_process
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
 from vtpm_qcow.backup.plainstate import layout_from_file
 from vtpm_qcow.errors import SwtpmError
@@ -374,12 +375,16 @@ def test_serve_refuses_a_state_swtpm_would_reject_with_the_reason(
     tear(image, States.layout(states.grown))
     before = image.read_bytes()
     sock = tmp_path / "swtpm.sock"
-    done = subprocess.run(
+    refused = subprocess.Popen(
         [need("vtpm-qcow"), "serve", str(image), "--ctrl", str(sock), "--foreground"],
-        capture_output=True, text=True, timeout=60, check=False,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    out = done.stderr.strip()
-    assert done.returncode == 1 and len(out.splitlines()) == 1, (done.returncode, out)
+    try:
+        _, err = refused.communicate(timeout=60)
+    finally:  # a serve that was not refused is stopped as a daemon is: it unmounts, ends swtpm
+        stop_process(refused, grace=15)
+    out = err.decode(errors="replace").strip()
+    assert refused.returncode == 1 and len(out.splitlines()) == 1, (refused.returncode, out)
     assert "swtpm would not load this state" in out and "permall" in out, out
     assert "check --repair" in out
     assert image.read_bytes() == before
@@ -396,5 +401,4 @@ def test_serve_refuses_a_state_swtpm_would_reject_with_the_reason(
             assert time.monotonic() < deadline, "serve did not start swtpm"
             time.sleep(0.05)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, grace=15)
