@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import need, need_root
+from tests.vtpm.mount_fixtures import wait_gone
 from vtpm_qcow.tpm.client import Tpm
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 
@@ -243,17 +244,6 @@ def _start(base: Path) -> Libvirtd:
     return daemon
 
 
-def _wait(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _stop(daemon: Libvirtd) -> None:
     """Destroy and undefine every domain, stop the daemons, end what is left in the namespace."""
     try:
@@ -280,7 +270,7 @@ def _stop(daemon: Libvirtd) -> None:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            if all(_wait(pid, 10) for pid in pids):
+            if all(wait_gone(pid, 10) for pid in pids):
                 break
         shutil.rmtree(daemon.base, ignore_errors=True)
 

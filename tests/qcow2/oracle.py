@@ -165,3 +165,17 @@ def map_json(path: PathLike) -> list[dict[str, Any]]:
         qemu_img("map", "--output=json", os.fspath(path)).stdout
     )
     return parsed
+
+
+#: qcow2 layouts the differential tests run on: (compat, cluster_size, extended_l2).
+LAYOUTS = [("1.1", 65536, False), ("0.10", 4096, False), ("1.1", 512, False), ("1.1", 65536, True)]
+
+
+def create_layout(
+    path: PathLike, size: int, compat: str, cluster_size: int, extended_l2: bool
+) -> Path:
+    """:func:`create` with one of :data:`LAYOUTS`."""
+    opts: dict[str, object] = {"compat": compat, "cluster_size": cluster_size}
+    if extended_l2:
+        opts["extended_l2"] = True
+    return create(path, size, **opts)

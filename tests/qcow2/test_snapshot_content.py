@@ -21,17 +21,11 @@ def _apply(base: bytes, writes: list[tuple[int, bytes]]) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize(
-    ("compat", "cluster_size", "extended_l2"),
-    [("1.1", 65536, False), ("0.10", 4096, False), ("1.1", 512, False), ("1.1", 65536, True)],
-)
+@pytest.mark.parametrize(("compat", "cluster_size", "extended_l2"), oracle.LAYOUTS)
 def test_snapshot_holds_the_given_content(
     tmp_path: Path, compat: str, cluster_size: int, extended_l2: bool
 ) -> None:
-    opts: dict[str, object] = {"compat": compat, "cluster_size": cluster_size}
-    if extended_l2:
-        opts["extended_l2"] = True
-    img = oracle.create(tmp_path / "a.qcow2", 4 * MiB, **opts)
+    img = oracle.create_layout(tmp_path / "a.qcow2", 4 * MiB, compat, cluster_size, extended_l2)
     oracle.qemu_io(img, "write -P 0x11 0 200k", "write -P 0x44 3M 64k")
     with qcow2.open(str(img), writable=True) as image:
         image.create_snapshot("plain")

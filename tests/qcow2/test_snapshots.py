@@ -17,17 +17,11 @@ def names(path: Path) -> list[tuple[str, str]]:
     return [(s["id"], s["name"]) for s in oracle.snapshot_list(path)]
 
 
-@pytest.mark.parametrize(
-    ("compat", "cluster_size", "extended_l2"),
-    [("1.1", 65536, False), ("0.10", 4096, False), ("1.1", 512, False), ("1.1", 65536, True)],
-)
+@pytest.mark.parametrize(("compat", "cluster_size", "extended_l2"), oracle.LAYOUTS)
 def test_our_snapshots_as_qemu_sees_them(
     tmp_path: Path, compat: str, cluster_size: int, extended_l2: bool
 ) -> None:
-    opts: dict[str, object] = {"compat": compat, "cluster_size": cluster_size}
-    if extended_l2:
-        opts["extended_l2"] = True
-    img = oracle.create(tmp_path / "a.qcow2", 4 * MiB, **opts)
+    img = oracle.create_layout(tmp_path / "a.qcow2", 4 * MiB, compat, cluster_size, extended_l2)
     oracle.qemu_io(img, "write -P 0x11 0 200k")
     expected: dict[str, bytes] = {}
     with qcow2.open(str(img), writable=True) as image:
