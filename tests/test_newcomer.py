@@ -60,6 +60,9 @@ def test_the_demo_runs_on_its_first_run_in_a_clean_venv(tmp_path: Path) -> None:
     assert done.returncode == 0, f"{command} failed on its first run:\n{output[-3000:]}"
     assert "demo: OK - the TPM followed the VM snapshot" in done.stdout
     assert "Traceback" not in output
+    with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+        left = [line.split()[1] for line in mounts if "vtpm-qcow-demo-" in line]
+    assert not left, f"the demo left mounts behind: {left}"
     installed = subprocess.run(
         [python, "-c", "import vtpm_qcow, os; print(os.path.dirname(vtpm_qcow.__file__))"],
         cwd=tmp_path,
