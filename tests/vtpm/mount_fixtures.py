@@ -268,3 +268,54 @@ def qemu_img_snapshots(image: Path) -> list[str]:
 def socket_of(image: Path) -> Path:
     """The image's default control socket."""
     return socket_path_for(image)
+
+
+def one_line_failure(*args: str) -> str:
+    """Run ``vtpm-qcow ARGS``; expect exit 1 with one line on stderr and no traceback."""
+    done = vtpm_qcow(*args, check=False)
+    assert done.returncode == 1, done
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    return done.stderr
+
+
+@contextlib.contextmanager
+def qsd_fuse_export(
+    image: Path, mountpoint: Path, *, secret: list[str] | None = None
+) -> Iterator[Path]:
+    """``image`` exported as a regular file at ``mountpoint`` by qemu-storage-daemon (the
+    Proxmox VE stack); ``secret``: a LUKS image's ``--object secret,id=s0,...`` options."""
+    qsd = need("qemu-storage-daemon")
+    need_fuse()
+    mountpoint.touch()
+    qcow2_node = "driver=qcow2,node-name=q,file=f"
+    if secret:
+        qcow2_node += ",encrypt.format=luks,encrypt.key-secret=s0"
+    proc = subprocess.Popen(
+        [
+            qsd, *(secret or []),
+            "--blockdev", f"driver=file,node-name=f,filename={image}",
+            "--blockdev", qcow2_node,
+            "--export", f"type=fuse,id=e,node-name=q,mountpoint={mountpoint},writable=on",
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mountpoint):
+            if proc.poll() is not None:
+                raise AssertionError(f"qemu-storage-daemon exited: {proc.stderr.read()!r}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not mount"
+            time.sleep(0.02)
+        yield mountpoint
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        force_unmount(mountpoint)
+        if proc.stderr is not None:
+            proc.stderr.close()

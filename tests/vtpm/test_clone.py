@@ -18,6 +18,7 @@ from tests.qcow2 import oracle
 from tests.vtpm.mount_fixtures import (
     NV_INDEX,
     mounted,
+    one_line_failure,
     qemu_img_check,
     qemu_img_snapshots,
     runtime_dir,  # noqa: F401  (fixture)
@@ -57,13 +58,6 @@ def nv_counter(image: Path, workdir: Path) -> int:
     ):
         value: int = struct.unpack(">Q", tpm.nv_read(NV_INDEX, 8))[0]
         return value
-
-
-def one_line_failure(*args: str) -> str:
-    done = vtpm_qcow(*args, check=False)
-    assert done.returncode == 1, done
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    return done.stderr
 
 
 def test_clone_of_a_served_image_is_an_independent_copy(tmp_path: Path) -> None:

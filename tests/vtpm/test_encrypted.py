@@ -14,17 +14,17 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import need, need_fuse
+from tests.helpers import need
 from tests.vtpm.mount_fixtures import (
     force_unmount,
     is_mounted,
     pid_alive,
+    qsd_fuse_export,
     runtime_dir,  # noqa: F401  (fixture)
     vtpm_qcow,
     wait_gone,
@@ -168,49 +168,11 @@ def test_we_set_up_and_snapshot_qemu_reads(tmp_path: Path, key: Path, tpm_image:
     assert permall not in tpm_image.read_bytes()  # ciphertext on disk
 
 
-@contextlib.contextmanager
-def qsd_fuse_export(image: Path, key: Path, mountpoint: Path) -> Iterator[Path]:
-    """qemu-storage-daemon exporting the encrypted ``image`` as a file (its own secret)."""
-    qsd = need("qemu-storage-daemon")
-    need_fuse()
-    mountpoint.touch()
-    proc = subprocess.Popen(
-        [
-            qsd, *qemu_secret(key),
-            "--blockdev", f"driver=file,node-name=f,filename={image}",
-            "--blockdev",
-            "driver=qcow2,node-name=q,file=f,encrypt.format=luks,encrypt.key-secret=s0",
-            "--export", f"type=fuse,id=e,node-name=q,mountpoint={mountpoint},writable=on",
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not is_mounted(mountpoint):
-            if proc.poll() is not None:
-                raise AssertionError(f"qemu-storage-daemon exited: {proc.stderr.read()!r}")  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not mount"
-            time.sleep(0.02)
-        yield mountpoint
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        force_unmount(mountpoint)
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
 def test_qemu_storage_daemon_serves_our_encrypted_store_to_swtpm(
     tmp_path: Path, key: Path, tpm_image: Path
 ) -> None:
     payload = b"qsd+luks"
-    with qsd_fuse_export(tpm_image, key, tmp_path / "tpmstate.raw") as exported:
+    with qsd_fuse_export(tpm_image, tmp_path / "tpmstate.raw", secret=qemu_secret(key)) as exported:
         assert os.path.getsize(exported) == DEFAULT_SIZE
         with (
             running_swtpm(f"backend-uri=file://{exported}", tmp_path / "run") as swtpm,

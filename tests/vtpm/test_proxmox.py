@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers import need, need_root
-from tests.vtpm.mount_fixtures import NV_INDEX, vtpm_qcow
+from tests.vtpm.mount_fixtures import NV_INDEX, one_line_failure, vtpm_qcow
 from tests.vtpm.swtpm_fixtures import need_swtpm, running_swtpm, setup_state, tpm_client
 from vtpm_qcow.state import linear
 from vtpm_qcow.state.store import Store
@@ -40,13 +40,6 @@ def read_counter(tpmstate: str, workdir: Path) -> int:
     with running_swtpm(tpmstate, workdir) as swtpm, tpm_client(swtpm) as tpm:
         value: int = struct.unpack(">Q", tpm.nv_read(NV_INDEX, 8))[0]
         return value
-
-
-def one_line_failure(*args: str) -> str:
-    done = vtpm_qcow(*args, check=False)
-    assert done.returncode == 1, done
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    return done.stderr
 
 
 def test_raw_volume_file_round_trip(tmp_path: Path) -> None:
@@ -139,7 +132,7 @@ def test_qcow2_volume_filled_through_qemu_storage_daemon_is_a_vtpm_image(tmp_pat
     """A qcow2 tpmstate0 made by qemu-img and filled by swtpm_setup + swtpm through
     qemu-storage-daemon's FUSE export opens as a vTPM image: info, snapshot, export."""
     from tests.vm.qemu_fixtures import run_tool
-    from tests.vtpm.test_store import qsd_fuse_export
+    from tests.vtpm.mount_fixtures import qsd_fuse_export
 
     need_swtpm()
     volume = tmp_path / "vm-100-disk-1.qcow2"

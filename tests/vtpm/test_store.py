@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import struct
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qcow2.errors import ImageLockedError
 from qcow2.io.fileio import inject_fault
-from tests.helpers import need, need_fuse
+from tests.helpers import need
 from tests.qcow2 import oracle
+from tests.vtpm.mount_fixtures import qsd_fuse_export
 from tests.vtpm.swtpm_fixtures import NV_INDEX, running_swtpm, setup_state, tpm_client
 from vtpm_qcow.backup import plainstate
 from vtpm_qcow.errors import StateFormatError, StoreError
@@ -281,49 +278,6 @@ def test_corrupt_layout_is_a_typed_error_naming_the_image(tmp_path: Path) -> Non
 
 
 # Section: interoperability with qemu-storage-daemon's FUSE export (the Proxmox VE stack)
-
-
-def _mounted(mountpoint: Path) -> bool:
-    with open("/proc/self/mountinfo") as mounts:
-        return any(line.split()[4] == str(mountpoint) for line in mounts)
-
-
-@contextlib.contextmanager
-def qsd_fuse_export(image: Path, mountpoint: Path) -> Iterator[Path]:
-    """Export ``image`` as a regular file at ``mountpoint`` via qemu-storage-daemon."""
-    qsd = need("qemu-storage-daemon")
-    need_fuse()
-    mountpoint.touch()
-    proc = subprocess.Popen(
-        [
-            qsd,
-            "--blockdev", f"driver=file,node-name=f,filename={image}",
-            "--blockdev", "driver=qcow2,node-name=q,file=f",
-            "--export", f"type=fuse,id=e,node-name=q,mountpoint={mountpoint},writable=on",
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not _mounted(mountpoint):
-            if proc.poll() is not None:
-                raise AssertionError(f"qemu-storage-daemon exited: {proc.stderr.read()!r}")  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "qemu-storage-daemon did not mount"
-            time.sleep(0.02)
-        yield mountpoint
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if _mounted(mountpoint):
-            subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 def test_store_image_works_under_qemu_storage_daemon_and_back(
