@@ -62,7 +62,10 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict
     the image reads as exactly the old or exactly the new content and ``qemu-img check``
     finds it clean.  On return the new content is on stable storage.  Later extents win
     where extents overlap.  Fault points: ``commit.write_metadata`` and
-    ``commit.header_switch`` (both before the switch).
+    ``commit.header_switch`` (both before the switch); with commit records
+    (:meth:`Image.enable_commit_records`: one flush) ``commit.write_metadata``,
+    ``commit.flush`` (before the flush) and ``commit.header_write`` (after it: the commit
+    is durable).
     """
     header = image.header
     writes = [(offset, bytes(data)) for offset, data in writes if data]
@@ -76,7 +79,10 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict
     by_l1: dict[int, list[int]] = {}
     for index in sorted(new_content):
         by_l1.setdefault(index // l2_entries, []).append(index)
-    txn = MetadataTransaction(image, "commit")
+    log = image.commit_log
+    if log is not None:
+        log.prepare()
+    txn = MetadataTransaction(image, "commit", excluded=log.excluded() if log else frozenset())
     for l1_index, indexes in by_l1.items():
         old_l2 = image.clusters.l2_offset(l1_index)
         table = bytearray(image.l2_cache.get(old_l2)) if old_l2 else bytearray(cluster_size)
@@ -94,5 +100,5 @@ def commit_atomically(image: Image, writes: Sequence[tuple[int, bytes]]) -> dict
         # Only the rewritten entries change references: the COPIED flags of the others
         # stay as they are (their clusters' refcounts do not change).
         txn.replace_l2(l1_index, table, [index % l2_entries for index in indexes])
-    txn.commit()
+    txn.commit(log)
     return new_content

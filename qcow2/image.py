@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from .check import CheckResult
     from .clusters import ClusterMap
+    from .commit_records import CommitLog
     from .crypto import DataCipher
     from .format.header import OpenMode
     from .format.refcount import RefcountTable
@@ -174,6 +175,8 @@ class Image:
         self._compressed_cache: tuple[int, bytes] | None = None
         #: Guest clusters kept in memory (None: off; :meth:`enable_data_cache`).
         self.data_cache: DataCache | None = None
+        #: Commit records in use (None: off; :meth:`enable_commit_records`).
+        self.commit_log: CommitLog | None = None
         self._load_metadata()
 
     # Section: metadata setup
@@ -321,6 +324,7 @@ class Image:
         corruption, stop like QEMU does (drop the cached metadata unwritten, refuse
         further writes) so nothing more reaches the file."""
         self._check_writable()
+        self._settle()
         self._guest_data_changes()
         self._forget_data()
         return _GuestDataChange(self)
@@ -329,7 +333,15 @@ class Image:
         """``with image.corruption_guard(): ...`` around metadata changes made outside
         this class (``amend``): a corruption found inside is signaled as QEMU does (the
         corrupt bit, no further writes through this image)."""
+        self._settle()
         return _GuestDataChange(self)
+
+    def _settle(self) -> None:
+        """Before a change that is not a commit with a record: the header on disk must be
+        durable and current (in-place writes and other allocators know no records)."""
+        log = self.commit_log
+        if log is not None and not log.settled:
+            self.flush()
 
     def _stop_after_corruption(self, err: CorruptImageError) -> None:
         if not self.writable:
@@ -746,7 +758,12 @@ class Image:
             self.l2_cache.flush()
             self.refblock_cache.flush()
             self.l2_cache.flush()
+            log = self.commit_log
+            if log is not None:
+                log.before_flush()
             self.file.flush()
+            if log is not None:
+                log.after_flush()
 
     def resize(self, new_size: int) -> None:
         """Grow or shrink the virtual disk as ``qemu-img resize [--shrink]`` does."""
@@ -923,6 +940,20 @@ class Image:
             return plaintext
         return self.cipher.encrypt(host_offset, plaintext)
 
+    def enable_commit_records(self) -> bool:
+        """Commit with one flush from now on (:mod:`qcow2.commit_records`): the header
+        switch of each :meth:`commit_atomically` follows its flush instead of needing one
+        of its own, and opening the image rolls forward.  Adds the records' header
+        extension and sets their autoclear bit (each step flushed).  False if this image
+        cannot have them (version 2, a backing file, no room in cluster 0); its commits
+        then keep two flushes."""
+        from .commit_records import enable
+
+        self._check_writable()
+        if self.commit_log is None:
+            self.commit_log = enable(self)
+        return self.commit_log is not None
+
     def commit_atomically(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """All of ``writes`` or none across a crash; durable on return."""
         from .commit import commit_atomically
@@ -996,6 +1027,7 @@ def open(
     force_share: bool = False,
     key_secret: bytes | None = None,
     options: Mapping[str, str] | None = None,
+    roll_forward: bool = False,
 ) -> Image:
     """Open a qcow2 image and its backing chain; use as a context manager.
 
@@ -1008,6 +1040,9 @@ def open(
     ``overlap-check`` (``none``, ``constant``, ``cached`` the default, ``all``) and the
     per-structure ``overlap-check.<name>`` booleans (:mod:`qcow2.overlap`); anything
     else raises :class:`~qcow2.errors.OpenOptionError` with QEMU's message.
+    A writable open rolls the image forward to its newest commit record
+    (:mod:`qcow2.commit_records`); ``roll_forward`` does so in memory for a read-only
+    open (which otherwise sees what QEMU sees: the header on disk).
     """
     path = os.fspath(path)
     if writable and force_share:
@@ -1021,6 +1056,7 @@ def open(
         force_share=force_share,
         key_secret=key_secret,
         options=options,
+        roll_forward=roll_forward,
     )
     assert isinstance(image, Image)
     return image
@@ -1037,6 +1073,7 @@ def open_chain(
     io: bool = True,
     backing: bool = True,
     options: Mapping[str, str] | None = None,
+    roll_forward: bool = False,
 ) -> Layer:
     """Open the image ``path`` (``fmt`` "qcow2" or "raw", None: probe) and, with
     ``backing``, its backing chain: each image's ``backing`` is the next one, and closing
@@ -1048,7 +1085,7 @@ def open_chain(
     qemu-img's, which with ``io`` needs what guest I/O needs (the key of an encrypted
     image, an external data file); ``io=False`` opens for metadata only (``qemu-img
     info``).  Images below the top are opened read-only, without a key.  ``options``
-    are the top image's open options (see :func:`open`).
+    are the top image's open options (see :func:`open`); ``roll_forward`` as there.
     """
     top = _open_layer(
         path,
@@ -1059,6 +1096,7 @@ def open_chain(
         mode=mode,
         io=io,
         options=options,
+        roll_forward=roll_forward,
     )
     if backing and isinstance(top, Image):
         try:
@@ -1157,6 +1195,7 @@ def _open_layer(
     mode: OpenMode,
     io: bool,
     options: Mapping[str, str] | None = None,
+    roll_forward: bool = False,
 ) -> Layer:
     """One image of a chain, opened as :func:`open_chain` describes (no backing yet)."""
     if writable and mode != "strict":
@@ -1175,6 +1214,12 @@ def _open_layer(
         if fmt not in (None, "qcow2"):
             raise UnsupportedFeatureError(f"Unsupported image format '{fmt}'", path=path)
         header = read_header(f, writable=writable, mode=mode, io=io)
+        if (
+            mode == "strict"
+            and (writable or roll_forward)
+            and header.autoclear_features & layout.AUTOCLEAR_COMMIT_RECORDS
+        ):
+            header = _roll_forward(f, header, io=io)
         checks = overlap.parse_options(options) if options else overlap.DEFAULT
         cipher = None
         if mode == "strict":
@@ -1185,6 +1230,26 @@ def _open_layer(
     except BaseException:
         f.close()
         raise
+
+
+def _roll_forward(f: HostFile, header: Header, *, io: bool) -> Header:
+    """The header of the newest generation the commit records reach (written and
+    flushed on a writable open, in memory otherwise); ``header`` if none applies or the
+    one reached does not validate."""
+    from .commit_records import roll_forward
+
+    found = roll_forward(f, header)
+    if found is None:
+        return header
+    fields, _ = found
+    try:
+        rolled = read_header(f, writable=f.writable, mode="strict", io=io, fields=fields)
+    except Qcow2Error:
+        return header  # a record naming an invalid header is not applied
+    if f.writable:
+        f.pwrite(layout.RECORD_FIELDS_START, fields)
+        f.flush()
+    return rolled
 
 
 def _open_for_library(
@@ -1215,12 +1280,14 @@ def _open_for_library(
         raise UnsupportedFeatureError(
             "images with an external data file are not supported", path=path
         )
-    unknown_autoclear = header.autoclear_features & ~layout.AUTOCLEAR_BITMAPS
+    kept = layout.AUTOCLEAR_BITMAPS | layout.AUTOCLEAR_COMMIT_RECORDS
+    unknown_autoclear = header.autoclear_features & ~kept
     if writable and header.version >= 3 and unknown_autoclear:
         # Autoclear bits we do not maintain are cleared before the first write, as
         # QEMU does for the bits it does not know.  The bitmaps bit stays until guest
         # data changes (Image._guest_data_changes): snapshot create/delete keep bitmaps.
-        header.autoclear_features &= layout.AUTOCLEAR_BITMAPS
+        # The commit records' bit is ours: the open rolled forward (_roll_forward).
+        header.autoclear_features &= kept
         write_header_fields(f, autoclear_features=header.autoclear_features)
         f.flush()
     if writable and header.dirty:

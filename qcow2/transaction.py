@@ -38,8 +38,9 @@ from .io.fileio import fault_point
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import MutableSequence, Sequence
+    from collections.abc import MutableSequence, Sequence, Set
 
+    from .commit_records import CommitLog
     from .image import Image
 
 _COPIED = layout.OFLAG_COPIED
@@ -59,7 +60,7 @@ class MetadataTransaction:
     ``op`` prefixes the fault point names (``{op}.write_metadata``, ``{op}.header_switch``).
     """
 
-    def __init__(self, image: Image, op: str) -> None:
+    def __init__(self, image: Image, op: str, *, excluded: Set[int] = frozenset()) -> None:
         if image.l2_cache.is_dirty() or image.refblock_cache.is_dirty():
             # The on-disk metadata becomes the committed generation.  (Without dirty
             # tables it already is; the flush before the switch makes it durable.)
@@ -77,6 +78,9 @@ class MetadataTransaction:
         self.delta: dict[int, int] = {}
         #: Cluster indices taken by this transaction (free in the committed structure).
         self.taken: set[int] = set()
+        #: Clusters free in the committed structure that must not be allocated (freed
+        #: by a commit whose header is not durable yet: :mod:`qcow2.commit_records`).
+        self.excluded = excluded
         self.staged: dict[int, bytes] = {}
         self.active_l1: list[int] | None = None
         #: Check every L2 table of the new active L1 for stale COPIED flags (set by
@@ -161,7 +165,11 @@ class MetadataTransaction:
         if nclusters > 1:
             cluster, run = first_free, 0
             while run < nclusters:
-                if cluster not in self.taken and self.old_refcount(cluster) == 0:
+                if (
+                    cluster not in self.taken
+                    and cluster not in self.excluded
+                    and self.old_refcount(cluster) == 0
+                ):
                     if run == 0:
                         run_start = cluster
                     run += 1
@@ -181,8 +189,9 @@ class MetadataTransaction:
         """The lowest cluster from ``cluster`` on that is free in the committed structure
         and not taken."""
         taken = self.taken
+        excluded = self.excluded
         if not self._whole_blocks:
-            while cluster in taken or self.old_refcount(cluster):
+            while cluster in taken or cluster in excluded or self.old_refcount(cluster):
                 cluster += 1
             return cluster
         per_block = self.refcounts.entries_per_block
@@ -197,7 +206,7 @@ class MetadataTransaction:
                 cluster = (index + 1) * per_block
                 continue
             cluster = index * per_block + within
-            if cluster not in taken:
+            if cluster not in taken and cluster not in excluded:
                 return cluster
             cluster += 1
 
@@ -472,8 +481,13 @@ class MetadataTransaction:
 
     # Section: commit
 
-    def commit(self) -> None:
-        """Build the new generation, write it, switch the header, adopt it in memory."""
+    def commit(self, log: CommitLog | None = None) -> None:
+        """Build the new generation, write it, switch the header, adopt it in memory.
+
+        With ``log`` (an image using commit records), the generation and its record are
+        written with one flush and the header follows without one, if the record can
+        hold the commit's extents; otherwise (and without ``log``) two flushes.
+        """
         image = self.image
         header = image.header
         if self.active_l1 is None:
@@ -501,10 +515,24 @@ class MetadataTransaction:
             # Free by refcount but live metadata is possible only in a corrupt image.
             for offset, data in runs:
                 overlap_check(offset, len(data))
+        if log is not None:
+            from .commit_records import header_fields
+
+            target = header.copy()
+            for name, value in fields.items():
+                setattr(target, name, value)
+            if log.write(self.op, runs, header_fields(target)):
+                self._adopt(fields, new_l1, snapshots, table)
+                log.committed(self._freed_clusters(), self.op)
+                return
         fault_point(f"{self.op}.write_metadata")
         for offset, data in runs:
             image.file.pwrite(offset, data)
+        if log is not None:
+            log.before_flush()
         image.file.flush()  # the new generation is durable before anything points at it
+        if log is not None:
+            log.after_flush()
         fault_point(f"{self.op}.header_switch")
         try:
             write_header_fields(image.file, **fields)
@@ -514,11 +542,19 @@ class MetadataTransaction:
             start, data = layout.pack_fields(**fields)
             if image.file.pread(start, len(data)) == data:
                 self._adopt(fields, new_l1, snapshots, table)
+                if log is not None:  # written, maybe not durable: as a one-flush commit
+                    log.committed(self._freed_clusters(), self.op)
             else:
                 image.refblock_cache.clear()
                 image.l2_cache.clear()
             raise
         self._adopt(fields, new_l1, snapshots, table)
+        if log is not None:
+            log.switched()
+
+    def _freed_clusters(self) -> list[int]:
+        """Clusters whose refcount this transaction drops to 0."""
+        return [cluster for cluster, value in self._final.items() if not value]
 
     def _adopt(
         self,
@@ -539,7 +575,7 @@ class MetadataTransaction:
         image.snapshot_entries = list(snapshots)
         refcounts = image.refcounts
         refcounts.adopt_table(table, self._new_block_indexes)
-        freed = [c for c, value in self._final.items() if not value]
+        freed = self._freed_clusters()
         # Below the cursor every cluster was used or is taken now: only the freed ones
         # may be free in the new structure.
         refcounts.free_cluster_index = min([self._cursor, *freed])

@@ -429,7 +429,12 @@ def _read_extensions(header: Header, cluster0: bytes, end: int, path: str | None
 
 
 def read_header(
-    f: HostFile, *, writable: bool = False, mode: OpenMode = "strict", io: bool = True
+    f: HostFile,
+    *,
+    writable: bool = False,
+    mode: OpenMode = "strict",
+    io: bool = True,
+    fields: bytes | None = None,
 ) -> Header:
     """Read and validate cluster 0 of ``f`` with QEMU 7.2's checks and messages.
 
@@ -445,6 +450,8 @@ def read_header(
 
     ``writable`` adds QEMU's read-write refusal of images with the corrupt bit; ``io=False``
     is an open for metadata only (BDRV_O_NO_IO: the data file settings are not checked).
+    ``fields`` replaces header bytes 24-71 as read (a generation rolled forward in memory
+    by :mod:`qcow2.commit_records`), validated like the rest.
     Raises ``InvalidImageError``/``CorruptImageError``/``UnsupportedFeatureError``; never
     writes.
     """
@@ -453,7 +460,7 @@ def read_header(
     # QEMU never compares a table or header length with the file size (reads past the end
     # give zeros); only a file too short for a v3 header fails its header read.
     bound = file_size if mode == "strict" or file_size < layout.HEADER_V3_LENGTH else None
-    fixed = f.pread(0, layout.HEADER_V3_LENGTH)
+    fixed = _patched(f.pread(0, layout.HEADER_V3_LENGTH), fields)
     if file_size < layout.HEADER_V2_LENGTH or fixed[:4] != layout.MAGIC_BYTES:
         if fixed[:4] == layout.MAGIC_BYTES:
             raise _short_file(path, file_size)
@@ -498,7 +505,7 @@ def read_header(
     ext_end = h.backing_file_offset if h.backing_file_offset else cluster_size
     if bound is not None and bound < h.header_length:
         raise _short_file(path, file_size)
-    cluster0 = f.pread(0, cluster_size)
+    cluster0 = _patched(f.pread(0, cluster_size), fields)
     if h.version >= 3 and h.header_length > layout.HEADER_V3_LENGTH:
         h.unknown_header_fields = bytes(cluster0[layout.HEADER_V3_LENGTH : h.header_length])
 
@@ -592,6 +599,13 @@ def read_header(
         name = bytes(raw).split(b"\0", 1)[0]
         h.backing_file = name.decode("utf-8", "surrogateescape") if name else None
     return h
+
+
+def _patched(data: bytes, fields: bytes | None) -> bytes:
+    """``data`` (read from offset 0) with header bytes 24-71 replaced by ``fields``."""
+    if fields is None or len(data) < layout.RECORD_FIELDS_END:
+        return data
+    return data[: layout.RECORD_FIELDS_START] + fields + data[layout.RECORD_FIELDS_END :]
 
 
 def _short_file(path: str | None, file_size: int) -> InvalidImageError:

@@ -141,6 +141,13 @@ AUTOCLEAR_DATA_FILE_RAW_BITNR: Final = 1
 AUTOCLEAR_BITMAPS: Final = 1 << AUTOCLEAR_BITMAPS_BITNR
 AUTOCLEAR_DATA_FILE_RAW: Final = 1 << AUTOCLEAR_DATA_FILE_RAW_BITNR
 AUTOCLEAR_MASK: Final = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
+#: This library's own autoclear bit: the commit records of extension
+#: :data:`EXT_COMMIT_RECORDS` may be rolled forward (:mod:`qcow2.commit_records`).  A
+#: program that does not know it (QEMU) clears it when it opens the image read-write, so
+#: records never roll forward over that program's writes.  The top bit: far from the
+#: bits the qcow2 specification hands out from the bottom.
+AUTOCLEAR_COMMIT_RECORDS_BITNR: Final = 63
+AUTOCLEAR_COMMIT_RECORDS: Final = 1 << AUTOCLEAR_COMMIT_RECORDS_BITNR
 
 CRYPT_NONE: Final = 0
 CRYPT_AES: Final = 1
@@ -176,6 +183,8 @@ EXT_FEATURE_TABLE: Final = 0x6803F857
 EXT_BITMAPS: Final = 0x23852875
 EXT_CRYPTO_HEADER: Final = 0x0537BE77
 EXT_DATA_FILE: Final = 0x44415441
+#: Commit records (this library's; QEMU keeps unknown extensions byte for byte).
+EXT_COMMIT_RECORDS: Final = 0x636F6D72  # "comr"
 EXT_BITMAPS_STRUCT: Final = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, dir size, dir offset
 EXT_CRYPTO_STRUCT: Final = struct.Struct(">QQ")  # offset, length
 #: qemu omits the feature name table when cluster_size <= this.
@@ -314,6 +323,28 @@ LUKS_KEY_SLOT_ALIGN: Final = 4096
 #: Lower bounds QEMU applies to the benchmarked PBKDF2 iteration counts.
 LUKS_MIN_SLOT_KEY_ITERS: Final = 1000
 LUKS_MIN_MASTER_KEY_ITERS: Final = 1000
+
+
+# Section: commit records (qcow2.commit_records)
+
+#: Header bytes a commit record switches: ``size`` .. ``snapshots_offset`` (24-71).
+RECORD_FIELDS_START: Final = 24
+RECORD_FIELDS_END: Final = 72
+#: The extension holds two record slots of this size, used alternately.
+COMMIT_RECORD_SLOTS: Final = 2
+COMMIT_RECORD_SLOT_SIZE: Final = 1024
+COMMIT_RECORD_MAGIC: Final = b"qcow2rec"
+#: magic, generation, base (header bytes 24-71 the commit was built on), new (the bytes it
+#: switches to), extent count, reserved; then the extents, then the xxh3-128 digest of
+#: everything before it followed by the content of every extent.
+COMMIT_RECORD_HEAD: Final = struct.Struct(">8sQ48s48sII")
+COMMIT_RECORD_EXTENT: Final = struct.Struct(">QQ")  # host offset, length
+COMMIT_RECORD_DIGEST_SIZE: Final = 16
+COMMIT_RECORD_MAX_EXTENTS: Final = (
+    COMMIT_RECORD_SLOT_SIZE - COMMIT_RECORD_HEAD.size - COMMIT_RECORD_DIGEST_SIZE
+) // COMMIT_RECORD_EXTENT.size
+assert field_offset("size") == RECORD_FIELDS_START
+assert field_offset("snapshots_offset") + 8 == RECORD_FIELDS_END
 
 
 def align_up(value: int, alignment: int) -> int:
