@@ -577,8 +577,8 @@ class MetadataTransaction:
         refcounts.adopt_table(table, self._new_block_indexes)
         freed = self._freed_clusters()
         # Below the cursor every cluster was used or is taken now: only the freed ones
-        # may be free in the new structure.
-        refcounts.free_cluster_index = min([self._cursor, *freed])
+        # may be free in the new structure, and the excluded ones (skipped, free).
+        refcounts.free_cluster_index = min([self._cursor, *freed, *self.excluded])
         for cache in (image.refblock_cache, image.l2_cache):
             for cluster in freed:
                 cache.forget(cluster << self.cluster_bits)

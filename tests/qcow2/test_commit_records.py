@@ -291,3 +291,16 @@ def test_a_hostile_record_is_ignored(tmp_path: Path) -> None:
         with qcow2.open(str(img), writable=True) as image:
             assert image.read(0, 3000) == b"1" * 3000
         oracle.assert_clean(img)
+
+
+def test_freed_clusters_are_reused_once_no_durable_header_reaches_them(tmp_path: Path) -> None:
+    """Clusters a commit frees wait one commit, then are reused: the file stops growing."""
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
+    with qcow2.open(str(img), writable=True) as image:
+        image.enable_commit_records()
+        sizes = []
+        for i in range(60):
+            image.commit_atomically([(1000, bytes([i]) * 3000), (20000, bytes([i]) * 100)])
+            sizes.append(image.file.size())
+    assert sizes[-1] == sizes[10], f"the file keeps growing: {sizes[10]} -> {sizes[-1]}"
+    oracle.assert_clean(img)
