@@ -178,7 +178,21 @@ def read_records(f: HostFile, header: Header) -> list[Record]:
 def roll_forward(f: HostFile, header: Header) -> tuple[bytes, int] | None:
     """``(header bytes 24-71, generation)`` of the newest generation the records reach
     from the header on disk, or None if no record applies.  Never writes."""
-    records = read_records(f, header)
+    return _roll(f, header, read_records(f, header))
+
+
+def clear_slots(f: HostFile, header: Header) -> None:
+    """Empty the record slots (flushed) if they hold anything."""
+    start = slots_offset(header)
+    if start is None:
+        return
+    length = layout.COMMIT_RECORD_SLOTS * _SLOT
+    if f.pread(start, length).count(0) != length:
+        f.pwrite(start, bytes(length))
+        f.flush()
+
+
+def _roll(f: HostFile, header: Header, records: list[Record]) -> tuple[bytes, int] | None:
     if not records:
         return None
     current = header_fields(header)
@@ -220,6 +234,8 @@ class CommitLog:
         self._freed: dict[int, list[int]] = {}
         #: Commits made with one flush (for ``info`` and the tests).
         self.commits = 0
+        #: The slots may hold a record (:meth:`invalidate` empties them).
+        self.slots_used = False
 
     @property
     def settled(self) -> bool:
@@ -233,6 +249,18 @@ class CommitLog:
             if generation > self.durable:
                 out.update(clusters)
         return out
+
+    def invalidate(self) -> None:
+        """Empty the slots, durably, before a header change made without a record (a
+        snapshot, a resize, an in-place write, a commit too big for a record): such a
+        change may bring back header bytes an old record was built on, and the record
+        must not roll forward from them.  The header must be durable and current first
+        (:meth:`qcow2.image.Image.flush`), or emptying the slots would lose commits."""
+        if self.slots_used:
+            assert self.settled
+            self.image.file.pwrite(self.slots, bytes(layout.COMMIT_RECORD_SLOTS * _SLOT))
+            self.image.file.flush()
+            self.slots_used = False
 
     def prepare(self) -> None:
         """Before a commit: settle if the slot it overwrites may still be needed."""
@@ -258,6 +286,8 @@ class CommitLog:
         image = self.image
         record = pack_record(self.generation + 1, header_fields(image.header), new, runs)
         if record is None:
+            image.flush()
+            self.invalidate()
             return False
         f = image.file
         slot = self.slots + (self.generation + 1) % layout.COMMIT_RECORD_SLOTS * _SLOT
@@ -265,6 +295,7 @@ class CommitLog:
         try:
             for offset, data in runs:
                 f.pwrite(offset, data)
+            self.slots_used = True
             f.pwrite(slot, record)
             self.before_flush()
             fault_point(f"{op}.flush")

@@ -338,10 +338,12 @@ class Image:
 
     def _settle(self) -> None:
         """Before a change that is not a commit with a record: the header on disk must be
-        durable and current (in-place writes and other allocators know no records)."""
+        durable and current (in-place writes and other allocators know no records), and
+        the record slots empty (:meth:`CommitLog.invalidate`)."""
         log = self.commit_log
-        if log is not None and not log.settled:
+        if log is not None and (log.slots_used or not log.settled):
             self.flush()
+            log.invalidate()
 
     def _stop_after_corruption(self, err: CorruptImageError) -> None:
         if not self.writable:
@@ -857,6 +859,7 @@ class Image:
         """Other modules read and write tables directly: start them from a clean state."""
         self._forget_data()
         self.flush()
+        self._settle()
         self._compressed_cache = None
 
     def _after_metadata_rewrite(self) -> None:
@@ -978,6 +981,8 @@ class Image:
 
         self._check_io()
         self.flush()
+        if repair and self.writable:
+            self._settle()
         try:
             return check_image(self, repair)
         finally:
@@ -1236,19 +1241,22 @@ def _roll_forward(f: HostFile, header: Header, *, io: bool) -> Header:
     """The header of the newest generation the commit records reach (written and
     flushed on a writable open, in memory otherwise); ``header`` if none applies or the
     one reached does not validate."""
-    from .commit_records import roll_forward
+    from .commit_records import clear_slots, roll_forward
 
     found = roll_forward(f, header)
-    if found is None:
-        return header
-    fields, _ = found
-    try:
-        rolled = read_header(f, writable=f.writable, mode="strict", io=io, fields=fields)
-    except Qcow2Error:
-        return header  # a record naming an invalid header is not applied
+    rolled = header
+    if found is not None:
+        try:
+            rolled = read_header(f, writable=f.writable, mode="strict", io=io, fields=found[0])
+        except Qcow2Error:
+            found = None  # a record naming an invalid header is not applied
     if f.writable:
-        f.pwrite(layout.RECORD_FIELDS_START, fields)
-        f.flush()
+        if found is not None:
+            f.pwrite(layout.RECORD_FIELDS_START, found[0])
+            f.flush()
+        # Whoever writes next may change the header without a record and bring back
+        # the header bytes an old record was built on: empty the slots first.
+        clear_slots(f, rolled)
     return rolled
 
 
