@@ -133,6 +133,8 @@ class Store:
             # Only a writer holds the image's write lock, so every change goes through it;
             # a shared reader must see other writers' changes.
             image.enable_data_cache(DATA_CACHE_LIMIT, readahead=DATA_CACHE_READAHEAD)
+            # One flush per commit; the open rolled forward (qcow2.commit_records).
+            image.enable_commit_records()
 
     # Section: life cycle
 
@@ -203,7 +205,13 @@ class Store:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise StoreError("no such file", path=path)
-        image = qcow2.open(path, writable=writable, force_share=force_share, key_secret=key)
+        image = qcow2.open(
+            path,
+            writable=writable,
+            force_share=force_share,
+            key_secret=key,
+            roll_forward=True,  # read-only too: the newest commit, as the daemon wrote it
+        )
         if image.encrypted and key is None and require_key:
             image.close()
             raise StoreError(
