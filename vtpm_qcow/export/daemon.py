@@ -61,6 +61,7 @@ from .control import (
 from .control_server import ControlServer, store_handlers
 from .fuse import StoreFS, make_fs, mount_options
 from .instruments import IoCounter, instrument
+from .lean import loaded_modules
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -266,6 +267,8 @@ async def _serve(
             "mountpoint": mountpoint,
             "pid": os.getpid(),
             "swtpm_pid": swtpm.current.pid if swtpm and swtpm.current else None,
+            # what this daemon has imported (its memory: docs/BENCHMARKS.md)
+            "modules": loaded_modules(),
         }
 
     server = ControlServer(config.control_path, store_handlers(fs, describe))
