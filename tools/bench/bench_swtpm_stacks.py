@@ -29,9 +29,9 @@ Workloads (a fresh swtpm each):
   wall time, command and snapshot latency p50/p99.
 
 Memory: VmRSS (after the workloads, idle: "steady") and VmHWM (peak) of each storage daemon
-and of swtpm, from /proc/PID/status, plus a ``vtpm-qcow serve`` (file view, its own swtpm)
-running the NV workload.  Ratios are to the qsd-fuse stack of the same run.  Markdown on
-stdout.  Run as root (FUSE):
+and of swtpm, from /proc/PID/status, and their private memory (smaps_rollup), plus a
+``vtpm-qcow serve`` (file view, its own swtpm) running the NV workload.  Ratios are to the
+qsd-fuse stack of the same run.  Markdown on stdout.  Run as root (FUSE):
 
     python3 tools/bench/bench_swtpm_stacks.py --commands 500
 """
@@ -129,11 +129,14 @@ class SnapshotResult:
 
 @dataclass
 class Memory:
-    """VmRSS (steady, idle after the workloads) and VmHWM (peak) of one process, KiB."""
+    """VmRSS (steady, idle after the workloads) and VmHWM (peak) of one process, and its
+    private memory (USS: what one more such process costs; the rest is shared libraries'
+    pages other processes map too), KiB."""
 
     process: str
     rss_kib: int | None = None
     hwm_kib: int | None = None
+    private_kib: int | None = None
 
 
 @dataclass
@@ -169,7 +172,7 @@ class Stack:
 
 
 def proc_status(pid: int) -> Memory:
-    """VmRSS and VmHWM of ``pid`` (None once it has gone)."""
+    """VmRSS, VmHWM and private memory of ``pid`` (None once it has gone)."""
     memory = Memory(str(pid))
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -177,6 +180,11 @@ def proc_status(pid: int) -> Memory:
                 memory.rss_kib = int(line.split()[1])
             elif line.startswith("VmHWM:"):
                 memory.hwm_kib = int(line.split()[1])
+        private = 0
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                private += int(line.split()[1])
+        memory.private_kib = private
     except OSError:
         pass
     return memory
@@ -188,6 +196,7 @@ def note_swtpm(stack: Stack, pid: int) -> None:
     mine = stack.swtpm_memory
     mine.rss_kib = max(mine.rss_kib or 0, now.rss_kib or 0) or None
     mine.hwm_kib = max(mine.hwm_kib or 0, now.hwm_kib or 0) or None
+    mine.private_kib = max(mine.private_kib or 0, now.private_kib or 0) or None
 
 
 class Qmp:
@@ -704,20 +713,24 @@ def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None) -> list[
         "swtpm (largest of the stacks)",
         max((m.rss_kib or 0 for m in swtpms), default=0) or None,
         max((m.hwm_kib or 0 for m in swtpms), default=0) or None,
+        max((m.private_kib or 0 for m in swtpms), default=0) or None,
     )
     rows.append(largest)
     if serve is not None:
         rows.append(serve[1])
     lines = [
-        "memory after the workloads: VmRSS (idle, steady) and VmHWM (peak) from /proc/PID/status",
+        "memory after the workloads: VmRSS (idle, steady) and VmHWM (peak) from "
+        "/proc/PID/status; private = Private_Clean + Private_Dirty of /proc/PID/smaps_rollup "
+        "(what one more such process costs)",
         "",
-        "| process | steady RSS MiB | peak RSS MiB | steady vs qsd |",
-        "|---|---|---|---|",
+        "| process | steady RSS MiB | peak RSS MiB | steady vs qsd | private MiB |",
+        "|---|---|---|---|---|",
     ]
     for m in rows:
         ratio = m.rss_kib / base.rss_kib if base and base.rss_kib and m.rss_kib else None
         lines.append(
-            f"| {m.process} | {mib(m.rss_kib)} | {mib(m.hwm_kib)} | {fmt(ratio, '.2f')}x |"
+            f"| {m.process} | {mib(m.rss_kib)} | {mib(m.hwm_kib)} | {fmt(ratio, '.2f')}x | "
+            f"{mib(m.private_kib)} |"
         )
     return lines
 
