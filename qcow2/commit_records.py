@@ -181,14 +181,20 @@ def roll_forward(f: HostFile, header: Header) -> tuple[bytes, int] | None:
     return _roll(f, header, read_records(f, header))
 
 
+def slots_in_use(f: HostFile, header: Header) -> bool:
+    """Whether the record slots hold anything but zeros."""
+    start = slots_offset(header)
+    if start is None:
+        return False
+    length = layout.COMMIT_RECORD_SLOTS * _SLOT
+    return f.pread(start, length).count(0) != length
+
+
 def clear_slots(f: HostFile, header: Header) -> None:
     """Empty the record slots (flushed) if they hold anything."""
     start = slots_offset(header)
-    if start is None:
-        return
-    length = layout.COMMIT_RECORD_SLOTS * _SLOT
-    if f.pread(start, length).count(0) != length:
-        f.pwrite(start, bytes(length))
+    if start is not None and slots_in_use(f, header):
+        f.pwrite(start, bytes(layout.COMMIT_RECORD_SLOTS * _SLOT))
         f.flush()
 
 
@@ -354,6 +360,7 @@ def enable(image: Image) -> CommitLog | None:
     f = image.file
     if header.version < 3 or header.backing_file:
         return None
+    image.flush()  # a generation the open rolled forward to is written first
     bit = layout.AUTOCLEAR_COMMIT_RECORDS
     slots = slots_offset(header)
     generation = max((r.generation for r in read_records(f, header)), default=0)
@@ -378,8 +385,12 @@ def enable(image: Image) -> CommitLog | None:
         image.flush()
         f.pwrite(slots, bytes(layout.COMMIT_RECORD_SLOTS * _SLOT))
         f.flush()
+    log = CommitLog(image, slots, generation)
     if not header.autoclear_features & bit:
         header.autoclear_features |= bit
         write_header_fields(f, autoclear_features=header.autoclear_features)
         f.flush()
-    return CommitLog(image, slots, generation)
+    else:
+        log.slots_used = image._stale_slots  # emptied at the first change without a record
+    image._stale_slots = False
+    return log

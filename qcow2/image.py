@@ -177,6 +177,12 @@ class Image:
         self.data_cache: DataCache | None = None
         #: Commit records in use (None: off; :meth:`enable_commit_records`).
         self.commit_log: CommitLog | None = None
+        #: Header bytes 24-71 a writable open rolled forward to, not written yet (the
+        #: next flush writes them: an open alone never changes the file).
+        self._unwritten_fields: bytes | None = None
+        #: The record slots may hold records: emptied before the first header change
+        #: made without a record (:meth:`_settle`).
+        self._stale_slots = False
         self._load_metadata()
 
     # Section: metadata setup
@@ -341,9 +347,15 @@ class Image:
         durable and current (in-place writes and other allocators know no records), and
         the record slots empty (:meth:`CommitLog.invalidate`)."""
         log = self.commit_log
-        if log is not None and (log.slots_used or not log.settled):
+        if self._unwritten_fields is not None or (log is not None and not log.settled):
             self.flush()
+        if log is not None:
             log.invalidate()
+        elif self._stale_slots:
+            from .commit_records import clear_slots
+
+            clear_slots(self.file, self.header)
+            self._stale_slots = False
 
     def _stop_after_corruption(self, err: CorruptImageError) -> None:
         if not self.writable:
@@ -761,9 +773,12 @@ class Image:
             self.refblock_cache.flush()
             self.l2_cache.flush()
             log = self.commit_log
+            if self._unwritten_fields is not None:
+                self.file.pwrite(layout.RECORD_FIELDS_START, self._unwritten_fields)
             if log is not None:
                 log.before_flush()
             self.file.flush()
+            self._unwritten_fields = None
             if log is not None:
                 log.after_flush()
 
@@ -966,6 +981,8 @@ class Image:
             self._check_range(offset, len(data))
         self._compressed_cache = None
         self._guest_data_changes()
+        if self.commit_log is None:
+            self._settle()
         with _GuestDataChange(self):
             try:
                 written = commit_atomically(self, writes)
@@ -1219,49 +1236,52 @@ def _open_layer(
         if fmt not in (None, "qcow2"):
             raise UnsupportedFeatureError(f"Unsupported image format '{fmt}'", path=path)
         header = read_header(f, writable=writable, mode=mode, io=io)
+        rolled: bytes | None = None
+        stale = False
         if (
             mode == "strict"
             and (writable or roll_forward)
             and header.autoclear_features & layout.AUTOCLEAR_COMMIT_RECORDS
         ):
-            header = _roll_forward(f, header, io=io)
+            header, rolled, stale = _roll_forward(f, header, io=io)
         checks = overlap.parse_options(options) if options else overlap.DEFAULT
         cipher = None
         if mode == "strict":
-            cipher, header = _open_for_library(f, header, key)
+            cipher, header = _open_for_library(f, header, key, rolled)
         elif io:
             cipher = require_io_resources(f, header, key)
-        return Image(f, header, force_share=force_share, cipher=cipher, overlap_checks=checks)
+        image = Image(f, header, force_share=force_share, cipher=cipher, overlap_checks=checks)
+        if writable:
+            image._unwritten_fields = rolled
+            image._stale_slots = stale
+        return image
     except BaseException:
         f.close()
         raise
 
 
-def _roll_forward(f: HostFile, header: Header, *, io: bool) -> Header:
-    """The header of the newest generation the commit records reach (written and
-    flushed on a writable open, in memory otherwise); ``header`` if none applies or the
-    one reached does not validate."""
-    from .commit_records import clear_slots, roll_forward
+def _roll_forward(f: HostFile, header: Header, *, io: bool) -> tuple[Header, bytes | None, bool]:
+    """The header of the newest generation the commit records reach, in memory (a
+    writable image writes it at its first flush), its bytes 24-71 (None: no record
+    applies, or the one reached does not validate), and whether the slots hold anything
+    (a writable image empties them before a header change made without a record: such a
+    change may bring back the header bytes an old record was built on)."""
+    from .commit_records import roll_forward, slots_in_use
 
     found = roll_forward(f, header)
     rolled = header
+    fields = None
     if found is not None:
         try:
             rolled = read_header(f, writable=f.writable, mode="strict", io=io, fields=found[0])
+            fields = found[0]
         except Qcow2Error:
-            found = None  # a record naming an invalid header is not applied
-    if f.writable:
-        if found is not None:
-            f.pwrite(layout.RECORD_FIELDS_START, found[0])
-            f.flush()
-        # Whoever writes next may change the header without a record and bring back
-        # the header bytes an old record was built on: empty the slots first.
-        clear_slots(f, rolled)
-    return rolled
+            pass  # a record naming an invalid header is not applied
+    return rolled, fields, f.writable and slots_in_use(f, rolled)
 
 
 def _open_for_library(
-    f: HostFile, header: Header, key: bytes | None
+    f: HostFile, header: Header, key: bytes | None, rolled: bytes | None = None
 ) -> tuple[DataCipher | None, Header]:
     """What the library's open adds to QEMU's checks: the key is optional, external data
     files and writing legacy AES images are refused, and a writable open clears unknown
@@ -1301,6 +1321,9 @@ def _open_for_library(
     if writable and header.dirty:
         from .check import repair_image_file
 
+        if rolled is not None:  # the repair starts from the header on disk
+            f.pwrite(layout.RECORD_FIELDS_START, rolled)
+            f.flush()
         result = repair_image_file(f, header)
         if result.error is not None or header.dirty:
             raise Qcow2Error(

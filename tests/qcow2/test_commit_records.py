@@ -360,3 +360,18 @@ def test_a_writer_without_records_never_meets_an_old_one(tmp_path: Path) -> None
             expected = image.read(0, SPAN)
         with qcow2.open(str(img), roll_forward=True) as image:
             assert image.read(0, SPAN) == expected, f"step {step}: an old record rolled"
+
+
+def test_a_writable_open_alone_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """Records in the slots are emptied before the first change, not at the open: an
+    open that ends up refused (a missing key, say) or changes nothing writes nothing."""
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
+    with qcow2.open(str(img), writable=True) as image:
+        image.enable_commit_records()
+        image.commit_atomically([(0, b"1" * 3000)])
+    before = img.read_bytes()
+    with qcow2.open(str(img), writable=True) as image:
+        assert image.read(0, 3000) == b"1" * 3000
+    with qcow2.open(str(img), writable=True) as image:
+        image.enable_commit_records()
+    assert img.read_bytes() == before
