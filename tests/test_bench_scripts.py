@@ -35,8 +35,8 @@ def test_run_all_names_every_benchmark() -> None:
 
 
 def test_swtpm_stacks_runs_every_workload_on_every_stack(tmp_path: Path) -> None:
-    """A tiny run: each stack's row in each table (NV writes, measured boot, snapshot-heavy)
-    and a memory row for each daemon and for swtpm."""
+    """A tiny run of 2 rounds: each stack's row in each table (NV writes, measured boot,
+    snapshot-heavy) and a memory row for each daemon and for swtpm."""
     need_root("FUSE mounts")
     need_fuse()
     for tool in ("swtpm", "qemu-storage-daemon", "vtpm-qcow", "fusermount3"):
@@ -48,6 +48,7 @@ def test_swtpm_stacks_runs_every_workload_on_every_stack(tmp_path: Path) -> None
             "--commands", "5",
             "--boot-extends", "10",
             "--snapshot-commands", "20",
+            "--rounds", "2",
             "--workdir", str(tmp_path),
         ],
         capture_output=True,
@@ -65,9 +66,9 @@ def test_swtpm_stacks_runs_every_workload_on_every_stack(tmp_path: Path) -> None
         assert sum(row[0] == f"| {stack}" for row in rows) == 3, f"{stack} misses a table"
     snapshot_rows = {row[0][2:]: row for row in rows if len(row) == 12}
     for stack in ("qsd-fuse", "file-view", "dir-view"):
-        assert snapshot_rows[stack][5] == "2", f"{stack}: not 2 snapshots created"
+        assert snapshot_rows[stack][5] == "4", f"{stack}: not 2 snapshots created a round"
     for stack in ("file-view", "dir-view"):
-        assert snapshot_rows[stack][8] == "1", f"{stack}: not 1 snapshot applied"
+        assert snapshot_rows[stack][8] == "2", f"{stack}: not 1 snapshot applied a round"
     memory = {row[0][2:]: row for row in rows if len(row) == 5}
     for process in (
         "qemu-storage-daemon",

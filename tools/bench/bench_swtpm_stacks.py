@@ -30,8 +30,12 @@ Workloads (a fresh swtpm each):
 
 Memory: VmRSS (after the workloads, idle: "steady") and VmHWM (peak) of each storage daemon
 and of swtpm, from /proc/PID/status, and their private memory (smaps_rollup), plus a
-``vtpm-qcow serve`` (file view, its own swtpm) running the NV workload.  Ratios are to the
-qsd-fuse stack of the same run.  Markdown on stdout.  Run as root (FUSE):
+``vtpm-qcow serve`` (file view, its own swtpm) running the NV workload.
+
+``--rounds`` rounds run every stack in turn (fresh images each round), so that a burst of
+load on a shared machine hits every stack alike; command latencies are pooled over the
+rounds, trace times are the median round's.  Ratios are to the qsd-fuse stack of the same
+run.  Markdown on stdout.  Run as root (FUSE):
 
     python3 tools/bench/bench_swtpm_stacks.py --commands 500
 """
@@ -513,7 +517,7 @@ def bench_ours(work: Path, view: str, sizes: Sizes) -> Run:
     return Run(nv, boot, snapshots, daemon, stack.swtpm_memory)
 
 
-def bench_qsd(work: Path, sizes: Sizes) -> Run:
+def bench_qsd(work: Path, sizes: Sizes, *, trace_flushes: bool = True) -> Run:
     image = work / "qsd.qcow2"
     create_image(image)
     target = work / "qsd-export"
@@ -528,7 +532,7 @@ def bench_qsd(work: Path, sizes: Sizes) -> Run:
     if run.daemon is not None:
         run.daemon.process = "qemu-storage-daemon"
     run.snapshots.note = "no live apply in QMP"
-    if shutil.which("strace"):
+    if trace_flushes and shutil.which("strace"):
         run.nv.flushes_per_commit = qsd_flushes_per_commit(work, min(sizes.commands, 100))
     return run
 
@@ -592,6 +596,50 @@ def bench_serve(work: Path, commands: int) -> tuple[Memory, Memory]:
     return daemon, swtpm
 
 
+def merge(rounds: list[Run]) -> Run:
+    """One stack's rounds as one: command latencies pooled, NV time summed (commands/s over
+    all rounds), trace times the median round's, counters averaged, memory of the last round
+    with the highest peak."""
+    first, last = rounds[0], rounds[-1]
+    nv = Result(
+        first.nv.stack,
+        [t for r in rounds for t in r.nv.latencies],
+        sum(r.nv.elapsed for r in rounds),
+    )
+    for name in (
+        "requests_per_commit",
+        "handler_ms_per_commit",
+        "flush_ms_per_commit",
+        "flushes_per_commit",
+    ):
+        values = [getattr(r.nv, name) for r in rounds if getattr(r.nv, name) is not None]
+        setattr(nv, name, statistics.mean(values) if values else None)
+    boot = BootResult(
+        first.boot.stack,
+        [c for r in rounds for c in r.boot.commands],
+        statistics.median(r.boot.elapsed for r in rounds),
+        statistics.median(r.boot.start for r in rounds),
+    )
+    snapshots = SnapshotResult(
+        first.snapshots.stack,
+        [t for r in rounds for t in r.snapshots.commands],
+        [t for r in rounds for t in r.snapshots.creates],
+        [t for r in rounds for t in r.snapshots.applies],
+        statistics.median(r.snapshots.elapsed for r in rounds),
+        first.snapshots.note,
+    )
+    daemon = last.daemon
+    if daemon is not None:
+        daemon.hwm_kib = max((r.daemon.hwm_kib or 0) for r in rounds if r.daemon) or None
+    swtpm = Memory(
+        "swtpm",
+        max((r.swtpm.rss_kib or 0) for r in rounds) or None,
+        max((r.swtpm.hwm_kib or 0) for r in rounds) or None,
+        max((r.swtpm.private_kib or 0) for r in rounds) or None,
+    )
+    return Run(nv, boot, snapshots, daemon, swtpm)
+
+
 def fdatasync_latency(directory: Path, rounds: int = 200) -> float:
     """Median seconds of a 4 KiB pwrite + fdatasync on ``directory``'s file system."""
     path = directory / "fsync-probe"
@@ -622,7 +670,7 @@ def mib(kib: int | None) -> str:
 def nv_report(runs: list[Run], fsync_s: float, commands: int) -> list[str]:
     base = next((r.nv for r in runs if r.nv.stack == "qsd-fuse"), None)
     lines = [
-        f"swtpm state writes: {commands} TPM2_NV_Write commands per stack, "
+        f"swtpm state writes: {commands} TPM2_NV_Write commands per stack and round, "
         f"one state store each; fdatasync median {fsync_s * 1e6:.0f} µs",
         "",
         "| stack | cmd/s | vs qsd | p50 ms | p95 ms | p99 ms | daemon RSS MiB | "
@@ -649,7 +697,7 @@ def nv_report(runs: list[Run], fsync_s: float, commands: int) -> list[str]:
     return lines
 
 
-def boot_report(runs: list[Run], extends: int) -> list[str]:
+def boot_report(runs: list[Run], extends: int, rounds: int) -> list[str]:
     base = next((r.boot for r in runs if r.boot.stack == "qsd-fuse"), None)
     sample = runs[0].boot if runs else None
     count = len(sample.commands) if sample else 0
@@ -657,7 +705,8 @@ def boot_report(runs: list[Run], extends: int) -> list[str]:
     lines = [
         f"measured-boot trace: Startup, {extends} PCR_Extend, a PCR_Read after every third, "
         f"4 NV_Write, 2 HierarchyChangeAuth, a read of all PCRs, Shutdown(STATE): "
-        f"{count} commands, {changing} of them state-changing; a fresh swtpm per stack",
+        f"{count // max(1, rounds)} commands, {changing // max(1, rounds)} of them "
+        "state-changing; a fresh swtpm per stack; trace times: the median round",
         "",
         "| stack | trace ms | vs qsd | with swtpm start ms | p50 ms | p99 ms | "
         "state-changing p50 ms | state-changing p99 ms | max ms |",
@@ -682,7 +731,7 @@ def snapshot_report(runs: list[Run], commands: int) -> list[str]:
     lines = [
         f"snapshot-heavy trace: {commands} TPM2_NV_Write, a snapshot created every "
         f"{SNAPSHOT_EVERY} commands and the previous one applied every {2 * SNAPSHOT_EVERY}, "
-        "while swtpm runs",
+        "while swtpm runs; wall time: the median round",
         "",
         "| stack | wall ms | vs qsd | cmd p50 ms | cmd p99 ms | creates | create p50 ms | "
         "create p99 ms | applies | apply p50 ms | apply p99 ms | note |",
@@ -753,12 +802,17 @@ def main() -> int:
     parser.add_argument(
         "--no-serve", action="store_true", help="skip the memory of 'vtpm-qcow serve'"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds, each running every stack in turn"
+    )
     parser.add_argument("--workdir", help="where images and mounts go (default: a temp dir)")
     args = parser.parse_args()
     for tool in ("swtpm", "qemu-storage-daemon", "vtpm-qcow", "fusermount3"):
         if shutil.which(tool) is None:
             print(f"bench_swtpm_stacks: {tool} not found", file=sys.stderr)
             return 1
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     if args.boot_extends < 4:
         parser.error("--boot-extends: at least 4 (the trace's NV writes and password changes)")
     stacks = args.stacks.split(",")
@@ -771,16 +825,22 @@ def main() -> int:
     # sockets and pid files: a short path of their own (a unix socket path has 107 bytes)
     run_dir = tempfile.mkdtemp(prefix="vq-bench-run-")
     os.environ[RUNTIME_DIR_ENV] = run_dir
-    runs = []
+    rounds: dict[str, list[Run]] = {name: [] for name in stacks}
     serve = None
     try:
-        for name in stacks:
-            if name == "plain-dir":
-                runs.append(bench_plain(work, sizes))
-            elif name == "qsd-fuse":
-                runs.append(bench_qsd(work, sizes))
-            else:
-                runs.append(bench_ours(work, name.split("-")[0], sizes))
+        # round-robin: a burst of load on the shared machine hits every stack alike
+        for k in range(args.rounds):
+            here = work / f"round{k}"
+            here.mkdir()
+            for name in stacks:
+                if name == "plain-dir":
+                    run = bench_plain(here, sizes)
+                elif name == "qsd-fuse":
+                    run = bench_qsd(here, sizes, trace_flushes=k == 0)
+                else:
+                    run = bench_ours(here, name.split("-")[0], sizes)
+                rounds[name].append(run)
+        runs = [merge(rounds[name]) for name in stacks]
         if not args.no_serve:
             serve = bench_serve(work, min(args.commands, 200))
         fsync_s = fdatasync_latency(work)
@@ -788,8 +848,9 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
     sections = [
+        [f"{args.rounds} rounds, the stacks taking turns in each (figures pooled over rounds)"],
         nv_report(runs, fsync_s, args.commands),
-        boot_report(runs, args.boot_extends),
+        boot_report(runs, args.boot_extends, args.rounds),
         snapshot_report(runs, args.snapshot_commands),
         memory_report(runs, serve),
     ]
