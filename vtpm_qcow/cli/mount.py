@@ -141,8 +141,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mountpoint = os.fspath(runtime_dir() / f"mnt-{os.getpid()}")
         os.makedirs(mountpoint, mode=0o700, exist_ok=True)
         made = True
+    if args.incoming and not args.qmp:
+        from ..errors import StoreError
+
+        raise StoreError(
+            "--incoming needs --qmp: the destination QEMU's monitor says when to take over",
+            path=args.image,
+        )
+    key = secret_key(args)
     config = MountConfig(
-        args.image, mountpoint, args.view, args.control, args.pid_file, key=secret_key(args)
+        args.image,
+        mountpoint,
+        args.view,
+        args.control,
+        args.pid_file,
+        key=key,
+        incoming=args.incoming,
     )
     swtpm = SwtpmConfig(
         ctrl=os.path.abspath(args.ctrl),
@@ -156,9 +170,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_key=swtpm_state_key(args),
     )
     if args.qmp:
+        from ..export.handoff import Handoff
         from ..vm.follow import follow_qmp
+        from ..vm.migrate import receive
 
-        swtpm.follower = functools.partial(follow_qmp, os.path.abspath(args.qmp))
+        qmp = os.path.abspath(args.qmp)
+        handoff = Handoff(os.path.abspath(args.image), key, held=not args.incoming)
+        swtpm.follower = functools.partial(follow_qmp, qmp, handoff=handoff)
+        if args.incoming:
+            swtpm.incoming = functools.partial(receive, qmp, handoff)
 
     def remove_mountpoint() -> None:
         if made:
@@ -222,6 +242,14 @@ def add_mount_commands(subparsers: Any) -> None:
         metavar="SOCKET",
         help="follow QEMU's savevm/loadvm/delvm on this QMP socket (give QEMU a -qmp of its "
         "own for it) and keep the image's snapshots aligned",
+    )
+    serve.add_argument(
+        "--incoming",
+        action="store_true",
+        help="the destination of a live migration (QEMU -incoming): serve a private copy "
+        "of IMAGE, unlocked, until the --qmp QEMU's incoming migration completed and the "
+        "source's daemon let go of IMAGE; then write the migrated state into it "
+        "(docs/MIGRATION.md)",
     )
     serve.add_argument("--tpm12", action="store_true", help="run a TPM 1.2 (default TPM 2.0)")
     add_swtpm_key_option(serve)

@@ -94,6 +94,9 @@ class MountConfig:
     #: the passphrase of an encrypted image, read by the command before the daemon
     #: detaches (a fork keeps it: never on a command line or in the environment)
     key: bytes | None = field(default=None, repr=False)
+    #: ``serve --incoming``: start on a private copy of the image, unlocked (the migration
+    #: source's daemon holds it); :mod:`vtpm_qcow.export.handoff`
+    incoming: bool = False
 
     @property
     def control_path(self) -> Path:
@@ -122,6 +125,10 @@ class SwtpmConfig:
     #: run beside each swtpm, given the file system; cancelled when that swtpm ends
     #: (``serve --qmp``: :func:`vtpm_qcow.vm.follow.follow_qmp`)
     follower: Callable[[StoreFS], Awaitable[None]] | None = None
+    #: ``serve --incoming``: run beside the first swtpm, before the follower; returns once
+    #: the image is taken over (:meth:`vtpm_qcow.export.handoff.Handoff.acquire`).  If that
+    #: swtpm ends first, the migration failed: the daemon stops, the image untouched.
+    incoming: Callable[[StoreFS], Awaitable[None]] | None = None
     #: the swtpm running now (filled in while serving)
     current: Swtpm | None = None
     #: the passphrase of swtpm's own state encryption (``--key``/``--migration-key``
@@ -225,7 +232,12 @@ def run_mount(
         raise StoreError(f"unknown view {config.view!r} (file or dir)", path=config.image)
     mountpoint = os.path.abspath(config.mountpoint)
     _check_mountpoint(mountpoint)
-    store = _open_store(config.image, config.key)
+    if config.incoming:
+        from .handoff import open_incoming
+
+        store = open_incoming(config.image, config.key)
+    else:
+        store = _open_store(config.image, config.key)
     try:
         if swtpm is not None:
             own_key = any(o.startswith("--key") for o in swtpm.options)
@@ -438,14 +450,24 @@ async def _serve_swtpm(
             task_status.started()
             started = True
         async with trio.open_nursery() as run:
-            if config.follower is not None:
-                run.start_soon(config.follower, fs)
+            run.start_soon(_follow, config, fs)
             await _wait_swtpm(instance)
             run.cancel_scope.cancel()
         log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
-        if not config.keep_serving:
+        if config.incoming is not None:
+            log.warning("swtpm ended before the incoming migration completed; image untouched")
+        if not config.keep_serving or config.incoming is not None:
             pyfuse3.terminate()
             return
+
+
+async def _follow(config: SwtpmConfig, fs: StoreFS) -> None:
+    """Beside one swtpm run: the incoming migration's hand-over (once), then the follower."""
+    if config.incoming is not None:
+        await config.incoming(fs)
+        config.incoming = None
+    if config.follower is not None:
+        await config.follower(fs)
 
 
 async def _wait_swtpm(instance: Swtpm) -> None:

@@ -243,6 +243,19 @@ class Store:
                 self._closed = True
                 self._image.close()
 
+    def exchange_image(self, other: Store) -> None:
+        """Swap the images behind this store and ``other`` (paths stay): a live migration's
+        hand-over (:mod:`vtpm_qcow.export.handoff`) moves a mounted store between its image
+        and a private copy holding the same linear file, without the file system noticing.
+        Both generations move on (cached section bytes are read again)."""
+        with self._lock, other._lock:
+            self._check_open()
+            other._check_open()
+            self._image, other._image = other._image, self._image
+            self.writable, other.writable = other.writable, self.writable
+            self._changed()
+            other._changed()
+
     def __enter__(self) -> Store:
         return self
 

@@ -40,6 +40,7 @@ from .watch import WatcherThread
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..export.fuse import StoreFS
+    from ..export.handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,18 @@ class MountedVtpm(StoreVtpm):
         """Nothing to release: the daemon owns the store."""
 
 
-async def follow_qmp(qmp: str, fs: StoreFS) -> None:
+async def follow_qmp(qmp: str, fs: StoreFS, *, handoff: Handoff | None = None) -> None:
     """Keep ``fs``'s snapshots aligned with those of the QEMU at ``qmp`` while swtpm runs.
 
     QEMU starts after serve (it needs swtpm's socket): wait for its QMP socket, then watch.
     A failed watcher is logged and started again; one that saw QEMU shut down ends this.
+    With ``handoff``, a completed outgoing live migration releases the image
+    (:func:`vtpm_qcow.vm.migrate.source_hook`).
     """
+    from .migrate import source_hook
+
     bridge = TrioBridge(trio.lowlevel.current_trio_token(), fs.store.path)
+    hook = None if handoff is None else source_hook(handoff, bridge, fs)
     while True:
         while not os.path.exists(qmp):
             await trio.sleep(QMP_SOCKET_POLL)
@@ -116,6 +122,7 @@ async def follow_qmp(qmp: str, fs: StoreFS) -> None:
             report=lambda line: log.info("qmp watcher: %s", line),
             on_ready=lambda: log.info("qmp watcher following %s", qmp),
             on_exit=functools.partial(bridge.soon, ended.set),
+            on_event=hook,
         )
         watcher.start(timeout=None)
         try:

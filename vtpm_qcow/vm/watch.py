@@ -103,7 +103,13 @@ class _NotFiled(Exception):
     """The TPM state a disk snapshot saved is not known for sure (the message says why)."""
 
 
-WATCHED_EVENTS = ("STOP", "RESUME", "JOB_STATUS_CHANGE", "SHUTDOWN")
+WATCHED_EVENTS = ("STOP", "RESUME", "JOB_STATUS_CHANGE", "SHUTDOWN", "MIGRATION")
+#: Told of every event (name, data, the VM) before the watcher reacts to it, and of each
+#: poll (:data:`POLL`): ``serve --qmp``'s live migration hand-over (:mod:`vtpm_qcow.vm
+#: .migrate`).
+EventHook = Callable[[str, dict[str, object], WatchedVm], Awaitable[None]]
+#: The event hook's name for a poll (no QMP event is lower case).
+POLL = "poll"
 #: What a vTPM-side action may fail with: reported, the watcher goes on.
 VTPM_FAILURES: tuple[type[Exception], ...] = (*HANDLED, OSError)
 
@@ -121,8 +127,10 @@ class Watcher:
         grace: float = DEFAULT_GRACE,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         on_ready: Callable[[], None] | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         self.monitor = monitor
+        self.event_hook = on_event
         #: Called once, after the first reconcile: from then on every change is followed.
         self.on_ready = on_ready
         self.vtpm = vtpm
@@ -194,12 +202,16 @@ class Watcher:
                             "connection lost", path=self.monitor.address
                         ) from None
                     await self.reconcile()
+                    if self.event_hook is not None:
+                        await self.event_hook(POLL, {}, self.monitor)
                     continue
                 data = event.get("data")
                 await self.on_event(str(event["event"]), data if isinstance(data, dict) else {})
 
     async def on_event(self, name: str, data: dict[str, object]) -> None:
         """React to one QMP event."""
+        if self.event_hook is not None:
+            await self.event_hook(name, data, self.monitor)
         if name == "STOP":
             self.saved_in_pause = False
             self.pause_layout = await self._vtpm(self.vtpm.layout(), "read the state")
@@ -372,7 +384,9 @@ class WatcherThread:
         grace: float = DEFAULT_GRACE,
         on_ready: Callable[[], None] = lambda: None,
         on_exit: Callable[[], None] = lambda: None,
+        on_event: EventHook | None = None,
     ) -> None:
+        self.on_event = on_event
         self.open_vm: Callable[[], WatchedVm] = (
             functools.partial(Monitor, vm) if isinstance(vm, str) else vm
         )
@@ -425,7 +439,7 @@ class WatcherThread:
         try:
             self.watcher = Watcher(
                 monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
-                grace=self.grace, on_ready=self._became_ready,
+                grace=self.grace, on_ready=self._became_ready, on_event=self.on_event,
             )  # fmt: skip
             await self.watcher.run()
         finally:
