@@ -49,11 +49,12 @@ if TYPE_CHECKING:
     from .io.fileio import HostFile
 
 _START = layout.RECORD_FIELDS_START
-_END = layout.RECORD_FIELDS_END
 _SLOT = layout.COMMIT_RECORD_SLOT_SIZE
 _HEAD = layout.COMMIT_RECORD_HEAD
 _EXTENT = layout.COMMIT_RECORD_EXTENT
 _DIGEST = layout.COMMIT_RECORD_DIGEST_SIZE
+_FIELDS = layout.RECORD_FIELDS_STRUCT
+_FIELD_NAMES = layout.RECORD_FIELD_NAMES
 #: A record whose extents add up to more than this is not believed (hostile images): a
 #: commit of the vTPM store writes a few clusters, a resize of a big disk a few MiB.
 _MAX_VERIFIED_BYTES = 256 << 20
@@ -82,19 +83,14 @@ class Record:
         self.digest = digest
 
 
-def header_fields(header: Header) -> bytes:
-    """Header bytes 24-71 of ``header`` (what a record's ``base`` and ``new`` hold)."""
-    _, data = layout.pack_fields(
-        size=header.size,
-        crypt_method=header.crypt_method,
-        l1_size=header.l1_size,
-        l1_table_offset=header.l1_table_offset,
-        refcount_table_offset=header.refcount_table_offset,
-        refcount_table_clusters=header.refcount_table_clusters,
-        nb_snapshots=header.nb_snapshots,
-        snapshots_offset=header.snapshots_offset,
-    )
-    return data
+def header_fields(header: Header, changes: dict[str, int] | None = None) -> bytes:
+    """Header bytes 24-71 of ``header`` with ``changes`` applied (what a record's
+    ``base`` and ``new`` hold)."""
+    if changes:
+        values = [changes.get(name, getattr(header, name)) for name in _FIELD_NAMES]
+    else:
+        values = [getattr(header, name) for name in _FIELD_NAMES]
+    return _FIELDS.pack(*values)
 
 
 def pack_record(
@@ -277,7 +273,7 @@ class CommitLog:
         """Write the newest header if it is not in the file yet (the flush that follows
         makes it durable)."""
         if self.written != self.generation:
-            write_header_fields(self.image.file, **_fields_of(self.image.header))
+            self.image.file.pwrite(_START, header_fields(self.image.header))
             self.written = self.generation
 
     def after_flush(self) -> None:
@@ -325,7 +321,7 @@ class CommitLog:
             self._freed[self.generation] = freed
         try:
             fault_point(f"{op}.header_write")
-            write_header_fields(self.image.file, **_fields_of(self.image.header))
+            self.image.file.pwrite(_START, header_fields(self.image.header))
             self.written = self.generation
         except (OSError, Qcow2Error):
             pass
@@ -336,19 +332,6 @@ class CommitLog:
         self.generation += 1
         self.written = self.durable = self.generation
         self._freed.clear()
-
-
-def _fields_of(header: Header) -> dict[str, int]:
-    return {
-        "size": header.size,
-        "crypt_method": header.crypt_method,
-        "l1_size": header.l1_size,
-        "l1_table_offset": header.l1_table_offset,
-        "refcount_table_offset": header.refcount_table_offset,
-        "refcount_table_clusters": header.refcount_table_clusters,
-        "nb_snapshots": header.nb_snapshots,
-        "snapshots_offset": header.snapshots_offset,
-    }
 
 
 def enable(image: Image) -> CommitLog | None:

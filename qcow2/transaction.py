@@ -518,10 +518,7 @@ class MetadataTransaction:
         if log is not None:
             from .commit_records import header_fields
 
-            target = header.copy()
-            for name, value in fields.items():
-                setattr(target, name, value)
-            if log.write(self.op, runs, header_fields(target)):
+            if log.write(self.op, runs, header_fields(header, fields)):
                 self._adopt(fields, new_l1, snapshots, table)
                 log.committed(self._freed_clusters(), self.op)
                 return

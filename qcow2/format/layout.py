@@ -330,6 +330,18 @@ LUKS_MIN_MASTER_KEY_ITERS: Final = 1000
 #: Header bytes a commit record switches: ``size`` .. ``snapshots_offset`` (24-71).
 RECORD_FIELDS_START: Final = 24
 RECORD_FIELDS_END: Final = 72
+#: Those fields, in order, and their encoding.
+RECORD_FIELD_NAMES: Final = (
+    "size",
+    "crypt_method",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+)
+RECORD_FIELDS_STRUCT: Final = struct.Struct(">QIIQQIIQ")
 #: The extension holds two record slots of this size, used alternately.
 COMMIT_RECORD_SLOTS: Final = 2
 COMMIT_RECORD_SLOT_SIZE: Final = 1024
@@ -344,6 +356,7 @@ COMMIT_RECORD_MAX_EXTENTS: Final = (
     COMMIT_RECORD_SLOT_SIZE - COMMIT_RECORD_HEAD.size - COMMIT_RECORD_DIGEST_SIZE
 ) // COMMIT_RECORD_EXTENT.size
 assert field_offset("size") == RECORD_FIELDS_START
+assert RECORD_FIELDS_STRUCT.size == RECORD_FIELDS_END - RECORD_FIELDS_START
 assert field_offset("snapshots_offset") + 8 == RECORD_FIELDS_END
 
 
