@@ -33,6 +33,7 @@ from ..state.store import (
 )
 from .adopt import add_adopt_commands
 from .libvirt import add_libvirt_commands
+from .migrate import add_migrate_commands
 from .mount import add_mount_commands
 from .output import print_json
 from .secrets import (
@@ -799,6 +800,7 @@ def _add_hooks(subparsers: Any) -> None:
     add_vm_commands(subparsers)
     add_libvirt_commands(subparsers)
     add_adopt_commands(subparsers)
+    add_migrate_commands(subparsers)
 
 
 def _finish_help(subparsers: Any, prefix: str = "") -> None:

@@ -37,7 +37,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import RequestError, StoreError
 from ..state.capture import StateCapture, from_wire
 
 #: ``struct ucred`` (pid, uid, gid) of ``SO_PEERCRED``.
@@ -236,6 +236,13 @@ class ControlClient:
         if tag is not None:
             args["tag"] = tag
         return from_wire(self.request("capture", **args))
+
+    def image_file(self) -> bytes:
+        """The served image file, byte for byte, read between two of the daemon's commits."""
+        data = self.request("image-file").get("image")
+        if not isinstance(data, str):
+            raise RequestError("the daemon's answer has no image")
+        return base64.b64decode(data)
 
     def close(self) -> None:
         """Close the connection (the next request reconnects)."""
