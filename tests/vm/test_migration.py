@@ -1,0 +1,277 @@
+"""Live migration between two QEMUs on this machine, each with its own vtpm-qcow daemon.
+
+The source serves the image with ``serve --qmp`` (the watcher releases the image when its
+QEMU completed an outgoing migration), the destination with ``serve --incoming --qmp``
+beside a QEMU started with ``-incoming unix:...``; the migration itself is QMP's
+``migrate`` (libvirt cannot migrate a domain to the host it runs on).  The image is shared
+by path (the same file) or not (``vtpm-qcow migrate-prepare`` copies it first).  TPM state
+is written and read through QEMU's TIS (qtest), as a guest would; the image is read with
+``qemu-img`` and, after the VMs are gone, by a fresh serve + QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vm.qemu_fixtures import (
+    QemuProcess,
+    ServedStore,
+    hmp_over_qmp,
+    qemu_vm,
+    qmp_query,
+    quit_qemu,
+    served_store,
+    swtpm_process,
+)
+from tests.vm.scenario import (
+    PCR,
+    assert_permanent_state_a,
+    assert_permanent_state_b,
+    permall,
+    snapshot_tags,
+    stack,
+    state_a,
+    state_b,
+    wait_until,
+)
+from tests.vtpm.mount_fixtures import vtpm_qcow
+from vtpm_qcow.tpm.client import Tpm
+from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
+from vtpm_qcow.vm import DEFAULT_POLL_INTERVAL
+
+TOOK_OVER = "migration: took over"
+RELEASED = "migration: released"
+
+
+@dataclass
+class Side:
+    """One host's half: the vtpm-qcow daemon, its QEMU and a TPM client through the TIS."""
+
+    workdir: Path
+    image: Path
+    served: ServedStore
+    qemu: QemuProcess
+    tis: QtestTisTransport
+    tpm: Tpm
+
+    def log(self) -> str:
+        return self.served.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def side(workdir: Path, image: Path, disk: Path, *, incoming: str | None = None) -> Iterator[Side]:
+    """``serve IMAGE --qmp`` (``--incoming`` with ``incoming``: QEMU's ``-incoming`` URI)
+    and a QEMU on it; all stopped on exit."""
+    workdir.mkdir(exist_ok=True)
+    options = ["--qmp", str(workdir / "qmp2.sock")]
+    extra = []
+    if incoming is not None:
+        # its own control socket and pid file: on one machine, the default ones (by the
+        # image's path) are the source daemon's
+        options += ["--incoming", "--control", str(workdir / "ctl.sock")]
+        options += ["--pid-file", str(workdir / "serve.pid")]
+        extra = ["-incoming", incoming]
+    with (
+        served_store(image, workdir, extra=options) as served,
+        qemu_vm(workdir, str(served.swtpm_ctrl), [disk], extra=extra) as qemu,
+        QtestTisTransport(str(qemu.qtest)) as tis,
+    ):
+        yield Side(workdir, image, served, qemu, tis, Tpm(tis))
+
+
+def qmp(qemu: QemuProcess, command: str, **arguments: Any) -> Any:
+    """One QMP command with arguments; its reply (``return`` or ``error``)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    monitor = QEMUMonitorProtocol(str(qemu.qmp))
+    monitor.connect()
+    try:
+        return monitor.cmd_obj({"execute": command, "arguments": arguments})
+    finally:
+        monitor.close()
+
+
+def migration_status(qemu: QemuProcess) -> str:
+    return str(qmp_query(qemu.qmp, "query-migrate").get("status", "none"))
+
+
+def start_migration(src: Side, uri: str, *, bandwidth: int | None = None) -> None:
+    if bandwidth is not None:  # bytes/s: slow enough to act in the middle
+        reply = qmp(src.qemu, "migrate-set-parameters", **{"max-bandwidth": bandwidth})
+        assert "return" in reply, reply
+    reply = qmp(src.qemu, "migrate", uri=uri)
+    assert "return" in reply, reply
+
+
+def wait_status(qemu: QemuProcess, *wanted: str, timeout: float = 60) -> str:
+    found = ""
+
+    def reached() -> bool:
+        nonlocal found
+        found = migration_status(qemu)
+        return found in wanted
+
+    wait_until(reached, f"migration status {wanted}", timeout)
+    return found
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def migrate_and_check(
+    tmp_path: Path, image: Path, disk: Path, *, shared: bool, quit_source: bool = True
+) -> None:
+    """Snapshot T0, TPM state A on the source, migrate (to a copy of the image made by
+    migrate-prepare before A when not ``shared``): the destination sees A, takes the image
+    over, follows a new snapshot and moves on to state B, which a cold boot sees."""
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    dst_image = image if shared else tmp_path / "dst-vtpm.qcow2"
+    with side(tmp_path / "src", image, disk) as src:
+        hmp_over_qmp(src.qemu.qmp, "savevm T0")  # the source's watcher files T0
+        wait_until(lambda: snapshot_tags(image) == ["T0"], "T0 in the vTPM image")
+        if not shared:  # copied while served: through the daemon, before state A
+            done = vtpm_qcow("migrate-prepare", str(image), str(dst_image))
+            assert "1 snapshots: T0" in done.stderr
+            assert snapshot_tags(dst_image) == ["T0"]
+        pcr_a = state_a(src.tpm)
+        saved = permall(image)
+        if not shared:
+            assert permall(dst_image) != saved  # A reaches it through the migration only
+        with side(tmp_path / "dst", dst_image, disk, incoming=uri) as dst:
+            start_migration(src, uri)
+            assert wait_status(src.qemu, "completed", "failed") == "completed"
+            assert wait_status(dst.qemu, "completed", "failed") == "completed"
+            # the source's daemon released the image on its QEMU's word (the QEMU still
+            # runs, in postmigrate); the destination's took it over
+            wait_until(lambda: TOOK_OVER in dst.log(), "the destination taking over")
+            assert qmp_query(src.qemu.qmp, "query-status")["status"] == "postmigrate"
+            wait_until(lambda: RELEASED in src.log(), "the source releasing the image")
+            if quit_source:
+                quit_qemu(src.qemu)
+            else:  # killed: nothing it does any more matters
+                src.qemu.proc.send_signal(signal.SIGKILL)
+                src.qemu.proc.wait()
+            src.served.proc.wait(30)
+            assert permall(dst_image) == saved
+            qmp(dst.qemu, "cont")
+            assert dst.tpm.pcr_read([PCR])[PCR] == pcr_a  # volatile state: from the stream
+            assert_permanent_state_a(dst.tpm)
+            hmp_over_qmp(dst.qemu.qmp, "savevm T1")  # the destination's watcher files T1
+            wait_until(lambda: snapshot_tags(dst_image) == ["T0", "T1"], "T1 in the image")
+            assert permall(dst_image, "T1") == saved
+            state_b(dst.tpm)  # the destination writes the image now
+            assert_permanent_state_b(dst.tpm)
+            changed = permall(dst_image)
+            assert changed is not None and changed != saved
+            quit_qemu(dst.qemu)
+            dst.served.proc.wait(30)
+    assert permall(dst_image) == changed
+    if not shared:
+        assert permall(image) == saved  # the source's image: as the source left it
+    # a real swtpm loads it: the guest sees state B after a cold boot
+    with stack(tmp_path / "again", dst_image, disk) as again:
+        again.tpm.startup()
+        assert_permanent_state_b(again.tpm)
+
+
+def test_shared_image_migrates_and_the_destination_takes_it_over(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, disk = images
+    migrate_and_check(tmp_path, image, disk, shared=True)
+
+
+def test_source_killed_after_completion(images: tuple[Path, Path], tmp_path: Path) -> None:
+    image, disk = images
+    migrate_and_check(tmp_path, image, disk, shared=True, quit_source=False)
+
+
+def test_unshared_image_prepared_with_its_snapshots(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, disk = images
+    migrate_and_check(tmp_path, image, disk, shared=False)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+@pytest.mark.parametrize("how", ["cancel", "kill-destination"])
+def test_failed_migration_leaves_the_source_serving_and_the_images_untouched(
+    images: tuple[Path, Path], tmp_path: Path, how: str, shared: bool
+) -> None:
+    image, disk = images
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    dst_image = image if shared else tmp_path / "dst-vtpm.qcow2"
+    with side(tmp_path / "src", image, disk) as src:
+        state_a(src.tpm)
+        if not shared:
+            vtpm_qcow("migrate-prepare", str(image), str(dst_image))
+        before, dst_before = file_digest(image), file_digest(dst_image)
+        with side(tmp_path / "dst", dst_image, disk, incoming=uri) as dst:
+            start_migration(src, uri, bandwidth=1000)
+            wait_status(src.qemu, "active")
+            wait_status(dst.qemu, "active")
+            # the source's watcher polls QEMU's run state meanwhile: an active migration
+            # is no completed one (the image stays the source's)
+            time.sleep(2 * DEFAULT_POLL_INTERVAL)
+            if how == "cancel":
+                assert "return" in qmp(src.qemu, "migrate_cancel")
+                assert wait_status(src.qemu, "cancelled", "completed") == "cancelled"
+            else:
+                dst.qemu.proc.send_signal(signal.SIGKILL)
+                assert wait_status(src.qemu, "failed", "completed") == "failed"
+            # the destination's QEMU is gone, its swtpm with it: its daemon stops
+            dst.qemu.proc.wait(30)
+            dst.served.proc.wait(30)
+            assert "image untouched" in dst.log() and TOOK_OVER not in dst.log()
+        time.sleep(2 * DEFAULT_POLL_INTERVAL)  # and so is a failed one
+        assert file_digest(image) == before and file_digest(dst_image) == dst_before
+        assert RELEASED not in src.log()
+        assert_permanent_state_a(src.tpm)
+        state_b(src.tpm)  # the source still writes its image
+        assert_permanent_state_b(src.tpm)
+    with stack(tmp_path / "again", image, disk) as again:
+        again.tpm.startup()
+        assert_permanent_state_b(again.tpm)
+
+
+def test_source_resumed_after_completion_takes_its_image_back(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The management rolls back after QEMU completed (the destination never started, here
+    a plain swtpm's QEMU that never runs): ``cont`` on the source takes the image back,
+    and what its TPM does from then on lands in it."""
+    image, disk = images
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    with side(tmp_path / "src", image, disk) as src:
+        state_a(src.tpm)
+        state_dir = tmp_path / "plain-state"
+        state_dir.mkdir()
+        (tmp_path / "dst").mkdir()
+        with (
+            swtpm_process(f"dir={state_dir}", tmp_path / "dst", data_channel=False) as plain,
+            qemu_vm(tmp_path / "dst", str(plain.ctrl), [disk], extra=["-incoming", uri]) as dst,
+        ):
+            start_migration(src, uri)
+            assert wait_status(src.qemu, "completed", "failed") == "completed"
+            wait_until(lambda: RELEASED in src.log(), "the source releasing the image")
+            quit_qemu(dst)
+        reply = qmp(src.qemu, "cont")
+        assert "return" in reply, reply
+        wait_until(lambda: "migration: took over" in src.log(), "the source taking it back")
+        state_b(src.tpm)
+        assert_permanent_state_b(src.tpm)
+        changed = permall(image)
+    assert changed == permall(image)  # the source's last word
+    with stack(tmp_path / "again", image, disk) as again:
+        again.tpm.startup()
+        assert_permanent_state_b(again.tpm)
