@@ -12,6 +12,7 @@ is written and read through QEMU's TIS (qtest), as a guest would; the image is r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import signal
 import time
@@ -22,13 +23,16 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import held_by_qemu_io, need
 from tests.vm.qemu_fixtures import (
     QemuProcess,
     ServedStore,
+    create_disk,
     hmp_over_qmp,
     qemu_vm,
     qmp_query,
     quit_qemu,
+    run_tool,
     served_store,
     swtpm_process,
 )
@@ -43,7 +47,10 @@ from tests.vm.scenario import (
     state_b,
     wait_until,
 )
-from tests.vtpm.mount_fixtures import vtpm_qcow
+from tests.vtpm.mount_fixtures import one_line_failure, vtpm_qcow
+from tests.vtpm.test_encrypted import ITER
+from tests.vtpm.test_secret import private_file
+from vtpm_qcow.state import linear
 from vtpm_qcow.tpm.client import Tpm
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
 from vtpm_qcow.vm import DEFAULT_POLL_INTERVAL
@@ -68,20 +75,28 @@ class Side:
 
 
 @contextlib.contextmanager
-def side(workdir: Path, image: Path, disk: Path, *, incoming: str | None = None) -> Iterator[Side]:
+def side(
+    workdir: Path,
+    image: Path,
+    disk: Path,
+    *,
+    incoming: str | None = None,
+    view: str = "file",
+    options: tuple[str, ...] = (),
+) -> Iterator[Side]:
     """``serve IMAGE --qmp`` (``--incoming`` with ``incoming``: QEMU's ``-incoming`` URI)
     and a QEMU on it; all stopped on exit."""
     workdir.mkdir(exist_ok=True)
-    options = ["--qmp", str(workdir / "qmp2.sock")]
+    options = (*options, "--qmp", str(workdir / "qmp2.sock"))
     extra = []
     if incoming is not None:
         # its own control socket and pid file: on one machine, the default ones (by the
         # image's path) are the source daemon's
-        options += ["--incoming", "--control", str(workdir / "ctl.sock")]
-        options += ["--pid-file", str(workdir / "serve.pid")]
+        options += ("--incoming", "--control", str(workdir / "ctl.sock"))
+        options += ("--pid-file", str(workdir / "serve.pid"))
         extra = ["-incoming", incoming]
     with (
-        served_store(image, workdir, extra=options) as served,
+        served_store(image, workdir, view=view, extra=list(options)) as served,
         qemu_vm(workdir, str(served.swtpm_ctrl), [disk], extra=extra) as qemu,
         QtestTisTransport(str(qemu.qtest)) as tis,
     ):
@@ -128,15 +143,40 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def permall_with(image: Path, tag: str | None = None, *, secret: str | None) -> bytes | None:
+    """:func:`permall` (qemu-img's reading) of an image that may be encrypted."""
+    if secret is None:
+        return permall(image, tag)
+    raw = image.with_name(f"{image.name}.{tag or 'active'}.raw")
+    args = ["convert", "-U", "--object", f"secret,id=s0,file={secret}", "-O", "raw"]
+    if tag:
+        args += ["-l", f"snapshot.name={tag}"]
+    opts = f"driver=qcow2,file.filename={image},encrypt.key-secret=s0"
+    run_tool(need("qemu-img"), *args, "--image-opts", opts, str(raw))
+    try:
+        return linear.read_section(raw.read_bytes(), "permall", source=str(raw))
+    finally:
+        raw.unlink()
+
+
 def migrate_and_check(
-    tmp_path: Path, image: Path, disk: Path, *, shared: bool, quit_source: bool = True
+    tmp_path: Path,
+    image: Path,
+    disk: Path,
+    *,
+    shared: bool,
+    quit_source: bool = True,
+    view: str = "file",
+    options: tuple[str, ...] = (),
 ) -> None:
     """Snapshot T0, TPM state A on the source, migrate (to a copy of the image made by
     migrate-prepare before A when not ``shared``): the destination sees A, takes the image
     over, follows a new snapshot and moves on to state B, which a cold boot sees."""
     uri = f"unix:{tmp_path / 'migrate.sock'}"
+    secret = options[options.index("--secret-file") + 1] if "--secret-file" in options else None
+    read_permall = functools.partial(permall_with, secret=secret)
     dst_image = image if shared else tmp_path / "dst-vtpm.qcow2"
-    with side(tmp_path / "src", image, disk) as src:
+    with side(tmp_path / "src", image, disk, view=view, options=options) as src:
         hmp_over_qmp(src.qemu.qmp, "savevm T0")  # the source's watcher files T0
         wait_until(lambda: snapshot_tags(image) == ["T0"], "T0 in the vTPM image")
         if not shared:  # copied while served: through the daemon, before state A
@@ -144,10 +184,12 @@ def migrate_and_check(
             assert "1 snapshots: T0" in done.stderr
             assert snapshot_tags(dst_image) == ["T0"]
         pcr_a = state_a(src.tpm)
-        saved = permall(image)
+        saved = read_permall(image)
         if not shared:
-            assert permall(dst_image) != saved  # A reaches it through the migration only
-        with side(tmp_path / "dst", dst_image, disk, incoming=uri) as dst:
+            assert read_permall(dst_image) != saved  # A reaches it through the migration only
+        with side(
+            tmp_path / "dst", dst_image, disk, incoming=uri, view=view, options=options
+        ) as dst:
             start_migration(src, uri)
             assert wait_status(src.qemu, "completed", "failed") == "completed"
             assert wait_status(dst.qemu, "completed", "failed") == "completed"
@@ -162,33 +204,47 @@ def migrate_and_check(
                 src.qemu.proc.send_signal(signal.SIGKILL)
                 src.qemu.proc.wait()
             src.served.proc.wait(30)
-            assert permall(dst_image) == saved
+            assert read_permall(dst_image) == saved
             qmp(dst.qemu, "cont")
             assert dst.tpm.pcr_read([PCR])[PCR] == pcr_a  # volatile state: from the stream
             assert_permanent_state_a(dst.tpm)
             hmp_over_qmp(dst.qemu.qmp, "savevm T1")  # the destination's watcher files T1
             wait_until(lambda: snapshot_tags(dst_image) == ["T0", "T1"], "T1 in the image")
-            assert permall(dst_image, "T1") == saved
+            assert read_permall(dst_image, "T1") == saved
             state_b(dst.tpm)  # the destination writes the image now
             assert_permanent_state_b(dst.tpm)
-            changed = permall(dst_image)
+            changed = read_permall(dst_image)
             assert changed is not None and changed != saved
             quit_qemu(dst.qemu)
             dst.served.proc.wait(30)
-    assert permall(dst_image) == changed
+    assert read_permall(dst_image) == changed
     if not shared:
-        assert permall(image) == saved  # the source's image: as the source left it
+        assert read_permall(image) == saved  # the source's image: as the source left it
     # a real swtpm loads it: the guest sees state B after a cold boot
-    with stack(tmp_path / "again", dst_image, disk) as again:
+    with stack(
+        tmp_path / "again", dst_image, disk, view=view, serve_options=list(options)
+    ) as again:
         again.tpm.startup()
         assert_permanent_state_b(again.tpm)
 
 
+@pytest.mark.parametrize("view", ["file", "dir"])
 def test_shared_image_migrates_and_the_destination_takes_it_over(
-    images: tuple[Path, Path], tmp_path: Path
+    images: tuple[Path, Path], tmp_path: Path, view: str
 ) -> None:
     image, disk = images
-    migrate_and_check(tmp_path, image, disk, shared=True)
+    migrate_and_check(tmp_path, image, disk, shared=True, view=view)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_encrypted_image_migrates(tmp_path: Path, shared: bool) -> None:
+    """The destination reads and takes over a LUKS image with the same secret."""
+    key = private_file(tmp_path / "vtpm.key")
+    image = tmp_path / "vtpm.qcow2"
+    vtpm_qcow("create", "--encrypt", "--iter-time", ITER, "--secret-file", str(key), str(image))
+    disk = create_disk(tmp_path / "disk.qcow2")
+    options = ("--secret-file", str(key))
+    migrate_and_check(tmp_path, image, disk, shared=shared, options=options)
 
 
 def test_source_killed_after_completion(images: tuple[Path, Path], tmp_path: Path) -> None:
@@ -275,3 +331,27 @@ def test_source_resumed_after_completion_takes_its_image_back(
     with stack(tmp_path / "again", image, disk) as again:
         again.tpm.startup()
         assert_permanent_state_b(again.tpm)
+
+
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path) -> None:
+    image = tmp_path / "vtpm.qcow2"
+    vtpm_qcow("create", str(image))
+    before = file_digest(image)
+    refused = one_line_failure("serve", str(image), "--ctrl", str(tmp_path / "s"), "--incoming")
+    assert "--incoming needs --qmp" in refused
+    missing = str(tmp_path / "missing.qcow2")
+    assert "no such image" in one_line_failure(
+        "serve", missing, "--ctrl", str(tmp_path / "s"), "--incoming", "--qmp", "q"
+    )
+    assert "no such image" in one_line_failure("migrate-prepare", missing, str(tmp_path / "d"))
+    exists = tmp_path / "exists.qcow2"
+    exists.write_bytes(b"keep me")
+    assert "never overwrites" in one_line_failure("migrate-prepare", str(image), str(exists))
+    assert exists.read_bytes() == b"keep me"
+    nodir = tmp_path / "no" / "dir.qcow2"
+    assert "no such directory" in one_line_failure("migrate-prepare", str(image), str(nodir))
+    assert file_digest(image) == before
+    with held_by_qemu_io(image):  # held, but by no daemon: nothing consistent to read
+        held = one_line_failure("migrate-prepare", str(image), str(tmp_path / "copy.qcow2"))
+        assert "not a vtpm-qcow daemon" in held
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.qcow2", "vtpm.qcow2"]
