@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import pyfuse3
 
-from ..errors import StateFormatError
+from ..errors import HANDLED, StateFormatError
 from ..state.blob import check_stored_blob
 from ..state.linear import (
     EMPTY_SLOT,
@@ -187,10 +187,16 @@ class SectionContent(Content):
             data = bytes(self.pending.data)
             if data:
                 check_stored_blob(data, source=f"{self.store.path} {self.name}")
-                self.store.write_section(self.name, data)
-            else:
-                # swtpm never stores an empty blob; an emptied state file has no section.
-                self.store.delete_section(self.name)
+            try:
+                if data:
+                    self.store.write_section(self.name, data)
+                else:
+                    # swtpm never stores an empty blob; an emptied state file has no section.
+                    self.store.delete_section(self.name)
+            except HANDLED:
+                # the host failed the commit: the section stays as committed, writes dropped
+                self.pending = None
+                raise
             self.pending = None
 
     def discard(self) -> None:
@@ -406,7 +412,13 @@ class LinearContent(Content):
                 return
             self.drop(f"refused: {why}")
             raise pyfuse3.FUSEError(errno.EIO)
-        self.store.commit_linear(self.extents())
+        try:
+            self.store.commit_linear(self.extents())
+        except HANDLED as err:
+            # The host failed the commit (ENOSPC, EIO): the store keeps what it holds (the
+            # last committed state), and so does the file; swtpm's msync fails.
+            self.drop(f"not committed: {err}")
+            raise
         self.pages.clear()
         self.truncated = False
 

@@ -14,12 +14,21 @@ it is about to happen); the file system through :class:`~vtpm_qcow.export.fuse.S
 * ``$VTPM_QCOW_TEST_KILL_AT_FSYNC=N``: the daemon SIGKILLs itself when its Nth fsync
   request arrives, before committing anything (the crash tests' "killed between swtpm's
   msyncs").
+* ``$VTPM_QCOW_TEST_FAIL_IO=KIND:N:ERRNO``: the image file's Nth host ``KIND`` call
+  ("write", "flush" or "truncate", counted from the mount on) fails with ``ERRNO`` (a
+  name such as ``ENOSPC``, or a number), as the host would fail it; ``N+`` fails it and
+  every later one (a disk that stays full).  ``point:NAME:ERRNO`` arms qcow2's named
+  fault point ``NAME`` for good.  qcow2's own hooks
+  (:func:`qcow2.io.fileio.fail_host_io`, :func:`~qcow2.io.fileio.inject_fault`), armed
+  for the daemon's life: the fault tests' "ENOSPC in the middle of a commit".
 
 :func:`instrument` attaches them all to a mount.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import signal
@@ -27,7 +36,7 @@ import struct
 import time
 from pathlib import Path
 
-from qcow2.io.fileio import HostFile, WriteEvent
+from qcow2.io.fileio import HostFile, WriteEvent, fail_host_io, inject_fault
 
 from ..errors import StoreError
 
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 
 WRITE_LOG_ENV = "VTPM_QCOW_WRITE_LOG"
 KILL_AT_FSYNC_ENV = "VTPM_QCOW_TEST_KILL_AT_FSYNC"
+FAIL_IO_ENV = "VTPM_QCOW_TEST_FAIL_IO"
 
 
 class IoCounter:
@@ -142,6 +152,39 @@ def _kill_at_fsync(value: str) -> Callable[[int], None]:
     return observe
 
 
+def _errno(value: str) -> int:
+    code = int(value) if value.isdigit() else getattr(errno, value.upper(), None)
+    if not isinstance(code, int) or code <= 0 or code not in errno.errorcode:
+        raise StoreError(f"{FAIL_IO_ENV}: no errno {value!r}")
+    return code
+
+
+#: The faults armed for the life of the process (entered, never left).
+_faults = contextlib.ExitStack()
+
+
+def arm_faults(value: str) -> None:
+    """Arm what ``$VTPM_QCOW_TEST_FAIL_IO`` asks for (see the module docstring)."""
+    kind, _, rest = value.partition(":")
+    where, _, code = rest.rpartition(":")
+    if not where or not code:
+        raise StoreError(f"{FAIL_IO_ENV}={value!r}: not KIND:N:ERRNO or point:NAME:ERRNO")
+    err = _errno(code)
+    if kind == "point":
+        _faults.enter_context(inject_fault(where, err))
+    elif kind in ("write", "flush", "truncate"):
+        always = where.endswith("+")
+        nth = where.removesuffix("+")
+        if not nth.isdigit() or int(nth) < 1:
+            raise StoreError(f"{FAIL_IO_ENV}={value!r}: {nth!r} is not a call number")
+        _faults.enter_context(fail_host_io(kind, int(nth), err, once=not always))
+    else:
+        raise StoreError(
+            f"{FAIL_IO_ENV}={value!r}: {kind!r} is not write, flush, truncate or point"
+        )
+    log.warning("%s=%s: armed", FAIL_IO_ENV, value)
+
+
 def instrument(store: Store, fs: StoreFS) -> IoCounter:
     """Attach the I/O counter (and what the environment asks for) to a mount; the counter."""
     host_file = getattr(store.image, "file", None)
@@ -158,4 +201,7 @@ def instrument(store: Store, fs: StoreFS) -> IoCounter:
     kill_at_fsync = os.environ.get(KILL_AT_FSYNC_ENV)
     if kill_at_fsync:
         fs.fsync_observers.append(_kill_at_fsync(kill_at_fsync))
+    fail_io = os.environ.get(FAIL_IO_ENV)
+    if fail_io:
+        arm_faults(fail_io)
     return io
