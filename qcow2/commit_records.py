@@ -334,11 +334,36 @@ class CommitLog:
         self._freed.clear()
 
 
+def _with_extension(header: Header) -> Header | None:
+    """A copy of ``header`` with an empty records extension added (bit clear), or None
+    if the image cannot have one (version 2, a backing file name after the extensions,
+    a foreign extension of our type, no room in cluster 0)."""
+    if header.version < 3 or header.backing_file:
+        return None
+    if header.find_extension(layout.EXT_COMMIT_RECORDS) is not None:
+        return None
+    trial = header.copy()
+    trial.autoclear_features &= ~layout.AUTOCLEAR_COMMIT_RECORDS
+    trial.extensions.append(
+        HeaderExtension(layout.EXT_COMMIT_RECORDS, bytes(layout.COMMIT_RECORD_SLOTS * _SLOT))
+    )
+    try:
+        trial.pack_cluster0()
+    except Qcow2Error:
+        return None  # does not fit in cluster 0
+    return trial
+
+
+def possible(header: Header) -> bool:
+    """Whether an image with ``header`` can use commit records (nothing is written)."""
+    return slots_offset(header) is not None or _with_extension(header) is not None
+
+
 def enable(image: Image) -> CommitLog | None:
-    """Start using commit records on writable ``image`` (called after the open rolled
-    forward): add the extension if needed, zero the slots, set the autoclear bit, each
-    step flushed.  None if the image cannot have them (version 2, a backing file name
-    after the extensions, no room in cluster 0)."""
+    """Start using commit records on writable ``image`` (at its first commit, so that an
+    open alone writes nothing): add the extension if needed, zero the slots, set the
+    autoclear bit, each step flushed.  None if the image cannot have them
+    (:func:`possible`)."""
     header = image.header
     f = image.file
     if header.version < 3 or header.backing_file:
@@ -348,18 +373,9 @@ def enable(image: Image) -> CommitLog | None:
     slots = slots_offset(header)
     generation = max((r.generation for r in read_records(f, header)), default=0)
     if slots is None:
-        if header.find_extension(layout.EXT_COMMIT_RECORDS) is not None:
-            return None  # a foreign extension of our type, too small: leave it alone
-        trial = header.copy()
-        trial.autoclear_features &= ~bit
-        trial.extensions.append(
-            HeaderExtension(layout.EXT_COMMIT_RECORDS, bytes(layout.COMMIT_RECORD_SLOTS * _SLOT))
-        )
-        try:
-            trial.pack_cluster0()
-        except Qcow2Error:
-            return None  # does not fit in cluster 0
-        image.flush()
+        trial = _with_extension(header)
+        if trial is None:
+            return None
         rewrite_cluster0(f, trial)
         header.assign(trial)
         slots = slots_offset(header)

@@ -177,6 +177,8 @@ class Image:
         self.data_cache: DataCache | None = None
         #: Commit records in use (None: off; :meth:`enable_commit_records`).
         self.commit_log: CommitLog | None = None
+        #: Commit records asked for: set up at the first commit.
+        self._records_wanted = False
         #: Header bytes 24-71 a writable open rolled forward to, not written yet (the
         #: next flush writes them: an open alone never changes the file).
         self._unwritten_fields: bytes | None = None
@@ -961,16 +963,16 @@ class Image:
     def enable_commit_records(self) -> bool:
         """Commit with one flush from now on (:mod:`qcow2.commit_records`): the header
         switch of each :meth:`commit_atomically` follows its flush instead of needing one
-        of its own, and opening the image rolls forward.  Adds the records' header
-        extension and sets their autoclear bit (each step flushed).  False if this image
-        cannot have them (version 2, a backing file, no room in cluster 0); its commits
-        then keep two flushes."""
-        from .commit_records import enable
+        of its own, and opening the image rolls forward.  The first commit adds the
+        records' header extension and sets their autoclear bit (each step flushed), so
+        nothing is written before.  False if this image cannot have them (version 2, a
+        backing file, no room in cluster 0); its commits then keep two flushes."""
+        from .commit_records import possible
 
         self._check_writable()
         if self.commit_log is None:
-            self.commit_log = enable(self)
-        return self.commit_log is not None
+            self._records_wanted = possible(self.header)
+        return self.commit_log is not None or self._records_wanted
 
     def commit_atomically(self, writes: Sequence[tuple[int, bytes]]) -> None:
         """All of ``writes`` or none across a crash; durable on return."""
@@ -981,6 +983,11 @@ class Image:
             self._check_range(offset, len(data))
         self._compressed_cache = None
         self._guest_data_changes()
+        if self.commit_log is None and self._records_wanted:
+            from .commit_records import enable
+
+            self._records_wanted = False
+            self.commit_log = enable(self)
         if self.commit_log is None:
             self._settle()
         with _GuestDataChange(self):

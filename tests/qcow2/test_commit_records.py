@@ -121,7 +121,8 @@ def test_every_crash_state_reads_old_or_new(tmp_path: Path, cluster_size: int) -
     oracle.qemu_io(img, "write -P 0x33 0 20k")
     commits = _commits(cluster_size, 6)
     with qcow2.open(str(img), writable=True) as image:
-        image.enable_commit_records()  # the one-time set-up, flushed, before the base copy
+        image.enable_commit_records()  # the one-time set-up, at the first commit
+        image.commit_atomically([(SPAN, b"set up")])
     base = img.read_bytes()
     events, states = _recorded(img, commits)
     assert sum(ev.kind == "flush" for ev in events) == len(commits), "one flush per commit"
@@ -147,6 +148,7 @@ def test_foreign_writer_after_crash_is_never_rolled_over(tmp_path: Path) -> None
     img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
     with qcow2.open(str(img), writable=True) as image:
         image.enable_commit_records()
+        image.commit_atomically([(SPAN, b"set up")])
     base = img.read_bytes()
     events, states = _recorded(img, _commits(7, 3))
     flushes = [i for i, ev in enumerate(events) if ev.kind == "flush"]
@@ -190,8 +192,9 @@ def test_qemu_keeps_the_extension_and_clears_only_the_bit(tmp_path: Path) -> Non
         assert not image.header.autoclear_features & layout.AUTOCLEAR_COMMIT_RECORDS
     with qcow2.open(str(img), writable=True) as image:
         assert image.enable_commit_records()
-        assert image.header.autoclear_features & layout.AUTOCLEAR_COMMIT_RECORDS
+        assert not image.header.autoclear_features & layout.AUTOCLEAR_COMMIT_RECORDS
         image.commit_atomically([(0, b"b" * 5000)])
+        assert image.header.autoclear_features & layout.AUTOCLEAR_COMMIT_RECORDS
     oracle.assert_clean(img)
     assert oracle.convert(img)[:5000] == b"b" * 5000
     assert oracle.convert(img, snapshot="s1")[:5000] == b"a" * 5000
