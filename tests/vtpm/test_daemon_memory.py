@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tests.vtpm.mount_fixtures import (
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, tpm_client
 from vtpm_qcow.export.control import ControlClient, pid_path_for
+from vtpm_qcow.export.lean import IDLE_TRIM_AFTER
 from vtpm_qcow.tpm.client import SwtpmSocketTransport, Tpm
 from vtpm_qcow.tpm.swtpm import free_tcp_port_pair
 
@@ -85,6 +87,30 @@ def test_plain_mount_runs_no_heavy_module(view: str, tmp_path: Path) -> None:
                 control.snapshot_create("s")
                 control.snapshot_apply("s")
         assert_lean(image, mount.pid)
+
+
+def test_daemon_trims_its_heap_when_idle_after_requests(tmp_path: Path) -> None:
+    """Idle with nothing served: no trims; after commits and IDLE_TRIM_AFTER seconds
+    without a request: one more (the freed heap of the burst handed back)."""
+    image = create_image(tmp_path / "vtpm.qcow2")
+    with mounted(image, tmp_path / "mnt") as mount, ControlClient.for_image(image) as control:
+        before = -1
+        for _ in range(10):  # until the mount's own start-up requests are trimmed
+            now = control.info()["heap_trims"]
+            if now == before:
+                break
+            before = now
+            time.sleep(IDLE_TRIM_AFTER * 2.5)
+        else:
+            raise AssertionError("the idle daemon kept trimming its heap")
+        with running_swtpm(mount.tpmstate, tmp_path / "swtpm") as swtpm, tpm_client(swtpm) as tpm:
+            tpm.nv_define_space(NV_INDEX, 8)
+            for _ in range(20):
+                tpm.nv_write(NV_INDEX, os.urandom(8))
+        deadline = time.monotonic() + IDLE_TRIM_AFTER * 4 + 5
+        while control.info()["heap_trims"] == before:
+            assert time.monotonic() < deadline, "no heap trim after the commits"
+            time.sleep(0.2)
 
 
 def start_serve(image: Path, tmp_path: Path, *extra: str) -> tuple[int, int]:

@@ -30,9 +30,10 @@ Workloads (a fresh swtpm each):
   QMP socket, which has no live "apply"; a plain directory has no snapshots).  Reported:
   wall time, command and snapshot latency p50/p99.
 
-Memory: VmRSS (after the workloads, idle: "steady") and VmHWM (peak) of each storage daemon
-and of swtpm, from /proc/PID/status, and their private memory (smaps_rollup), plus a
-``vtpm-qcow serve`` (file view, its own swtpm) running the NV workload.
+Memory: VmRSS (a few seconds idle after the workloads: "steady") and VmHWM (peak) of each
+storage daemon and of swtpm, from /proc/PID/status, and their private memory
+(smaps_rollup), plus a ``vtpm-qcow serve`` (file view, its own swtpm) running the NV
+workload.
 
 ``--rounds`` rounds run every stack in turn (fresh images each round), so that a burst of
 load on a shared machine hits every stack alike; command latencies are pooled over the
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from vtpm_qcow.export.control import RUNTIME_DIR_ENV, ControlClient, pid_path_for
+from vtpm_qcow.export.lean import IDLE_TRIM_AFTER
 from vtpm_qcow.tpm.client import SwtpmSocketTransport, Tpm, sha256
 from vtpm_qcow.tpm.swtpm import Swtpm, free_tcp_port_pair
 
@@ -492,19 +494,26 @@ class Sizes:
     snapshot_commands: int
 
 
-def workloads(stack: Stack, work: Path, sizes: Sizes, nv: Result) -> Run:
-    """Run the three workloads on ``stack``, then read the daemon's memory (idle)."""
+#: Seconds the daemons are left idle before their steady memory is read (a vtpm-qcow daemon
+#: trims its heap IDLE_TRIM_AFTER seconds after its last request).
+IDLE_PAUSE = IDLE_TRIM_AFTER + 1.0
+
+
+def workloads(stack: Stack, work: Path, sizes: Sizes, nv: Result, pause: float) -> Run:
+    """Run the three workloads on ``stack``, then read the daemon's memory after ``pause``
+    seconds idle."""
     nv_workload(stack, work / "nv", sizes.commands, nv)
     boot = boot_traces(stack, work / "boot", sizes.boot_extends)
     snapshots = snapshot_trace(stack, work / "snap", sizes.snapshot_commands)
     daemon = None
+    time.sleep(pause)
     if stack.daemon_pid is not None:
         daemon = proc_status(stack.daemon_pid)
         daemon.process = stack.name
     return Run(nv, boot, snapshots, daemon, stack.swtpm_memory)
 
 
-def bench_ours(work: Path, view: str, sizes: Sizes) -> Run:
+def bench_ours(work: Path, view: str, sizes: Sizes, pause: float) -> Run:
     nv = Result(f"{view}-view")
     image = work / f"{view}.qcow2"
     create_image(image)
@@ -525,12 +534,13 @@ def bench_ours(work: Path, view: str, sizes: Sizes) -> Run:
             nv.flush_ms_per_commit = (after[4] - before[4]) / commits / 1000
             boot = boot_traces(stack, work / view / "boot", sizes.boot_extends)
             snapshots = snapshot_trace(stack, work / view / "snap", sizes.snapshot_commands)
+            time.sleep(pause)
             daemon = proc_status(pid)
             daemon.process = f"vtpm-qcow mount ({view} view)"
     return Run(nv, boot, snapshots, daemon, stack.swtpm_memory)
 
 
-def bench_qsd(work: Path, sizes: Sizes, *, trace_flushes: bool = True) -> Run:
+def bench_qsd(work: Path, sizes: Sizes, pause: float, *, trace_flushes: bool = True) -> Run:
     image = work / "qsd.qcow2"
     create_image(image)
     target = work / "qsd-export"
@@ -539,7 +549,7 @@ def bench_qsd(work: Path, sizes: Sizes, *, trace_flushes: bool = True) -> Run:
         qmp = Qmp(qmp_path)
         try:
             stack = Stack("qsd-fuse", f"backend-uri=file://{target}", daemon_pid=pid, qmp=qmp)
-            run = workloads(stack, work / "qsd", sizes, Result("qsd-fuse"))
+            run = workloads(stack, work / "qsd", sizes, Result("qsd-fuse"), pause)
         finally:
             qmp.close()
     if run.daemon is not None:
@@ -568,11 +578,11 @@ def qsd_flushes_per_commit(work: Path, commands: int) -> float:
     return calls / commands
 
 
-def bench_plain(work: Path, sizes: Sizes) -> Run:
+def bench_plain(work: Path, sizes: Sizes, pause: float) -> Run:
     state = work / "plain"
     state.mkdir()
     stack = Stack("plain-dir", f"dir={state}")
-    run = workloads(stack, work / "plain-run", sizes, Result("plain-dir"))
+    run = workloads(stack, work / "plain-run", sizes, Result("plain-dir"), pause)
     run.snapshots.note = "no snapshots"
     return run
 
@@ -600,6 +610,7 @@ def bench_serve(work: Path, commands: int) -> tuple[Memory, Memory]:
             tpm.nv_define_space(NV_INDEX, NV_SIZE)
             nv_writes(tpm, commands, Result("serve"))
         swtpm_pid = ControlClient.for_image(image).info()["swtpm_pid"]
+        time.sleep(IDLE_PAUSE)
         daemon = proc_status(pid)
         swtpm = proc_status(swtpm_pid)
     finally:
@@ -784,7 +795,8 @@ def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None) -> list[
     if serve is not None:
         rows.append(serve[1])
     lines = [
-        "memory after the workloads: VmRSS (idle, steady) and VmHWM (peak) from "
+        f"memory {IDLE_PAUSE:.0f} s idle after the workloads: VmRSS (steady) and VmHWM (peak) "
+        "from "
         "/proc/PID/status; private = Private_Clean + Private_Dirty of /proc/PID/smaps_rollup "
         "(what one more such process costs)",
         "",
@@ -848,13 +860,14 @@ def main() -> int:
         for k in range(args.rounds):
             here = work / f"round{k}"
             here.mkdir()
+            pause = IDLE_PAUSE if k == args.rounds - 1 else 0.0  # memory: the last round's
             for name in stacks:
                 if name == "plain-dir":
-                    run = bench_plain(here, sizes)
+                    run = bench_plain(here, sizes, pause)
                 elif name == "qsd-fuse":
-                    run = bench_qsd(here, sizes, trace_flushes=k == 0)
+                    run = bench_qsd(here, sizes, pause, trace_flushes=k == 0)
                 else:
-                    run = bench_ours(here, name.split("-")[0], sizes)
+                    run = bench_ours(here, name.split("-")[0], sizes, pause)
                 rounds[name].append(run)
         runs = [merge(rounds[name]) for name in stacks]
         if not args.no_serve:

@@ -61,7 +61,7 @@ from .control import (
 from .control_server import ControlServer, store_handlers
 from .fuse import StoreFS, make_fs, mount_options
 from .instruments import IoCounter, instrument
-from .lean import loaded_modules
+from .lean import heap_trims, loaded_modules, trim_when_idle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -281,6 +281,7 @@ async def _serve(
             "swtpm_pid": swtpm.current.pid if swtpm and swtpm.current else None,
             # what this daemon has imported (its memory: docs/BENCHMARKS.md)
             "modules": loaded_modules(),
+            "heap_trims": heap_trims(),
         }
 
     server = ControlServer(config.control_path, store_handlers(fs, describe))
@@ -290,6 +291,7 @@ async def _serve(
             nursery.start_soon(_stop_on_signals, swtpm)
             nursery.start_soon(server.serve)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
+            nursery.start_soon(trim_when_idle, lambda: sum(fs.requests.values()))
             if swtpm is not None:
                 await nursery.start(_run_swtpm, swtpm, fs, mountpoint)
             _write_pid_file(config.pid_path)
