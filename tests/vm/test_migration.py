@@ -50,6 +50,8 @@ from tests.vm.scenario import (
 from tests.vtpm.mount_fixtures import one_line_failure, vtpm_qcow
 from tests.vtpm.test_encrypted import ITER
 from tests.vtpm.test_secret import private_file
+from vtpm_qcow.errors import StoreError
+from vtpm_qcow.export.control import ControlClient
 from vtpm_qcow.state import linear
 from vtpm_qcow.tpm.client import Tpm
 from vtpm_qcow.tpm.qtest_tis import QtestTisTransport
@@ -198,6 +200,11 @@ def migrate_and_check(
             wait_until(lambda: TOOK_OVER in dst.log(), "the destination taking over")
             assert qmp_query(src.qemu.qmp, "query-status")["status"] == "postmigrate"
             wait_until(lambda: RELEASED in src.log(), "the source releasing the image")
+            # what the source's daemon serves now is not the image: its control socket
+            # refuses the store's operations (a backup, a snapshot through it)
+            with ControlClient.for_image(image) as client, pytest.raises(StoreError) as refused:
+                client.capture()
+            assert "migrated away" in str(refused.value)
             if quit_source:
                 quit_qemu(src.qemu)
             else:  # killed: nothing it does any more matters
@@ -276,6 +283,12 @@ def test_failed_migration_leaves_the_source_serving_and_the_images_untouched(
             start_migration(src, uri, bandwidth=1000)
             wait_status(src.qemu, "active")
             wait_status(dst.qemu, "active")
+            with (
+                ControlClient(dst.workdir / "ctl.sock") as client,
+                pytest.raises(StoreError) as refused,
+            ):
+                client.capture()
+            assert "not taken over yet" in str(refused.value)
             # the source's watcher polls QEMU's run state meanwhile: an active migration
             # is no completed one (the image stays the source's)
             time.sleep(2 * DEFAULT_POLL_INTERVAL)

@@ -164,6 +164,10 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
     """
     store = fs.store
 
+    def image_held() -> None:
+        if fs.migrating is not None:
+            raise RequestError(f"not now: {fs.migrating}")
+
     async def ping(request: dict[str, Any]) -> Reply:
         return {}
 
@@ -178,12 +182,14 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         return {**describe(), **fs.status(), **fs.run(collect)}
 
     async def snapshot_list(request: dict[str, Any]) -> Reply:
+        image_held()
         return {"snapshots": fs.run(store.snapshots)}
 
     async def snapshot_create(request: dict[str, Any]) -> Reply:
         overwrite = request.get("overwrite", False)
         if not isinstance(overwrite, bool):
             raise RequestError("'overwrite' must be true or false")
+        image_held()
         tag = _tag(request)
         layout = request.get("layout")
         if layout is not None:
@@ -197,10 +203,12 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         return {}
 
     async def snapshot_apply(request: dict[str, Any]) -> Reply:
+        image_held()
         await fs.apply_snapshot(_tag(request))
         return {}
 
     async def snapshot_delete(request: dict[str, Any]) -> Reply:
+        image_held()
         fs.run(store.delete_snapshot, _tag(request))
         return {}
 
@@ -209,12 +217,14 @@ def store_handlers(fs: StoreFS, describe: Callable[[], Reply]) -> dict[str, Hand
         snapshots = request.get("snapshots", True)
         if not isinstance(snapshots, bool):
             raise RequestError("'snapshots' must be true or false")
+        image_held()
         taken = fs.run(capture_store, store, tag=tag, snapshots=snapshots)
         return to_wire(taken)
 
     async def image_file(request: dict[str, Any]) -> Reply:
         # the image file byte for byte, read between two FUSE requests: no commit is
         # half-way (``vtpm-qcow migrate-prepare`` of a served image)
+        image_held()
         return {"image": base64.b64encode(fs.run(read_image_file, store)).decode()}
 
     return {

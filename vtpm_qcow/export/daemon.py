@@ -244,6 +244,8 @@ def run_mount(
             has_key = swtpm.state_key is not None or own_key
             _refuse_unloadable_state(store, has_key=has_key, tpm2=swtpm.tpm2)
         fs = make_fs(store, config.view)
+        if config.incoming:
+            fs.migrating = "incoming live migration: the image is not taken over yet"
         io = instrument(store, fs)
         try:
             pyfuse3.init(fs, mountpoint, mount_options(os.path.abspath(config.image)))

@@ -192,6 +192,9 @@ class StoreFS(pyfuse3.Operations):
         self.kept: dict[str, attrs.Attrs] = attrs.load(store) if self.keeps_attrs else {}
         if attrs.DIRECTORY in self.kept:
             self.root = dataclasses.replace(self.kept[attrs.DIRECTORY])
+        #: why the store is not the image now, in a live migration (None: it is): the
+        #: control socket refuses the store's operations meanwhile (:mod:`.handoff`)
+        self.migrating: str | None = None
         #: requests that changed the store (for the control socket's info and benchmarks)
         self.commits = 0
         #: FUSE requests served, by handler name
@@ -708,6 +711,7 @@ class StoreFS(pyfuse3.Operations):
         """Counters for the control socket's ``info``."""
         return {
             "view": self.namespace.view,
+            "migrating": self.migrating,
             "files": sorted(self.names),
             "commits": self.commits,
             "open_files": len(self.handles),

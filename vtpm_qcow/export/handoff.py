@@ -124,6 +124,7 @@ class Handoff:
         store.exchange_image(copy)
         copy.close()  # now the image: its lock goes with it
         self.held = False
+        fs.migrating = "the VM migrated away: the image is the destination's now"
         log.info("migration: released %s (the destination takes it over)", self.image)
 
     async def acquire(self, fs: StoreFS, *, wait: bool = True) -> bool:
@@ -160,3 +161,4 @@ class Handoff:
         real.replace_layout(fs.store.layout(), source=f"{self.image} (migrated state)")
         fs.store.exchange_image(real)
         self.held = True
+        fs.migrating = None
