@@ -713,7 +713,9 @@ examples:
     "serve": """examples:
   vtpm-qcow serve vm1-tpm.qcow2 --ctrl /run/vm1-swtpm.sock &
   qemu-system-x86_64 ... -chardev socket,id=chrtpm,path=/run/vm1-swtpm.sock \\
-      -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0""",
+      -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0
+  # live migration's destination (docs/MIGRATION.md), beside QEMU -incoming:
+  vtpm-qcow serve vm1-tpm.qcow2 --incoming --ctrl /run/vm1-swtpm.sock --qmp /run/vm1-watch.qmp""",
     "umount": """Stops the mount daemon serving MOUNTPOINT (it commits and unmounts first).
 
 examples:
