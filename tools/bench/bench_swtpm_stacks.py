@@ -495,8 +495,8 @@ class Sizes:
 
 
 #: Seconds the daemons are left idle before their steady memory is read (a vtpm-qcow daemon
-#: trims its heap IDLE_TRIM_AFTER seconds after its last request).
-IDLE_PAUSE = IDLE_TRIM_AFTER + 1.0
+#: trims its heap between IDLE_TRIM_AFTER and twice that after its last request).
+IDLE_PAUSE = 2 * IDLE_TRIM_AFTER + 0.5
 
 
 def workloads(stack: Stack, work: Path, sizes: Sizes, nv: Result, pause: float) -> Run:
