@@ -368,3 +368,46 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path) -> None:
         held = one_line_failure("migrate-prepare", str(image), str(tmp_path / "copy.qcow2"))
         assert "not a vtpm-qcow daemon" in held
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.qcow2", "vtpm.qcow2"]
+
+
+def test_saved_to_a_file_then_restored_under_keep_serving(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A migration to a file (virsh save, managedsave) leaves QEMU in postmigrate too: the
+    daemon lets go of the image, and takes it again for the next QEMU run (``--keep-serving``),
+    whose restored TPM state and what follows land in the image, not in memory."""
+    image, disk = images
+    work, saved = tmp_path / "run", tmp_path / "vm.state"
+    qdir = work / "qemu"
+    qdir.mkdir(parents=True)
+    options = ["--qmp", str(qdir / "qmp2.sock"), "--keep-serving"]
+    with served_store(image, work, extra=options) as served:
+        log = served.log.read_text
+        with (
+            qemu_vm(qdir, str(served.swtpm_ctrl), [disk]) as qemu,
+            QtestTisTransport(str(qemu.qtest)) as tis,
+        ):
+            pcr_a = state_a(Tpm(tis))
+            assert "return" in qmp(qemu, "migrate", uri=f"exec:cat > {saved}")
+            assert wait_status(qemu, "completed", "failed") == "completed"
+            wait_until(lambda: RELEASED in log(), "the daemon releasing the image")
+            quit_qemu(qemu)
+        for name in ("qmp.sock", "qmp2.sock", "qtest.sock"):
+            (qdir / name).unlink(missing_ok=True)
+        restore = ["-incoming", f"exec:cat {saved}"]
+        with (
+            qemu_vm(qdir, str(served.swtpm_ctrl), [disk], extra=restore) as qemu,
+            QtestTisTransport(str(qemu.qtest)) as tis,
+        ):
+            assert wait_status(qemu, "completed", "failed") == "completed"
+            wait_until(lambda: TOOK_OVER in log(), "the daemon taking the image again")
+            qmp(qemu, "cont")
+            tpm = Tpm(tis)
+            assert tpm.pcr_read([PCR])[PCR] == pcr_a
+            assert_permanent_state_a(tpm)
+            state_b(tpm)
+            changed = permall(image)
+    assert changed == permall(image)
+    with stack(tmp_path / "again", image, disk) as again:
+        again.tpm.startup()
+        assert_permanent_state_b(again.tpm)

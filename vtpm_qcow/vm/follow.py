@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import trio
 
-from ..errors import StoreError
+from ..errors import MountError, StoreError
 from .orchestrate import StoreVtpm
 from .watch import WatcherThread
 
@@ -111,6 +111,13 @@ async def follow_qmp(qmp: str, fs: StoreFS, *, handoff: Handoff | None = None) -
     from .migrate import source_hook
 
     bridge = TrioBridge(trio.lowlevel.current_trio_token(), fs.store.path)
+    # A new QEMU run after this daemon let go (--keep-serving after a migration to a file:
+    # virsh save or managedsave, then a restore): the image again, if it is free.
+    if handoff is not None and not await handoff.acquire(fs, wait=False):
+        raise MountError(
+            "held elsewhere since this VM migrated away: not serving it again",
+            path=handoff.image,
+        )
     hook = None if handoff is None else source_hook(handoff, bridge, fs)
     while True:
         while not os.path.exists(qmp):

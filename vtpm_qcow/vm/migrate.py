@@ -18,6 +18,7 @@ when, from QEMU's ``MIGRATION`` events (docs/MIGRATION.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -46,24 +47,21 @@ FINAL: Final = ("completed", "failed", "cancelled")
 
 def incoming_status(qmp: str, stop: threading.Event) -> str:
     """Block until the incoming migration of the QEMU at ``qmp`` ends; its final status
-    (``"stopped"`` if ``stop`` was set first)."""
+    (``"stopped"`` if ``stop`` was set first).  ``query-migrate`` every :data:`POLL`
+    seconds; a ``MIGRATION`` event only ends a wait early."""
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     monitor = QEMUMonitorProtocol(qmp)
     monitor.connect()
     try:
-        reply = monitor.cmd_obj({"execute": "query-migrate"})
-        status = str(reply.get("return", {}).get("status", "none"))
-        while status not in FINAL:
-            if stop.is_set():
-                return "stopped"
-            try:
-                event = monitor.pull_event(wait=POLL)
-            except TimeoutError:
-                continue
-            if event and event.get("event") == "MIGRATION":
-                status = str(event.get("data", {}).get("status"))
-        return status
+        while not stop.is_set():
+            reply = monitor.cmd_obj({"execute": "query-migrate"})
+            status = str(reply.get("return", {}).get("status", "none"))
+            if status in FINAL:
+                return status
+            with contextlib.suppress(TimeoutError):
+                monitor.pull_event(wait=POLL)
+        return "stopped"
     finally:
         monitor.close()
 
@@ -71,11 +69,17 @@ def incoming_status(qmp: str, stop: threading.Event) -> str:
 async def receive(qmp: str, handoff: Handoff, fs: StoreFS) -> None:
     """``serve --incoming``: take ``handoff``'s image over once the incoming migration of
     the QEMU at ``qmp`` has completed."""
-    while not os.path.exists(qmp):
-        await trio.sleep(POLL)
     stop = threading.Event()
     try:
-        status = await trio.to_thread.run_sync(incoming_status, qmp, stop, cancellable=True)
+        while True:
+            while not os.path.exists(qmp):
+                await trio.sleep(POLL)
+            try:
+                status = await trio.to_thread.run_sync(incoming_status, qmp, stop, cancellable=True)
+                break
+            except Exception as err:  # not listening yet, a stale socket, QEMU restarting
+                log.debug("migration: QMP at %s: %s; again", qmp, err)
+                await trio.sleep(POLL)
     finally:
         stop.set()
     if status != "completed":
