@@ -269,3 +269,28 @@ def test_serve_keep_serving_restarts_swtpm_and_sigterm_stops_both(tmp_path: Path
             os.kill(pid, signal.SIGKILL)
         wait_gone(pid)
     qemu_img_check(image)
+
+
+def test_idle_checkpoint_makes_the_last_header_durable_once(tmp_path: Path) -> None:
+    """Commits flush once and leave their header to the next flush; once idle, the
+    daemon flushes it (one checkpoint per burst, none while nothing is committed)."""
+    from vtpm_qcow.export.fuse import CHECKPOINT_AFTER
+
+    image = create_image(tmp_path / "vtpm.qcow2")
+    with (
+        mounted(image, tmp_path / "mnt") as mount,
+        ControlClient.for_image(image) as control,
+        running_swtpm(mount.tpmstate, tmp_path / "swtpm") as swtpm,
+        tpm_client(swtpm) as tpm,
+    ):
+        tpm.nv_define_space(NV_INDEX, 8)
+        before = control.info()["checkpoints"]
+        for _ in range(5):
+            tpm.nv_write(NV_INDEX, os.urandom(8))
+        deadline = time.monotonic() + CHECKPOINT_AFTER * 4 + 5
+        while control.info()["checkpoints"] == before:
+            assert time.monotonic() < deadline, "no checkpoint after the commits"
+            time.sleep(0.2)
+        after = control.info()["checkpoints"]
+        time.sleep(CHECKPOINT_AFTER * 3)
+        assert control.info()["checkpoints"] == after, "checkpoints without commits"

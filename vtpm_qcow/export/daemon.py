@@ -284,6 +284,8 @@ async def _serve(
             # what this daemon has imported (its memory: docs/BENCHMARKS.md)
             "modules": loaded_modules(),
             "heap_trims": heap_trims(),
+            # the last commit's header made durable once idle (commit records)
+            "checkpoints": fs.checkpoints,
         }
 
     server = ControlServer(config.control_path, store_handlers(fs, describe))
@@ -294,6 +296,7 @@ async def _serve(
             nursery.start_soon(server.serve)
             nursery.start_soon(_run_fuse, nursery.cancel_scope)
             nursery.start_soon(trim_when_idle, lambda: sum(fs.requests.values()))
+            nursery.start_soon(fs.checkpoint_when_idle)
             if swtpm is not None:
                 await nursery.start(_run_swtpm, swtpm, fs, mountpoint)
             _write_pid_file(config.pid_path)

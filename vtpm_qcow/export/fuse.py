@@ -77,6 +77,8 @@ T = TypeVar("T")
 #: Seconds the kernel may cache entries and attributes.  Safe because every change either
 #: goes through the kernel or is followed by an explicit invalidation.
 CACHE_TIMEOUT = 3600.0
+#: Seconds without a commit after which the last commit's header is made durable.
+CHECKPOINT_AFTER = 1.0
 
 
 def error_errno(err: BaseException) -> int:
@@ -174,6 +176,8 @@ class StoreFS(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.namespace = namespace
+        #: Idle checkpoints made (:meth:`checkpoint_when_idle`).
+        self.checkpoints = 0
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.nodes: dict[InodeT, Node] = {}
@@ -680,6 +684,22 @@ class StoreFS(pyfuse3.Operations):
             elif content is not None:
                 self._restore_attrs(self._link(name, content, 0o640))
         return changed
+
+    async def checkpoint_when_idle(self, idle: float = CHECKPOINT_AFTER) -> None:
+        """Forever: once no commit came for ``idle`` seconds after one did, make the last
+        commit's header durable (:meth:`Store.checkpoint`): its one flush, off the commit
+        path, between two requests."""
+        seen = done = self.commits
+        while True:
+            await trio.sleep(idle)
+            now = self.commits
+            if now == seen and now != done:
+                try:
+                    self.checkpoints += self.run(self.store.checkpoint)
+                except HANDLED as err:
+                    log.warning("idle checkpoint: %s", err)
+                done = now
+            seen = now
 
     async def apply_snapshot(self, tag: str) -> None:
         """Revert the store to snapshot ``tag`` and make every reader see it.

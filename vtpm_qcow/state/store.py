@@ -378,6 +378,18 @@ class Store:
             self._image.commit_atomically(extents)
             self._changed()
 
+    def checkpoint(self) -> bool:
+        """Make the header of the last commit durable (commits with one flush leave it to
+        the next flush): after a crash, programs that know no commit records (qemu-img,
+        QEMU) then see the newest state too.  True if there was anything to do."""
+        with self._lock:
+            self._check_open()
+            log = self._image.commit_log
+            if not self.writable or log is None or log.settled:
+                return False
+            self._image.flush()
+            return True
+
     def resize_linear(self, new_size: int) -> None:
         """The file view's ftruncate: bytes from ``new_size`` on read as zeros afterwards.
 
