@@ -392,8 +392,7 @@ def test_saved_to_a_file_then_restored_under_keep_serving(
             assert wait_status(qemu, "completed", "failed") == "completed"
             wait_until(lambda: RELEASED in log(), "the daemon releasing the image")
             quit_qemu(qemu)
-        for name in ("qmp.sock", "qmp2.sock", "qtest.sock"):
-            (qdir / name).unlink(missing_ok=True)
+        assert not (qdir / "qmp2.sock").exists()  # QEMU removed it: the next one makes it
         restore = ["-incoming", f"exec:cat {saved}"]
         with (
             qemu_vm(qdir, str(served.swtpm_ctrl), [disk], extra=restore) as qemu,

@@ -111,17 +111,18 @@ async def follow_qmp(qmp: str, fs: StoreFS, *, handoff: Handoff | None = None) -
     from .migrate import source_hook
 
     bridge = TrioBridge(trio.lowlevel.current_trio_token(), fs.store.path)
-    # A new QEMU run after this daemon let go (--keep-serving after a migration to a file:
-    # virsh save or managedsave, then a restore): the image again, if it is free.
-    if handoff is not None and not await handoff.acquire(fs, wait=False):
-        raise MountError(
-            "held elsewhere since this VM migrated away: not serving it again",
-            path=handoff.image,
-        )
     hook = None if handoff is None else source_hook(handoff, bridge, fs)
     while True:
         while not os.path.exists(qmp):
             await trio.sleep(QMP_SOCKET_POLL)
+        # A new QEMU (QEMU removes its socket when it quits) after this daemon let go: with
+        # --keep-serving after a migration to a file (virsh save, managedsave), a restore.
+        # The image again, if it is free; not if a live migration's destination took it.
+        if handoff is not None and not await handoff.acquire(fs, wait=False):
+            raise MountError(
+                "held elsewhere since this VM migrated away: not serving it again",
+                path=handoff.image,
+            )
         ended = trio.Event()
         watcher = WatcherThread(
             qmp,
