@@ -79,7 +79,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _defer_unused_imports() -> None:
     """Before the daemon's modules: what trio imports and a daemon never uses is loaded
-    only if something uses it (:mod:`vtpm_qcow.export.lean`: OpenSSL, about 5 MiB RSS)."""
+    only if something uses it (:mod:`vtpm_qcow.export.lean`: OpenSSL, above all)."""
     from ..export.lean import defer
 
     defer()

@@ -78,7 +78,7 @@ def image_key(image: str | os.PathLike[str]) -> str:
 
 def _sha256_hex(data: bytes) -> str:
     """sha256 of ``data`` by the interpreter's own implementation: ``hashlib`` loads and
-    initialises OpenSSL (about 3.5 MiB of a daemon's RSS) for this one short digest."""
+    initialises OpenSSL (MiBs of a daemon's RSS) for this one short digest."""
     for name in ("_sha2", "_sha256"):  # Python >= 3.12, before
         try:
             return str(importlib.import_module(name).sha256(data).hexdigest())

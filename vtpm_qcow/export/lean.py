@@ -4,7 +4,8 @@ One daemon runs per VM, so its resident memory counts (docs/BENCHMARKS.md).  tri
 ``ssl`` (OpenSSL's libssl and libcrypto, initialised), ``hmac`` (hashlib, which loads
 OpenSSL's libcrypto again, for DTLS cookies) and ``idna`` (large Unicode tables, for host
 names) when it is imported, and uses each only inside functions a FUSE daemon never calls
-(TLS and DTLS streams, name resolution).  Together they hold about 5 MiB of a daemon's RSS.
+(TLS and DTLS streams, name resolution).  Together they are a good part of a daemon's RSS
+(docs/BENCHMARKS.md, "Daemon memory").
 
 :func:`defer` puts, for each such module not imported yet, the real module into
 ``sys.modules`` with its spec but without running its code: the code runs on the first use
@@ -134,9 +135,9 @@ async def trim_when_idle(activity: Callable[[], int], idle: float = IDLE_TRIM_AF
     """Forever: trim the heap once ``activity()`` (a count of requests served) has stood
     still for ``idle`` seconds after it moved.
 
-    A burst of commits (a VM's boot) leaves a few MiB of freed heap that glibc keeps in
-    the middle of the heap (about 2.4 MiB after the benchmark's workloads); trimmed, the
-    idle daemon is back to its size after start-up.  A trim takes about 0.15 ms, run only
+    A burst of commits (a VM's boot) leaves freed heap that glibc keeps in the middle of
+    the heap; trimmed, the idle daemon is back to its size after start-up
+    (docs/BENCHMARKS.md, "Daemon memory").  A trim takes well under a millisecond, run only
     after ``idle`` seconds without a request.
     """
     import trio  # here: importing this module must not import trio (defer comes first)
