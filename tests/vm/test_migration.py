@@ -208,6 +208,11 @@ def migrate_and_check(
             if quit_source:
                 quit_qemu(src.qemu)
             else:  # killed: nothing it does any more matters
+                # meanwhile, in postmigrate, its watcher has nothing to align: the in-memory
+                # copy it would see is not the VM's vTPM
+                time.sleep(2 * DEFAULT_POLL_INTERVAL)
+                after = src.log().split(RELEASED, 1)[1]
+                assert "qmp watcher:" not in after, after
                 src.qemu.proc.send_signal(signal.SIGKILL)
                 src.qemu.proc.wait()
             src.served.proc.wait(30)

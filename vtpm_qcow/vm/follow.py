@@ -131,6 +131,7 @@ async def follow_qmp(qmp: str, fs: StoreFS, *, handoff: Handoff | None = None) -
             on_ready=lambda: log.info("qmp watcher following %s", qmp),
             on_exit=functools.partial(bridge.soon, ended.set),
             on_event=hook,
+            suspended=None if handoff is None else lambda: not handoff.held,
         )
         watcher.start(timeout=None)
         try:

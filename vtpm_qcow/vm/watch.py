@@ -128,9 +128,13 @@ class Watcher:
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         on_ready: Callable[[], None] | None = None,
         on_event: EventHook | None = None,
+        suspended: Callable[[], bool] | None = None,
     ) -> None:
         self.monitor = monitor
         self.event_hook = on_event
+        #: True while the vTPM side is not the VM's to align (``serve --qmp`` after its QEMU
+        #: migrated away: the daemon serves an in-memory copy); no reconcile meanwhile
+        self.suspended = suspended
         #: Called once, after the first reconcile: from then on every change is followed.
         self.on_ready = on_ready
         self.vtpm = vtpm
@@ -228,6 +232,9 @@ class Watcher:
 
     async def reconcile(self) -> list[str]:
         """Align the vTPM tags with the disks' now; return the report lines."""
+        if self.suspended is not None and self.suspended():
+            self.disk_snapshots = None  # what happens meanwhile is not ours to follow
+            return []
         lines: list[str] = []
         disk: dict[str, str] = {}
         files: list[str] = []  # qcow2 images that may hold a snapshot's vmstate
@@ -385,8 +392,10 @@ class WatcherThread:
         on_ready: Callable[[], None] = lambda: None,
         on_exit: Callable[[], None] = lambda: None,
         on_event: EventHook | None = None,
+        suspended: Callable[[], bool] | None = None,
     ) -> None:
         self.on_event = on_event
+        self.suspended = suspended
         self.open_vm: Callable[[], WatchedVm] = (
             functools.partial(Monitor, vm) if isinstance(vm, str) else vm
         )
@@ -440,6 +449,7 @@ class WatcherThread:
             self.watcher = Watcher(
                 monitor, vtpm, report=self.report, poll_interval=self.poll_interval,
                 grace=self.grace, on_ready=self._became_ready, on_event=self.on_event,
+                suspended=self.suspended,
             )  # fmt: skip
             await self.watcher.run()
         finally:
