@@ -49,6 +49,7 @@ def test_swtpm_stacks_runs_every_workload_on_every_stack(tmp_path: Path) -> None
             "--boot-extends", "10",
             "--snapshot-commands", "20",
             "--rounds", "2",
+            "--idle-pause", "0",
             "--workdir", str(tmp_path),
         ],
         capture_output=True,

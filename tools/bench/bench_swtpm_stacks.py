@@ -587,7 +587,7 @@ def bench_plain(work: Path, sizes: Sizes, pause: float) -> Run:
     return run
 
 
-def bench_serve(work: Path, commands: int) -> tuple[Memory, Memory]:
+def bench_serve(work: Path, commands: int, pause: float) -> tuple[Memory, Memory]:
     """Memory of ``vtpm-qcow serve`` (file view) and of its swtpm after ``commands`` NV
     writes through that swtpm's TCP data channel."""
     image = work / "serve.qcow2"
@@ -610,7 +610,7 @@ def bench_serve(work: Path, commands: int) -> tuple[Memory, Memory]:
             tpm.nv_define_space(NV_INDEX, NV_SIZE)
             nv_writes(tpm, commands, Result("serve"))
         swtpm_pid = ControlClient.for_image(image).info()["swtpm_pid"]
-        time.sleep(IDLE_PAUSE)
+        time.sleep(pause)
         daemon = proc_status(pid)
         swtpm = proc_status(swtpm_pid)
     finally:
@@ -779,7 +779,7 @@ def snapshot_report(runs: list[Run], commands: int) -> list[str]:
     return lines
 
 
-def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None) -> list[str]:
+def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None, pause: float) -> list[str]:
     rows: list[Memory] = [run.daemon for run in runs if run.daemon is not None]
     swtpms = [run.swtpm for run in runs]
     if serve is not None:
@@ -795,7 +795,7 @@ def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None) -> list[
     if serve is not None:
         rows.append(serve[1])
     lines = [
-        f"memory {IDLE_PAUSE:.0f} s idle after the workloads: VmRSS (steady) and VmHWM (peak) "
+        f"memory {pause:.1f} s idle after the workloads: VmRSS (steady) and VmHWM (peak) "
         "from "
         "/proc/PID/status; private = Private_Clean + Private_Dirty of /proc/PID/smaps_rollup "
         "(what one more such process costs)",
@@ -833,6 +833,12 @@ def main() -> int:
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds, each running every stack in turn"
     )
+    parser.add_argument(
+        "--idle-pause",
+        type=float,
+        default=IDLE_PAUSE,
+        help=f"seconds idle before steady memory is read (default {IDLE_PAUSE})",
+    )
     parser.add_argument("--workdir", help="where images and mounts go (default: a temp dir)")
     args = parser.parse_args()
     for tool in ("swtpm", "qemu-storage-daemon", "vtpm-qcow", "fusermount3"):
@@ -860,7 +866,7 @@ def main() -> int:
         for k in range(args.rounds):
             here = work / f"round{k}"
             here.mkdir()
-            pause = IDLE_PAUSE if k == args.rounds - 1 else 0.0  # memory: the last round's
+            pause = args.idle_pause if k == args.rounds - 1 else 0.0  # memory: the last round
             for name in stacks:
                 if name == "plain-dir":
                     run = bench_plain(here, sizes, pause)
@@ -871,7 +877,7 @@ def main() -> int:
                 rounds[name].append(run)
         runs = [merge(rounds[name]) for name in stacks]
         if not args.no_serve:
-            serve = bench_serve(work, min(args.commands, 200))
+            serve = bench_serve(work, min(args.commands, 200), args.idle_pause)
         fsync_s = fdatasync_latency(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -881,7 +887,7 @@ def main() -> int:
         nv_report(runs, fsync_s, args.commands),
         boot_report(runs, args.boot_extends, args.rounds),
         snapshot_report(runs, args.snapshot_commands),
-        memory_report(runs, serve),
+        memory_report(runs, serve, args.idle_pause),
     ]
     print("\n\n".join("\n".join(section) for section in sections))
     return 0
