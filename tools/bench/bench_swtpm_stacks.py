@@ -578,11 +578,11 @@ def qsd_flushes_per_commit(work: Path, commands: int) -> float:
     return calls / commands
 
 
-def bench_plain(work: Path, sizes: Sizes, pause: float) -> Run:
+def bench_plain(work: Path, sizes: Sizes) -> Run:
     state = work / "plain"
     state.mkdir()
     stack = Stack("plain-dir", f"dir={state}")
-    run = workloads(stack, work / "plain-run", sizes, Result("plain-dir"), pause)
+    run = workloads(stack, work / "plain-run", sizes, Result("plain-dir"), 0.0)  # no daemon
     run.snapshots.note = "no snapshots"
     return run
 
@@ -869,7 +869,7 @@ def main() -> int:
             pause = args.idle_pause if k == args.rounds - 1 else 0.0  # memory: the last round
             for name in stacks:
                 if name == "plain-dir":
-                    run = bench_plain(here, sizes, pause)
+                    run = bench_plain(here, sizes)
                 elif name == "qsd-fuse":
                     run = bench_qsd(here, sizes, pause, trace_flushes=k == 0)
                 else:
