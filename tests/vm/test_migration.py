@@ -415,3 +415,39 @@ def test_saved_to_a_file_then_restored_under_keep_serving(
     with stack(tmp_path / "again", image, disk) as again:
         again.tpm.startup()
         assert_permanent_state_b(again.tpm)
+
+
+def test_source_without_qmp_lets_go_when_its_qemu_quits(
+    images: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A source daemon without a watcher cannot tell a migration from a pause: the
+    destination takes over once the source QEMU quit (its swtpm ends, its daemon exits);
+    what the destination's TPM did meanwhile was kept for it in memory."""
+    image, disk = images
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    (tmp_path / "src").mkdir()
+    with (
+        served_store(image, tmp_path / "src") as served,
+        qemu_vm(tmp_path / "src", str(served.swtpm_ctrl), [disk]) as src_qemu,
+        QtestTisTransport(str(src_qemu.qtest)) as tis,
+    ):
+        pcr_a = state_a(Tpm(tis))
+        with side(tmp_path / "dst", image, disk, incoming=uri) as dst:
+            reply = qmp(src_qemu, "migrate", uri=uri)
+            assert "return" in reply, reply
+            assert wait_status(dst.qemu, "completed", "failed") == "completed"
+            wait_until(lambda: "waiting for the source" in dst.log(), "the destination waiting")
+            qmp(dst.qemu, "cont")
+            assert dst.tpm.pcr_read([PCR])[PCR] == pcr_a
+            state_b(dst.tpm)  # into the destination's memory: the source holds the image
+            in_image = permall(image)
+            quit_qemu(src_qemu)
+            served.proc.wait(30)
+            wait_until(lambda: TOOK_OVER in dst.log(), "the destination taking over")
+            assert permall(image) != in_image  # state B, committed at the hand-over
+            assert_permanent_state_b(dst.tpm)
+            quit_qemu(dst.qemu)
+            dst.served.proc.wait(30)
+    with stack(tmp_path / "again", image, disk) as again:
+        again.tpm.startup()
+        assert_permanent_state_b(again.tpm)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from typing import Final
 
@@ -53,6 +52,8 @@ WAIT_REPORT: Final = 10.0
 def private_copy(layout: bytes, size: int, path: str) -> Store:
     """A writable store holding ``layout`` on an unlinked file in memory; its ``path``
     reads ``path`` (the image it stands in for, for messages)."""
+    import tempfile
+
     from ..state.store import Store
 
     tmpdir = tempfile.mkdtemp(prefix="vtpm-qcow-migration-", dir=staging_dir())
