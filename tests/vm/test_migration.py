@@ -451,3 +451,37 @@ def test_source_without_qmp_lets_go_when_its_qemu_quits(
     with stack(tmp_path / "again", image, disk) as again:
         again.tpm.startup()
         assert_permanent_state_b(again.tpm)
+
+
+def test_destination_daemon_killed_mid_migration(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """kill -9 of the destination's daemon: it never wrote the image.  Its swtpm cannot
+    store the incoming state, so the destination QEMU fails to load it; the source
+    completed (precopy does not wait for the load) or failed, and either way, resumed,
+    it serves the image on."""
+    image, disk = images
+    uri = f"unix:{tmp_path / 'migrate.sock'}"
+    with side(tmp_path / "src", image, disk) as src:
+        state_a(src.tpm)
+        saved = permall(image)
+        with side(tmp_path / "dst", image, disk, incoming=uri) as dst:
+            start_migration(src, uri, bandwidth=1000)
+            wait_status(dst.qemu, "active")
+            dst.served.proc.send_signal(signal.SIGKILL)
+            dst.served.proc.wait()
+            reply = qmp(src.qemu, "migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+            assert "return" in reply, reply
+            status = wait_status(src.qemu, "completed", "failed")
+            dst.qemu.proc.wait(30)  # its TPM state could not be stored: the load failed
+            # the source's QEMU fetched the volatile state at completion (swtpm stored it
+            # through the source's daemon), nothing else changed
+            assert permall(image) == saved
+            if status == "completed":  # the management resumes the source
+                wait_until(lambda: RELEASED in src.log(), "the source releasing the image")
+                assert "return" in qmp(src.qemu, "cont")
+                wait_until(lambda: TOOK_OVER in src.log(), "the source taking it back")
+        assert_permanent_state_a(src.tpm)
+        state_b(src.tpm)
+        assert_permanent_state_b(src.tpm)
+    with stack(tmp_path / "again", image, disk) as again:
+        again.tpm.startup()
+        assert_permanent_state_b(again.tpm)
