@@ -37,6 +37,9 @@ from tests.vm.qemu_fixtures import (
     swtpm_process,
 )
 from tests.vm.scenario import (
+    NV_INDEX,
+    NV_SIZE,
+    OWNER_B,
     PCR,
     assert_permanent_state_a,
     assert_permanent_state_b,
@@ -485,3 +488,34 @@ def test_destination_daemon_killed_mid_migration(images: tuple[Path, Path], tmp_
     with stack(tmp_path / "again", image, disk) as again:
         again.tpm.startup()
         assert_permanent_state_b(again.tpm)
+
+
+def test_there_and_back_again(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """The daemon that took the image over is an ordinary source for the next migration."""
+    image, disk = images
+    there, back = f"unix:{tmp_path / 'there.sock'}", f"unix:{tmp_path / 'back.sock'}"
+    with side(tmp_path / "a", image, disk) as a:
+        pcr_a = state_a(a.tpm)
+        with side(tmp_path / "b", image, disk, incoming=there) as b:
+            start_migration(a, there)
+            assert wait_status(b.qemu, "completed", "failed") == "completed"
+            wait_until(lambda: TOOK_OVER in b.log(), "b taking over")
+            quit_qemu(a.qemu)
+            a.served.proc.wait(30)
+            qmp(b.qemu, "cont")
+            state_b(b.tpm)
+            with side(tmp_path / "c", image, disk, incoming=back) as c:
+                start_migration(b, back)
+                assert wait_status(c.qemu, "completed", "failed") == "completed"
+                wait_until(lambda: TOOK_OVER in c.log(), "c taking over")
+                assert RELEASED in b.log()
+                quit_qemu(b.qemu)
+                qmp(c.qemu, "cont")
+                assert c.tpm.pcr_read([PCR])[PCR] != pcr_a  # extended on b
+                assert_permanent_state_b(c.tpm)
+                c.tpm.nv_write(NV_INDEX, b"C" * NV_SIZE, owner=True, auth=OWNER_B)
+                quit_qemu(c.qemu)
+                c.served.proc.wait(30)
+    with stack(tmp_path / "again", image, disk) as again:
+        again.tpm.startup()
+        assert again.tpm.nv_read(NV_INDEX, NV_SIZE, owner=True, auth=OWNER_B) == b"C" * NV_SIZE
