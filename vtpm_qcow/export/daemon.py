@@ -19,7 +19,9 @@ data channel closes); the daemon sees the exit at once through a pidfd, then unm
 exits, or with ``keep_serving`` starts a fresh swtpm for the next QEMU run.
 ``SwtpmConfig.follower`` runs beside each swtpm run (``serve --qmp``: the snapshot watcher
 of :mod:`vtpm_qcow.vm.follow`, given this daemon's file system); the daemon knows nothing
-of QMP.
+of QMP.  ``serve --incoming`` (a live migration's destination, :mod:`.handoff`) starts on a
+private copy of the image, unlocked, and runs ``SwtpmConfig.incoming`` before the follower:
+it returns once the image is taken over; a swtpm that ends first ends the daemon.
 
 What the daemon measures and the crash tests' hooks are :mod:`vtpm_qcow.export.instruments`.
 """
