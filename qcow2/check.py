@@ -22,6 +22,7 @@ import errno
 import os
 import struct
 
+from . import overlap as ol
 from .errors import (
     CorruptImageError,
     Qcow2Error,
@@ -231,9 +232,13 @@ class _L2Summary:
 class _Checker:
     """One check (possibly repairing) of an open image: QEMU's BDRVQcow2State + result."""
 
-    def __init__(self, f: HostFile, header: Header, fix: int) -> None:
+    def __init__(
+        self, f: HostFile, header: Header, fix: int, overlap_checks: int = ol.DEFAULT
+    ) -> None:
         self.f = f
         self.h = header
+        #: what repair writes are checked against (the ``overlap-check`` open options)
+        self.overlap_checks = overlap_checks
         self.path = f.path
         self.fix = fix
         self.cluster_bits = header.cluster_bits
@@ -283,10 +288,14 @@ class _Checker:
         self.dead = True
 
     def overlap(self, offset: int, size: int) -> str | None:
-        """QEMU's ``qcow2_check_metadata_overlap`` (default "cached" checks): the metadata
-        a write of ``[offset, offset+size)`` would hit, or None."""
-        if offset < self.cluster_size:
-            return "qcow2_header"
+        """QEMU's ``qcow2_check_metadata_overlap`` with the image's ``overlap-check``
+        options ("cached" by default): the metadata a write of ``[offset, offset+size)``
+        would hit, or None."""
+        chk = self.overlap_checks
+        if not size:
+            return None
+        if chk & ol.MAIN_HEADER and offset < self.cluster_size:
+            return ol.NAMES[ol.MAIN_HEADER]
         mask = self.cluster_size - 1
         start = offset & ~mask
         end = layout.align_up(offset + size, self.cluster_size)
@@ -295,36 +304,56 @@ class _Checker:
             return bool(length) and other < end and start < other + length
 
         h = self.h
-        if h.l1_size and hits(h.l1_table_offset, h.l1_size * 8):
-            return "active L1 table"
-        if hits(h.refcount_table_offset, len(self.reftable) * 8):
-            return "refcount table"
-        if hits(self.snapshots_offset, self.snapshots_size):
-            return "snapshot table"
-        for sn in self.snapshots:
-            if sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8):
-                return "inactive L1 table"
-        for entry in self.l1_table:
-            if entry & layout.L1E_OFFSET_MASK and hits(
-                entry & layout.L1E_OFFSET_MASK, self.cluster_size
-            ):
-                return "active L2 table"
-        for entry in self.reftable:
-            if entry & layout.REFT_OFFSET_MASK and hits(
-                entry & layout.REFT_OFFSET_MASK, self.cluster_size
-            ):
-                return "refcount block"
+        if chk & ol.ACTIVE_L1 and h.l1_size and hits(h.l1_table_offset, h.l1_size * 8):
+            return ol.NAMES[ol.ACTIVE_L1]
+        if chk & ol.REFCOUNT_TABLE and hits(h.refcount_table_offset, len(self.reftable) * 8):
+            return ol.NAMES[ol.REFCOUNT_TABLE]
+        if chk & ol.SNAPSHOT_TABLE and hits(self.snapshots_offset, self.snapshots_size):
+            return ol.NAMES[ol.SNAPSHOT_TABLE]
+        if chk & ol.INACTIVE_L1:
+            for sn in self.snapshots:
+                if sn.l1_size and hits(sn.l1_table_offset, sn.l1_size * 8):
+                    return ol.NAMES[ol.INACTIVE_L1]
+        if chk & ol.ACTIVE_L2:
+            for entry in self.l1_table:
+                if entry & layout.L1E_OFFSET_MASK and hits(
+                    entry & layout.L1E_OFFSET_MASK, self.cluster_size
+                ):
+                    return ol.NAMES[ol.ACTIVE_L2]
+        if chk & ol.REFCOUNT_BLOCK:
+            for entry in self.reftable:
+                if entry & layout.REFT_OFFSET_MASK and hits(
+                    entry & layout.REFT_OFFSET_MASK, self.cluster_size
+                ):
+                    return ol.NAMES[ol.REFCOUNT_BLOCK]
+        if chk & ol.INACTIVE_L2:
+            # QEMU reads each snapshot's L1 table from the file for this one
+            for sn in self.snapshots:
+                for entry in self._read_u64_table(sn.l1_table_offset, sn.l1_size):
+                    if entry & layout.L1E_OFFSET_MASK and hits(
+                        entry & layout.L1E_OFFSET_MASK, self.cluster_size
+                    ):
+                        return ol.NAMES[ol.INACTIVE_L2]
+        bitmaps = h.bitmaps_extension
+        if (
+            chk & ol.BITMAP_DIRECTORY
+            and h.autoclear_features & layout.AUTOCLEAR_BITMAPS
+            and bitmaps is not None
+            and hits(bitmaps[2], bitmaps[1])
+        ):
+            return ol.NAMES[ol.BITMAP_DIRECTORY]
         return None
 
     def checked_write(self, offset: int, data: bytes, res: CheckResult, what: str) -> None:
         """Write metadata after the overlap check; failures raise _CheckFailed(EIO) with
         QEMU's ``what: strerror`` report."""
-        hit = None if self.dead else self.overlap(offset, len(data))
+        # A node QEMU made unusable (drv = NULL) still writes through to its file: only
+        # the overlap check (with the image's options) stops a write.
+        hit = self.overlap(offset, len(data))
         if hit is not None:
             self.signal_corruption(
                 f"Preventing invalid write on metadata (overlaps with {hit})", res
             )
-        if self.dead:
             res.messages.append(f"qemu-img: {what}: Input/output error")
             res.check_errors += 1
             raise _CheckFailed(errno.EIO)
@@ -376,6 +405,10 @@ class _Checker:
         block = self._refblock(block_offset)
         entry = cluster & ((1 << self.refblock_bits) - 1)
         write_refcount(block, entry, self.refcount_bits, value)
+        if self.dead:
+            # QEMU's dirty cached block is never written: after a fatal corruption its
+            # node has no driver left to flush it (nor to close it)
+            return
         # Write the whole sector holding the entry (QEMU flushes the cached block).
         byte = entry * self.refcount_bits // 8
         start = byte - byte % 512
@@ -1316,9 +1349,19 @@ def _fix_snapshot_table(c: _Checker, res: CheckResult) -> None:
     res.corruptions = 0
 
 
-def _one_pass(f: HostFile, header: Header, fix: int, filename: str) -> CheckResult:
-    """QEMU's ``qcow2_co_check_locked``: one check (and repair) pass."""
-    c = _Checker(f, header, fix)
+def _one_pass(
+    f: HostFile, header: Header, fix: int, filename: str, overlap_checks: int, dead: list[bool]
+) -> CheckResult:
+    """QEMU's ``qcow2_co_check_locked``: one check (and repair) pass; ``dead`` gets
+    whether it signaled a fatal corruption (QEMU's node is unusable after)."""
+    c = _Checker(f, header, fix, overlap_checks)
+    try:
+        return _checked_pass(c, f, header, fix, filename)
+    finally:
+        dead.append(c.dead)
+
+
+def _checked_pass(c: _Checker, f: HostFile, header: Header, fix: int, filename: str) -> CheckResult:
     # One message list: QEMU prints findings as it goes, so their order is chronological.
     result = CheckResult(filename)
     snapshot_res = CheckResult(filename, messages=result.messages)
@@ -1355,13 +1398,22 @@ def _one_pass(f: HostFile, header: Header, fix: int, filename: str) -> CheckResu
 
 
 def check_file(
-    f: HostFile, header: Header, repair: str | None = None, *, filename: str | None = None
+    f: HostFile,
+    header: Header,
+    repair: str | None = None,
+    *,
+    filename: str | None = None,
+    overlap_checks: int = ol.DEFAULT,
 ) -> CheckResult:
     """Check (and with ``repair`` "leaks"/"all", repair) the image open as ``f``.
 
     Returns what ``qemu-img check [-r ...]`` reports: after a repair that fixed something,
     the image is checked again and the result of that second pass is returned with the
     fixed counts of the first (``repaired`` is then True, ``messages`` holds both passes).
+    ``overlap_checks``: what the repair's writes are checked against (:mod:`qcow2.overlap`
+    flags, from the ``overlap-check`` open options as QEMU's check uses them).  A repair
+    that signaled a fatal corruption and still fixed something fails its second pass with
+    ENOMEDIUM, as qemu-img's does (QEMU's node has no driver any more).
     """
     if repair not in REPAIR_MODES:
         raise ValueError(f"invalid repair mode {repair!r} (expected 'leaks' or 'all')")
@@ -1369,26 +1421,32 @@ def check_file(
     if fix and not f.writable:
         raise ReadOnlyError("repair needs an image opened for writing", path=f.path)
     name = filename if filename is not None else f.path
-    first = _guarded_pass(f, header, fix, name)
+    dead: list[bool] = []
+    first = _guarded_pass(f, header, fix, name, overlap_checks, dead)
     if first.error is None and (first.corruptions_fixed or first.leaks_fixed):
         f.flush()
-        fresh = read_header(f, mode="check")
-        second = _guarded_pass(f, fresh, 0, name)
+        if any(dead):
+            second = CheckResult(name, error=os.strerror(errno.ENOMEDIUM))
+        else:
+            fresh = read_header(f, mode="check")
+            second = _guarded_pass(f, fresh, 0, name, overlap_checks, dead)
+            header.assign(fresh)
         second.messages[:0] = first.messages
         second.corruptions_fixed = first.corruptions_fixed
         second.leaks_fixed = first.leaks_fixed
         second.repaired = True
-        header.assign(fresh)
         return second
     if fix:
         f.flush()
     return first
 
 
-def _guarded_pass(f: HostFile, header: Header, fix: int, filename: str) -> CheckResult:
+def _guarded_pass(
+    f: HostFile, header: Header, fix: int, filename: str, overlap_checks: int, dead: list[bool]
+) -> CheckResult:
     """One pass; host I/O failures end it as "Check failed" instead of propagating."""
     try:
-        return _one_pass(f, header, fix, filename)
+        return _one_pass(f, header, fix, filename, overlap_checks, dead)
     except Qcow2IOError as err:
         res = CheckResult(filename, check_errors=1, error=os.strerror(err.errno))
         res.messages.append(f"ERROR: {err.message}")
@@ -1399,7 +1457,8 @@ def check_image(image: Any, repair: str | None = None) -> CheckResult:
     """``Image.check()``: check the open ``image`` (its host file and parsed header)."""
     f: HostFile = image.file
     header: Header = image.header
-    return check_file(f, header, repair, filename=image.path)
+    checks = getattr(image, "overlap_checks", ol.DEFAULT)
+    return check_file(f, header, repair, filename=image.path, overlap_checks=checks)
 
 
 def repair_image_file(f: HostFile, header: Header) -> CheckResult:

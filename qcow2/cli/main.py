@@ -167,12 +167,19 @@ def _cmd_check(args: Arguments) -> int:
             raise  # no secret for the key (already worded)
         except Qcow2Error as err:
             raise _open_error(spec.arg, err) from err
-        result = check_file(f, header, args.r, filename=spec.arg)
+        from ..overlap import parse_options as parse_overlap_options
+
+        checks = parse_overlap_options(spec.options)  # validated by _spec already
+        result = check_file(f, header, args.r, filename=spec.arg, overlap_checks=checks)
     finally:
         f.close()
     for line in result.messages:
         sys.stderr.write(line + "\n")
     if result.error is not None:
+        if result.repaired and args.output != "json":
+            # qemu-img says what it repaired before the second pass fails
+            sys.stdout.write(format_check_human(result).split("Double checking")[0])
+            sys.stdout.write("Double checking the fixed image now...\n")
         raise CommandError(f"Check failed: {result.error}")
     if args.output == "json":
         sys.stdout.write(qemu_json(result.to_json()) + "\n")
