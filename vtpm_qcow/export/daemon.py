@@ -463,9 +463,12 @@ async def _serve_swtpm(
             await _wait_swtpm(instance)
             run.cancel_scope.cancel()
         log.info("swtpm %d exited with %s", instance.pid, instance.proc.returncode)
-        if config.incoming is not None:
-            log.warning("swtpm ended before the incoming migration completed; image untouched")
-        if not config.keep_serving or config.incoming is not None:
+        if config.incoming is not None:  # QEMU failed, cancelled or died: not migrated
+            raise MountError(
+                "swtpm ended before the incoming migration completed; image untouched",
+                path=fs.store.path,
+            )
+        if not config.keep_serving:
             pyfuse3.terminate()
             return
 
