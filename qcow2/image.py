@@ -36,7 +36,13 @@ from .errors import (
     signal_corruption,
 )
 from .format import layout
-from .format.header import Header, HeaderExtension, read_header, write_header_fields
+from .format.header import (
+    Header,
+    HeaderExtension,
+    clear_unknown_autoclear,
+    read_header,
+    write_header_fields,
+)
 from .format.layout import SubclusterType
 from .io.cache import TableCache
 from .io.fileio import HostFile, fault_point
@@ -1315,16 +1321,13 @@ def _open_for_library(
         raise UnsupportedFeatureError(
             "images with an external data file are not supported", path=path
         )
-    kept = layout.AUTOCLEAR_BITMAPS | layout.AUTOCLEAR_COMMIT_RECORDS
-    unknown_autoclear = header.autoclear_features & ~kept
-    if writable and header.version >= 3 and unknown_autoclear:
+    if writable:
         # Autoclear bits we do not maintain are cleared before the first write, as
         # QEMU does for the bits it does not know.  The bitmaps bit stays until guest
         # data changes (Image._guest_data_changes): snapshot create/delete keep bitmaps.
         # The commit records' bit is ours: the open rolled forward (_roll_forward).
-        header.autoclear_features &= kept
-        write_header_fields(f, autoclear_features=header.autoclear_features)
-        f.flush()
+        kept = layout.AUTOCLEAR_BITMAPS | layout.AUTOCLEAR_COMMIT_RECORDS
+        clear_unknown_autoclear(f, header, kept)
     if writable and header.dirty:
         from .check import repair_image_file
 

@@ -134,7 +134,7 @@ def _cmd_info(args: Arguments) -> int:
 def _cmd_check(args: Arguments) -> int:
     from ..check import check_file
     from ..errors import Qcow2Error
-    from ..format.header import read_header
+    from ..format.header import clear_unknown_autoclear, read_header
     from ..image import open_backing, require_io_resources
     from ..io.fileio import HostFile
     from ..tools.check import format_check_human
@@ -160,6 +160,8 @@ def _cmd_check(args: Arguments) -> int:
         try:
             header = read_header(f, mode="check")
             require_io_resources(f, header, _key(spec))
+            if args.r:
+                clear_unknown_autoclear(f, header)
             below = open_backing(f, header, force_share=args.U, mode="qemu")
             if below is not None:
                 below.close()  # qemu-img check opens the backing chain too
@@ -608,7 +610,7 @@ def _cmd_resize(args: Arguments) -> int:
 
 def _cmd_amend(args: Arguments) -> int:
     from ..errors import CorruptImageError, Qcow2Error, UnsupportedFeatureError
-    from ..format.header import read_header
+    from ..format.header import clear_unknown_autoclear, read_header
     from ..io.fileio import HostFile
     from ..io.lock import lock_image
     from ..overlap import parse_options as parse_overlap_options
@@ -638,6 +640,7 @@ def _cmd_amend(args: Arguments) -> int:
             lock_image(f.fd, spec.path, writable=True)
             header = read_header(f, writable=True)
             checks = parse_overlap_options(spec.options)
+            clear_unknown_autoclear(f, header)
         except Qcow2Error as err:
             raise _open_error(spec.arg, err) from err
         try:

@@ -646,6 +646,20 @@ def rewrite_cluster0(f: HostFile, header: Header) -> None:
     f.flush()
 
 
+def clear_unknown_autoclear(
+    f: HostFile, header: Header, known: int = layout.AUTOCLEAR_MASK
+) -> None:
+    """QEMU's read-write open: autoclear bits a program does not maintain are cleared
+    (written and flushed) before its first write, so whatever they vouch for is never
+    trusted after that program's writes.  ``known`` defaults to QEMU's bits: the
+    qemu-img tools (``check -r``, ``amend``) write as QEMU does, also over this library's
+    commit records (:mod:`qcow2.commit_records`)."""
+    if header.version >= 3 and header.autoclear_features & ~known:
+        header.autoclear_features &= known
+        write_header_fields(f, autoclear_features=header.autoclear_features)
+        f.flush()
+
+
 def write_header_fields(f: HostFile, **fields: int) -> None:
     """Write adjacent header fields in one small write (a commit point).
 

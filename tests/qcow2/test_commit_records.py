@@ -378,3 +378,30 @@ def test_a_writable_open_alone_leaves_the_file_as_it_was(tmp_path: Path) -> None
     with qcow2.open(str(img), writable=True) as image:
         image.enable_commit_records()
     assert img.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["check", "-r", "all"], ["amend", "-o", "lazy_refcounts=on"]],
+    ids=["check-r", "amend"],
+)
+def test_qemu_img_tools_clear_the_bit_as_qemu_img_does(tmp_path: Path, command: list[str]) -> None:
+    """``qcow2 check -r`` and ``qcow2 amend`` write as qemu-img does, as programs that
+    know no records: the bit goes first, on both, and both images stay clean."""
+    import subprocess
+    import sys
+
+    img = oracle.create(tmp_path / "a.qcow2", SIZE, cluster_size=4096)
+    with qcow2.open(str(img), writable=True) as image:
+        image.enable_commit_records()
+        image.commit_atomically([(0, b"1" * 3000)])
+        image.commit_atomically([(0, b"2" * 3000)])
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(img, theirs)
+    oracle.qemu_img(*command, str(theirs))
+    subprocess.run([sys.executable, "-m", "qcow2", *command, str(img)], check=True, timeout=60)
+    for path in (img, theirs):
+        autoclear = int.from_bytes(path.read_bytes()[88:96], "big")
+        assert not autoclear & layout.AUTOCLEAR_COMMIT_RECORDS, path
+        oracle.assert_clean(path)
+        assert oracle.convert(path)[:3000] == b"2" * 3000
