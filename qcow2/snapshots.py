@@ -117,7 +117,10 @@ def create_snapshot(
         virtual_size=header.size,
     )
     # The snapshot's L1 copy references the whole active tree once more.
-    txn.reference_tree(l1[:l1_size], 1)
+    if replaced or content or not l1_size:
+        txn.reference_tree(l1[:l1_size], 1)
+    else:
+        _reference_as_qemu(txn, l1[:l1_size], l1_offset)
     if content:
         snap_l1 = _divert(txn, [e & ~layout.OFLAG_COPIED for e in l1[:l1_size]], content)
         txn.stage(l1_offset, _pack_l1(snap_l1))
@@ -125,6 +128,68 @@ def create_snapshot(
     txn.set_snapshots([*entries, entry])
     _commit(txn, f"Could not create snapshot '{name}'")
     return entry
+
+
+def _reference_as_qemu(txn: MetadataTransaction, l1: list[int], l1_offset: int) -> None:
+    """``txn.reference_tree(l1, 1)`` for ``qemu-img snapshot -c``, refusing a damaged
+    image where and as QEMU's ``qcow2_snapshot_create`` does, and leaving the file as it
+    leaves it: QEMU checks the new L1 copy's place against metadata, writes the copy (the
+    active L1 as it is, COPIED flags included), then walks the tree (an unaligned table or
+    cluster is a corruption), then rewrites in place the refcount blocks whose counts change
+    and the L2 tables and the L1 table whose COPIED flags clear, each checked against the
+    other metadata (a refcount block that is also an active L2 table is refused there).
+    The transaction writes none of those in place, so it checks where QEMU would write."""
+    from . import overlap as ol
+    from .errors import CorruptImageError
+
+    image = txn.image
+    cs = txn.cluster_size
+    refcounts = image.refcounts
+    per_block = refcounts.entries_per_block
+    first = l1_offset >> txn.cluster_bits
+    end = first + -(-len(l1) * layout.L1_ENTRY_SIZE // cs)
+    if first // per_block >= len(refcounts.table) or not refcounts.table[first // per_block]:
+        # QEMU's allocation of the copy needs a refcount block: it takes the next cluster
+        # with refcount 0 and writes the block there first
+        block = end
+        while refcounts.get(block):
+            block += 1
+        image._overlap_check(block * cs, cs, ol.REFCOUNT_BLOCK)
+    image._overlap_check(l1_offset, len(l1) * layout.L1_ENTRY_SIZE)
+    try:
+        txn.reference_tree(l1, 1)
+        step = image.header.l2_entry_size // 8
+        for index in range(len(l1)):  # QEMU's walk refuses an unaligned data cluster
+            l2_offset = image.clusters.l2_offset(index)
+            words = _l2_entries(image, l2_offset) if l2_offset else ()
+            for pos in range(0, len(words), step):
+                data = words[pos] & layout.L2E_OFFSET_MASK
+                if not words[pos] & layout.OFLAG_COMPRESSED and data % cs:
+                    image.clusters.decoder.data_offset(words[pos], l2_offset, pos // step)
+        table = refcounts.table
+        blocks = {first // per_block}
+        blocks.update(c // per_block for c, d in txn.delta.items() if d)
+        for index in sorted(blocks):
+            offset = table[index] & layout.REFT_OFFSET_MASK if index < len(table) else 0
+            if offset:
+                image._overlap_check(offset, cs, ol.REFCOUNT_BLOCK)
+        copied = layout.OFLAG_COPIED
+        for index in range(len(l1)):
+            l2_offset = image.clusters.l2_offset(index)
+            if l2_offset and any(e & copied for e in _l2_entries(image, l2_offset)):
+                image._overlap_check(l2_offset, cs, ol.ACTIVE_L2)
+        if any(e & copied for e in l1):
+            offset = image.header.l1_table_offset
+            image._overlap_check(offset, len(l1) * layout.L1_ENTRY_SIZE, ol.ACTIVE_L1)
+    except CorruptImageError:
+        image.file.pwrite(l1_offset, _pack_l1(l1))
+        raise
+
+
+def _l2_entries(image: Image, l2_offset: int) -> tuple[int, ...]:
+    """The 64-bit words of the L2 table at ``l2_offset`` (extended entries: both words)."""
+    table = image.l2_cache.get(l2_offset)
+    return struct.unpack(f">{len(table) // 8}Q", table)
 
 
 def _divert(
