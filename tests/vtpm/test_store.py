@@ -370,7 +370,7 @@ def test_a_failed_commit_forgets_the_kept_bytes(tmp_path: Path) -> None:
     path = tmp_path / "vtpm.qcow2"
     with Store.create(path) as store:
         store.write_section("permall", b"old" * 500)
-        with inject_fault("commit.header_switch"), pytest.raises(OSError):
+        with inject_fault("commit.flush"), pytest.raises(OSError):
             store.write_section("permall", b"new" * 500)
         assert store.read_section("permall") == b"old" * 500
         store.write_section("permall", b"new" * 600)
