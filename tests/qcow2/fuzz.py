@@ -2,15 +2,20 @@
 bounded runner.
 
 Seeds are small images made by ``qemu-img``/``qemu-io`` (v3 with a snapshot, compressed
-and zero clusters and a persistent bitmap; v2; extended L2; 8-bit refcounts).  Each seed
-is parsed into its metadata *fields*: header fields, header extensions (type, length,
-data words), L1 and L2 entries (active and snapshot tables), refcount table and block
-entries, snapshot table entries, the bitmap directory and bitmap tables.  A mutation sets
+and zero clusters and a persistent bitmap; v2; extended L2; 8-bit refcounts; LUKS
+encrypted, two key slots).  Each seed is parsed into its metadata *fields*: header fields,
+header extensions (type, length, data words; the crypto header extension's offset and
+length), L1 and L2 entries (active and snapshot tables), refcount table and block
+entries, snapshot table entries, the bitmap directory and bitmap tables, and the LUKS
+header (magic, version, cipher, mode and hash names, payload offset, key bytes, master key
+digest, salt and iterations, each key slot's state, iterations, salt, key material offset
+and stripes) with the first words of each slot's key material.  A mutation sets
 one field to a value chosen with the field in mind (0, all ones, sign bits, the value
 plus or minus one, one bit flipped, cluster multiples inside and past the file, the L2
 flag bits...).  :func:`exercise` then opens the image read-only, reads it, checks it,
 maps it and reads its first snapshots through the library, and runs ``info``/``check``/``map``
-of the ``qcow2`` command, in a forked child with bounded address space and time.
+of the ``qcow2`` command, in a forked child with bounded address space and time; an
+encrypted image is opened and run through the command a second time with its secret.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import io
 import os
 import resource
 import signal
+import subprocess
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +87,33 @@ HEADER_V3_FIELDS = [
     ("compression_type", 104, 1),
 ]
 BITMAPS_EXTENSION = 0x23852875
+CRYPTO_EXTENSION = 0x0537BE77
+#: The LUKS seed's passphrase (``--object secret,id=sec0,data=...``).
+SECRET = "fuzz-secret"
+SECRET2 = "fuzz-other"
+#: LUKS1 header fields (offset, size) within the header, then per key slot (48 bytes
+#: from 208): QEMU's ``QCryptoBlockLUKSHeader``.
+LUKS_FIELDS = [
+    ("luks_magic", 0, 4),
+    ("luks_magic_end", 4, 2),
+    ("luks_version", 6, 2),
+    *[("luks_cipher_name", 8 + k, 8) for k in range(0, 32, 8)],
+    *[("luks_cipher_mode", 40 + k, 8) for k in range(0, 32, 8)],
+    *[("luks_hash_spec", 72 + k, 8) for k in range(0, 32, 8)],
+    ("luks_payload_offset", 104, 4),
+    ("luks_key_bytes", 108, 4),
+    ("luks_mk_digest", 112, 8),
+    ("luks_mk_digest_salt", 132, 8),
+    ("luks_mk_digest_iter", 164, 4),
+    ("luks_uuid", 168, 8),
+]
+LUKS_SLOT_FIELDS = [
+    ("luks_slot_active", 0, 4),
+    ("luks_slot_iterations", 4, 4),
+    ("luks_slot_salt", 8, 8),
+    ("luks_slot_key_offset", 40, 4),
+    ("luks_slot_stripes", 44, 4),
+]
 
 
 def _words(what: str, offset: int, length: int, size: int = 8) -> list[Field]:
@@ -109,6 +142,12 @@ def parse_fields(data: bytes) -> tuple[int, list[Field]]:
         if kind == 0:
             break
         fields += _words(f"extension_{kind:#x}", pos + 8, min(length, 64))
+        if kind == CRYPTO_EXTENSION:  # the LUKS header's offset and length
+            fields += [
+                Field("crypto_header_offset", pos + 8, 8),
+                Field("crypto_header_length", pos + 16, 8),
+            ]
+            fields += luks_fields(data, _u(data, pos + 8, 8))
         if kind == BITMAPS_EXTENSION:  # nb_bitmaps, reserved, directory size, offset
             fields.append(Field("bitmaps_count", pos + 8, 4))
             bitmap_directory = (_u(data, pos + 24, 8), _u(data, pos + 16, 8))
@@ -182,6 +221,42 @@ def parse_fields(data: bytes) -> tuple[int, list[Field]]:
     return cs, [f for f in fields if f.offset + f.size <= len(data)]
 
 
+def luks_fields(data: bytes, base: int) -> list[Field]:
+    """The LUKS header's fields at ``base``, and each active slot's first key material
+    words (in sectors of 512 bytes from ``base``)."""
+    fields = [Field(what, base + offset, size) for what, offset, size in LUKS_FIELDS]
+    for slot in range(8):
+        at = base + 208 + 48 * slot
+        fields += [Field(what, at + offset, size) for what, offset, size in LUKS_SLOT_FIELDS]
+        if _u(data, at, 4) == 0x00AC71F3:  # enabled: its key material
+            fields += _words("luks_key_material", base + 512 * _u(data, at + 40, 4), 32)
+    return fields
+
+
+def _secret_options(*secrets: tuple[str, str]) -> list[str]:
+    return [a for sid, value in secrets for a in ("--object", f"secret,id={sid},data={value}")]
+
+
+def _seed_luks(path: Path) -> None:
+    """LUKS (iter-time 10 ms: cheap to unlock) with a second key slot, data, a zero cluster
+    and a snapshot."""
+    qemu_img = oracle.need("qemu-img")
+    secret = _secret_options(("sec0", SECRET))
+    opts = f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"
+    for args in (
+        [qemu_img, "create", "-q", "-f", "qcow2", *secret, "-o",
+         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096",
+         os.fspath(path), "256K"],
+        [oracle.need("qemu-io"), *secret, "--image-opts", opts,
+         "-c", "write -P 0x51 0 12k", "-c", "write -z 16k 4k"],
+        [qemu_img, "snapshot", *secret, "--image-opts", opts, "-c", "snap"],
+        [qemu_img, "amend", *_secret_options(("sec0", SECRET), ("sec1", SECRET2)),
+         "--image-opts", opts, "-o",
+         "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10,encrypt.keyslot=1"],
+    ):  # fmt: skip
+        subprocess.run(args, check=True, capture_output=True, timeout=60)
+
+
 def _seed_v3(path: Path) -> None:
     oracle.create(path, 256 * KiB, cluster_size=4096)
     oracle.qemu_io(path, "write -P 0x11 0 20k", "write -c -P 0x12 64k 4k", "write -z 8k 4k")
@@ -215,6 +290,7 @@ SEED_BUILDERS: dict[str, Callable[[Path], None]] = {
     "v2": _seed_v2,
     "extended_l2": _seed_extended_l2,
     "refcount8": _seed_refcount8,
+    "luks": _seed_luks,
 }
 
 
@@ -223,7 +299,14 @@ def build_seeds(directory: Path) -> list[Seed]:
     for name, builder in SEED_BUILDERS.items():
         path = directory / f"{name}.qcow2"
         builder(path)
-        oracle.assert_clean(path)
+        if name == "luks":  # qemu-img check needs the key
+            subprocess.run(
+                [oracle.need("qemu-img"), "check", *_secret_options(("sec0", SECRET)),
+                 "--image-opts", f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        else:
+            oracle.assert_clean(path)
         data = path.read_bytes()
         cs, fields = parse_fields(data)
         seeds.append(Seed(name, data, cs, tuple(fields)))
@@ -283,18 +366,58 @@ def mutated(draw: st.DrawFn, seeds: list[Seed]) -> tuple[str, bytes, list[str]]:
 # Section: the property, run in a bounded child
 
 
+#: PBKDF2 iterations (key slots tried plus the master key digest, per output block) a
+#: keyed open may cost here.  Hostile counts are bounded by ``qcow2.crypto.MAX_ITERATIONS``
+#: (50 million, over a minute per slot): a mutated header above this budget is exercised
+#: without the key only.
+KEYED_OPEN_ITERATIONS = 2_000_000
+
+
+def keyed_open_cost(path: str) -> int | None:
+    """What unlocking ``path`` with the seed's secret may cost in PBKDF2 iterations; None
+    if it is no LUKS image the library accepts (nothing to unlock)."""
+    from qcow2.crypto import HASHES, read_luks_header
+    from qcow2.errors import Qcow2Error
+    from qcow2.format.header import read_header
+    from qcow2.io.fileio import HostFile
+
+    f = HostFile(path, writable=False)
+    try:
+        area = read_header(f, mode="qemu").crypto_header
+        if area is None:
+            return None
+        luks = read_luks_header(f, *area)
+    except Qcow2Error:
+        return None
+    finally:
+        f.close()
+    size = HASHES[luks.hash_spec]().digest_size
+    blocks = -(-luks.key_bytes // size)
+    slots = sum(slot.iterations * blocks for slot in luks.slots if slot.enabled)
+    return slots + luks.mk_digest_iter * -(-20 // size)
+
+
 def exercise(path: str) -> None:
     """What any image must survive with nothing but :class:`~qcow2.errors.Qcow2Error`:
     a read-only open, reads at the start, middle and end, check, map, each snapshot's
     first bytes; and ``qcow2 info``/``check``/``map --output=json`` exit as qemu-img may
-    (0-3, 63) without an internal error."""
+    (0-3, 63) without an internal error.  A LUKS image (within
+    :data:`KEYED_OPEN_ITERATIONS`) goes through all of it again with the seed's secret."""
+    _exercise(path, None)
+    cost = keyed_open_cost(path)
+    if cost is not None and cost <= KEYED_OPEN_ITERATIONS:
+        _exercise(path, SECRET)
+
+
+def _exercise(path: str, secret: str | None) -> None:
     import qcow2
     from qcow2.cli.main import main
     from qcow2.errors import Qcow2Error
     from qcow2.tools.map import map_entries
 
+    key = secret.encode() if secret is not None else None
     try:
-        with qcow2.open(path) as image:
+        with qcow2.open(path, key_secret=key) as image:
             size = image.virtual_size
             for offset in {0, size // 2 // 512 * 512, max(size - 65536, 0)}:
                 image.read(offset, min(65536, size - offset))
@@ -306,7 +429,12 @@ def exercise(path: str) -> None:
                     view.read(0, min(65536, view.virtual_size))
     except Qcow2Error:
         pass
-    for argv in (["info", path], ["check", path], ["map", "--output=json", path]):
+    commands: list[list[str]] = [["info", path], ["check", path], ["map", "--output=json", path]]
+    if secret is not None:
+        spec = f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"
+        options = ["--object", f"secret,id=sec0,data={secret}", "--image-opts", spec]
+        commands = [[argv[0], *argv[1:-1], *options] for argv in commands]
+    for argv in commands:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)

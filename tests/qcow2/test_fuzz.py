@@ -6,6 +6,10 @@ snapshots and the ``qcow2`` command's ``info``/``check``/``map`` raise nothing b
 :class:`~qcow2.errors.Qcow2Error` (exit codes 0-3, no internal error), within 20 s and
 512 MiB of extra address space (a forked child under RLIMIT_AS and an alarm).
 
+The seeds include a LUKS-encrypted image (two key slots): its crypto header extension and
+LUKS header are fuzz targets, and an encrypted image is exercised a second time with its
+secret (when unlocking it costs at most :data:`tests.qcow2.fuzz.KEYED_OPEN_ITERATIONS`).
+
 The suite runs a bounded number of examples (about a minute here).  A longer run:
 ``VTPM_QCOW_FUZZ_EXAMPLES=100000 python -m pytest tests/qcow2/test_fuzz.py``; every
 finding becomes an image builder in :data:`tests.qcow2.corrupt_corpus.FUZZ_FINDINGS`,
@@ -95,3 +99,34 @@ def expected_for(result: tuple[int, str, str], theirs: Path, ours: Path) -> tupl
     code, out, err = result
     swap = (os.fspath(theirs), os.fspath(ours))
     return code, out.replace(*swap), err.replace(*swap)
+
+
+def test_luks_header_is_a_fuzz_target(tmp_path: Path) -> None:
+    """The LUKS seed's fields cover the crypto header extension, the LUKS header and its
+    key slots, and the keyed pass of :func:`fuzz.exercise` unlocks the seed itself."""
+    seed = next(s for s in seeds() if s.name == "luks")
+    kinds = {f.what for f in seed.fields}
+    assert {
+        "crypto_header_offset",
+        "crypto_header_length",
+        "luks_magic",
+        "luks_payload_offset",
+        "luks_key_bytes",
+        "luks_mk_digest_iter",
+        "luks_slot_active",
+        "luks_slot_iterations",
+        "luks_slot_key_offset",
+        "luks_slot_stripes",
+        "luks_key_material",
+    } <= kinds
+    # both key slots (the second added by qemu-img amend) carry key material fields
+    assert len({f.offset // 4096 for f in seed.fields if f.what == "luks_key_material"}) >= 2
+    path = tmp_path / "luks.qcow2"
+    path.write_bytes(seed.data)
+    cost = fuzz.keyed_open_cost(os.fspath(path))
+    assert cost is not None and 0 < cost <= fuzz.KEYED_OPEN_ITERATIONS
+    import qcow2
+
+    with qcow2.open(os.fspath(path), key_secret=fuzz.SECRET.encode()) as image:
+        assert image.read(0, 4096) == b"\x51" * 4096
+    assert fuzz.run_bounded(os.fspath(path)) is None
