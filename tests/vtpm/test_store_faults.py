@@ -42,11 +42,12 @@ from tests.vtpm.mount_fixtures import (
     NV_INDEX,
     Mount,
     create_image,
+    is_mounted,
     mounted,
     state_blob,
 )
 from tests.vtpm.swtpm_fixtures import running_swtpm, setup_state, tpm_client
-from vtpm_qcow.errors import SwtpmError, TpmResponseError
+from vtpm_qcow.errors import StoreError, SwtpmError, TpmResponseError
 from vtpm_qcow.export.control import RUNTIME_DIR_ENV
 from vtpm_qcow.export.instruments import FAIL_IO_ENV
 from vtpm_qcow.state import linear
@@ -353,3 +354,45 @@ def test_a_full_file_system_fails_the_store_and_the_next_one_commits(
                     assert read_index(tpm, index) == data, hex(index)
             mount.stop()
         assert check_exit(image) in (0, 3)
+
+
+def test_a_fault_point_fails_the_daemons_own_operation(tmp_path: Path, base_image: Path) -> None:
+    """``point:NAME:ERRNO`` arms a qcow2 fault point for the daemon's life: a snapshot
+    through the control socket fails with one line naming the errno, the image keeps no
+    snapshot and stays clean, and swtpm's stores (another operation) still commit."""
+    image = tmp_path / "vtpm.qcow2"
+    shutil.copyfile(base_image, image)
+    fault = "point:snapshot_create.write_metadata:ENOSPC"
+    with mounted(image, tmp_path / "mnt", view="file", env={FAIL_IO_ENV: fault}) as mount:
+        with mount.control() as control:
+            with pytest.raises(StoreError) as failed:
+                control.snapshot_create("t1")
+            assert "injected fault at snapshot_create.write_metadata" in str(failed.value)
+            assert "\n" not in str(failed.value)
+            assert control.snapshot_list() == []
+        with tpm_on(mount, tmp_path / "sw") as (_, tpm):
+            assert nv_write(tpm, B)
+        assert check_exit(image, shared=True) in (0, 3)
+        mount.stop()
+    assert check_exit(image) == 0
+
+
+@pytest.mark.parametrize(
+    "value", ["write:0:EIO", "write:x:EIO", "read:1:EIO", "write:1:ENOTANERRNO", "write"]
+)
+def test_a_bad_fault_setting_is_refused(tmp_path: Path, base_image: Path, value: str) -> None:
+    """A malformed ``$VTPM_QCOW_TEST_FAIL_IO`` stops the mount with one line naming it."""
+    image = tmp_path / "vtpm.qcow2"
+    shutil.copyfile(base_image, image)
+    (tmp_path / "mnt").mkdir()
+    done = subprocess.run(
+        [need("vtpm-qcow"), "mount", str(image), str(tmp_path / "mnt")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, FAIL_IO_ENV: value},
+        check=False,
+    )
+    assert done.returncode == 1, done
+    assert FAIL_IO_ENV in done.stderr and len(done.stderr.strip().splitlines()) == 1, done
+    assert not is_mounted(tmp_path / "mnt")
