@@ -13,10 +13,12 @@ Workloads (a fresh swtpm each):
 
 * NV writes: one NV index, then ``--commands`` TPM2_NV_Write commands with new random data,
   each of which makes swtpm store its whole permanent state once.  Reported: commands/s,
-  latency p50/p95/p99, FUSE requests, the time inside vtpm-qcow's request handlers (the
-  commit with its fdatasyncs included, and of it the time in the image flushes; not
-  pyfuse3's and trio's own per-request work) and image flushes per commit (vtpm-qcow's own
-  counters), the fdatasync latency of the image's file system and the ceiling it implies.
+  latency p50/p95/p99, the storage daemon's CPU time per command (its threads' time on a
+  CPU: a cost that load on the machine changes little), FUSE requests, the time inside
+  vtpm-qcow's request handlers (the commit with its fdatasyncs included, and of it the time
+  in the image flushes; not pyfuse3's and trio's own per-request work) and image flushes
+  per commit (vtpm-qcow's own counters), the fdatasync latency of the image's file system
+  and the ceiling it implies.
 * measured boot: TPM2_Startup(CLEAR), ``--boot-extends`` PCR_Extends over PCRs 0-9 with a
   PCR_Read after every third, 4 NV writes, 2 HierarchyChangeAuth (the owner password set,
   then cleared again), a read of all 24 PCRs, TPM2_Shutdown(STATE): the trace timed end to
@@ -93,6 +95,8 @@ class Result:
     handler_ms_per_commit: float | None = None
     flush_ms_per_commit: float | None = None
     flushes_per_commit: float | None = None
+    #: CPU seconds the storage daemon spent during the workload (user + system)
+    daemon_cpu_s: float | None = None
 
     @property
     def rate(self) -> float:
@@ -201,6 +205,20 @@ def proc_status(pid: int) -> Memory:
     return memory
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """Seconds process ``pid``'s live threads have run on a CPU so far (the scheduler's
+    nanosecond count in /proc/PID/task/*/schedstat; None if it has gone)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def note_swtpm(stack: Stack, pid: int) -> None:
     """Keep the larger of ``stack``'s swtpm figures and those of swtpm ``pid`` now."""
     now = proc_status(pid)
@@ -277,10 +295,14 @@ def nv_writes(tpm: Tpm, commands: int, result: Result) -> None:
 
 
 def nv_workload(stack: Stack, workdir: Path, commands: int, result: Result) -> None:
-    """Define the index, time ``commands`` NV writes."""
+    """Define the index, time ``commands`` NV writes (and the daemon's CPU time in them)."""
     with swtpm_session(stack, workdir) as (tpm, _):
         tpm.nv_define_space(NV_INDEX, NV_SIZE)
+        before = cpu_seconds(stack.daemon_pid) if stack.daemon_pid else None
         nv_writes(tpm, commands, result)
+        after = cpu_seconds(stack.daemon_pid) if stack.daemon_pid else None
+        if before is not None and after is not None:
+            result.daemon_cpu_s = after - before
 
 
 def boot_traces(stack: Stack, workdir: Path, extends: int) -> BootResult:
@@ -630,6 +652,8 @@ def merge(rounds: list[Run]) -> Run:
         [t for r in rounds for t in r.nv.latencies],
         sum(r.nv.elapsed for r in rounds),
     )
+    cpu = [r.nv.daemon_cpu_s for r in rounds if r.nv.daemon_cpu_s is not None]
+    nv.daemon_cpu_s = sum(cpu) if len(cpu) == len(rounds) else None
     for name in (
         "requests_per_commit",
         "handler_ms_per_commit",
@@ -699,20 +723,22 @@ def nv_report(runs: list[Run], fsync_s: float, commands: int) -> list[str]:
         f"one state store each; fdatasync median {fsync_s * 1e6:.0f} µs",
         "",
         "| stack | cmd/s | vs qsd | p50 ms | p95 ms | p99 ms | daemon RSS MiB | "
-        "FUSE req/commit | handler ms/commit | of which flush ms | flushes/commit | "
-        "flush ceiling cmd/s | snap create ms | snap apply ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "daemon CPU µs/cmd | FUSE req/commit | handler ms/commit | of which flush ms | "
+        "flushes/commit | flush ceiling cmd/s | snap create ms | snap apply ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         r = run.nv
         ratio = r.rate / base.rate if base and base.rate else None
         ceiling = 1 / (r.flushes_per_commit * fsync_s) if r.flushes_per_commit else None
+        cpu_us = r.daemon_cpu_s / len(r.latencies) * 1e6 if r.daemon_cpu_s is not None else None
         snaps = run.snapshots
         lines.append(
             f"| {r.stack} | {r.rate:.0f} | {fmt(ratio, '.2f')} | {r.percentile(0.5):.2f} | "
             f"{r.percentile(0.95):.2f} | {r.percentile(0.99):.2f} | "
             f"{mib(run.daemon.rss_kib if run.daemon else None)} | "
-            f"{fmt(r.requests_per_commit)} | {fmt(r.handler_ms_per_commit, '.3f')} | "
+            f"{fmt(cpu_us, '.0f')} | {fmt(r.requests_per_commit)} | "
+            f"{fmt(r.handler_ms_per_commit, '.3f')} | "
             f"{fmt(r.flush_ms_per_commit, '.3f')} | "
             f"{fmt(r.flushes_per_commit)} | "
             f"{fmt(ceiling, '.0f')} | "
