@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import RequestError, StoreError
 from ..state.capture import StateCapture, from_wire
+from ..state.record import Record
 
 #: ``struct ucred`` (pid, uid, gid) of ``SO_PEERCRED``.
 _PEERCRED = struct.Struct("3i")
@@ -100,9 +101,11 @@ def pid_path_for(image: str | os.PathLike[str]) -> Path:
 
 
 def to_json(value: Any) -> Any:
-    """``value`` with dataclasses, enums, bytes and paths turned into JSON types."""
+    """``value`` with dataclasses, records, enums, bytes and paths turned into JSON types."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Record):
+        return {name: to_json(getattr(value, name)) for name in value.field_names()}
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):

@@ -10,10 +10,13 @@ not check out (totlen != length, min_version > 2) as a headerless version 1 blob
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
 
 from ..errors import StateFormatError
+from .record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 BLOB_HEADER_STRUCT: Final = struct.Struct(">BBHHI")  # version, min_version, hdrsize, flags, totlen
 TLV_HEADER_STRUCT: Final = struct.Struct(">HI")  # tag, length
@@ -50,15 +53,20 @@ TAG_NAMES: Final = {
 }
 
 
-@dataclass(frozen=True)
-class BlobHeader:
+class BlobHeader(Record):
     """The fixed header of a state blob."""
 
+    __slots__ = _FIELDS = ("version", "min_version", "hdrsize", "flags", "totlen")
     version: int
     min_version: int
     hdrsize: int
     flags: int
     totlen: int
+
+    def __init__(
+        self, version: int, min_version: int, hdrsize: int, flags: int, totlen: int
+    ) -> None:
+        self._init(version, min_version, hdrsize, flags, totlen)
 
     @property
     def flag_names(self) -> list[str]:
@@ -68,13 +76,16 @@ class BlobHeader:
         return names + ([f"0x{unknown:x}"] if unknown else [])
 
 
-@dataclass(frozen=True)
-class Tlv:
+class Tlv(Record):
     """One TLV of a blob: tag, its name, where its value starts and how long it is."""
 
+    __slots__ = _FIELDS = ("tag", "offset", "length")
     tag: int
     offset: int
     length: int
+
+    def __init__(self, tag: int, offset: int, length: int) -> None:
+        self._init(tag, offset, length)
 
     @property
     def name(self) -> str:
@@ -82,13 +93,16 @@ class Tlv:
         return TAG_NAMES.get(self.tag, f"tag-{self.tag}")
 
 
-@dataclass(frozen=True)
-class BlobInfo:
+class BlobInfo(Record):
     """A parsed blob: its header (None for a headerless v1 blob) and TLVs."""
 
+    __slots__ = _FIELDS = ("size", "header", "tlvs")
     size: int
     header: BlobHeader | None
     tlvs: tuple[Tlv, ...]
+
+    def __init__(self, size: int, header: BlobHeader | None, tlvs: tuple[Tlv, ...]) -> None:
+        self._init(size, header, tlvs)
 
     @property
     def encrypted(self) -> bool:

@@ -26,13 +26,15 @@ into the new layout followed by zeros, so a new section never inherits stale byt
 
 from __future__ import annotations
 
-import functools
 import itertools
 import struct
-from dataclasses import dataclass
-from typing import Final
 
 from ..errors import StateFormatError
+from .record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 MAGIC: Final = 0x737774706D6C696E
 MAGIC_BYTES: Final = struct.pack("<Q", MAGIC)
@@ -63,13 +65,16 @@ _SKIP_SIZES: Final = (4096, 512, 64, 8, 1)
 _TRIM_SIZES: Final = (64, 8, 1)
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(Record):
     """One slot of the header: where a section lives and how much of it is valid."""
 
-    offset: int = 0
-    data_length: int = 0
-    section_length: int = 0
+    __slots__ = _FIELDS = ("offset", "data_length", "section_length")
+    offset: int
+    data_length: int
+    section_length: int
+
+    def __init__(self, offset: int = 0, data_length: int = 0, section_length: int = 0) -> None:
+        self._init(offset, data_length, section_length)
 
     @property
     def allocated(self) -> bool:
@@ -90,19 +95,34 @@ class Slot:
 EMPTY_SLOT: Final = Slot()
 
 
-@dataclass(frozen=True)
-class LinearHeader:
+class LinearHeader(Record):
     """The parsed header of a linear state file."""
 
-    version: int = VERSION
-    hdrsize: int = HEADER_SIZE
-    slots: tuple[Slot, ...] = (EMPTY_SLOT,) * MAX_SLOTS
+    _FIELDS = ("version", "hdrsize", "slots")
+    __slots__ = (*_FIELDS, "_end")
+    version: int
+    hdrsize: int
+    slots: tuple[Slot, ...]
+    _end: int | None
 
-    @functools.cached_property
+    def __init__(
+        self,
+        version: int = VERSION,
+        hdrsize: int = HEADER_SIZE,
+        slots: tuple[Slot, ...] = (EMPTY_SLOT,) * MAX_SLOTS,
+    ) -> None:
+        self._init(version, hdrsize, slots)
+        object.__setattr__(self, "_end", None)
+
+    @property
     def end(self) -> int:
         """Logical size of the linear file: end of the last section, at least hdrsize
         (computed once: a section store asks several times)."""
-        return max([self.hdrsize, *(s.end for s in self.slots if s.allocated)])
+        if self._end is None:
+            end = max([self.hdrsize, *(s.end for s in self.slots if s.allocated)])
+            object.__setattr__(self, "_end", end)
+            return end
+        return self._end
 
     def slot(self, name: str) -> Slot:
         """The slot of section ``name`` ("permall", "volatilestate", "savestate")."""
@@ -122,17 +142,22 @@ class LinearHeader:
         return LinearHeader(self.version, self.hdrsize, tuple(slots))
 
 
-@dataclass(frozen=True)
-class LinearUpdate:
+class LinearUpdate(Record):
     """The result of a section store/delete.
 
     ``writes`` are non-overlapping ``(offset, data)`` extents, in offset order, that turn the
     old bytes into the new ones; ``size`` is the new logical file size (header.end).
     """
 
+    __slots__ = _FIELDS = ("header", "writes", "size")
     header: LinearHeader
     writes: tuple[tuple[int, bytes], ...]
     size: int
+
+    def __init__(
+        self, header: LinearHeader, writes: tuple[tuple[int, bytes], ...], size: int
+    ) -> None:
+        self._init(header, writes, size)
 
 
 def slot_number(name: str) -> int:
@@ -179,14 +204,26 @@ def parse_header(
     size = len(data) if size is None else size
     if len(data) < HEADER_SIZE:
         raise StateFormatError(f"{len(data)} bytes, shorter than the linear header", path=source)
-    return _parse_header_bytes(bytes(data[:HEADER_SIZE]), size, source)
+    key = (bytes(data[:HEADER_SIZE]), size, source)
+    header = _PARSED.get(key)
+    if header is None:
+        header = _parse_header_bytes(*key)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = header
+    return header
 
 
-@functools.lru_cache(maxsize=64)
+#: :func:`parse_header`'s memo, by (header bytes, size, source): a store parses the same
+#: header several times per section write (the result is immutable; errors are not
+#: cached).  A dict rather than functools.lru_cache, whose import (collections) the
+#: read-only commands' start-up does without; emptied when full.
+_PARSED: dict[tuple[bytes, int, str], LinearHeader] = {}
+_PARSED_MAX: Final = 64
+
+
 def _parse_header_bytes(data: bytes, size: int, source: str) -> LinearHeader:
-    """:func:`parse_header` of exactly the header's bytes, memoized: a store parses the
-    same header several times per section write (the result is immutable; errors are
-    not cached)."""
+    """:func:`parse_header` of exactly the header's bytes."""
     magic, version, _pad, hdrsize = HEADER_PREFIX_STRUCT.unpack_from(data)
     if magic != MAGIC:
         raise StateFormatError(f"bad magic 0x{magic:016x} (not a swtpm linear file)", path=source)

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Final
 
 from ..errors import StateFormatError, SwtpmError, TpmError, TpmResponseError
 from . import linear
@@ -34,10 +31,14 @@ from .blob import (
     TLV_HEADER_STRUCT,
     TPM2_PERMALL_MAGIC,
 )
+from .record import Record
 from .secret import staging_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Final
+
     from ..tpm.swtpm import Swtpm
 
 #: libtpms' TPM_RC_FAILURE: the TPM is in failure mode (its state did not unmarshal).
@@ -49,17 +50,20 @@ _TPM12_GET_RANDOM: Final = struct.pack(">HIII", 0x00C1, 14, 0x46, 16)
 NO_STATE: Final = "no TPM state: swtpm would manufacture a new TPM"
 
 
-@dataclass(frozen=True)
-class ProbeResult:
+class ProbeResult(Record):
     """Whether swtpm loads a state; ``reason`` says why not (one line), else None.
 
     ``dry_loaded`` is False when the state could not be tried (an encrypted state needs
     swtpm's key): ``loadable`` is then True (nothing says otherwise) and ``reason`` says so.
     """
 
+    __slots__ = _FIELDS = ("loadable", "reason", "dry_loaded")
     loadable: bool
-    reason: str | None = None
-    dry_loaded: bool = True
+    reason: str | None
+    dry_loaded: bool
+
+    def __init__(self, loadable: bool, reason: str | None = None, dry_loaded: bool = True) -> None:
+        self._init(loadable, reason, dry_loaded)
 
 
 def _swtpm_payload(data: bytes) -> tuple[bytes | None, str]:
@@ -197,6 +201,7 @@ def probe_layout(
     # only a dry load needs these (info and serve's quick check do not)
     import shutil
     import tempfile
+    from pathlib import Path
 
     from ..tpm.swtpm import find_tool
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, cast
 
 from ..errors import SecretError
+from .record import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Final
 
 #: What a command needs to be told when an encrypted image gets no secret.
 OPTIONS_HINT: Final = "--secret-file, --secret-fd, --secret-keyring or --secret-credential"
@@ -47,15 +50,18 @@ _KEY_SPEC_SESSION_KEYRING: Final = -3
 _SYS_KEYCTL: Final = {"x86_64": 250, "aarch64": 219, "riscv64": 219}
 
 
-@dataclass(frozen=True)
-class SecretSource:
+class SecretSource(Record):
     """One place a secret is read from: ``kind`` (one of :data:`KINDS`) and ``name`` (the
     file, the descriptor number, the key's description or the credential's name)."""
 
+    __slots__ = _FIELDS = ("kind", "name", "prefix")
     kind: str
     name: str
     #: the options' prefix: ``--secret`` (``--secret-file``), ``--new-secret`` (rekey)
-    prefix: str = "--secret"
+    prefix: str
+
+    def __init__(self, kind: str, name: str, prefix: str = "--secret") -> None:
+        self._init(kind, name, prefix)
 
     @property
     def option(self) -> str:
@@ -187,7 +193,8 @@ def _keyctl() -> Callable[..., int]:
     libc = ctypes.CDLL(None, use_errno=True)
     func = libc.syscall
     func.restype = ctypes.c_long
-    return cast("Callable[..., int]", func)
+    syscall: Callable[..., int] = func
+    return syscall
 
 
 def _read_key(name: str, option: str) -> bytes:

@@ -28,11 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
-import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Final
+from _thread import RLock  # threading's RLock; threading imports functools, collections
 
 import xxhash
 
@@ -40,7 +36,14 @@ import qcow2
 
 from ..errors import StateFormatError, StoreError
 from . import linear
+from .record import Record
 from .secret import OPTIONS_HINT
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from types import TracebackType
+    from typing import Final
 
 DEFAULT_SIZE: Final = 4 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE: Final = 4096
@@ -66,26 +69,39 @@ def digest(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-@dataclass(frozen=True)
-class SectionInfo:
+class SectionInfo(Record):
     """One state section: where it lives in the linear file, its size and digest."""
 
+    __slots__ = _FIELDS = ("name", "offset", "size", "section_length", "digest")
     name: str
     offset: int
     size: int
     section_length: int
     digest: str
 
+    def __init__(self, name: str, offset: int, size: int, section_length: int, digest: str) -> None:
+        self._init(name, offset, size, section_length, digest)
 
-@dataclass(frozen=True)
-class SnapshotInfo:
+
+class SnapshotInfo(Record):
     """One snapshot: its tag (qcow2 name), qcow2 id, date and the digests of its sections."""
 
+    __slots__ = _FIELDS = ("tag", "id", "date", "vm_state_size", "sections")
     tag: str
     id: str
     date: dt.datetime
     vm_state_size: int
-    sections: dict[str, SectionInfo] = field(default_factory=dict)
+    sections: dict[str, SectionInfo]
+
+    def __init__(
+        self,
+        tag: str,
+        id: str,
+        date: dt.datetime,
+        vm_state_size: int,
+        sections: dict[str, SectionInfo] | None = None,
+    ) -> None:
+        self._init(tag, id, date, vm_state_size, {} if sections is None else sections)
 
 
 def _parse_bounded(head: bytes, size: int, source: str) -> linear.LinearHeader:
@@ -127,7 +143,7 @@ class Store:
         self.path = path
         self.writable = writable
         self._generation = 0
-        self._lock = threading.RLock()
+        self._lock = RLock()
         self._closed = False
         if writable:
             # Only a writer holds the image's write lock, so every change goes through it;
@@ -644,7 +660,7 @@ def check_tag(tag: str, path: str) -> None:
         raise StoreError(f"invalid snapshot tag {tag!r}", path=path)
 
 
-__all__: Sequence[str] = (
+__all__ = (
     "DEFAULT_CLUSTER_SIZE",
     "DEFAULT_SIZE",
     "SectionInfo",
