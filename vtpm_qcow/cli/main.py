@@ -8,18 +8,12 @@ exit status; tracebacks are for bugs only.  ``mount``/``serve``/``umount`` come 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
-import re
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Final, NoReturn, overload
 
 from qcow2.errors import ImageLockedError
 
-from ..backup import FORMATS
 from ..errors import HANDLED, SecretError, StateFormatError, StoreError
 from ..state.blob import parse_blob, permall_tpm_version
 from ..state.secret import OPTIONS_HINT, staging_dir
@@ -31,10 +25,6 @@ from ..state.store import (
     Store,
     snapshot_digest,
 )
-from .adopt import add_adopt_commands
-from .libvirt import add_libvirt_commands
-from .migrate import add_migrate_commands
-from .mount import add_mount_commands
 from .output import print_json
 from .secrets import (
     add_new_secret_options,
@@ -44,27 +34,37 @@ from .secrets import (
     secret_key,
     swtpm_state_key,
 )
-from .vm import add_vm_commands
 
+# Start-up: ``info`` and ``snapshot -l`` (which hooks and scripts run often) take a fast
+# path without argparse (:func:`_read_only`), so what this module imports at run time
+# stays cheap: argparse, re, pathlib, typing and the other subcommands' modules are
+# imported by the functions that use them (tests/vtpm/test_cli_startup.py).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any, Final, TypeAlias
+
     from ..backup.archive import Progress
     from ..export.control import ControlClient
 
+    #: A subcommand: ``set_defaults(func=...)``, called with the parsed arguments (plus
+    #: ``args.extra``, the options passed through to swtpm_setup), returns the exit status.
+    Handler: TypeAlias = Callable[[argparse.Namespace], int]
+
 PROG: Final = "vtpm-qcow"
-_SIZE_RE: Final = re.compile(r"^(\d+)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
+_SIZE_PATTERN: Final = r"^(\d+)\s*([kmgt]?)(i?b)?$"
 _UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 #: Seconds between two looks at an image lock (vtpm-qcow wait).
 WAIT_POLL_INTERVAL: Final = 0.01
 
-#: A subcommand: ``set_defaults(func=...)``, called with the parsed arguments (plus
-#: ``args.extra``, the options passed through to swtpm_setup), returns the exit status.
-Handler = Callable[[argparse.Namespace], int]
-
 
 def parse_size(text: str) -> int:
     """``4M``, ``4MiB``, ``512k``, ``4194304`` -> bytes (argparse type)."""
-    match = _SIZE_RE.match(text.strip())
+    import argparse
+    import re
+
+    match = re.match(_SIZE_PATTERN, text.strip(), re.IGNORECASE)
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 4M, 512K, 4194304)")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
@@ -119,6 +119,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     """Run swtpm_setup on a temporary linear file, then import it atomically."""
     import tempfile
+    from pathlib import Path
 
     from ..backup import plainstate
     from ..tpm.swtpm import find_tool, run_setup
@@ -327,14 +328,8 @@ _SNAPSHOT_CHANGES: Final = {
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    if args.list:  # reading needs no daemon: a held image is read shared, like info
-        with _open_readonly(args.image, secret_key(args)) as store:
-            snapshots = [_snapshot_dict(s) for s in store.snapshots()]
-        if args.json:
-            print_json(snapshots)
-        else:
-            _print_snapshots(snapshots)
-        return 0
+    if args.list:
+        return _list_snapshots(args.image, secret_key(args), args.json)
     action = next(name for name in _SNAPSHOT_CHANGES if getattr(args, name) is not None)
     tag: str = getattr(args, action)
     past, store_method, client_method = _SNAPSHOT_CHANGES[action]
@@ -349,6 +344,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     with store:
         getattr(store, store_method)(tag, **kwargs)
     _say(args, f"{past} snapshot '{tag}' of {args.image}")
+    return 0
+
+
+def _list_snapshots(image: str, key: bytes | None, as_json: bool) -> int:
+    """``snapshot -l``: reading needs no daemon, a held image is read shared, like info."""
+    with _open_readonly(image, key) as store:
+        snapshots = [_snapshot_dict(s) for s in store.snapshots()]
+    if as_json:
+        print_json(snapshots)
+    else:
+        _print_snapshots(snapshots)
     return 0
 
 
@@ -490,10 +496,14 @@ def _without_path(message: str, path: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    key = secret_key(args)
-    with _open_readonly(args.image, key, require_key=False) as store:
+    return _show_info(args.image, secret_key(args), args.json)
+
+
+def _show_info(image: str, key: bytes | None, as_json: bool) -> int:
+    """``info``: what :func:`info_dict` finds (the header only without an image's key)."""
+    with _open_readonly(image, key, require_key=False) as store:
         info = locked_info_dict(store) if store.encrypted and key is None else info_dict(store)
-    if args.json:
+    if as_json:
         print_json(info)
         return 0
     print(f"image: {info['image']}")
@@ -798,6 +808,12 @@ ARGUMENT_HELP: Final = {
 
 def _add_hooks(subparsers: Any) -> None:
     """The daemon's ``mount``/``serve``/``umount`` and the QMP alignment's ``vm`` commands."""
+    from .adopt import add_adopt_commands
+    from .libvirt import add_libvirt_commands
+    from .migrate import add_migrate_commands
+    from .mount import add_mount_commands
+    from .vm import add_vm_commands
+
     add_mount_commands(subparsers)
     add_vm_commands(subparsers)
     add_libvirt_commands(subparsers)
@@ -807,9 +823,13 @@ def _add_hooks(subparsers: Any) -> None:
 
 def _finish_help(subparsers: Any, prefix: str = "") -> None:
     """Examples, raw formatting and one-line errors for every (nested) subcommand."""
+    import argparse
+
+    from .parsing import HelpFormatter, Parser
+
     for name, sub in subparsers.choices.items():
-        sub.formatter_class = _HelpFormatter
-        sub.error = _Parser.error.__get__(sub)
+        sub.formatter_class = HelpFormatter
+        sub.error = Parser.error.__get__(sub)
         if prefix + name in EXAMPLES and not sub.epilog:
             sub.epilog = EXAMPLES[prefix + name]
         for action in sub._actions:
@@ -817,31 +837,6 @@ def _finish_help(subparsers: Any, prefix: str = "") -> None:
                 action.help = ARGUMENT_HELP.get(prefix + name, {}).get(action.dest)
             if isinstance(action, argparse._SubParsersAction):
                 _finish_help(action, f"{prefix}{name} ")
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Wraps prose paragraphs; keeps paragraphs with indented lines (examples) as written."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        paragraphs = []
-        for paragraph in text.split("\n\n"):
-            lines = paragraph.splitlines()
-            if any(line.startswith(" ") for line in lines):
-                paragraphs.append("\n".join(indent + line for line in lines))
-            else:
-                paragraphs.append(super()._fill_text(paragraph, width, indent))
-        return "\n\n".join(paragraphs)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``vtpm-qcow create: error: ... (see --help)``."""
-
-    #: Exit status of a usage error (``check`` uses 2 for "state not loadable").
-    usage_status = 2
-
-    def error(self, message: str) -> NoReturn:
-        status = getattr(self, "usage_status", 2)
-        self.exit(status, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _image_arg(p: argparse.ArgumentParser) -> None:
@@ -932,24 +927,26 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     that is no option); the whole parser for --help, a bad command or none."""
     wanted = next((a for a in argv if not a.startswith("-")), None)
     if wanted is not None:
-        parser = build_parser(only=wanted)
+        parser = _build_parser(wanted)
         if parser is not None:
             return parser
     return build_parser()
 
 
-@overload
-def build_parser() -> argparse.ArgumentParser: ...
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vtpm-qcow`` argument parser."""
+    parser = _build_parser(None)
+    assert parser is not None
+    return parser
 
 
-@overload
-def build_parser(*, only: str) -> argparse.ArgumentParser | None: ...
-
-
-def build_parser(*, only: str | None = None) -> argparse.ArgumentParser | None:
+def _build_parser(only: str | None) -> argparse.ArgumentParser | None:
     """The ``vtpm-qcow`` argument parser (``only``: just that subcommand's subparser; None
     if there is no such subcommand)."""
-    parser = _Parser(
+    from ..backup import FORMATS
+    from .parsing import Parser
+
+    parser = Parser(
         prog=PROG,
         description="Keep a virtual TPM's state (swtpm) in a qcow2 image whose internal "
         "snapshots follow the VM's snapshots.",
@@ -1065,7 +1062,7 @@ def build_parser(*, only: str | None = None) -> argparse.ArgumentParser | None:
         help="make the newest state swtpm loads current, keeping the refused one as a "
         "snapshot (the image must not be in use)",
     )
-    if isinstance(p, _Parser):  # (not when only another subcommand is built)
+    if isinstance(p, Parser):  # (not when only another subcommand is built)
         p.usage_status = 1  # exit 2 means "state not loadable" here
     p.set_defaults(usage_status=1)
 
@@ -1239,19 +1236,55 @@ def build_parser(*, only: str | None = None) -> argparse.ArgumentParser | None:
     return parser
 
 
+def _read_only(argv: Sequence[str]) -> tuple[str, str, bool] | None:
+    """``(command, IMAGE, json)`` when ``argv`` is exactly ``info [--json] IMAGE`` or
+    ``snapshot -l|--list [--json] IMAGE`` (options in any order, each at most once), else
+    None: anything else (--help, other options, abbreviations, errors) goes to argparse,
+    which parses these the same way."""
+    if not argv or argv[0] not in ("info", "snapshot"):
+        return None
+    command, rest = argv[0], argv[1:]
+    options = ("--json",) if command == "info" else ("--json", "-l", "--list")
+    given: list[str] = []
+    images: list[str] = []
+    for arg in rest:
+        if arg in options and arg not in given:
+            given.append(arg)
+        elif arg and not arg.startswith("-"):
+            images.append(arg)
+        else:
+            return None
+    listing = "-l" in given or "--list" in given
+    if len(images) != 1 or (command == "snapshot" and not listing):
+        return None
+    return command, images[0], "--json" in given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command, print errors as one line, return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    quick = _read_only(argv)
+    if quick is not None:
+        command, image, as_json = quick
+        show = _show_info if command == "info" else _list_snapshots
+        return _reporting_errors(lambda: show(image, None, as_json))
+    from .parsing import Parser
+
     parser = _parser_for(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "passthrough", False):
-        if isinstance(parser, _Parser):  # check: exit 1, its 2 means "not loadable"
+        if isinstance(parser, Parser):  # check: exit 1, its 2 means "not loadable"
             parser.usage_status = getattr(args, "usage_status", 2)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     func: Handler = args.func
+    return _reporting_errors(lambda: func(args))
+
+
+def _reporting_errors(run: Callable[[], int]) -> int:
+    """``run()``'s exit status; a failure is one line on stderr and status 1 (130 for ^C)."""
     try:
-        return int(func(args))
+        return int(run())
     except HANDLED as err:
         print(f"{PROG}: {err}", file=sys.stderr)
     except OSError as err:

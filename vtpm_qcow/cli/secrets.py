@@ -8,10 +8,12 @@ image as bytes: never as an argument or environment variable of a process we sta
 
 from __future__ import annotations
 
-import argparse
-
 from ..errors import SecretError
 from ..state.secret import OPTIONS_HINT, SecretSource, read_secret
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 _HELP = {
     "file": (
