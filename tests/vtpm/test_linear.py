@@ -247,3 +247,20 @@ def test_blob_headers_and_tlvs_are_validated() -> None:
         parse_blob(struct.pack(">BBHHI", 2, 1, 4, 0, 10))
     flags = parse_blob(struct.pack(">BBHHI", 2, 1, 10, 0x09 | 0x100, 10)).header
     assert flags is not None and flags.flag_names == ["encrypted", "aes-256-key", "0x100"]
+
+
+def test_a_header_is_parsed_once_whatever_file_it_comes_from() -> None:
+    """The memo is keyed by the header's bytes and the file size, not the source: the same
+    header of every snapshot (``snapshot -l``, ``info``) is parsed once; an error still
+    names the file it was read from (errors are not memoized)."""
+    layout = linear.store_section(linear.empty_layout(), "permall", b"\x01" * 100).header.pack()
+    linear._PARSED.clear()
+    first = linear.parse_header(layout, size=4096, source="img@a")
+    assert linear.parse_header(layout, size=4096, source="img@b") is first
+    assert len(linear._PARSED) == 1
+    bad = b"\x00" * linear.HEADER_SIZE
+    for source in ("img@a", "img@b"):
+        with pytest.raises(StateFormatError, match=f"^{source}: bad magic"):
+            linear.parse_header(bad, size=4096, source=source)
+    with pytest.raises(StateFormatError, match="beyond file size 200"):
+        linear.parse_header(layout, size=200, source="img@c")  # another size: checked again

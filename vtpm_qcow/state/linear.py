@@ -204,21 +204,22 @@ def parse_header(
     size = len(data) if size is None else size
     if len(data) < HEADER_SIZE:
         raise StateFormatError(f"{len(data)} bytes, shorter than the linear header", path=source)
-    key = (bytes(data[:HEADER_SIZE]), size, source)
-    header = _PARSED.get(key)
+    head = bytes(data[:HEADER_SIZE])
+    header = _PARSED.get((head, size))
     if header is None:
-        header = _parse_header_bytes(*key)
+        header = _parse_header_bytes(head, size, source)
         if len(_PARSED) >= _PARSED_MAX:
             _PARSED.clear()
-        _PARSED[key] = header
+        _PARSED[head, size] = header
     return header
 
 
-#: :func:`parse_header`'s memo, by (header bytes, size, source): a store parses the same
-#: header several times per section write (the result is immutable; errors are not
-#: cached).  A dict rather than functools.lru_cache, whose import (collections) the
-#: read-only commands' start-up does without; emptied when full.
-_PARSED: dict[tuple[bytes, int, str], LinearHeader] = {}
+#: :func:`parse_header`'s memo, by (header bytes, file size): a store parses the same
+#: header several times per section write, and ``snapshot -l`` the same header of every
+#: snapshot (the result is immutable and ``source`` only names the file in errors, which
+#: are not cached).  A dict rather than functools.lru_cache, whose import (collections)
+#: the read-only commands' start-up does without; emptied when full.
+_PARSED: dict[tuple[bytes, int], LinearHeader] = {}
 _PARSED_MAX: Final = 64
 
 
