@@ -75,7 +75,8 @@ def test_swtpm_stacks_runs_every_workload_on_every_stack(tmp_path: Path) -> None
         "qemu-storage-daemon",
         "vtpm-qcow mount (file view)",
         "vtpm-qcow mount (dir view)",
-        "vtpm-qcow serve (file view)",
+        "vtpm-qcow serve (file view, detached)",
+        "vtpm-qcow serve --foreground (file view, as the systemd unit runs it)",
         "swtpm (largest of the stacks)",
         "swtpm (under serve)",
     ):

@@ -34,8 +34,9 @@ Workloads (a fresh swtpm each):
 
 Memory: VmRSS (a few seconds idle after the workloads: "steady") and VmHWM (peak) of each
 storage daemon and of swtpm, from /proc/PID/status, and their private memory
-(smaps_rollup), plus a ``vtpm-qcow serve`` (file view, its own swtpm) running the NV
-workload.
+(smaps_rollup), plus ``vtpm-qcow serve`` (file view, its own swtpm) running the NV
+workload, detached and in the foreground (as the systemd unit runs it: no fork, so the
+shared libraries' pages all count).
 
 ``--rounds`` rounds run every stack in turn (fresh images each round), so that a burst of
 load on a shared machine hits every stack alike; command latencies are pooled over the
@@ -609,22 +610,42 @@ def bench_plain(work: Path, sizes: Sizes) -> Run:
     return run
 
 
-def bench_serve(work: Path, commands: int, pause: float) -> tuple[Memory, Memory]:
+def bench_serve(
+    work: Path, commands: int, pause: float, *, foreground: bool
+) -> tuple[Memory, Memory]:
     """Memory of ``vtpm-qcow serve`` (file view) and of its swtpm after ``commands`` NV
-    writes through that swtpm's TCP data channel."""
-    image = work / "serve.qcow2"
+    writes through that swtpm's TCP data channel; ``foreground``: ``serve --foreground``,
+    as the systemd unit (docs/examples) runs it, else detached as ``mount`` is."""
+    image = work / ("serve-fg.qcow2" if foreground else "serve.qcow2")
     create_image(image)
     port = free_tcp_port_pair()
-    vtpm_qcow(
+    args = [
         "serve",
         str(image),
         "--ctrl",
-        str(Path(os.environ[RUNTIME_DIR_ENV]) / "serve-ctrl.sock"),
+        str(Path(os.environ[RUNTIME_DIR_ENV]) / f"serve-{int(foreground)}.sock"),
         "--swtpm-flags",
         "not-need-init,startup-clear",
         "--swtpm-option=--server",
         f"--swtpm-option=type=tcp,port={port}",
-    )
+    ]
+    proc = None
+    if foreground:
+        proc = subprocess.Popen(
+            ["vtpm-qcow", *args, "--foreground"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not pid_path_for(image).exists():  # written once it serves
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError("vtpm-qcow serve --foreground did not start")
+            time.sleep(0.02)
+    else:
+        vtpm_qcow(*args)
     pid = int(pid_path_for(image).read_text())
     try:
         with SwtpmSocketTransport(port) as transport:
@@ -637,7 +658,17 @@ def bench_serve(work: Path, commands: int, pause: float) -> tuple[Memory, Memory
         swtpm = proc_status(swtpm_pid)
     finally:
         stop_daemon(pid)
-    daemon.process = "vtpm-qcow serve (file view)"
+        if proc is not None:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    daemon.process = (
+        "vtpm-qcow serve --foreground (file view, as the systemd unit runs it)"
+        if foreground
+        else "vtpm-qcow serve (file view, detached)"
+    )
     swtpm.process = "swtpm (under serve)"
     return daemon, swtpm
 
@@ -805,11 +836,10 @@ def snapshot_report(runs: list[Run], commands: int) -> list[str]:
     return lines
 
 
-def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None, pause: float) -> list[str]:
+def memory_report(runs: list[Run], serve: list[tuple[Memory, Memory]], pause: float) -> list[str]:
     rows: list[Memory] = [run.daemon for run in runs if run.daemon is not None]
     swtpms = [run.swtpm for run in runs]
-    if serve is not None:
-        rows.append(serve[0])
+    rows += [daemon for daemon, _ in serve]
     base = next((m for m in rows if m.process == "qemu-storage-daemon"), None)
     largest = Memory(
         "swtpm (largest of the stacks)",
@@ -818,8 +848,8 @@ def memory_report(runs: list[Run], serve: tuple[Memory, Memory] | None, pause: f
         max((m.private_kib or 0 for m in swtpms), default=0) or None,
     )
     rows.append(largest)
-    if serve is not None:
-        rows.append(serve[1])
+    if serve:
+        rows.append(serve[-1][1])
     lines = [
         f"memory {pause:.1f} s idle after the workloads: VmRSS (steady) and VmHWM (peak) "
         "from "
@@ -886,7 +916,7 @@ def main() -> int:
     run_dir = tempfile.mkdtemp(prefix="vq-bench-run-")
     os.environ[RUNTIME_DIR_ENV] = run_dir
     rounds: dict[str, list[Run]] = {name: [] for name in stacks}
-    serve = None
+    serve = []
     try:
         # round-robin: a burst of load on the shared machine hits every stack alike
         for k in range(args.rounds):
@@ -903,7 +933,12 @@ def main() -> int:
                 rounds[name].append(run)
         runs = [merge(rounds[name]) for name in stacks]
         if not args.no_serve:
-            serve = bench_serve(work, min(args.commands, 200), args.idle_pause)
+            for foreground in (False, True):
+                serve.append(
+                    bench_serve(
+                        work, min(args.commands, 200), args.idle_pause, foreground=foreground
+                    )
+                )
         fsync_s = fdatasync_latency(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
