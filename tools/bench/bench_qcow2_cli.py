@@ -17,16 +17,18 @@ Our commands run with a bytecode cache (``PYTHONPYCACHEPREFIX`` in the temporary
 directory, ``PYTHONDONTWRITEBYTECODE`` removed) after one warm-up run, as an installed
 package would: without it every start recompiles the modules.
 
-The ``vtpm-qcow`` command's read-only subcommands (``info``, ``snapshot -l``) are timed the
-same way beside ``qemu-img info``/``snapshot -l`` on vTPM images (a TPM manufactured by
-swtpm_setup) with a few and with many snapshots: the paired runs alternate the two commands,
-and the ratio is the median of the pairs' ratios.  ``vtpm-qcow`` is the installed console
-script (it starts Python with ``site``).
+The ``vtpm-qcow`` command's read-only subcommands (``info``, ``info --json``, ``snapshot
+-l``) are timed the same way beside ``qemu-img info``/``info --output=json``/``snapshot -l``
+on vTPM images (a TPM manufactured by swtpm_setup) with a few and with many snapshots: the
+runs alternate ``python3 -S -c pass`` (the floor: the interpreter's own start-up), qemu-img
+and vtpm-qcow, and the ratio is the median of the vtpm-qcow/qemu-img pairs' ratios.
+``vtpm-qcow`` is the installed launcher (``bin/vtpm-qcow``, the same as ``bin/qcow2``).
+``--vtpm-only`` times these alone.
 
 Small and medium images (``--images``) are timed the same way, in paired runs.
 
 Usage: python3 tools/bench/bench_qcow2_cli.py [--size-mib 1024] [--snapshots 50] [--rounds 5]
-       [--vtpm-snapshots 5,400] [--images small:64:16:5,medium:1024:256:5]
+       [--vtpm-snapshots 5,400] [--images small:64:16:5,medium:1024:256:5] [--vtpm-only]
 """
 
 from __future__ import annotations
@@ -97,25 +99,54 @@ def make_vtpm_image(path: Path, snapshots: int) -> None:
         sh("qemu-img", "snapshot", "-c", f"tag{i}", str(path))
 
 
+#: vtpm-qcow's read-only invocations and qemu-img's counterparts (IMAGE appended).
+VTPM_COMMANDS = [
+    (("info",), ("info",)),
+    (("info", "--json"), ("info", "--output=json")),
+    (("snapshot", "-l"), ("snapshot", "-l")),
+]
+
+
 def vtpm_rows(tmp: Path, counts: list[int], rounds: int, env: dict[str, str]) -> list[str]:
-    """Markdown rows: ``vtpm-qcow info``/``snapshot -l`` beside qemu-img's, per image."""
+    """Markdown rows: ``vtpm-qcow info``/``snapshot -l`` beside qemu-img's and the bare
+    interpreter's start-up, per image (the three alternate in every round)."""
     script = Path(sysconfig.get_path("scripts")) / "vtpm-qcow"
     if not script.is_file():
         raise SystemExit(f"{script} is missing: run tools/setup-system")
+    floor = [sys.executable, "-S", "-c", "pass"]
     rows = []
     for count in counts:
         img = tmp / f"vtpm-{count}.qcow2"
         make_vtpm_image(img, count)
-        for command in (("info",), ("snapshot", "-l")):
+        for command, qemu in VTPM_COMMANDS:
             ours = [str(script), *command, str(img)]
+            theirs = ["qemu-img", *qemu, str(img)]
             wall(ours, 1, env)  # warm-up: fills the bytecode cache
-            theirs, mine, ratio = paired(["qemu-img", *command, str(img)], ours, rounds, env)
-            modules = imported_modules(ours, env)
+            runs = [(wall(floor, 1), wall(theirs, 1), wall(ours, 1, env)) for _ in range(rounds)]
+            bare, q, o = (statistics.median(r[i] for r in runs) for i in range(3))
+            ratio = statistics.median(r[2] / r[1] for r in runs)
+            # -S: what the launcher imports (it runs itself with -S)
+            modules = imported_modules(["-S", str(script), *command, str(img)], env)
             rows.append(
-                f"| {' '.join(command)} | {count} | {theirs:.3f} | {mine:.3f} | {ratio:.1f}x "
-                f"| {modules} |"
+                f"| {' '.join(command)} | {count} | {bare * 1000:.1f} | {q * 1000:.1f} "
+                f"| {o * 1000:.1f} | {ratio:.1f}x | {modules} |"
             )
     return rows
+
+
+def print_vtpm(rows: list[str], rounds: int) -> None:
+    load = os.getloadavg()
+    print(
+        f"vTPM images (TPM 2.0 from swtpm_setup); runs alternate the three commands, median "
+        f"of {rounds}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+        f"on {os.cpu_count()} CPUs.\n"
+    )
+    print(
+        "| command | snapshots | `python3 -S -c pass` (ms) | qemu-img (ms) | vtpm-qcow (ms) "
+        "| ratio | modules |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
 
 
 def imported_modules(argv: list[str], env: dict[str, str]) -> int:
@@ -143,7 +174,15 @@ def main() -> int:
         default="small:64:16:5,medium:1024:256:5",
         help="smaller images timed too: name:size_mib:written_mib:snapshots,...",
     )
+    parser.add_argument("--vtpm-only", action="store_true", help="time the vtpm-qcow commands only")
     args = parser.parse_args()
+    counts = [int(n) for n in args.vtpm_snapshots.split(",") if n]
+    if args.vtpm_only:
+        with tempfile.TemporaryDirectory(prefix="bench-vtpm-cli-") as tmp:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
+            print_vtpm(vtpm_rows(Path(tmp), counts, args.rounds, env), args.rounds)
+        return 0
     launcher = Path(sysconfig.get_path("scripts")) / "qcow2"
     if not launcher.is_file():
         raise SystemExit(f"{launcher} is missing: run tools/setup-system")
@@ -186,7 +225,6 @@ def main() -> int:
         mine = wall([*ours, "convert", "-O", "raw", str(img), str(raw_o)], 1, env)
         if raw_q.read_bytes() != raw_o.read_bytes():
             raise SystemExit("convert outputs differ")
-        counts = [int(n) for n in args.vtpm_snapshots.split(",") if n]
         vtpm = vtpm_rows(Path(tmp), counts, args.rounds, env)
     print(
         f"Image: {args.size_mib} MiB, {args.size_mib * 16} allocated 64 KiB clusters, "
@@ -210,10 +248,8 @@ def main() -> int:
     print("| image | command | qemu-img (s) | qcow2 (s) | ratio |")
     print("|---|---|---:|---:|---:|")
     print("\n".join(sized))
-    print(f"\nvTPM images (TPM 2.0 from swtpm_setup); paired runs, median of {args.rounds}.\n")
-    print("| command | snapshots | qemu-img (s) | vtpm-qcow (s) | ratio | modules |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print("\n".join(vtpm))
+    print()
+    print_vtpm(vtpm, args.rounds)
     return 0
 
 
