@@ -91,9 +91,26 @@ def serving(image: Path, workdir: Path, *, qmp: Path | None) -> Iterator[int]:
     try:
         yield pid
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        assert wait_gone(pid), "serve did not stop"
+        # serve ends with QEMU (swtpm with it); SIGTERM only one that does not
+        if not wait_gone(pid, 10):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        gone = wait_gone(pid)
+        left = mounts_of(image)
+        for mountpoint in left:  # never leave a mount behind, whatever the test found
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+        assert gone, "serve did not stop"
+        assert not left, f"serve left its mount {left}"
+
+
+def mounts_of(image: Path) -> list[str]:
+    """The mount points of FUSE mounts serving ``image`` (the mount's source names it)."""
+    with open("/proc/self/mounts") as mounts:
+        return [
+            fields[1]
+            for fields in (line.split() for line in mounts)
+            if fields[0] == os.fspath(image) and fields[2].startswith("fuse")
+        ]
 
 
 def vtpm_tags(image: Path) -> list[str]:
@@ -233,3 +250,34 @@ def quit_monitor(qemu: QemuProcess) -> None:
     from tests.vm.qemu_fixtures import quit_qemu
 
     quit_qemu(qemu)
+
+
+def test_sigterm_while_serve_stops_leaves_no_mount(tmp_path: Path) -> None:
+    """serve stops by itself when its swtpm ends (QEMU quit); a SIGTERM meanwhile (a
+    test's, systemd's) used to land after trio had given the default handler back and
+    kill the daemon before its unmount, leaving a dead FUSE mount behind.  SIGTERMs every
+    half millisecond from swtpm's shutdown until serve is gone hit every moment of it."""
+    from vtpm_qcow.tpm.swtpm import CMD_SHUTDOWN, control_command
+
+    for run in range(3):
+        workdir = tmp_path / f"run{run}"
+        workdir.mkdir()
+        image = create_image(workdir / "vtpm.qcow2")
+        log = workdir / "serve.log"
+        ctrl = workdir / "swtpm.sock"
+        vtpm_qcow("serve", str(image), "--ctrl", str(ctrl), "--log", str(log), "--view", "file")
+        pid = int(pid_path_for(image).read_text())
+        try:
+            control_command(str(ctrl), CMD_SHUTDOWN)
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                time.sleep(0.0005)
+            assert wait_gone(pid), "serve did not stop"
+            assert mounts_of(image) == [], log.read_text()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for mountpoint in mounts_of(image):
+                subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)

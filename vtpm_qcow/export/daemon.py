@@ -249,6 +249,10 @@ def run_mount(
         if config.incoming:
             fs.migrating = "incoming live migration: the image is not taken over yet"
         io = instrument(store, fs)
+        # From the mount on, a stop signal never cuts the unmount short: outside trio's
+        # receiver (before it opens, after it restores this handler) one is remembered.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _remember_signal)
         try:
             pyfuse3.init(fs, mountpoint, mount_options(os.path.abspath(config.image)))
         except RuntimeError as err:
@@ -332,13 +336,26 @@ async def _stop_swtpm(swtpm: SwtpmConfig | None) -> None:
         await trio.to_thread.run_sync(swtpm.current.stop)
 
 
+#: The signals that stop a daemon (it unmounts first).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Stop signals that arrived while trio's receiver was not open.
+_early_signals: list[int] = []
+
+
+def _remember_signal(signum: int, frame: object) -> None:
+    _early_signals.append(signum)
+
+
 async def _stop_on_signals(swtpm: SwtpmConfig | None) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            await _stop_swtpm(swtpm)
-            pyfuse3.terminate()
-            return
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if _early_signals:
+            log.info("signal %d (while starting): unmounting", _early_signals[0])
+        else:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                break
+        await _stop_swtpm(swtpm)
+        pyfuse3.terminate()
 
 
 def swtpm_tpmstate(view: str, mountpoint: str) -> str:
