@@ -232,6 +232,24 @@ def test_serve_failure_is_one_line(tmp_path: Path) -> None:
     assert not any(is_mounted(p) for p in tmp_path.iterdir())
 
 
+def test_socket_path_too_long_is_one_line_with_the_reason(tmp_path: Path) -> None:
+    """A unix socket path longer than the kernel takes (107 bytes): the reason, not "None"."""
+    image = create_image(tmp_path / "vtpm.qcow2")
+    too_long = tmp_path / ("d" * 110)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    done = vtpm_qcow(
+        "mount", str(image), str(mountpoint), "--control", str(too_long / "c.sock"), check=False
+    )
+    assert_one_line_error(done, "cannot listen: AF_UNIX path too long")
+    assert not is_mounted(mountpoint)
+    done = vtpm_qcow("serve", str(image), "--ctrl", str(too_long / "s.sock"), check=False)
+    assert_one_line_error(done, "cannot create the control socket: AF_UNIX path too long")
+    qemu_img_check(image)
+    assert opens_writable(image)
+    assert not any(is_mounted(p) for p in tmp_path.iterdir())
+
+
 def test_setup_through_the_mount_then_state_survives_remount(tmp_path: Path) -> None:
     image = create_image(tmp_path / "vtpm.qcow2")
     mountpoint = tmp_path / "mnt"

@@ -71,7 +71,7 @@ class ControlServer:
         except OSError as err:
             sock.close()
             raise StoreError(
-                f"cannot listen: {err.strerror}", path=self.path, errno=err.errno
+                f"cannot listen: {err.strerror or err}", path=self.path, errno=err.errno
             ) from err
         self.listener = trio.SocketListener(sock)
 

@@ -400,7 +400,9 @@ def bind_ctrl_socket(config: SwtpmConfig) -> tuple[socket.socket, int]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise MountError(
-            f"cannot create the control socket: {err.strerror}", path=path, errno=err.errno
+            f"cannot create the control socket: {err.strerror or err}",
+            path=path,
+            errno=err.errno,
         ) from err
     return listener, inode
 
