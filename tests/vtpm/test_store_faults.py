@@ -19,8 +19,8 @@ full).  Each time:
   (CMD_INIT, what QEMU's reset does) loads the served state and a new write is stored;
 * a restart of the daemon (without the fault) loads the last committed state and commits.
 
-Also a genuine ENOSPC: the image on a small tmpfs (``size=``), filled up while swtpm runs
-(root only, for the mount).
+Also a genuine ENOSPC, both views: the image on a small tmpfs (``size=``), filled up while
+swtpm runs (root only, for the mount).
 """
 
 from __future__ import annotations
@@ -311,8 +311,9 @@ def fill(path: Path) -> None:
     assert path.stat().st_size > 0
 
 
+@pytest.mark.parametrize("view", ["file", "dir"])
 def test_a_full_file_system_fails_the_store_and_the_next_one_commits(
-    tmp_path: Path, base_image: Path
+    tmp_path: Path, base_image: Path, view: str
 ) -> None:
     """A genuine ENOSPC: the image on a small tmpfs that a filler file makes full; swtpm's
     state grows (new NV indices) until a store needs a new cluster of the image file."""
@@ -320,7 +321,7 @@ def test_a_full_file_system_fails_the_store_and_the_next_one_commits(
         image = fs / "vtpm.qcow2"
         shutil.copyfile(base_image, image)
         acked: dict[int, bytes] = {}
-        with mounted(image, tmp_path / "mnt", view="file") as mount:
+        with mounted(image, tmp_path / "mnt", view=view) as mount:
             with tpm_on(mount, tmp_path / "sw") as (swtpm, tpm):
                 fill(fs / "filler")
                 for index in GROW_INDICES:
@@ -348,7 +349,7 @@ def test_a_full_file_system_fails_the_store_and_the_next_one_commits(
                 write_index(tpm, index, acked[index])
             mount.stop()
         assert check_exit(image) in (0, 3)
-        with mounted(image, tmp_path / "mnt2", view="file") as mount:
+        with mounted(image, tmp_path / "mnt2", view=view) as mount:
             with tpm_on(mount, tmp_path / "sw2") as (_, tpm):
                 for index, data in acked.items():
                     assert read_index(tpm, index) == data, hex(index)
