@@ -8,7 +8,6 @@ exit status; tracebacks are for bugs only.  ``mount``/``serve``/``umount`` come 
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 
@@ -24,6 +23,7 @@ from ..state.store import (
     SnapshotInfo,
     Store,
     snapshot_digest,
+    utc_time,
 )
 from .output import print_json
 from .secrets import (
@@ -435,7 +435,7 @@ def locked_info_dict(store: Store) -> dict[str, Any]:
             {
                 "tag": s.name,
                 "id": s.id,
-                "date": dt.datetime.fromtimestamp(s.date_sec, tz=dt.UTC).isoformat(),
+                "date": utc_time(s.date_sec).isoformat(),
                 "vm_state_size": s.vm_state_size,
             }
             for s in store.image.snapshots
