@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .format.snapshot_table import SnapshotEntry
     from .io.datacache import DataCache
     from .l2 import Run
-    from .snapshots import SnapshotView
+    from .snapshot_view import SnapshotView
 
     #: One image of a backing chain.
     Layer: TypeAlias = "Image | RawImage"
@@ -949,13 +949,22 @@ class Image:
         """A read-only view of snapshot ``name`` (ID first, then name; the name alone with
         ``name_only``)."""
         from .format.snapshot_table import find_snapshot
-        from .snapshots import SnapshotView
+        from .snapshot_view import SnapshotView
 
         self._check_open()
         self.flush()
         entries = self.snapshots
         index = find_snapshot(entries, name, id_first=True, path=self.path, name_only=name_only)
         return SnapshotView(self, entries[index])
+
+    def snapshot_views(self) -> list[SnapshotView]:
+        """A read-only view of every snapshot, in table order (no lookup by name: listing
+        many snapshots stays linear)."""
+        from .snapshot_view import SnapshotView
+
+        self._check_open()
+        self.flush()
+        return [SnapshotView(self, entry) for entry in self.snapshots]
 
     def encrypt_data(self, host_offset: int, plaintext: bytes) -> bytes:
         """The bytes to store for guest data ``plaintext`` placed at ``host_offset``

@@ -59,7 +59,7 @@ class GuestSource:
             name_only=kind == "name",
             id_only=kind == "id",
         )
-        from ..snapshots import SnapshotView
+        from ..snapshot_view import SnapshotView
 
         view = SnapshotView(layer, entries[index])
         end = view.virtual_size

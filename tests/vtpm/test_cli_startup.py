@@ -50,11 +50,6 @@ FORBIDDEN = QCOW2_FORBIDDEN | frozenset(
         "cryptography",
     }
 )
-#: Imported through qcow2, not by vtpm_qcow: ``Image.snapshot()`` (each snapshot's state is
-#: read through a snapshot view) imports qcow2.snapshots, which imports the write path
-#: (qcow2.transaction, qcow2.format.refcount), whose ``array`` imports collections.abc.
-#: qcow2's to cut (reported in issue 11's work); drop this exemption when it is gone.
-VIA_QCOW2_ARRAY = frozenset({"collections", "collections.abc"})
 
 REPO = Path(vtpm_qcow.__file__).resolve().parents[1]
 LAUNCHER = Path(sysconfig.get_path("scripts")) / "vtpm-qcow"
@@ -124,8 +119,6 @@ def run_importtime(
 
 def slow_imports(tree: list[tuple[int, str]], exempt: frozenset[str]) -> str:
     """The forbidden modules of ``tree`` not in ``exempt``, each with its importer."""
-    if any(name == "array" for _, name in tree):
-        exempt |= VIA_QCOW2_ARRAY
     found = {}
     for i, (depth, name) in enumerate(tree):
         if (name in FORBIDDEN or name.split(".")[0] in FORBIDDEN) and name not in exempt:

@@ -570,8 +570,8 @@ class Store:
         with self._lock:
             self._check_open()
             out = []
-            for entry in self._image.snapshots:
-                view = self._image.snapshot(entry.name, name_only=True)
+            for view in self._image.snapshot_views():
+                entry = view.entry
                 size = min(int(view.virtual_size), self.linear_size)
                 try:
                     sections = _sections_of(view.read, size, f"{self.path}@{entry.name}")
