@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import threading
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 
 #: Seconds between looks for the QMP socket and for a stop request while waiting.
 POLL: Final = 0.2
+#: trio.to_thread.run_sync's "let the thread go when cancelled" keyword: ``cancellable``
+#: up to trio 0.22, ``abandon_on_cancel`` from 0.23 on (the old name warns, then goes).
+_run_sync: Any = trio.to_thread.run_sync
+_ABANDON: Final = (
+    "abandon_on_cancel"
+    if "abandon_on_cancel" in inspect.signature(_run_sync).parameters
+    else "cancellable"
+)
 #: ``query-migrate`` statuses after which nothing more happens.
 FINAL: Final = ("completed", "failed", "cancelled")
 
@@ -75,7 +84,7 @@ async def receive(qmp: str, handoff: Handoff, fs: StoreFS) -> None:
             while not os.path.exists(qmp):
                 await trio.sleep(POLL)
             try:
-                status = await trio.to_thread.run_sync(incoming_status, qmp, stop, cancellable=True)
+                status = await _run_sync(incoming_status, qmp, stop, **{_ABANDON: True})
                 break
             except Exception as err:  # not listening yet, a stale socket, QEMU restarting
                 log.debug("migration: QMP at %s: %s; again", qmp, err)
