@@ -88,6 +88,9 @@ HEADER_V3_FIELDS = [
 ]
 BITMAPS_EXTENSION = 0x23852875
 CRYPTO_EXTENSION = 0x0537BE77
+#: This library's commit records (qcow2.commit_records): two slots of RECORD_SLOT bytes.
+RECORDS_EXTENSION = 0x636F6D72
+RECORD_SLOT = 1024
 #: The LUKS seed's passphrase (``--object secret,id=sec0,data=...``).
 SECRET = "fuzz-secret"
 SECRET2 = "fuzz-other"
@@ -148,6 +151,8 @@ def parse_fields(data: bytes) -> tuple[int, list[Field]]:
                 Field("crypto_header_length", pos + 16, 8),
             ]
             fields += luks_fields(data, _u(data, pos + 8, 8))
+        if kind == RECORDS_EXTENSION:
+            fields += record_fields(data, pos + 8)
         if kind == BITMAPS_EXTENSION:  # nb_bitmaps, reserved, directory size, offset
             fields.append(Field("bitmaps_count", pos + 8, 4))
             bitmap_directory = (_u(data, pos + 24, 8), _u(data, pos + 16, 8))
@@ -221,6 +226,63 @@ def parse_fields(data: bytes) -> tuple[int, list[Field]]:
     return cs, [f for f in fields if f.offset + f.size <= len(data)]
 
 
+def record_fields(data: bytes, slots: int) -> list[Field]:
+    """Each commit record's generation, base and new header bytes, extent count, extents
+    and digest (:mod:`qcow2.commit_records`; :func:`mutated` recomputes the digests, so a
+    mutated record is believed as far as its digest goes)."""
+    fields = []
+    for slot in range(2):
+        base = slots + slot * RECORD_SLOT
+        if data[base : base + 8] != b"qcow2rec":
+            continue
+        count = min(_u(data, base + 112, 4), 55)
+        fields += [Field("record_generation", base + 8, 8), Field("record_count", base + 112, 4)]
+        fields += _words("record_base", base + 16, 48) + _words("record_new", base + 64, 48)
+        for i in range(count):
+            fields.append(Field("record_extent_offset", base + 120 + 16 * i, 8))
+            fields.append(Field("record_extent_length", base + 128 + 16 * i, 8))
+        fields += _words("record_digest", base + 120 + 16 * count, 16)
+    return fields
+
+
+def fix_record_digests(data: bytearray) -> None:
+    """Recompute the digest of every commit record in ``data`` (as a writer would have):
+    the fuzzer's mutations then reach past the digest check into roll-forward."""
+    import xxhash
+
+    from qcow2.commit_records import parse_record, slots_offset
+    from qcow2.errors import Qcow2Error
+    from qcow2.format.header import read_header
+    from qcow2.format.layout import COMMIT_RECORD_SLOT_SIZE
+
+    class _Bytes:  # the little of HostFile that read_header needs
+        path = "fuzz"
+
+        def size(self) -> int:
+            return len(data)
+
+        def pread(self, offset: int, length: int) -> bytes:
+            return bytes(data[offset : offset + length])
+
+    try:
+        header = read_header(_Bytes(), mode="check")  # type: ignore[arg-type]
+    except Qcow2Error:
+        return
+    start = slots_offset(header)
+    if start is None:
+        return
+    for slot in range(2):
+        base = start + slot * COMMIT_RECORD_SLOT_SIZE
+        record = parse_record(bytes(data[base : base + COMMIT_RECORD_SLOT_SIZE]))
+        if record is None:
+            continue
+        digest = xxhash.xxh3_128(record.head)
+        for offset, length in record.extents:
+            digest.update(bytes(data[offset : offset + min(length, 1 << 20)]))
+        end = base + len(record.head)
+        data[end : end + 16] = digest.digest()
+
+
 def luks_fields(data: bytes, base: int) -> list[Field]:
     """The LUKS header's fields at ``base``, and each active slot's first key material
     words (in sectors of 512 bytes from ``base``)."""
@@ -277,6 +339,23 @@ def _seed_extended_l2(path: Path) -> None:
     oracle.qemu_io(path, "write -P 0x31 0 2k", "write -P 0x32 20k 1k", "write -z 40k 8k")
 
 
+def _seed_records(path: Path) -> None:
+    """This library's commit records, as a crash leaves them: the header on disk one
+    commit behind, the newest record to roll forward."""
+    import qcow2
+    from qcow2.commit_records import read_records
+
+    oracle.create(path, 256 * KiB, cluster_size=4096)
+    with qcow2.open(os.fspath(path), writable=True) as image:
+        image.enable_commit_records()
+        for i in range(3):
+            image.commit_atomically([(i * 5000, bytes([0x51 + i]) * 6000)])
+        newest = max(read_records(image.file, image.header), key=lambda r: r.generation)
+    data = bytearray(path.read_bytes())
+    data[24:72] = newest.base
+    path.write_bytes(bytes(data))
+
+
 def _seed_refcount8(path: Path) -> None:
     oracle.create(path, 256 * KiB, cluster_size=1024, refcount_bits=8)
     oracle.qemu_io(path, "write -P 0x41 0 6k", "write -c -P 0x42 32k 1k")
@@ -291,6 +370,7 @@ SEED_BUILDERS: dict[str, Callable[[Path], None]] = {
     "extended_l2": _seed_extended_l2,
     "refcount8": _seed_refcount8,
     "luks": _seed_luks,
+    "records": _seed_records,
 }
 
 
@@ -360,6 +440,8 @@ def mutated(draw: st.DrawFn, seeds: list[Seed]) -> tuple[str, bytes, list[str]]:
         value = draw(values(field, original, seed.cluster_size, len(seed.data)))
         data[field.offset : field.offset + field.size] = value.to_bytes(field.size, "big")
         changes.append(f"{field.what}@{field.offset:#x}/{field.size}: {original:#x} -> {value:#x}")
+    if seed.name == "records":
+        fix_record_digests(data)
     return seed.name, bytes(data), changes
 
 
@@ -417,7 +499,7 @@ def _exercise(path: str, secret: str | None) -> None:
 
     key = secret.encode() if secret is not None else None
     try:
-        with qcow2.open(path, key_secret=key) as image:
+        with qcow2.open(path, key_secret=key, roll_forward=True) as image:
             size = image.virtual_size
             for offset in {0, size // 2 // 512 * 512, max(size - 65536, 0)}:
                 image.read(offset, min(65536, size - offset))
