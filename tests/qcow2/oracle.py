@@ -100,6 +100,20 @@ def check(
     return result
 
 
+def verdict(path: PathLike, *, drop: Sequence[str] = ("filename",)) -> tuple[int, object]:
+    """``qemu-img check --output=json``'s exit code and report without the ``drop`` keys
+    (the text it printed when that is no JSON), to compare the verdicts on two images."""
+    proc = qemu_img("check", "--output=json", os.fspath(path), ok=range(256))
+    text = proc.stdout.decode(errors="replace")
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError:
+        return proc.returncode, text
+    for key in drop:
+        report.pop(key, None)
+    return proc.returncode, report
+
+
 def assert_clean(path: PathLike, *, allow_leaks: bool = False) -> dict[str, Any]:
     """Fail unless ``qemu-img check`` calls the image clean (or, if allowed, leaks only)."""
     result = check(path)

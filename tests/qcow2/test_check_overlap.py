@@ -13,7 +13,6 @@ the corpus, under each option set: the same exit code, stdout and stderr as qemu
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import need
+from tests.qcow2 import oracle
 from tests.qcow2.corrupt_corpus import CASES, Case
 
 #: option sets run on every case; the cases whose repair the options change get them all
@@ -36,23 +36,6 @@ ALL_OPTIONS = (
     ",overlap-check.active-l2=off",
 )
 OPTION_DEPENDENT = {"reftable_unaligned", "reftable_unaligned_read"}
-
-
-def judged(path: Path) -> tuple[int, object]:
-    """``qemu-img check --output=json``'s verdict on ``path`` (exit code and report)."""
-    done = subprocess.run(
-        [need("qemu-img"), "check", "--output=json", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    try:
-        report = json.loads(done.stdout)
-        report.pop("filename", None)
-    except json.JSONDecodeError:
-        report = done.stdout
-    return done.returncode, report
 
 
 def run_check(tool: str, path: Path, options: str, mode: str) -> tuple[int, str, str]:
@@ -79,7 +62,7 @@ def test_repair_with_overlap_check_options_as_qemu_img(tmp_path: Path, case: Cas
             path = tmp_path / tool / "img.qcow2"
             path.parent.mkdir(exist_ok=True)
             shutil.copy(base, path)
-            results[tool] = (*run_check(tool, path, options, "all"), judged(path))
+            results[tool] = (*run_check(tool, path, options, "all"), oracle.verdict(path))
         assert results["qcow2"] == results["qemu-img"], f"{case.name} {options!r}"
         seen.add(repr(results["qemu-img"]))
     if case.name in OPTION_DEPENDENT:
