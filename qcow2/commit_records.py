@@ -318,16 +318,17 @@ class CommitLog:
         self.after_flush()
         return True
 
-    def committed(self, freed: list[int], op: str) -> None:
+    def committed(self, freed: list[int], op: str, new: bytes | None = None) -> None:
         """The commit written by :meth:`write` is the state in memory now: write its
-        header (durable with the next flush; a failure leaves that to the next commit)."""
+        header, ``new`` if given (durable with the next flush; a failure leaves that to
+        the next commit)."""
         self.generation += 1
         self.commits += 1
         if freed:
             self._freed[self.generation] = freed
         try:
             fault_point(f"{op}.header_write")
-            self.image.file.pwrite(_START, header_fields(self.image.header))
+            self.image.file.pwrite(_START, new or header_fields(self.image.header))
             self.written = self.generation
         except (OSError, Qcow2Error):
             pass

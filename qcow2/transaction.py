@@ -518,9 +518,10 @@ class MetadataTransaction:
         if log is not None:
             from .commit_records import header_fields
 
-            if log.write(self.op, runs, header_fields(header, fields)):
+            new = header_fields(header, fields)
+            if log.write(self.op, runs, new):
                 self._adopt(fields, new_l1, snapshots, table)
-                log.committed(self._freed_clusters(), self.op)
+                log.committed(self._freed_clusters(), self.op, new)
                 return
         fault_point(f"{self.op}.write_metadata")
         for offset, data in runs:
