@@ -64,6 +64,7 @@ from .content import (
     Namespace,
     same_section,
 )
+from .lean import when_idle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -689,17 +690,13 @@ class StoreFS(pyfuse3.Operations):
         """Forever: once no commit came for ``idle`` seconds after one did, make the last
         commit's header durable (:meth:`Store.checkpoint`): its one flush, off the commit
         path, between two requests."""
-        seen = done = self.commits
-        while True:
-            await trio.sleep(idle)
-            now = self.commits
-            if now == seen and now != done:
-                try:
-                    self.checkpoints += self.run(self.store.checkpoint)
-                except HANDLED as err:
-                    log.warning("idle checkpoint: %s", err)
-                done = now
-            seen = now
+        await when_idle(lambda: self.commits, self._checkpoint, idle)
+
+    def _checkpoint(self) -> None:
+        try:
+            self.checkpoints += self.run(self.store.checkpoint)
+        except HANDLED as err:
+            log.warning("idle checkpoint: %s", err)
 
     async def apply_snapshot(self, tag: str) -> None:
         """Revert the store to snapshot ``tag`` and make every reader see it.

@@ -140,15 +140,21 @@ async def trim_when_idle(activity: Callable[[], int], idle: float = IDLE_TRIM_AF
     (docs/BENCHMARKS.md, "Daemon memory").  A trim takes well under a millisecond, run only
     after ``idle`` seconds without a request.
     """
+    await when_idle(activity, trim_heap, idle)
+
+
+async def when_idle(activity: Callable[[], int], action: Callable[[], object], idle: float) -> None:
+    """Forever: run ``action()`` once ``activity()`` (a count) has stood still for ``idle``
+    seconds after it moved; once per stretch of quiet."""
     import trio  # here: importing this module must not import trio (defer comes first)
 
-    seen = trimmed = activity()
+    seen = done = activity()
     while True:
         await trio.sleep(idle)
         now = activity()
-        if now == seen and now != trimmed:
-            trim_heap()
-            trimmed = now
+        if now == seen and now != done:
+            action()
+            done = now
         seen = now
 
 
